@@ -1,0 +1,3 @@
+from mrl.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from training.data import load_beir
+from training.evaluate import EvalResult, evaluate, exact_top_k
+from training.report import comparison_table, markdown_report, write_eval_report
+
+# At 2 dims the "rash" and "pain" queries become zero vectors: every document scores 0,
+# ties keep corpus order, so d2 lands at rank 3 and d3 at rank 4.
+NDCG_AT_2 = (1 + 1 + 1 / math.log2(4) + 1 / math.log2(5)) / 4
+MRR_AT_2 = (1 + 1 + 1 / 3 + 1 / 4) / 4
+
+
+def test_keyword_encoder_gives_exact_metrics_per_dimension(tiny_beir: Path, keyword_encoder):
+    result = evaluate(keyword_encoder, load_beir(tiny_beir), "test", [4, 2])
+    assert result.num_queries == 4 and result.num_documents == 4
+    assert result.by_dim[4] == {"ndcg@10": 1.0, "mrr@10": 1.0, "recall@1": 1.0, "recall@10": 1.0, "recall@100": 1.0}
+    assert result.metric(2) == pytest.approx(NDCG_AT_2)
+    assert result.metric(2, "mrr@10") == pytest.approx(MRR_AT_2)
+    assert result.metric(2, "recall@1") == 0.5
+    assert result.metric(2, "recall@10") == 1.0
+
+
+def test_evaluation_encodes_corpus_and_queries_once(tiny_beir: Path, keyword_encoder):
+    calls = []
+
+    class Counting(type(keyword_encoder)):
+        def encode_documents(self, texts):
+            calls.append(("documents", len(texts)))
+            return super().encode_documents(texts)
+
+        def encode_queries(self, texts):
+            calls.append(("queries", len(texts)))
+            return super().encode_queries(texts)
+
+    evaluate(Counting(keyword_encoder.vocabulary), load_beir(tiny_beir), "test", [4, 3, 2, 1])
+    assert sorted(calls) == [("documents", 4), ("queries", 4)]
+
+
+def test_exact_top_k_matches_brute_force_and_breaks_ties_by_corpus_order():
+    rng = np.random.default_rng(1)
+    docs, queries = rng.normal(size=(300, 16)), rng.normal(size=(40, 16))
+    top = exact_top_k(queries, docs, 10)
+    np.testing.assert_array_equal(top, np.argsort(-(queries @ docs.T), axis=1)[:, :10])
+    assert exact_top_k(np.zeros((1, 16)), docs, 5).tolist() == [[0, 1, 2, 3, 4]]
+    assert exact_top_k(queries, docs[:3], 100).shape == (40, 3)
+
+
+def test_reports_are_written_and_round_trip(tiny_beir: Path, keyword_encoder, tmp_path: Path):
+    from tests.conftest import KeywordEncoder
+
+    dataset = load_beir(tiny_beir)
+    base = evaluate(KeywordEncoder(["fever", "cough", "rash", "pain"], "base"), dataset, "test", [4, 2])
+    tuned = evaluate(KeywordEncoder(["rash", "pain", "fever", "cough"], "tuned"), dataset, "test", [4, 2])
+    paths = write_eval_report([base, tuned], tmp_path / "out")
+    assert [p.name for p in paths] == ["eval.json", "eval.md", "eval_ndcg.png"]
+    assert paths[2].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    restored = [EvalResult.from_dict(r) for r in json.loads(paths[0].read_text())["results"]]
+    assert restored[1].by_dim == tuned.by_dim
+    table = comparison_table([base, tuned])
+    assert table.splitlines()[0] == "| dim | base NDCG@10 | % of full | tuned NDCG@10 | % of full | Δ |"
+    assert table.splitlines()[2] == "| 4 | 1.000 | 100.0% | 1.000 | 100.0% | +0.000 |"
+    assert f"| 2 | {NDCG_AT_2:.3f} | {100 * NDCG_AT_2:.1f}% |" in table
+    assert "4 queries, 4 documents" in markdown_report([base])
+    assert not list((tmp_path / "out").glob(".*"))  # no temporary files left behind

@@ -1,0 +1,1 @@
+"""Matryoshka fine-tuning and per-dimension evaluation (the first stage of the data path)."""

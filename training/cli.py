@@ -1,0 +1,185 @@
+"""``mrl train`` and ``mrl eval``: argument parsing only; the work is in train.py and evaluate.py."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+from training.matryoshka import DimensionError, parse_dims
+
+
+def dims_argument(text: str) -> list[int]:
+    """argparse type for ``--dims``: the parse error becomes argparse's own usage message."""
+    try:
+        return parse_dims(text)
+    except DimensionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def add_train_parser(commands: argparse._SubParsersAction) -> None:
+    defaults = _train_defaults()
+    p = commands.add_parser(
+        "train",
+        help="Matryoshka fine-tuning with before/after evaluation",
+        description="Fine-tune a sentence-transformers model with MatryoshkaLoss over cached MNRL.",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        required=True,
+        help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or a pairs .jsonl (query, positive[, negative])",
+    )
+    p.add_argument("--output", type=Path, required=True, help="folder for the tuned model and its report")
+    p.add_argument(
+        "--model", default=None, help="base model: hub name or local path (default: all-MiniLM-L6-v2, shipped on PyPI)"
+    )
+    p.add_argument("--train-split", default=defaults.train_split, help="qrels split to train on (default: %(default)s)")
+    p.add_argument(
+        "--eval-split",
+        default=defaults.eval_split,
+        help="qrels split to evaluate on before and after; 'none' to skip (default: %(default)s)",
+    )
+    p.add_argument(
+        "--eval-data", type=Path, default=None, help="BEIR folder to evaluate on (default: --data when it is one)"
+    )
+    p.add_argument(
+        "--dims",
+        type=dims_argument,
+        default=None,
+        help="comma-separated Matryoshka dims (default: full, then powers of two down to 32)",
+    )
+    p.add_argument("--epochs", type=float, default=defaults.epochs, help="default: %(default)s")
+    p.add_argument(
+        "--lr", dest="learning_rate", type=float, default=defaults.learning_rate, help="default: %(default)s"
+    )
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=defaults.batch_size,
+        help="in-batch negatives per step (default: %(default)s); memory is bounded by --mini-batch-size",
+    )
+    p.add_argument("--mini-batch-size", type=int, default=defaults.mini_batch_size, help="default: %(default)s")
+    p.add_argument("--max-seq-length", type=int, default=None, help="token limit (default: the model's own)")
+    p.add_argument("--query-prompt", default=None, help="prefix for queries, e.g. 'query: ' for e5 models")
+    p.add_argument("--passage-prompt", default=None, help="prefix for passages, e.g. 'passage: ' for e5 models")
+    p.add_argument("--warmup-ratio", type=float, default=defaults.warmup_ratio, help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=defaults.seed, help="default: %(default)s")
+    p.add_argument(
+        "--hard-negatives",
+        action="store_true",
+        help="second stage: mine one hard negative per pair with the stage-one model and train on triplets",
+    )
+    p.add_argument(
+        "--hard-negative-epochs", type=float, default=defaults.hard_negative_epochs, help="default: %(default)s"
+    )
+    p.add_argument(
+        "--hard-negative-lr",
+        dest="hard_negative_learning_rate",
+        type=float,
+        default=None,
+        help="learning rate of the second stage (default: half of --lr)",
+    )
+    p.add_argument(
+        "--max-steps", type=int, default=defaults.max_steps, help="stop each stage after N steps (smoke runs)"
+    )
+    p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of an interrupted run")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--keep-checkpoints", action="store_true", help="keep the per-epoch checkpoints after success")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.set_defaults(handler=run_train)
+
+
+def _train_defaults():
+    from training.train import TrainConfig
+
+    return TrainConfig(data=Path("."), output=Path("."))
+
+
+def _positive(name: str, value: float | int) -> None:
+    if value <= 0:
+        raise ValueError(f"{name} must be positive, got {value}")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from training.train import TrainConfig, train
+
+    for name in ("epochs", "learning_rate", "batch_size", "mini_batch_size", "hard_negative_epochs"):
+        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.max_seq_length is not None:
+        _positive("--max-seq-length", args.max_seq_length)
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose")}
+    if str(fields["eval_split"]).lower() == "none":
+        fields["eval_split"] = None
+    started = time.perf_counter()
+    result = train(TrainConfig(**fields))
+    minutes = (time.perf_counter() - started) / 60
+    summary = f"trained {len(result.dims)} dims in {minutes:.1f} min -> {result.output}"
+    if result.before and result.after:
+        full, small = max(result.dims), min(result.dims)
+        summary += (
+            f" | NDCG@10 {full}d {result.before.metric(full):.3f} -> {result.after.metric(full):.3f},"
+            f" {small}d {result.before.metric(small):.3f} -> {result.after.metric(small):.3f}"
+        )
+    print(summary)
+    return 0
+
+
+def add_eval_parser(commands: argparse._SubParsersAction) -> None:
+    p = commands.add_parser(
+        "eval",
+        help="NDCG@10, MRR@10, Recall@k at every dimension",
+        description="Encode once at full dimension, then truncate, re-normalise and score every dimension.",
+    )
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        default=None,
+        help="model path or hub name; repeat to compare (e.g. base then tuned)",
+    )
+    p.add_argument("--data", type=Path, required=True, help="BEIR folder")
+    p.add_argument("--split", default="test", help="qrels split (default: %(default)s)")
+    p.add_argument(
+        "--dims", type=dims_argument, default=None, help="comma-separated dims (default: the model's Matryoshka dims)"
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report folder (default: %(default)s)")
+    p.add_argument("--query-prompt", default=None, help="override the model's saved query prompt")
+    p.add_argument("--passage-prompt", default=None, help="override the model's saved passage prompt")
+    p.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: %(default)s)")
+    p.add_argument("--max-seq-length", type=int, default=None, help="token limit (default: the model's own)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.set_defaults(handler=run_eval)
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from training.data import load_beir
+    from training.evaluate import evaluate
+    from training.matryoshka import validate_dims
+    from training.models import SentenceTransformerEncoder, embedding_dimension, load_model, model_dims
+    from training.report import comparison_table, write_eval_report
+
+    dataset = load_beir(args.data, [args.split])
+    names = args.models or [None]
+    labels = _labels(names)
+    results = []
+    for name, label in zip(names, labels, strict=True):
+        model = load_model(
+            name,
+            max_seq_length=args.max_seq_length,
+            query_prompt=args.query_prompt,
+            document_prompt=args.passage_prompt,
+        )
+        dims = validate_dims(args.dims, embedding_dimension(model)) if args.dims else model_dims(model, name)
+        encoder = SentenceTransformerEncoder(model, label, args.batch_size, args.progress)
+        results.append(evaluate(encoder, dataset, args.split, dims))
+    paths = write_eval_report(results, args.out)
+    print(comparison_table(results))
+    print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _labels(names: list[str | None]) -> list[str]:
+    """Short, distinct table labels for model names or paths."""
+    short = [Path(n).name if n else "all-MiniLM-L6-v2" for n in names]
+    return short if len(set(short)) == len(short) else [n or "all-MiniLM-L6-v2" for n in names]

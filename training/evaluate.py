@@ -1,0 +1,125 @@
+"""Per-dimension retrieval evaluation: encode once at full dimension, score every dimension.
+
+The corpus and the queries are encoded a single time; each Matryoshka dimension is then
+derived with :func:`truncate_normalize` and searched exactly, so the figures differ
+between dimensions only because of the dimension.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from training.data import Qrels, RetrievalDataset
+from training.matryoshka import truncate_normalize
+from training.metrics import RECALL_AT, score_rankings
+from training.models import Encoder
+
+logger = logging.getLogger(__name__)
+
+TOP_K = max(RECALL_AT)
+QUERY_CHUNK = 256
+
+
+@dataclass
+class SplitEmbeddings:
+    """Full-dimension embeddings of a whole corpus and of the queries of one split."""
+
+    doc_ids: list[str]
+    doc_vectors: np.ndarray
+    query_ids: list[str]
+    query_vectors: np.ndarray
+    encode_seconds: float
+
+
+@dataclass
+class EvalResult:
+    """Metrics per dimension for one model on one dataset split."""
+
+    model: str
+    dataset: str
+    split: str
+    num_queries: int
+    num_documents: int
+    encode_seconds: float
+    by_dim: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def full_dim(self) -> int:
+        return max(self.by_dim)
+
+    def metric(self, dim: int, name: str = "ndcg@10") -> float:
+        return self.by_dim[dim][name]
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "dataset": self.dataset,
+            "split": self.split,
+            "num_queries": self.num_queries,
+            "num_documents": self.num_documents,
+            "encode_seconds": round(self.encode_seconds, 2),
+            "by_dim": {str(dim): values for dim, values in sorted(self.by_dim.items(), reverse=True)},
+        }
+
+    @classmethod
+    def from_dict(cls, raw: dict) -> EvalResult:
+        by_dim = {int(dim): values for dim, values in raw["by_dim"].items()}
+        return cls(**{**raw, "by_dim": by_dim})
+
+
+def encode_split(encoder: Encoder, dataset: RetrievalDataset, split: str) -> SplitEmbeddings:
+    """Encode the whole corpus and the judged queries of ``split``, once, at full dimension."""
+    qrels = dataset.split(split)
+    query_ids = list(qrels)
+    doc_ids = list(dataset.corpus)
+    started = time.perf_counter()
+    logger.info("encoding %d documents and %d queries with %s", len(doc_ids), len(query_ids), encoder.name)
+    doc_vectors = encoder.encode_documents([dataset.corpus[d].passage for d in doc_ids])
+    query_vectors = encoder.encode_queries([dataset.queries[q] for q in query_ids])
+    return SplitEmbeddings(doc_ids, doc_vectors, query_ids, query_vectors, time.perf_counter() - started)
+
+
+def exact_top_k(queries: np.ndarray, documents: np.ndarray, k: int) -> np.ndarray:
+    """Row indices of the ``k`` highest inner products per query, best first (exact search).
+
+    Equal scores keep corpus order, so results are reproducible to the last rank.
+    """
+    k = min(k, documents.shape[0])
+    result = np.empty((queries.shape[0], k), dtype=np.int64)
+    for start in range(0, queries.shape[0], QUERY_CHUNK):
+        scores = queries[start : start + QUERY_CHUNK] @ documents.T
+        result[start : start + QUERY_CHUNK] = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return result
+
+
+def score_dims(embeddings: SplitEmbeddings, qrels: Qrels, dims: list[int]) -> dict[int, dict[str, float]]:
+    """Metrics at each dimension, from one set of full-dimension embeddings."""
+    by_dim = {}
+    for dim in sorted(dims, reverse=True):
+        docs = truncate_normalize(embeddings.doc_vectors, dim)
+        queries = truncate_normalize(embeddings.query_vectors, dim)
+        top = exact_top_k(queries, docs, TOP_K)
+        rankings = {
+            qid: [embeddings.doc_ids[i] for i in row] for qid, row in zip(embeddings.query_ids, top, strict=True)
+        }
+        by_dim[dim] = score_rankings(rankings, qrels)
+    return by_dim
+
+
+def evaluate(encoder: Encoder, dataset: RetrievalDataset, split: str, dims: list[int]) -> EvalResult:
+    """NDCG@10, MRR@10 and Recall@1/10/100 of ``encoder`` on ``split`` at every dimension in ``dims``."""
+    embeddings = encode_split(encoder, dataset, split)
+    by_dim = score_dims(embeddings, dataset.split(split), dims)
+    return EvalResult(
+        model=encoder.name,
+        dataset=dataset.name,
+        split=split,
+        num_queries=len(embeddings.query_ids),
+        num_documents=len(embeddings.doc_ids),
+        encode_seconds=embeddings.encode_seconds,
+        by_dim=by_dim,
+    )

