@@ -71,3 +71,12 @@ def tiny_beir(tmp_path: Path) -> Path:
 @pytest.fixture
 def keyword_encoder() -> KeywordEncoder:
     return KeywordEncoder(KEYWORDS)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _offline():
+    """No hub in tests: every model comes from a local path."""
+    import os
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,101 @@
+"""The real default model, trained for a few steps on the bundled sample, end to end."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import SAMPLE
+from training.data import load_beir
+from training.evaluate import evaluate
+from training.matryoshka import DimensionError
+from training.models import SentenceTransformerEncoder, load_model, model_dims, read_model_card
+from training.train import TrainConfig, train
+
+pytestmark = pytest.mark.slow
+
+DIMS = [384, 256, 128, 64, 32]
+
+
+def small_config(output: Path, **overrides) -> TrainConfig:
+    settings = {"max_steps": 2, "batch_size": 16, "mini_batch_size": 16, "progress": False, "epochs": 1}
+    return TrainConfig(data=SAMPLE, output=output, **(settings | overrides))
+
+
+def test_train_reload_and_evaluate_every_dimension(tmp_path: Path):
+    output = tmp_path / "model"
+    result = train(small_config(output))
+
+    assert result.dims == DIMS
+    assert result.before.by_dim.keys() == result.after.by_dim.keys() == set(DIMS)
+    assert result.after.num_queries == 120 and result.after.num_documents == 120
+    assert result.before.metric(384) != result.after.metric(384)  # the weights moved
+    report = json.loads((output / "training_report.json").read_text())
+    assert report["data"]["training_pairs"] == 120
+    assert report["data"]["evaluation"]["split"] == "test"
+    assert {"eval_before", "train_stage1", "eval_after"} <= report["seconds"].keys()
+    assert "| 64 |" in (output / "training_report.md").read_text()
+    assert (output / "training_report_ndcg.png").stat().st_size > 1000
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # no staging or checkpoints left
+
+    card = read_model_card(output)
+    assert card.dims == DIMS
+    model = load_model(str(output))
+    assert model_dims(model, str(output)) == DIMS
+    reloaded = evaluate(SentenceTransformerEncoder(model, "reloaded", progress=False), load_beir(SAMPLE), "test", DIMS)
+    for dim in DIMS:
+        assert reloaded.metric(dim) == pytest.approx(result.after.metric(dim), abs=1e-4)
+
+
+def test_prompts_are_used_and_recorded(tmp_path: Path):
+    output = tmp_path / "model"
+    train(small_config(output, max_steps=1, eval_split=None, query_prompt="query: ", passage_prompt="passage: "))
+    card = read_model_card(output)
+    assert (card.query_prompt, card.document_prompt) == ("query: ", "passage: ")
+    model = load_model(str(output))
+    encoder = SentenceTransformerEncoder(model, "m", progress=False)
+    with_prompt = encoder.encode_queries(["fever"])
+    without = model.encode(["fever"], convert_to_numpy=True)
+    prompted = model.encode(["query: fever"], convert_to_numpy=True)
+    np.testing.assert_allclose(with_prompt, prompted, atol=1e-5)
+    assert not np.allclose(with_prompt, without, atol=1e-3)
+
+
+def test_hard_negative_stage_trains_on_mined_triplets(tmp_path: Path):
+    output = tmp_path / "model"
+    result = train(small_config(output, max_steps=1, hard_negatives=True))
+    mining = result.report["data"]["hard_negatives"]
+    assert mining["candidates"] == 120 and 0 < mining["triplets"] <= 120
+    assert {"eval_stage1", "mine_negatives", "train_stage2"} <= result.seconds.keys()
+    assert result.report["stage1"]["by_dim"].keys() == {str(d) for d in DIMS}
+    assert "stage 1 NDCG@10" in (output / "training_report.md").read_text()
+
+
+def test_failure_leaves_no_output_and_resume_continues(tmp_path: Path, monkeypatch, caplog):
+    import training.train as train_module
+
+    output = tmp_path / "model"
+    with pytest.raises(DimensionError):
+        train(small_config(output, dims=[64, 512]))
+    assert not output.exists()
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(train_module, "_publish", crash)
+    with pytest.raises(RuntimeError):
+        train(small_config(output, eval_split=None))
+    assert not output.exists()
+    checkpoints = tmp_path / ".model.checkpoints" / "stage1"
+    assert any(p.name.startswith("checkpoint-") for p in checkpoints.iterdir())
+
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, logger="training.train"):
+        train(small_config(output, eval_split=None, resume=True))
+    assert "resuming from" in caplog.text
+    assert (output / "model.safetensors").is_file()
+    assert not (tmp_path / ".model.checkpoints").exists()
