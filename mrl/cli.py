@@ -15,6 +15,7 @@ from mrl import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from index.cli import add_index_parser
     from training.cli import add_eval_parser, add_train_parser
 
     parser = argparse.ArgumentParser(prog="mrl", description="Matryoshka retrieval: train, evaluate, index, serve.")
@@ -23,15 +24,17 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(commands)
     add_eval_parser(commands)
+    add_index_parser(commands)
     return parser
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    from index.manifest import IndexFolderError
     from training.data import DataError
     from training.matryoshka import DimensionError
     from training.models import ModelError
 
-    return (DataError, DimensionError, ModelError, FileExistsError, ValueError)
+    return (DataError, DimensionError, ModelError, IndexFolderError, FileExistsError, ValueError)
 
 
 def main(argv: list[str] | None = None) -> int:

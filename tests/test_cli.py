@@ -24,7 +24,9 @@ def test_help_lists_commands():
 def test_bad_data_is_one_line_without_traceback(tmp_path: Path):
     result = run_cli("train", "--data", str(tmp_path / "missing"), "--output", str(tmp_path / "out"))
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"mrl: error: {tmp_path / 'missing'}: not found (expected a BEIR folder or a pairs .jsonl file)"]
+    assert result.stderr.strip().splitlines() == [
+        f"mrl: error: {tmp_path / 'missing'}: not found (expected a BEIR folder or a pairs .jsonl file)"
+    ]
     assert not (tmp_path / "out").exists()
 
 

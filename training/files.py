@@ -17,6 +17,7 @@ def write_text_atomic(path: Path, text: str) -> None:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as handle:
             handle.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; artifacts are meant to be shared
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -30,7 +31,9 @@ def write_json_atomic(path: Path, data: Any) -> None:
 def staging_dir(final: Path) -> Path:
     """A fresh empty folder beside ``final`` (same file system, so the last rename is atomic)."""
     final.parent.mkdir(parents=True, exist_ok=True)
-    return Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
+    staging.chmod(0o755)  # mkdtemp makes 0700
+    return staging
 
 
 def publish_dir(staging: Path, final: Path, overwrite: bool) -> None:

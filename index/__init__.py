@@ -1,0 +1,1 @@
+"""Index building: encode a corpus once, one FAISS index per Matryoshka dimension, a manifest."""

@@ -1,0 +1,321 @@
+"""``mrl index build`` and ``mrl index add``: encode once, one FAISS index per dimension.
+
+The corpus is encoded a single time at full dimension and kept (``vectors.npy``); every
+dimension's index is built from it with :func:`truncate_normalize`, the same function
+the evaluation and the query path use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import platform
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from index.backends import Device, FaissIndex, backend_for
+from index.layout import (
+    DOCS_FILE,
+    PROBE_FILE,
+    VECTORS_FILE,
+    index_file,
+    new_version_name,
+    publish_version,
+    staging_version,
+)
+from index.manifest import MANIFEST_FILE, DimIndex, IndexManifest, ModelInfo, model_fingerprint
+from index.params import IndexPlan, choose_index, search_params_for
+from index.store import write_documents
+from training.data import DataError, Document, load_corpus, load_queries
+from training.evaluate import exact_top_k
+from training.files import write_json_atomic
+from training.matryoshka import truncate_normalize, validate_dims
+from training.models import Encoder, SentenceTransformerEncoder, load_model, model_dims, read_model_card
+
+logger = logging.getLogger(__name__)
+
+ENCODE_CHUNK = 4096
+PROBE_QUERIES = 1000
+RECALL_K = 10
+
+
+@dataclass
+class BuildConfig:
+    """Everything ``mrl index build`` can be told."""
+
+    data: Path
+    output: Path
+    model: str | None = None
+    dims: list[int] | None = None
+    index_type: str | None = None
+    memory_budget_mb: int = 4096
+    device: Device = "auto"
+    batch_size: int = 64
+    max_seq_length: int | None = None
+    keep_versions: int = 3
+    progress: bool = True
+
+
+def read_documents(path: Path) -> tuple[list[Document], list[str]]:
+    """Documents (and, from a BEIR folder, up to 1000 query texts used to measure recall)."""
+    if path.is_dir():
+        corpus = load_corpus(path / "corpus.jsonl")
+        queries = []
+        if (path / "queries.jsonl").is_file():
+            queries = list(load_queries(path / "queries.jsonl").values())[:PROBE_QUERIES]
+        return list(corpus.values()), queries
+    if not path.exists():
+        raise DataError(path, "not found (expected a BEIR folder or a corpus .jsonl file)")
+    return list(load_corpus(path).values()), []
+
+
+def encode_documents(encoder: Encoder, documents: list[Document], cache: Path | None = None) -> np.ndarray:
+    """Full-dimension vectors in chunks; with ``cache``, finished chunks survive a restart."""
+    parts = []
+    for number, start in enumerate(range(0, len(documents), ENCODE_CHUNK)):
+        chunk = documents[start : start + ENCODE_CHUNK]
+        cached = cache / f"chunk_{number:05d}_{len(chunk)}.npy" if cache else None
+        if cached and cached.is_file():
+            parts.append(np.load(cached))
+            continue
+        logger.info("encoding documents %d-%d of %d", start + 1, start + len(chunk), len(documents))
+        vectors = encoder.encode_documents([d.passage for d in chunk])
+        if cached:
+            np.save(cached.with_suffix(".tmp.npy"), vectors)
+            cached.with_suffix(".tmp.npy").replace(cached)
+        parts.append(vectors)
+    return np.concatenate(parts).astype(np.float32, copy=False)
+
+
+def measure_recall(index: FaissIndex, vectors: np.ndarray, probes: np.ndarray, k: int = RECALL_K) -> float:
+    """Recall@k of an approximate index against exact search, over the probe queries."""
+    _, found = index.search(probes, k)
+    truth = exact_top_k(probes, vectors, k)
+    hits = [len(set(f[f >= 0].tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth, strict=True)]
+    return round(float(np.mean(hits)), 4)
+
+
+def build_dim_indexes(
+    vectors: np.ndarray,
+    probes: np.ndarray,
+    dims: list[int],
+    plan_for: Callable[[int], IndexPlan],
+    backend: type[FaissIndex],
+    folder: Path,
+) -> dict[int, DimIndex]:
+    """Truncate + normalise per dimension, build, measure recall if approximate, write."""
+    result = {}
+    for dim in dims:
+        started = time.perf_counter()
+        plan = plan_for(dim)
+        reduced = truncate_normalize(vectors, dim)
+        index = backend.build(reduced, plan)
+        seconds = time.perf_counter() - started
+        recall = None if plan.exact else measure_recall(index, reduced, truncate_normalize(probes, dim))
+        index.save(folder / index_file(dim))
+        result[dim] = DimIndex(
+            plan.factory,
+            index_file(dim),
+            (folder / index_file(dim)).stat().st_size,
+            round(seconds, 3),
+            dict(plan.search_params),
+            recall,
+        )
+        logger.info(
+            "dim %d: %s, %d vectors, %.2f s%s",
+            dim,
+            plan.factory,
+            index.ntotal,
+            seconds,
+            "" if recall is None else f", recall@10 {recall:.3f}",
+        )
+    return result
+
+
+def library_versions() -> dict[str, str]:
+    import faiss
+    import sentence_transformers
+    import torch
+
+    from mrl import __version__
+
+    return {
+        "mrl": __version__,
+        "faiss": faiss.__version__,
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "sentence_transformers": sentence_transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _files(folder: Path) -> dict[str, int]:
+    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.name != MANIFEST_FILE}
+
+
+def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
+    """Build a new index version under ``config.output`` and make it current.
+
+    Raises:
+        DataError: Bad corpus file. ModelError: Model cannot be loaded.
+        DimensionError: Dims that do not fit the model.
+    """
+    documents, query_texts = read_documents(config.data)
+    model = load_model(config.model, max_seq_length=config.max_seq_length)
+    encoder = SentenceTransformerEncoder(model, config.model or "default", config.batch_size, config.progress)
+    dims = validate_dims(config.dims, encoder.dimension) if config.dims else model_dims(model, config.model)
+    fingerprint = model_fingerprint(model)
+    backend = backend_for(config.device)
+
+    cache = (
+        config.output
+        / ".encode-cache"
+        / hashlib.sha256((fingerprint + str(config.data.resolve()) + str(len(documents))).encode()).hexdigest()[:16]
+    )
+    cache.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    vectors = encode_documents(encoder, documents, cache)
+    probes = encoder.encode_queries(query_texts) if query_texts else _sample_rows(vectors, PROBE_QUERIES)
+    encode_seconds = time.perf_counter() - started
+
+    budget = config.memory_budget_mb << 20
+
+    def plan_for(dim: int) -> IndexPlan:
+        if config.index_type:
+            return IndexPlan(config.index_type, search_params_for(config.index_type))
+        return choose_index(len(vectors), dim, budget)
+
+    staging = staging_version(config.output)
+    try:
+        np.save(staging / VECTORS_FILE, vectors)
+        np.save(staging / PROBE_FILE, probes)
+        write_documents(staging / DOCS_FILE, documents)
+        indexes = build_dim_indexes(vectors, probes, dims, plan_for, backend, staging)
+        card = read_model_card(config.model) if config.model and Path(config.model).is_dir() else None
+        manifest = IndexManifest(
+            version=new_version_name(),
+            model=ModelInfo(
+                name=config.model or "sentence-transformers/all-MiniLM-L6-v2",
+                fingerprint=fingerprint,
+                full_dim=encoder.dimension,
+                query_prompt=model.prompts.get("query", ""),
+                document_prompt=model.prompts.get("document", ""),
+                max_seq_length=model.max_seq_length,
+            ),
+            dims=dims,
+            num_vectors=len(vectors),
+            indexes=indexes,
+            files=_files(staging),
+            encode_seconds=round(encode_seconds, 2),
+            built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            source=str(config.data),
+            library_versions=library_versions(),
+            evaluation=(card.extra or {}).get("evaluation") if card else None,
+        )
+        write_json_atomic(staging / MANIFEST_FILE, manifest.to_dict())
+        final = publish_version(config.output, staging, manifest.version, config.keep_versions)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(cache.parent, ignore_errors=True)
+    return final, manifest
+
+
+def _sample_rows(vectors: np.ndarray, count: int) -> np.ndarray:
+    rows = np.random.default_rng(0).choice(len(vectors), size=min(count, len(vectors)), replace=False)
+    return vectors[np.sort(rows)]
+
+
+def add_documents(
+    root: Path,
+    data: Path,
+    model_name: str | None = None,
+    *,
+    batch_size: int = 64,
+    device: Device = "auto",
+    keep_versions: int = 3,
+    progress: bool = True,
+) -> tuple[Path, IndexManifest]:
+    """Publish a new version with ``data``'s documents appended; old documents are not re-encoded.
+
+    Raises:
+        IndexFolderError: No index at ``root`` or a model other than the one that built it.
+        DataError: Bad documents, or ids that are already indexed.
+    """
+    from index.loaded import open_index
+
+    current = open_index(root, device=device)
+    old = current.manifest
+    model = load_model(
+        model_name or old.model.name,
+        max_seq_length=old.model.max_seq_length,
+        query_prompt=old.model.query_prompt,
+        document_prompt=old.model.document_prompt,
+    )
+    if model_fingerprint(model) != old.model.fingerprint:
+        raise IndexFolderError(f"{current.path}: built with another model than {model_name or old.model.name!r}")
+    documents, _ = read_documents(data)
+    existing = current.store.ids()
+    clashes = [d.id for d in documents if d.id in existing]
+    if clashes:
+        raise DataError(data, f"{len(clashes)} document ids are already indexed (first: {clashes[0]!r})")
+    encoder = SentenceTransformerEncoder(model, old.model.name, batch_size, progress)
+    started = time.perf_counter()
+    added = encode_documents(encoder, documents)
+    encode_seconds = time.perf_counter() - started
+
+    staging = staging_version(root)
+    try:
+        vectors = np.concatenate([np.asarray(current.vectors), added])
+        np.save(staging / VECTORS_FILE, vectors)
+        shutil.copy2(current.path / PROBE_FILE, staging / PROBE_FILE)
+        shutil.copy2(current.path / DOCS_FILE, staging / DOCS_FILE)
+        write_documents(staging / DOCS_FILE, documents, first_row=old.num_vectors)
+        probes = current.probes()
+        indexes = {}
+        for dim, index in current.indexes.items():
+            started = time.perf_counter()
+            index.add(truncate_normalize(added, dim))
+            entry = old.indexes[dim]
+            recall = (
+                None
+                if index.plan.exact
+                else measure_recall(index, truncate_normalize(vectors, dim), truncate_normalize(probes, dim))
+            )
+            index.save(staging / entry.file)
+            indexes[dim] = DimIndex(
+                entry.factory,
+                entry.file,
+                (staging / entry.file).stat().st_size,
+                round(entry.build_seconds + time.perf_counter() - started, 3),
+                entry.search_params,
+                recall,
+            )
+        manifest = IndexManifest.from_dict(old.to_dict())
+        manifest.version = new_version_name()
+        manifest.num_vectors = len(vectors)
+        manifest.indexes = indexes
+        manifest.files = _files(staging)
+        manifest.history.append(
+            {
+                "added": len(documents),
+                "source": str(data),
+                "encode_seconds": round(encode_seconds, 2),
+                "at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                "from": old.version,
+            }
+        )
+        write_json_atomic(staging / MANIFEST_FILE, manifest.to_dict())
+        final = publish_version(root, staging, manifest.version, keep_versions)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        current.close()
+    return final, manifest

@@ -1,0 +1,128 @@
+"""``mrl index build|add|info``: argument parsing and printing; the work is in build.py and loaded.py."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from training.cli import dims_argument
+
+
+def add_index_parser(commands: argparse._SubParsersAction) -> None:
+    index = commands.add_parser("index", help="build, extend and inspect FAISS indexes")
+    actions = index.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    build = actions.add_parser(
+        "build",
+        help="encode a corpus once, build one index per dimension",
+        description="Encode a corpus once at full dimension; build one FAISS index per "
+        "Matryoshka dimension; publish it as a new version of OUTPUT.",
+    )
+    build.add_argument("--data", type=Path, required=True, help="BEIR folder or corpus .jsonl (_id, title, text)")
+    build.add_argument("--output", type=Path, required=True, help="index root; each build adds a version")
+    build.add_argument("--model", default=None, help="model folder or hub name (default: all-MiniLM-L6-v2)")
+    build.add_argument("--dims", type=dims_argument, default=None, help="default: the model's Matryoshka dims")
+    build.add_argument(
+        "--index-type",
+        default=None,
+        help="FAISS factory string for every dim, e.g. Flat, HNSW32,Flat, IVF1024,PQ32 "
+        "(default: chosen from corpus size and memory budget)",
+    )
+    build.add_argument("--memory-budget-mb", type=int, default=4096, help="per-dimension budget (default: %(default)s)")
+    build.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="default: %(default)s")
+    build.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: %(default)s)")
+    build.add_argument("--max-seq-length", type=int, default=None, help="token limit (default: the model's)")
+    build.add_argument("--keep-versions", type=int, default=3, help="finished versions to keep (default: %(default)s)")
+    build.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    build.set_defaults(handler=run_build)
+
+    add = actions.add_parser("add", help="append documents to an index without re-encoding the old ones")
+    add.add_argument("--index", type=Path, required=True, help="index root")
+    add.add_argument("--data", type=Path, required=True, help="BEIR folder or corpus .jsonl with new documents")
+    add.add_argument("--model", default=None, help="default: the model named in the manifest")
+    add.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
+    add.add_argument("--batch-size", type=int, default=64)
+    add.add_argument("--keep-versions", type=int, default=3)
+    add.add_argument("--no-progress", dest="progress", action="store_false")
+    add.set_defaults(handler=run_add)
+
+    info = actions.add_parser("info", help="print an index's manifest as a table")
+    info.add_argument("path", type=Path, help="index root or version folder")
+    info.add_argument("--check", action="store_true", help="also load every file and check it against the manifest")
+    info.set_defaults(handler=run_info)
+
+
+def run_build(args: argparse.Namespace) -> int:
+    from index.build import BuildConfig, build_index
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command", "action", "handler", "verbose")}
+    for name in ("memory_budget_mb", "batch_size", "keep_versions"):
+        if fields[name] <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {fields[name]}")
+    path, manifest = build_index(BuildConfig(**fields))
+    print(info_table(manifest, path))
+    return 0
+
+
+def run_add(args: argparse.Namespace) -> int:
+    from index.build import add_documents
+
+    path, manifest = add_documents(
+        args.index,
+        args.data,
+        args.model,
+        batch_size=args.batch_size,
+        device=args.device,
+        keep_versions=args.keep_versions,
+        progress=args.progress,
+    )
+    print(f"added {manifest.history[-1]['added']} documents -> {path} ({manifest.num_vectors} in all)")
+    return 0
+
+
+def run_info(args: argparse.Namespace) -> int:
+    from index.layout import resolve_version
+    from index.loaded import open_index
+    from index.manifest import IndexManifest
+
+    folder = resolve_version(args.path)
+    manifest = IndexManifest.read(folder)
+    if args.check:
+        open_index(folder, device="cpu").close()
+    print(info_table(manifest, folder))
+    if args.check:
+        print("check: all files load and match the manifest")
+    return 0
+
+
+def _mib(size: int) -> str:
+    return f"{size / (1 << 20):.2f} MiB"
+
+
+def info_table(manifest, folder: Path) -> str:
+    model = manifest.model
+    ndcg = {}
+    if manifest.evaluation:
+        ndcg = {int(d): v.get("ndcg@10") for d, v in manifest.evaluation.get("by_dim", {}).items()}
+    lines = [
+        f"index     {folder}",
+        f"version   {manifest.version} (built {manifest.built_at})",
+        f"model     {model.name}  {model.fingerprint[:23]}…  full dim {model.full_dim}",
+        f"prompts   query {model.query_prompt!r}, document {model.document_prompt!r}",
+        f"vectors   {manifest.num_vectors}, {manifest.normalization}, {manifest.metric}",
+        f"encoding  {manifest.encode_seconds:.1f} s; vectors.npy {_mib(manifest.files.get('vectors.npy', 0))}, "
+        f"docs.sqlite {_mib(manifest.files.get('docs.sqlite', 0))}",
+        "",
+        "| dim | index | size | build s | recall@10 | NDCG@10 |",
+        "| ---: | --- | ---: | ---: | ---: | ---: |",
+    ]
+    for dim in manifest.dims:
+        entry = manifest.indexes[dim]
+        recall = "exact" if entry.recall_at_10 is None else f"{entry.recall_at_10:.3f}"
+        quality = f"{ndcg[dim]:.3f}" if ndcg.get(dim) is not None else "–"
+        lines.append(
+            f"| {dim} | {entry.factory} | {_mib(entry.bytes)} | {entry.build_seconds:.2f} | {recall} | {quality} |"
+        )
+    for event in manifest.history:
+        lines.append(f"added {event['added']} documents at {event['at']} from {event['source']}")
+    return "\n".join(lines)

@@ -1,0 +1,78 @@
+"""Where an index root keeps its versions, and how a new version goes live atomically.
+
+    ROOT/current -> versions/<version>      (symlink, swapped with one rename)
+    ROOT/versions/<version>/manifest.json, vectors.npy, docs.sqlite, index_<dim>.faiss, probe_queries.npy
+
+A version is built in ``versions/.building-*`` and renamed into place only when complete;
+``current`` then moves to it. A build that fails or is killed leaves ``current`` and every
+finished version untouched.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+from index.manifest import MANIFEST_FILE, IndexFolderError
+
+CURRENT = "current"
+VERSIONS = "versions"
+VECTORS_FILE = "vectors.npy"
+DOCS_FILE = "docs.sqlite"
+PROBE_FILE = "probe_queries.npy"
+
+
+def index_file(dim: int) -> str:
+    return f"index_{dim}.faiss"
+
+
+def new_version_name() -> str:
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+
+
+def staging_version(root: Path) -> Path:
+    versions = root / VERSIONS
+    versions.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=versions))
+    staging.chmod(0o755)  # mkdtemp makes 0700
+    return staging
+
+
+def resolve_version(path: Path) -> Path:
+    """The version folder for ``path``: a version folder itself, or an index root's ``current``.
+
+    Raises:
+        IndexFolderError: If ``path`` is neither.
+    """
+    if (path / MANIFEST_FILE).is_file():
+        return path
+    current = path / CURRENT
+    if current.exists():
+        return current.resolve()
+    if not path.exists():
+        raise IndexFolderError(f"{path}: index not found")
+    raise IndexFolderError(f"{path}: not an index (no {MANIFEST_FILE} and no '{CURRENT}' version)")
+
+
+def publish_version(root: Path, staging: Path, name: str, keep: int) -> Path:
+    """Rename a finished staging folder to ``versions/<name>``, point ``current`` at it, prune old ones."""
+    final = root / VERSIONS / name
+    os.replace(staging, final)
+    link = root / f".{CURRENT}.{secrets.token_hex(4)}"
+    os.symlink(Path(VERSIONS) / name, link)
+    os.replace(link, root / CURRENT)  # atomic: readers see the old target or the new one
+    prune_versions(root, keep)
+    return final
+
+
+def prune_versions(root: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` finished versions, never the current one."""
+    current = (root / CURRENT).resolve()
+    finished = sorted(p for p in (root / VERSIONS).iterdir() if p.is_dir() and not p.name.startswith("."))
+    for old in finished[:-keep] if keep > 0 else []:
+        if old.resolve() != current:
+            shutil.rmtree(old, ignore_errors=True)

@@ -1,0 +1,113 @@
+"""``manifest.json``: what an index folder holds and which exact model made it.
+
+The service refuses an index whose manifest names another model (by fingerprint), so
+vectors are never compared with queries from a different embedding space.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+MANIFEST_FILE = "manifest.json"
+FORMAT_VERSION = 1
+NORMALIZATION = "truncate-then-l2"
+
+
+class IndexFolderError(ValueError):
+    """An index folder is missing, corrupt, or does not match the model."""
+
+
+@dataclass
+class DimIndex:
+    """One dimension's FAISS index file and what it cost."""
+
+    factory: str
+    file: str
+    bytes: int
+    build_seconds: float
+    search_params: dict[str, int] = field(default_factory=dict)
+    recall_at_10: float | None = None  # against exact search; None for an exact index
+
+
+@dataclass
+class ModelInfo:
+    name: str
+    fingerprint: str
+    full_dim: int
+    query_prompt: str = ""
+    document_prompt: str = ""
+    max_seq_length: int | None = None
+
+
+@dataclass
+class IndexManifest:
+    version: str
+    model: ModelInfo
+    dims: list[int]
+    num_vectors: int
+    indexes: dict[int, DimIndex]
+    files: dict[str, int]
+    encode_seconds: float
+    built_at: str
+    source: str
+    library_versions: dict[str, str]
+    evaluation: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    normalization: str = NORMALIZATION
+    metric: str = "inner_product"
+    format: int = FORMAT_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        raw = asdict(self)
+        raw["indexes"] = {str(dim): value for dim, value in raw["indexes"].items()}
+        return raw
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> IndexManifest:
+        raw = dict(raw)
+        raw["model"] = ModelInfo(**raw["model"])
+        raw["indexes"] = {int(dim): DimIndex(**value) for dim, value in raw["indexes"].items()}
+        return cls(**raw)
+
+    @classmethod
+    def read(cls, folder: Path) -> IndexManifest:
+        """Read and check ``folder/manifest.json``.
+
+        Raises:
+            IndexFolderError: For a missing, unparsable or incompatible manifest.
+        """
+        path = folder / MANIFEST_FILE
+        if not path.is_file():
+            raise IndexFolderError(f"{path}: manifest not found (is this an index folder?)")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("format") != FORMAT_VERSION:
+                raise IndexFolderError(
+                    f"{path}: index format {raw.get('format')!r}, this version reads {FORMAT_VERSION}"
+                )
+            return cls.from_dict(raw)
+        except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
+            raise IndexFolderError(f"{path}: corrupt manifest ({type(exc).__name__}: {exc})") from None
+
+
+def model_fingerprint(model: SentenceTransformer) -> str:
+    """SHA-256 of the weights (as float32, by parameter name) and the module layout.
+
+    It identifies the embedding space whatever folder or hub name the model came from.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    layout = [(type(module).__name__, getattr(module, "get_config_dict", dict)()) for module in model]
+    digest.update(json.dumps(layout, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()

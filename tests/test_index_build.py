@@ -1,0 +1,169 @@
+"""Index folders built with the real default model: contents, atomicity, checks on load, add."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import index.build as build_module
+from index.build import BuildConfig, add_documents, build_index
+from index.cli import info_table
+from index.layout import CURRENT, VERSIONS, resolve_version
+from index.loaded import open_index
+from index.manifest import IndexFolderError, IndexManifest
+from mrl.cli import main
+from tests.conftest import SAMPLE
+from training.data import DataError
+from training.matryoshka import truncate_normalize
+
+pytestmark = pytest.mark.slow
+
+DIMS = [384, 256, 128, 64, 32]
+
+
+def build(data: Path, output: Path, **overrides) -> tuple[Path, IndexManifest]:
+    return build_index(BuildConfig(data=data, output=output, device="cpu", progress=False, **overrides))
+
+
+@pytest.fixture(scope="module")
+def sample_index(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("sample") / "index"
+    build(SAMPLE, root)
+    return root
+
+
+def test_sample_index_contents_and_search(sample_index: Path):
+    loaded = open_index(sample_index, device="cpu")
+    manifest = loaded.manifest
+    assert manifest.dims == DIMS and manifest.num_vectors == 120
+    assert manifest.model.full_dim == 384 and manifest.model.fingerprint.startswith("sha256:")
+    assert manifest.normalization == "truncate-then-l2"
+    assert all(manifest.indexes[d].factory == "Flat" and manifest.indexes[d].recall_at_10 is None for d in DIMS)
+    assert manifest.files["vectors.npy"] > 120 * 384 * 4
+    assert set(manifest.library_versions) >= {"faiss", "torch", "sentence_transformers", "numpy"}
+    assert loaded.vectors.shape == (120, 384)
+    for dim in DIMS:
+        # Each document's own vector finds itself first; the hit maps back to its stored passage.
+        scores, rows = loaded.indexes[dim].search(truncate_normalize(loaded.vectors[:5], dim), 3)
+        assert rows[:, 0].tolist() == [0, 1, 2, 3, 4]
+        np.testing.assert_allclose(scores[:, 0], 1.0, atol=1e-5)
+    docs = loaded.store.get([0, 119, -1])
+    assert docs[0].id == "d001" and docs[0].title.startswith("Type 2 diabetes")
+    assert docs[1].id == "d120" and docs[2] is None
+    loaded.close()
+
+
+def test_info_command_prints_a_table(sample_index: Path, capsys):
+    assert main(["index", "info", str(sample_index), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "| 64 | Flat | 0.03 MiB |" in out
+    assert "check: all files load and match the manifest" in out
+
+
+def test_failed_build_leaves_current_version_untouched(tmp_path: Path, tiny_beir: Path, monkeypatch):
+    root = tmp_path / "index"
+    first, _ = build(tiny_beir, root)
+
+    def crash(*args, **kwargs):
+        raise KeyboardInterrupt  # as if the build were stopped mid-way
+
+    monkeypatch.setattr(build_module, "build_dim_indexes", crash)
+    with pytest.raises(KeyboardInterrupt):
+        build(tiny_beir, root)
+    assert resolve_version(root) == first.resolve()
+    assert [p.name for p in (root / VERSIONS).iterdir()] == [first.name]  # no half-built folder left
+    open_index(root, device="cpu").close()
+
+
+def test_new_build_becomes_current_and_old_versions_are_pruned(tmp_path: Path, tiny_beir: Path):
+    root = tmp_path / "index"
+    versions = [build(tiny_beir, root, keep_versions=2)[0] for _ in range(3)]
+    assert (root / CURRENT).resolve() == versions[-1].resolve()
+    assert sorted(p.name for p in (root / VERSIONS).iterdir()) == [v.name for v in versions[1:]]
+    assert not (root / ".encode-cache").exists()
+
+
+def test_approximate_index_reports_recall(tmp_path: Path):
+    _, manifest = build(SAMPLE, tmp_path / "index", index_type="HNSW32,Flat", dims=[384, 64])
+    for dim in (384, 64):
+        assert manifest.indexes[dim].factory == "HNSW32,Flat"
+        assert manifest.indexes[dim].search_params == {"efSearch": 128}
+        assert 0.9 <= manifest.indexes[dim].recall_at_10 <= 1.0
+    assert "| 64 | HNSW32,Flat |" in info_table(manifest, tmp_path)
+
+
+@pytest.fixture
+def tiny_index(tmp_path: Path, tiny_beir: Path) -> Path:
+    root = tmp_path / "index"
+    build(tiny_beir, root, dims=[384, 64])
+    return root
+
+
+def test_other_model_is_refused(tiny_index: Path):
+    with pytest.raises(IndexFolderError, match="not the model being served"):
+        open_index(tiny_index, device="cpu", expected_fingerprint="sha256:" + "0" * 64)
+
+
+def test_unknown_dimension_is_refused(tiny_index: Path):
+    with pytest.raises(IndexFolderError, match=r"no index for dims \[100\] \(this index has \[384, 64\]\)"):
+        open_index(tiny_index, device="cpu", dims=[100])
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda v: (v / "index_64.faiss").unlink(), "index_64.faiss: missing file"),
+        (lambda v: (v / "index_64.faiss").write_bytes(b"short"), "index_64.faiss: 5 bytes, the manifest says"),
+        (
+            lambda v: (v / "index_64.faiss").write_bytes(b"\0" * (v / "index_64.faiss").stat().st_size),
+            "index_64.faiss: unreadable FAISS index",
+        ),
+        (lambda v: (v / "manifest.json").write_text("{not json"), "corrupt manifest"),
+        (lambda v: (v / "docs.sqlite").unlink(), "docs.sqlite: missing file"),
+    ],
+)
+def test_damaged_files_give_one_clear_error(tiny_index: Path, damage, message):
+    damage(resolve_version(tiny_index))
+    with pytest.raises(IndexFolderError, match=message):
+        open_index(tiny_index, device="cpu")
+
+
+def test_not_an_index(tmp_path: Path):
+    with pytest.raises(IndexFolderError, match="index not found"):
+        open_index(tmp_path / "nothing")
+    with pytest.raises(IndexFolderError, match="not an index"):
+        open_index(tmp_path)
+
+
+def test_add_appends_without_re_encoding_old_documents(tiny_index: Path, tmp_path: Path, monkeypatch):
+    before = open_index(tiny_index, device="cpu")
+    old_vectors = np.array(before.vectors)
+    new_docs = tmp_path / "more.jsonl"
+    new_docs.write_text(
+        "".join(
+            json.dumps({"_id": f"n{i}", "text": t}) + "\n"
+            for i, t in enumerate(["sprained ankle swelling and ice", "sunburn blisters"])
+        )
+    )
+    encoded = []
+    original = build_module.encode_documents
+    monkeypatch.setattr(
+        build_module,
+        "encode_documents",
+        lambda encoder, docs, cache=None: encoded.append(len(docs)) or original(encoder, docs, cache),
+    )
+    path, manifest = add_documents(tiny_index, new_docs, device="cpu", progress=False)
+    assert encoded == [2]
+    assert manifest.num_vectors == 6 and manifest.history[-1]["added"] == 2
+    after = open_index(tiny_index, device="cpu")
+    assert after.path == path.resolve() != before.path
+    np.testing.assert_array_equal(np.asarray(after.vectors[:4]), old_vectors)
+    _, rows = after.indexes[64].search(truncate_normalize(after.vectors[4:], 64), 1)
+    assert rows[:, 0].tolist() == [4, 5]
+    assert [d.id for d in after.store.get([4, 5])] == ["n0", "n1"]
+
+    with pytest.raises(DataError, match="2 document ids are already indexed"):
+        add_documents(tiny_index, new_docs, device="cpu", progress=False)
