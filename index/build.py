@@ -29,7 +29,7 @@ from index.layout import (
     publish_version,
     staging_version,
 )
-from index.manifest import MANIFEST_FILE, DimIndex, IndexManifest, ModelInfo, model_fingerprint
+from index.manifest import MANIFEST_FILE, DimIndex, IndexFolderError, IndexManifest, ModelInfo, model_fingerprint
 from index.params import IndexPlan, choose_index, search_params_for
 from index.store import write_documents
 from training.data import DataError, Document, load_corpus, load_queries
