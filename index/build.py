@@ -101,6 +101,44 @@ def measure_recall(index: FaissIndex, vectors: np.ndarray, probes: np.ndarray, k
     return round(float(np.mean(hits)), 4)
 
 
+def measure_search_ms(index: FaissIndex, probes: np.ndarray, k: int = RECALL_K, count: int = 200) -> float:
+    """Mean wall time of one single-query search (k=10), over up to ``count`` probe queries, in ms."""
+    queries = probes[:count]
+    index.search(queries[:1], k)  # warm-up
+    started = time.perf_counter()
+    for row in range(len(queries)):
+        index.search(queries[row : row + 1], k)
+    return round(1000 * (time.perf_counter() - started) / max(len(queries), 1), 4)
+
+
+def describe_index(
+    index: FaissIndex, dim: int, vectors: np.ndarray, probes: np.ndarray, folder: Path, build_seconds: float
+) -> DimIndex:
+    """Write one dimension's index into ``folder`` and measure it: size, recall (if approximate), search time."""
+    index.save(folder / index_file(dim))
+    reduced_probes = truncate_normalize(probes, dim)
+    entry = DimIndex(
+        factory=index.plan.factory,
+        file=index_file(dim),
+        bytes=(folder / index_file(dim)).stat().st_size,
+        build_seconds=round(build_seconds, 3),
+        search_params=dict(index.plan.search_params),
+        recall_at_10=None if index.plan.exact else measure_recall(index, vectors, reduced_probes),
+        search_ms=measure_search_ms(index, reduced_probes),
+    )
+    recall = "" if entry.recall_at_10 is None else f", recall@10 {entry.recall_at_10:.3f}"
+    logger.info(
+        "dim %d: %s, %d vectors, built in %.2f s, %.3f ms/query%s",
+        dim,
+        entry.factory,
+        index.ntotal,
+        build_seconds,
+        entry.search_ms,
+        recall,
+    )
+    return entry
+
+
 def build_dim_indexes(
     vectors: np.ndarray,
     probes: np.ndarray,
@@ -109,32 +147,13 @@ def build_dim_indexes(
     backend: type[FaissIndex],
     folder: Path,
 ) -> dict[int, DimIndex]:
-    """Truncate + normalise per dimension, build, measure recall if approximate, write."""
+    """Per dimension: truncate + normalise, build, write, measure."""
     result = {}
     for dim in dims:
         started = time.perf_counter()
-        plan = plan_for(dim)
         reduced = truncate_normalize(vectors, dim)
-        index = backend.build(reduced, plan)
-        seconds = time.perf_counter() - started
-        recall = None if plan.exact else measure_recall(index, reduced, truncate_normalize(probes, dim))
-        index.save(folder / index_file(dim))
-        result[dim] = DimIndex(
-            plan.factory,
-            index_file(dim),
-            (folder / index_file(dim)).stat().st_size,
-            round(seconds, 3),
-            dict(plan.search_params),
-            recall,
-        )
-        logger.info(
-            "dim %d: %s, %d vectors, %.2f s%s",
-            dim,
-            plan.factory,
-            index.ntotal,
-            seconds,
-            "" if recall is None else f", recall@10 {recall:.3f}",
-        )
+        index = backend.build(reduced, plan_for(dim))
+        result[dim] = describe_index(index, dim, reduced, probes, folder, time.perf_counter() - started)
     return result
 
 
@@ -282,21 +301,8 @@ def add_documents(
         for dim, index in current.indexes.items():
             started = time.perf_counter()
             index.add(truncate_normalize(added, dim))
-            entry = old.indexes[dim]
-            recall = (
-                None
-                if index.plan.exact
-                else measure_recall(index, truncate_normalize(vectors, dim), truncate_normalize(probes, dim))
-            )
-            index.save(staging / entry.file)
-            indexes[dim] = DimIndex(
-                entry.factory,
-                entry.file,
-                (staging / entry.file).stat().st_size,
-                round(entry.build_seconds + time.perf_counter() - started, 3),
-                entry.search_params,
-                recall,
-            )
+            seconds = old.indexes[dim].build_seconds + time.perf_counter() - started
+            indexes[dim] = describe_index(index, dim, truncate_normalize(vectors, dim), probes, staging, seconds)
         manifest = IndexManifest.from_dict(old.to_dict())
         manifest.version = new_version_name()
         manifest.num_vectors = len(vectors)

@@ -113,15 +113,17 @@ def info_table(manifest, folder: Path) -> str:
         f"encoding  {manifest.encode_seconds:.1f} s; vectors.npy {_mib(manifest.files.get('vectors.npy', 0))}, "
         f"docs.sqlite {_mib(manifest.files.get('docs.sqlite', 0))}",
         "",
-        "| dim | index | size | build s | recall@10 | NDCG@10 |",
-        "| ---: | --- | ---: | ---: | ---: | ---: |",
+        "| dim | index | size | build s | search ms/query | recall@10 | NDCG@10 |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for dim in manifest.dims:
         entry = manifest.indexes[dim]
         recall = "exact" if entry.recall_at_10 is None else f"{entry.recall_at_10:.3f}"
         quality = f"{ndcg[dim]:.3f}" if ndcg.get(dim) is not None else "–"
+        search = "–" if entry.search_ms is None else f"{entry.search_ms:.3f}"
         lines.append(
-            f"| {dim} | {entry.factory} | {_mib(entry.bytes)} | {entry.build_seconds:.2f} | {recall} | {quality} |"
+            f"| {dim} | {entry.factory} | {_mib(entry.bytes)} | {entry.build_seconds:.2f} | {search} | {recall} "
+            f"| {quality} |"
         )
     for event in manifest.history:
         lines.append(f"added {event['added']} documents at {event['at']} from {event['source']}")

@@ -34,6 +34,7 @@ class DimIndex:
     build_seconds: float
     search_params: dict[str, int] = field(default_factory=dict)
     recall_at_10: float | None = None  # against exact search; None for an exact index
+    search_ms: float | None = None  # one query, k=10, measured at build time on this machine
 
 
 @dataclass

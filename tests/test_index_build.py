@@ -167,3 +167,9 @@ def test_add_appends_without_re_encoding_old_documents(tiny_index: Path, tmp_pat
 
     with pytest.raises(DataError, match="2 document ids are already indexed"):
         add_documents(tiny_index, new_docs, device="cpu", progress=False)
+
+
+def test_add_with_another_model_is_refused(tiny_index: Path, tiny_beir: Path, monkeypatch):
+    monkeypatch.setattr(build_module, "model_fingerprint", lambda model: "sha256:another")
+    with pytest.raises(IndexFolderError, match="built with another model"):
+        add_documents(tiny_index, tiny_beir, device="cpu", progress=False)
