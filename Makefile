@@ -1,4 +1,4 @@
-# The two set-up commands of the README: `make demo` (train → evaluate on the bundled sample) and `make test`.
+# The two set-up commands of the README: `make demo` (train → evaluate → index the bundled sample) and `make test`.
 # Both create or reuse .venv and install the project with the CPU build of torch pinned in constraints.txt.
 PYTHON ?= python3
 VENV   ?= .venv
@@ -9,7 +9,7 @@ RUNS   ?= runs
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo train eval test test-fast lint clean
+.PHONY: install demo train eval index test test-fast lint clean
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-demo: train eval
+demo: train eval index
 
 train: $(STAMP)
 	$(BIN)/mrl train --data $(DATA) --output $(RUNS)/demo-model --batch-size 32 --overwrite
@@ -26,6 +26,9 @@ train: $(STAMP)
 eval: $(STAMP)
 	$(BIN)/mrl eval --data $(DATA) --model sentence-transformers/all-MiniLM-L6-v2 --model $(RUNS)/demo-model \
 		--out $(RUNS)/demo-eval
+
+index: $(STAMP)
+	$(BIN)/mrl index build --data $(DATA) --model $(RUNS)/demo-model --output $(RUNS)/demo-index
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

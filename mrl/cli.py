@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     # Quiet the libraries' own chatter; our progress bars and log lines say what is happening.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for noisy in ("httpx", "urllib3", "filelock", "sentence_transformers", "transformers"):
+    for noisy in ("httpx", "urllib3", "filelock", "faiss", "sentence_transformers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         return args.handler(args)

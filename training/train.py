@@ -21,13 +21,13 @@ from training.evaluate import EvalResult, evaluate
 from training.files import publish_dir, staging_dir, write_json_atomic, write_text_atomic
 from training.matryoshka import default_dims, validate_dims
 from training.models import (
+    DEFAULT_MODEL,
     DOCUMENT_PROMPT,
     QUERY_PROMPT,
     MatryoshkaCard,
     SentenceTransformerEncoder,
     embedding_dimension,
     load_model,
-    resolve_model,
 )
 from training.report import comparison_table, detail_table, plot_ndcg
 
@@ -298,7 +298,7 @@ def train(config: TrainConfig) -> TrainResult:
     seconds["eval_after"] = time.perf_counter() - started
 
     report = {
-        "base_model": config.model or resolve_model(None).rsplit("/", 1)[-1],
+        "base_model": config.model or DEFAULT_MODEL,
         "dims": dims,
         "data": {
             "training_source": data.source,
