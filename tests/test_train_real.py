@@ -37,6 +37,7 @@ def test_train_reload_and_evaluate_every_dimension(tmp_path: Path):
     report = json.loads((output / "training_report.json").read_text())
     assert report["data"]["training_pairs"] == 120
     assert report["data"]["evaluation"]["split"] == "test"
+    assert report["data"]["evaluation_queries_seen_in_training"] == 0
     assert {"eval_before", "train_stage1", "eval_after"} <= report["seconds"].keys()
     assert "| 64 |" in (output / "training_report.md").read_text()
     assert (output / "training_report_ndcg.png").stat().st_size > 1000

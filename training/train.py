@@ -226,6 +226,14 @@ def _evaluate(
     return evaluate(encoder, data.eval_dataset, config.eval_split, dims)
 
 
+def _leaked_queries(data: TrainingData, config: TrainConfig) -> int | None:
+    """How many evaluation queries also occur, verbatim, among the training queries (should be 0)."""
+    if data.eval_dataset is None or not config.eval_split:
+        return None
+    training = {p.query for p in data.pairs}
+    return sum(data.eval_dataset.queries[qid] in training for qid in data.eval_dataset.split(config.eval_split))
+
+
 def _environment() -> dict[str, str]:
     import sentence_transformers
     import torch
@@ -273,6 +281,8 @@ def train(config: TrainConfig) -> TrainResult:
     seconds["eval_before"] = time.perf_counter() - started
 
     checkpoints = config.output.parent / f".{config.output.name}.checkpoints"
+    if not config.resume:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # stale checkpoints of another run must not be mixed in
     started = time.perf_counter()
     _fit(model, data.pairs, dims, config, checkpoints / "stage1", config.epochs, config.learning_rate)
     seconds["train_stage1"] = time.perf_counter() - started
@@ -313,6 +323,7 @@ def train(config: TrainConfig) -> TrainResult:
                 "documents": before.num_documents,
             },
             "hard_negatives": mining or None,
+            "evaluation_queries_seen_in_training": _leaked_queries(data, config),
         },
         "settings": config.settings(),
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
@@ -359,7 +370,12 @@ def training_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str
         "",
         f"- Base model: `{report['base_model']}`; Matryoshka dims: {', '.join(map(str, report['dims']))}",
         f"- Training data: {data['training_source']}: {data['training_pairs']} pairs, "
-        f"{data['training_queries']} distinct queries",
+        f"{data['training_queries']} distinct queries"
+        + (
+            f"; evaluation queries also in training: {data['evaluation_queries_seen_in_training']}"
+            if data["evaluation_queries_seen_in_training"] is not None
+            else ""
+        ),
         f"- Recipe: {settings['epochs']} epochs, lr {settings['learning_rate']}, batch {settings['batch_size']} "
         f"(cached MNRL, mini-batch {settings['mini_batch_size']}), warm-up {settings['warmup_ratio']}, "
         f"seed {settings['seed']}, hard negatives: {'yes' if settings['hard_negatives'] else 'no'}",
