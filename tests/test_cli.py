@@ -57,3 +57,27 @@ def test_unparsable_dims_is_a_usage_error(tiny_beir: Path, tmp_path: Path):
     assert result.returncode == 2
     assert "comma-separated integers" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_eval_command_compares_models_and_writes_reports(tiny_beir: Path, tmp_path: Path, capsys):
+    out = tmp_path / "eval"
+    code = main(
+        [
+            "eval",
+            "--data",
+            str(tiny_beir),
+            "--model",
+            "sentence-transformers/all-MiniLM-L6-v2",
+            "--dims",
+            "384,64",
+            "--out",
+            str(out),
+            "--no-progress",
+        ]
+    )
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert printed.splitlines()[0] == "| dim | all-MiniLM-L6-v2 NDCG@10 | % of full |"
+    assert "| 384 | 1.000 | 100.0% |" in printed  # four unambiguous documents: the real model ranks them right
+    assert {p.name for p in out.iterdir()} == {"eval.json", "eval.md", "eval_ndcg.png"}
