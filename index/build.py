@@ -36,7 +36,14 @@ from training.data import DataError, Document, load_corpus, load_queries
 from training.evaluate import exact_top_k
 from training.files import write_json_atomic
 from training.matryoshka import truncate_normalize, validate_dims
-from training.models import Encoder, SentenceTransformerEncoder, load_model, model_dims, read_model_card
+from training.models import (
+    DEFAULT_MODEL,
+    Encoder,
+    SentenceTransformerEncoder,
+    load_model,
+    model_dims,
+    read_model_card,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +227,7 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
         manifest = IndexManifest(
             version=new_version_name(),
             model=ModelInfo(
-                name=config.model or "sentence-transformers/all-MiniLM-L6-v2",
+                name=_model_name(config.model),
                 fingerprint=fingerprint,
                 full_dim=encoder.dimension,
                 query_prompt=model.prompts.get("query", ""),
@@ -244,6 +251,13 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
         raise
     shutil.rmtree(cache.parent, ignore_errors=True)
     return final, manifest
+
+
+def _model_name(model: str | None) -> str:
+    """How the manifest names the model: an absolute path for a local folder, so it resolves from anywhere."""
+    if model is None:
+        return DEFAULT_MODEL
+    return str(Path(model).resolve()) if Path(model).is_dir() else model
 
 
 def _sample_rows(vectors: np.ndarray, count: int) -> np.ndarray:

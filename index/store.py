@@ -31,13 +31,17 @@ class DocumentStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._local = threading.local()
+        self._local = threading.local()  # one connection per thread: sqlite3 objects are not shared
+        self._opened: list[sqlite3.Connection] = []
+        self._lock = threading.Lock()
 
     def _connection(self) -> sqlite3.Connection:
         connection = getattr(self._local, "connection", None)
         if connection is None:
             connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
             self._local.connection = connection
+            with self._lock:
+                self._opened.append(connection)
         return connection
 
     def __len__(self) -> int:
@@ -59,10 +63,12 @@ class DocumentStore:
         return {doc_id for (doc_id,) in self._connection().execute("SELECT id FROM documents")}
 
     def close(self) -> None:
-        connection = getattr(self._local, "connection", None)
-        if connection is not None:
+        """Close every thread's connection (callers make sure no read is still running)."""
+        with self._lock:
+            opened, self._opened = self._opened, []
+        for connection in opened:
             connection.close()
-            self._local.connection = None
+        self._local = threading.local()
 
 
 def write_documents(path: Path, documents: Iterable[Document], first_row: int = 0) -> int:

@@ -16,6 +16,7 @@ from mrl import __version__
 
 def build_parser() -> argparse.ArgumentParser:
     from index.cli import add_index_parser
+    from service.cli import add_serve_parser
     from training.cli import add_eval_parser, add_train_parser
 
     parser = argparse.ArgumentParser(prog="mrl", description="Matryoshka retrieval: train, evaluate, index, serve.")
@@ -25,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_train_parser(commands)
     add_eval_parser(commands)
     add_index_parser(commands)
+    add_serve_parser(commands)
     return parser
 
 

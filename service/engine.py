@@ -1,0 +1,548 @@
+"""The search engine behind the HTTP layer: one index, one query encoder, micro-batched encoding.
+
+A :class:`Searcher` is built at start-up: it reads the index manifest, loads the model the
+index was built with, refuses the index if the model's fingerprint differs, and opens
+every dimension's FAISS index. Queries are encoded once at full dimension (in
+micro-batches, off the event loop); each dimension is derived with the project's only
+truncation function, ``training.matryoshka.truncate_normalize``.
+
+No FastAPI here: errors are the domain exceptions of :mod:`service.errors`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from index.layout import resolve_version
+from index.loaded import LoadedIndex, open_index
+from index.manifest import IndexFolderError, IndexManifest
+from service.batching import MicroBatcher, TextKind
+from service.encoders import LoadedEncoder, load_encoder
+from service.errors import InvalidRequest, NotReady, ReloadFailed, UnknownDimension
+from service.metrics import ServiceMetrics
+from service.settings import ServiceSettings
+from training.matryoshka import truncate_normalize
+
+logger = logging.getLogger(__name__)
+
+EncoderLoader = Callable[[ServiceSettings, IndexManifest], LoadedEncoder]
+WARM_UP_QUERY = "warm-up query"
+
+
+class ConfigurationError(ValueError):
+    """The settings do not fit the index (e.g. a default dimension it does not have)."""
+
+
+# --- request limits -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for; every check names the allowed range in its message."""
+
+    max_k: int = 100
+    max_query_chars: int = 2000
+    max_batch_queries: int = 64
+
+    def check_texts(self, texts: Sequence[str], what: str = "query") -> None:
+        """Raises InvalidRequest for no texts, too many, or an empty or over-long one."""
+        if not texts:
+            raise InvalidRequest(f"at least one {what} is required")
+        if len(texts) > self.max_batch_queries:
+            raise InvalidRequest(f"at most {self.max_batch_queries} {what} texts per request, got {len(texts)}")
+        for number, text in enumerate(texts):
+            where = f"{what}" if len(texts) == 1 else f"{what} {number}"
+            if not text.strip():
+                raise InvalidRequest(f"{where} is empty; a non-blank text of 1-{self.max_query_chars} characters")
+            if len(text) > self.max_query_chars:
+                raise InvalidRequest(
+                    f"{where} is {len(text)} characters long; at most {self.max_query_chars} are allowed"
+                )
+
+    def check_k(self, k: int) -> None:
+        """Raises InvalidRequest unless ``1 <= k <= max_k``."""
+        if not 1 <= k <= self.max_k:
+            raise InvalidRequest(f"k must be between 1 and {self.max_k}, got {k}")
+
+
+# --- results ------------------------------------------------------------------------------
+
+
+@dataclass
+class Hit:
+    """One search result: the document and its cosine similarity to the query."""
+
+    id: str
+    score: float
+    title: str
+    text: str
+    metadata: dict[str, Any]
+
+
+@dataclass
+class Timings:
+    """Milliseconds per stage of one request (a batch's queries share them)."""
+
+    encode_ms: float = 0.0
+    search_ms: float = 0.0
+    rerank_ms: float = 0.0
+    total_ms: float = 0.0
+
+
+@dataclass
+class SearchResult:
+    """Hits per query, in query order, and how they were found."""
+
+    dim: int
+    rerank_dim: int | None
+    k: int
+    index_version: str
+    hits: list[list[Hit]]
+    timings: Timings
+
+
+@dataclass
+class EmbeddingResult:
+    """Unit-length embeddings, one row per input, at ``dim`` coordinates."""
+
+    vectors: np.ndarray
+    dim: int
+    model: str
+    tokens: int
+
+
+@dataclass
+class DimInfo:
+    """What one served dimension costs and buys."""
+
+    dim: int
+    index_type: str
+    bytes: int
+    vectors: int
+    ndcg_at_10: float | None
+    recall_at_10: float | None
+    search_ms: float | None
+
+
+@dataclass
+class IndexInfo:
+    """The served index, as the ``/dims`` endpoint shows it."""
+
+    model: str
+    index_version: str
+    encoder: str
+    full_dim: int
+    default_dim: int
+    num_vectors: int
+    built_at: str
+    dims: list[DimInfo] = field(default_factory=list)
+
+
+@dataclass
+class ReloadOutcome:
+    previous_version: str
+    version: str
+    changed: bool
+
+
+# --- the index slot: atomic swap, close after the last search -------------------------------
+
+
+class _Lease:
+    def __init__(self, loaded: LoadedIndex) -> None:
+        self.loaded = loaded
+        self.users = 0
+        self.retired = False
+
+
+class IndexSlot:
+    """Holds the served :class:`LoadedIndex`; a swapped-out one is closed when its last search ends."""
+
+    def __init__(self, loaded: LoadedIndex) -> None:
+        self._lock = threading.Lock()
+        self._lease = _Lease(loaded)
+
+    @property
+    def current(self) -> LoadedIndex:
+        return self._lease.loaded
+
+    @contextmanager
+    def acquire(self) -> Iterator[LoadedIndex]:
+        """The current index, kept open until the ``with`` block ends even if it is swapped meanwhile."""
+        with self._lock:
+            lease = self._lease
+            if lease.retired:
+                raise NotReady("the index is closed")
+            lease.users += 1
+        try:
+            yield lease.loaded
+        finally:
+            self._release(lease)
+
+    def swap(self, loaded: LoadedIndex) -> LoadedIndex:
+        """Serve ``loaded`` from now on; return the previous index (closed now or by its last user)."""
+        with self._lock:
+            old = self._lease
+            self._lease = _Lease(loaded)
+        self._retire(old)
+        return old.loaded
+
+    def close(self) -> None:
+        self._retire(self._lease)
+
+    def _retire(self, lease: _Lease) -> None:
+        with self._lock:
+            if lease.retired:
+                return
+            lease.retired = True
+            idle = lease.users == 0
+        if idle:
+            lease.loaded.close()
+
+    def _release(self, lease: _Lease) -> None:
+        with self._lock:
+            lease.users -= 1
+            last = lease.retired and lease.users == 0
+        if last:
+            lease.loaded.close()
+
+
+# --- the searcher -------------------------------------------------------------------------
+
+
+class Searcher:
+    """Search and embed over one index version at a time; built by :meth:`open`, ended by :meth:`close`."""
+
+    def __init__(
+        self,
+        settings: ServiceSettings,
+        loaded_encoder: LoadedEncoder,
+        index: LoadedIndex,
+        metrics: ServiceMetrics,
+    ) -> None:
+        self.settings = settings
+        self.limits = RequestLimits(settings.max_k, settings.max_query_chars, settings.max_batch_queries)
+        self.encoder = loaded_encoder
+        self.metrics = metrics
+        self._slot = IndexSlot(index)
+        self._default_dim = _default_dim(settings.default_dim, index.manifest)
+        self._reload_lock = asyncio.Lock()
+        self._gpu_lock = threading.Lock()
+        self._batcher = MicroBatcher(
+            self._encode_batch,
+            max_batch=settings.batch_max_size,
+            max_wait_s=settings.batch_max_wait_ms / 1000,
+            on_batch=metrics.observe_batch,
+        )
+        metrics.set_index(_index_sizes(index))
+        metrics.queued_texts.set_function(lambda: self._batcher.pending)
+
+    # --- life cycle ---------------------------------------------------------------------
+    @classmethod
+    async def open(
+        cls, settings: ServiceSettings, metrics: ServiceMetrics, load: EncoderLoader = load_encoder
+    ) -> Searcher:
+        """Load model and index (in a worker thread), check they belong together, start the batcher.
+
+        Raises:
+            IndexFolderError: Missing or corrupt index, or one built with another model.
+            ModelError: The model cannot be loaded. ConfigurationError: Settings that do not fit the index.
+        """
+        loaded_encoder, index = await asyncio.to_thread(_load, settings, load)
+        try:
+            searcher = cls(settings, loaded_encoder, index, metrics)
+        except BaseException:
+            index.close()
+            raise
+        await searcher._batcher.start()
+        logger.info(
+            "serving %s (%d vectors, dims %s) with %s on %s",
+            index.path,
+            index.manifest.num_vectors,
+            index.dims,
+            loaded_encoder.encoder.name,
+            loaded_encoder.backend,
+        )
+        return searcher
+
+    async def close(self) -> None:
+        """Stop encoding; the index closes once the searches still running are done."""
+        await self._batcher.stop()
+        self._slot.close()
+
+    # --- what is served -----------------------------------------------------------------
+    @property
+    def dims(self) -> list[int]:
+        return self._slot.current.dims
+
+    @property
+    def default_dim(self) -> int:
+        return self._default_dim
+
+    @property
+    def index_version(self) -> str:
+        return self._slot.current.manifest.version
+
+    @property
+    def model_name(self) -> str:
+        return self.encoder.encoder.name
+
+    def info(self) -> IndexInfo:
+        """Dims served, with cost (index type, bytes, vectors) and measured quality (NDCG@10) of each."""
+        manifest = self._slot.current.manifest
+        ndcg = _ndcg_by_dim(manifest)
+        dims = [
+            DimInfo(
+                dim=dim,
+                index_type=manifest.indexes[dim].factory,
+                bytes=manifest.indexes[dim].bytes,
+                vectors=manifest.num_vectors,
+                ndcg_at_10=ndcg.get(dim),
+                recall_at_10=manifest.indexes[dim].recall_at_10,
+                search_ms=manifest.indexes[dim].search_ms,
+            )
+            for dim in manifest.dims
+        ]
+        return IndexInfo(
+            model=self.model_name,
+            index_version=manifest.version,
+            encoder=self.encoder.backend,
+            full_dim=manifest.model.full_dim,
+            default_dim=self._default_dim,
+            num_vectors=manifest.num_vectors,
+            built_at=manifest.built_at,
+            dims=dims,
+        )
+
+    # --- search -------------------------------------------------------------------------
+    async def search(
+        self, queries: Sequence[str], dim: int | None, k: int, rerank_dim: int | None = None
+    ) -> SearchResult:
+        """Top ``k`` documents per query at ``dim``; with ``rerank_dim``, two-stage adaptive retrieval.
+
+        Two-stage: shortlist ``k * rerank_candidates`` documents with the (small, fast) ``dim``
+        index, then re-score them exactly with their full vectors truncated to ``rerank_dim``.
+
+        Raises:
+            InvalidRequest: Bad k or query texts. UnknownDimension: ``dim``/``rerank_dim`` not served.
+        """
+        started = time.perf_counter()
+        self.limits.check_texts(queries)
+        self.limits.check_k(k)
+        dim = self._check_dims(self._slot.current, dim, rerank_dim)  # fail before encoding
+        vectors = await self._batcher.encode(list(queries), "query")
+        encoded = time.perf_counter()
+        # The lease is taken and released in the worker thread, so a cancelled request cannot
+        # release it while the thread still searches.
+        version, hits, search_s, rerank_s = await asyncio.to_thread(self._search_sync, vectors, dim, k, rerank_dim)
+        timings = Timings(
+            encode_ms=_ms(encoded - started),
+            search_ms=_ms(search_s),
+            rerank_ms=_ms(rerank_s),
+            total_ms=_ms(time.perf_counter() - started),
+        )
+        self._observe_stages(dim, rerank_dim, encoded - started, search_s, rerank_s)
+        return SearchResult(dim, rerank_dim, k, version, hits, timings)
+
+    def _check_dims(self, index: LoadedIndex, dim: int | None, rerank_dim: int | None) -> int:
+        if dim is None:  # two-stage search shortlists at the smallest dim unless told otherwise
+            dim = min(index.indexes) if rerank_dim is not None else self._default_dim
+        if dim not in index.indexes:
+            raise UnknownDimension(dim, index.dims)
+        if rerank_dim is not None:
+            if rerank_dim not in index.dims:
+                raise UnknownDimension(rerank_dim, index.dims, what="rerank_dim")
+            if rerank_dim <= dim:
+                raise InvalidRequest(f"rerank_dim must be larger than dim ({dim}), got {rerank_dim}")
+        return dim
+
+    def _search_sync(
+        self, vectors: np.ndarray, dim: int, k: int, rerank_dim: int | None
+    ) -> tuple[str, list[list[Hit]], float, float]:
+        with self._slot.acquire() as index:
+            self._check_dims(index, dim, rerank_dim)  # a reload may have changed the dims meanwhile
+            started = time.perf_counter()
+            fetch = k * self.settings.rerank_candidates if rerank_dim else k
+            faiss_index = index.indexes[dim]
+            # FAISS CPU indexes take concurrent searches; GPU resources are not thread-safe.
+            with self._gpu_lock if faiss_index.device == "gpu" else nullcontext():
+                scores, rows = faiss_index.search(truncate_normalize(vectors, dim), fetch)
+            searched = time.perf_counter()
+            if rerank_dim:
+                scores, rows = rerank(index.vectors, vectors, rows, rerank_dim, k)
+            rerank_s = time.perf_counter() - searched if rerank_dim else 0.0
+            return index.manifest.version, self._hits(index, scores, rows), searched - started, rerank_s
+
+    def _hits(self, index: LoadedIndex, scores: np.ndarray, rows: np.ndarray) -> list[list[Hit]]:
+        documents = index.store.get(rows.ravel().tolist())
+        per_query = len(rows[0]) if len(rows) else 0
+        result = []
+        for number, query_scores in enumerate(scores):
+            docs = documents[number * per_query : (number + 1) * per_query]
+            result.append(
+                [
+                    Hit(doc.id, float(score), doc.title, self._snippet(doc.text), dict(doc.metadata))
+                    for score, doc in zip(query_scores, docs, strict=True)
+                    if doc is not None
+                ]
+            )
+        return result
+
+    def _snippet(self, text: str) -> str:
+        limit = self.settings.snippet_chars
+        return text if not limit or len(text) <= limit else text[:limit].rstrip() + "…"
+
+    def _observe_stages(
+        self, dim: int, rerank_dim: int | None, encode_s: float, search_s: float, rerank_s: float
+    ) -> None:
+        label = str(dim)
+        self.metrics.encode_seconds.labels(dim=label).observe(encode_s)
+        self.metrics.search_seconds.labels(dim=label).observe(search_s)
+        if rerank_dim:
+            self.metrics.rerank_seconds.labels(dim=str(rerank_dim)).observe(rerank_s)
+
+    # --- embeddings ---------------------------------------------------------------------
+    async def embed(
+        self, texts: Sequence[str], dimensions: int | None = None, kind: TextKind = "document"
+    ) -> EmbeddingResult:
+        """Unit-length embeddings of ``texts`` at ``dimensions`` (default: full), truncated then re-normalised.
+
+        Raises:
+            InvalidRequest: Bad texts. UnknownDimension: ``dimensions`` is not a Matryoshka dim of the index.
+        """
+        self.limits.check_texts(texts, what="input")
+        allowed = self.dims
+        dim = max(allowed) if dimensions is None else dimensions
+        if dim not in allowed:
+            raise UnknownDimension(dim, allowed, what="dimensions")
+        started = time.perf_counter()
+        vectors = await self._batcher.encode(list(texts), kind)
+        self.metrics.encode_seconds.labels(dim=str(dim)).observe(time.perf_counter() - started)
+        tokens = await asyncio.to_thread(self.encoder.encoder.count_tokens, list(texts))
+        return EmbeddingResult(truncate_normalize(vectors, dim), dim, self.model_name, tokens)
+
+    def _encode_batch(self, texts: list[str], kind: TextKind) -> np.ndarray:
+        encoder = self.encoder.encoder
+        return encoder.encode_queries(texts) if kind == "query" else encoder.encode_documents(texts)
+
+    # --- reload -------------------------------------------------------------------------
+    async def reload(self) -> ReloadOutcome:
+        """Open the newest ``current`` version of the index root and swap it in atomically.
+
+        Searches running on the old version finish on it; it is closed after the last one.
+
+        Raises:
+            ReloadFailed: The new version is missing, corrupt, from another model, or lacks the default dim;
+                the old version keeps serving.
+        """
+        async with self._reload_lock:
+            previous = self._slot.current
+            try:
+                index = await asyncio.to_thread(self._open_index)
+            except (IndexFolderError, ValueError) as exc:
+                self.metrics.reloads.labels(outcome="failed").inc()
+                raise ReloadFailed(f"reload refused, still serving {previous.manifest.version}: {exc}") from exc
+            if index.path == previous.path:
+                index.close()
+                self.metrics.reloads.labels(outcome="unchanged").inc()
+                return ReloadOutcome(previous.manifest.version, previous.manifest.version, changed=False)
+            try:
+                default_dim = _default_dim(self.settings.default_dim, index.manifest)
+            except ConfigurationError as exc:
+                index.close()
+                self.metrics.reloads.labels(outcome="failed").inc()
+                raise ReloadFailed(f"reload refused, still serving {previous.manifest.version}: {exc}") from exc
+            self._default_dim = default_dim
+            self._slot.swap(index)
+            self.metrics.set_index(_index_sizes(index))
+            self.metrics.reloads.labels(outcome="changed").inc()
+            logger.info("reloaded: %s -> %s", previous.manifest.version, index.manifest.version)
+            return ReloadOutcome(previous.manifest.version, index.manifest.version, changed=True)
+
+    def _open_index(self) -> LoadedIndex:
+        return open_index(
+            self.settings.index, device=self.settings.device, expected_fingerprint=self.encoder.fingerprint
+        )
+
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+def rerank(
+    full_vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray, dim: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact re-scoring of shortlisted rows at ``dim``: the best ``k`` per query, as ``(scores, rows)``.
+
+    Args:
+        full_vectors: All documents' full-dimension vectors (memory-mapped; only shortlisted rows are read).
+        queries: ``(n, full_dim)`` query vectors.
+        rows: ``(n, m)`` shortlisted row ids per query; -1 marks padding.
+        dim: Dimension to re-score at.
+        k: Hits to keep per query.
+
+    Returns:
+        ``(n, k')`` scores and rows, best first, ``k' = min(k, m)``; padded with -inf / -1 where a
+        query had fewer candidates.
+    """
+    width = min(k, rows.shape[1])
+    scores = np.full((len(rows), width), -np.inf, dtype=np.float32)
+    best = np.full((len(rows), width), -1, dtype=np.int64)
+    reduced_queries = truncate_normalize(queries, dim)
+    for number, candidates in enumerate(rows):
+        candidates = candidates[candidates >= 0]
+        if not len(candidates):
+            continue
+        documents = truncate_normalize(np.asarray(full_vectors[np.sort(candidates)]), dim)
+        similarity = documents @ reduced_queries[number]
+        order = np.argsort(-similarity, kind="stable")[:width]
+        scores[number, : len(order)] = similarity[order]
+        best[number, : len(order)] = np.sort(candidates)[order]
+    return scores, best
+
+
+def _load(settings: ServiceSettings, load: EncoderLoader) -> tuple[LoadedEncoder, LoadedIndex]:
+    manifest = IndexManifest.read(resolve_version(settings.index))
+    loaded_encoder = load(settings, manifest)
+    index = open_index(settings.index, device=settings.device, expected_fingerprint=loaded_encoder.fingerprint)
+    try:
+        _default_dim(settings.default_dim, index.manifest)
+        loaded_encoder.encoder.encode_queries([WARM_UP_QUERY])  # the first call is slow; pay it before serving
+    except BaseException:
+        index.close()
+        raise
+    return loaded_encoder, index
+
+
+def _default_dim(configured: int | None, manifest: IndexManifest) -> int:
+    if configured is None:
+        return max(manifest.dims)
+    if configured not in manifest.dims:
+        raise ConfigurationError(f"default dim {configured} is not served by this index (it has {manifest.dims})")
+    return configured
+
+
+def _ndcg_by_dim(manifest: IndexManifest) -> dict[int, float]:
+    by_dim = (manifest.evaluation or {}).get("by_dim") or {}
+    result = {}
+    for dim, metrics in by_dim.items():
+        value = metrics.get("ndcg@10") if isinstance(metrics, dict) else None
+        if value is not None:
+            result[int(dim)] = float(value)
+    return result
+
+
+def _index_sizes(index: LoadedIndex) -> dict[int, tuple[int, int]]:
+    return {dim: (index.indexes[dim].ntotal, index.manifest.indexes[dim].bytes) for dim in index.indexes}
+
+
+def _ms(seconds: float) -> float:
+    return round(1000 * seconds, 3)

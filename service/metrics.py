@@ -1,0 +1,93 @@
+"""Every Prometheus metric of the service, in one registry per app.
+
+A fresh :class:`ServiceMetrics` (with its own ``CollectorRegistry``) is made for each app,
+so tests can build many apps in one process. Label values are bounded: endpoints are
+route templates, dims are the index's dims, statuses are classes (``2xx``); query text
+never becomes a label.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+PREFIX = "mrl"
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+NO_DIM = "none"
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class ServiceMetrics:
+    """The metrics of one app instance."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.request_seconds = Histogram(
+            f"{PREFIX}_request_duration_seconds",
+            "Whole request, from arrival to response",
+            ["endpoint", "dim", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.encode_seconds = Histogram(
+            f"{PREFIX}_encode_duration_seconds",
+            "Query encoding of one request, including the wait for its micro-batch",
+            ["dim"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.search_seconds = Histogram(
+            f"{PREFIX}_search_duration_seconds",
+            "Index search of one request (the shortlist, for two-stage search)",
+            ["dim"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.rerank_seconds = Histogram(
+            f"{PREFIX}_rerank_duration_seconds",
+            "Exact re-scoring of a two-stage search, labelled by the re-scoring dim",
+            ["dim"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.batch_size = Histogram(
+            f"{PREFIX}_encode_batch_size", "Texts per encoder call (micro-batch)", buckets=BATCH_BUCKETS, registry=reg
+        )
+        self.batch_seconds = Histogram(
+            f"{PREFIX}_encode_batch_duration_seconds",
+            "One encoder call (micro-batch)",
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.requests = Counter(f"{PREFIX}_requests", "Requests answered", ["endpoint", "status"], registry=reg)
+        self.failures = Counter(
+            f"{PREFIX}_failures", "Requests answered with an error, by error type", ["type"], registry=reg
+        )
+        self.reloads = Counter(f"{PREFIX}_index_reloads", "Index reloads, by outcome", ["outcome"], registry=reg)
+        self.queued_texts = Gauge(f"{PREFIX}_encode_queue_texts", "Texts waiting for the encoder", registry=reg)
+        self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "Requests being answered now", registry=reg)
+        self.index_vectors = Gauge(f"{PREFIX}_index_vectors", "Vectors in the served index", ["dim"], registry=reg)
+        self.index_bytes = Gauge(f"{PREFIX}_index_bytes", "Size of the served index file", ["dim"], registry=reg)
+
+    def set_index(self, sizes: dict[int, tuple[int, int]]) -> None:
+        """Publish the served index: ``{dim: (vectors, bytes)}``; dims no longer served are dropped."""
+        self.index_vectors.clear()
+        self.index_bytes.clear()
+        for dim, (vectors, size) in sizes.items():
+            self.index_vectors.labels(dim=str(dim)).set(vectors)
+            self.index_bytes.labels(dim=str(dim)).set(size)
+
+    def observe_request(self, endpoint: str, dim: str, status: int, seconds: float) -> None:
+        status_class = f"{status // 100}xx"
+        self.request_seconds.labels(endpoint=endpoint, dim=dim, status=status_class).observe(seconds)
+        self.requests.labels(endpoint=endpoint, status=status_class).inc()
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.batch_seconds.observe(seconds)
+
+    def exposition(self) -> bytes:
+        """The Prometheus text format of every metric of this app."""
+        return generate_latest(self.registry)

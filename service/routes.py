@@ -1,0 +1,106 @@
+"""The HTTP endpoints: each parses a request model, calls the searcher, returns a response model."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+
+from service.deps import ApiKeyDep, SearcherDep, StateDep
+from service.errors import NotReady
+from service.metrics import CONTENT_TYPE
+from service.schemas import (
+    DIM_DESCRIPTION,
+    K_DESCRIPTION,
+    RERANK_DESCRIPTION,
+    DimsResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ErrorResponse,
+    HealthResponse,
+    ReadyResponse,
+    ReloadResponse,
+    SearchRequest,
+    SearchResponse,
+)
+
+ERRORS = {
+    401: {"model": ErrorResponse, "description": "missing or wrong X-API-Key"},
+    422: {"model": ErrorResponse, "description": "invalid request (unknown dim, k out of range, bad query ...)"},
+    429: {"model": ErrorResponse, "description": "too many requests in flight; retry later"},
+    503: {"model": ErrorResponse, "description": "not ready: the index is loading"},
+}
+
+search_router = APIRouter(tags=["search"], dependencies=[ApiKeyDep], responses=ERRORS)
+admin_router = APIRouter(tags=["admin"], dependencies=[ApiKeyDep], responses=ERRORS)
+ops_router = APIRouter(tags=["operations"])
+
+
+def label_dim(request: Request, dim: int | None) -> None:
+    """Tell the request-metrics middleware which dim this request used (a bounded label)."""
+    request.state.metric_dim = str(dim) if dim is not None else None
+
+
+@search_router.get("/search", response_model=SearchResponse, summary="Search with one query")
+async def search_get(
+    request: Request,
+    searcher: SearcherDep,
+    q: Annotated[str, Query(description="the query text", examples=["how to lower blood sugar"])],
+    dim: Annotated[int | None, Query(description=DIM_DESCRIPTION, examples=[256])] = None,
+    k: Annotated[int, Query(description=K_DESCRIPTION, examples=[10])] = 10,
+    rerank_dim: Annotated[int | None, Query(description=RERANK_DESCRIPTION, examples=[384])] = None,
+) -> SearchResponse:
+    """The top `k` passages for `q`, by cosine similarity at dimension `dim`."""
+    result = await searcher.search([q], dim, k, rerank_dim)
+    label_dim(request, result.dim)
+    return SearchResponse.of(result, [q])
+
+
+@search_router.post("/search", response_model=SearchResponse, summary="Search with one or several queries")
+async def search_post(request: Request, searcher: SearcherDep, body: SearchRequest) -> SearchResponse:
+    """`query` or a batch of `queries`, encoded together and searched at `dim`."""
+    texts = body.texts()
+    result = await searcher.search(texts, body.dim, body.k, body.rerank_dim)
+    label_dim(request, result.dim)
+    return SearchResponse.of(result, texts)
+
+
+@search_router.post("/v1/embeddings", response_model=EmbeddingResponse, summary="Embeddings (OpenAI-compatible)")
+async def embeddings(request: Request, searcher: SearcherDep, body: EmbeddingRequest) -> EmbeddingResponse:
+    """Unit-length embeddings at a Matryoshka dimension (`dimensions`, default full), like OpenAI's API."""
+    result = await searcher.embed(body.texts(), body.dimensions, body.input_type)
+    label_dim(request, result.dim)
+    return EmbeddingResponse.of(result, body.encoding_format)
+
+
+@search_router.get("/dims", response_model=DimsResponse, summary="Dimensions served, their cost and quality")
+@search_router.get("/info", response_model=DimsResponse, include_in_schema=False)
+async def dims(searcher: SearcherDep) -> DimsResponse:
+    """Every dim with its measured NDCG@10 (from the manifest), index type, size and vector count."""
+    return DimsResponse.of(searcher.info())
+
+
+@admin_router.post("/admin/reload", response_model=ReloadResponse, summary="Serve the newest index version")
+async def reload(searcher: SearcherDep) -> ReloadResponse:
+    """Open the index root's `current` version and swap it in; searches in flight finish on the old one."""
+    return ReloadResponse.of(await searcher.reload())
+
+
+@ops_router.get("/healthz", response_model=HealthResponse, summary="Liveness")
+async def healthz() -> HealthResponse:
+    """200 while the process answers, loaded or not."""
+    return HealthResponse()
+
+
+@ops_router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ErrorResponse}}, summary="Readiness")
+async def readyz(state: StateDep) -> ReadyResponse:
+    """200 once the index and model are loaded; 503 before, after a failed load, and while shutting down."""
+    if state.searcher is None:
+        raise NotReady(state.load_error or "the index and model are still loading")
+    return ReadyResponse(index_version=state.searcher.index_version)
+
+
+@ops_router.get("/metrics", summary="Prometheus metrics", response_class=Response)
+async def metrics(state: StateDep) -> Response:
+    """All `mrl_*` metrics of this process in the Prometheus text format."""
+    return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)

@@ -1,0 +1,216 @@
+"""Request and response models of the HTTP API (pydantic); the OpenAPI docs are generated from them."""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from service.engine import EmbeddingResult, IndexInfo, ReloadOutcome, SearchResult
+
+DIM_DESCRIPTION = "Matryoshka dimension to search at; one of those listed by GET /dims (default: the largest)"
+RERANK_DESCRIPTION = (
+    "two-stage search: shortlist k x rerank_candidates (10) documents at `dim` (default then: the smallest), "
+    "then re-score them exactly at this larger dimension"
+)
+K_DESCRIPTION = "number of hits per query (1 to the server's max_k, 100 by default)"
+
+
+# --- errors -------------------------------------------------------------------------------
+
+
+class ErrorDetail(BaseModel):
+    type: str = Field(description="machine-readable error type", examples=["unknown_dimension"])
+    message: str = Field(
+        description="what went wrong and what is allowed",
+        examples=["dim 100 is not served; allowed: 384, 256, 128, 64, 32"],
+    )
+
+
+class ErrorResponse(BaseModel):
+    """The one error body of every endpoint."""
+
+    error: ErrorDetail
+
+
+# --- search -------------------------------------------------------------------------------
+
+
+class SearchRequest(BaseModel):
+    """One query (``query``) or several answered in one batch (``queries``)."""
+
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{"query": "how to lower blood sugar", "dim": 256, "k": 5}]},
+    )
+
+    query: str | None = Field(None, description="the query text (give this or `queries`)")
+    queries: list[str] | None = Field(None, description="several query texts answered in one batch")
+    dim: int | None = Field(None, description=DIM_DESCRIPTION, examples=[256])
+    k: int = Field(10, description=K_DESCRIPTION, examples=[10])
+    rerank_dim: int | None = Field(None, description=RERANK_DESCRIPTION, examples=[384])
+
+    @model_validator(mode="after")
+    def _one_of_query_or_queries(self) -> SearchRequest:
+        if (self.query is None) == (self.queries is None):
+            raise ValueError("give exactly one of 'query' (a string) or 'queries' (a list of strings)")
+        return self
+
+    def texts(self) -> list[str]:
+        return [self.query] if self.query is not None else list(self.queries or [])
+
+
+class HitModel(BaseModel):
+    id: str = Field(description="document id from the corpus")
+    score: float = Field(description="cosine similarity at the dimension that ranked it (rerank_dim if given)")
+    title: str
+    text: str = Field(description="the passage, cut to the server's snippet length")
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class QueryHits(BaseModel):
+    query: str
+    hits: list[HitModel]
+
+
+class TimingsModel(BaseModel):
+    encode_ms: float = Field(description="query encoding, including the wait for a micro-batch")
+    search_ms: float = Field(description="index search (the shortlist, in two-stage search)")
+    rerank_ms: float = Field(description="exact re-scoring (0 without rerank_dim)")
+    total_ms: float
+
+
+class SearchResponse(BaseModel):
+    dim: int = Field(description="the dimension searched")
+    rerank_dim: int | None = Field(description="the re-scoring dimension, if two-stage")
+    k: int
+    index_version: str
+    results: list[QueryHits] = Field(description="one entry per query, in request order")
+    timings_ms: TimingsModel
+
+    @classmethod
+    def of(cls, result: SearchResult, queries: list[str]) -> SearchResponse:
+        return cls(
+            dim=result.dim,
+            rerank_dim=result.rerank_dim,
+            k=result.k,
+            index_version=result.index_version,
+            results=[
+                QueryHits(query=query, hits=[HitModel.model_validate(hit, from_attributes=True) for hit in hits])
+                for query, hits in zip(queries, result.hits, strict=True)
+            ],
+            timings_ms=TimingsModel.model_validate(result.timings, from_attributes=True),
+        )
+
+
+# --- embeddings (OpenAI-compatible) ---------------------------------------------------------
+
+
+class EmbeddingRequest(BaseModel):
+    """OpenAI's embeddings request; ``dimensions`` must be one of the Matryoshka dims."""
+
+    model_config = ConfigDict(
+        extra="ignore",
+        json_schema_extra={"examples": [{"input": ["fever in children", "knee pain"], "dimensions": 128}]},
+    )
+
+    input: str | list[str] = Field(description="a text or a list of texts (token arrays are not accepted)")
+    model: str | None = Field(None, description="accepted for compatibility; the served model answers")
+    dimensions: int | None = Field(
+        None, description="Matryoshka dimension (see GET /dims); truncated, then re-normalised", examples=[256]
+    )
+    encoding_format: Literal["float", "base64"] = Field(
+        "float", description="`base64`: little-endian float32 bytes, as OpenAI's clients request by default"
+    )
+    input_type: Literal["query", "document"] = Field(
+        "document", description="extension: encode with the model's query or document prompt"
+    )
+    user: str | None = Field(None, description="accepted for compatibility; ignored")
+
+    @field_validator("input", mode="before")
+    @classmethod
+    def _strings_only(cls, value: Any) -> Any:
+        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            return value
+        raise ValueError("must be a string or a list of strings (token arrays are not accepted)")
+
+    def texts(self) -> list[str]:
+        return [self.input] if isinstance(self.input, str) else list(self.input)
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str = Field(description="unit-length vector, or its base64 float32 bytes")
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+    @classmethod
+    def of(cls, result: EmbeddingResult, encoding: str) -> EmbeddingResponse:
+        data = [EmbeddingData(index=i, embedding=_encode_vector(row, encoding)) for i, row in enumerate(result.vectors)]
+        return cls(data=data, model=result.model, usage=Usage(prompt_tokens=result.tokens, total_tokens=result.tokens))
+
+
+def _encode_vector(row: np.ndarray, encoding: str) -> list[float] | str:
+    if encoding == "base64":
+        return base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode("ascii")
+    return row.astype(float).tolist()
+
+
+# --- info, health, admin ------------------------------------------------------------------
+
+
+class DimModel(BaseModel):
+    dim: int
+    ndcg_at_10: float | None = Field(description="NDCG@10 measured for the model at this dim (null if not measured)")
+    index_type: str = Field(description="FAISS factory string", examples=["Flat"])
+    bytes: int = Field(description="size of this dim's index file")
+    vectors: int
+    recall_at_10: float | None = Field(description="recall@10 against exact search (null for an exact index)")
+    search_ms: float | None = Field(description="one query, k=10, measured at build time")
+
+
+class DimsResponse(BaseModel):
+    model: str
+    index_version: str
+    encoder: str = Field(description="torch or onnx")
+    full_dim: int
+    default_dim: int
+    num_vectors: int
+    built_at: str
+    dims: list[DimModel]
+
+    @classmethod
+    def of(cls, info: IndexInfo) -> DimsResponse:
+        return cls.model_validate(info, from_attributes=True)
+
+
+class HealthResponse(BaseModel):
+    status: Literal["ok"] = "ok"
+
+
+class ReadyResponse(BaseModel):
+    status: Literal["ready"] = "ready"
+    index_version: str
+
+
+class ReloadResponse(BaseModel):
+    previous_version: str
+    version: str
+    changed: bool = Field(description="false when `current` still pointed at the served version")
+
+    @classmethod
+    def of(cls, outcome: ReloadOutcome) -> ReloadResponse:
+        return cls.model_validate(outcome, from_attributes=True)

@@ -1,0 +1,70 @@
+"""The one settings class of the service: every field is a ``MRL_*`` environment variable or a flag.
+
+Built where the app is built (``create_app(settings)``, ``mrl serve``), never at import, so
+tests construct as many differently configured apps as they like.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+EncoderBackend = Literal["torch", "onnx"]
+DeviceSetting = Literal["auto", "cpu", "gpu"]
+
+
+class ServiceSettings(BaseSettings):
+    """What ``mrl serve`` can be told; ``MRL_INDEX=runs/demo-index`` etc., or keyword arguments."""
+
+    model_config = SettingsConfigDict(env_prefix="MRL_", extra="ignore", frozen=True)
+
+    index: Path = Field(description="index root (serves its `current` version) or one version folder")
+    model: str | None = Field(None, description="model folder or hub name (default: the model named in the manifest)")
+    default_dim: int | None = Field(
+        None, gt=0, description="dimension used when a request names none (default: the largest)"
+    )
+    max_k: int = Field(100, gt=0, description="largest number of hits a request may ask for")
+    max_query_chars: int = Field(2000, gt=0, description="longest query or embedding input, in characters")
+    max_batch_queries: int = Field(64, gt=0, description="most queries (or embedding inputs) in one request")
+    rerank_candidates: int = Field(10, gt=0, description="two-stage search shortlists k times this many candidates")
+    snippet_chars: int = Field(300, ge=0, description="hit texts are cut to this many characters; 0 keeps them whole")
+
+    encoder: EncoderBackend = Field(
+        "torch", description="query encoder: sentence-transformers on torch, or ONNX Runtime"
+    )
+    onnx_quantize: bool = Field(
+        False, description="ONNX backend: int8 dynamic quantisation (faster on CPU, ~0.97 cosine)"
+    )
+    onnx_cache: Path | None = Field(
+        None, description="where exported ONNX models are kept (default: ~/.cache/mrl/onnx)"
+    )
+    encoder_threads: int | None = Field(None, gt=0, description="CPU threads for the encoder (default: the library's)")
+    device: DeviceSetting = Field(
+        "auto", description="where the encoder and FAISS run; auto picks the GPU if there is one"
+    )
+
+    batch_max_size: int = Field(32, gt=0, description="most texts encoded in one micro-batch")
+    batch_max_wait_ms: float = Field(2.0, ge=0, description="how long a micro-batch waits for more texts")
+    max_in_flight: int = Field(256, gt=0, description="concurrent requests accepted; beyond it requests get 429")
+
+    api_key: SecretStr | None = Field(
+        None, description="if set, every endpoint but healthz/readyz/metrics needs X-API-Key"
+    )
+    load_in_background: bool = Field(
+        False, description="start answering at once (readyz 503 until loaded) instead of loading before listening"
+    )
+
+    host: str = Field("127.0.0.1", description="address uvicorn binds")
+    port: int = Field(8000, ge=0, le=65535, description="port uvicorn binds")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+
+    @field_validator("api_key", mode="before")
+    @classmethod
+    def _empty_key_is_no_key(cls, value: object) -> object:
+        return None if value == "" else value
+
+    def onnx_cache_dir(self) -> Path:
+        return self.onnx_cache or Path("~/.cache/mrl/onnx").expanduser()

@@ -1,0 +1,237 @@
+"""Unit tests of the service's parts without HTTP: index slot, micro-batcher, re-ranking, errors, settings, CLI."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index.manifest import IndexFolderError
+from service.batching import MicroBatcher
+from service.cli import add_serve_parser, run_serve, settings_from_args
+from service.engine import IndexSlot, RequestLimits, rerank
+from service.errors import (
+    InvalidRequest,
+    NotReady,
+    Overloaded,
+    ReloadFailed,
+    Unauthorized,
+    UnknownDimension,
+    describe_validation_errors,
+    error_kind,
+)
+from service.settings import ServiceSettings
+from training.matryoshka import truncate_normalize
+
+
+class FakeLoaded:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.closed = 0
+
+    def close(self) -> None:
+        self.closed += 1
+
+
+# --- index slot ---------------------------------------------------------------------------
+
+
+def test_swapped_index_closes_after_its_last_search():
+    old, new = FakeLoaded("old"), FakeLoaded("new")
+    slot = IndexSlot(old)
+    with slot.acquire() as first, slot.acquire() as second:
+        assert first is second is old
+        assert slot.swap(new) is old
+        with slot.acquire() as third:
+            assert third is new  # new searches see the new version at once
+        assert old.closed == 0  # two searches still run on the old one
+    assert old.closed == 1 and new.closed == 0
+
+
+def test_idle_index_closes_on_swap_and_a_closed_slot_refuses():
+    old, new = FakeLoaded("old"), FakeLoaded("new")
+    slot = IndexSlot(old)
+    slot.swap(new)
+    assert old.closed == 1
+    slot.close()
+    slot.close()
+    assert new.closed == 1
+    with pytest.raises(NotReady):
+        with slot.acquire():
+            pass
+
+
+# --- micro-batcher ------------------------------------------------------------------------
+
+
+def recording_encoder(calls: list[tuple[str, list[str]]]):
+    def encode(texts: list[str], kind: str) -> np.ndarray:
+        calls.append((kind, list(texts)))
+        return np.array([[len(text), kind == "query"] for text in texts], dtype=np.float32)
+
+    return encode
+
+
+def run_batcher(batcher: MicroBatcher, *requests: tuple[list[str], str]) -> list[np.ndarray]:
+    async def main() -> list[np.ndarray]:
+        await batcher.start()
+        try:
+            return await asyncio.gather(*(batcher.encode(texts, kind) for texts, kind in requests))
+        finally:
+            await batcher.stop()
+
+    return asyncio.run(main())
+
+
+def test_concurrent_requests_share_batches_up_to_the_maximum():
+    calls: list = []
+    sizes: list[int] = []
+    batcher = MicroBatcher(recording_encoder(calls), max_batch=2, max_wait_s=0, on_batch=lambda n, s: sizes.append(n))
+    results = run_batcher(batcher, (["a", "bb"], "query"), (["ccc"], "query"), (["dddd", "e"], "query"))
+    assert [texts for _, texts in calls] == [["a", "bb"], ["ccc", "dddd"], ["e"]]
+    assert sizes == [2, 2, 1]
+    # Every request gets its own rows back, in order.
+    assert [r[:, 0].tolist() for r in results] == [[1, 2], [3], [4, 1]]
+
+
+def test_queries_and_documents_are_encoded_separately():
+    calls: list = []
+    results = run_batcher(MicroBatcher(recording_encoder(calls)), (["q1", "q2"], "query"), (["doc"], "document"))
+    assert sorted(calls) == [("document", ["doc"]), ("query", ["q1", "q2"])]
+    assert results[0][:, 1].tolist() == [1, 1] and results[1][:, 1].tolist() == [0]
+
+
+def test_an_encoder_failure_reaches_every_waiting_request_and_the_batcher_goes_on():
+    def encode(texts: list[str], kind: str) -> np.ndarray:
+        if "bad" in texts:
+            raise RuntimeError("model crashed")
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    async def main():
+        batcher = MicroBatcher(encode, max_wait_s=0)
+        await batcher.start()
+        try:
+            outcomes = await asyncio.gather(
+                batcher.encode(["bad"], "query"), batcher.encode(["fine"], "query"), return_exceptions=True
+            )
+            after = await batcher.encode(["fine"], "query")
+        finally:
+            await batcher.stop()
+        return outcomes, after
+
+    outcomes, after = asyncio.run(main())
+    assert all(isinstance(o, RuntimeError) for o in outcomes)  # same batch, same fate
+    assert after.shape == (1, 2)
+
+
+def test_encoding_before_start_is_not_ready():
+    with pytest.raises(NotReady):
+        asyncio.run(MicroBatcher(recording_encoder([])).encode(["a"], "query"))
+
+
+# --- two-stage re-ranking -----------------------------------------------------------------
+
+
+def test_rerank_of_all_candidates_equals_exact_search():
+    rng = np.random.default_rng(0)
+    documents, queries = rng.normal(size=(50, 16)).astype(np.float32), rng.normal(size=(3, 16)).astype(np.float32)
+    shortlist = np.tile(rng.permutation(50), (3, 1))
+    scores, rows = rerank(documents, queries, shortlist, dim=8, k=5)
+    exact = truncate_normalize(queries, 8) @ truncate_normalize(documents, 8).T
+    np.testing.assert_array_equal(rows, np.argsort(-exact, axis=1)[:, :5])
+    np.testing.assert_allclose(scores, np.sort(exact, axis=1)[:, ::-1][:, :5], rtol=1e-5)
+
+
+def test_rerank_skips_padding_and_pads_short_lists():
+    documents = np.eye(4, dtype=np.float32)
+    scores, rows = rerank(documents, np.eye(4, dtype=np.float32)[:2], np.array([[2, -1, -1], [-1, -1, -1]]), 4, 2)
+    assert rows.tolist() == [[2, -1], [-1, -1]]
+    assert scores[0, 0] == pytest.approx(0.0) and np.isinf(scores[0, 1]) and np.isinf(scores[1]).all()
+
+
+# --- limits and the error table ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("texts", "message"),
+    [
+        ([], "at least one query is required"),
+        (["a"] * 4, "at most 3 query texts per request, got 4"),
+        (["ok", " "], "query 1 is empty"),
+        (["x" * 11], "query is 11 characters long; at most 10 are allowed"),
+    ],
+)
+def test_request_limits_say_what_is_allowed(texts: list[str], message: str):
+    with pytest.raises(InvalidRequest, match=message.replace("(", r"\(")):
+        RequestLimits(max_k=5, max_query_chars=10, max_batch_queries=3).check_texts(texts)
+
+
+def test_error_table_maps_each_exception_to_one_status():
+    assert (error_kind(UnknownDimension(7, [8, 4])).status, error_kind(UnknownDimension(7, [8])).type) == (
+        422,
+        "unknown_dimension",
+    )
+    assert str(UnknownDimension(7, [8, 4])) == "dim 7 is not served; allowed: 8, 4"
+    assert [error_kind(e()).status for e in (InvalidRequest, Unauthorized, ReloadFailed, Overloaded, NotReady)] == [
+        422,
+        401,
+        409,
+        429,
+        503,
+    ]
+    assert (error_kind(KeyError("x")).status, error_kind(KeyError("x")).type) == (500, "internal_error")
+
+
+def test_validation_errors_read_as_one_sentence():
+    errors = [
+        {"type": "json_invalid", "loc": ("body", 3), "msg": "JSON decode error", "ctx": {"error": "Expecting value"}},
+        {"type": "int_parsing", "loc": ("query", "k"), "msg": "Input should be a valid integer"},
+        {"type": "value_error", "loc": ("body",), "msg": "Value error, give one"},
+    ]
+    assert describe_validation_errors(errors) == (
+        "the request body is not valid JSON (Expecting value); "
+        "query parameter 'k': Input should be a valid integer; body: give one"
+    )
+
+
+# --- settings and the serve command --------------------------------------------------------
+
+
+def serve_args(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="mrl")
+    add_serve_parser(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *argv])
+
+
+def test_flags_override_environment_settings(monkeypatch, tmp_path: Path):
+    monkeypatch.setenv("MRL_INDEX", str(tmp_path / "from-env"))
+    monkeypatch.setenv("MRL_MAX_K", "7")
+    monkeypatch.setenv("MRL_API_KEY", "env-key")
+    args = serve_args("--port", "9001", "--max-k", "9", "--encoder", "onnx", "--onnx-quantize")
+    assert args.handler is run_serve
+    settings = settings_from_args(args)
+    assert settings.index == tmp_path / "from-env" and settings.port == 9001 and settings.max_k == 9
+    assert settings.encoder == "onnx" and settings.onnx_quantize is True
+    assert settings.api_key.get_secret_value() == "env-key" and "env-key" not in repr(settings)
+    assert settings_from_args(serve_args("--index", "elsewhere")).index == Path("elsewhere")
+
+
+def test_missing_or_invalid_settings_are_one_line(monkeypatch):
+    monkeypatch.delenv("MRL_INDEX", raising=False)
+    with pytest.raises(ValueError, match=r"invalid settings \(index: Field required\)"):
+        settings_from_args(serve_args())
+    with pytest.raises(ValueError, match="max_k: Input should be greater than 0"):
+        settings_from_args(serve_args("--index", "x", "--max-k", "0"))
+
+
+def test_serve_refuses_a_missing_index_before_starting_the_server(tmp_path: Path):
+    with pytest.raises(IndexFolderError, match="index not found"):
+        run_serve(serve_args("--index", str(tmp_path / "nothing")))
+
+
+def test_an_empty_api_key_means_no_key(monkeypatch):
+    monkeypatch.setenv("MRL_API_KEY", "")
+    assert ServiceSettings(index=Path("x")).api_key is None

@@ -1,0 +1,190 @@
+"""The service with the real default model over real indexes of the bundled sample (``slow``).
+
+One index of ``data/sample_medical`` is built per module with ``index.build.build_index``;
+the app runs through its real lifespan (torch, then ONNX Runtime), and one test starts a
+real uvicorn server process and queries it over HTTP.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from index.build import BuildConfig, build_index
+from index.loaded import open_index
+from service.app import create_app
+from service.encoders import EncoderError
+from service.settings import ServiceSettings
+from tests.conftest import REPO, SAMPLE
+from training.matryoshka import truncate_normalize
+
+pytestmark = pytest.mark.slow
+
+DIMS = [384, 256, 128, 64, 32]
+# (query, the passage the sample's qrels mark relevant)
+JUDGED = [
+    ("how would I even know I have type 2 diabetes if I feel fine?", "d001"),
+    ("when is an asthma attack bad enough to call an ambulance?", None),
+    ("what do the top and bottom numbers on a blood pressure reading mean?", None),
+]
+QUERIES = [query for query, _ in JUDGED]
+
+
+@pytest.fixture(scope="module")
+def sample_index(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("served") / "index"
+    build_index(BuildConfig(data=SAMPLE, output=root, device="cpu", progress=False))
+    return root
+
+
+@pytest.fixture(scope="module")
+def client(sample_index: Path):
+    with TestClient(create_app(ServiceSettings(index=sample_index, device="cpu"))) as client:
+        yield client
+
+
+def embed(client: TestClient, texts: list[str], **options) -> np.ndarray:
+    response = client.post("/v1/embeddings", json={"input": texts, **options})
+    assert response.status_code == 200, response.text
+    return np.array([item["embedding"] for item in response.json()["data"]])
+
+
+def hit_ids(response) -> list[str]:
+    assert response.status_code == 200, response.text
+    return [hit["id"] for hit in response.json()["results"][0]["hits"]]
+
+
+@pytest.mark.parametrize("dim", DIMS)
+def test_search_finds_the_judged_passage_at_every_dim(client, dim: int):
+    query, relevant = JUDGED[0]
+    ids = hit_ids(client.get("/search", params={"q": query, "dim": dim, "k": 10}))
+    assert len(ids) == 10 and relevant in ids
+    body = client.post("/search", json={"queries": QUERIES, "dim": dim, "k": 3}).json()
+    assert body["dim"] == dim and [r["query"] for r in body["results"]] == QUERIES
+    assert all(len(r["hits"]) == 3 for r in body["results"])
+
+
+def test_two_stage_scores_are_exact_full_dimension_scores(client):
+    exact = client.get("/search", params={"q": QUERIES[1], "dim": 384, "k": 100}).json()["results"][0]["hits"]
+    exact_scores = {hit["id"]: hit["score"] for hit in exact}
+    staged = client.get("/search", params={"q": QUERIES[1], "dim": 32, "rerank_dim": 384, "k": 3})
+    hits = staged.json()["results"][0]["hits"]
+    assert [h["score"] for h in hits] == sorted((h["score"] for h in hits), reverse=True)
+    for hit in hits:
+        assert hit["score"] == pytest.approx(exact_scores[hit["id"]], abs=1e-5)
+    assert hits[0]["id"] == exact[0]["id"]
+
+
+def test_embeddings_match_the_indexed_vectors(client, sample_index: Path):
+    loaded = open_index(sample_index, device="cpu")
+    try:
+        (document,) = loaded.store.get([0])
+        stored = np.asarray(loaded.vectors[0])
+    finally:
+        loaded.close()
+    for dim in DIMS:
+        served = embed(client, [document.passage], dimensions=dim, input_type="document")[0]
+        assert len(served) == dim and np.linalg.norm(served) == pytest.approx(1.0, abs=1e-5)
+        assert float(served @ truncate_normalize(stored, dim)) > 0.9999
+
+
+def test_dims_reports_every_index(client):
+    body = client.get("/dims").json()
+    assert [d["dim"] for d in body["dims"]] == DIMS and body["num_vectors"] == 120 and body["encoder"] == "torch"
+    assert all(d["index_type"] == "Flat" and d["vectors"] == 120 and d["bytes"] > 0 for d in body["dims"])
+    assert all(d["ndcg_at_10"] is None for d in body["dims"])  # the base model has no training report
+
+
+@pytest.mark.parametrize(("quantize", "min_cosine"), [(False, 0.99), (True, 0.9)])
+def test_onnx_encoder_agrees_with_torch(client, sample_index: Path, tmp_path_factory, quantize: bool, min_cosine):
+    settings = ServiceSettings(
+        index=sample_index,
+        device="cpu",
+        encoder="onnx",
+        onnx_quantize=quantize,
+        onnx_cache=tmp_path_factory.getbasetemp() / "onnx-cache",
+    )
+    try:
+        with TestClient(create_app(settings)) as onnx:
+            assert onnx.get("/dims").json()["encoder"] == "onnx"
+            onnx_vectors = embed(onnx, QUERIES, input_type="query")
+            onnx_top = hit_ids(onnx.get("/search", params={"q": QUERIES[0], "k": 1}))
+    except EncoderError as exc:
+        pytest.skip(f"ONNX export impossible here: {exc}")
+    torch_vectors = embed(client, QUERIES, input_type="query")
+    cosines = np.sum(onnx_vectors * torch_vectors, axis=1)
+    assert cosines.min() >= min_cosine, cosines
+    if not quantize:
+        assert onnx_top == hit_ids(client.get("/search", params={"q": QUERIES[0], "k": 1}))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_real_server_process_answers_over_http(sample_index: Path, tmp_path: Path):
+    port = free_port()
+    env = {
+        **os.environ,
+        "MRL_INDEX": str(sample_index),
+        "MRL_DEVICE": "cpu",
+        "MRL_API_KEY": "test-key",
+        "HF_HUB_OFFLINE": "1",
+    }
+    command = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--port", str(port)]
+    log = (tmp_path / "server.log").open("w")
+    server = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        wait_for_ready(base, server, tmp_path / "server.log")
+        headers = {"X-API-Key": "test-key"}
+        with httpx.Client(base_url=base, headers=headers, timeout=30) as http:
+            found = http.get("/search", params={"q": JUDGED[0][0], "dim": 128, "k": 10})
+            assert JUDGED[0][1] in hit_ids(found)
+            batch = http.post("/search", json={"queries": QUERIES, "dim": 64, "k": 2}).json()
+            assert len(batch["results"]) == 3
+            vectors = http.post("/v1/embeddings", json={"input": QUERIES, "dimensions": 64}).json()["data"]
+            assert [len(v["embedding"]) for v in vectors] == [64, 64, 64]
+            assert http.get("/dims", headers={"X-API-Key": "wrong"}).status_code == 401
+            metrics = http.get("/metrics").text
+        assert 'mrl_request_duration_seconds_count{dim="128",endpoint="/search",status="2xx"} 1.0' in metrics
+        assert 'mrl_index_vectors{dim="32"} 120.0' in metrics
+    finally:
+        server.terminate()
+        code = server.wait(timeout=60)
+        log.close()
+    output = (tmp_path / "server.log").read_text()
+    # uvicorn shuts down gracefully, then re-raises SIGTERM, so -15 is a clean exit too.
+    assert code in (0, -15) and "Application shutdown complete" in output, output
+
+
+def wait_for_ready(base: str, server: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    """Poll /readyz until the server has loaded; fail with its log if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"server exited with {server.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"server not ready after {timeout} s:\n{log.read_text()}")
+
+
+def test_sample_queries_file_is_what_the_judged_list_assumes():
+    lines = [json.loads(line) for line in (SAMPLE / "queries.jsonl").read_text().splitlines() if line.strip()]
+    assert JUDGED[0][0] in {q["text"] for q in lines}
