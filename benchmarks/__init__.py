@@ -1,0 +1,64 @@
+"""Benchmarks of the running system: HTTP latency of the real server, and two-stage search quality.
+
+``benchmarks`` may import every other stage (``training``, ``index``, ``service``); only the
+``mrl bench`` command imports it. What both benchmarks share lives here: the description of
+the machine a result was measured on, and Markdown table rows.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from importlib import metadata
+from typing import Any
+
+# Versions recorded on top of index.build.library_versions() (read from package metadata, not imported).
+SERVING_PACKAGES = ("transformers", "fastapi", "uvicorn", "httpx", "onnxruntime", "onnxruntime-gpu", "onnx")
+
+
+def machine_info() -> dict[str, Any]:
+    """Where a benchmark ran: CPUs, load, platform, GPU and library versions.
+
+    The load average is recorded because latency on a shared machine says little without it.
+    """
+    from index.build import library_versions
+
+    versions = library_versions()
+    for package in SERVING_PACKAGES:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return {
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "processor": platform.processor() or None,
+        "cpu_count": os.cpu_count(),
+        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+        "gpu": _gpu_name(),
+        "libraries": versions,
+    }
+
+
+def _gpu_name() -> str | None:
+    import torch
+
+    return torch.cuda.get_device_name(0) if torch.cuda.is_available() else None
+
+
+def utc_now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def markdown_row(cells: Sequence[str]) -> str:
+    return "| " + " | ".join(cells) + " |"
+
+
+def format_ms(value: float | None) -> str:
+    """Milliseconds for a table: three significant decimals below 10 ms, one above; ``–`` for none."""
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if value < 10 else f"{value:.1f}"

@@ -1,0 +1,108 @@
+"""``mrl bench latency|two-stage``: argument parsing and printing; the work is in latency.py and search_quality.py."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from training.cli import dims_argument
+
+DEFAULT_OUT = Path("runs/bench")
+
+
+def int_list_argument(text: str) -> list[int]:
+    """argparse type for ``--concurrency 1,16``: comma-separated integers."""
+    try:
+        return [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def name_list_argument(text: str) -> list[str]:
+    """argparse type for ``--encoders torch,onnx``: comma-separated names (checked by the benchmark)."""
+    return [part.strip() for part in text.split(",") if part.strip()]
+
+
+def add_bench_parser(commands: argparse._SubParsersAction) -> None:
+    bench = commands.add_parser("bench", help="benchmarks: HTTP latency of the server, two-stage search quality")
+    actions = bench.add_subparsers(dest="action", required=True, metavar="BENCHMARK")
+    _add_latency_parser(actions)
+    _add_two_stage_parser(actions)
+
+
+def _add_latency_parser(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "latency",
+        help="end-to-end GET /search latency of a real server process",
+        description="Start `mrl serve` on a free 127.0.0.1 port for each encoder backend, send a fixed number of "
+        "GET /search requests per (dim, concurrency) after a warm-up, and report p50/p95/p99 latency, throughput, "
+        "errors and the server's own stage timings.",
+    )
+    p.add_argument("--index", type=Path, required=True, help="index root or version folder")
+    p.add_argument("--queries", type=Path, required=True, help="BEIR folder (its queries.jsonl) or a queries .jsonl")
+    p.add_argument("--dims", type=dims_argument, default=None, help="dims to measure (default: every dim of the index)")
+    p.add_argument("--concurrency", type=int_list_argument, default=[1, 16], help="requests in flight (default: 1,16)")
+    p.add_argument("--requests", type=int, default=200, help="measured requests per cell (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=20, help="warm-up requests per cell (default: %(default)s)")
+    p.add_argument(
+        "--encoders",
+        type=name_list_argument,
+        default=["torch", "onnx"],
+        help="backends, each in its own server: torch, onnx, onnx-int8 (default: torch,onnx)",
+    )
+    p.add_argument("--rerank", action="store_true", help="add two-stage cells: smallest dim, rerank_dim = full")
+    p.add_argument("--k", type=int, default=10, help="hits per request (default: %(default)s)")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="server device (default: auto)")
+    p.add_argument("--encoder-threads", type=int, default=None, help="server's encoder CPU threads")
+    p.add_argument("--onnx-cache", type=Path, default=None, help="ONNX export folder (default: the server's)")
+    p.add_argument(
+        "--time-limit", dest="time_limit_s", type=float, default=900.0, help="seconds; no request after it (900)"
+    )
+    p.add_argument(
+        "--ready-timeout", dest="ready_timeout_s", type=float, default=300.0, help="seconds per server start (300)"
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    p.set_defaults(handler=run_latency_command)
+
+
+def _add_two_stage_parser(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "two-stage",
+        help="NDCG@10 of single-stage vs two-stage (shortlist at a small dim, re-score at full) search",
+        description="Encode a BEIR split's queries once with the service's encoder; search the index at every dim "
+        "(single-stage) and shortlist k×candidates at every smaller dim re-scored at the full dim (two-stage); "
+        "report NDCG@10, MRR@10, Recall@100 and search time per query.",
+    )
+    p.add_argument("--index", type=Path, required=True, help="index root or version folder")
+    p.add_argument("--data", type=Path, required=True, help="BEIR folder the index was built from")
+    p.add_argument("--split", default="test", help="qrels split (default: %(default)s)")
+    p.add_argument("--candidates", type=int, default=10, help="shortlist = k × candidates (default: %(default)s)")
+    p.add_argument("--k", type=int, default=10, help="hits a request asks for (default: %(default)s)")
+    p.add_argument("--model", default=None, help="model folder or hub name (default: the one in the manifest)")
+    p.add_argument("--encoder", choices=["torch", "onnx", "onnx-int8"], default="torch", help="default: torch")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="default: %(default)s")
+    p.add_argument("--max-queries", type=int, default=None, help="use only the first N judged queries")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    p.set_defaults(handler=run_two_stage_command)
+
+
+def _config_fields(args: argparse.Namespace) -> dict:
+    return {k: v for k, v in vars(args).items() if k not in ("command", "action", "handler", "verbose")}
+
+
+def run_latency_command(args: argparse.Namespace) -> int:
+    from benchmarks.latency import LatencyConfig, latency_markdown, run_latency
+
+    report = run_latency(LatencyConfig(**_config_fields(args)))
+    print(latency_markdown(report), end="")
+    print(f"wrote {args.out / 'latency.json'}, {args.out / 'latency.md'}")
+    return 0
+
+
+def run_two_stage_command(args: argparse.Namespace) -> int:
+    from benchmarks.search_quality import QualityConfig, quality_markdown, run_two_stage
+
+    report = run_two_stage(QualityConfig(**_config_fields(args)))
+    print(quality_markdown(report), end="")
+    print(f"wrote {args.out / 'two_stage.json'}, {args.out / 'two_stage.md'}")
+    return 0

@@ -1,0 +1,468 @@
+"""End-to-end HTTP latency of the real server: ``mrl serve`` in a subprocess, loaded from 127.0.0.1.
+
+For each encoder backend a fresh server process is started on a free loopback port and
+awaited on ``/readyz``; then a bounded async load generator sends ``GET /search`` with real
+query texts, one *cell* at a time (dim × concurrency, plus optional two-stage cells), a fixed
+number of requests per cell after a short warm-up. Every loop is bounded in count and in
+time, traffic never leaves the loopback interface, and the server is always terminated.
+
+The client runs on the same machine as the server, so on a small CPU it competes with it;
+the machine's CPU count and load average are recorded with every result.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import format_ms, machine_info, markdown_row, utc_now
+from index.layout import resolve_version
+from index.manifest import IndexManifest
+from training.data import load_queries
+from training.files import write_json_atomic, write_text_atomic
+from training.matryoshka import DimensionError
+
+logger = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+ENCODERS = ("torch", "onnx", "onnx-int8")  # onnx-int8: ONNX Runtime with --onnx-quantize
+STAGE_TIMINGS = ("encode_ms", "search_ms", "rerank_ms", "total_ms")
+STOP_TIMEOUT_S = 30.0
+POLL_INTERVAL_S = 0.25
+ERROR_TEXT_CHARS = 200
+
+
+class ServerError(ValueError):
+    """The benchmarked server did not become ready (a ValueError, so ``mrl`` prints it in one line)."""
+
+
+@dataclass
+class LatencyConfig:
+    """What ``mrl bench latency`` can be told."""
+
+    index: Path
+    queries: Path
+    dims: list[int] | None = None  # default: every dim of the index
+    concurrency: list[int] = field(default_factory=lambda: [1, 16])
+    requests: int = 200  # measured requests per cell
+    warmup: int = 20  # unmeasured requests per cell (at least one per connection)
+    encoders: list[str] = field(default_factory=lambda: ["torch", "onnx"])
+    rerank: bool = False  # add cells dim=smallest, rerank_dim=full
+    k: int = 10
+    device: str = "auto"
+    encoder_threads: int | None = None
+    onnx_cache: Path | None = None
+    time_limit_s: float = 900.0  # no request is sent after this; later cells are recorded as cut short
+    ready_timeout_s: float = 300.0  # per server start (an ONNX export happens on first use)
+    request_timeout_s: float = 30.0
+    out: Path | None = None
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One measured combination: dimension, two-stage re-scoring dimension (or none), concurrency."""
+
+    dim: int
+    concurrency: int
+    rerank_dim: int | None = None
+
+
+@dataclass
+class Outcome:
+    """One request as the client saw it."""
+
+    seconds: float
+    timings: dict[str, float] | None  # the server's timings_ms; None for a failed request
+    error: str | None = None
+
+
+@dataclass
+class CellResult:
+    """Latency percentiles, throughput and the server's own stage timings of one cell."""
+
+    encoder: str
+    dim: int
+    rerank_dim: int | None
+    concurrency: int
+    requested: int
+    sent: int
+    errors: int
+    p50_ms: float | None
+    p95_ms: float | None
+    p99_ms: float | None
+    mean_ms: float | None
+    throughput_rps: float
+    wall_s: float
+    server_ms: dict[str, float | None]
+    first_error: str | None = None
+
+    @property
+    def cut_short(self) -> bool:
+        return self.sent < self.requested
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def check_config(config: LatencyConfig, manifest: IndexManifest) -> list[int]:
+    """Validate ``config`` against the index before any server starts; return the dims to measure.
+
+    Raises:
+        ValueError: A count or limit that is not positive, an unknown encoder, or two-stage cells
+            asked for without a dim below the full one. DimensionError: A dim the index does not have.
+    """
+    positive = {"--requests": config.requests, "--k": config.k, "--time-limit": config.time_limit_s}
+    positive |= {"--ready-timeout": config.ready_timeout_s, "--request-timeout": config.request_timeout_s}
+    for name, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if config.warmup < 0:
+        raise ValueError(f"--warmup must be 0 or more, got {config.warmup}")
+    if not config.concurrency or min(config.concurrency) < 1:
+        raise ValueError(f"--concurrency must list positive numbers, got {config.concurrency}")
+    unknown = [name for name in config.encoders if name not in ENCODERS]
+    if unknown or not config.encoders:
+        raise ValueError(f"unknown encoders {unknown} (choose from {', '.join(ENCODERS)})")
+    dims = sorted(set(config.dims or manifest.dims), reverse=True)
+    missing = [d for d in dims if d not in manifest.dims]
+    if missing:
+        raise DimensionError(f"dims {missing} are not in the index (it has {manifest.dims})")
+    if config.rerank and min(dims) >= manifest.model.full_dim:
+        raise ValueError(f"--rerank needs a dim below the full dimension {manifest.model.full_dim} in --dims")
+    return dims
+
+
+def plan_cells(dims: list[int], concurrency: list[int], rerank_dim: int | None = None) -> list[Cell]:
+    """Every dim at every concurrency, then (with ``rerank_dim``) the smallest dim re-scored at ``rerank_dim``."""
+    cells = [Cell(dim, level) for dim in dims for level in concurrency]
+    if rerank_dim is not None:
+        cells += [Cell(min(dims), level, rerank_dim) for level in concurrency]
+    return cells
+
+
+def read_query_texts(path: Path) -> list[str]:
+    """Query texts from a BEIR folder's ``queries.jsonl`` (or from such a file itself), in file order.
+
+    Raises:
+        DataError: Missing or malformed file.
+    """
+    file = path / "queries.jsonl" if path.is_dir() else path
+    return list(load_queries(file).values())
+
+
+# --- the server process -------------------------------------------------------------------
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as sock:
+        sock.bind((LOOPBACK, 0))
+        return sock.getsockname()[1]
+
+
+def server_command(config: LatencyConfig, encoder: str, port: int) -> list[str]:
+    """``python -m mrl serve`` for ``encoder``, bound to the loopback interface only."""
+    command = [sys.executable, "-m", "mrl", "serve", "--index", str(config.index), "--host", LOOPBACK]
+    command += ["--port", str(port), "--encoder", "torch" if encoder == "torch" else "onnx"]
+    command += ["--device", config.device, "--log-level", "warning"]  # no access log: it would cost CPU
+    if encoder == "onnx-int8":
+        command.append("--onnx-quantize")
+    if config.onnx_cache is not None:
+        command += ["--onnx-cache", str(config.onnx_cache)]
+    if config.encoder_threads is not None:
+        command += ["--encoder-threads", str(config.encoder_threads)]
+    return command
+
+
+def server_environment() -> dict[str, str]:
+    """This process's environment without ``MRL_*``: the flags alone configure the benchmarked server."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MRL_")}
+    env.setdefault("TOKENIZERS_PARALLELISM", "false")
+    return env
+
+
+@contextmanager
+def running_server(config: LatencyConfig, encoder: str, log_path: Path) -> Iterator[str]:
+    """Start ``mrl serve`` for ``encoder``, wait until it is ready, yield its base URL; always stop it.
+
+    Raises:
+        ServerError: The server exited or was not ready within ``config.ready_timeout_s``.
+    """
+    port = free_port()
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with log_path.open("w", encoding="utf-8") as log:
+        process = subprocess.Popen(
+            server_command(config, encoder, port), stdout=log, stderr=subprocess.STDOUT, env=server_environment()
+        )
+        try:
+            base = f"http://{LOOPBACK}:{port}"
+            wait_until_ready(base, process, log_path, config.ready_timeout_s)
+            yield base
+        finally:
+            stop_server(process)
+
+
+def wait_until_ready(base: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
+    """Poll ``/readyz`` until it answers 200, the process exits, or ``timeout_s`` passes.
+
+    Raises:
+        ServerError: The process exited first, or the time ran out; the message names the log.
+    """
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(timeout=2.0, trust_env=False) as client:  # trust_env=False: no proxy, loopback only
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise ServerError(
+                    f"the server exited with code {process.returncode} before it was ready "
+                    f"({_last_line(log_path)}; log: {log_path})"
+                )
+            try:
+                if client.get(f"{base}/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(POLL_INTERVAL_S)
+    raise ServerError(f"the server was not ready after {timeout_s:.0f} s (log: {log_path})")
+
+
+def stop_server(process: subprocess.Popen) -> int:
+    """Terminate the server (SIGTERM, then SIGKILL after a grace period); return its exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            return process.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            logger.warning("server %d ignored SIGTERM for %.0f s; killing it", process.pid, STOP_TIMEOUT_S)
+            process.kill()
+    return process.wait(timeout=STOP_TIMEOUT_S)
+
+
+def _last_line(path: Path) -> str:
+    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no output"
+
+
+def server_info(base: str, timeout_s: float) -> dict[str, Any]:
+    """What the server says it serves (``GET /dims``), without the per-dim list."""
+    import httpx
+
+    with httpx.Client(timeout=timeout_s, trust_env=False) as client:
+        response = client.get(f"{base}/dims")
+        response.raise_for_status()
+        body = response.json()
+    return {key: body[key] for key in ("model", "index_version", "encoder", "full_dim", "num_vectors")}
+
+
+# --- load generation ------------------------------------------------------------------------
+
+
+def search_params(cell: Cell, queries: list[str], k: int, offset: int) -> Callable[[int], dict[str, Any]]:
+    """Request number -> query string parameters; the query texts are used in order, cycling."""
+
+    def params(number: int) -> dict[str, Any]:
+        values: dict[str, Any] = {"q": queries[(offset + number) % len(queries)], "dim": cell.dim, "k": k}
+        if cell.rerank_dim is not None:
+            values["rerank_dim"] = cell.rerank_dim
+        return values
+
+    return params
+
+
+async def send_one(client: Any, params: dict[str, Any]) -> Outcome:
+    """One ``GET /search``; a transport error or a non-200 answer becomes a failed :class:`Outcome`."""
+    import httpx
+
+    started = time.perf_counter()
+    try:
+        response = await client.get("/search", params=params)
+    except httpx.HTTPError as exc:
+        return Outcome(time.perf_counter() - started, None, f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_CHARS])
+    seconds = time.perf_counter() - started
+    if response.status_code != 200:
+        return Outcome(seconds, None, f"HTTP {response.status_code}: {response.text[:ERROR_TEXT_CHARS]}")
+    return Outcome(seconds, response.json()["timings_ms"])
+
+
+async def drive(
+    client: Any, params: Callable[[int], dict[str, Any]], count: int, concurrency: int, deadline: float
+) -> list[Outcome]:
+    """Send ``count`` requests with ``concurrency`` in flight; none is started after ``deadline`` (monotonic)."""
+    numbers = iter(range(count))  # shared by the workers: the event loop runs one at a time
+    outcomes: list[Outcome] = []
+
+    async def worker() -> None:
+        for number in numbers:
+            if time.monotonic() >= deadline:
+                return
+            outcomes.append(await send_one(client, params(number)))
+
+    await asyncio.gather(*(worker() for _ in range(min(concurrency, count))))
+    return outcomes
+
+
+async def measure_cell(
+    base: str, encoder: str, cell: Cell, queries: list[str], config: LatencyConfig, deadline: float
+) -> CellResult:
+    """Warm up (at least one request per connection), then time ``config.requests`` requests."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=cell.concurrency, max_keepalive_connections=cell.concurrency)
+    warmup = max(config.warmup, cell.concurrency) if config.warmup else 0
+    async with httpx.AsyncClient(
+        base_url=base, timeout=config.request_timeout_s, limits=limits, trust_env=False
+    ) as client:
+        await drive(client, search_params(cell, queries, config.k, 0), warmup, cell.concurrency, deadline)
+        started = time.perf_counter()
+        params = search_params(cell, queries, config.k, warmup)
+        outcomes = await drive(client, params, config.requests, cell.concurrency, deadline)
+        wall = time.perf_counter() - started
+    return summarize(encoder, cell, config.requests, outcomes, wall)
+
+
+async def measure_cells(
+    base: str, encoder: str, cells: list[Cell], queries: list[str], config: LatencyConfig, deadline: float
+) -> list[CellResult]:
+    """Every cell in turn against one server."""
+    results = []
+    for cell in cells:
+        result = await measure_cell(base, encoder, cell, queries, config, deadline)
+        logger.info("%s %s: p50 %s ms, %.1f req/s", encoder, cell, format_ms(result.p50_ms), result.throughput_rps)
+        results.append(result)
+    return results
+
+
+def summarize(encoder: str, cell: Cell, requested: int, outcomes: list[Outcome], wall_s: float) -> CellResult:
+    """Percentiles over the successful requests; throughput = successful requests per second of wall time."""
+    ok = [outcome for outcome in outcomes if outcome.error is None]
+    latencies = np.array([outcome.seconds * 1000 for outcome in ok])
+    p50, p95, p99 = (_round(v) for v in np.percentile(latencies, [50, 95, 99])) if len(ok) else (None, None, None)
+    server = {
+        name: _round(float(np.mean([o.timings.get(name, 0.0) for o in ok]))) if ok else None for name in STAGE_TIMINGS
+    }
+    errors = [outcome.error for outcome in outcomes if outcome.error is not None]
+    return CellResult(
+        encoder=encoder,
+        dim=cell.dim,
+        rerank_dim=cell.rerank_dim,
+        concurrency=cell.concurrency,
+        requested=requested,
+        sent=len(outcomes),
+        errors=len(errors),
+        p50_ms=p50,
+        p95_ms=p95,
+        p99_ms=p99,
+        mean_ms=_round(float(latencies.mean())) if len(ok) else None,
+        throughput_rps=round(len(ok) / wall_s, 2) if wall_s > 0 else 0.0,
+        wall_s=round(wall_s, 3),
+        server_ms=server,
+        first_error=errors[0] if errors else None,
+    )
+
+
+def _round(value: float) -> float:
+    return round(float(value), 3)
+
+
+# --- the whole run ------------------------------------------------------------------------
+
+
+def run_latency(config: LatencyConfig) -> dict[str, Any]:
+    """Measure every cell for every encoder backend, each against its own fresh server process.
+
+    Returns:
+        The report: settings, machine, what each server served, and one entry per measured cell.
+        Written as ``latency.json`` and ``latency.md`` into ``config.out`` when it is set.
+
+    Raises:
+        IndexFolderError: No index at ``config.index``. DataError: Bad queries file.
+        ValueError, DimensionError: Invalid settings. ServerError: A server did not start.
+    """
+    manifest = IndexManifest.read(resolve_version(config.index))
+    dims = check_config(config, manifest)
+    queries = read_query_texts(config.queries)
+    cells = plan_cells(dims, config.concurrency, manifest.model.full_dim if config.rerank else None)
+    logs = config.out or Path(tempfile.mkdtemp(prefix="mrl-bench-latency-"))  # server logs
+    started_at, started = utc_now(), time.monotonic()
+    deadline = started + config.time_limit_s
+    servers: dict[str, Any] = {}
+    results: list[CellResult] = []
+    for encoder in config.encoders:
+        if time.monotonic() >= deadline:
+            logger.warning("time limit reached; %s not measured", encoder)
+            continue
+        with running_server(config, encoder, logs / f"latency-server-{encoder}.log") as base:
+            servers[encoder] = server_info(base, config.request_timeout_s)
+            results += asyncio.run(measure_cells(base, encoder, cells, queries, config, deadline))
+    report = {
+        "benchmark": "latency",
+        "started_at": started_at,
+        "duration_s": round(time.monotonic() - started, 2),
+        "settings": _settings_dict(config, dims, len(queries)),
+        "machine": machine_info(),
+        "servers": servers,
+        "results": [{**asdict(result), "cut_short": result.cut_short} for result in results],
+    }
+    if config.out is not None:
+        write_latency_report(report, config.out)
+    return report
+
+
+def _settings_dict(config: LatencyConfig, dims: list[int], num_queries: int) -> dict[str, Any]:
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
+    return {**settings, "dims": dims, "num_query_texts": num_queries, "endpoint": "GET /search", "host": LOOPBACK}
+
+
+def write_latency_report(report: dict[str, Any], folder: Path) -> list[Path]:
+    """``latency.json`` and ``latency.md`` in ``folder``, each written atomically."""
+    json_path, md_path = folder / "latency.json", folder / "latency.md"
+    write_json_atomic(json_path, report)
+    write_text_atomic(md_path, latency_markdown(report))
+    return [json_path, md_path]
+
+
+def latency_markdown(report: dict[str, Any]) -> str:
+    """The report as a title, one paragraph of context and one table row per cell."""
+    settings, machine = report["settings"], report["machine"]
+    header = ["encoder", "dim", "rerank", "conc.", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "req/s"]
+    header += ["server encode ms", "server search ms", "server rerank ms"]
+    lines = [markdown_row(header), markdown_row(["---", *["---:"] * (len(header) - 1)])]
+    for row in report["results"]:
+        requests = f"{row['sent']} of {row['requested']}" if row["cut_short"] else str(row["sent"])
+        server = row["server_ms"]
+        lines.append(
+            markdown_row(
+                [
+                    row["encoder"],
+                    str(row["dim"]),
+                    f"→{row['rerank_dim']}" if row["rerank_dim"] else "–",
+                    str(row["concurrency"]),
+                    requests,
+                    str(row["errors"]),
+                    *(format_ms(row[name]) for name in ("p50_ms", "p95_ms", "p99_ms")),
+                    f"{row['throughput_rps']:.1f}",
+                    *(format_ms(server[name]) for name in ("encode_ms", "search_ms", "rerank_ms")),
+                ]
+            )
+        )
+    context = (
+        f"Index `{settings['index']}`, {settings['num_query_texts']} query texts from `{settings['queries']}`, "
+        f"`GET /search` with k={settings['k']}; {settings['requests']} measured requests per cell after "
+        f"{settings['warmup']} warm-up ones. Client and server share one machine: {machine['cpus_usable']} CPUs, "
+        f"load average {machine['load_average_1m']} at the start, GPU {machine['gpu'] or 'none'}."
+    )
+    return "\n".join(["# Search latency over HTTP", "", context, "", *lines]) + "\n"

@@ -1,0 +1,301 @@
+"""Two-stage search quality: what re-scoring a small-dim shortlist at the full dimension buys back.
+
+The index and the query encoder are opened exactly as the service opens them
+(``service.encoders.load_encoder`` with the manifest's prompts, ``index.loaded.open_index``
+checked against the model's fingerprint). The judged queries of one BEIR split are encoded
+once, in batches, at full dimension; then, query by query as the service answers them:
+
+- single-stage at every dim ``d`` of the index: the ``d`` FAISS index, top 100;
+- two-stage for every ``d`` below the full dimension: shortlist ``k × candidates`` documents
+  at ``d``, re-score them exactly at the full dimension with the service's own
+  ``service.engine.rerank``.
+
+Both are scored with ``training.metrics.score_rankings`` (NDCG@10, MRR@10, Recall@100) and
+timed per query in the same run (query truncation + FAISS search [+ re-scoring]; encoding
+excluded, it is the same for both).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import format_ms, machine_info, markdown_row, utc_now
+from index.layout import resolve_version
+from index.loaded import LoadedIndex, open_index
+from index.manifest import IndexManifest
+from training.data import DataError, Qrels, load_beir
+from training.evaluate import TOP_K
+from training.files import write_json_atomic, write_text_atomic
+from training.matryoshka import truncate_normalize
+from training.metrics import score_rankings
+
+logger = logging.getLogger(__name__)
+
+ENCODERS = ("torch", "onnx", "onnx-int8")
+METRICS = ("ndcg@10", "mrr@10", "recall@100")
+
+
+@dataclass
+class QualityConfig:
+    """What ``mrl bench two-stage`` can be told."""
+
+    index: Path
+    data: Path
+    split: str = "test"
+    candidates: int = 10  # the shortlist holds k × candidates documents, as the service's rerank_candidates
+    k: int = 10  # hits a request asks for
+    model: str | None = None  # default: the model named in the manifest
+    encoder: str = "torch"
+    device: str = "auto"
+    max_queries: int | None = None  # default: every judged query of the split
+    out: Path | None = None
+
+
+@dataclass
+class RankedRun:
+    """Row ids per query, best first (-1 pads), and the search time of each query in seconds."""
+
+    rows: np.ndarray
+    seconds: np.ndarray
+
+
+def check_config(config: QualityConfig) -> None:
+    """Raises ValueError for a count that is not positive or an unknown encoder."""
+    for name, value in {"--candidates": config.candidates, "--k": config.k}.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if config.max_queries is not None and config.max_queries <= 0:
+        raise ValueError(f"--max-queries must be positive, got {config.max_queries}")
+    if config.encoder not in ENCODERS:
+        raise ValueError(f"unknown encoder {config.encoder!r} (choose from {', '.join(ENCODERS)})")
+
+
+def open_engine(config: QualityConfig) -> tuple[Any, LoadedIndex]:
+    """The service's query encoder and the index, checked to belong together (as ``Searcher.open`` does).
+
+    Raises:
+        IndexFolderError: Missing or corrupt index, or one built with another model. ModelError: No model.
+    """
+    from service.encoders import load_encoder
+    from service.settings import ServiceSettings
+
+    settings = ServiceSettings(
+        index=config.index,
+        model=config.model,
+        device=config.device,
+        encoder="torch" if config.encoder == "torch" else "onnx",
+        onnx_quantize=config.encoder == "onnx-int8",
+    )
+    manifest = IndexManifest.read(resolve_version(config.index))
+    loaded_encoder = load_encoder(settings, manifest)
+    index = open_index(config.index, device=config.device, expected_fingerprint=loaded_encoder.fingerprint)
+    return loaded_encoder, index
+
+
+def single_stage(index: LoadedIndex, queries: np.ndarray, dim: int, depth: int) -> RankedRun:
+    """Search the ``dim`` index one query at a time, as one ``GET /search`` does."""
+    faiss_index = index.indexes[dim]
+    rows = np.full((len(queries), depth), -1, dtype=np.int64)
+    seconds = np.empty(len(queries))
+    faiss_index.search(truncate_normalize(queries[:1], dim), depth)  # warm-up, not timed
+    for number in range(len(queries)):
+        started = time.perf_counter()
+        _, found = faiss_index.search(truncate_normalize(queries[number : number + 1], dim), depth)
+        seconds[number] = time.perf_counter() - started
+        rows[number, : found.shape[1]] = found[0]
+    return RankedRun(rows, seconds)
+
+
+def two_stage(index: LoadedIndex, queries: np.ndarray, dim: int, rerank_dim: int, shortlist: int) -> RankedRun:
+    """Shortlist ``shortlist`` rows at ``dim``, re-score them all exactly at ``rerank_dim``, one query at a time.
+
+    One unmeasured query warms up first. The whole shortlist is kept, re-ordered: its first ``k`` rows are what the service returns for
+    ``k``, and its recall is the shortlist's recall.
+    """
+    from service.engine import rerank
+
+    faiss_index = index.indexes[dim]
+    rows = np.full((len(queries), shortlist), -1, dtype=np.int64)
+    seconds = np.empty(len(queries))
+    rerank(
+        index.vectors,
+        queries[:1],
+        faiss_index.search(truncate_normalize(queries[:1], dim), shortlist)[1],
+        rerank_dim,
+        1,
+    )
+    for number in range(len(queries)):
+        query = queries[number : number + 1]
+        started = time.perf_counter()
+        _, found = faiss_index.search(truncate_normalize(query, dim), shortlist)
+        _, best = rerank(index.vectors, query, found, rerank_dim, shortlist)
+        seconds[number] = time.perf_counter() - started
+        rows[number, : best.shape[1]] = best[0]
+    return RankedRun(rows, seconds)
+
+
+def row_ids(index: LoadedIndex, runs: list[RankedRun]) -> dict[int, str]:
+    """Document id of every row any run returned (one store lookup per distinct row)."""
+    wanted = sorted({int(row) for run in runs for row in np.unique(run.rows) if row >= 0})
+    return {row: doc.id for row, doc in zip(wanted, index.store.get(wanted), strict=True) if doc is not None}
+
+
+def score_run(run: RankedRun, query_ids: list[str], ids: dict[int, str], qrels: Qrels) -> dict[str, float]:
+    """NDCG@10, MRR@10, Recall@100 and the search time per query (mean and median, ms) of one run."""
+    rankings = {qid: [ids[int(r)] for r in rows if r >= 0] for qid, rows in zip(query_ids, run.rows, strict=True)}
+    metrics = score_rankings(rankings, qrels)
+    result = {name: round(metrics[name], 4) for name in METRICS}
+    result["ms_per_query_mean"] = round(1000 * float(run.seconds.mean()), 4)
+    result["ms_per_query_p50"] = round(1000 * float(np.median(run.seconds)), 4)
+    return result
+
+
+def _judged_queries(config: QualityConfig) -> tuple[Any, list[str], Qrels]:
+    dataset = load_beir(config.data, [config.split])
+    qrels = dataset.split(config.split)
+    query_ids = list(qrels)[: config.max_queries]
+    return dataset, query_ids, {qid: qrels[qid] for qid in query_ids}
+
+
+def _check_coverage(index: LoadedIndex, qrels: Qrels, config: QualityConfig) -> int:
+    """Number of judged documents missing from the index; all missing means the wrong dataset.
+
+    Raises:
+        DataError: When the index holds none of the judged documents.
+    """
+    judged = {doc for docs in qrels.values() for doc, score in docs.items() if score > 0}
+    missing = len(judged - index.store.ids())
+    if judged and missing == len(judged):
+        raise DataError(
+            config.data, f"none of the judged documents of split {config.split!r} are in the index {index.path}"
+        )
+    if missing:
+        logger.warning("%d of %d judged documents are not in the index; they count as not found", missing, len(judged))
+    return missing
+
+
+def run_two_stage(config: QualityConfig) -> dict[str, Any]:
+    """Single-stage quality at every dim and two-stage (→ full) quality at every smaller dim, with search times.
+
+    Returns:
+        The report (settings, machine, index, dataset, ``single_stage`` and ``two_stage`` by dim);
+        written as ``two_stage.json`` and ``two_stage.md`` into ``config.out`` when it is set.
+
+    Raises:
+        ValueError: Invalid settings. DataError: Bad dataset or one the index does not hold.
+        IndexFolderError: Missing, corrupt or mismatched index. ModelError: The model cannot be loaded.
+    """
+    check_config(config)
+    started_at = utc_now()
+    dataset, query_ids, qrels = _judged_queries(config)
+    loaded_encoder, index = open_engine(config)
+    try:
+        missing = _check_coverage(index, qrels, config)
+        started = time.perf_counter()
+        queries = loaded_encoder.encoder.encode_queries([dataset.queries[qid] for qid in query_ids])
+        encode_seconds = time.perf_counter() - started
+        full = index.manifest.model.full_dim
+        shortlist = config.k * config.candidates
+        single = {dim: single_stage(index, queries, dim, max(TOP_K, config.k)) for dim in index.dims}
+        staged = {dim: two_stage(index, queries, dim, full, shortlist) for dim in index.dims if dim < full}
+        ids = row_ids(index, [*single.values(), *staged.values()])
+        report = {
+            "benchmark": "two-stage",
+            "started_at": started_at,
+            "settings": {key: str(v) if isinstance(v, Path) else v for key, v in asdict(config).items()},
+            "machine": machine_info(),
+            "index": _index_dict(index, loaded_encoder.backend),
+            "dataset": {
+                "name": dataset.name,
+                "split": config.split,
+                "num_queries": len(query_ids),
+                "num_documents": len(dataset.corpus),
+                "judged_documents_missing_from_index": missing,
+            },
+            "encode": {"queries": len(query_ids), "seconds": round(encode_seconds, 3)},
+            "full_dim": full,
+            "shortlist": shortlist,
+            "single_stage": {str(d): score_run(run, query_ids, ids, qrels) for d, run in single.items()},
+            "two_stage": {
+                str(d): {"rerank_dim": full, **score_run(run, query_ids, ids, qrels)} for d, run in staged.items()
+            },
+        }
+    finally:
+        index.close()
+    if config.out is not None:
+        write_quality_report(report, config.out)
+    return report
+
+
+def _index_dict(index: LoadedIndex, encoder: str) -> dict[str, Any]:
+    manifest = index.manifest
+    return {
+        "path": str(index.path),
+        "version": manifest.version,
+        "model": manifest.model.name,
+        "encoder": encoder,
+        "num_vectors": manifest.num_vectors,
+        "dims": manifest.dims,
+        "factories": {str(dim): manifest.indexes[dim].factory for dim in manifest.dims},
+    }
+
+
+def write_quality_report(report: dict[str, Any], folder: Path) -> list[Path]:
+    """``two_stage.json`` and ``two_stage.md`` in ``folder``, each written atomically."""
+    json_path, md_path = folder / "two_stage.json", folder / "two_stage.md"
+    write_json_atomic(json_path, report)
+    write_text_atomic(md_path, quality_markdown(report))
+    return [json_path, md_path]
+
+
+def comparison_table(report: dict[str, Any]) -> str:
+    """dim | single-stage NDCG@10 | two-stage (→full) NDCG@10 | Δ | % of full | ms/query of each."""
+    full = report["full_dim"]
+    reference = report["single_stage"][str(full)]["ndcg@10"]
+    header = ["dim", "single-stage NDCG@10", f"two-stage (→{full}) NDCG@10", "Δ", "% of full"]
+    header += ["single ms/query", "two-stage ms/query"]
+    lines = [markdown_row(header), markdown_row(["---:"] * len(header))]
+    for dim, single in report["single_stage"].items():
+        staged = report["two_stage"].get(dim)
+        best = staged["ndcg@10"] if staged else single["ndcg@10"]
+        cells = [dim, f"{single['ndcg@10']:.3f}"]
+        cells += [f"{staged['ndcg@10']:.3f}", f"{staged['ndcg@10'] - single['ndcg@10']:+.3f}"] if staged else ["–", "–"]
+        cells.append(f"{100 * best / reference:.1f}%" if reference else "–")
+        cells += [format_ms(single["ms_per_query_mean"]), format_ms(staged["ms_per_query_mean"]) if staged else "–"]
+        lines.append(markdown_row(cells))
+    return "\n".join(lines)
+
+
+def detail_table(report: dict[str, Any]) -> str:
+    """Every metric and both timings, one row per (dim, mode)."""
+    header = ["dim", "mode", "NDCG@10", "MRR@10", "R@100", "ms/query mean", "ms/query p50"]
+    lines = [markdown_row(header), markdown_row(["---:", "---", *["---:"] * 5])]
+    for dim, single in report["single_stage"].items():
+        modes = [("single", single)]
+        if dim in report["two_stage"]:
+            modes.append((f"two-stage →{report['full_dim']}", report["two_stage"][dim]))
+        for mode, values in modes:
+            cells = [dim, mode, *(f"{values[name]:.3f}" for name in METRICS)]
+            lines.append(
+                markdown_row(cells + [format_ms(values["ms_per_query_mean"]), format_ms(values["ms_per_query_p50"])])
+            )
+    return "\n".join(lines)
+
+
+def quality_markdown(report: dict[str, Any]) -> str:
+    """Title, context, the comparison table and the detail table."""
+    dataset, index = report["dataset"], report["index"]
+    context = (
+        f"Dataset `{dataset['name']}`, split `{dataset['split']}`: {dataset['num_queries']} judged queries; index "
+        f"`{index['path']}` ({index['num_vectors']} vectors, {index['encoder']} encoder). Two-stage: shortlist "
+        f"{report['shortlist']} documents at the dim, re-score them exactly at {report['full_dim']}. Times are per "
+        "query, search only (truncation + FAISS [+ re-scoring]); queries were encoded once beforehand."
+    )
+    parts = ["# Two-stage search quality", "", context, "", comparison_table(report), "", "## Details", ""]
+    return "\n".join([*parts, detail_table(report)]) + "\n"
