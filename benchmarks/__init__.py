@@ -14,6 +14,9 @@ from datetime import datetime, timezone
 from importlib import metadata
 from typing import Any
 
+# Query encoder backends a benchmark can run: the service's two, and ONNX with int8 quantisation.
+ENCODERS = ("torch", "onnx", "onnx-int8")
+
 # Versions recorded on top of index.build.library_versions() (read from package metadata, not imported).
 SERVING_PACKAGES = ("transformers", "fastapi", "uvicorn", "httpx", "onnxruntime", "onnxruntime-gpu", "onnx")
 

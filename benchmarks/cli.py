@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from benchmarks import ENCODERS
 from training.cli import dims_argument
 
 DEFAULT_OUT = Path("runs/bench")
@@ -56,10 +57,20 @@ def _add_latency_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder-threads", type=int, default=None, help="server's encoder CPU threads")
     p.add_argument("--onnx-cache", type=Path, default=None, help="ONNX export folder (default: the server's)")
     p.add_argument(
-        "--time-limit", dest="time_limit_s", type=float, default=900.0, help="seconds; no request after it (900)"
+        "--time-limit",
+        dest="time_limit_s",
+        metavar="SECONDS",
+        type=float,
+        default=900.0,
+        help="seconds; no request after it (900)",
     )
     p.add_argument(
-        "--ready-timeout", dest="ready_timeout_s", type=float, default=300.0, help="seconds per server start (300)"
+        "--ready-timeout",
+        dest="ready_timeout_s",
+        metavar="SECONDS",
+        type=float,
+        default=300.0,
+        help="seconds per server start (300)",
     )
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
     p.set_defaults(handler=run_latency_command)
@@ -79,7 +90,7 @@ def _add_two_stage_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--candidates", type=int, default=10, help="shortlist = k × candidates (default: %(default)s)")
     p.add_argument("--k", type=int, default=10, help="hits a request asks for (default: %(default)s)")
     p.add_argument("--model", default=None, help="model folder or hub name (default: the one in the manifest)")
-    p.add_argument("--encoder", choices=["torch", "onnx", "onnx-int8"], default="torch", help="default: torch")
+    p.add_argument("--encoder", choices=ENCODERS, default="torch", help="query encoder backend (default: torch)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="default: %(default)s")
     p.add_argument("--max-queries", type=int, default=None, help="use only the first N judged queries")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -26,9 +27,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 
-from benchmarks import format_ms, machine_info, markdown_row, utc_now
+from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now
 from index.layout import resolve_version
 from index.manifest import IndexManifest
 from training.data import load_queries
@@ -38,11 +40,11 @@ from training.matryoshka import DimensionError
 logger = logging.getLogger(__name__)
 
 LOOPBACK = "127.0.0.1"
-ENCODERS = ("torch", "onnx", "onnx-int8")  # onnx-int8: ONNX Runtime with --onnx-quantize
 STAGE_TIMINGS = ("encode_ms", "search_ms", "rerank_ms", "total_ms")
 STOP_TIMEOUT_S = 30.0
 POLL_INTERVAL_S = 0.25
 ERROR_TEXT_CHARS = 200
+EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
 
 
 class ServerError(ValueError):
@@ -78,6 +80,11 @@ class Cell:
     dim: int
     concurrency: int
     rerank_dim: int | None = None
+
+    @property
+    def label(self) -> str:
+        rerank = f"→{self.rerank_dim}" if self.rerank_dim else ""
+        return f"dim {self.dim}{rerank}, concurrency {self.concurrency}"
 
 
 @dataclass
@@ -221,15 +228,13 @@ def wait_until_ready(base: str, process: subprocess.Popen, log_path: Path, timeo
     Raises:
         ServerError: The process exited first, or the time ran out; the message names the log.
     """
-    import httpx
-
     deadline = time.monotonic() + timeout_s
     with httpx.Client(timeout=2.0, trust_env=False) as client:  # trust_env=False: no proxy, loopback only
         while time.monotonic() < deadline:
             if process.poll() is not None:
                 raise ServerError(
                     f"the server exited with code {process.returncode} before it was ready "
-                    f"({_last_line(log_path)}; log: {log_path})"
+                    f"({_failure_line(log_path)}; log: {log_path})"
                 )
             try:
                 if client.get(f"{base}/readyz").status_code == 200:
@@ -252,15 +257,17 @@ def stop_server(process: subprocess.Popen) -> int:
     return process.wait(timeout=STOP_TIMEOUT_S)
 
 
-def _last_line(path: Path) -> str:
-    lines = [line for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
-    return lines[-1].strip() if lines else "no output"
+def _failure_line(path: Path) -> str:
+    """The most telling line of a failed server's log: its last exception or error line, else its last line."""
+    lines = [line.strip() for line in path.read_text(encoding="utf-8", errors="replace").splitlines() if line.strip()]
+    for line in reversed(lines):
+        if EXCEPTION_LINE.match(line) or line.startswith("mrl: error:"):
+            return line
+    return lines[-1] if lines else "no output"
 
 
 def server_info(base: str, timeout_s: float) -> dict[str, Any]:
     """What the server says it serves (``GET /dims``), without the per-dim list."""
-    import httpx
-
     with httpx.Client(timeout=timeout_s, trust_env=False) as client:
         response = client.get(f"{base}/dims")
         response.raise_for_status()
@@ -283,10 +290,8 @@ def search_params(cell: Cell, queries: list[str], k: int, offset: int) -> Callab
     return params
 
 
-async def send_one(client: Any, params: dict[str, Any]) -> Outcome:
+async def send_one(client: httpx.AsyncClient, params: dict[str, Any]) -> Outcome:
     """One ``GET /search``; a transport error or a non-200 answer becomes a failed :class:`Outcome`."""
-    import httpx
-
     started = time.perf_counter()
     try:
         response = await client.get("/search", params=params)
@@ -295,11 +300,14 @@ async def send_one(client: Any, params: dict[str, Any]) -> Outcome:
     seconds = time.perf_counter() - started
     if response.status_code != 200:
         return Outcome(seconds, None, f"HTTP {response.status_code}: {response.text[:ERROR_TEXT_CHARS]}")
-    return Outcome(seconds, response.json()["timings_ms"])
+    try:
+        return Outcome(seconds, dict(response.json()["timings_ms"]))
+    except (ValueError, KeyError, TypeError):
+        return Outcome(seconds, None, f"HTTP 200 without timings_ms: {response.text[:ERROR_TEXT_CHARS]}")
 
 
 async def drive(
-    client: Any, params: Callable[[int], dict[str, Any]], count: int, concurrency: int, deadline: float
+    client: httpx.AsyncClient, params: Callable[[int], dict[str, Any]], count: int, concurrency: int, deadline: float
 ) -> list[Outcome]:
     """Send ``count`` requests with ``concurrency`` in flight; none is started after ``deadline`` (monotonic)."""
     numbers = iter(range(count))  # shared by the workers: the event loop runs one at a time
@@ -319,8 +327,6 @@ async def measure_cell(
     base: str, encoder: str, cell: Cell, queries: list[str], config: LatencyConfig, deadline: float
 ) -> CellResult:
     """Warm up (at least one request per connection), then time ``config.requests`` requests."""
-    import httpx
-
     limits = httpx.Limits(max_connections=cell.concurrency, max_keepalive_connections=cell.concurrency)
     warmup = max(config.warmup, cell.concurrency) if config.warmup else 0
     async with httpx.AsyncClient(
@@ -341,7 +347,9 @@ async def measure_cells(
     results = []
     for cell in cells:
         result = await measure_cell(base, encoder, cell, queries, config, deadline)
-        logger.info("%s %s: p50 %s ms, %.1f req/s", encoder, cell, format_ms(result.p50_ms), result.throughput_rps)
+        logger.info(
+            "%s %s: p50 %s ms, %.1f req/s", encoder, cell.label, format_ms(result.p50_ms), result.throughput_rps
+        )
         results.append(result)
     return results
 
@@ -406,7 +414,7 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
             logger.warning("time limit reached; %s not measured", encoder)
             continue
         with running_server(config, encoder, logs / f"latency-server-{encoder}.log") as base:
-            servers[encoder] = server_info(base, config.request_timeout_s)
+            servers[encoder] = {"url": base, **server_info(base, config.request_timeout_s)}
             results += asyncio.run(measure_cells(base, encoder, cells, queries, config, deadline))
     report = {
         "benchmark": "latency",
@@ -439,7 +447,7 @@ def latency_markdown(report: dict[str, Any]) -> str:
     """The report as a title, one paragraph of context and one table row per cell."""
     settings, machine = report["settings"], report["machine"]
     header = ["encoder", "dim", "rerank", "conc.", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "req/s"]
-    header += ["server encode ms", "server search ms", "server rerank ms"]
+    header += ["server encode ms", "server search ms", "server rerank ms", "server total ms"]
     lines = [markdown_row(header), markdown_row(["---", *["---:"] * (len(header) - 1)])]
     for row in report["results"]:
         requests = f"{row['sent']} of {row['requested']}" if row["cut_short"] else str(row["sent"])
@@ -455,7 +463,10 @@ def latency_markdown(report: dict[str, Any]) -> str:
                     str(row["errors"]),
                     *(format_ms(row[name]) for name in ("p50_ms", "p95_ms", "p99_ms")),
                     f"{row['throughput_rps']:.1f}",
-                    *(format_ms(server[name]) for name in ("encode_ms", "search_ms", "rerank_ms")),
+                    format_ms(server["encode_ms"]),
+                    format_ms(server["search_ms"]),
+                    format_ms(server["rerank_ms"]) if row["rerank_dim"] else "–",
+                    format_ms(server["total_ms"]),
                 ]
             )
         )

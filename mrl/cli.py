@@ -15,6 +15,7 @@ from mrl import __version__
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from benchmarks.cli import add_bench_parser
     from index.cli import add_index_parser
     from service.cli import add_serve_parser
     from training.cli import add_eval_parser, add_train_parser
@@ -27,6 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(commands)
     add_index_parser(commands)
     add_serve_parser(commands)
+    add_bench_parser(commands)
     return parser
 
 

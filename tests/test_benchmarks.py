@@ -1,0 +1,151 @@
+"""Smoke runs of both benchmarks on the bundled sample: structure and sanity of the outputs, never timings.
+
+One index of ``data/sample_medical`` with one dim pair (384, 64) is built per module with
+``index.build.build_index``. The latency benchmark starts a real ``mrl serve`` process;
+the two-stage benchmark runs through the ``mrl bench`` argument parser.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+
+from benchmarks.cli import add_bench_parser
+from benchmarks.latency import Cell, LatencyConfig, Outcome, ServerError, plan_cells, run_latency, summarize
+from benchmarks.latency import running_server as start_server
+from index.build import BuildConfig, build_index
+from tests.conftest import SAMPLE
+from training.matryoshka import DimensionError
+
+pytestmark = [pytest.mark.benchmark, pytest.mark.slow]
+
+DIMS = [384, 64]
+QUALITY_METRICS = ("ndcg@10", "mrr@10", "recall@100")
+
+
+@pytest.fixture(scope="module")
+def sample_index(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("bench") / "index"
+    build_index(BuildConfig(data=SAMPLE, output=root, dims=DIMS, device="cpu", progress=False))
+    return root
+
+
+def bench(*argv: str) -> int:
+    """Run ``mrl bench ...`` through the benchmarks' own parser (as mrl/cli.py registers it)."""
+    parser = argparse.ArgumentParser(prog="mrl")
+    add_bench_parser(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["bench", *argv])
+    return args.handler(args)
+
+
+def smoke_config(index: Path, out: Path, **overrides) -> LatencyConfig:
+    settings = dict(
+        index=index,
+        queries=SAMPLE,
+        dims=[64],
+        concurrency=[1, 2],
+        requests=4,
+        warmup=1,
+        encoders=["torch"],
+        rerank=True,
+        device="cpu",
+        time_limit_s=120.0,
+        ready_timeout_s=180.0,
+        out=out,
+    )
+    return LatencyConfig(**{**settings, **overrides})
+
+
+# --- two-stage quality ----------------------------------------------------------------------
+
+
+def test_two_stage_quality_on_the_sample(sample_index: Path, tmp_path: Path, capsys):
+    # 12 candidates x k=10 = the whole 120-document corpus: re-scoring it at 384 must give exactly 384's ranking.
+    argv = ["--index", str(sample_index), "--data", str(SAMPLE), "--candidates", "12", "--device", "cpu"]
+    assert bench("two-stage", *argv, "--out", str(tmp_path)) == 0
+    report = json.loads((tmp_path / "two_stage.json").read_text())
+    single, staged = report["single_stage"], report["two_stage"]
+    assert list(single) == ["384", "64"] and list(staged) == ["64"]
+    assert report["full_dim"] == 384 and report["shortlist"] == 120 and staged["64"]["rerank_dim"] == 384
+    assert report["dataset"]["num_queries"] == 120 and report["dataset"]["judged_documents_missing_from_index"] == 0
+    assert report["encode"]["queries"] == 120 and report["machine"]["cpu_count"] >= 1
+    for values in [*single.values(), *staged.values()]:
+        assert all(0.0 <= values[name] <= 1.0 for name in QUALITY_METRICS)
+        assert 0.0 <= values["ms_per_query_p50"] and 0.0 <= values["ms_per_query_mean"]
+    for name in QUALITY_METRICS:
+        assert staged["64"][name] == pytest.approx(single["384"][name], abs=1e-4)
+    assert single["384"]["ndcg@10"] > 0.5  # the base model is good on this sample; a broken id mapping gives ~0
+    printed = capsys.readouterr().out
+    assert "| dim | single-stage NDCG@10 | two-stage (→384) NDCG@10 | Δ | two-stage % of full |" in printed
+    assert printed.splitlines()[0] == "# Two-stage search quality"
+    assert (tmp_path / "two_stage.md").read_text() in printed
+
+
+def test_two_stage_refuses_an_index_without_the_judged_documents(sample_index: Path, tiny_beir: Path, tmp_path: Path):
+    with pytest.raises(ValueError, match="none of the judged documents"):
+        bench("two-stage", "--index", str(sample_index), "--data", str(tiny_beir), "--device", "cpu")
+
+
+# --- HTTP latency ---------------------------------------------------------------------------
+
+
+def test_latency_against_a_real_server(sample_index: Path, tmp_path: Path):
+    report = run_latency(smoke_config(sample_index, tmp_path))
+    cells = [(r["dim"], r["rerank_dim"], r["concurrency"]) for r in report["results"]]
+    assert cells == [(64, None, 1), (64, None, 2), (64, 384, 1), (64, 384, 2)]
+    for row in report["results"]:
+        assert row["encoder"] == "torch" and row["errors"] == 0 and row["first_error"] is None
+        assert row["sent"] == row["requested"] == 4 and not row["cut_short"]
+        assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] and row["throughput_rps"] > 0
+        assert set(row["server_ms"]) == {"encode_ms", "search_ms", "rerank_ms", "total_ms"}
+        assert all(value >= 0 for value in row["server_ms"].values())
+    server = report["servers"]["torch"]
+    assert server["encoder"] == "torch" and server["num_vectors"] == 120 and server["full_dim"] == 384
+    assert server["url"].startswith("http://127.0.0.1:")
+    assert report["settings"]["dims"] == [64] and report["machine"]["libraries"]["httpx"]
+    with pytest.raises(httpx.TransportError):  # the server process is gone
+        httpx.get(f"{server['url']}/healthz", timeout=2)
+    assert json.loads((tmp_path / "latency.json").read_text())["results"] == report["results"]
+    table = (tmp_path / "latency.md").read_text()
+    assert table.startswith("# Search latency over HTTP") and "| torch | 64 | →384 | 2 | 4 | 0 |" in table
+
+
+@pytest.mark.parametrize(
+    ("overrides", "error", "message"),
+    [
+        ({"dims": [100]}, DimensionError, r"dims \[100\] are not in the index"),
+        ({"encoders": ["tensorflow"]}, ValueError, "unknown encoders"),
+        ({"concurrency": [0]}, ValueError, "--concurrency must list positive numbers"),
+        ({"requests": 0}, ValueError, "--requests must be positive"),
+        ({"dims": [384]}, ValueError, "--rerank needs a dim below the full dimension 384"),
+    ],
+)
+def test_latency_refuses_bad_settings_before_starting_a_server(
+    sample_index: Path, tmp_path: Path, overrides, error, message
+):
+    with pytest.raises(error, match=message):
+        run_latency(smoke_config(sample_index, tmp_path, **overrides))
+    assert not list(tmp_path.iterdir())  # no server log: nothing was started
+
+
+def test_a_server_that_cannot_start_is_reported_with_its_error(tmp_path: Path):
+    config = smoke_config(tmp_path / "no-index", tmp_path, ready_timeout_s=60.0)
+    log = tmp_path / "server.log"
+    with pytest.raises(ServerError, match="exited with code 2") as caught:
+        with start_server(config, "torch", log):
+            pass
+    assert "index not found" in str(caught.value) and str(log) in str(caught.value)
+
+
+def test_summary_counts_failures_apart_from_latencies():
+    outcomes = [Outcome(0.010, {"encode_ms": 4.0, "search_ms": 1.0}), Outcome(0.030, {"encode_ms": 6.0})]
+    outcomes.append(Outcome(5.0, None, "HTTP 503: not ready"))
+    result = summarize("torch", Cell(64, 2), requested=4, outcomes=outcomes, wall_s=0.5)
+    assert (result.sent, result.errors, result.first_error, result.cut_short) == (3, 1, "HTTP 503: not ready", True)
+    assert result.p50_ms == pytest.approx(20.0) and result.p99_ms <= 30.0 and result.throughput_rps == 4.0
+    assert result.server_ms["encode_ms"] == 5.0 and result.server_ms["search_ms"] == 0.5
+    assert plan_cells([384, 64], [1, 16], rerank_dim=384)[-2:] == [Cell(64, 1, 384), Cell(64, 16, 384)]
