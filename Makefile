@@ -22,7 +22,7 @@ install: $(STAMP)
 demo: train eval index serve
 
 train: $(STAMP)
-	$(BIN)/mrl train --data $(DATA) --output $(RUNS)/demo-model --batch-size 32 --overwrite
+	$(BIN)/mrl train --data $(DATA) --output $(RUNS)/demo-model --epochs 4 --batch-size 32 --overwrite
 
 eval: $(STAMP)
 	$(BIN)/mrl eval --data $(DATA) --model sentence-transformers/all-MiniLM-L6-v2 --model $(RUNS)/demo-model \

@@ -50,7 +50,7 @@ class TrainConfig:
     eval_split: str | None = "test"
     eval_data: Path | None = None
     dims: list[int] | None = None
-    epochs: float = 4
+    epochs: float = 5
     learning_rate: float = 1e-4
     batch_size: int = 64
     mini_batch_size: int = 32
