@@ -33,7 +33,7 @@ index: $(STAMP)
 
 serve: $(STAMP)
 	@echo "Serving $(RUNS)/demo-index on http://127.0.0.1:$(PORT) (Ctrl-C stops). Try, in another terminal:"
-	@echo "  curl 'http://127.0.0.1:$(PORT)/search?q=why+is+my+big+toe+red+and+swollen&dim=64&k=3'"
+	@echo "  curl 'http://127.0.0.1:$(PORT)/search?q=sudden+painful+swollen+big+toe+joint+at+night&dim=64&k=3'"
 	@echo "  curl 'http://127.0.0.1:$(PORT)/dims'   # dims served, with their NDCG@10;  docs: http://127.0.0.1:$(PORT)/docs"
 	$(BIN)/mrl serve --index $(RUNS)/demo-index --port $(PORT)
 
