@@ -31,7 +31,12 @@ def index_file(dim: int) -> str:
 
 
 def new_version_name() -> str:
-    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ") + "-" + secrets.token_hex(2)
+    """A name that sorts in build order: UTC time to the microsecond, then a random tag against clashes.
+
+    Pruning keeps the newest versions by sorting these names, so seconds alone would not do: two
+    builds within one second would sort by their random tags.
+    """
+    return datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S%fZ") + "-" + secrets.token_hex(2)
 
 
 def staging_version(root: Path) -> Path:

@@ -173,3 +173,11 @@ def test_add_with_another_model_is_refused(tiny_index: Path, tiny_beir: Path, mo
     monkeypatch.setattr(build_module, "model_fingerprint", lambda model: "sha256:another")
     with pytest.raises(IndexFolderError, match="built with another model"):
         add_documents(tiny_index, tiny_beir, device="cpu", progress=False)
+
+
+def test_version_names_sort_in_build_order():
+    from index.layout import new_version_name
+
+    names = [new_version_name() for _ in range(50)]
+    assert [n.split("-")[0] for n in names] == sorted(n.split("-")[0] for n in names)
+    assert len({n.split("-")[0] for n in names}) > 1  # microseconds, not seconds
