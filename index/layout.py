@@ -14,6 +14,7 @@ import os
 import secrets
 import shutil
 import tempfile
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -24,6 +25,7 @@ VERSIONS = "versions"
 VECTORS_FILE = "vectors.npy"
 DOCS_FILE = "docs.sqlite"
 PROBE_FILE = "probe_queries.npy"
+STALE_STAGING_SECONDS = 24 * 3600
 
 
 def index_file(dim: int) -> str:
@@ -75,7 +77,12 @@ def publish_version(root: Path, staging: Path, name: str, keep: int) -> Path:
 
 
 def prune_versions(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` finished versions, never the current one."""
+    """Delete all but the newest ``keep`` finished versions (never the current one), and the staging
+    folders of builds that were killed (untouched for ``STALE_STAGING_SECONDS``; a running build
+    touches its folder far more often)."""
+    for staging in (root / VERSIONS).glob(".building-*"):
+        if time.time() - staging.stat().st_mtime > STALE_STAGING_SECONDS:
+            shutil.rmtree(staging, ignore_errors=True)
     current = (root / CURRENT).resolve()
     finished = sorted(p for p in (root / VERSIONS).iterdir() if p.is_dir() and not p.name.startswith("."))
     for old in finished[:-keep] if keep > 0 else []:

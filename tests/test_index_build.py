@@ -79,7 +79,12 @@ def test_failed_build_leaves_current_version_untouched(tmp_path: Path, tiny_beir
 
 
 def test_new_build_becomes_current_and_old_versions_are_pruned(tmp_path: Path, tiny_beir: Path):
+    import os
+
     root = tmp_path / "index"
+    killed = root / VERSIONS / ".building-killed"  # what a build killed yesterday left behind
+    killed.mkdir(parents=True)
+    os.utime(killed, (0, 0))
     versions = [build(tiny_beir, root, keep_versions=2)[0] for _ in range(3)]
     assert (root / CURRENT).resolve() == versions[-1].resolve()
     assert sorted(p.name for p in (root / VERSIONS).iterdir()) == [v.name for v in versions[1:]]
