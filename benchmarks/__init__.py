@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import os
 import platform
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 # Query encoder backends a benchmark can run: the service's two, and ONNX with int8 quantisation.
@@ -65,3 +66,15 @@ def format_ms(value: float | None) -> str:
     if value is None:
         return "–"
     return f"{value:.3f}" if value < 10 else f"{value:.1f}"
+
+
+def write_report(
+    report: dict[str, Any], folder: Path, stem: str, markdown: Callable[[dict[str, Any]], str]
+) -> list[Path]:
+    """``<stem>.json`` and ``<stem>.md`` (rendered by ``markdown``) in ``folder``, each written atomically."""
+    from training.files import write_json_atomic, write_text_atomic
+
+    json_path, md_path = folder / f"{stem}.json", folder / f"{stem}.md"
+    write_json_atomic(json_path, report)
+    write_text_atomic(md_path, markdown(report))
+    return [json_path, md_path]

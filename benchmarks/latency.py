@@ -30,11 +30,10 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now
+from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now, write_report
 from index.layout import resolve_version
 from index.manifest import IndexManifest
 from training.data import load_queries
-from training.files import write_json_atomic, write_text_atomic
 from training.matryoshka import DimensionError
 
 logger = logging.getLogger(__name__)
@@ -437,10 +436,7 @@ def _settings_dict(config: LatencyConfig, dims: list[int], num_queries: int) -> 
 
 def write_latency_report(report: dict[str, Any], folder: Path) -> list[Path]:
     """``latency.json`` and ``latency.md`` in ``folder``, each written atomically."""
-    json_path, md_path = folder / "latency.json", folder / "latency.md"
-    write_json_atomic(json_path, report)
-    write_text_atomic(md_path, latency_markdown(report))
-    return [json_path, md_path]
+    return write_report(report, folder, "latency", latency_markdown)
 
 
 def latency_markdown(report: dict[str, Any]) -> str:

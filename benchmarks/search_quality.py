@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now
+from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now, write_report
 from index.layout import resolve_version
 from index.loaded import LoadedIndex, open_index
 from index.manifest import IndexManifest
@@ -35,7 +35,6 @@ from service.engine import rerank
 from service.settings import ServiceSettings
 from training.data import DataError, Qrels, RetrievalDataset, load_beir
 from training.evaluate import TOP_K
-from training.files import write_json_atomic, write_text_atomic
 from training.matryoshka import truncate_normalize
 from training.metrics import score_rankings
 
@@ -256,10 +255,7 @@ def _index_dict(index: LoadedIndex, encoder: str) -> dict[str, Any]:
 
 def write_quality_report(report: dict[str, Any], folder: Path) -> list[Path]:
     """``two_stage.json`` and ``two_stage.md`` in ``folder``, each written atomically."""
-    json_path, md_path = folder / "two_stage.json", folder / "two_stage.md"
-    write_json_atomic(json_path, report)
-    write_text_atomic(md_path, quality_markdown(report))
-    return [json_path, md_path]
+    return write_report(report, folder, "two_stage", quality_markdown)
 
 
 def comparison_table(report: dict[str, Any]) -> str:
