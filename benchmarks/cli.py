@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from benchmarks import ENCODERS
-from training.cli import dims_argument
+from training.cli import config_fields, dims_argument
 
 DEFAULT_OUT = Path("runs/bench")
 
@@ -97,14 +97,10 @@ def _add_two_stage_parser(actions: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_two_stage_command)
 
 
-def _config_fields(args: argparse.Namespace) -> dict:
-    return {k: v for k, v in vars(args).items() if k not in ("command", "action", "handler", "verbose")}
-
-
 def run_latency_command(args: argparse.Namespace) -> int:
     from benchmarks.latency import LatencyConfig, latency_markdown, run_latency
 
-    report = run_latency(LatencyConfig(**_config_fields(args)))
+    report = run_latency(LatencyConfig(**config_fields(args)))
     print(latency_markdown(report), end="")
     print(f"wrote {args.out / 'latency.json'}, {args.out / 'latency.md'}")
     return 0
@@ -113,7 +109,7 @@ def run_latency_command(args: argparse.Namespace) -> int:
 def run_two_stage_command(args: argparse.Namespace) -> int:
     from benchmarks.search_quality import QualityConfig, quality_markdown, run_two_stage
 
-    report = run_two_stage(QualityConfig(**_config_fields(args)))
+    report = run_two_stage(QualityConfig(**config_fields(args)))
     print(quality_markdown(report), end="")
     print(f"wrote {args.out / 'two_stage.json'}, {args.out / 'two_stage.md'}")
     return 0

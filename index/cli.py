@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.cli import dims_argument
+from training.cli import config_fields, dims_argument
 
 
 def add_index_parser(commands: argparse._SubParsersAction) -> None:
@@ -55,7 +55,7 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from index.build import BuildConfig, build_index
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "action", "handler", "verbose")}
+    fields = config_fields(args)
     for name in ("memory_budget_mb", "batch_size", "keep_versions"):
         if fields[name] <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {fields[name]}")

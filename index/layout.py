@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 from index.manifest import MANIFEST_FILE, IndexFolderError
+from training.files import fresh_dir
 
 CURRENT = "current"
 VERSIONS = "versions"
@@ -42,11 +42,7 @@ def new_version_name() -> str:
 
 
 def staging_version(root: Path) -> Path:
-    versions = root / VERSIONS
-    versions.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".building-", dir=versions))
-    staging.chmod(0o755)  # mkdtemp makes 0700
-    return staging
+    return fresh_dir(root / VERSIONS, ".building-")
 
 
 def resolve_version(path: Path) -> Path:

@@ -90,6 +90,11 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_train)
 
 
+def config_fields(args: argparse.Namespace) -> dict:
+    """The parsed options of a subcommand, without argparse's routing entries, for a config dataclass."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "action", "handler", "verbose")}
+
+
 def _train_defaults():
     from training.train import TrainConfig
 
@@ -108,7 +113,7 @@ def run_train(args: argparse.Namespace) -> int:
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.max_seq_length is not None:
         _positive("--max-seq-length", args.max_seq_length)
-    fields = {k: v for k, v in vars(args).items() if k not in ("command", "handler", "verbose")}
+    fields = config_fields(args)
     if str(fields["eval_split"]).lower() == "none":
         fields["eval_split"] = None
     started = time.perf_counter()

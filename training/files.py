@@ -28,12 +28,17 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
+def fresh_dir(parent: Path, prefix: str) -> Path:
+    """A new empty, world-readable folder in ``parent`` (created if needed) whose name starts with ``prefix``."""
+    parent.mkdir(parents=True, exist_ok=True)
+    folder = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    folder.chmod(0o755)  # mkdtemp makes 0700; artifacts are meant to be shared
+    return folder
+
+
 def staging_dir(final: Path) -> Path:
     """A fresh empty folder beside ``final`` (same file system, so the last rename is atomic)."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{final.name}.partial-", dir=final.parent))
-    staging.chmod(0o755)  # mkdtemp makes 0700
-    return staging
+    return fresh_dir(final.parent, f".{final.name}.partial-")
 
 
 def publish_dir(staging: Path, final: Path, overwrite: bool) -> None:
