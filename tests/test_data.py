@@ -104,3 +104,14 @@ def test_bad_pairs(tmp_path: Path, lines, message):
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     with pytest.raises(DataError, match=message):
         load_pairs(path)
+
+
+def test_sampled_training_pairs_are_seeded_and_keep_file_order():
+    from training.train import sample_pairs
+
+    pairs = [Pair(f"q{i}", f"p{i}") for i in range(50)]
+    first, again, other = sample_pairs(pairs, 10, 1), sample_pairs(pairs, 10, 1), sample_pairs(pairs, 10, 2)
+    assert first == again and first != other and len(first) == 10
+    assert [pairs.index(p) for p in first] == sorted(pairs.index(p) for p in first)
+    with pytest.raises(ValueError, match="at least 1"):
+        sample_pairs(pairs, 0, 1)

@@ -83,6 +83,12 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--max-steps", type=int, default=defaults.max_steps, help="stop each stage after N steps (smoke runs)"
     )
+    p.add_argument(
+        "--max-train-pairs",
+        type=int,
+        default=None,
+        help="train on N pairs sampled by --seed (a cheaper run on a big split; default: all)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the per-epoch checkpoints after success")
@@ -111,8 +117,9 @@ def run_train(args: argparse.Namespace) -> int:
 
     for name in ("epochs", "learning_rate", "batch_size", "mini_batch_size", "hard_negative_epochs"):
         _positive(f"--{name.replace('_', '-')}", getattr(args, name))
-    if args.max_seq_length is not None:
-        _positive("--max-seq-length", args.max_seq_length)
+    for name in ("max_seq_length", "max_train_pairs"):
+        if getattr(args, name) is not None:
+            _positive(f"--{name.replace('_', '-')}", getattr(args, name))
     fields = config_fields(args)
     if str(fields["eval_split"]).lower() == "none":
         fields["eval_split"] = None

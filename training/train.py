@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import platform
+import random
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -63,6 +64,7 @@ class TrainConfig:
     hard_negative_epochs: float = 1
     hard_negative_learning_rate: float | None = None
     max_steps: int = -1
+    max_train_pairs: int | None = None
     eval_batch_size: int = 64
     resume: bool = False
     overwrite: bool = False
@@ -116,9 +118,20 @@ def load_training_data(config: TrainConfig) -> TrainingData:
         eval_dataset = load_beir(config.eval_data, [config.eval_split])
     if not pairs:
         raise DataError(config.data, f"split {config.train_split!r} has no relevant (query, passage) pairs")
+    if config.max_train_pairs is not None and len(pairs) > config.max_train_pairs:
+        pairs = sample_pairs(pairs, config.max_train_pairs, config.seed)
+        source += f", {config.max_train_pairs} sampled pairs (seed {config.seed})"
     if config.hard_negatives and not passages:
         passages = sorted({p.positive for p in pairs} | {p.negative for p in pairs if p.negative})
     return TrainingData(pairs, source, eval_dataset, passages)
+
+
+def sample_pairs(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
+    """``n`` pairs drawn without replacement by ``seed``, kept in file order (a cheaper run on a big split)."""
+    if n < 1:
+        raise ValueError(f"max_train_pairs must be at least 1, got {n}")
+    keep = sorted(random.Random(seed).sample(range(len(pairs)), n))
+    return [pairs[i] for i in keep]
 
 
 def _precision_flags() -> dict[str, bool]:
