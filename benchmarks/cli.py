@@ -27,8 +27,65 @@ def name_list_argument(text: str) -> list[str]:
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser("bench", help="benchmarks: HTTP latency of the server, two-stage search quality")
     actions = bench.add_subparsers(dest="action", required=True, metavar="BENCHMARK")
+    _add_quality_parser(actions)
     _add_latency_parser(actions)
     _add_two_stage_parser(actions)
+
+
+def _add_quality_parser(actions: argparse._SubParsersAction) -> None:
+    from benchmarks.quality import DEFAULT_DATASETS, DEFAULT_DATASETS_ROOT, QualityBenchConfig
+
+    defaults = QualityBenchConfig()
+    p = actions.add_parser(
+        "quality",
+        help="NDCG@10 / MRR@10 / Recall@100 per dim on BEIR datasets: base vs tuned, two-stage, int8, binary",
+        description="For each BEIR folder, encode the corpus and the test queries once per model (base and tuned on "
+        "the train split; a missing tuned model is trained) and score exact, two-stage and quantised search at "
+        "every dim. Writes quality.json, quality.md, quality_vs_dim.png and quality_vs_latency.png.",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        default=[],
+        help=f"BEIR folder, repeatable (default: {', '.join(DEFAULT_DATASETS)} under --datasets-root)",
+    )
+    p.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS_ROOT, help="default: %(default)s")
+    p.add_argument(
+        "--tuned",
+        action="append",
+        default=[],
+        metavar="NAME=MODEL_DIR",
+        help="tuned model of the dataset NAME (its folder name), repeatable (default: --models-dir/NAME)",
+    )
+    p.add_argument("--models-dir", type=Path, default=defaults.models_dir, help="tuned models by dataset name "
+                   "(default: %(default)s); a missing one is trained there")  # fmt: skip
+    p.add_argument("--base-model", default=None, help="base model: hub name or local path (default: all-MiniLM-L6-v2)")
+    p.add_argument("--dims", type=dims_argument, default=None, help="default: the tuned model's Matryoshka dims")
+    p.add_argument("--split", default=defaults.split, help="qrels split to score (default: %(default)s)")
+    p.add_argument("--train-split", default=defaults.train_split, help="qrels split to train on (default: train)")
+    p.add_argument("--shortlists", type=int_list_argument, default=defaults.shortlists,
+                   help="two-stage shortlist sizes (default: 30,100)")  # fmt: skip
+    p.add_argument("--max-queries", type=int, default=None, help="score only the first N judged queries")
+    p.add_argument("--timing-queries", type=int, default=defaults.timing_queries,
+                   help="queries timed per option (default: %(default)s)")  # fmt: skip
+    p.add_argument("--no-train", dest="train", action="store_false", help="report the base model alone when no "
+                   "tuned model exists, instead of training one")  # fmt: skip
+    p.add_argument("--epochs", type=float, default=defaults.epochs, help="training (default: %(default)s)")
+    p.add_argument("--lr", dest="learning_rate", type=float, default=defaults.learning_rate, help="default: 1e-4")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
+    p.add_argument("--max-train-pairs", type=int, default=None, help="train on N sampled pairs (default: all)")
+    p.add_argument(
+        "--latency",
+        action="append",
+        default=[],
+        metavar="NAME=LATENCY_JSON",
+        help="a `mrl bench latency` report of dataset NAME's index: its Pareto plot uses end-to-end HTTP p50",
+    )
+    p.add_argument("--cache", type=Path, default=None, help="embedding cache (default: OUT/cache)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    p.set_defaults(handler=run_quality_command)
 
 
 def _add_latency_parser(actions: argparse._SubParsersAction) -> None:
@@ -95,6 +152,15 @@ def _add_two_stage_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--max-queries", type=int, default=None, help="use only the first N judged queries")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
     p.set_defaults(handler=run_two_stage_command)
+
+
+def run_quality_command(args: argparse.Namespace) -> int:
+    from benchmarks.quality import QualityBenchConfig, quality_markdown, run_quality
+
+    report = run_quality(QualityBenchConfig(**config_fields(args)))
+    print(quality_markdown(report), end="")
+    print(f"wrote quality.json, quality.md, quality_vs_dim.png, quality_vs_latency.png to {args.out}")
+    return 0
 
 
 def run_latency_command(args: argparse.Namespace) -> int:

@@ -1,0 +1,761 @@
+"""Search quality per dimension on real datasets: base vs tuned, two-stage, quantised.
+
+For every BEIR folder: the base model and a model tuned on the folder's train split (given,
+found in ``--models-dir``, or trained there) each encode the corpus and the judged queries of
+the test split **once** at full dimension (cached on disk by model fingerprint and text hash).
+Everything else is derived from those vectors with ``truncate_normalize`` and searched with
+real FAISS indexes, one query at a time as the service does:
+
+- ``float32``: ``IndexFlatIP`` at every dim (what the service serves);
+- ``two-stage``: shortlist ``S`` rows at a small dim, re-score them at full dim
+  (``service.engine.rerank``), for every shortlist size in ``--shortlists``;
+- ``int8``: ``IndexScalarQuantizer`` (8 bits per coordinate, trained on the corpus);
+- ``binary``: ``IndexBinaryFlat`` over sign bits, Hamming distance;
+- ``binary+rescore``: the binary top 100 re-scored with the float query against the ±1
+  document vectors (the sentence-transformers recipe; no float documents kept in memory).
+
+Every option is scored with ``training.metrics.score_rankings`` (NDCG@10, MRR@10, Recall@100)
+and timed per query on a sample of the queries (search only; the query encoding is the same
+for every option and is measured by ``mrl bench latency``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import machine_info, markdown_row, utc_now, write_report
+from benchmarks.search_quality import RankedRun, timed_per_query
+from training.data import DataError, RetrievalDataset, load_beir
+from training.matryoshka import truncate_normalize, validate_dims
+from training.metrics import score_rankings
+
+logger = logging.getLogger(__name__)
+
+METRICS = ("ndcg@10", "mrr@10", "recall@100")
+DEPTH = 100  # rankings are scored to Recall@100
+DEFAULT_DATASETS_ROOT = Path("../shared/datasets")
+DEFAULT_DATASETS = ("scifact", "medquad", "piaf_fr")
+BINARY_RESCORE_DEPTH = DEPTH
+
+
+@dataclass
+class QualityBenchConfig:
+    """What ``mrl bench quality`` can be told."""
+
+    data: list[Path] = field(default_factory=list)  # default: DEFAULT_DATASETS under datasets_root
+    datasets_root: Path = DEFAULT_DATASETS_ROOT
+    tuned: list[str] = field(default_factory=list)  # NAME=MODEL_DIR, one per dataset
+    models_dir: Path = Path("runs/models")
+    base_model: str | None = None  # default: the project's default model
+    dims: list[int] | None = None  # default: the tuned model's Matryoshka dims
+    split: str = "test"
+    train_split: str = "train"
+    shortlists: list[int] = field(default_factory=lambda: [30, 100])
+    max_queries: int | None = None
+    timing_queries: int = 200
+    train: bool = True  # train a missing tuned model; off: report the base model only
+    epochs: float = 5
+    learning_rate: float = 1e-4
+    batch_size: int = 64
+    max_train_pairs: int | None = None
+    latency: list[str] = field(default_factory=list)  # NAME=latency.json of `mrl bench latency` on that dataset
+    cache: Path | None = None  # default: <out>/cache
+    progress: bool = True
+    out: Path | None = None
+
+
+@dataclass
+class EncodedSplit:
+    """Full-dimension vectors of a corpus and of the judged queries of one split."""
+
+    doc_ids: list[str]
+    docs: np.ndarray
+    query_ids: list[str]
+    queries: np.ndarray
+    encode_seconds: float
+    cached: bool
+
+
+def check_config(config: QualityBenchConfig) -> None:
+    """Raises ValueError for counts that are not positive or a malformed ``--tuned``."""
+    for name, value in {"--timing-queries": config.timing_queries, "--epochs": config.epochs}.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    for name, value in {"--max-queries": config.max_queries, "--max-train-pairs": config.max_train_pairs}.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if not config.shortlists or min(config.shortlists) < 10:
+        raise ValueError(f"--shortlists must be sizes of at least 10 (the k of NDCG@10), got {config.shortlists}")
+    tuned_models(config)
+    latency_reports(config)
+
+
+def named_paths(entries: list[str], option: str, example: str) -> dict[str, Path]:
+    """``NAME=PATH`` entries of a repeatable option as a mapping.
+
+    Raises:
+        ValueError: For an entry without ``=`` or a path that does not exist.
+    """
+    found = {}
+    for entry in entries:
+        name, sep, path = entry.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"{option} expects NAME=PATH (e.g. {example}), got {entry!r}")
+        if not Path(path).exists():
+            raise ValueError(f"{option} {name}: {path} does not exist")
+        found[name] = Path(path)
+    return found
+
+
+def latency_reports(config: QualityBenchConfig) -> dict[str, dict[str, Any]]:
+    """``--latency NAME=latency.json`` entries, read.
+
+    Raises:
+        ValueError: For a malformed entry or a file that is not a ``mrl bench latency`` report.
+    """
+    reports = {}
+    for name, path in named_paths(config.latency, "--latency", "scifact=runs/bench/latency.json").items():
+        try:
+            report = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise ValueError(f"--latency {name}: cannot read {path} ({exc})") from None
+        if not isinstance(report, dict) or report.get("benchmark") != "latency":
+            raise ValueError(f"--latency {name}: {path} is not a report of `mrl bench latency`")
+        reports[name] = report
+    return reports
+
+
+def tuned_models(config: QualityBenchConfig) -> dict[str, Path]:
+    """``--tuned NAME=DIR`` entries as a mapping.
+
+    Raises:
+        ValueError: For a malformed entry or a folder that does not exist.
+    """
+    models = named_paths(config.tuned, "--tuned", "scifact=runs/models/scifact")
+    for name, folder in models.items():
+        if not folder.is_dir():
+            raise ValueError(f"--tuned {name}: {folder} is not a model folder")
+    return models
+
+
+def dataset_folders(config: QualityBenchConfig) -> list[Path]:
+    """The BEIR folders to measure: ``--data``, else the default datasets found under ``--datasets-root``.
+
+    Raises:
+        DataError: When a folder is missing or none of the defaults exists.
+    """
+    if config.data:
+        for folder in config.data:
+            if not (folder / "corpus.jsonl").is_file():
+                raise DataError(folder, "not a BEIR folder (no corpus.jsonl)")
+        return list(config.data)
+    found = [config.datasets_root / name for name in DEFAULT_DATASETS if (config.datasets_root / name).is_dir()]
+    if not found:
+        raise DataError(config.datasets_root, f"none of {', '.join(DEFAULT_DATASETS)} found; pass --data")
+    return found
+
+
+# Encoding, once per (model, dataset), cached by fingerprint and text hash
+
+
+def text_digest(texts: list[str]) -> str:
+    digest = hashlib.sha256()
+    for text in texts:
+        digest.update(text.encode())
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def cached_encode(
+    encode: Callable[[list[str]], np.ndarray], texts: list[str], fingerprint: str, cache: Path | None
+) -> tuple[np.ndarray, bool]:
+    """``encode(texts)``, read from ``cache`` when the same weights already encoded the same texts."""
+    path = None
+    if cache is not None:
+        key = hashlib.sha256(f"{fingerprint}:{text_digest(texts)}".encode()).hexdigest()[:24]
+        path = cache / f"{key}.npy"
+        if path.is_file():
+            return np.load(path), True
+    vectors = np.asarray(encode(texts), dtype=np.float32)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".tmp.npy")
+        np.save(partial, vectors)
+        partial.replace(path)
+    return vectors, False
+
+
+def encode_dataset(
+    model: Any, fingerprint: str, dataset: RetrievalDataset, query_ids: list[str], config: QualityBenchConfig
+) -> EncodedSplit:
+    """The corpus and the judged queries at full dimension, with the model's document/query prompts."""
+    doc_ids = list(dataset.corpus)
+    options = {"batch_size": 64, "show_progress_bar": config.progress, "convert_to_numpy": True}
+    started = time.perf_counter()
+    logger.info("%s: encoding %d documents and %d queries", dataset.name, len(doc_ids), len(query_ids))
+    docs, docs_cached = cached_encode(
+        lambda texts: model.encode_document(texts, **options),
+        [dataset.corpus[d].passage for d in doc_ids],
+        fingerprint,
+        config.cache,
+    )
+    queries, queries_cached = cached_encode(
+        lambda texts: model.encode_query(texts, **options),
+        [dataset.queries[q] for q in query_ids],
+        fingerprint,
+        config.cache,
+    )
+    return EncodedSplit(
+        doc_ids, docs, query_ids, queries, time.perf_counter() - started, docs_cached and queries_cached
+    )
+
+
+# Search options, each returning rankings (row ids, best first) and per-query times
+
+
+def float_index(docs: np.ndarray, dim: int) -> Any:
+    import faiss
+
+    index = faiss.IndexFlatIP(dim)
+    index.add(truncate_normalize(docs, dim))
+    return index
+
+
+def search_float(docs: np.ndarray, dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    index = float_index(docs, dim)
+    return lambda query: index.search(truncate_normalize(query, dim), DEPTH)[1]
+
+
+def search_two_stage(docs: np.ndarray, dim: int, shortlist: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Shortlist at ``dim``, re-score the whole shortlist at the full dimension."""
+    from service.engine import rerank
+
+    index = float_index(docs, dim)
+    full = docs.shape[1]
+
+    def search(query: np.ndarray) -> np.ndarray:
+        rows = index.search(truncate_normalize(query, dim), shortlist)[1]
+        return rerank(docs, query, rows, full, shortlist)[1]
+
+    return search
+
+
+def search_int8(docs: np.ndarray, dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    import faiss
+
+    vectors = truncate_normalize(docs, dim)
+    index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+    index.train(vectors)
+    index.add(vectors)
+    return lambda query: index.search(truncate_normalize(query, dim), DEPTH)[1]
+
+
+def sign_bits(vectors: np.ndarray) -> np.ndarray:
+    """One bit per coordinate (1 where positive), packed: ``dim / 8`` bytes per vector."""
+    return np.packbits(vectors > 0, axis=1)
+
+
+def binary_index(docs: np.ndarray, dim: int) -> Any:
+    import faiss
+
+    if dim % 8:
+        raise ValueError(f"binary search needs a dim divisible by 8, got {dim}")
+    index = faiss.IndexBinaryFlat(dim)
+    index.add(sign_bits(docs[:, :dim]))
+    return index
+
+
+def search_binary(docs: np.ndarray, dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    index = binary_index(docs, dim)
+    return lambda query: index.search(sign_bits(query[:, :dim]), DEPTH)[1]
+
+
+def search_binary_rescore(docs: np.ndarray, dim: int) -> Callable[[np.ndarray], np.ndarray]:
+    """Hamming top 100, re-ordered by the float query against the ±1 document vectors of the shortlist."""
+    index = binary_index(docs, dim)
+    packed = sign_bits(docs[:, :dim])
+
+    def search(query: np.ndarray) -> np.ndarray:
+        rows = index.search(sign_bits(query[:, :dim]), BINARY_RESCORE_DEPTH)[1][0]
+        rows = rows[rows >= 0]
+        signs = np.unpackbits(packed[rows], axis=1, count=dim).astype(np.float32) * 2 - 1
+        scores = signs @ truncate_normalize(query, dim)[0]
+        return rows[np.argsort(-scores, kind="stable")][None, :]
+
+    return search
+
+
+METHODS = ("float32", "two-stage", "int8", "binary", "binary+rescore")
+QUANTISED = {"int8": search_int8, "binary": search_binary, "binary+rescore": search_binary_rescore}
+
+
+def bytes_per_vector(method: str, dim: int) -> float:
+    """Index memory per document vector (FAISS codes; the two-stage full-dim vectors are counted too)."""
+    return {"float32": 4 * dim, "int8": dim, "binary": dim / 8, "binary+rescore": dim / 8}[method]
+
+
+# Measuring
+
+
+def batched_rankings(search: Callable[[np.ndarray], np.ndarray], queries: np.ndarray) -> np.ndarray:
+    """Rankings of all queries (row ids, -1 pads) through a one-query search function."""
+    rows = np.full((len(queries), DEPTH), -1, dtype=np.int64)
+    for number in range(len(queries)):
+        found = search(queries[number : number + 1])[0][:DEPTH]
+        rows[number, : len(found)] = found
+    return rows
+
+
+@contextmanager
+def single_threaded_search() -> Iterator[None]:
+    """One FAISS thread: a query at a time is how the service searches, and timings stay steady on a busy machine."""
+    import faiss
+
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(threads)
+
+
+def measure(
+    search: Callable[[np.ndarray], np.ndarray], encoded: EncodedSplit, qrels: dict, timing_queries: int
+) -> dict[str, float]:
+    """Metrics over every judged query, and the per-query search time over the first ``timing_queries``."""
+    rows = batched_rankings(search, encoded.queries)
+    rankings = {
+        qid: [encoded.doc_ids[r] for r in row if r >= 0] for qid, row in zip(encoded.query_ids, rows, strict=True)
+    }
+    metrics = score_rankings(rankings, qrels)
+    timed: RankedRun = timed_per_query(search, encoded.queries[:timing_queries], DEPTH)
+    result = {name: round(metrics[name], 4) for name in METRICS}
+    result["search_ms_p50"] = round(1000 * float(np.median(timed.seconds)), 4)
+    return result
+
+
+def measure_model(
+    label: str, encoded: EncodedSplit, qrels: dict, dims: list[int], config: QualityBenchConfig, variants: bool
+) -> list[dict[str, Any]]:
+    """``float32`` at every dim for one model's vectors; with ``variants``, two-stage and quantised too."""
+    full = max(dims)
+    rows = []
+
+    def add(method: str, dim: int, search: Callable[[np.ndarray], np.ndarray], **extra: Any) -> None:
+        started = time.perf_counter()
+        row = {"model": label, "method": method, "dim": dim, **extra}
+        row.update(measure(search, encoded, qrels, config.timing_queries))
+        logger.info("%s %s dim %d%s: NDCG@10 %.4f (%.1f s)", label, method, dim,
+                    f" shortlist {extra['shortlist']}" if "shortlist" in extra else "", row["ndcg@10"],
+                    time.perf_counter() - started)  # fmt: skip
+        rows.append(row)
+
+    for dim in dims:
+        add("float32", dim, search_float(encoded.docs, dim), bytes_per_vector=4 * dim)
+        if not variants:
+            continue
+        for shortlist in config.shortlists:
+            if dim < full:
+                search = search_two_stage(encoded.docs, dim, shortlist)
+                add("two-stage", dim, search, shortlist=shortlist, bytes_per_vector=4 * dim + 4 * full)
+        for method, build in (
+            ("int8", search_int8),
+            ("binary", search_binary),
+            ("binary+rescore", search_binary_rescore),
+        ):
+            if method == "int8" or dim % 8 == 0:
+                add(
+                    method,
+                    dim,
+                    build(encoded.docs, dim),
+                    bytes_per_vector=bytes_per_vector(method, dim),
+                )
+    return rows
+
+
+# One dataset, then the whole run
+
+
+def load_scored_model(name_or_path: str | None) -> tuple[Any, str]:
+    """A sentence-transformers model (with the prompts of its card) and the fingerprint of its weights."""
+    from index.manifest import model_fingerprint
+    from training.models import load_model
+
+    model = load_model(name_or_path)
+    return model, model_fingerprint(model)
+
+
+def tuned_model_for(folder: Path, config: QualityBenchConfig) -> tuple[Path | None, dict[str, Any] | None]:
+    """The tuned model of a dataset: ``--tuned``, else ``--models-dir/NAME``, else trained there.
+
+    Returns:
+        The model folder (``None`` when there is none and training is off) and, when it was trained
+        now, the training summary.
+    """
+    from training.models import read_model_card
+
+    given = tuned_models(config).get(folder.name)
+    if given is not None:
+        return given, None
+    found = config.models_dir / folder.name
+    if found.is_dir() and read_model_card(found) is not None:
+        return found, None
+    if not config.train:
+        return None, None
+    from training.train import TrainConfig, train
+
+    logger.info("%s: no tuned model in %s; training one on split %r", folder.name, found, config.train_split)
+    started = time.perf_counter()
+    train(
+        TrainConfig(
+            data=folder,
+            output=found,
+            model=config.base_model,
+            train_split=config.train_split,
+            eval_split=None,
+            epochs=config.epochs,
+            learning_rate=config.learning_rate,
+            batch_size=config.batch_size,
+            max_train_pairs=config.max_train_pairs,
+            progress=config.progress,
+        )
+    )
+    return found, {"seconds": round(time.perf_counter() - started, 1), "output": str(found)}
+
+
+def measure_dataset(folder: Path, config: QualityBenchConfig) -> dict[str, Any]:
+    """Base and tuned model on one BEIR folder: every option at every dim."""
+    from training.models import default_dims, read_model_card, resolve_model
+
+    dataset = load_beir(folder, [config.split])
+    qrels = dataset.split(config.split)
+    query_ids = list(qrels)[: config.max_queries]
+    qrels = {qid: qrels[qid] for qid in query_ids}
+    tuned_path, training = tuned_model_for(folder, config)
+    models: dict[str, Any] = {}
+    rows: list[dict[str, Any]] = []
+    card = read_model_card(tuned_path) if tuned_path else None
+    dims: list[int] | None = config.dims or (list(card.dims) if card else None)
+    for label, name in (("base", resolve_model(config.base_model)), ("tuned", tuned_path)):
+        if name is None:
+            continue
+        model, fingerprint = load_scored_model(str(name))
+        full = model.get_embedding_dimension()
+        dims = validate_dims(dims or default_dims(full), full)
+        encoded = encode_dataset(model, fingerprint, dataset, query_ids, config)
+        del model
+        models[label] = {
+            "name": config.base_model or "sentence-transformers/all-MiniLM-L6-v2" if label == "base" else str(name),
+            "fingerprint": fingerprint,
+            "encode_seconds": round(encoded.encode_seconds, 1),
+            "from_cache": encoded.cached,
+        }
+        variants = label == "tuned" or tuned_path is None
+        rows += measure_model(label, encoded, qrels, dims, config, variants)
+    return {
+        "name": folder.name,
+        "path": str(folder),
+        "split": config.split,
+        "num_documents": len(dataset.corpus),
+        "num_queries": len(query_ids),
+        "dims": dims,
+        "models": models,
+        "training": training,
+        "rows": rows,
+    }
+
+
+def run_quality(config: QualityBenchConfig) -> dict[str, Any]:
+    """Measure every dataset; write ``quality.json``, ``quality.md`` and the two plots into ``config.out``.
+
+    Raises:
+        ValueError: Invalid settings. DataError: A missing or malformed dataset. ModelError: A model cannot load.
+    """
+    check_config(config)
+    folders = dataset_folders(config)
+    if config.cache is None and config.out is not None:
+        config.cache = config.out / "cache"
+    started_at, started = utc_now(), time.perf_counter()
+    with single_threaded_search():
+        datasets = [measure_dataset(folder, config) for folder in folders]
+    report = {
+        "benchmark": "quality",
+        "started_at": started_at,
+        "seconds": round(time.perf_counter() - started, 1),
+        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "machine": machine_info(),
+        "datasets": datasets,
+    }
+    report["settings"]["data"] = [str(p) for p in config.data]
+    report["latency"] = {name: latency_summary(raw) for name, raw in latency_reports(config).items()}
+    if config.out is not None:
+        write_quality_report(report, config.out)
+    return report
+
+
+# Reading a report
+
+
+def rows_of(dataset: dict[str, Any], model: str, method: str, shortlist: int | None = None) -> dict[int, dict]:
+    """The rows of one (model, method[, shortlist]) by dim."""
+    return {
+        row["dim"]: row
+        for row in dataset["rows"]
+        if row["model"] == model and row["method"] == method and row.get("shortlist") == shortlist
+    }
+
+
+def recommended_dim(dataset: dict[str, Any], keep: float = 0.98) -> int | None:
+    """Smallest dim whose tuned (else base) float32 NDCG@10 keeps ``keep`` of the full-dim NDCG@10."""
+    by_dim = rows_of(dataset, "tuned", "float32") or rows_of(dataset, "base", "float32")
+    if not by_dim:
+        return None
+    full = by_dim[max(by_dim)]["ndcg@10"]
+    good = [dim for dim, row in by_dim.items() if row["ndcg@10"] >= keep * full]
+    return min(good) if good else max(by_dim)
+
+
+def _pct(value: float, full: float) -> str:
+    return f"{100 * value / full:.1f}%" if full else "–"
+
+
+def quality_markdown(report: dict[str, Any]) -> str:
+    lines = ["# Search quality per dimension", ""]
+    lines += summary_table(report) + [""]
+    for dataset in report["datasets"]:
+        lines += dataset_section(dataset)
+    for name, latency in report.get("latency", {}).items():
+        dataset = next((d for d in report["datasets"] if d["name"] == name), None)
+        if dataset is not None:
+            lines += pareto_table(dataset, latency)
+    machine = report["machine"]
+    lines += [
+        f"Machine: {machine['cpus_usable']} CPUs, GPU {machine['gpu'] or 'none'}; {report['seconds']:.0f} s in all. "
+        "Search times are per query, one query at a time, search only (encoding excluded).",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def summary_table(report: dict[str, Any]) -> list[str]:
+    """NDCG@10 base → tuned per dim, one column pair per dataset."""
+    datasets = report["datasets"]
+    dims = sorted({dim for d in datasets for dim in d["dims"]}, reverse=True)
+    header = ["dim"] + [f"{d['name']} base → tuned (% of full)" for d in datasets]
+    lines = [markdown_row(header), markdown_row(["---:"] * len(header))]
+    for dim in dims:
+        cells = [str(dim)]
+        for dataset in datasets:
+            base, tuned = rows_of(dataset, "base", "float32"), rows_of(dataset, "tuned", "float32")
+            if dim not in base:
+                cells.append("–")
+                continue
+            cell = f"{base[dim]['ndcg@10']:.3f}"
+            if dim in tuned:
+                full = tuned[max(tuned)]["ndcg@10"]
+                cell += f" → **{tuned[dim]['ndcg@10']:.3f}** ({_pct(tuned[dim]['ndcg@10'], full)})"
+            cells.append(cell)
+        lines.append(markdown_row(cells))
+    return ["NDCG@10 on each test split, exact float32 search:", ""] + lines
+
+
+def dataset_section(dataset: dict[str, Any]) -> list[str]:
+    model = "tuned" if rows_of(dataset, "tuned", "float32") else "base"
+    full_rows = rows_of(dataset, model, "float32")
+    full = full_rows[max(full_rows)]["ndcg@10"]
+    lines = [
+        f"## {dataset['name']} ({dataset['num_documents']:,} documents, {dataset['num_queries']:,} judged queries, "
+        f"split {dataset['split']})",
+        "",
+        f"Options of the {model} model; memory is the index's bytes per document vector.",
+        "",
+    ]
+    header = ["option", "dim", "bytes/vector", "NDCG@10", "% of full", "MRR@10", "Recall@100", "search p50 ms"]
+    lines += [markdown_row(header), markdown_row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"])]
+    for row in sorted(
+        (r for r in dataset["rows"] if r["model"] == model),
+        key=lambda r: (-r["dim"], r["method"], r.get("shortlist", 0)),
+    ):
+        option = row["method"] + (f" (shortlist {row['shortlist']} → {max(full_rows)})" if "shortlist" in row else "")
+        lines.append(
+            markdown_row(
+                [
+                    option,
+                    str(row["dim"]),
+                    f"{row['bytes_per_vector']:g}",
+                    f"{row['ndcg@10']:.3f}",
+                    _pct(row["ndcg@10"], full),
+                    f"{row['mrr@10']:.3f}",
+                    f"{row['recall@100']:.3f}",
+                    f"{row['search_ms_p50']:.3f}",
+                ]
+            )
+        )
+    recommended = recommended_dim(dataset)
+    lines += ["", f"Smallest dim keeping 98% of the full-dim NDCG@10 ({model}, float32): **{recommended}**.", ""]
+    return lines
+
+
+def pareto_table(dataset: dict[str, Any], latency: dict[str, Any]) -> list[str]:
+    """The options no other option beats on both end-to-end p50 and NDCG@10, fastest first."""
+    lines = [
+        f"### {dataset['name']}: Pareto front, NDCG@10 against end-to-end p50 (HTTP, 1 in flight)",
+        "",
+        f"From `{latency['index']}` measured {latency['started_at']}.",
+        "",
+        markdown_row(["option (encoder dim)", "p50 ms", "NDCG@10"]),
+        markdown_row(["---", "---:", "---:"]),
+    ]
+    lines += [
+        markdown_row([label, f"{x:.1f}", f"{y:.3f}"]) for x, y, label in pareto_front(pareto_points(dataset, latency))
+    ]
+    return lines + [""]
+
+
+# Writing and drawing
+
+
+def write_quality_report(report: dict[str, Any], folder: Path) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    written = write_report(report, folder, "quality", quality_markdown)
+    written.append(plot_quality_vs_dim(report, folder / "quality_vs_dim.png"))
+    written.append(plot_pareto(report, folder / "quality_vs_latency.png"))
+    return written
+
+
+def _save_figure(figure: Any, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    partial = path.with_name(f".{path.stem}.tmp.png")
+    figure.savefig(partial, dpi=110, bbox_inches="tight")
+    plt.close(figure)
+    partial.replace(path)
+    return path
+
+
+def plot_quality_vs_dim(report: dict[str, Any], path: Path) -> Path:
+    """NDCG@10 against dim (log2 axis): tuned solid, base dashed, one colour per dataset."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(figsize=(6.4, 4.2))
+    for number, dataset in enumerate(report["datasets"]):
+        colour = f"C{number}"
+        for model, style in (("tuned", "-"), ("base", "--")):
+            by_dim = rows_of(dataset, model, "float32")
+            if by_dim:
+                dims = sorted(by_dim)
+                axes.plot(dims, [by_dim[d]["ndcg@10"] for d in dims], style, marker="o", color=colour,
+                          label=f"{dataset['name']} {model}")  # fmt: skip
+    axes.set_xscale("log", base=2)
+    dims = sorted({dim for d in report["datasets"] for dim in d["dims"]})
+    axes.set_xticks(dims, [str(d) for d in dims])
+    axes.set_xlabel("embedding dimension")
+    axes.set_ylabel("NDCG@10 (test split)")
+    axes.set_title("Matryoshka: quality per dimension, base (dashed) vs tuned")
+    axes.grid(alpha=0.3)
+    axes.legend(fontsize=8)
+    return _save_figure(figure, path)
+
+
+def latency_summary(report: dict[str, Any]) -> dict[str, Any]:
+    """The cells of a ``mrl bench latency`` report that a Pareto plot needs."""
+    k = report["settings"].get("k", 10)
+    cells = [
+        {
+            "encoder": r["encoder"],
+            "dim": r["dim"],
+            "rerank_dim": r.get("rerank_dim"),
+            # the server's shortlist: k × rerank_candidates, 10 unless the server was told otherwise
+            "shortlist": k * 10 if r.get("rerank_dim") else None,
+            "concurrency": r["concurrency"],
+            "p50_ms": r["p50_ms"],
+            "throughput_rps": r["throughput_rps"],
+        }
+        for r in report["results"]
+        if not r.get("errors") and r.get("p50_ms") is not None
+    ]
+    return {"index": report["settings"].get("index"), "started_at": report.get("started_at"), "cells": cells}
+
+
+def pareto_points(dataset: dict[str, Any], latency: dict[str, Any] | None = None) -> list[tuple[float, float, str]]:
+    """(p50 ms, NDCG@10, label) of every option of the tuned (else base) model.
+
+    With a latency summary of the same dataset the latency is the end-to-end HTTP p50 at one
+    request in flight (per encoder backend; options the service serves); else the search p50.
+    """
+    model = "tuned" if rows_of(dataset, "tuned", "float32") else "base"
+    if latency is None:
+        return [
+            (row["search_ms_p50"], row["ndcg@10"], f"{row['method']} {row['dim']}" + (
+                f"/{row['shortlist']}" if "shortlist" in row else ""))
+            for row in dataset["rows"]
+            if row["model"] == model
+        ]  # fmt: skip
+    points = []
+    for cell in latency["cells"]:
+        if cell["concurrency"] != 1:
+            continue
+        method = "two-stage" if cell["rerank_dim"] else "float32"
+        row = rows_of(dataset, model, method, cell["shortlist"]).get(cell["dim"])
+        if row is not None:
+            label = f"{cell['encoder']} {cell['dim']}" + (f"→{cell['rerank_dim']}" if cell["rerank_dim"] else "")
+            points.append((cell["p50_ms"], row["ndcg@10"], label))
+    return points
+
+
+def pareto_front(points: list[tuple[float, float, str]]) -> list[tuple[float, float, str]]:
+    """The points no other point beats on both latency (lower) and NDCG@10 (higher), fastest first."""
+    front, best = [], -1.0
+    for point in sorted(points, key=lambda p: (p[0], -p[1])):
+        if point[1] > best:
+            front.append(point)
+            best = point[1]
+    return front
+
+
+def plot_pareto(report: dict[str, Any], path: Path) -> Path:
+    """NDCG@10 against search p50 per query, every option as a dot, the Pareto front as a line."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = report["datasets"]
+    figure, all_axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
+    for axes, dataset in zip(all_axes[0], datasets, strict=True):
+        latency = report.get("latency", {}).get(dataset["name"])
+        points = pareto_points(dataset, latency)
+        if latency:
+            series = sorted({cell["encoder"] for cell in latency["cells"]})
+            axes.set_xlabel("end-to-end p50 over HTTP, 1 request in flight (ms)")
+        else:
+            series = list(METHODS)
+            axes.set_xlabel("search p50 per query (ms, log)")
+            axes.set_xscale("log")
+        for number, name in enumerate(series):
+            chosen = [p for p in points if p[2].startswith(name + " ")]
+            if chosen:
+                axes.scatter([p[0] for p in chosen], [p[1] for p in chosen], marker="os^xD"[number % 5], label=name,
+                             alpha=0.7)  # fmt: skip
+        front = pareto_front(points)
+        axes.plot([p[0] for p in front], [p[1] for p in front], "k-", linewidth=1, label="Pareto front")
+        for x, y, label in front:
+            axes.annotate(label, (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
+        axes.set_ylabel("NDCG@10")
+        axes.set_title(f"{dataset['name']} ({dataset['num_documents']:,} docs)")
+        axes.grid(alpha=0.3)
+        axes.legend(fontsize=7)
+    return _save_figure(figure, path)
