@@ -10,7 +10,13 @@ PORT   ?= 8000
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo train eval index serve test test-fast lint clean
+.PHONY: install demo train eval index serve test test-fast lint clean bench bench-models
+
+# `make bench`: every benchmark on the shared BEIR datasets, then the README's figures (benchmarks/README.md).
+DATASETS ?= ../shared/datasets
+BENCH    ?= $(RUNS)/bench
+MODELS   := $(RUNS)/models
+FIGURES  := docs/figures
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +51,32 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# Tuned models, one per dataset; an existing one is kept. MedQuAD and PIAF train on a sample of
+# their train split to fit a 2-core CPU (see the README); drop --max-train-pairs on a GPU.
+$(MODELS)/scifact/mrl.json: | $(STAMP)
+	$(BIN)/mrl train --data $(DATASETS)/scifact --output $(MODELS)/scifact --hard-negatives --eval-split none --overwrite
+$(MODELS)/medquad/mrl.json: | $(STAMP)
+	$(BIN)/mrl train --data $(DATASETS)/medquad --output $(MODELS)/medquad --max-train-pairs 1536 --epochs 2 \
+		--eval-split none --overwrite
+$(MODELS)/piaf_fr/mrl.json: | $(STAMP)
+	$(BIN)/mrl train --data $(DATASETS)/piaf_fr --output $(MODELS)/piaf_fr --max-train-pairs 1024 --epochs 3 \
+		--eval-split none --overwrite
+$(RUNS)/scifact-index/current: $(MODELS)/scifact/mrl.json
+	$(BIN)/mrl index build --data $(DATASETS)/scifact --model $(MODELS)/scifact --output $(RUNS)/scifact-index
+
+bench-models: $(MODELS)/scifact/mrl.json $(MODELS)/medquad/mrl.json $(MODELS)/piaf_fr/mrl.json
+
+bench: bench-models $(RUNS)/scifact-index/current
+	$(BIN)/mrl bench latency --index $(RUNS)/scifact-index --queries $(DATASETS)/scifact \
+		--encoders torch,onnx,onnx-int8 --rerank --out $(BENCH)
+	$(BIN)/mrl bench quality --datasets-root $(DATASETS) --models-dir $(MODELS) --no-train \
+		--latency scifact=$(BENCH)/latency.json --out $(BENCH)
+	$(BIN)/mrl bench encoders --index $(RUNS)/scifact-index --queries $(DATASETS)/scifact --out $(BENCH)
+	$(BIN)/mrl bench scaling --out $(BENCH)
+	$(BIN)/mrl bench peers --index $(RUNS)/scifact-index --data $(DATASETS)/scifact --out $(BENCH)
+	mkdir -p $(FIGURES)
+	cp $(BENCH)/quality_vs_dim.png $(BENCH)/quality_vs_latency.png $(BENCH)/scaling.png $(FIGURES)/
 
 clean:
 	rm -rf $(RUNS) .pytest_cache
