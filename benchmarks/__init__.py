@@ -78,3 +78,18 @@ def write_report(
     write_json_atomic(json_path, report)
     write_text_atomic(md_path, markdown(report))
     return [json_path, md_path]
+
+
+def save_figure(figure: Any, path: Path) -> Path:
+    """Write a matplotlib figure as PNG atomically (a temporary file beside ``path``, then a rename); close it."""
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    partial = path.with_name(f".{path.stem}.tmp.png")
+    try:
+        figure.savefig(partial, dpi=110, bbox_inches="tight")
+        partial.replace(path)
+    finally:
+        plt.close(figure)
+        partial.unlink(missing_ok=True)
+    return path

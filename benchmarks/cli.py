@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from benchmarks import ENCODERS
+from benchmarks.encoders import add_encoders_parser
+from benchmarks.scaling import add_scaling_parser
 from training.cli import config_fields, dims_argument
 
 DEFAULT_OUT = Path("runs/bench")
@@ -25,11 +27,15 @@ def name_list_argument(text: str) -> list[str]:
 
 
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:
-    bench = commands.add_parser("bench", help="benchmarks: HTTP latency of the server, two-stage search quality")
+    bench = commands.add_parser(
+        "bench", help="benchmarks: quality per dim, HTTP latency, encoders, search scaling, peers"
+    )
     actions = bench.add_subparsers(dest="action", required=True, metavar="BENCHMARK")
     _add_quality_parser(actions)
     _add_latency_parser(actions)
     _add_two_stage_parser(actions)
+    add_encoders_parser(actions)
+    add_scaling_parser(actions)
 
 
 def _add_quality_parser(actions: argparse._SubParsersAction) -> None:
@@ -99,7 +105,9 @@ def _add_latency_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--index", type=Path, required=True, help="index root or version folder")
     p.add_argument("--queries", type=Path, required=True, help="BEIR folder (its queries.jsonl) or a queries .jsonl")
     p.add_argument("--dims", type=dims_argument, default=None, help="dims to measure (default: every dim of the index)")
-    p.add_argument("--concurrency", type=int_list_argument, default=[1, 16], help="requests in flight (default: 1,16)")
+    p.add_argument(
+        "--concurrency", type=int_list_argument, default=[1, 4, 16, 64], help="requests in flight (default: 1,4,16,64)"
+    )
     p.add_argument("--requests", type=int, default=200, help="measured requests per cell (default: %(default)s)")
     p.add_argument("--warmup", type=int, default=20, help="warm-up requests per cell (default: %(default)s)")
     p.add_argument(

@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import machine_info, markdown_row, utc_now, write_report
+from benchmarks import machine_info, markdown_row, save_figure, utc_now, write_report
 from benchmarks.search_quality import RankedRun, timed_per_query
 from training.data import DataError, RetrievalDataset, load_beir
 from training.matryoshka import truncate_normalize, validate_dims
@@ -633,16 +633,6 @@ def write_quality_report(report: dict[str, Any], folder: Path) -> list[Path]:
     return written
 
 
-def _save_figure(figure: Any, path: Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    partial = path.with_name(f".{path.stem}.tmp.png")
-    figure.savefig(partial, dpi=110, bbox_inches="tight")
-    plt.close(figure)
-    partial.replace(path)
-    return path
-
-
 def plot_quality_vs_dim(report: dict[str, Any], path: Path) -> Path:
     """NDCG@10 against dim (log2 axis): tuned solid, base dashed, one colour per dataset."""
     import matplotlib
@@ -667,7 +657,7 @@ def plot_quality_vs_dim(report: dict[str, Any], path: Path) -> Path:
     axes.set_title("Matryoshka: quality per dimension, base (dashed) vs tuned")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def latency_summary(report: dict[str, Any]) -> dict[str, Any]:
@@ -758,4 +748,4 @@ def plot_pareto(report: dict[str, Any], path: Path) -> Path:
         axes.set_title(f"{dataset['name']} ({dataset['num_documents']:,} docs)")
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
