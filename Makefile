@@ -20,7 +20,7 @@ FIGURES  := docs/figures
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,peers]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -57,10 +57,10 @@ lint: $(STAMP)
 $(MODELS)/scifact/mrl.json: | $(STAMP)
 	$(BIN)/mrl train --data $(DATASETS)/scifact --output $(MODELS)/scifact --hard-negatives --eval-split none --overwrite
 $(MODELS)/medquad/mrl.json: | $(STAMP)
-	$(BIN)/mrl train --data $(DATASETS)/medquad --output $(MODELS)/medquad --max-train-pairs 1536 --epochs 2 \
+	$(BIN)/mrl train --data $(DATASETS)/medquad --output $(MODELS)/medquad --max-train-pairs 1024 --epochs 1 \
 		--eval-split none --overwrite
 $(MODELS)/piaf_fr/mrl.json: | $(STAMP)
-	$(BIN)/mrl train --data $(DATASETS)/piaf_fr --output $(MODELS)/piaf_fr --max-train-pairs 1024 --epochs 3 \
+	$(BIN)/mrl train --data $(DATASETS)/piaf_fr --output $(MODELS)/piaf_fr --max-train-pairs 768 --epochs 2 \
 		--eval-split none --overwrite
 $(RUNS)/scifact-index/current: $(MODELS)/scifact/mrl.json
 	$(BIN)/mrl index build --data $(DATASETS)/scifact --model $(MODELS)/scifact --output $(RUNS)/scifact-index

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from benchmarks import ENCODERS
 from benchmarks.encoders import add_encoders_parser
+from benchmarks.peers import add_peers_parser
 from benchmarks.scaling import add_scaling_parser
 from training.cli import config_fields, dims_argument
 
@@ -36,6 +37,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     _add_two_stage_parser(actions)
     add_encoders_parser(actions)
     add_scaling_parser(actions)
+    add_peers_parser(actions)
 
 
 def _add_quality_parser(actions: argparse._SubParsersAction) -> None:

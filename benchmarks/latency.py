@@ -21,7 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -57,7 +57,7 @@ class LatencyConfig:
     index: Path
     queries: Path
     dims: list[int] | None = None  # default: every dim of the index
-    concurrency: list[int] = field(default_factory=lambda: [1, 16])
+    concurrency: list[int] = field(default_factory=lambda: [1, 4, 16, 64])
     requests: int = 200  # measured requests per cell
     warmup: int = 20  # unmeasured requests per cell (at least one per connection)
     encoders: list[str] = field(default_factory=lambda: ["torch", "onnx"])
@@ -208,21 +208,41 @@ def running_server(config: LatencyConfig, encoder: str, log_path: Path) -> Itera
         ServerError: The server exited or was not ready within ``config.ready_timeout_s``.
     """
     port = free_port()
+    command = server_command(config, encoder, port)
+    with running_process(command, port, log_path, config.ready_timeout_s, server_environment()) as base:
+        yield base
+
+
+@contextmanager
+def running_process(
+    command: list[str],
+    port: int,
+    log_path: Path,
+    ready_timeout_s: float,
+    env: dict[str, str],
+    ready_path: str = "/readyz",
+) -> Iterator[str]:
+    """Start any HTTP server ``command`` listening on loopback ``port``, wait until ``ready_path`` answers 200,
+    yield its base URL; always stop it. Its output goes to ``log_path``.
+
+    Raises:
+        ServerError: The server exited or was not ready within ``ready_timeout_s``.
+    """
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w", encoding="utf-8") as log:
-        process = subprocess.Popen(
-            server_command(config, encoder, port), stdout=log, stderr=subprocess.STDOUT, env=server_environment()
-        )
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
         try:
             base = f"http://{LOOPBACK}:{port}"
-            wait_until_ready(base, process, log_path, config.ready_timeout_s)
+            wait_until_ready(base, process, log_path, ready_timeout_s, ready_path)
             yield base
         finally:
             stop_server(process)
 
 
-def wait_until_ready(base: str, process: subprocess.Popen, log_path: Path, timeout_s: float) -> None:
-    """Poll ``/readyz`` until it answers 200, the process exits, or ``timeout_s`` passes.
+def wait_until_ready(
+    base: str, process: subprocess.Popen, log_path: Path, timeout_s: float, path: str = "/readyz"
+) -> None:
+    """Poll ``path`` (``/readyz``) until it answers 200, the process exits, or ``timeout_s`` passes.
 
     Raises:
         ServerError: The process exited first, or the time ran out; the message names the log.
@@ -236,7 +256,7 @@ def wait_until_ready(base: str, process: subprocess.Popen, log_path: Path, timeo
                     f"({_failure_line(log_path)}; log: {log_path})"
                 )
             try:
-                if client.get(f"{base}/readyz").status_code == 200:
+                if client.get(f"{base}{path}").status_code == 200:
                     return
             except httpx.TransportError:
                 pass
@@ -306,9 +326,17 @@ async def send_one(client: httpx.AsyncClient, params: dict[str, Any]) -> Outcome
 
 
 async def drive(
-    client: httpx.AsyncClient, params: Callable[[int], dict[str, Any]], count: int, concurrency: int, deadline: float
+    client: httpx.AsyncClient,
+    params: Callable[[int], dict[str, Any]],
+    count: int,
+    concurrency: int,
+    deadline: float,
+    send: Callable[[httpx.AsyncClient, dict[str, Any]], Awaitable[Outcome]] = send_one,
 ) -> list[Outcome]:
-    """Send ``count`` requests with ``concurrency`` in flight; none is started after ``deadline`` (monotonic)."""
+    """Send ``count`` requests with ``concurrency`` in flight; none is started after ``deadline`` (monotonic).
+
+    ``send`` makes one request (default: ``GET /search`` of ``mrl serve``); other servers bring their own.
+    """
     numbers = iter(range(count))  # shared by the workers: the event loop runs one at a time
     outcomes: list[Outcome] = []
 
@@ -316,7 +344,7 @@ async def drive(
         for number in numbers:
             if time.monotonic() >= deadline:
                 return
-            outcomes.append(await send_one(client, params(number)))
+            outcomes.append(await send(client, params(number)))
 
     await asyncio.gather(*(worker() for _ in range(min(concurrency, count))))
     return outcomes
@@ -354,12 +382,17 @@ async def measure_cells(
 
 
 def summarize(encoder: str, cell: Cell, requested: int, outcomes: list[Outcome], wall_s: float) -> CellResult:
-    """Percentiles over the successful requests; throughput = successful requests per second of wall time."""
+    """Percentiles over the successful requests; throughput = successful requests per second of wall time.
+
+    The server's stage timings are averaged over the successful requests that reported any (``None`` when
+    none did, as for a server that does not report them).
+    """
     ok = [outcome for outcome in outcomes if outcome.error is None]
     latencies = np.array([outcome.seconds * 1000 for outcome in ok])
     p50, p95, p99 = (_round(v) for v in np.percentile(latencies, [50, 95, 99])) if len(ok) else (None, None, None)
+    timed = [outcome.timings for outcome in ok if outcome.timings]
     server = {
-        name: _round(float(np.mean([o.timings.get(name, 0.0) for o in ok]))) if ok else None for name in STAGE_TIMINGS
+        name: _round(float(np.mean([t.get(name, 0.0) for t in timed]))) if timed else None for name in STAGE_TIMINGS
     }
     errors = [outcome.error for outcome in outcomes if outcome.error is not None]
     return CellResult(

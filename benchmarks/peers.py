@@ -1,0 +1,842 @@
+"""``mrl bench peers``: the same corpus and the same model served three ways, measured side by side.
+
+- **ours**: ``mrl serve`` over an index built by ``mrl index build``, at the full dim and at
+  smaller Matryoshka dims;
+- **sentence-transformers**: the thirty-line baseline of ``benchmarks.peer_servers.sentence_transformers_faiss``
+  (``SentenceTransformer.encode(normalize_embeddings=True)`` + ``faiss.IndexFlatIP`` behind FastAPI);
+- **txtai**: an ``Embeddings`` index served by txtai's own HTTP API (``uvicorn txtai.api:app`` configured
+  by a YAML file), built through that API (``POST /add``, ``GET /index``).
+
+Every peer gets the model folder named by the index manifest, the manifest's query/document prompts
+and token limit (txtai has no option for the latter: a difference is reported), and exactly the passages
+the index holds (title + text, read back from its ``docs.sqlite``). The peers search exactly (flat
+inner product over unit vectors), so at the full dim all three must rank alike; the NDCG@10 columns
+check that the peers are set up correctly.
+
+One server process runs at a time, on a free loopback port, and is always stopped. For each system:
+corpus indexing time (ours: from the manifest), NDCG@10 / Recall@100 from ``k=100`` HTTP searches for
+the judged queries of a split, then latency cells (dim × concurrency) driven by ``benchmarks.latency``'s
+load generator with one request function shared by all three (same client work per request).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import logging
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks import format_ms, machine_info, markdown_row, utc_now, write_report
+from benchmarks.latency import (
+    ERROR_TEXT_CHARS,
+    LOOPBACK,
+    Cell,
+    CellResult,
+    LatencyConfig,
+    Outcome,
+    ServerError,
+    drive,
+    free_port,
+    read_query_texts,
+    running_process,
+    server_command,
+    server_environment,
+    summarize,
+)
+from index.layout import DOCS_FILE, resolve_version
+from index.manifest import IndexManifest
+from index.store import DocumentStore
+from training.data import DataError, Document, Qrels, load_beir
+from training.evaluate import TOP_K
+from training.matryoshka import DimensionError
+from training.metrics import score_rankings
+from training.models import resolve_model
+
+logger = logging.getLogger(__name__)
+
+OURS = "ours"
+OURS_ONNX = "ours-onnx"  # the same server with its ONNX Runtime encoder: our fastest CPU setting
+SENTENCE_TRANSFORMERS = "sentence-transformers"
+TXTAI = "txtai"
+PEERS = (TXTAI, SENTENCE_TRANSFORMERS)
+RECOMMENDED_DIM = 64  # measured besides the full dim by default, when the index has it
+QUALITY_K = TOP_K  # hits asked for per judged query: Recall@100 needs 100 (no server here caps below it)
+MAX_K = 100  # `mrl serve`'s default max_k: the latency k may not exceed it
+ENCODE_BATCH = 64  # corpus encoding batch of both peers, as `mrl index build`'s default
+TXTAI_ADD_BATCH = 1000  # documents per POST /add to txtai's API
+TXTAI_EXTRA_HINT = "pip install -c constraints.txt -e '.[peers]'"
+
+
+@dataclass
+class PeersConfig:
+    """What ``mrl bench peers`` can be told."""
+
+    index: Path
+    data: Path  # BEIR folder: judged queries for quality, its queries.jsonl for latency
+    split: str = "test"
+    max_queries: int | None = None  # default: every judged query of the split
+    dims: list[int] | None = None  # ours; the full dim is always added. Default: full and 64 if indexed
+    peers: list[str] | None = None  # default: txtai (skipped when not installed) and sentence-transformers
+    concurrency: list[int] = field(default_factory=lambda: [1, 16])
+    requests: int = 200  # measured requests per cell
+    warmup: int = 20  # unmeasured requests per cell (at least one per connection)
+    k: int = 10  # hits per latency request
+    device: str = "auto"
+    encoder_threads: int | None = None  # every server's torch/OpenMP threads (default: the libraries')
+    onnx: bool = True  # also measure our server with its ONNX encoder (system "ours-onnx")
+    time_limit_s: float = 1800.0  # no search request after it; later cells are recorded as cut short
+    ready_timeout_s: float = 300.0  # per server start (model loading)
+    build_timeout_s: float = 3600.0  # per peer's corpus indexing
+    request_timeout_s: float = 30.0
+    out: Path | None = None
+
+
+@dataclass
+class Plan:
+    """What a valid config asks for: our dims, the peers to run, and those skipped with the reason."""
+
+    dims: list[int]
+    peers: list[str]
+    skipped: dict[str, str]
+
+
+@dataclass(frozen=True)
+class SearchApi:
+    """How one server is asked for the top ``k`` of a query, and where the hits are in its JSON answer."""
+
+    query_param: str
+    k_param: str
+    hits_path: tuple[str | int, ...]  # keys from the body to the list of hits
+    dim_param: str | None = None
+    path: str = "/search"
+
+    def params(self, query: str, k: int, dim: int | None = None) -> dict[str, Any]:
+        params: dict[str, Any] = {self.query_param: query, self.k_param: k}
+        if self.dim_param is not None and dim is not None:
+            params[self.dim_param] = dim
+        return params
+
+    def hit_ids(self, body: Any) -> list[str]:
+        """Document ids, best first. Raises KeyError, IndexError or TypeError for an answer without hits."""
+        hits = body
+        for key in self.hits_path:
+            hits = hits[key]
+        if not isinstance(hits, list):
+            raise TypeError(f"hits are a {type(hits).__name__}, not a list")
+        return [str(hit["id"] if isinstance(hit, dict) else hit[0]) for hit in hits]
+
+
+APIS = {
+    OURS: SearchApi("q", "k", ("results", 0, "hits"), dim_param="dim"),
+    OURS_ONNX: SearchApi("q", "k", ("results", 0, "hits"), dim_param="dim"),
+    SENTENCE_TRANSFORMERS: SearchApi("q", "k", ("hits",)),
+    TXTAI: SearchApi("query", "limit", ()),  # txtai's GET /search answers a bare list of {id, text, score}
+}
+
+
+@dataclass
+class Served:
+    """A system that is up: its base URL and what it says about itself (build time, how it is served)."""
+
+    base: str
+    details: dict[str, Any]
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+def check_config(config: PeersConfig, manifest: IndexManifest) -> Plan:
+    """Validate ``config`` against the index before any server starts.
+
+    Raises:
+        ValueError: A count or limit that is not positive, k above 100, an unknown peer or device,
+            or txtai asked for by name while it is not installed. DimensionError: A dim the index lacks.
+    """
+    positive = {"--requests": config.requests, "--k": config.k, "--time-limit": config.time_limit_s}
+    positive |= {"--ready-timeout": config.ready_timeout_s, "--build-timeout": config.build_timeout_s}
+    positive |= {"--request-timeout": config.request_timeout_s}
+    for name, value in positive.items():
+        if value <= 0:
+            raise ValueError(f"{name} must be positive, got {value}")
+    if config.k > MAX_K:
+        raise ValueError(f"--k must be at most {MAX_K} (the server's max_k), got {config.k}")
+    if config.warmup < 0:
+        raise ValueError(f"--warmup must be 0 or more, got {config.warmup}")
+    if config.max_queries is not None and config.max_queries <= 0:
+        raise ValueError(f"--max-queries must be positive, got {config.max_queries}")
+    if config.encoder_threads is not None and config.encoder_threads <= 0:
+        raise ValueError(f"--encoder-threads must be positive, got {config.encoder_threads}")
+    if not config.concurrency or min(config.concurrency) < 1:
+        raise ValueError(f"--concurrency must list positive numbers, got {config.concurrency}")
+    if config.device not in ("auto", "cpu", "gpu"):
+        raise ValueError(f"--device must be auto, cpu or gpu, got {config.device!r}")
+    peers, skipped = choose_peers(config.peers)
+    return Plan(our_dims(config.dims, manifest), peers, skipped)
+
+
+def our_dims(requested: list[int] | None, manifest: IndexManifest) -> list[int]:
+    """The dims to measure ours at, largest first: the full one always, then ``requested`` (default: 64).
+
+    Raises:
+        DimensionError: A requested dim that the index does not have.
+    """
+    full = manifest.model.full_dim
+    default = [RECOMMENDED_DIM] if RECOMMENDED_DIM in manifest.dims else []
+    wanted = set(requested if requested is not None else default) | {full}
+    missing = sorted(wanted - set(manifest.dims))
+    if missing:
+        raise DimensionError(f"dims {missing} are not in the index (it has {manifest.dims})")
+    return sorted(wanted, reverse=True)
+
+
+def choose_peers(requested: list[str] | None) -> tuple[list[str], dict[str, str]]:
+    """The peers to run and the skipped ones with their reason.
+
+    By default (``requested`` is None) txtai is skipped when it cannot run; named explicitly, it must.
+
+    Raises:
+        ValueError: An unknown peer name, or txtai named explicitly but not installed.
+    """
+    names = list(dict.fromkeys(requested if requested is not None else PEERS))  # drop repeats, keep order
+    unknown = [name for name in names if name not in PEERS]
+    if unknown:
+        raise ValueError(f"unknown peers {unknown} (choose from {', '.join(PEERS)})")
+    skipped = {}
+    missing = txtai_missing() if TXTAI in names else None
+    if missing and requested is not None:
+        raise ValueError(f"--peers asks for txtai, but {missing}")
+    if missing:
+        skipped[TXTAI] = missing
+    return [name for name in names if name not in skipped], skipped
+
+
+def txtai_missing() -> str | None:
+    """Why txtai's API cannot run here (one line), or None when it can."""
+    if importlib.util.find_spec("txtai") is None:
+        return f"txtai is not installed ({TXTAI_EXTRA_HINT})"
+    if importlib.util.find_spec("fastapi_mcp") is None:  # txtai.api imports it: the txtai[api] extra
+        return f"txtai's HTTP API needs the txtai[api] extra ({TXTAI_EXTRA_HINT})"
+    return None
+
+
+def local_model_folder(manifest: IndexManifest) -> str:
+    """The manifest's model as a local folder: the peers get a path, never a hub name (they run offline).
+
+    Raises:
+        ValueError: The manifest names a model that is not a local folder.
+    """
+    folder = resolve_model(manifest.model.name)
+    if not Path(folder).is_dir():
+        raise ValueError(f"the peers need the model as a local folder; the manifest's {manifest.model.name!r} is not")
+    return folder
+
+
+# --- inputs -------------------------------------------------------------------------------
+
+
+def read_passages(version: Path, manifest: IndexManifest) -> list[Document]:
+    """Every document of the index, in row order, exactly as it was indexed (``Document.passage`` is encoded)."""
+    store = DocumentStore(version / DOCS_FILE)
+    try:
+        documents = store.get(range(manifest.num_vectors))
+    finally:
+        store.close()
+    missing = sum(doc is None for doc in documents)
+    if missing:
+        raise DataError(version / DOCS_FILE, f"{missing} of {manifest.num_vectors} rows are missing")
+    return [doc for doc in documents if doc is not None]
+
+
+def judged_queries(config: PeersConfig, documents: list[Document]) -> tuple[str, dict[str, str], Qrels, int]:
+    """Dataset name, judged query texts by id, their qrels, and how many judged documents the index lacks.
+
+    Raises:
+        DataError: Bad dataset, or an index that holds none of the judged documents.
+    """
+    dataset = load_beir(config.data, [config.split])
+    qrels = dataset.split(config.split)
+    query_ids = list(qrels)[: config.max_queries]
+    qrels = {qid: qrels[qid] for qid in query_ids}
+    judged = {doc for docs in qrels.values() for doc, score in docs.items() if score > 0}
+    missing = len(judged - {doc.id for doc in documents})
+    if judged and missing == len(judged):
+        raise DataError(config.data, f"none of the judged documents of split {config.split!r} are in the index")
+    if missing:
+        logger.warning("%d of %d judged documents are not in the index; they count as not found", missing, len(judged))
+    return dataset.name, {qid: dataset.queries[qid] for qid in query_ids}, qrels, missing
+
+
+# --- the servers --------------------------------------------------------------------------
+
+
+def server_env(config: PeersConfig) -> dict[str, str]:
+    """The same environment for all three servers: no ``MRL_*``, offline, and the thread limit if one is set."""
+    env = server_environment() | {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if config.encoder_threads is not None:
+        env |= {name: str(config.encoder_threads) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    return env
+
+
+@contextmanager
+def serve_ours(config: PeersConfig, manifest: IndexManifest, logs: Path, encoder: str = "torch") -> Iterator[Served]:
+    """``mrl serve`` over the index (``encoder``: torch or onnx); its build time comes from the manifest."""
+    settings = LatencyConfig(
+        index=config.index,
+        queries=config.data,
+        encoders=[encoder],
+        device=config.device,
+        encoder_threads=config.encoder_threads,
+    )
+    port = free_port()
+    command = server_command(settings, encoder, port)
+    build_s = manifest.encode_seconds + sum(entry.build_seconds for entry in manifest.indexes.values())
+    details = {
+        "served_by": f"`mrl serve` ({encoder} encoder) over the index",
+        "build_s": round(build_s, 2),
+        "build_note": f"from the manifest: corpus encoding, with up to 1000 probe queries, + FAISS builds of all "
+        f"{len(manifest.dims)} dims",
+        "index_factories": {str(dim): manifest.indexes[dim].factory for dim in manifest.dims},
+    }
+    log = logs / f"peers-server-ours-{encoder}.log"
+    with running_process(command, port, log, config.ready_timeout_s, server_env(config)) as base:
+        yield Served(base, details)
+
+
+def write_corpus(path: Path, documents: list[Document]) -> Path:
+    """JSON lines of ``{"id", "text"}`` with each document's passage as text: the baseline server's input."""
+    with path.open("w", encoding="utf-8") as handle:
+        for doc in documents:
+            handle.write(json.dumps({"id": doc.id, "text": doc.passage}) + "\n")
+    return path
+
+
+@contextmanager
+def serve_sentence_transformers(
+    config: PeersConfig, manifest: IndexManifest, model: str, documents: list[Document], work: Path, logs: Path
+) -> Iterator[Served]:
+    """The baseline server; it encodes the corpus before listening and reports the time in ``GET /info``."""
+    port = free_port()
+    command = [sys.executable, "-m", "benchmarks.peer_servers.sentence_transformers_faiss"]
+    command += ["--corpus", str(write_corpus(work / "corpus.jsonl", documents)), "--model", model]
+    command += ["--query-prompt", manifest.model.query_prompt, "--document-prompt", manifest.model.document_prompt]
+    command += ["--batch-size", str(ENCODE_BATCH), "--port", str(port)]
+    if manifest.model.max_seq_length:
+        command += ["--max-seq-length", str(manifest.model.max_seq_length)]
+    if config.device != "auto":
+        command += ["--device", "cuda" if config.device == "gpu" else "cpu"]
+    log = logs / "peers-server-sentence-transformers.log"
+    timeout = config.ready_timeout_s + config.build_timeout_s
+    with running_process(command, port, log, timeout, server_env(config), ready_path="/info") as base:
+        with httpx.Client(timeout=config.request_timeout_s, trust_env=False) as client:
+            response = client.get(f"{base}/info")
+            response.raise_for_status()
+            info = response.json()
+        _check_count(SENTENCE_TRANSFORMERS, info["num_vectors"], len(documents))
+        yield Served(
+            base,
+            {
+                "served_by": "`python -m benchmarks.peer_servers.sentence_transformers_faiss` (FastAPI + uvicorn)",
+                "build_s": info["build_s"],
+                "build_note": "corpus encoding + IndexFlatIP, timed by the server; model loading not included",
+                "model_load_s": info["load_s"],
+                "index_factories": {str(info["dim"]): "IndexFlatIP"},
+                "versions": _versions("sentence-transformers", "faiss-cpu", "faiss-gpu", "fastapi", "uvicorn"),
+            },
+        )
+
+
+def txtai_settings(model: str, manifest: IndexManifest, device: str) -> dict[str, Any]:
+    """txtai's application YAML: a writable in-memory ``Embeddings`` index with the same model and prompts.
+
+    ``method: sentence-transformers`` makes txtai encode with the model's own modules (pooling,
+    normalisation) through ``encode_query``/``encode_document``; ``vectors`` are keyword arguments of
+    ``SentenceTransformer(...)``, so the manifest's prompts replace any saved in the folder, as in
+    ``mrl serve``. ``IDMap,Flat`` is exact search (txtai's own choice up to 5000 vectors; IVF above).
+    """
+    return {
+        "writable": True,
+        "embeddings": {
+            "path": model,
+            "method": "sentence-transformers",
+            "content": True,  # store and return the text, as the other two servers do
+            "backend": "faiss",
+            "faiss": {"components": "IDMap,Flat"},
+            "gpu": device != "cpu",
+            "encodebatch": ENCODE_BATCH,
+            "vectors": {"prompts": {"query": manifest.model.query_prompt, "document": manifest.model.document_prompt}},
+        },
+    }
+
+
+@contextmanager
+def serve_txtai(
+    config: PeersConfig, manifest: IndexManifest, model: str, documents: list[Document], work: Path, logs: Path
+) -> Iterator[Served]:
+    """txtai's own API (``uvicorn txtai.api:app`` with ``CONFIG``), then the corpus indexed through it."""
+    import yaml  # a txtai dependency
+
+    settings = work / "txtai.yml"
+    settings.write_text(yaml.safe_dump(txtai_settings(model, manifest, config.device)), encoding="utf-8")
+    port = free_port()
+    command = [sys.executable, "-m", "uvicorn", "txtai.api:app", "--host", LOOPBACK, "--port", str(port)]
+    command += ["--log-level", "warning"]
+    env = server_env(config) | {"CONFIG": str(settings)}
+    log = logs / "peers-server-txtai.log"
+    with running_process(command, port, log, config.ready_timeout_s, env, ready_path="/count") as base:
+        build_s = build_txtai_index(base, documents, config)
+        details = {
+            "served_by": "txtai's HTTP API (`uvicorn txtai.api:app`, CONFIG=txtai.yml)",
+            "build_s": round(build_s, 3),
+            "build_note": f"POST /add of {TXTAI_ADD_BATCH} passages per request + GET /index, timed by the client; "
+            "includes the model reload txtai's API does on every GET /index",
+            "index_factories": {str(manifest.model.full_dim): "IDMap,Flat"},
+            "settings": txtai_settings(model, manifest, config.device),
+            "versions": _versions("txtai"),
+        }
+        details |= _max_seq_length_note(model, manifest)
+        yield Served(base, details)
+
+
+def build_txtai_index(base: str, documents: list[Document], config: PeersConfig) -> float:
+    """Send the passages to txtai's API and have it index them; return the seconds it took.
+
+    Raises:
+        httpx.HTTPError: An error answer, or no answer within ``config.build_timeout_s``.
+        ServerError: The index holds another number of documents than was sent.
+    """
+    started = time.perf_counter()
+    with httpx.Client(base_url=base, timeout=config.build_timeout_s, trust_env=False) as client:
+        for start in range(0, len(documents), TXTAI_ADD_BATCH):
+            batch = [{"id": doc.id, "text": doc.passage} for doc in documents[start : start + TXTAI_ADD_BATCH]]
+            client.post("/add", json=batch).raise_for_status()
+        client.get("/index").raise_for_status()
+        seconds = time.perf_counter() - started
+        count = client.get("/count")
+        count.raise_for_status()
+    _check_count(TXTAI, int(count.json()), len(documents))
+    return seconds
+
+
+def _check_count(system: str, indexed: int, expected: int) -> None:
+    if indexed != expected:
+        raise ServerError(f"{system} indexed {indexed} documents, not the {expected} sent")
+
+
+def _max_seq_length_note(model: str, manifest: IndexManifest) -> dict[str, Any]:
+    """txtai's sentence-transformers method has no token-limit option: it encodes with the folder's own."""
+    try:
+        folder_limit = json.loads((Path(model) / "sentence_bert_config.json").read_text())["max_seq_length"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+    if manifest.model.max_seq_length in (None, folder_limit):
+        return {}
+    return {
+        "caveat": f"txtai encodes with the model folder's max_seq_length {folder_limit}; "
+        f"the index was built with {manifest.model.max_seq_length}"
+    }
+
+
+def _versions(*packages: str) -> dict[str, str]:
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+# --- measuring ----------------------------------------------------------------------------
+
+
+def request_sender(api: SearchApi) -> Callable[[httpx.AsyncClient, dict[str, Any]], Awaitable[Outcome]]:
+    """One search request for ``benchmarks.latency.drive``, the same for every system.
+
+    The latency is the time to the whole answer; the JSON is then parsed and its hits found (not timed),
+    so an answer without hits is an error. ``timings_ms`` are kept where a server reports them (ours).
+    """
+
+    async def send(client: httpx.AsyncClient, params: dict[str, Any]) -> Outcome:
+        started = time.perf_counter()
+        try:
+            response = await client.get(api.path, params=params)
+        except httpx.HTTPError as exc:
+            return Outcome(time.perf_counter() - started, None, f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_CHARS])
+        seconds = time.perf_counter() - started
+        if response.status_code != 200:
+            return Outcome(seconds, None, f"HTTP {response.status_code}: {response.text[:ERROR_TEXT_CHARS]}")
+        try:
+            body = response.json()
+            api.hit_ids(body)
+        except (ValueError, KeyError, IndexError, TypeError):
+            return Outcome(seconds, None, f"HTTP 200 without hits: {response.text[:ERROR_TEXT_CHARS]}")
+        timings = body.get("timings_ms") if isinstance(body, dict) else None
+        return Outcome(seconds, dict(timings) if isinstance(timings, dict) else None)
+
+    return send
+
+
+async def measure_cell(
+    base: str, system: str, cell: Cell, queries: list[str], config: PeersConfig, deadline: float
+) -> CellResult:
+    """Warm up (at least one request per connection), then time ``config.requests`` requests."""
+    api = APIS[system]
+    send = request_sender(api)
+    dim = cell.dim if api.dim_param else None
+
+    def params(offset: int) -> Callable[[int], dict[str, Any]]:
+        return lambda number: api.params(queries[(offset + number) % len(queries)], config.k, dim)
+
+    limits = httpx.Limits(max_connections=cell.concurrency, max_keepalive_connections=cell.concurrency)
+    warmup = max(config.warmup, cell.concurrency) if config.warmup else 0
+    async with httpx.AsyncClient(
+        base_url=base, timeout=config.request_timeout_s, limits=limits, trust_env=False
+    ) as client:
+        await drive(client, params(0), warmup, cell.concurrency, deadline, send)
+        started = time.perf_counter()
+        outcomes = await drive(client, params(warmup), config.requests, cell.concurrency, deadline, send)
+        wall = time.perf_counter() - started
+    return summarize(system, cell, config.requests, outcomes, wall)
+
+
+async def measure_cells(
+    base: str, system: str, cells: list[Cell], queries: list[str], config: PeersConfig, deadline: float
+) -> list[CellResult]:
+    results = []
+    for cell in cells:
+        result = await measure_cell(base, system, cell, queries, config, deadline)
+        logger.info("%s %s: p50 %s ms, %.1f req/s", system, cell.label, format_ms(result.p50_ms), result.throughput_rps)
+        results.append(result)
+    return results
+
+
+def search_quality(
+    base: str, system: str, dim: int, queries: dict[str, str], qrels: Qrels, config: PeersConfig, deadline: float
+) -> dict[str, Any]:
+    """NDCG@10, MRR@10 and Recall@100 from one ``k=100`` HTTP search per judged query, one at a time.
+
+    A failed request leaves its query without hits (it scores 0) and is counted in ``errors``; no request
+    is sent after ``deadline``, and the queries not asked count in ``not_asked``.
+    """
+    api = APIS[system]
+    rankings: dict[str, list[str]] = {}
+    errors: list[str] = []
+    with httpx.Client(base_url=base, timeout=config.request_timeout_s, trust_env=False) as client:
+        for qid, text in queries.items():
+            if time.monotonic() >= deadline:
+                break
+            try:
+                response = client.get(api.path, params=api.params(text, QUALITY_K, dim if api.dim_param else None))
+                response.raise_for_status()
+                rankings[qid] = api.hit_ids(response.json())
+            except (httpx.HTTPError, ValueError, KeyError, IndexError, TypeError) as exc:
+                errors.append(f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_CHARS])
+    metrics = score_rankings(rankings, qrels)
+    return {
+        "k": QUALITY_K,
+        **{name: round(metrics[name], 4) for name in ("ndcg@10", "mrr@10", "recall@100")},
+        "queries": len(queries),
+        "not_asked": len(queries) - len(rankings) - len(errors),
+        "errors": len(errors),
+        "first_error": errors[0] if errors else None,
+    }
+
+
+def measure_system(
+    system: str,
+    served: Served,
+    dims: list[int],
+    judged: tuple[dict[str, str], Qrels],
+    query_texts: list[str],
+    config: PeersConfig,
+    deadline: float,
+) -> tuple[dict[str, Any], list[CellResult]]:
+    """Quality at every dim, then every latency cell, against one running server."""
+    queries, qrels = judged
+    quality = {str(dim): search_quality(served.base, system, dim, queries, qrels, config, deadline) for dim in dims}
+    cells = [Cell(dim, level) for dim in dims for level in config.concurrency]
+    results = asyncio.run(measure_cells(served.base, system, cells, query_texts, config, deadline))
+    return {"status": "measured", "url": served.base, **served.details, "quality": quality}, results
+
+
+# --- the whole run ------------------------------------------------------------------------
+
+
+def run_peers(config: PeersConfig) -> dict[str, Any]:
+    """Measure ours, then each peer, each against its own fresh server process.
+
+    A peer that fails (its server does not start or answers errors while indexing) is recorded as
+    failed with the reason, and the others are still measured; ours failing ends the run.
+
+    Returns:
+        The report (settings, machine, index, dataset, each system, one row per measured cell with its
+        ratios to ours at the full dim); written as ``peers.json`` and ``peers.md`` into ``config.out``.
+
+    Raises:
+        IndexFolderError: No index at ``config.index``. DataError: Bad dataset or one the index does not hold.
+        ValueError, DimensionError: Invalid settings. ServerError: Our server did not start.
+    """
+    version = resolve_version(config.index)
+    manifest = IndexManifest.read(version)
+    plan = check_config(config, manifest)
+    model = local_model_folder(manifest)
+    documents = read_passages(version, manifest)
+    dataset_name, queries, qrels, missing = judged_queries(config, documents)
+    query_texts = read_query_texts(config.data)
+    logs = config.out or Path(tempfile.mkdtemp(prefix="mrl-bench-peers-"))  # server logs
+    started_at, started = utc_now(), time.monotonic()
+    deadline = started + config.time_limit_s
+    full = manifest.model.full_dim
+    systems: dict[str, dict[str, Any]] = {}
+    results: list[CellResult] = []
+    with tempfile.TemporaryDirectory(prefix="mrl-bench-peers-") as scratch:
+        work = Path(scratch)
+        servers: dict[str, Callable[[], Any]] = {
+            OURS: lambda: serve_ours(config, manifest, logs),
+            OURS_ONNX: lambda: serve_ours(config, manifest, logs, encoder="onnx"),
+            SENTENCE_TRANSFORMERS: lambda: serve_sentence_transformers(config, manifest, model, documents, work, logs),
+            TXTAI: lambda: serve_txtai(config, manifest, model, documents, work, logs),
+        }
+        for system in [OURS, *([OURS_ONNX] if config.onnx else []), *plan.peers]:
+            dims = plan.dims if system in (OURS, OURS_ONNX) else [full]
+            try:
+                with servers[system]() as served:
+                    systems[system], cells = measure_system(
+                        system, served, dims, (queries, qrels), query_texts, config, deadline
+                    )
+            except (httpx.HTTPError, ValueError) as exc:  # ServerError and DataError are ValueErrors
+                if system == OURS:
+                    raise
+                logger.warning("%s failed: %s", system, exc)
+                systems[system] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500]}
+                continue
+            results += cells
+    systems |= {name: {"status": "skipped", "reason": reason} for name, reason in plan.skipped.items()}
+    report = {
+        "benchmark": "peers",
+        "started_at": started_at,
+        "duration_s": round(time.monotonic() - started, 2),
+        "settings": _settings_dict(config, plan, len(query_texts)),
+        "machine": machine_info(),
+        "index": _index_dict(version, manifest, model),
+        "dataset": {
+            "name": dataset_name,
+            "split": config.split,
+            "num_queries": len(queries),
+            "judged_documents_missing_from_index": missing,
+        },
+        "systems": systems,
+        "results": result_rows(results, systems, full),
+    }
+    if config.out is not None:
+        write_report(report, config.out, "peers", peers_markdown)
+    return report
+
+
+def result_rows(results: list[CellResult], systems: dict[str, dict[str, Any]], full_dim: int) -> list[dict[str, Any]]:
+    """One row per cell: its latency figures, its ratios to ours at the full dim, its quality and build time.
+
+    Ratios compare with ours at the full dim and the same concurrency: ``p50_ratio`` above 1 means
+    slower than ours, ``rps_ratio`` above 1 means more requests per second than ours.
+    """
+    reference = {r.concurrency: r for r in results if r.encoder == OURS and r.dim == full_dim}
+    rows = []
+    for result in results:
+        row = asdict(result)
+        system = row.pop("encoder")
+        quality = systems[system]["quality"].get(str(result.dim), {})
+        ours = reference.get(result.concurrency)
+        rows.append(
+            {
+                "system": system,
+                **row,
+                "cut_short": result.cut_short,
+                "p50_ratio": _ratio(result.p50_ms, ours.p50_ms if ours else None),
+                "p95_ratio": _ratio(result.p95_ms, ours.p95_ms if ours else None),
+                "rps_ratio": _ratio(result.throughput_rps, ours.throughput_rps if ours else None),
+                "ndcg@10": quality.get("ndcg@10"),
+                "recall@100": quality.get("recall@100"),
+                "build_s": systems[system].get("build_s"),
+            }
+        )
+    return rows
+
+
+def _ratio(value: float | None, reference: float | None) -> float | None:
+    return round(value / reference, 3) if value is not None and reference else None
+
+
+def _settings_dict(config: PeersConfig, plan: Plan, num_query_texts: int) -> dict[str, Any]:
+    settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
+    return {
+        **settings,
+        "dims": plan.dims,
+        "peers": plan.peers,
+        "quality_k": QUALITY_K,
+        "num_query_texts": num_query_texts,
+        "host": LOOPBACK,
+    }
+
+
+def _index_dict(version: Path, manifest: IndexManifest, model: str) -> dict[str, Any]:
+    return {
+        "path": str(version),
+        "version": manifest.version,
+        "model": manifest.model.name,
+        "model_folder": model,
+        "full_dim": manifest.model.full_dim,
+        "dims": manifest.dims,
+        "num_vectors": manifest.num_vectors,
+        "query_prompt": manifest.model.query_prompt,
+        "document_prompt": manifest.model.document_prompt,
+        "max_seq_length": manifest.model.max_seq_length,
+    }
+
+
+# --- the report ---------------------------------------------------------------------------
+
+
+def peers_table(report: dict[str, Any]) -> str:
+    """One row per (system, dim, concurrency)."""
+    header = ["system", "dim", "conc.", "p50 ms", "p95 ms", "p99 ms", "req/s", "errors"]
+    header += ["p50 vs ours-full", "req/s vs ours-full", "NDCG@10", "Recall@100", "index build s"]
+    lines = [markdown_row(header), markdown_row(["---", *["---:"] * (len(header) - 1)])]
+    for row in report["results"]:
+        errors = str(row["errors"]) + (f" ({row['sent']} of {row['requested']} sent)" if row["cut_short"] else "")
+        cells = [row["system"], str(row["dim"]), str(row["concurrency"])]
+        cells += [format_ms(row[name]) for name in ("p50_ms", "p95_ms", "p99_ms")]
+        cells += [f"{row['throughput_rps']:.1f}", errors, _times(row["p50_ratio"]), _times(row["rps_ratio"])]
+        cells += [_metric(row["ndcg@10"]), _metric(row["recall@100"])]
+        cells.append(f"{row['build_s']:.1f}" if row["build_s"] is not None else "–")
+        lines.append(markdown_row(cells))
+    return "\n".join(lines)
+
+
+def _times(value: float | None) -> str:
+    return f"{value:.2f}×" if value is not None else "–"
+
+
+def _metric(value: float | None) -> str:
+    return f"{value:.3f}" if value is not None else "–"
+
+
+def systems_section(report: dict[str, Any]) -> list[str]:
+    """One bullet per system: how it was served and indexed, or why it was not measured."""
+    lines = []
+    for name, system in report["systems"].items():
+        if system["status"] != "measured":
+            lines.append(f"- **{name}**: {system['status']}: {system['reason']}")
+            continue
+        text = f"- **{name}**: {system['served_by']}; index build {system['build_s']:.2f} s ({system['build_note']})"
+        quality_errors = sum(q["errors"] + q["not_asked"] for q in system["quality"].values())
+        if quality_errors:
+            text += f"; {quality_errors} judged queries without an answer (scored 0)"
+        if system.get("caveat"):
+            text += f"; caveat: {system['caveat']}"
+        lines.append(text + ".")
+    return lines
+
+
+def peers_markdown(report: dict[str, Any]) -> str:
+    """Title, context, the table, how each system was served."""
+    settings, machine, index, dataset = report["settings"], report["machine"], report["index"], report["dataset"]
+    context = (
+        f"Model `{index['model']}`, {index['num_vectors']} passages of index `{index['path']}`, served by each "
+        f"system below, one server at a time. Quality: {dataset['num_queries']} judged queries of "
+        f"`{dataset['name']}` split `{dataset['split']}`, one `k={settings['quality_k']}` HTTP search each. "
+        f"Latency: `GET /search` with k={settings['k']}, {settings['requests']} measured requests per cell after "
+        f"{settings['warmup']} warm-up ones. Ratios compare with ours at the full dim and the same concurrency "
+        "(p50 above 1×: slower than ours; req/s above 1×: more throughput). Client and servers share one machine: "
+        f"{machine['cpus_usable']} CPUs, load average {machine['load_average_1m']} at the start, "
+        f"GPU {machine['gpu'] or 'none'}."
+    )
+    parts = ["# Peers: the same model and corpus, served side by side", "", context, "", peers_table(report), ""]
+    return "\n".join([*parts, "## Systems", "", *systems_section(report)]) + "\n"
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def add_peers_parser(actions: argparse._SubParsersAction) -> None:
+    """Register ``mrl bench peers`` on the ``mrl bench`` sub-commands."""
+    from benchmarks.cli import DEFAULT_OUT, int_list_argument, name_list_argument
+    from training.cli import dims_argument
+
+    p = actions.add_parser(
+        "peers",
+        help="ours vs txtai vs sentence-transformers+FAISS: latency, throughput, quality, build time",
+        description="Serve the index's corpus with its model three ways, one server process at a time on "
+        "127.0.0.1: `mrl serve` over the index (full dim and smaller dims), txtai's HTTP API, and a plain "
+        "sentence-transformers + FAISS IndexFlatIP FastAPI app. Report indexing time, NDCG@10 and Recall@100 of "
+        "a split's judged queries (k=100 over HTTP), and GET /search latency p50/p95/p99 and req/s per "
+        "concurrency, with ratios to ours at the full dim.",
+    )
+    p.add_argument("--index", type=Path, required=True, help="index root or version folder (corpus, model, prompts)")
+    p.add_argument("--data", type=Path, required=True, help="BEIR folder: judged queries and query texts")
+    p.add_argument("--split", default="test", help="qrels split (default: %(default)s)")
+    p.add_argument("--max-queries", type=int, default=None, help="use only the first N judged queries")
+    p.add_argument(
+        "--dims", type=dims_argument, default=None, help="our dims besides the full one (default: 64 if indexed)"
+    )
+    p.add_argument(
+        "--peers",
+        type=name_list_argument,
+        default=None,
+        help="txtai, sentence-transformers (default: both; txtai skipped when not installed)",
+    )
+    p.add_argument("--concurrency", type=int_list_argument, default=[1, 16], help="requests in flight (default: 1,16)")
+    p.add_argument("--requests", type=int, default=200, help="measured requests per cell (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=20, help="warm-up requests per cell (default: %(default)s)")
+    p.add_argument("--k", type=int, default=10, help="hits per latency request (default: %(default)s)")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="every server's device (auto)")
+    p.add_argument("--encoder-threads", type=int, default=None, help="every server's torch/OpenMP threads")
+    p.add_argument(
+        "--no-onnx", dest="onnx", action="store_false", help="skip our server with its ONNX encoder (ours-onnx)"
+    )
+    p.add_argument(
+        "--time-limit",
+        dest="time_limit_s",
+        metavar="SECONDS",
+        type=float,
+        default=1800.0,
+        help="seconds; no search request after it (1800)",
+    )
+    p.add_argument(
+        "--ready-timeout",
+        dest="ready_timeout_s",
+        metavar="SECONDS",
+        type=float,
+        default=300.0,
+        help="seconds per server start (300)",
+    )
+    p.add_argument(
+        "--build-timeout",
+        dest="build_timeout_s",
+        metavar="SECONDS",
+        type=float,
+        default=3600.0,
+        help="seconds per peer's corpus indexing (3600)",
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    p.set_defaults(handler=run_peers_command)
+
+
+def run_peers_command(args: argparse.Namespace) -> int:
+    from training.cli import config_fields
+
+    report = run_peers(PeersConfig(**config_fields(args)))
+    print(peers_markdown(report), end="")
+    print(f"wrote {args.out / 'peers.json'}, {args.out / 'peers.md'}")
+    return 0
