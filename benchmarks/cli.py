@@ -27,6 +27,14 @@ def name_list_argument(text: str) -> list[str]:
     return [part.strip() for part in text.split(",") if part.strip()]
 
 
+def add_server_limits(p: argparse.ArgumentParser, time_limit_s: float) -> None:
+    """``--time-limit`` and ``--ready-timeout``: the bounds of every benchmark that starts servers."""
+    p.add_argument("--time-limit", dest="time_limit_s", metavar="SECONDS", type=float, default=time_limit_s,
+                   help=f"seconds; no request is sent after it ({time_limit_s:g})")  # fmt: skip
+    p.add_argument("--ready-timeout", dest="ready_timeout_s", metavar="SECONDS", type=float, default=300.0,
+                   help="seconds per server start (300)")  # fmt: skip
+
+
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser(
         "bench", help="benchmarks: quality per dim, HTTP latency, encoders, search scaling, peers"
@@ -123,22 +131,7 @@ def _add_latency_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="server device (default: auto)")
     p.add_argument("--encoder-threads", type=int, default=None, help="server's encoder CPU threads")
     p.add_argument("--onnx-cache", type=Path, default=None, help="ONNX export folder (default: the server's)")
-    p.add_argument(
-        "--time-limit",
-        dest="time_limit_s",
-        metavar="SECONDS",
-        type=float,
-        default=900.0,
-        help="seconds; no request after it (900)",
-    )
-    p.add_argument(
-        "--ready-timeout",
-        dest="ready_timeout_s",
-        metavar="SECONDS",
-        type=float,
-        default=300.0,
-        help="seconds per server start (300)",
-    )
+    add_server_limits(p, time_limit_s=900.0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
     p.set_defaults(handler=run_latency_command)
 

@@ -350,35 +350,54 @@ async def drive(
     return outcomes
 
 
-async def measure_cell(
-    base: str, encoder: str, cell: Cell, queries: list[str], config: LatencyConfig, deadline: float
+async def time_cell(
+    base: str,
+    label: str,
+    cell: Cell,
+    params_from: Callable[[int], Callable[[int], dict[str, Any]]],
+    config: LatencyConfig | Any,
+    deadline: float,
+    send: Callable[..., Any] = send_one,
 ) -> CellResult:
-    """Warm up (at least one request per connection), then time ``config.requests`` requests."""
+    """Warm up (at least one request per connection), then time ``config.requests`` requests.
+
+    ``params_from(offset)`` gives the query parameters of request ``number``; ``config`` needs
+    ``requests``, ``warmup`` and ``request_timeout_s`` (the latency and the peers benchmark share this).
+    """
     limits = httpx.Limits(max_connections=cell.concurrency, max_keepalive_connections=cell.concurrency)
     warmup = max(config.warmup, cell.concurrency) if config.warmup else 0
     async with httpx.AsyncClient(
         base_url=base, timeout=config.request_timeout_s, limits=limits, trust_env=False
     ) as client:
-        await drive(client, search_params(cell, queries, config.k, 0), warmup, cell.concurrency, deadline)
+        await drive(client, params_from(0), warmup, cell.concurrency, deadline, send)
         started = time.perf_counter()
-        params = search_params(cell, queries, config.k, warmup)
-        outcomes = await drive(client, params, config.requests, cell.concurrency, deadline)
+        outcomes = await drive(client, params_from(warmup), config.requests, cell.concurrency, deadline, send)
         wall = time.perf_counter() - started
-    return summarize(encoder, cell, config.requests, outcomes, wall)
+    return summarize(label, cell, config.requests, outcomes, wall)
+
+
+async def time_cells(
+    label: str, cells: list[Cell], measure: Callable[[Cell], Awaitable[CellResult]]
+) -> list[CellResult]:
+    """Every cell in turn against one server, logging each result."""
+    results = []
+    for cell in cells:
+        result = await measure(cell)
+        logger.info("%s %s: p50 %s ms, %.1f req/s", label, cell.label, format_ms(result.p50_ms), result.throughput_rps)
+        results.append(result)
+    return results
 
 
 async def measure_cells(
     base: str, encoder: str, cells: list[Cell], queries: list[str], config: LatencyConfig, deadline: float
 ) -> list[CellResult]:
-    """Every cell in turn against one server."""
-    results = []
-    for cell in cells:
-        result = await measure_cell(base, encoder, cell, queries, config, deadline)
-        logger.info(
-            "%s %s: p50 %s ms, %.1f req/s", encoder, cell.label, format_ms(result.p50_ms), result.throughput_rps
-        )
-        results.append(result)
-    return results
+    """Every cell in turn against one ``mrl serve``."""
+
+    def measure(cell: Cell) -> Awaitable[CellResult]:
+        params_from = lambda offset: search_params(cell, queries, config.k, offset)  # noqa: E731
+        return time_cell(base, encoder, cell, params_from, config, deadline)
+
+    return await time_cells(encoder, cells, measure)
 
 
 def summarize(encoder: str, cell: Cell, requested: int, outcomes: list[Outcome], wall_s: float) -> CellResult:

@@ -47,13 +47,13 @@ from benchmarks.latency import (
     LatencyConfig,
     Outcome,
     ServerError,
-    drive,
     free_port,
     read_query_texts,
     running_process,
     server_command,
     server_environment,
-    summarize,
+    time_cell,
+    time_cells,
 )
 from index.layout import DOCS_FILE, resolve_version
 from index.manifest import IndexManifest
@@ -488,38 +488,22 @@ def request_sender(api: SearchApi) -> Callable[[httpx.AsyncClient, dict[str, Any
     return send
 
 
-async def measure_cell(
-    base: str, system: str, cell: Cell, queries: list[str], config: PeersConfig, deadline: float
-) -> CellResult:
-    """Warm up (at least one request per connection), then time ``config.requests`` requests."""
-    api = APIS[system]
-    send = request_sender(api)
-    dim = cell.dim if api.dim_param else None
-
-    def params(offset: int) -> Callable[[int], dict[str, Any]]:
-        return lambda number: api.params(queries[(offset + number) % len(queries)], config.k, dim)
-
-    limits = httpx.Limits(max_connections=cell.concurrency, max_keepalive_connections=cell.concurrency)
-    warmup = max(config.warmup, cell.concurrency) if config.warmup else 0
-    async with httpx.AsyncClient(
-        base_url=base, timeout=config.request_timeout_s, limits=limits, trust_env=False
-    ) as client:
-        await drive(client, params(0), warmup, cell.concurrency, deadline, send)
-        started = time.perf_counter()
-        outcomes = await drive(client, params(warmup), config.requests, cell.concurrency, deadline, send)
-        wall = time.perf_counter() - started
-    return summarize(system, cell, config.requests, outcomes, wall)
-
-
 async def measure_cells(
     base: str, system: str, cells: list[Cell], queries: list[str], config: PeersConfig, deadline: float
 ) -> list[CellResult]:
-    results = []
-    for cell in cells:
-        result = await measure_cell(base, system, cell, queries, config, deadline)
-        logger.info("%s %s: p50 %s ms, %.1f req/s", system, cell.label, format_ms(result.p50_ms), result.throughput_rps)
-        results.append(result)
-    return results
+    """Every cell in turn against one system, through its own API with the shared load generator."""
+    api = APIS[system]
+    send = request_sender(api)
+
+    def measure(cell: Cell) -> Awaitable[CellResult]:
+        dim = cell.dim if api.dim_param else None
+
+        def params_from(offset: int) -> Callable[[int], dict[str, Any]]:
+            return lambda number: api.params(queries[(offset + number) % len(queries)], config.k, dim)
+
+        return time_cell(base, system, cell, params_from, config, deadline, send)
+
+    return await time_cells(system, cells, measure)
 
 
 def search_quality(
@@ -771,7 +755,7 @@ def peers_markdown(report: dict[str, Any]) -> str:
 
 def add_peers_parser(actions: argparse._SubParsersAction) -> None:
     """Register ``mrl bench peers`` on the ``mrl bench`` sub-commands."""
-    from benchmarks.cli import DEFAULT_OUT, int_list_argument, name_list_argument
+    from benchmarks.cli import DEFAULT_OUT, add_server_limits, int_list_argument, name_list_argument
     from training.cli import dims_argument
 
     p = actions.add_parser(
@@ -805,22 +789,7 @@ def add_peers_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--no-onnx", dest="onnx", action="store_false", help="skip our server with its ONNX encoder (ours-onnx)"
     )
-    p.add_argument(
-        "--time-limit",
-        dest="time_limit_s",
-        metavar="SECONDS",
-        type=float,
-        default=1800.0,
-        help="seconds; no search request after it (1800)",
-    )
-    p.add_argument(
-        "--ready-timeout",
-        dest="ready_timeout_s",
-        metavar="SECONDS",
-        type=float,
-        default=300.0,
-        help="seconds per server start (300)",
-    )
+    add_server_limits(p, time_limit_s=1800.0)
     p.add_argument(
         "--build-timeout",
         dest="build_timeout_s",
