@@ -10,7 +10,7 @@ PORT   ?= 8000
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo train eval index serve test test-fast lint clean bench bench-models
+.PHONY: install demo train eval index serve test test-fast lint clean bench bench-models image image-gpu
 
 # `make bench`: every benchmark on the shared BEIR datasets, then the README's figures (benchmarks/README.md).
 DATASETS ?= ../shared/datasets
@@ -77,6 +77,13 @@ bench: bench-models $(RUNS)/scifact-index/current
 	$(BIN)/mrl bench peers --index $(RUNS)/scifact-index --data $(DATASETS)/scifact --out $(BENCH)
 	mkdir -p $(FIGURES)
 	cp $(BENCH)/quality_vs_dim.png $(BENCH)/quality_vs_latency.png $(BENCH)/scaling.png $(FIGURES)/
+
+# Container images (deploy/README.md): CPU, and GPU (CUDA torch, faiss-gpu, onnxruntime-gpu). Needs a Docker engine.
+image:
+	docker build -t mrl-retrieval:cpu .
+
+image-gpu:
+	docker build --target gpu -t mrl-retrieval:gpu .
 
 clean:
 	rm -rf $(RUNS) .pytest_cache

@@ -1,0 +1,195 @@
+"""The real metrics path: ``mrl serve`` (real model, sample index) scraped by a real Prometheus on loopback.
+
+Prometheus scrapes every second and evaluates deploy/prometheus/rules.yml; the test then asks
+its HTTP API what the dashboard and the alerts would ask. Skipped where the ``prometheus``
+binary is missing (Debian's ``prometheus`` package), except in CI, which installs it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from index.build import BuildConfig, build_index
+from tests.conftest import REPO, SAMPLE
+from tests.deploy_config import (
+    DEBIAN_PROMETHEUS,
+    RULES,
+    dashboard_queries,
+    require_tool,
+    rules,
+    substitute_grafana_variables,
+)
+from tests.test_service_real import JUDGED, free_port, wait_for_ready
+
+pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
+
+DIMS = (64, 128)
+SEARCHES_PER_DIM = 20
+MEDIAN_BY_DIM = (
+    'histogram_quantile(0.5, sum by (le, dim) (rate(mrl_request_duration_seconds_bucket{endpoint="/search"}[1m])))'
+)
+# Panels whose series only exist after events this test does not cause (a 5xx, an index reload).
+NO_DATA_EXPECTED = {"Server error ratio", "Index reloads"}
+
+
+def test_prometheus_scrapes_the_service_and_answers_dashboard_and_rule_queries(tmp_path: Path):
+    prometheus_binary = require_tool("prometheus", DEBIAN_PROMETHEUS)
+    index = tmp_path / "index"
+    build_index(BuildConfig(data=SAMPLE, output=index, device="cpu", progress=False))
+    service_port, prometheus_port = free_port(), free_port()
+
+    with (
+        running_service(index, service_port, tmp_path) as base,
+        running_prometheus(prometheus_binary, service_port, prometheus_port, tmp_path) as prometheus,
+    ):
+        with httpx.Client(base_url=base, timeout=30) as http:
+            # Every series exists and is scraped before the load, so rate() sees the load as an increase.
+            for dim in DIMS:
+                search(http, dim)
+            search(http, 32, rerank_dim=384)
+            assert http.get("/search", params={"q": "x", "dim": 3}).status_code == 422
+            wait_until(lambda: scraped_dims(prometheus) >= set(DIMS), "Prometheus to scrape both dims")
+            for _ in range(SEARCHES_PER_DIM):
+                for dim in DIMS:
+                    search(http, dim)
+
+        medians = wait_until(lambda: finite_by_dim(query(prometheus, MEDIAN_BY_DIM)), "a median per dim")
+        assert all(0 < seconds < 10 for seconds in medians.values()), medians
+
+        p99 = wait_until(
+            lambda: finite_by_dim(query(prometheus, "dim:mrl_request_duration_seconds:p99_5m")),
+            "the p99 recording rule per dim",
+        )
+        assert all(p99[dim] >= medians[dim] for dim in medians), (p99, medians)
+        wait_until(lambda: rules_healthy(prometheus), "every rule of rules.yml to evaluate without error")
+
+        for title, expr in dashboard_queries():
+            result = query(prometheus, substitute_grafana_variables(expr))
+            assert result or title in NO_DATA_EXPECTED, f"panel {title!r} has no data:\n{expr}"
+
+
+# --- the two processes --------------------------------------------------------------------------------
+
+
+@contextmanager
+def running_service(index: Path, port: int, tmp_path: Path) -> Iterator[str]:
+    """``mrl serve`` on ``port`` until the block ends; yields its base URL once /readyz answers 200."""
+    env = {**os.environ, "MRL_INDEX": str(index), "MRL_PORT": str(port), "MRL_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+    log_path = tmp_path / "service.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "mrl", "serve"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_for_ready(base, server, log_path)
+            yield base
+        finally:
+            stop(server)
+
+
+@contextmanager
+def running_prometheus(binary: str, target_port: int, port: int, tmp_path: Path) -> Iterator[str]:
+    """A Prometheus scraping ``target_port`` every second with rules.yml loaded; yields its base URL once ready."""
+    config = {
+        "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
+        "rule_files": [str(RULES)],
+        "scrape_configs": [
+            {"job_name": "mrl-retrieval", "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}
+        ],
+    }
+    config_path = tmp_path / "prometheus.yml"
+    config_path.write_text(json.dumps(config))  # JSON is YAML
+    command = [
+        binary,
+        f"--config.file={config_path}",
+        f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+        f"--web.listen-address=127.0.0.1:{port}",
+    ]
+    log_path = tmp_path / "prometheus.log"
+    with log_path.open("w") as log:
+        server = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            base = f"http://127.0.0.1:{port}"
+            wait_until(lambda: ready(base, server, log_path), "Prometheus to be ready")
+            yield base
+        finally:
+            stop(server)
+
+
+def stop(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout=10)
+
+
+def ready(base: str, server: subprocess.Popen, log: Path) -> bool:
+    if server.poll() is not None:
+        pytest.fail(f"Prometheus exited with {server.returncode}:\n{log.read_text()}")
+    try:
+        return httpx.get(f"{base}/-/ready", timeout=2).status_code == 200
+    except httpx.TransportError:
+        return False
+
+
+# --- asking the two of them ------------------------------------------------------------------------------
+
+
+def search(http: httpx.Client, dim: int, **params: Any) -> None:
+    response = http.get("/search", params={"q": JUDGED[0][0], "dim": dim, "k": 5, **params})
+    assert response.status_code == 200, response.text
+
+
+def query(prometheus: str, expr: str) -> list[dict]:
+    """The instant vector ``expr`` evaluates to now; a query Prometheus refuses fails the test."""
+    response = httpx.get(f"{prometheus}/api/v1/query", params={"query": expr}, timeout=10)
+    body = response.json()
+    assert response.status_code == 200 and body["status"] == "success", f"{expr}\n{body}"
+    return body["data"]["result"]
+
+
+def scraped_dims(prometheus: str) -> set[int]:
+    series = query(prometheus, 'mrl_request_duration_seconds_count{endpoint="/search"}')
+    return {int(s["metric"]["dim"]) for s in series if s["metric"]["dim"].isdigit()}
+
+
+def finite_by_dim(result: list[dict]) -> dict[int, float] | None:
+    """``{dim: value}`` once every dim of the test has a finite value, else ``None``."""
+    values = {int(s["metric"]["dim"]): float(s["value"][1]) for s in result if s["metric"]["dim"].isdigit()}
+    finite = {dim: value for dim, value in values.items() if math.isfinite(value)}
+    return finite if set(DIMS) <= set(finite) else None
+
+
+def rules_healthy(prometheus: str) -> bool:
+    groups = httpx.get(f"{prometheus}/api/v1/rules", timeout=10).json()["data"]["groups"]
+    loaded = [rule for group in groups for rule in group["rules"]]
+    assert len(loaded) == len(rules()), "Prometheus did not load every rule of rules.yml"
+    errors = [f"{rule['name']}: {rule.get('lastError')}" for rule in loaded if rule["health"] == "err"]
+    assert not errors, errors
+    return all(rule["health"] == "ok" for rule in loaded)
+
+
+def wait_until(condition: Callable[[], Any], what: str, timeout: float = 60.0) -> Any:
+    """Poll ``condition`` until it returns something truthy (which is returned); fail after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        result = condition()
+        if result:
+            return result
+        time.sleep(0.5)
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
