@@ -584,7 +584,7 @@ def dataset_section(dataset: dict[str, Any]) -> list[str]:
     lines += [markdown_row(header), markdown_row(["---", "---:", "---:", "---:", "---:", "---:", "---:", "---:"])]
     for row in sorted(
         (r for r in dataset["rows"] if r["model"] == model),
-        key=lambda r: (-r["dim"], r["method"], r.get("shortlist", 0)),
+        key=lambda r: (-r["dim"], METHODS.index(r["method"]), r.get("shortlist", 0)),
     ):
         option = row["method"] + (f" (shortlist {row['shortlist']} → {max(full_rows)})" if "shortlist" in row else "")
         lines.append(
@@ -722,6 +722,7 @@ def plot_pareto(report: dict[str, Any], path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     datasets = report["datasets"]
     figure, all_axes = plt.subplots(1, len(datasets), figsize=(5.2 * len(datasets), 4.2), squeeze=False)
@@ -735,6 +736,8 @@ def plot_pareto(report: dict[str, Any], path: Path) -> Path:
             series = list(METHODS)
             axes.set_xlabel("search p50 per query (ms, log)")
             axes.set_xscale("log")
+            axes.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%g"))
+            axes.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         for number, name in enumerate(series):
             chosen = [p for p in points if p[2].startswith(name + " ")]
             if chosen:
@@ -742,8 +745,11 @@ def plot_pareto(report: dict[str, Any], path: Path) -> Path:
                              alpha=0.7)  # fmt: skip
         front = pareto_front(points)
         axes.plot([p[0] for p in front], [p[1] for p in front], "k-", linewidth=1, label="Pareto front")
+        last = None
         for x, y, label in front:
-            axes.annotate(label, (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
+            if last is None or y - last >= 0.01:  # label the front's steps, not every point of a plateau
+                axes.annotate(label, (x, y), fontsize=7, xytext=(3, -9), textcoords="offset points")
+                last = y
         axes.set_ylabel("NDCG@10")
         axes.set_title(f"{dataset['name']} ({dataset['num_documents']:,} docs)")
         axes.grid(alpha=0.3)
