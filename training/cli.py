@@ -89,6 +89,41 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         default=None,
         help="train on N pairs sampled by --seed (a cheaper run on a big split; default: all)",
     )
+    strategy = p.add_argument_group("training strategy (default: full fine-tuning)")
+    strategy.add_argument(
+        "--freeze-layers",
+        type=int,
+        default=None,
+        metavar="N",
+        help="freeze the token embeddings and the lowest N transformer layers (BERT-like models)",
+    )
+    strategy.add_argument(
+        "--layer-lr-decay",
+        type=float,
+        default=None,
+        metavar="F",
+        help="layer-wise learning-rate decay, 0 < F <= 1: the top layer gets --lr, each lower layer F times that",
+    )
+    strategy.add_argument(
+        "--lora",
+        action="store_true",
+        help="train LoRA adapters only; the output is the merged model, the adapter is saved in its adapter/ folder",
+    )
+    strategy.add_argument(
+        "--lora-rank", type=int, default=defaults.lora_rank, help="rank of the LoRA updates (default: %(default)s)"
+    )
+    strategy.add_argument(
+        "--lora-alpha",
+        type=float,
+        default=defaults.lora_alpha,
+        help="LoRA scaling numerator (update scale alpha/rank) (default: %(default)s)",
+    )
+    strategy.add_argument(
+        "--lora-dropout",
+        type=float,
+        default=defaults.lora_dropout,
+        help="dropout on the LoRA input (default: %(default)s)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the per-epoch checkpoints after success")

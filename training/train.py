@@ -31,9 +31,17 @@ from training.models import (
     load_model,
 )
 from training.report import comparison_table, detail_table, plot_ndcg
+from training.strategies import (
+    ADAPTER_FOLDER,
+    LoraAdapter,
+    apply_strategy,
+    check_strategy_options,
+    learning_rate_mapping,
+    merge_lora,
+)
 
 if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
+    from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
 
 logger = logging.getLogger(__name__)
 
@@ -70,6 +78,12 @@ class TrainConfig:
     overwrite: bool = False
     keep_checkpoints: bool = False
     progress: bool = True
+    freeze_layers: int | None = None
+    layer_lr_decay: float | None = None
+    lora: bool = False
+    lora_rank: int = 16
+    lora_alpha: float = 32
+    lora_dropout: float = 0.1
 
     def settings(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -162,7 +176,26 @@ def _fit(
     epochs: float,
     learning_rate: float,
 ) -> None:
-    """One training stage: MatryoshkaLoss(CachedMNRL) with the no-duplicates batch sampler."""
+    """One training stage, resumed from its last checkpoint when ``config.resume`` is set."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    trainer = build_trainer(model, pairs, dims, config, checkpoints, epochs, learning_rate)
+    last = get_last_checkpoint(str(checkpoints)) if config.resume and checkpoints.is_dir() else None
+    if last:
+        logger.info("resuming from %s", last)
+    trainer.train(resume_from_checkpoint=last)
+
+
+def build_trainer(
+    model: SentenceTransformer,
+    pairs: list[Pair],
+    dims: list[int],
+    config: TrainConfig,
+    checkpoints: Path,
+    epochs: float,
+    learning_rate: float,
+) -> SentenceTransformerTrainer:
+    """MatryoshkaLoss(CachedMNRL) with the no-duplicates batch sampler and any layer-wise learning rates."""
     from datasets import Dataset
     from sentence_transformers import SentenceTransformerTrainer, SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
@@ -170,7 +203,6 @@ def _fit(
         CachedMultipleNegativesRankingLoss,
         MatryoshkaLoss,
     )
-    from transformers.trainer_utils import get_last_checkpoint
 
     columns: dict[str, list[str]] = {"anchor": [p.query for p in pairs], "positive": [p.positive for p in pairs]}
     if all(p.negative for p in pairs):
@@ -184,6 +216,7 @@ def _fit(
         max_steps=config.max_steps,
         per_device_train_batch_size=config.batch_size,
         learning_rate=learning_rate,
+        learning_rate_mapping=learning_rate_mapping(model, config, learning_rate),
         warmup_steps=config.warmup_ratio,
         seed=config.seed,
         data_seed=config.seed,
@@ -196,11 +229,7 @@ def _fit(
         disable_tqdm=not config.progress,
         **_precision_flags(),
     )
-    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), loss=loss)
-    last = get_last_checkpoint(str(checkpoints)) if config.resume and checkpoints.is_dir() else None
-    if last:
-        logger.info("resuming from %s", last)
-    trainer.train(resume_from_checkpoint=last)
+    return SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), loss=loss)
 
 
 def mine_negatives(model: SentenceTransformer, data: TrainingData, config: TrainConfig) -> list[Pair]:
@@ -275,9 +304,11 @@ def train(config: TrainConfig) -> TrainResult:
         ModelError: The base model cannot be loaded.
         DimensionError: ``config.dims`` do not fit the model.
         FileExistsError: The output exists and ``overwrite`` is off (checked before training).
+        ValueError: Impossible strategy options, or a strategy the model's architecture does not allow.
     """
     if config.output.exists() and not config.overwrite:
         raise FileExistsError(f"{config.output} already exists (pass --overwrite to replace it)")
+    check_strategy_options(config)
     data = load_training_data(config)
     seconds: dict[str, float] = {}
     model = load_model(
@@ -288,6 +319,8 @@ def train(config: TrainConfig) -> TrainResult:
     )
     full_dim = embedding_dimension(model)
     dims = validate_dims(config.dims, full_dim) if config.dims else default_dims(full_dim)
+    # Fresh LoRA layers add exactly zero, so the "before" scores are still the base model's.
+    strategy, lora = apply_strategy(model, config, config.model or DEFAULT_MODEL)
 
     started = time.perf_counter()
     before = _evaluate(model, "base", data, config, dims)
@@ -316,6 +349,7 @@ def train(config: TrainConfig) -> TrainResult:
         _fit(model, triplets, dims, config, checkpoints / "stage2", config.hard_negative_epochs, rate)
         seconds["train_stage2"] = time.perf_counter() - started
 
+    adapter = merge_lora(model, lora) if lora is not None else None  # score and publish the merged model
     started = time.perf_counter()
     after = _evaluate(model, "tuned", data, config, dims)
     seconds["eval_after"] = time.perf_counter() - started
@@ -339,6 +373,7 @@ def train(config: TrainConfig) -> TrainResult:
             "evaluation_queries_seen_in_training": _leaked_queries(data, config),
         },
         "settings": config.settings(),
+        "strategy": strategy,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "environment": _environment(),
         "before": before.to_dict() if before else None,
@@ -346,25 +381,32 @@ def train(config: TrainConfig) -> TrainResult:
         "after": after.to_dict() if after else None,
     }
     compared = [r for r in (before, stage1, after) if r is not None]
-    _publish(model, config, dims, report, compared)
+    _publish(model, config, dims, report, compared, adapter)
     if not config.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return TrainResult(config.output, dims, before, after, seconds, report)
 
 
 def _publish(
-    model: SentenceTransformer, config: TrainConfig, dims: list[int], report: dict[str, Any], compared: list[EvalResult]
+    model: SentenceTransformer,
+    config: TrainConfig,
+    dims: list[int],
+    report: dict[str, Any],
+    compared: list[EvalResult],
+    adapter: LoraAdapter | None = None,
 ) -> None:
-    """Save model, card and reports into a staging folder, then rename it to the output."""
+    """Save model, card and reports (and the LoRA adapter) into a staging folder, then rename it to the output."""
     staging = staging_dir(config.output)
     try:
         model.save(str(staging))
+        if adapter is not None:
+            adapter.save(staging / ADAPTER_FOLDER)
         MatryoshkaCard(
             dims=dims,
             base_model=report["base_model"],
             query_prompt=model.prompts.get(QUERY_PROMPT, ""),
             document_prompt=model.prompts.get(DOCUMENT_PROMPT, ""),
-            extra={"evaluation": report["after"]},
+            extra={"evaluation": report["after"], "strategy": report["strategy"]},
         ).write(staging)
         write_json_atomic(staging / f"{REPORT_STEM}.json", report)
         write_text_atomic(staging / f"{REPORT_STEM}.md", training_markdown(report, compared))
@@ -392,6 +434,7 @@ def training_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str
         f"- Recipe: {settings['epochs']} epochs, lr {settings['learning_rate']}, batch {settings['batch_size']} "
         f"(cached MNRL, mini-batch {settings['mini_batch_size']}), warm-up {settings['warmup_ratio']}, "
         f"seed {settings['seed']}, hard negatives: {'yes' if settings['hard_negatives'] else 'no'}",
+        _strategy_line(report["strategy"]),
         "- Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items()),
         f"- Machine: {report['environment']['device']}, torch {report['environment']['torch']}, "
         f"sentence-transformers {report['environment']['sentence_transformers']}",
@@ -410,3 +453,17 @@ def training_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str
             detail_table(compared[-1]),
         ]
     return "\n".join(lines) + "\n"
+
+
+def _strategy_line(strategy: dict[str, Any]) -> str:
+    """One report line: what was trained and how many of the parameters that is."""
+    described = {
+        "full": "full fine-tuning",
+        "freeze": f"embeddings and lowest {strategy.get('frozen_layers')} layers frozen",
+        "lora": f"LoRA rank {strategy.get('lora_rank')}, alpha {strategy.get('lora_alpha')} "
+        f"on {', '.join(strategy.get('lora_target_modules', []))}, merged (adapter in {ADAPTER_FOLDER}/)",
+    }[strategy["name"]]
+    if "layer_lr_decay" in strategy:
+        described += f", layer-wise lr decay {strategy['layer_lr_decay']}"
+    trainable, total = strategy["trainable_parameters"], strategy["total_parameters"]
+    return f"- Strategy: {described}; trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)"

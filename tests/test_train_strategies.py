@@ -1,0 +1,163 @@
+"""Training strategies: full fine-tuning, frozen lower layers (with layer-wise lr decay) and merged LoRA."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mrl.cli import main
+from tests.conftest import SAMPLE
+from training.models import load_model, read_model_card
+from training.strategies import ADAPTER_FOLDER, apply_strategy, check_strategy_options, layer_learning_rates
+from training.train import TrainConfig, build_trainer, load_training_data, train
+
+
+def small_config(output: Path, **overrides) -> TrainConfig:
+    # No warm-up: the single step runs at the full learning rate, so the weights move.
+    settings = {"max_steps": 1, "warmup_ratio": 0.0, "batch_size": 8, "mini_batch_size": 8, "progress": False}
+    settings["eval_split"] = None
+    return TrainConfig(data=SAMPLE, output=output, **(settings | overrides))
+
+
+def base_weights() -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in load_model(None)[0].auto_model.state_dict().items()}
+
+
+def tuned_weights(output: Path) -> dict[str, torch.Tensor]:
+    return load_model(str(output))[0].auto_model.state_dict()
+
+
+def test_layer_learning_rates_decay_from_the_top_and_skip_frozen_parts():
+    assert layer_learning_rates(3, 1.0, 0.5) == {
+        r"\.embeddings\.": 0.125,
+        r"\.encoder\.layer\.0\.": 0.25,
+        r"\.encoder\.layer\.1\.": 0.5,
+        r"\.encoder\.layer\.2\.": 1.0,
+    }
+    assert layer_learning_rates(3, 1.0, 0.5, frozen=1) == {r"\.encoder\.layer\.1\.": 0.5, r"\.encoder\.layer\.2\.": 1.0}
+    assert layer_learning_rates(2, 0.1, 1.0, frozen=0) == {r"\.encoder\.layer\.0\.": 0.1, r"\.encoder\.layer\.1\.": 0.1}
+    assert not re.search(r"\.encoder\.layer\.1\.", "model.0.auto_model.encoder.layer.11.output.dense.weight")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"layer_lr_decay": 0.0}, "--layer-lr-decay must be in (0, 1], got 0.0"),
+        ({"layer_lr_decay": 1.5}, "--layer-lr-decay must be in (0, 1], got 1.5"),
+        ({"freeze_layers": -1}, "--freeze-layers must be 0 or more, got -1"),
+        ({"lora": True, "freeze_layers": 2}, "--lora cannot be combined with --freeze-layers or --layer-lr-decay"),
+        ({"lora": True, "lora_rank": 0}, "--lora-rank must be at least 1, got 0"),
+        ({"lora": True, "lora_dropout": 1.0}, "--lora-dropout must be in [0, 1), got 1.0"),
+    ],
+)
+def test_impossible_options_are_refused(tmp_path: Path, overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_strategy_options(small_config(tmp_path / "out", **overrides))
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--layer-lr-decay", "0"], "mrl: error: --layer-lr-decay must be in (0, 1], got 0.0"),
+        (["--lora", "--freeze-layers", "2"], "mrl: error: --lora cannot be combined with --freeze-layers"),
+    ],
+)
+def test_cli_rejects_bad_strategy_in_one_line(tiny_beir: Path, tmp_path: Path, capsys, args, message):
+    assert main(["train", "--data", str(tiny_beir), "--output", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_cli_rejects_freezing_every_layer(tiny_beir: Path, tmp_path: Path, capsys):
+    assert main(["train", "--data", str(tiny_beir), "--output", str(tmp_path / "out"), "--freeze-layers", "6"]) == 2
+    err = capsys.readouterr().err  # above the error: the library's weight-loading progress bar
+    assert err.strip().splitlines()[-1] == (
+        "mrl: error: --freeze-layers 6: the model has 6 transformer layers; freeze between 0 and 5"
+    )
+    assert "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_optimizer_groups_carry_the_decayed_rates(tmp_path: Path):
+    config = small_config(tmp_path / "out", freeze_layers=2, layer_lr_decay=0.5, learning_rate=1e-3)
+    model = load_model(None)
+    strategy, _ = apply_strategy(model, config, "base")
+    trainer = build_trainer(model, load_training_data(config).pairs, [384, 64], config, tmp_path / "ckpt", 1, 1e-3)
+    optimizer = trainer.create_optimizer()
+
+    rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+    layers = model[0].auto_model.encoder.layer
+    for layer, expected in [(2, 1.25e-4), (3, 2.5e-4), (4, 5e-4), (5, 1e-3)]:
+        rates = {rate_of[id(p)] for p in layers[layer].parameters()}
+        assert len(rates) == 1 and rates.pop() == pytest.approx(expected)
+    frozen = [*model[0].auto_model.embeddings.parameters(), *layers[0].parameters(), *layers[1].parameters()]
+    assert not any(p.requires_grad or id(p) in rate_of for p in frozen)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert strategy["name"] == "freeze" and strategy["trainable_parameters"] == trainable
+    assert trainable < strategy["total_parameters"]
+
+
+@pytest.mark.slow
+def test_frozen_layers_stay_bit_identical_while_the_top_moves(tmp_path: Path):
+    output = tmp_path / "model"
+    train(small_config(output, freeze_layers=2, layer_lr_decay=0.8))
+
+    before, after = base_weights(), tuned_weights(output)
+    for name, weight in before.items():
+        if name.startswith(("embeddings.", "encoder.layer.0.", "encoder.layer.1.")):
+            assert torch.equal(weight, after[name]), name
+    assert not torch.equal(before["encoder.layer.5.output.dense.weight"], after["encoder.layer.5.output.dense.weight"])
+    strategy = json.loads((output / "training_report.json").read_text())["strategy"]
+    assert strategy["frozen_layers"] == 2 and strategy["layer_lr_decay"] == 0.8
+    assert 0 < strategy["trainable_parameters"] < strategy["total_parameters"]
+    assert read_model_card(output).extra["strategy"] == strategy
+    assert (
+        "- Strategy: embeddings and lowest 2 layers frozen, layer-wise lr decay 0.8; trainable parameters"
+        in (output / "training_report.md").read_text()
+    )
+
+
+@pytest.mark.slow
+def test_lora_publishes_a_merged_plain_model_and_its_adapter(tmp_path: Path):
+    output = tmp_path / "model"
+    train(small_config(output, lora=True, lora_rank=4, lora_alpha=8))
+
+    adapter = output / ADAPTER_FOLDER
+    adapter_config = json.loads((adapter / "adapter_config.json").read_text())
+    assert adapter_config["r"] == 4 and adapter_config["lora_alpha"] == 8
+    adapter_weights = load_file(adapter / "adapter_model.safetensors")
+    assert adapter_weights and all(".lora_A." in k or ".lora_B." in k for k in adapter_weights)
+    strategy = json.loads((output / "training_report.json").read_text())["strategy"]
+    # Only the adapter trained: its size is the trainable count.
+    assert strategy["name"] == "lora"
+    assert strategy["trainable_parameters"] == sum(w.numel() for w in adapter_weights.values())
+    assert strategy["trainable_parameters"] < strategy["total_parameters"] / 20
+    assert read_model_card(output).extra["strategy"] == strategy
+
+    merged = load_file(output / "model.safetensors")
+    assert not any("lora" in k for k in merged)
+    before, after = base_weights(), tuned_weights(output)
+    assert before.keys() == after.keys()
+    # LoRA touched the targeted linear weights only; embeddings, LayerNorms and biases are untouched.
+    changed = {name for name in before if not torch.equal(before[name], after[name])}
+    assert "encoder.layer.0.attention.self.query.weight" in changed
+    assert all(name.endswith(".weight") and re.search(r"\.(query|key|value|dense)\.", name) for name in changed)
+    tuned = load_model(str(output))
+    vectors = tuned.encode(["fever and cough"], convert_to_numpy=True)
+    assert vectors.shape == (1, 384) and np.isfinite(vectors).all()
+
+    # The adapter is a standard PEFT folder: base model + adapter, merged, is the published model.
+    from peft import PeftModel
+
+    rebuilt = load_model(None)
+    rebuilt[0].auto_model = PeftModel.from_pretrained(rebuilt[0].auto_model, str(adapter)).merge_and_unload()
+    np.testing.assert_allclose(rebuilt.encode(["fever and cough"], convert_to_numpy=True), vectors, atol=1e-5)

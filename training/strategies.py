@@ -1,0 +1,200 @@
+"""What fine-tuning may change: everything, everything above N frozen layers, or LoRA adapters only.
+
+Freezing and layer-wise learning-rate decay protect the general knowledge kept in the lower
+layers; LoRA trains small low-rank updates next to frozen weights and is merged back into a
+plain model afterwards, so the index builder and the service load the result unchanged.
+Only BERT-like encoders (``embeddings`` plus ``encoder.layer``) are supported for freezing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from peft import LoraConfig
+    from sentence_transformers import SentenceTransformer
+    from torch import Tensor, nn
+
+    from training.train import TrainConfig
+
+# The linear layers of a BERT block: attention projections and both feed-forward layers.
+LORA_TARGET_MODULES = ["query", "key", "value", "dense"]
+ADAPTER_FOLDER = "adapter"
+
+
+@dataclass
+class LoraAdapter:
+    """A trained adapter taken out of the model before merging, ready to be saved."""
+
+    config: LoraConfig
+    state: dict[str, Tensor]
+
+    def save(self, folder: Path) -> None:
+        """Write the standard PEFT layout (``adapter_config.json``, ``adapter_model.safetensors``)."""
+        from safetensors.torch import save_file
+
+        folder.mkdir(parents=True, exist_ok=True)
+        self.config.save_pretrained(str(folder))
+        # PeftModel keys its weights under base_model.model.; keep that so PeftModel.from_pretrained reads it.
+        tensors = {f"base_model.model.{k}": v.detach().cpu().contiguous() for k, v in self.state.items()}
+        save_file(tensors, str(folder / "adapter_model.safetensors"))
+
+
+def strategy_name(config: TrainConfig) -> str:
+    if config.lora:
+        return "lora"
+    return "freeze" if config.freeze_layers is not None else "full"
+
+
+def check_strategy_options(config: TrainConfig) -> None:
+    """Reject impossible strategy settings before any data or model is loaded.
+
+    Raises:
+        ValueError: With the offending option named, in one line.
+    """
+    if config.freeze_layers is not None and config.freeze_layers < 0:
+        raise ValueError(f"--freeze-layers must be 0 or more, got {config.freeze_layers}")
+    if config.layer_lr_decay is not None and not 0 < config.layer_lr_decay <= 1:
+        raise ValueError(f"--layer-lr-decay must be in (0, 1], got {config.layer_lr_decay}")
+    if not config.lora:
+        return
+    if config.freeze_layers is not None or config.layer_lr_decay is not None:
+        raise ValueError(
+            "--lora cannot be combined with --freeze-layers or --layer-lr-decay (it freezes all base weights)"
+        )
+    if config.lora_rank < 1:
+        raise ValueError(f"--lora-rank must be at least 1, got {config.lora_rank}")
+    if config.lora_alpha <= 0:
+        raise ValueError(f"--lora-alpha must be positive, got {config.lora_alpha}")
+    if not 0 <= config.lora_dropout < 1:
+        raise ValueError(f"--lora-dropout must be in [0, 1), got {config.lora_dropout}")
+
+
+def encoder_parts(model: SentenceTransformer) -> tuple[nn.Module, nn.ModuleList]:
+    """The token embeddings and the transformer layers (lowest first) of a BERT-like model.
+
+    Raises:
+        ValueError: For an architecture without ``embeddings`` and ``encoder.layer``.
+    """
+    auto_model = getattr(model[0], "auto_model", None)
+    embeddings = getattr(auto_model, "embeddings", None)
+    layers = getattr(getattr(auto_model, "encoder", None), "layer", None)
+    if embeddings is None or layers is None:
+        name = type(auto_model).__name__
+        raise ValueError(f"layer freezing and decay need a BERT-like model (embeddings + encoder.layer), not {name}")
+    return embeddings, layers
+
+
+def freeze_lower_layers(model: SentenceTransformer, num_frozen: int) -> None:
+    """Freeze the token embeddings and the lowest ``num_frozen`` layers; at least one layer must stay trainable.
+
+    Raises:
+        ValueError: If ``num_frozen`` is negative or leaves no layer to train.
+    """
+    embeddings, layers = encoder_parts(model)
+    if not 0 <= num_frozen < len(layers):
+        raise ValueError(
+            f"--freeze-layers {num_frozen}: the model has {len(layers)} transformer layers; "
+            f"freeze between 0 and {len(layers) - 1}"
+        )
+    for module in [embeddings, *layers[:num_frozen]]:
+        module.requires_grad_(False)
+
+
+def layer_learning_rates(
+    num_layers: int, learning_rate: float, decay: float, frozen: int | None = None
+) -> dict[str, float]:
+    """Learning rate per parameter-name pattern: top layer ``learning_rate``, each lower one ``decay`` times that.
+
+    The embeddings sit one step below the lowest layer. Frozen parts (the embeddings and the
+    lowest ``frozen`` layers when ``frozen`` is set) get no entry. The patterns are regular
+    expressions over parameter names, the form SentenceTransformerTrainingArguments'
+    ``learning_rate_mapping`` takes; parameters they do not match keep ``learning_rate``.
+    """
+    rates = {}
+    if frozen is None:
+        rates[r"\.embeddings\."] = learning_rate * decay**num_layers
+    for layer in range(frozen or 0, num_layers):
+        rates[rf"\.encoder\.layer\.{layer}\."] = learning_rate * decay ** (num_layers - 1 - layer)
+    return rates
+
+
+def learning_rate_mapping(model: SentenceTransformer, config: TrainConfig, learning_rate: float) -> dict[str, float]:
+    """``layer_learning_rates`` for this model and config; empty without ``--layer-lr-decay``."""
+    if config.layer_lr_decay is None:
+        return {}
+    _, layers = encoder_parts(model)
+    return layer_learning_rates(len(layers), learning_rate, config.layer_lr_decay, config.freeze_layers)
+
+
+def add_lora(model: SentenceTransformer, config: TrainConfig, base_model: str) -> LoraConfig:
+    """Inject LoRA layers into the transformer in place; only their weights stay trainable."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=LORA_TARGET_MODULES,
+        base_model_name_or_path=base_model,
+    )
+    inject_adapter_in_model(lora, model[0].auto_model)
+    return lora
+
+
+def merge_lora(model: SentenceTransformer, lora: LoraConfig) -> LoraAdapter:
+    """Fold the LoRA updates into the base weights and remove the LoRA layers; return the adapter.
+
+    transformers' own PEFT integration (``model.add_adapter``) would do this too, but it needs a
+    newer peft than the one we can install, so the layers are injected and merged here.
+    """
+    from peft import get_peft_model_state_dict
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    auto_model = model[0].auto_model
+    adapter = LoraAdapter(lora, get_peft_model_state_dict(auto_model, save_embedding_layers=False))
+    for name, module in list(auto_model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            module.merge()
+            parent, _, child = name.rpartition(".")
+            setattr(auto_model.get_submodule(parent), child, module.get_base_layer())
+    if hasattr(auto_model, "peft_config"):
+        del auto_model.peft_config
+    return adapter
+
+
+def parameter_counts(model: SentenceTransformer) -> dict[str, int]:
+    parameters = list(model.parameters())
+    return {
+        "trainable_parameters": sum(p.numel() for p in parameters if p.requires_grad),
+        "total_parameters": sum(p.numel() for p in parameters),
+    }
+
+
+def apply_strategy(
+    model: SentenceTransformer, config: TrainConfig, base_model: str
+) -> tuple[dict[str, Any], LoraConfig | None]:
+    """Freeze or add LoRA as configured; return the strategy's description and the LoRA config (or ``None``).
+
+    Raises:
+        ValueError: For an unsupported architecture or too many frozen layers.
+    """
+    description: dict[str, Any] = {"name": strategy_name(config)}
+    lora = None
+    if config.lora:
+        lora = add_lora(model, config, base_model)
+        description |= {
+            "lora_rank": config.lora_rank,
+            "lora_alpha": config.lora_alpha,
+            "lora_dropout": config.lora_dropout,
+            "lora_target_modules": LORA_TARGET_MODULES,
+        }
+    if config.freeze_layers is not None:
+        freeze_lower_layers(model, config.freeze_layers)
+        description["frozen_layers"] = config.freeze_layers
+    if config.layer_lr_decay is not None:
+        encoder_parts(model)  # fail now, not when the optimizer is built
+        description["layer_lr_decay"] = config.layer_lr_decay
+    return description | parameter_counts(model), lora
