@@ -20,7 +20,7 @@ FIGURES  := docs/figures
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,peers]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,peers,tracking]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -124,6 +124,61 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         default=defaults.lora_dropout,
         help="dropout on the LoRA input (default: %(default)s)",
     )
+    validation = p.add_argument_group("validation and tracking (default: off)")
+    validation.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=None,
+        metavar="F",
+        help="hold out a seeded share F (0 < F < 1) of the TRAINING queries, by query, for validation during "
+        "training; the best checkpoint, not the last, is published (the evaluation split is never used)",
+    )
+    validation.add_argument(
+        "--eval-steps",
+        type=int,
+        default=None,
+        metavar="N",
+        help="validate (and checkpoint) every N steps (default: each epoch)",
+    )
+    validation.add_argument(
+        "--early-stopping-patience",
+        type=int,
+        default=None,
+        metavar="P",
+        help="stop after P validations without improvement (default: train to the end, still publish the best)",
+    )
+    validation.add_argument(
+        "--early-stopping-metric",
+        default=defaults.early_stopping_metric,
+        help="validation metric that picks the best checkpoint: ndcg@10, mrr@10, recall@1/10/100 "
+        "(default: %(default)s)",
+    )
+    validation.add_argument(
+        "--early-stopping-dim",
+        type=int,
+        default=None,
+        metavar="D",
+        help="Matryoshka dim the metric is read at (default: the smallest dim, the one truncation hurts most "
+        "and the one a cheap index serves)",
+    )
+    validation.add_argument(
+        "--report-to",
+        default=defaults.report_to,
+        help="log losses and validation metrics: none, tensorboard (to OUTPUT/runs/; pip install "
+        "'mrl-retrieval[tracking]') or wandb when installed (default: %(default)s)",
+    )
+    p.add_argument(
+        "--forgetting-data",
+        type=Path,
+        default=None,
+        metavar="BEIR_DIR",
+        help="out-of-domain BEIR folder scored at every dim before and after training, to measure forgetting",
+    )
+    p.add_argument(
+        "--forgetting-split",
+        default=defaults.forgetting_split,
+        help="qrels split of --forgetting-data (default: %(default)s)",
+    )
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint of an interrupted run")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument("--keep-checkpoints", action="store_true", help="keep the per-epoch checkpoints after success")

@@ -8,6 +8,7 @@ memory, by embedding mini-batches without graphs first and back-propagating per 
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import platform
 import random
@@ -39,13 +40,23 @@ from training.strategies import (
     learning_rate_mapping,
     merge_lora,
 )
+from training.validation import (
+    ValidationSet,
+    check_validation_options,
+    split_validation,
+    validation_history,
+)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
 
+    from training.validation_evaluator import MatryoshkaValidationEvaluator
+
 logger = logging.getLogger(__name__)
 
 REPORT_STEM = "training_report"
+LOG_FOLDER = "runs"  # transformers' default TensorBoard folder under the trainer's output_dir
+TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}
 
 
 @dataclass
@@ -84,6 +95,14 @@ class TrainConfig:
     lora_rank: int = 16
     lora_alpha: float = 32
     lora_dropout: float = 0.1
+    validation_fraction: float | None = None
+    eval_steps: int | None = None
+    early_stopping_patience: int | None = None
+    early_stopping_metric: str = "ndcg@10"
+    early_stopping_dim: int | None = None
+    report_to: str = "none"
+    forgetting_data: Path | None = None
+    forgetting_split: str = "test"
 
     def settings(self) -> dict[str, Any]:
         return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
@@ -97,6 +116,8 @@ class TrainingData:
     source: str
     eval_dataset: RetrievalDataset | None
     corpus_passages: list[str] = field(default_factory=list)
+    validation: ValidationSet | None = None
+    forgetting: RetrievalDataset | None = None
 
 
 @dataclass
@@ -117,16 +138,23 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     """
     if not config.data.exists():
         raise DataError(config.data, "not found (expected a BEIR folder or a pairs .jsonl file)")
+    validation = None
     if config.data.is_dir():
         splits = [config.train_split] + ([config.eval_split] if config.eval_split and not config.eval_data else [])
         if config.eval_split == config.train_split and not config.eval_data:
             raise DataError(config.data, f"training and evaluation split are both {config.train_split!r}")
         dataset = load_beir(config.data, sorted(set(splits)))
         pairs = dataset.pairs(config.train_split)
+        if config.validation_fraction is not None:
+            validation = split_validation(dataset, config.train_split, config.validation_fraction, config.seed)
+            kept = RetrievalDataset(dataset.root, dataset.corpus, dataset.queries, {"kept": validation.training_qrels})
+            pairs = kept.pairs("kept")
         eval_dataset = dataset if config.eval_split and not config.eval_data else None
         passages = [doc.passage for doc in dataset.corpus.values()]
         source = f"{config.data} (split {config.train_split})"
     else:
+        if config.validation_fraction is not None:
+            raise DataError(config.data, "--validation-fraction needs a BEIR folder (a pairs file has no corpus)")
         pairs, eval_dataset, passages, source = load_pairs(config.data), None, [], str(config.data)
     if config.eval_data and config.eval_split:
         eval_dataset = load_beir(config.eval_data, [config.eval_split])
@@ -137,7 +165,8 @@ def load_training_data(config: TrainConfig) -> TrainingData:
         source += f", {config.max_train_pairs} sampled pairs (seed {config.seed})"
     if config.hard_negatives and not passages:
         passages = sorted({p.positive for p in pairs} | {p.negative for p in pairs if p.negative})
-    return TrainingData(pairs, source, eval_dataset, passages)
+    forgetting = load_beir(config.forgetting_data, [config.forgetting_split]) if config.forgetting_data else None
+    return TrainingData(pairs, source, eval_dataset, passages, validation, forgetting)
 
 
 def sample_pairs(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
@@ -175,15 +204,47 @@ def _fit(
     checkpoints: Path,
     epochs: float,
     learning_rate: float,
-) -> None:
-    """One training stage, resumed from its last checkpoint when ``config.resume`` is set."""
+    evaluator: MatryoshkaValidationEvaluator | None = None,
+) -> dict[str, Any] | None:
+    """One training stage, resumed from its last checkpoint when ``config.resume`` is set.
+
+    Returns:
+        With an evaluator, the validation record of the stage (history, best step); else None.
+    """
     from transformers.trainer_utils import get_last_checkpoint
 
-    trainer = build_trainer(model, pairs, dims, config, checkpoints, epochs, learning_rate)
+    trainer = build_trainer(model, pairs, dims, config, checkpoints, epochs, learning_rate, evaluator)
     last = get_last_checkpoint(str(checkpoints)) if config.resume and checkpoints.is_dir() else None
     if last:
         logger.info("resuming from %s", last)
     trainer.train(resume_from_checkpoint=last)
+    if evaluator is None:
+        return None
+    state = trainer.state
+    return {
+        "history": validation_history(state.log_history, dims, config.early_stopping_metric),
+        "best_step": state.best_global_step,
+        "best_metric": None if state.best_metric is None else round(state.best_metric, 4),
+        "best_checkpoint": Path(state.best_model_checkpoint).name if state.best_model_checkpoint else None,
+        "steps_run": state.global_step,
+        "max_steps": state.max_steps,
+        "stopped_early": state.global_step < state.max_steps,
+    }
+
+
+def _validation_arguments(config: TrainConfig, evaluator: MatryoshkaValidationEvaluator | None) -> dict[str, Any]:
+    """Evaluate and save on the same schedule, and reload the best checkpoint at the end."""
+    if evaluator is None:
+        return {"save_strategy": "epoch"}
+    schedule: dict[str, Any] = {"eval_strategy": "epoch", "save_strategy": "epoch"}
+    if config.eval_steps:
+        schedule = {"eval_strategy": "steps", "save_strategy": "steps", "eval_steps": config.eval_steps}
+        schedule["save_steps"] = config.eval_steps
+    return schedule | {
+        "load_best_model_at_end": True,
+        "metric_for_best_model": evaluator.primary_metric,
+        "greater_is_better": True,
+    }
 
 
 def build_trainer(
@@ -194,6 +255,7 @@ def build_trainer(
     checkpoints: Path,
     epochs: float,
     learning_rate: float,
+    evaluator: MatryoshkaValidationEvaluator | None = None,
 ) -> SentenceTransformerTrainer:
     """MatryoshkaLoss(CachedMNRL) with the no-duplicates batch sampler and any layer-wise learning rates."""
     from datasets import Dataset
@@ -203,6 +265,7 @@ def build_trainer(
         CachedMultipleNegativesRankingLoss,
         MatryoshkaLoss,
     )
+    from transformers import EarlyStoppingCallback
 
     columns: dict[str, list[str]] = {"anchor": [p.query for p in pairs], "positive": [p.positive for p in pairs]}
     if all(p.negative for p in pairs):
@@ -222,14 +285,23 @@ def build_trainer(
         data_seed=config.seed,
         batch_sampler=BatchSamplers.NO_DUPLICATES,
         prompts=_prompts(config),
-        save_strategy="epoch",
         save_total_limit=1,
-        logging_steps=max(1, steps_per_epoch // 4),
-        report_to="none",
+        # Losses logged at least as often as validation runs, so the two curves share their steps.
+        logging_steps=min(max(1, steps_per_epoch // 4), config.eval_steps or steps_per_epoch),
+        report_to=config.report_to,
         disable_tqdm=not config.progress,
+        **_validation_arguments(config, evaluator),
         **_precision_flags(),
     )
-    return SentenceTransformerTrainer(model=model, args=args, train_dataset=Dataset.from_dict(columns), loss=loss)
+    patience = config.early_stopping_patience
+    return SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_dict(columns),
+        loss=loss,
+        evaluator=evaluator,
+        callbacks=[EarlyStoppingCallback(patience)] if evaluator is not None and patience else None,
+    )
 
 
 def mine_negatives(model: SentenceTransformer, data: TrainingData, config: TrainConfig) -> list[Pair]:
@@ -268,6 +340,97 @@ def _evaluate(
     return evaluate(encoder, data.eval_dataset, config.eval_split, dims)
 
 
+def check_tracking(report_to: str) -> None:
+    """Refuse an unknown tracker, or one whose package is not installed, in one line.
+
+    Raises:
+        ValueError: Naming the tracker and how to install it.
+    """
+    if report_to not in TRACKERS:
+        raise ValueError(f"--report-to {report_to!r} is not one of {', '.join(TRACKERS)}")
+    package = TRACKERS[report_to]
+    if package and importlib.util.find_spec(package) is None:
+        hint = "pip install 'mrl-retrieval[tracking]'" if package == "tensorboard" else f"pip install {package}"
+        raise ValueError(f"--report-to {report_to}: the {package} package is not installed ({hint})")
+
+
+def _validation_evaluator(
+    data: TrainingData, config: TrainConfig, dims: list[int]
+) -> MatryoshkaValidationEvaluator | None:
+    from training.validation_evaluator import MatryoshkaValidationEvaluator
+
+    if data.validation is None:
+        return None
+    dim = config.early_stopping_dim or min(dims)
+    if dim not in dims:
+        raise ValueError(f"--early-stopping-dim {dim} is not one of the training dims {dims}")
+    metric, batch = config.early_stopping_metric, config.eval_batch_size
+    return MatryoshkaValidationEvaluator(data.validation, dims, metric, dim, batch)
+
+
+def _validation_report(
+    data: TrainingData, config: TrainConfig, dims: list[int], stages: dict[str, dict[str, Any] | None]
+) -> dict[str, Any]:
+    assert data.validation is not None
+    return {
+        "queries": len(data.validation.queries),
+        "fraction": config.validation_fraction,
+        "metric": config.early_stopping_metric,
+        "dim": config.early_stopping_dim or min(dims),
+        "patience": config.early_stopping_patience,
+        "eval_steps": config.eval_steps,
+        "stages": stages,
+    }
+
+
+def _evaluate_forgetting(
+    model: SentenceTransformer, label: str, data: TrainingData, config: TrainConfig, dims: list[int]
+) -> EvalResult | None:
+    if data.forgetting is None:
+        return None
+    encoder = SentenceTransformerEncoder(model, label, config.eval_batch_size, config.progress)
+    return evaluate(encoder, data.forgetting, config.forgetting_split, dims)
+
+
+def forgetting_report(
+    before: EvalResult, after: EvalResult, in_before: EvalResult | None, in_after: EvalResult | None
+) -> dict[str, Any]:
+    """NDCG@10 per dim on the out-of-domain data, before and after, next to the in-domain change."""
+    per_dim = {}
+    for dim in sorted(before.by_dim, reverse=True):
+        row = {"before": before.metric(dim), "after": after.metric(dim)}
+        row["change"] = row["after"] - row["before"]
+        if in_before and in_after:
+            row["in_domain_change"] = in_after.metric(dim) - in_before.metric(dim)
+        per_dim[str(dim)] = {k: round(v, 4) for k, v in row.items()}
+    return {
+        "dataset": before.dataset,
+        "split": before.split,
+        "queries": before.num_queries,
+        "documents": before.num_documents,
+        "ndcg@10": per_dim,
+        "before": before.to_dict(),
+        "after": after.to_dict(),
+    }
+
+
+def forgetting_markdown(forgetting: dict[str, Any]) -> list[str]:
+    rows = forgetting["ndcg@10"]
+    in_domain = all("in_domain_change" in row for row in rows.values())
+    lines = [
+        "",
+        f"## Forgetting: NDCG@10 on out-of-domain `{forgetting['dataset']}` split `{forgetting['split']}` "
+        f"({forgetting['queries']} queries, {forgetting['documents']} documents)",
+        "",
+        "| dim | before | after | change |" + (" in-domain change |" if in_domain else ""),
+        "|---|---|---|---|" + ("---|" if in_domain else ""),
+    ]
+    for dim, row in rows.items():
+        line = f"| {dim} | {row['before']:.4f} | {row['after']:.4f} | {row['change']:+.4f} |"
+        lines.append(line + (f" {row['in_domain_change']:+.4f} |" if in_domain else ""))
+    return lines
+
+
 def _leaked_queries(data: TrainingData, config: TrainConfig) -> int | None:
     """How many evaluation queries also occur, verbatim, among the training queries (should be 0)."""
     if data.eval_dataset is None or not config.eval_split:
@@ -304,11 +467,14 @@ def train(config: TrainConfig) -> TrainResult:
         ModelError: The base model cannot be loaded.
         DimensionError: ``config.dims`` do not fit the model.
         FileExistsError: The output exists and ``overwrite`` is off (checked before training).
-        ValueError: Impossible strategy options, or a strategy the model's architecture does not allow.
+        ValueError: Impossible strategy, validation or tracking options (a missing tracker package included),
+            or a strategy the model's architecture does not allow.
     """
     if config.output.exists() and not config.overwrite:
         raise FileExistsError(f"{config.output} already exists (pass --overwrite to replace it)")
     check_strategy_options(config)
+    check_validation_options(config)
+    check_tracking(config.report_to)
     data = load_training_data(config)
     seconds: dict[str, float] = {}
     model = load_model(
@@ -319,18 +485,24 @@ def train(config: TrainConfig) -> TrainResult:
     )
     full_dim = embedding_dimension(model)
     dims = validate_dims(config.dims, full_dim) if config.dims else default_dims(full_dim)
+    evaluator = _validation_evaluator(data, config, dims)
     # Fresh LoRA layers add exactly zero, so the "before" scores are still the base model's.
     strategy, lora = apply_strategy(model, config, config.model or DEFAULT_MODEL)
 
     started = time.perf_counter()
     before = _evaluate(model, "base", data, config, dims)
     seconds["eval_before"] = time.perf_counter() - started
+    started = time.perf_counter()
+    forgetting_before = _evaluate_forgetting(model, "base", data, config, dims)
+    if forgetting_before:
+        seconds["forgetting_before"] = time.perf_counter() - started
 
     checkpoints = config.output.parent / f".{config.output.name}.checkpoints"
     if not config.resume:
         shutil.rmtree(checkpoints, ignore_errors=True)  # stale checkpoints of another run must not be mixed in
     started = time.perf_counter()
-    _fit(model, data.pairs, dims, config, checkpoints / "stage1", config.epochs, config.learning_rate)
+    stage1_rates = (config.epochs, config.learning_rate)
+    validation = {"stage1": _fit(model, data.pairs, dims, config, checkpoints / "stage1", *stage1_rates, evaluator)}
     seconds["train_stage1"] = time.perf_counter() - started
 
     mining: dict[str, Any] = {}
@@ -346,13 +518,19 @@ def train(config: TrainConfig) -> TrainResult:
         mining = {"pairs": len(data.pairs), "triplets": len(triplets), "candidates": len(data.corpus_passages)}
         started = time.perf_counter()
         rate = config.hard_negative_learning_rate or config.learning_rate / 2
-        _fit(model, triplets, dims, config, checkpoints / "stage2", config.hard_negative_epochs, rate)
+        validation["stage2"] = _fit(
+            model, triplets, dims, config, checkpoints / "stage2", config.hard_negative_epochs, rate, evaluator
+        )
         seconds["train_stage2"] = time.perf_counter() - started
 
     adapter = merge_lora(model, lora) if lora is not None else None  # score and publish the merged model
     started = time.perf_counter()
     after = _evaluate(model, "tuned", data, config, dims)
     seconds["eval_after"] = time.perf_counter() - started
+    started = time.perf_counter()
+    forgetting_after = _evaluate_forgetting(model, "tuned", data, config, dims)
+    if forgetting_after:
+        seconds["forgetting_after"] = time.perf_counter() - started
 
     report = {
         "base_model": config.model or DEFAULT_MODEL,
@@ -379,9 +557,17 @@ def train(config: TrainConfig) -> TrainResult:
         "before": before.to_dict() if before else None,
         "stage1": stage1.to_dict() if stage1 else None,
         "after": after.to_dict() if after else None,
+        "validation": _validation_report(data, config, dims, validation) if evaluator else None,
+        "forgetting": forgetting_report(forgetting_before, forgetting_after, before, after)
+        if forgetting_before and forgetting_after
+        else None,
+        "tracking": None
+        if config.report_to == "none"
+        else {"report_to": config.report_to, "log_dir": str(config.output / LOG_FOLDER)},
     }
     compared = [r for r in (before, stage1, after) if r is not None]
-    _publish(model, config, dims, report, compared, adapter)
+    logs = {stage: checkpoints / stage / LOG_FOLDER for stage in validation}
+    _publish(model, config, dims, report, compared, adapter, logs)
     if not config.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
     return TrainResult(config.output, dims, before, after, seconds, report)
@@ -394,11 +580,16 @@ def _publish(
     report: dict[str, Any],
     compared: list[EvalResult],
     adapter: LoraAdapter | None = None,
+    logs: dict[str, Path] | None = None,
 ) -> None:
-    """Save model, card and reports (and the LoRA adapter) into a staging folder, then rename it to the output."""
+    """Save model, card and reports (and the LoRA adapter, the tracking logs) into a staging folder, then
+    rename it to the output."""
     staging = staging_dir(config.output)
     try:
         model.save(str(staging))
+        for stage, folder in (logs or {}).items():
+            if folder.is_dir():
+                shutil.copytree(folder, staging / LOG_FOLDER / stage)
         if adapter is not None:
             adapter.save(staging / ADAPTER_FOLDER)
         MatryoshkaCard(
@@ -439,6 +630,12 @@ def training_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str
         f"- Machine: {report['environment']['device']}, torch {report['environment']['torch']}, "
         f"sentence-transformers {report['environment']['sentence_transformers']}",
     ]
+    if report["tracking"]:
+        lines.append(f"- Tracking: {report['tracking']['report_to']} logs in `{report['tracking']['log_dir']}`")
+    if report["validation"]:
+        lines += validation_markdown(report["validation"])
+    if report["forgetting"]:
+        lines += forgetting_markdown(report["forgetting"])
     if compared:
         evaluation = data["evaluation"]
         lines += [
@@ -453,6 +650,37 @@ def training_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str
             detail_table(compared[-1]),
         ]
     return "\n".join(lines) + "\n"
+
+
+def validation_markdown(validation: dict[str, Any]) -> list[str]:
+    """The validation section: size, selection rule and, per stage, the metric history and the best step."""
+    metric, dim, patience = validation["metric"], validation["dim"], validation["patience"]
+    stopping = f", early stopping after {patience} evaluations without gain" if patience else ""
+    lines = [
+        "",
+        f"## Validation ({validation['queries']} training queries held out, {validation['fraction']:.0%})",
+        "",
+        f"Best checkpoint chosen by {metric} at {dim} dims{stopping}; the published model is the best "
+        "checkpoint, not the last.",
+    ]
+    for stage, record in validation["stages"].items():
+        if not record:
+            continue
+        dims = list(record["history"][0][metric]) if record["history"] else []
+        lines += [
+            "",
+            f"### {stage}: best step {record['best_step']} ({metric} {record['best_metric']} at {dim}d), "
+            f"{record['steps_run']} of {record['max_steps']} steps run"
+            + (" (stopped early)" if record["stopped_early"] else ""),
+            "",
+            "| step | epoch | " + " | ".join(f"{d}d {metric}" for d in dims) + " |",
+            "|" + "---|" * (len(dims) + 2),
+        ]
+        lines += [
+            f"| {entry['step']} | {entry['epoch']} | " + " | ".join(f"{entry[metric][d]:.4f}" for d in dims) + " |"
+            for entry in record["history"]
+        ]
+    return lines
 
 
 def _strategy_line(strategy: dict[str, Any]) -> str:

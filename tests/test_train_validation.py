@@ -1,0 +1,170 @@
+"""Validation during training (best checkpoint published), experiment tracking and the forgetting check."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from mrl.cli import main
+from tests.conftest import SAMPLE
+from training.data import load_beir
+from training.evaluate import EvalResult
+from training.train import (
+    TrainConfig,
+    check_tracking,
+    forgetting_markdown,
+    forgetting_report,
+    load_training_data,
+    train,
+)
+from training.validation import VALIDATION_SPLIT, split_validation
+
+
+def small_config(output: Path, **overrides) -> TrainConfig:
+    settings = {"max_steps": 1, "batch_size": 8, "mini_batch_size": 8, "progress": False, "eval_split": None}
+    return TrainConfig(data=SAMPLE, output=output, **(settings | overrides))
+
+
+def test_validation_queries_come_from_training_and_leave_it(tmp_path: Path):
+    data = load_training_data(small_config(tmp_path / "out", validation_fraction=0.1, eval_split="test"))
+    dataset = load_beir(SAMPLE)
+    validation = data.validation.queries
+    assert len(validation) == 12 and len(set(validation)) == 12
+    training = {p.query for p in data.pairs}
+    test = {dataset.queries[qid] for qid in dataset.split("test")}
+    train_split = {dataset.queries[qid] for qid in dataset.split("train")}
+    assert set(validation) <= train_split
+    assert not set(validation) & training and not set(validation) & test
+    assert len(training) == 108 and len(data.pairs) == 108
+    # Seeded: the same seed holds out the same queries, another seed other ones.
+    again = split_validation(dataset, "train", 0.1, 42).dataset.split(VALIDATION_SPLIT)
+    assert list(again) == list(data.validation.dataset.split(VALIDATION_SPLIT))
+    assert list(split_validation(dataset, "train", 0.1, 7).dataset.split(VALIDATION_SPLIT)) != list(again)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--validation-fraction", "1.5"], "mrl: error: --validation-fraction must be in (0, 1), got 1.5"),
+        (["--validation-fraction", "0"], "mrl: error: --validation-fraction must be in (0, 1), got 0.0"),
+        (["--early-stopping-patience", "2"], "mrl: error: --early-stopping-patience needs --validation-fraction"),
+        (["--eval-steps", "5"], "mrl: error: --eval-steps needs --validation-fraction"),
+        (
+            ["--validation-fraction", "0.1", "--early-stopping-metric", "f1"],
+            "mrl: error: --early-stopping-metric 'f1' is not one of ndcg@10",
+        ),
+        (["--report-to", "mlflow"], "mrl: error: --report-to 'mlflow' is not one of none, tensorboard, wandb"),
+    ],
+)
+def test_cli_rejects_bad_validation_options_in_one_line(tiny_beir: Path, tmp_path: Path, capsys, args, message):
+    assert main(["train", "--data", str(tiny_beir), "--output", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(message)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_early_stopping_publishes_the_best_checkpoint(tmp_path: Path):
+    output = tmp_path / "model"
+    config = small_config(
+        output,
+        max_steps=8,
+        learning_rate=1e-3,
+        warmup_ratio=0.0,
+        validation_fraction=0.1,
+        eval_steps=1,
+        early_stopping_patience=1,
+        keep_checkpoints=True,
+    )
+    report = train(config).report
+
+    validation = report["validation"]
+    assert validation["queries"] == 12 and validation["metric"] == "ndcg@10" and validation["dim"] == 32
+    assert report["data"]["training_queries"] == 108
+    record = validation["stages"]["stage1"]
+    assert record["stopped_early"] and record["steps_run"] < 8
+    history = record["history"]
+    assert [entry["step"] for entry in history] == list(range(1, record["steps_run"] + 1))
+    assert all(entry["ndcg@10"].keys() == {"384", "256", "128", "64", "32"} for entry in history)
+    best = max(history, key=lambda entry: entry["ndcg@10"]["32"])
+    assert record["best_step"] == best["step"] and record["best_metric"] == pytest.approx(best["ndcg@10"]["32"])
+    # Patience 1: the run ends at the first evaluation that did not beat the best, so the last is not the best.
+    assert history[-1]["ndcg@10"]["32"] <= record["best_metric"] and record["best_step"] < record["steps_run"]
+
+    checkpoint = tmp_path / ".model.checkpoints" / "stage1" / record["best_checkpoint"]
+    assert record["best_checkpoint"] == f"checkpoint-{record['best_step']}"
+    published, best_weights = load_file(output / "model.safetensors"), load_file(checkpoint / "model.safetensors")
+    assert published.keys() == best_weights.keys()
+    assert all(torch.equal(published[k], best_weights[k]) for k in published)
+    markdown = (output / "training_report.md").read_text()
+    assert "## Validation (12 training queries held out, 10%)" in markdown
+    assert re.search(rf"### stage1: best step {record['best_step']} ", markdown)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")
+def test_tensorboard_logs_losses_and_validation_into_the_output(tmp_path: Path):
+    output = tmp_path / "model"
+    config = small_config(output, max_steps=1, validation_fraction=0.1, eval_steps=1, report_to="tensorboard")
+    report = train(config).report
+
+    assert report["tracking"] == {"report_to": "tensorboard", "log_dir": str(output / "runs")}
+    events = list((output / "runs" / "stage1").rglob("events.out.tfevents.*"))
+    assert events and sum(p.stat().st_size for p in events) > 0
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for folder in {p.parent for p in events}:
+        tags |= set(EventAccumulator(str(folder)).Reload().Tags()["scalars"])
+    assert "train/loss" in tags and "eval/dim_32_ndcg@10" in tags
+    assert json.loads((output / "training_report.json").read_text())["tracking"]["report_to"] == "tensorboard"
+
+
+def test_missing_tracker_package_is_refused_in_one_line(monkeypatch):
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None)
+    with pytest.raises(ValueError, match=re.escape("--report-to wandb: the wandb package is not installed")):
+        check_tracking("wandb")
+
+
+def test_forgetting_report_puts_the_in_domain_change_next_to_the_out_of_domain_one():
+    def result(ndcg: dict[int, float], dataset: str = "other") -> EvalResult:
+        return EvalResult("m", dataset, "test", 3, 9, 0.0, {dim: {"ndcg@10": v} for dim, v in ndcg.items()})
+
+    out_before, out_after = result({64: 0.5, 32: 0.4}), result({64: 0.45, 32: 0.41})
+    in_before, in_after = result({64: 0.3, 32: 0.2}, "in"), result({64: 0.5, 32: 0.4}, "in")
+    report = forgetting_report(out_before, out_after, in_before, in_after)
+    assert report["ndcg@10"] == {
+        "64": {"before": 0.5, "after": 0.45, "change": -0.05, "in_domain_change": 0.2},
+        "32": {"before": 0.4, "after": 0.41, "change": 0.01, "in_domain_change": 0.2},
+    }
+    assert (report["dataset"], report["queries"], report["documents"]) == ("other", 3, 9)
+    markdown = "\n".join(forgetting_markdown(report))
+    assert "| 64 | 0.5000 | 0.4500 | -0.0500 | +0.2000 |" in markdown
+
+
+@pytest.mark.slow
+def test_forgetting_section_reports_out_of_domain_ndcg_before_and_after(tmp_path: Path):
+    output = tmp_path / "model"
+    # The sample stands in for the out-of-domain data: the mechanics, not the finding, are under test.
+    config = small_config(output, learning_rate=1e-3, warmup_ratio=0.0, forgetting_data=SAMPLE)
+    result = train(config)
+
+    forgetting = json.loads((output / "training_report.json").read_text())["forgetting"]
+    assert forgetting == result.report["forgetting"]
+    assert (forgetting["dataset"], forgetting["split"], forgetting["queries"]) == ("sample_medical", "test", 120)
+    assert forgetting["ndcg@10"].keys() == {"384", "256", "128", "64", "32"}
+    for dim, row in forgetting["ndcg@10"].items():
+        assert row["before"] == pytest.approx(forgetting["before"]["by_dim"][dim]["ndcg@10"], abs=1e-4)
+        assert row["after"] == pytest.approx(forgetting["after"]["by_dim"][dim]["ndcg@10"], abs=1e-4)
+        assert row["change"] == pytest.approx(row["after"] - row["before"], abs=2e-4)
+    assert any(row["change"] != 0 for row in forgetting["ndcg@10"].values())  # the weights moved
+    assert {"forgetting_before", "forgetting_after"} <= result.seconds.keys()
+    markdown = (output / "training_report.md").read_text()
+    assert "## Forgetting: NDCG@10 on out-of-domain `sample_medical` split `test`" in markdown
+    assert "| dim | before | after | change |" in markdown

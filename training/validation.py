@@ -1,0 +1,102 @@
+"""Validation during training: a held-out share of the training queries, scored at every Matryoshka dim.
+
+The validation queries are carved out of the *training* split, by query, so the evaluation
+split stays untouched for the before/after comparison and no query is both trained on and
+validated on. Scoring reuses :func:`training.evaluate.evaluate` (encode once at full
+dimension, truncate and re-normalise per dim), so validation figures are computed exactly
+like the published before/after figures.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from training.data import Qrels, RetrievalDataset
+from training.metrics import metric_names
+
+if TYPE_CHECKING:
+    from training.train import TrainConfig
+
+VALIDATION_SPLIT = "validation"
+METRIC_PREFIX = "eval_"
+
+
+@dataclass
+class ValidationSet:
+    """The held-out queries, as a dataset sharing the training corpus with one ``validation`` split."""
+
+    dataset: RetrievalDataset
+    training_qrels: Qrels
+
+    @property
+    def queries(self) -> list[str]:
+        return [self.dataset.queries[qid] for qid in self.dataset.split(VALIDATION_SPLIT)]
+
+
+def check_validation_options(config: TrainConfig) -> None:
+    """Reject impossible validation and tracking settings before any data or model is loaded.
+
+    Raises:
+        ValueError: With the offending option named, in one line.
+    """
+    fraction = config.validation_fraction
+    if fraction is not None and not 0 < fraction < 1:
+        raise ValueError(f"--validation-fraction must be in (0, 1), got {fraction}")
+    for name in ("early_stopping_patience", "eval_steps", "early_stopping_dim"):
+        if getattr(config, name) is not None and fraction is None:
+            raise ValueError(f"--{name.replace('_', '-')} needs --validation-fraction")
+    if config.early_stopping_patience is not None and config.early_stopping_patience < 1:
+        raise ValueError(f"--early-stopping-patience must be at least 1, got {config.early_stopping_patience}")
+    if config.eval_steps is not None and config.eval_steps < 1:
+        raise ValueError(f"--eval-steps must be at least 1, got {config.eval_steps}")
+    if config.early_stopping_metric not in metric_names():
+        raise ValueError(
+            f"--early-stopping-metric {config.early_stopping_metric!r} is not one of {', '.join(metric_names())}"
+        )
+    if fraction is not None and config.lora:
+        raise ValueError("--validation-fraction cannot be combined with --lora (best-checkpoint reload is untested)")
+
+
+def split_validation(dataset: RetrievalDataset, split: str, fraction: float, seed: int) -> ValidationSet:
+    """Hold out ``fraction`` of the distinct query texts of ``split``, drawn by ``seed``.
+
+    Splitting by text (not id) keeps a query asked twice under two ids on one side only.
+
+    Raises:
+        ValueError: If the split has too few queries to leave at least one on each side.
+    """
+    qrels = {qid: docs for qid, docs in dataset.split(split).items() if any(s > 0 for s in docs.values())}
+    texts = sorted({dataset.queries[qid] for qid in qrels})
+    held_out = round(fraction * len(texts))
+    if not 0 < held_out < len(texts):
+        raise ValueError(
+            f"--validation-fraction {fraction} of {len(texts)} training queries leaves an empty side; "
+            "choose a fraction that holds out at least one query and keeps one"
+        )
+    validation_texts = set(random.Random(seed).sample(texts, held_out))
+    validation = {qid: docs for qid, docs in qrels.items() if dataset.queries[qid] in validation_texts}
+    training = {qid: docs for qid, docs in dataset.split(split).items() if qid not in validation}
+    held = RetrievalDataset(dataset.root, dataset.corpus, dataset.queries, {VALIDATION_SPLIT: validation})
+    return ValidationSet(held, training)
+
+
+def metric_key(dim: int, metric: str) -> str:
+    return f"dim_{dim}_{metric}"
+
+
+def validation_history(log_history: list[dict[str, Any]], dims: list[int], metric: str) -> list[dict[str, Any]]:
+    """One entry per evaluation: step, epoch and ``metric`` at each dim (from the trainer's log)."""
+    history = []
+    for entry in log_history:
+        keys = {dim: f"{METRIC_PREFIX}{metric_key(dim, metric)}" for dim in dims}
+        if all(key in entry for key in keys.values()):
+            history.append(
+                {
+                    "step": entry["step"],
+                    "epoch": round(entry.get("epoch", 0.0), 4),
+                    metric: {str(dim): round(entry[key], 4) for dim, key in keys.items()},
+                }
+            )
+    return history

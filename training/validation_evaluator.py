@@ -1,0 +1,51 @@
+"""The validation evaluator handed to the trainer (imports sentence-transformers, so kept out of validation.py).
+
+It scores with :func:`training.evaluate.evaluate` rather than one ``InformationRetrievalEvaluator``
+per dim: the corpus is encoded once at full dimension and every dim derived from it, and the
+figures are computed exactly like the published before/after ones.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
+
+from training.evaluate import evaluate
+from training.models import SentenceTransformerEncoder
+from training.validation import VALIDATION_SPLIT, ValidationSet, metric_key
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
+
+
+class MatryoshkaValidationEvaluator(BaseEvaluator):
+    """A sentence-transformers evaluator: every metric at every dim, keyed ``dim_{dim}_{metric}``.
+
+    The trainer prefixes ``eval_`` and logs the dict, so the history lands in ``log_history``
+    (and in TensorBoard when enabled); ``primary_metric`` drives best-checkpoint selection.
+    """
+
+    def __init__(self, validation: ValidationSet, dims: list[int], metric: str, dim: int, batch_size: int) -> None:
+        super().__init__()
+        self.validation = validation
+        self.dims = dims
+        self.batch_size = batch_size
+        self.primary_metric = metric_key(dim, metric)
+
+    def __call__(
+        self, model: SentenceTransformer, output_path: str | None = None, epoch: int = -1, steps: int = -1
+    ) -> dict[str, float]:
+        encoder = SentenceTransformerEncoder(model, "validation", self.batch_size, progress=False)
+        result = evaluate(encoder, self.validation.dataset, VALIDATION_SPLIT, self.dims)
+        return {metric_key(dim, name): value for dim, values in result.by_dim.items() for name, value in values.items()}
+
+    @property
+    def description(self) -> str:
+        return "Matryoshka validation"
+
+    def get_config_dict(self) -> dict[str, Any]:
+        return {"dims": self.dims}
+
+    def store_metrics_in_model_card_data(self, *args: Any, **kwargs: Any) -> None:
+        """Nothing to record: the training report holds the validation history."""
