@@ -27,6 +27,7 @@ import numpy as np
 
 from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now, write_report
 from benchmarks.latency import read_query_texts
+from training.files import json_fields
 from training.matryoshka import truncate_normalize
 
 if TYPE_CHECKING:
@@ -304,7 +305,7 @@ def _model_dict(loaded: LoadedEncoder, manifest: IndexManifest | None) -> dict[s
 
 
 def _settings_dict(config: EncodersConfig, threads: int, distinct: int) -> dict[str, Any]:
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
+    settings = json_fields(config)
     return {**settings, "threads": threads, "distinct_texts": distinct, "batch_sizes": sorted(set(config.batch_sizes))}
 
 

@@ -34,6 +34,7 @@ from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now,
 from index.layout import resolve_version
 from index.manifest import IndexManifest
 from training.data import load_queries
+from training.files import json_fields
 from training.matryoshka import DimensionError
 
 logger = logging.getLogger(__name__)
@@ -309,20 +310,40 @@ def search_params(cell: Cell, queries: list[str], k: int, offset: int) -> Callab
     return params
 
 
-async def send_one(client: httpx.AsyncClient, params: dict[str, Any]) -> Outcome:
-    """One ``GET /search``; a transport error or a non-200 answer becomes a failed :class:`Outcome`."""
+async def timed_get(
+    client: httpx.AsyncClient,
+    path: str,
+    params: dict[str, Any],
+    read: Callable[[httpx.Response], dict | None],
+    expected: str,
+) -> Outcome:
+    """One timed ``GET``: a transport error, a non-200 answer or one without ``expected`` fails.
+
+    The time is to the whole answer; ``read`` then parses it (not timed) into the server's stage
+    timings, or ``None``, raising ``ValueError``, ``KeyError``, ``IndexError`` or ``TypeError``
+    when the answer lacks what the caller expects.
+    """
     started = time.perf_counter()
     try:
-        response = await client.get("/search", params=params)
+        response = await client.get(path, params=params)
     except httpx.HTTPError as exc:
         return Outcome(time.perf_counter() - started, None, f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_CHARS])
     seconds = time.perf_counter() - started
     if response.status_code != 200:
         return Outcome(seconds, None, f"HTTP {response.status_code}: {response.text[:ERROR_TEXT_CHARS]}")
     try:
-        return Outcome(seconds, dict(response.json()["timings_ms"]))
-    except (ValueError, KeyError, TypeError):
-        return Outcome(seconds, None, f"HTTP 200 without timings_ms: {response.text[:ERROR_TEXT_CHARS]}")
+        return Outcome(seconds, read(response))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return Outcome(seconds, None, f"HTTP 200 without {expected}: {response.text[:ERROR_TEXT_CHARS]}")
+
+
+def _our_timings(response: httpx.Response) -> dict:
+    return dict(response.json()["timings_ms"])
+
+
+async def send_one(client: httpx.AsyncClient, params: dict[str, Any]) -> Outcome:
+    """One ``GET /search`` of ``mrl serve``; an answer without ``timings_ms`` is a failure."""
+    return await timed_get(client, "/search", params, _our_timings, "timings_ms")
 
 
 async def drive(
@@ -482,7 +503,7 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
 
 
 def _settings_dict(config: LatencyConfig, dims: list[int], num_queries: int) -> dict[str, Any]:
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
+    settings = json_fields(config)
     return {**settings, "dims": dims, "num_query_texts": num_queries, "endpoint": "GET /search", "host": LOOPBACK}
 
 

@@ -54,12 +54,14 @@ from benchmarks.latency import (
     server_environment,
     time_cell,
     time_cells,
+    timed_get,
 )
 from index.layout import DOCS_FILE, resolve_version
 from index.manifest import IndexManifest
 from index.store import DocumentStore
 from training.data import DataError, Document, Qrels, load_beir
 from training.evaluate import TOP_K
+from training.files import json_fields
 from training.matryoshka import DimensionError
 from training.metrics import score_rankings
 from training.models import resolve_model
@@ -468,22 +470,14 @@ def request_sender(api: SearchApi) -> Callable[[httpx.AsyncClient, dict[str, Any
     so an answer without hits is an error. ``timings_ms`` are kept where a server reports them (ours).
     """
 
-    async def send(client: httpx.AsyncClient, params: dict[str, Any]) -> Outcome:
-        started = time.perf_counter()
-        try:
-            response = await client.get(api.path, params=params)
-        except httpx.HTTPError as exc:
-            return Outcome(time.perf_counter() - started, None, f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_CHARS])
-        seconds = time.perf_counter() - started
-        if response.status_code != 200:
-            return Outcome(seconds, None, f"HTTP {response.status_code}: {response.text[:ERROR_TEXT_CHARS]}")
-        try:
-            body = response.json()
-            api.hit_ids(body)
-        except (ValueError, KeyError, IndexError, TypeError):
-            return Outcome(seconds, None, f"HTTP 200 without hits: {response.text[:ERROR_TEXT_CHARS]}")
+    def read(response: httpx.Response) -> dict | None:
+        body = response.json()
+        api.hit_ids(body)
         timings = body.get("timings_ms") if isinstance(body, dict) else None
-        return Outcome(seconds, dict(timings) if isinstance(timings, dict) else None)
+        return dict(timings) if isinstance(timings, dict) else None
+
+    async def send(client: httpx.AsyncClient, params: dict[str, Any]) -> Outcome:
+        return await timed_get(client, api.path, params, read, "hits")
 
     return send
 
@@ -663,7 +657,7 @@ def _ratio(value: float | None, reference: float | None) -> float | None:
 
 
 def _settings_dict(config: PeersConfig, plan: Plan, num_query_texts: int) -> dict[str, Any]:
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
+    settings = json_fields(config)
     return {
         **settings,
         "dims": plan.dims,

@@ -27,7 +27,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,7 @@ import numpy as np
 from benchmarks import machine_info, markdown_row, save_figure, utc_now, write_report
 from benchmarks.search_quality import RankedRun, timed_per_query
 from training.data import DataError, RetrievalDataset, load_beir
+from training.files import json_fields
 from training.matryoshka import truncate_normalize, validate_dims
 from training.metrics import score_rankings
 
@@ -176,6 +177,13 @@ def text_digest(texts: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+def cache_folder(config: QualityBenchConfig) -> Path | None:
+    """``--cache``, else ``OUT/cache``; none when the run writes nowhere."""
+    if config.cache is not None:
+        return config.cache
+    return config.out / "cache" if config.out is not None else None
+
+
 def cached_encode(
     encode: Callable[[list[str]], np.ndarray], texts: list[str], fingerprint: str, cache: Path | None
 ) -> tuple[np.ndarray, bool]:
@@ -207,13 +215,13 @@ def encode_dataset(
         lambda texts: model.encode_document(texts, **options),
         [dataset.corpus[d].passage for d in doc_ids],
         fingerprint,
-        config.cache,
+        cache_folder(config),
     )
     queries, queries_cached = cached_encode(
         lambda texts: model.encode_query(texts, **options),
         [dataset.queries[q] for q in query_ids],
         fingerprint,
-        config.cache,
+        cache_folder(config),
     )
     return EncodedSplit(
         doc_ids, docs, query_ids, queries, time.perf_counter() - started, docs_cached and queries_cached
@@ -435,7 +443,7 @@ def tuned_model_for(folder: Path, config: QualityBenchConfig) -> tuple[Path | No
 
 def measure_dataset(folder: Path, config: QualityBenchConfig) -> dict[str, Any]:
     """Base and tuned model on one BEIR folder: every option at every dim."""
-    from training.models import default_dims, read_model_card, resolve_model
+    from training.models import DEFAULT_MODEL, default_dims, read_model_card, resolve_model
 
     dataset = load_beir(folder, [config.split])
     qrels = dataset.split(config.split)
@@ -455,7 +463,7 @@ def measure_dataset(folder: Path, config: QualityBenchConfig) -> dict[str, Any]:
         encoded = encode_dataset(model, fingerprint, dataset, query_ids, config)
         del model
         models[label] = {
-            "name": config.base_model or "sentence-transformers/all-MiniLM-L6-v2" if label == "base" else str(name),
+            "name": (config.base_model or DEFAULT_MODEL) if label == "base" else str(name),
             "fingerprint": fingerprint,
             "encode_seconds": round(encoded.encode_seconds, 1),
             "from_cache": encoded.cached,
@@ -483,8 +491,6 @@ def run_quality(config: QualityBenchConfig) -> dict[str, Any]:
     """
     check_config(config)
     folders = dataset_folders(config)
-    if config.cache is None and config.out is not None:
-        config.cache = config.out / "cache"
     started_at, started = utc_now(), time.perf_counter()
     with single_threaded_search():
         datasets = [measure_dataset(folder, config) for folder in folders]
@@ -492,11 +498,10 @@ def run_quality(config: QualityBenchConfig) -> dict[str, Any]:
         "benchmark": "quality",
         "started_at": started_at,
         "seconds": round(time.perf_counter() - started, 1),
-        "settings": {k: str(v) if isinstance(v, Path) else v for k, v in asdict(config).items()},
+        "settings": json_fields(config),
         "machine": machine_info(),
         "datasets": datasets,
     }
-    report["settings"]["data"] = [str(p) for p in config.data]
     report["latency"] = {name: latency_summary(raw) for name, raw in latency_reports(config).items()}
     if config.out is not None:
         write_quality_report(report, config.out)

@@ -37,6 +37,7 @@ import numpy as np
 
 from benchmarks import format_ms, machine_info, markdown_row, save_figure, utc_now, write_report
 from index.params import HNSW_EF_CONSTRUCTION, HNSW_M, flat_bytes, ivf_lists, search_params_for
+from training.files import json_fields
 from training.matryoshka import DimensionError, default_dims, truncate_normalize
 
 logger = logging.getLogger(__name__)
@@ -464,7 +465,7 @@ def _ratio(numerator: float, denominator: float) -> float | None:
 
 
 def _settings_dict(config: ScalingConfig, full_dim: int, dims: list[int], threads: int) -> dict[str, Any]:
-    settings = {key: str(value) if isinstance(value, Path) else value for key, value in asdict(config).items()}
+    settings = json_fields(config)
     return {**settings, "full_dim": full_dim, "dims": dims, "threads": threads, "sizes": sorted(set(config.sizes))}
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ from service.engine import rerank
 from service.settings import ServiceSettings
 from training.data import DataError, Qrels, RetrievalDataset, load_beir
 from training.evaluate import TOP_K
+from training.files import json_fields
 from training.matryoshka import truncate_normalize
 from training.metrics import score_rankings
 
@@ -203,7 +204,7 @@ def run_two_stage(config: QualityConfig) -> dict[str, Any]:
         "benchmark": "two-stage",
         "started_at": started_at,
         "duration_s": round(time.perf_counter() - started, 2),
-        "settings": {key: str(v) if isinstance(v, Path) else v for key, v in asdict(config).items()},
+        "settings": json_fields(config),
         "machine": machine_info(),
         "index": index_info,
         "dataset": {

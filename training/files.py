@@ -24,6 +24,18 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+def json_fields(config: Any) -> dict[str, Any]:
+    """A dataclass's fields for a JSON report: paths (also inside lists) as strings."""
+    from dataclasses import asdict
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, Path):
+            return str(value)
+        return [plain(item) for item in value] if isinstance(value, list) else value
+
+    return {key: plain(value) for key, value in asdict(config).items()}
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 

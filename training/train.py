@@ -14,13 +14,13 @@ import platform
 import random
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from training.data import DataError, Pair, RetrievalDataset, load_beir, load_pairs
 from training.evaluate import EvalResult, evaluate
-from training.files import publish_dir, staging_dir, write_json_atomic, write_text_atomic
+from training.files import json_fields, publish_dir, staging_dir, write_json_atomic, write_text_atomic
 from training.matryoshka import default_dims, validate_dims
 from training.models import (
     DEFAULT_MODEL,
@@ -105,7 +105,7 @@ class TrainConfig:
     forgetting_split: str = "test"
 
     def settings(self) -> dict[str, Any]:
-        return {k: str(v) if isinstance(v, Path) else v for k, v in asdict(self).items()}
+        return json_fields(self)
 
 
 @dataclass
