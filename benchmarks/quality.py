@@ -497,7 +497,7 @@ def run_quality(config: QualityBenchConfig) -> dict[str, Any]:
     report = {
         "benchmark": "quality",
         "started_at": started_at,
-        "seconds": round(time.perf_counter() - started, 1),
+        "duration_s": round(time.perf_counter() - started, 2),
         "settings": json_fields(config),
         "machine": machine_info(),
         "datasets": datasets,
@@ -545,7 +545,7 @@ def quality_markdown(report: dict[str, Any]) -> str:
             lines += pareto_table(dataset, latency)
     machine = report["machine"]
     lines += [
-        f"Machine: {machine['cpus_usable']} CPUs, GPU {machine['gpu'] or 'none'}; {report['seconds']:.0f} s in all. "
+        f"Machine: {machine['cpus_usable']} CPUs, GPU {machine['gpu'] or 'none'}; {report['duration_s']:.0f} s in all. "
         "Search times are per query, one query at a time, search only (encoding excluded).",
         "",
     ]
