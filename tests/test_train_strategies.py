@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +18,7 @@ from tests.conftest import SAMPLE
 from training.models import load_model, read_model_card
 from training.strategies import ADAPTER_FOLDER, apply_strategy, check_strategy_options, layer_learning_rates
 from training.train import TrainConfig, build_trainer, load_training_data, train
+from training.unfreezing import unfreeze_steps
 
 
 def small_config(output: Path, **overrides) -> TrainConfig:
@@ -51,7 +54,7 @@ def test_layer_learning_rates_decay_from_the_top_and_skip_frozen_parts():
         ({"layer_lr_decay": 0.0}, "--layer-lr-decay must be in (0, 1], got 0.0"),
         ({"layer_lr_decay": 1.5}, "--layer-lr-decay must be in (0, 1], got 1.5"),
         ({"freeze_layers": -1}, "--freeze-layers must be 0 or more, got -1"),
-        ({"lora": True, "freeze_layers": 2}, "--lora cannot be combined with --freeze-layers or --layer-lr-decay"),
+        ({"lora": True, "freeze_layers": 2}, "--lora cannot be combined with --freeze-layers, --layer-lr-decay"),
         ({"lora": True, "lora_rank": 0}, "--lora-rank must be at least 1, got 0"),
         ({"lora": True, "lora_dropout": 1.0}, "--lora-dropout must be in [0, 1), got 1.0"),
     ],
@@ -161,3 +164,79 @@ def test_lora_publishes_a_merged_plain_model_and_its_adapter(tmp_path: Path):
     rebuilt = load_model(None)
     rebuilt[0].auto_model = PeftModel.from_pretrained(rebuilt[0].auto_model, str(adapter)).merge_and_unload()
     np.testing.assert_allclose(rebuilt.encode(["fever and cough"], convert_to_numpy=True), vectors, atol=1e-5)
+
+
+def test_unfreeze_steps_release_one_unit_at_a_time_over_the_first_half():
+    assert unfreeze_steps(7, 28) == [0, 2, 4, 6, 8, 10, 12]
+    assert unfreeze_steps(4, 6) == [0, 1, 2, 2]  # round half to even: 0.75 → 1, 1.5 → 2, 2.25 → 2
+    assert unfreeze_steps(3, 1) == [0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [({"lora": True, "gradual_unfreeze": True}, "--lora cannot be combined with --freeze-layers, --layer-lr-decay or "
+      "--gradual-unfreeze")],
+)  # fmt: skip
+def test_lora_refuses_gradual_unfreezing(tmp_path: Path, overrides, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_strategy_options(small_config(tmp_path / "out", **overrides))
+
+
+@pytest.mark.slow
+def test_gradual_unfreezing_releases_the_top_first_and_the_embeddings_last(tmp_path: Path):
+    from transformers import TrainerCallback
+
+    config = small_config(tmp_path / "out", gradual_unfreeze=True, max_steps=6)
+    model = load_model(None)
+    strategy, _ = apply_strategy(model, config, "base")
+    assert strategy["name"] == "gradual" and strategy["gradual_unfreeze_units"] == 7  # 6 layers + embeddings
+    embeddings = model[0].auto_model.embeddings
+    layers = model[0].auto_model.encoder.layer
+    start = {name: p.detach().clone() for name, p in model[0].auto_model.named_parameters()}
+    seen: list[tuple[int, list[bool], bool]] = []
+
+    class Probe(TrainerCallback):
+        """At each step: which layers train, and whether the embeddings are still the base model's."""
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            trains = [layers[i].attention.self.query.weight.requires_grad for i in range(len(layers))]
+            unchanged = torch.equal(embeddings.word_embeddings.weight, start["embeddings.word_embeddings.weight"])
+            seen.append((state.global_step, trains, unchanged))
+
+    trainer = build_trainer(model, load_training_data(config).pairs, [384, 64], config, tmp_path / "ckpt", 1, 1e-3)
+    trainer.add_callback(Probe())
+    trainer.train()
+
+    # 7 units over the first 3 of 6 steps start at steps 0, 0, 1, 1, 2, 2, 3 (top layer first).
+    assert [s for s, _, _ in seen] == [0, 1, 2, 3, 4, 5]
+    assert seen[0][1] == [False, False, False, False, True, True]
+    assert seen[1][1] == [False, False, True, True, True, True]
+    assert seen[2][1] == [True] * 6
+    assert all(unchanged for step, _, unchanged in seen if step <= 3)  # released at step 3, first moved by it
+    assert all(p.requires_grad for p in model.parameters())
+    moved = {name for name, p in model[0].auto_model.named_parameters() if not torch.equal(p, start[name])}
+    assert "embeddings.word_embeddings.weight" in moved
+    assert "encoder.layer.0.attention.self.query.weight" in moved
+
+
+PEAK_PROBE = """
+import json, time
+import numpy as np
+from training.memory import PeakMemory
+
+with PeakMemory(interval_s=0.005) as memory:
+    block = np.ones(64 * 1024 * 1024 // 8)  # 64 MB, written
+    block += 1
+    time.sleep(0.05)
+    del block
+print(json.dumps(memory.to_dict()))
+"""
+
+
+def test_peak_memory_sees_an_allocation_inside_the_block():
+    # A fresh process: in this one, memory freed by earlier tests stays resident and would be reused.
+    done = subprocess.run([sys.executable, "-c", PEAK_PROBE], capture_output=True, text=True, check=True)
+    figures = json.loads(done.stdout)
+    assert 60 <= figures["rss_growth_mb"] < 200
+    assert figures["rss_peak_mb"] == pytest.approx(figures["rss_start_mb"] + figures["rss_growth_mb"], abs=0.2)
+    assert figures["cuda_peak_allocated_mb"] is None or figures["cuda_peak_allocated_mb"] >= 0

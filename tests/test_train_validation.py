@@ -168,3 +168,26 @@ def test_forgetting_section_reports_out_of_domain_ndcg_before_and_after(tmp_path
     markdown = (output / "training_report.md").read_text()
     assert "## Forgetting: NDCG@10 on out-of-domain `sample_medical` split `test`" in markdown
     assert "| dim | before | after | change |" in markdown
+
+
+@pytest.mark.slow
+def test_lora_with_early_stopping_publishes_the_merge_of_the_best_checkpoint(tmp_path: Path):
+    from training.models import load_model
+    from training.strategies import add_lora, load_lora_checkpoint, merge_lora
+
+    output = tmp_path / "model"
+    schedule = {"max_steps": 6, "learning_rate": 5e-3, "warmup_ratio": 0.0, "keep_checkpoints": True}
+    validation = {"validation_fraction": 0.1, "eval_steps": 1, "early_stopping_patience": 1}
+    config = small_config(output, lora=True, lora_rank=4, **schedule, **validation)
+    record = train(config).report["validation"]["stages"]["stage1"]
+    assert record["best_step"] < record["steps_run"]  # the last checkpoint is not the best one
+
+    # Base model + LoRA layers + the best checkpoint's weights, merged, is exactly the published model.
+    rebuilt = load_model(None)
+    lora = add_lora(rebuilt, config, "base")
+    load_lora_checkpoint(rebuilt, tmp_path / ".model.checkpoints" / "stage1" / record["best_checkpoint"])
+    merge_lora(rebuilt, lora)
+    published = load_file(output / "model.safetensors")
+    expected = rebuilt[0].auto_model.state_dict()
+    assert published.keys() == expected.keys()
+    assert all(torch.equal(published[k], expected[k]) for k in published)

@@ -105,6 +105,12 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         help="layer-wise learning-rate decay, 0 < F <= 1: the top layer gets --lr, each lower layer F times that",
     )
     strategy.add_argument(
+        "--gradual-unfreeze",
+        action="store_true",
+        help="start with the top layer only and release one more layer at a time, top down, over the first half "
+        "of training (with --freeze-layers N, the lowest N stay frozen)",
+    )
+    strategy.add_argument(
         "--lora",
         action="store_true",
         help="train LoRA adapters only; the output is the merged model, the adapter is saved in its adapter/ folder",

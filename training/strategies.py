@@ -19,8 +19,10 @@ if TYPE_CHECKING:
 
     from training.train import TrainConfig
 
-# The linear layers of a BERT block: attention projections and both feed-forward layers.
+# The linear layers of a BERT block: attention projections and both feed-forward layers. The pattern
+# (which peft matches against the whole module name) leaves out the pooler, which mean pooling never uses.
 LORA_TARGET_MODULES = ["query", "key", "value", "dense"]
+LORA_TARGET_PATTERN = rf".*\.layer\.\d+\..*\b({'|'.join(LORA_TARGET_MODULES)})"
 ADAPTER_FOLDER = "adapter"
 
 
@@ -45,6 +47,8 @@ class LoraAdapter:
 def strategy_name(config: TrainConfig) -> str:
     if config.lora:
         return "lora"
+    if config.gradual_unfreeze:
+        return "gradual"
     return "freeze" if config.freeze_layers is not None else "full"
 
 
@@ -60,9 +64,10 @@ def check_strategy_options(config: TrainConfig) -> None:
         raise ValueError(f"--layer-lr-decay must be in (0, 1], got {config.layer_lr_decay}")
     if not config.lora:
         return
-    if config.freeze_layers is not None or config.layer_lr_decay is not None:
+    if config.freeze_layers is not None or config.layer_lr_decay is not None or config.gradual_unfreeze:
         raise ValueError(
-            "--lora cannot be combined with --freeze-layers or --layer-lr-decay (it freezes all base weights)"
+            "--lora cannot be combined with --freeze-layers, --layer-lr-decay or --gradual-unfreeze "
+            "(it freezes all base weights)"
         )
     if config.lora_rank < 1:
         raise ValueError(f"--lora-rank must be at least 1, got {config.lora_rank}")
@@ -121,6 +126,14 @@ def layer_learning_rates(
     return rates
 
 
+def unfreezing_units(model: SentenceTransformer, config: TrainConfig) -> list[nn.Module]:
+    """What gradual unfreezing releases, top layer first: the layers above ``--freeze-layers``, then (with no
+    frozen floor) the embeddings."""
+    embeddings, layers = encoder_parts(model)
+    floor = config.freeze_layers or 0
+    return [*reversed(layers[floor:]), *([embeddings] if config.freeze_layers is None else [])]
+
+
 def learning_rate_mapping(model: SentenceTransformer, config: TrainConfig, learning_rate: float) -> dict[str, float]:
     """``layer_learning_rates`` for this model and config; empty without ``--layer-lr-decay``."""
     if config.layer_lr_decay is None:
@@ -137,11 +150,35 @@ def add_lora(model: SentenceTransformer, config: TrainConfig, base_model: str) -
         r=config.lora_rank,
         lora_alpha=config.lora_alpha,
         lora_dropout=config.lora_dropout,
-        target_modules=LORA_TARGET_MODULES,
+        target_modules=LORA_TARGET_PATTERN,
         base_model_name_or_path=base_model,
     )
     inject_adapter_in_model(lora, model[0].auto_model)
     return lora
+
+
+def load_lora_checkpoint(model: SentenceTransformer, checkpoint: Path) -> None:
+    """Load a checkpoint written during LoRA training into the model, whose LoRA layers are still injected.
+
+    The checkpoint holds the injected model's own state (base weights plus ``lora_A``/``lora_B``),
+    which sentence-transformers' loader cannot read into a plain model; this reads it back as it was saved.
+
+    Raises:
+        RuntimeError: If the checkpoint's weights do not match the injected model (another rank or model).
+    """
+    from safetensors.torch import load_file
+
+    model[0].auto_model.load_state_dict(load_file(str(checkpoint / "model.safetensors")))
+
+
+def lora_trainer(trainer_class: type) -> type:
+    """``trainer_class`` reading its checkpoints (best model at the end, ``--resume``) with the LoRA layers kept."""
+
+    class LoraCheckpointTrainer(trainer_class):  # type: ignore[misc, valid-type]
+        def _load_from_checkpoint(self, checkpoint_path: str, *args: Any, **kwargs: Any) -> None:
+            load_lora_checkpoint(getattr(self.model, "_orig_mod", self.model), Path(checkpoint_path))
+
+    return LoraCheckpointTrainer
 
 
 def merge_lora(model: SentenceTransformer, lora: LoraConfig) -> LoraAdapter:
@@ -197,4 +234,6 @@ def apply_strategy(
     if config.layer_lr_decay is not None:
         encoder_parts(model)  # fail now, not when the optimizer is built
         description["layer_lr_decay"] = config.layer_lr_decay
+    if config.gradual_unfreeze:
+        description["gradual_unfreeze_units"] = len(unfreezing_units(model, config))
     return description | parameter_counts(model), lora

@@ -22,6 +22,7 @@ from training.data import DataError, Pair, RetrievalDataset, load_beir, load_pai
 from training.evaluate import EvalResult, evaluate
 from training.files import json_fields, publish_dir, staging_dir, write_json_atomic, write_text_atomic
 from training.matryoshka import default_dims, validate_dims
+from training.memory import PeakMemory
 from training.models import (
     DEFAULT_MODEL,
     DOCUMENT_PROMPT,
@@ -38,7 +39,9 @@ from training.strategies import (
     apply_strategy,
     check_strategy_options,
     learning_rate_mapping,
+    lora_trainer,
     merge_lora,
+    unfreezing_units,
 )
 from training.validation import (
     ValidationSet,
@@ -91,6 +94,7 @@ class TrainConfig:
     progress: bool = True
     freeze_layers: int | None = None
     layer_lr_decay: float | None = None
+    gradual_unfreeze: bool = False
     lora: bool = False
     lora_rank: int = 16
     lora_alpha: float = 32
@@ -265,7 +269,7 @@ def build_trainer(
         CachedMultipleNegativesRankingLoss,
         MatryoshkaLoss,
     )
-    from transformers import EarlyStoppingCallback
+    from transformers import EarlyStoppingCallback, TrainerCallback
 
     columns: dict[str, list[str]] = {"anchor": [p.query for p in pairs], "positive": [p.positive for p in pairs]}
     if all(p.negative for p in pairs):
@@ -293,14 +297,21 @@ def build_trainer(
         **_validation_arguments(config, evaluator),
         **_precision_flags(),
     )
-    patience = config.early_stopping_patience
-    return SentenceTransformerTrainer(
+    callbacks: list[TrainerCallback] = []
+    if evaluator is not None and config.early_stopping_patience:
+        callbacks.append(EarlyStoppingCallback(config.early_stopping_patience))
+    if config.gradual_unfreeze:
+        from training.unfreezing import GradualUnfreezing
+
+        callbacks.append(GradualUnfreezing(unfreezing_units(model, config)))
+    trainer_class = lora_trainer(SentenceTransformerTrainer) if config.lora else SentenceTransformerTrainer
+    return trainer_class(
         model=model,
         args=args,
         train_dataset=Dataset.from_dict(columns),
         loss=loss,
         evaluator=evaluator,
-        callbacks=[EarlyStoppingCallback(patience)] if evaluator is not None and patience else None,
+        callbacks=callbacks or None,
     )
 
 
@@ -500,28 +511,30 @@ def train(config: TrainConfig) -> TrainResult:
     checkpoints = config.output.parent / f".{config.output.name}.checkpoints"
     if not config.resume:
         shutil.rmtree(checkpoints, ignore_errors=True)  # stale checkpoints of another run must not be mixed in
-    started = time.perf_counter()
-    stage1_rates = (config.epochs, config.learning_rate)
-    validation = {"stage1": _fit(model, data.pairs, dims, config, checkpoints / "stage1", *stage1_rates, evaluator)}
-    seconds["train_stage1"] = time.perf_counter() - started
+    with PeakMemory() as memory:  # what the training stages cost in memory, for strategy comparisons
+        started = time.perf_counter()
+        stage1_rates = (config.epochs, config.learning_rate)
+        stage1_fit = _fit(model, data.pairs, dims, config, checkpoints / "stage1", *stage1_rates, evaluator)
+        validation = {"stage1": stage1_fit}
+        seconds["train_stage1"] = time.perf_counter() - started
 
-    mining: dict[str, Any] = {}
-    stage1 = None
-    if config.hard_negatives:
-        # Scored before stage two so the report shows what the hard negatives add.
-        started = time.perf_counter()
-        stage1 = _evaluate(model, "stage 1", data, config, dims)
-        seconds["eval_stage1"] = time.perf_counter() - started
-        started = time.perf_counter()
-        triplets = mine_negatives(model, data, config)
-        seconds["mine_negatives"] = time.perf_counter() - started
-        mining = {"pairs": len(data.pairs), "triplets": len(triplets), "candidates": len(data.corpus_passages)}
-        started = time.perf_counter()
-        rate = config.hard_negative_learning_rate or config.learning_rate / 2
-        validation["stage2"] = _fit(
-            model, triplets, dims, config, checkpoints / "stage2", config.hard_negative_epochs, rate, evaluator
-        )
-        seconds["train_stage2"] = time.perf_counter() - started
+        mining: dict[str, Any] = {}
+        stage1 = None
+        if config.hard_negatives:
+            # Scored before stage two so the report shows what the hard negatives add.
+            started = time.perf_counter()
+            stage1 = _evaluate(model, "stage 1", data, config, dims)
+            seconds["eval_stage1"] = time.perf_counter() - started
+            started = time.perf_counter()
+            triplets = mine_negatives(model, data, config)
+            seconds["mine_negatives"] = time.perf_counter() - started
+            mining = {"pairs": len(data.pairs), "triplets": len(triplets), "candidates": len(data.corpus_passages)}
+            started = time.perf_counter()
+            rate = config.hard_negative_learning_rate or config.learning_rate / 2
+            validation["stage2"] = _fit(
+                model, triplets, dims, config, checkpoints / "stage2", config.hard_negative_epochs, rate, evaluator
+            )
+            seconds["train_stage2"] = time.perf_counter() - started
 
     adapter = merge_lora(model, lora) if lora is not None else None  # score and publish the merged model
     started = time.perf_counter()
@@ -553,6 +566,7 @@ def train(config: TrainConfig) -> TrainResult:
         "settings": config.settings(),
         "strategy": strategy,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "training_memory": memory.to_dict(),
         "environment": _environment(),
         "before": before.to_dict() if before else None,
         "stage1": stage1.to_dict() if stage1 else None,
@@ -627,6 +641,7 @@ def training_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str
         f"seed {settings['seed']}, hard negatives: {'yes' if settings['hard_negatives'] else 'no'}",
         _strategy_line(report["strategy"]),
         "- Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items()),
+        _memory_line(report["training_memory"]),
         f"- Machine: {report['environment']['device']}, torch {report['environment']['torch']}, "
         f"sentence-transformers {report['environment']['sentence_transformers']}",
     ]
@@ -683,11 +698,21 @@ def validation_markdown(validation: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _memory_line(memory: dict[str, Any]) -> str:
+    line = f"- Training memory: resident peak {memory['rss_peak_mb']:,.0f} MB (+{memory['rss_growth_mb']:,.0f} MB)"
+    if memory["cuda_peak_allocated_mb"] is not None:
+        line += f", GPU allocated peak {memory['cuda_peak_allocated_mb']:,.0f} MB"
+    return line
+
+
 def _strategy_line(strategy: dict[str, Any]) -> str:
     """One report line: what was trained and how many of the parameters that is."""
     described = {
         "full": "full fine-tuning",
         "freeze": f"embeddings and lowest {strategy.get('frozen_layers')} layers frozen",
+        "gradual": f"gradual unfreezing of {strategy.get('gradual_unfreeze_units')} units, top layer first, "
+        "one at a time over the first half of each stage"
+        + (f", embeddings and lowest {strategy['frozen_layers']} layers frozen" if "frozen_layers" in strategy else ""),
         "lora": f"LoRA rank {strategy.get('lora_rank')}, alpha {strategy.get('lora_alpha')} "
         f"on {', '.join(strategy.get('lora_target_modules', []))}, merged (adapter in {ADAPTER_FOLDER}/)",
     }[strategy["name"]]

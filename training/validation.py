@@ -55,8 +55,6 @@ def check_validation_options(config: TrainConfig) -> None:
         raise ValueError(
             f"--early-stopping-metric {config.early_stopping_metric!r} is not one of {', '.join(metric_names())}"
         )
-    if fraction is not None and config.lora:
-        raise ValueError("--validation-fraction cannot be combined with --lora (best-checkpoint reload is untested)")
 
 
 def split_validation(dataset: RetrievalDataset, split: str, fraction: float, seed: int) -> ValidationSet:
