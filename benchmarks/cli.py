@@ -9,6 +9,7 @@ from benchmarks import ENCODERS
 from benchmarks.encoders import add_encoders_parser
 from benchmarks.peers import add_peers_parser
 from benchmarks.scaling import add_scaling_parser
+from benchmarks.strategies import add_strategies_parser
 from training.cli import config_fields, dims_argument
 
 DEFAULT_OUT = Path("runs/bench")
@@ -37,7 +38,7 @@ def add_server_limits(p: argparse.ArgumentParser, time_limit_s: float) -> None:
 
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     bench = commands.add_parser(
-        "bench", help="benchmarks: quality per dim, HTTP latency, encoders, search scaling, peers"
+        "bench", help="benchmarks: quality per dim, HTTP latency, encoders, search scaling, peers, training strategies"
     )
     actions = bench.add_subparsers(dest="action", required=True, metavar="BENCHMARK")
     _add_quality_parser(actions)
@@ -46,6 +47,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     add_encoders_parser(actions)
     add_scaling_parser(actions)
     add_peers_parser(actions)
+    add_strategies_parser(actions)
 
 
 def _add_quality_parser(actions: argparse._SubParsersAction) -> None:

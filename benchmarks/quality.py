@@ -204,24 +204,29 @@ def cached_encode(
 
 
 def encode_dataset(
-    model: Any, fingerprint: str, dataset: RetrievalDataset, query_ids: list[str], config: QualityBenchConfig
+    model: Any,
+    fingerprint: str,
+    dataset: RetrievalDataset,
+    query_ids: list[str],
+    cache: Path | None,
+    progress: bool = True,
 ) -> EncodedSplit:
     """The corpus and the judged queries at full dimension, with the model's document/query prompts."""
     doc_ids = list(dataset.corpus)
-    options = {"batch_size": 64, "show_progress_bar": config.progress, "convert_to_numpy": True}
+    options = {"batch_size": 64, "show_progress_bar": progress, "convert_to_numpy": True}
     started = time.perf_counter()
     logger.info("%s: encoding %d documents and %d queries", dataset.name, len(doc_ids), len(query_ids))
     docs, docs_cached = cached_encode(
         lambda texts: model.encode_document(texts, **options),
         [dataset.corpus[d].passage for d in doc_ids],
         fingerprint,
-        cache_folder(config),
+        cache,
     )
     queries, queries_cached = cached_encode(
         lambda texts: model.encode_query(texts, **options),
         [dataset.queries[q] for q in query_ids],
         fingerprint,
-        cache_folder(config),
+        cache,
     )
     return EncodedSplit(
         doc_ids, docs, query_ids, queries, time.perf_counter() - started, docs_cached and queries_cached
@@ -460,7 +465,7 @@ def measure_dataset(folder: Path, config: QualityBenchConfig) -> dict[str, Any]:
         model, fingerprint = load_scored_model(str(name))
         full = model.get_embedding_dimension()
         dims = validate_dims(dims or default_dims(full), full)
-        encoded = encode_dataset(model, fingerprint, dataset, query_ids, config)
+        encoded = encode_dataset(model, fingerprint, dataset, query_ids, cache_folder(config), config.progress)
         del model
         models[label] = {
             "name": (config.base_model or DEFAULT_MODEL) if label == "base" else str(name),
