@@ -165,11 +165,28 @@ def test_lora_publishes_a_merged_plain_model_and_its_adapter(tmp_path: Path):
     rebuilt[0].auto_model = PeftModel.from_pretrained(rebuilt[0].auto_model, str(adapter)).merge_and_unload()
     np.testing.assert_allclose(rebuilt.encode(["fever and cough"], convert_to_numpy=True), vectors, atol=1e-5)
 
+    # The adapter folder is itself a model path (index builder, service): the same weights, bit for bit,
+    # so an index built from the merged model is served by the adapter and the other way round.
+    from index.manifest import model_fingerprint
+
+    from_adapter = load_model(str(adapter))
+    assert model_fingerprint(from_adapter) == model_fingerprint(tuned)
+    assert np.array_equal(from_adapter.encode(["fever and cough"], convert_to_numpy=True), vectors)
+    assert read_model_card(adapter).dims == read_model_card(output).dims
+
 
 def test_unfreeze_steps_release_one_unit_at_a_time_over_the_first_half():
     assert unfreeze_steps(7, 28) == [0, 2, 4, 6, 8, 10, 12]
     assert unfreeze_steps(4, 6) == [0, 1, 2, 2]  # round half to even: 0.75 → 1, 1.5 → 2, 2.25 → 2
     assert unfreeze_steps(3, 1) == [0, 0, 0]
+
+
+def test_an_adapter_without_a_base_model_is_refused_in_one_line(tmp_path: Path):
+    from training.models import ModelError
+
+    (tmp_path / "adapter_config.json").write_text('{"r": 4}')
+    with pytest.raises(ModelError, match="names no base_model_name_or_path"):
+        load_model(str(tmp_path))
 
 
 @pytest.mark.parametrize(

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 MODEL_CARD_FILE = "mrl.json"
+ADAPTER_CONFIG_FILE = "adapter_config.json"
 QUERY_PROMPT = "query"
 DOCUMENT_PROMPT = "document"
 
@@ -75,8 +76,13 @@ def load_model(
     from sentence_transformers import SentenceTransformer
 
     resolved = resolve_model(name_or_path)
+    adapter = Path(resolved) if is_adapter_folder(resolved) else None
     try:
-        model = SentenceTransformer(resolved, device=device)
+        model = SentenceTransformer(resolve_model(adapter_base(adapter)) if adapter else resolved, device=device)
+        if adapter is not None:
+            from training.strategies import apply_adapter
+
+            apply_adapter(model, adapter)
     except Exception as exc:  # the library raises OSError, ValueError, HF errors...
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ModelError(f"cannot load model {name_or_path or DEFAULT_MODEL!r}: {reason}") from exc
@@ -91,6 +97,26 @@ def load_model(
         if prompt is not None:
             model.prompts[name] = prompt
     return model
+
+
+def is_adapter_folder(path: str | Path) -> bool:
+    """A PEFT adapter folder (``adapter_config.json``) rather than a whole sentence-transformers model."""
+    return (Path(path) / ADAPTER_CONFIG_FILE).is_file() and not (Path(path) / "modules.json").is_file()
+
+
+def adapter_base(folder: Path) -> str:
+    """The base model an adapter folder was trained on.
+
+    Raises:
+        ModelError: If its ``adapter_config.json`` is unreadable or names no base model.
+    """
+    try:
+        base = json.loads((folder / ADAPTER_CONFIG_FILE).read_text()).get("base_model_name_or_path")
+    except (OSError, json.JSONDecodeError, AttributeError) as exc:
+        raise ModelError(f"{folder / ADAPTER_CONFIG_FILE}: not a readable adapter config ({exc})") from None
+    if not base:
+        raise ModelError(f"{folder / ADAPTER_CONFIG_FILE}: names no base_model_name_or_path")
+    return str(base)
 
 
 def read_model_card(folder: str | Path) -> MatryoshkaCard | None:

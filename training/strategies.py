@@ -144,7 +144,7 @@ def learning_rate_mapping(model: SentenceTransformer, config: TrainConfig, learn
 
 def add_lora(model: SentenceTransformer, config: TrainConfig, base_model: str) -> LoraConfig:
     """Inject LoRA layers into the transformer in place; only their weights stay trainable."""
-    from peft import LoraConfig, inject_adapter_in_model
+    from peft import LoraConfig
 
     lora = LoraConfig(
         r=config.lora_rank,
@@ -153,8 +153,14 @@ def add_lora(model: SentenceTransformer, config: TrainConfig, base_model: str) -
         target_modules=LORA_TARGET_PATTERN,
         base_model_name_or_path=base_model,
     )
-    inject_adapter_in_model(lora, model[0].auto_model)
+    inject_lora(model, lora)
     return lora
+
+
+def inject_lora(model: SentenceTransformer, lora: LoraConfig) -> None:
+    from peft import inject_adapter_in_model
+
+    inject_adapter_in_model(lora, model[0].auto_model)
 
 
 def load_lora_checkpoint(model: SentenceTransformer, checkpoint: Path) -> None:
@@ -200,6 +206,26 @@ def merge_lora(model: SentenceTransformer, lora: LoraConfig) -> LoraAdapter:
     if hasattr(auto_model, "peft_config"):
         del auto_model.peft_config
     return adapter
+
+
+def apply_adapter(model: SentenceTransformer, folder: Path) -> None:
+    """Add a saved LoRA adapter (PEFT layout, as ``LoraAdapter.save`` writes it) to the base model and merge it.
+
+    The same injection and merge as at the end of training, so the result equals the published
+    merged model bit for bit (and an index built from one serves the other).
+    """
+    from peft import LoraConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    lora = LoraConfig.from_pretrained(str(folder))
+    inject_lora(model, lora)
+    prefix = "base_model.model."
+    state = {k.removeprefix(prefix): v for k, v in load_file(str(folder / "adapter_model.safetensors")).items()}
+    result = set_peft_model_state_dict(model[0].auto_model, state)
+    missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
+    if missing:
+        raise ValueError(f"{folder}: the adapter lacks {len(missing)} LoRA weights of the model, e.g. {missing[0]}")
+    merge_lora(model, lora)
 
 
 def parameter_counts(model: SentenceTransformer) -> dict[str, int]:

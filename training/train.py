@@ -604,15 +604,17 @@ def _publish(
         for stage, folder in (logs or {}).items():
             if folder.is_dir():
                 shutil.copytree(folder, staging / LOG_FOLDER / stage)
-        if adapter is not None:
-            adapter.save(staging / ADAPTER_FOLDER)
-        MatryoshkaCard(
+        card = MatryoshkaCard(
             dims=dims,
             base_model=report["base_model"],
             query_prompt=model.prompts.get(QUERY_PROMPT, ""),
             document_prompt=model.prompts.get(DOCUMENT_PROMPT, ""),
             extra={"evaluation": report["after"], "strategy": report["strategy"]},
-        ).write(staging)
+        )
+        card.write(staging)
+        if adapter is not None:
+            adapter.save(staging / ADAPTER_FOLDER)
+            card.write(staging / ADAPTER_FOLDER)  # the adapter alone loads with the same dims and prompts
         write_json_atomic(staging / f"{REPORT_STEM}.json", report)
         write_text_atomic(staging / f"{REPORT_STEM}.md", training_markdown(report, compared))
         if len(compared) > 1:
