@@ -10,7 +10,7 @@ PORT   ?= 8000
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: install demo train eval index serve test test-fast lint clean bench bench-models image image-gpu
+.PHONY: bench-strategies install demo train eval index serve test test-fast lint clean bench bench-models image image-gpu
 
 # `make bench`: every benchmark on the shared BEIR datasets, then the README's figures (benchmarks/README.md).
 DATASETS ?= ../shared/datasets
@@ -75,8 +75,22 @@ bench: bench-models $(RUNS)/scifact-index/current
 	$(BIN)/mrl bench encoders --index $(RUNS)/scifact-index --queries $(DATASETS)/scifact --out $(BENCH)
 	$(BIN)/mrl bench scaling --out $(BENCH)
 	$(BIN)/mrl bench peers --index $(RUNS)/scifact-index --data $(DATASETS)/scifact --out $(BENCH)
+	$(MAKE) bench-strategies
 	mkdir -p $(FIGURES)
 	cp $(BENCH)/quality_vs_dim.png $(BENCH)/quality_vs_latency.png $(BENCH)/scaling.png $(FIGURES)/
+
+# Full fine-tuning vs frozen lower layers vs LoRA, each direction with the other dataset as the forgetting
+# check. 2 epochs on SciFact's 919 pairs / 512 of MedQuAD's; both test splits scored on 1,000 queries and
+# 3,000 documents at most: sized for 2 CPU cores (about 2 hours in all; the models are reused afterwards).
+STRATEGIES = --models-dir $(MODELS)/strategies --cache $(BENCH)/cache --epochs 2 --max-queries 1000 --max-docs 3000
+bench-strategies:
+	$(BIN)/mrl bench strategies --data $(DATASETS)/scifact --ood $(DATASETS)/medquad --max-train-pairs 919 \
+		$(STRATEGIES) --out $(BENCH)/strategies-scifact
+	$(BIN)/mrl bench strategies --data $(DATASETS)/medquad --ood $(DATASETS)/scifact --max-train-pairs 512 \
+		$(STRATEGIES) --out $(BENCH)/strategies-medquad
+	mkdir -p $(FIGURES)
+	cp $(BENCH)/strategies-scifact/strategies.png $(FIGURES)/strategies_scifact.png
+	cp $(BENCH)/strategies-medquad/strategies.png $(FIGURES)/strategies_medquad.png
 
 # Container images (deploy/README.md): CPU, and GPU (CUDA torch, faiss-gpu, onnxruntime-gpu). Needs a Docker engine.
 image:

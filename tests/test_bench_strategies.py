@@ -88,6 +88,7 @@ def test_cli_refuses_a_bad_learning_rate_in_one_line(tmp_path: Path, capsys):
 
 
 @pytest.mark.slow
+@pytest.mark.benchmark
 def test_every_strategy_trains_and_is_scored_in_and_out_of_domain(tiny_beir: Path, tmp_path: Path, capsys):
     from training.evaluate import evaluate
     from training.models import SentenceTransformerEncoder, load_model

@@ -114,7 +114,7 @@ def test_tensorboard_logs_losses_and_validation_into_the_output(tmp_path: Path):
     config = small_config(output, max_steps=1, validation_fraction=0.1, eval_steps=1, report_to="tensorboard")
     report = train(config).report
 
-    assert report["tracking"] == {"report_to": "tensorboard", "log_dir": str(output / "runs")}
+    assert report["tracking"] == {"report_to": "tensorboard", "log_dir": str(output / "runs"), "run_url": None}
     events = list((output / "runs" / "stage1").rglob("events.out.tfevents.*"))
     assert events and sum(p.stat().st_size for p in events) > 0
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

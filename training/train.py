@@ -13,6 +13,7 @@ import logging
 import platform
 import random
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -450,6 +451,13 @@ def _leaked_queries(data: TrainingData, config: TrainConfig) -> int | None:
     return sum(data.eval_dataset.queries[qid] in training for qid in data.eval_dataset.split(config.eval_split))
 
 
+def _wandb_run_url() -> str | None:
+    """The Weights & Biases run's page, when this process logged to one (offline runs have none)."""
+    wandb = sys.modules.get("wandb")
+    run = getattr(wandb, "run", None) if wandb else None
+    return getattr(run, "url", None) if run else None
+
+
 def _environment() -> dict[str, str]:
     import sentence_transformers
     import torch
@@ -577,7 +585,7 @@ def train(config: TrainConfig) -> TrainResult:
         else None,
         "tracking": None
         if config.report_to == "none"
-        else {"report_to": config.report_to, "log_dir": str(config.output / LOG_FOLDER)},
+        else {"report_to": config.report_to, "log_dir": str(config.output / LOG_FOLDER), "run_url": _wandb_run_url()},
     }
     compared = [r for r in (before, stage1, after) if r is not None]
     logs = {stage: checkpoints / stage / LOG_FOLDER for stage in validation}
@@ -648,7 +656,9 @@ def training_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str
         f"sentence-transformers {report['environment']['sentence_transformers']}",
     ]
     if report["tracking"]:
-        lines.append(f"- Tracking: {report['tracking']['report_to']} logs in `{report['tracking']['log_dir']}`")
+        tracking = report["tracking"]
+        line = f"- Tracking: {tracking['report_to']} logs in `{tracking['log_dir']}`"
+        lines.append(line + (f"; run: {tracking['run_url']}" if tracking.get("run_url") else ""))
     if report["validation"]:
         lines += validation_markdown(report["validation"])
     if report["forgetting"]:
