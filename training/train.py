@@ -510,7 +510,8 @@ def train(config: TrainConfig) -> TrainResult:
 
     started = time.perf_counter()
     before = _evaluate(model, "base", data, config, dims)
-    seconds["eval_before"] = time.perf_counter() - started
+    if before is not None:
+        seconds["eval_before"] = time.perf_counter() - started
     started = time.perf_counter()
     forgetting_before = _evaluate_forgetting(model, "base", data, config, dims)
     if forgetting_before:
@@ -547,7 +548,8 @@ def train(config: TrainConfig) -> TrainResult:
     adapter = merge_lora(model, lora) if lora is not None else None  # score and publish the merged model
     started = time.perf_counter()
     after = _evaluate(model, "tuned", data, config, dims)
-    seconds["eval_after"] = time.perf_counter() - started
+    if after is not None:
+        seconds["eval_after"] = time.perf_counter() - started
     started = time.perf_counter()
     forgetting_after = _evaluate_forgetting(model, "tuned", data, config, dims)
     if forgetting_after:
