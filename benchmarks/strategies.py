@@ -187,8 +187,8 @@ def trained_model(config: StrategiesBenchConfig, strategy: str) -> tuple[Path, b
     return output, True
 
 
-def folder_bytes(folder: Path, pattern: str = "*") -> int:
-    return sum(path.stat().st_size for path in folder.rglob(pattern) if path.is_file())
+def folder_bytes(folder: Path) -> int:
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.is_file())
 
 
 def artifact(folder: Path, strategy: str) -> dict[str, Any]:
