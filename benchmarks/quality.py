@@ -177,11 +177,11 @@ def text_digest(texts: list[str]) -> str:
     return digest.hexdigest()[:16]
 
 
-def cache_folder(config: QualityBenchConfig) -> Path | None:
+def cache_folder(cache: Path | None, out: Path | None) -> Path | None:
     """``--cache``, else ``OUT/cache``; none when the run writes nowhere."""
-    if config.cache is not None:
-        return config.cache
-    return config.out / "cache" if config.out is not None else None
+    if cache is not None:
+        return cache
+    return out / "cache" if out is not None else None
 
 
 def cached_encode(
@@ -465,7 +465,8 @@ def measure_dataset(folder: Path, config: QualityBenchConfig) -> dict[str, Any]:
         model, fingerprint = load_scored_model(str(name))
         full = model.get_embedding_dimension()
         dims = validate_dims(dims or default_dims(full), full)
-        encoded = encode_dataset(model, fingerprint, dataset, query_ids, cache_folder(config), config.progress)
+        cache = cache_folder(config.cache, config.out)
+        encoded = encode_dataset(model, fingerprint, dataset, query_ids, cache, config.progress)
         del model
         models[label] = {
             "name": (config.base_model or DEFAULT_MODEL) if label == "base" else str(name),

@@ -251,7 +251,7 @@ def score_model(
     name_or_path: str | None, datasets: dict[str, RetrievalDataset], config: StrategiesBenchConfig
 ) -> tuple[dict[str, dict[int, dict[str, float]]], list[int]]:
     """Metrics per dim on each dataset for one model, from cached full-dimension vectors."""
-    from benchmarks.quality import encode_dataset, load_scored_model
+    from benchmarks.quality import cache_folder, encode_dataset, load_scored_model
     from training.evaluate import SplitEmbeddings, score_dims
     from training.matryoshka import validate_dims
     from training.models import default_dims, read_model_card
@@ -260,7 +260,7 @@ def score_model(
     full = model.get_embedding_dimension()
     card = read_model_card(Path(name_or_path)) if name_or_path and Path(name_or_path).is_dir() else None
     dims = validate_dims(list(card.dims) if card else default_dims(full), full)
-    cache = config.cache if config.cache is not None else (config.out / "cache" if config.out else None)
+    cache = cache_folder(config.cache, config.out)
     scores = {}
     for role, dataset in datasets.items():
         qrels = dataset.split(config.split)
