@@ -2,17 +2,21 @@
 
     ROOT/current -> versions/<version>      (symlink, swapped with one rename)
     ROOT/versions/<version>/manifest.json, vectors.npy, docs.sqlite, index_<dim>.faiss, probe_queries.npy
+    ROOT/leases/<version>~<host>~<pid>~<tag>   (one empty file per process that has the version open)
 
 A version is built in ``versions/.building-*`` and renamed into place only when complete;
 ``current`` then moves to it. A build that fails or is killed leaves ``current`` and every
-finished version untouched.
+finished version untouched. Pruning never deletes a version that a live process holds a
+lease on, so a server that has not reloaded yet keeps every file it serves.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shutil
+import socket
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,8 +24,14 @@ from pathlib import Path
 from index.manifest import MANIFEST_FILE, IndexFolderError
 from training.files import fresh_dir
 
+logger = logging.getLogger(__name__)
+
 CURRENT = "current"
 VERSIONS = "versions"
+LEASES = "leases"
+# A lease whose file has not been touched for this long is stale unless its process is alive on this
+# host (holders on other hosts, e.g. replicas over a shared volume, refresh theirs far more often).
+LEASE_TTL_SECONDS = 15 * 60
 VECTORS_FILE = "vectors.npy"
 DOCS_FILE = "docs.sqlite"
 PROBE_FILE = "probe_queries.npy"
@@ -73,14 +83,91 @@ def publish_version(root: Path, staging: Path, name: str, keep: int) -> Path:
 
 
 def prune_versions(root: Path, keep: int) -> None:
-    """Delete all but the newest ``keep`` finished versions (never the current one), and the staging
-    folders of builds that were killed (untouched for ``STALE_STAGING_SECONDS``; a running build
-    touches its folder far more often)."""
+    """Delete all but the newest ``keep`` finished versions, and the staging folders of builds that
+    were killed (untouched for ``STALE_STAGING_SECONDS``; a running build touches its folder far more
+    often). The current version and every version a live process holds a lease on are kept."""
     for staging in (root / VERSIONS).glob(".building-*"):
         if time.time() - staging.stat().st_mtime > STALE_STAGING_SECONDS:
             shutil.rmtree(staging, ignore_errors=True)
     current = (root / CURRENT).resolve()
     finished = sorted(p for p in (root / VERSIONS).iterdir() if p.is_dir() and not p.name.startswith("."))
-    for old in finished[:-keep] if keep > 0 else []:
-        if old.resolve() != current:
+    candidates = [old for old in (finished[:-keep] if keep > 0 else []) if old.resolve() != current]
+    if not candidates:
+        return
+    held = held_versions(root)  # read after choosing, so a lease taken meanwhile still counts
+    for old in candidates:
+        if old.name in held:
+            logger.info("keeping %s: a running server still serves it", old.name)
+        else:
             shutil.rmtree(old, ignore_errors=True)
+
+
+# --- leases: which versions live processes have open -----------------------------------------
+
+
+class VersionLease:
+    """One process's claim on an index version: an empty file under ``ROOT/leases/``.
+
+    Taken when a version is opened and released when it is closed; :func:`prune_versions` skips
+    every version with a live lease. A lease is live while its process runs (checked by pid on
+    this host) or, for another host, while its file is younger than ``LEASE_TTL_SECONDS``
+    (:meth:`refresh` touches it). A folder that cannot be written (a read-only mount) gets no
+    lease; that is logged, since builds into it could then prune the served version.
+    """
+
+    def __init__(self, version: Path) -> None:
+        self.version = version.name
+        self.path: Path | None = None
+        root = version.parent.parent if version.parent.name == VERSIONS else None
+        if root is None:
+            return  # a loose version folder, not inside an index root: nothing prunes it
+        name = f"{version.name}~{socket.gethostname()}~{os.getpid()}~{secrets.token_hex(4)}"
+        try:
+            (root / LEASES).mkdir(exist_ok=True)
+            (root / LEASES / name).touch()
+            self.path = root / LEASES / name
+        except OSError as exc:
+            logger.warning("cannot record that %s is in use (%s); builds into this root may prune it", version, exc)
+
+    def refresh(self) -> None:
+        if self.path is not None:
+            try:
+                self.path.touch()
+            except OSError as exc:
+                logger.warning("cannot refresh the lease on %s: %s", self.version, exc)
+
+    def release(self) -> None:
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+            self.path = None
+
+
+def held_versions(root: Path) -> set[str]:
+    """Names of the versions under ``root`` that a live process holds a lease on; stale leases are removed."""
+    held = set()
+    for lease in (root / LEASES).glob("*~*~*~*") if (root / LEASES).is_dir() else []:
+        version, host, pid, _ = lease.name.split("~", 3)
+        if _lease_is_live(lease, host, pid):
+            held.add(version)
+        else:
+            lease.unlink(missing_ok=True)
+    return held
+
+
+def _lease_is_live(lease: Path, host: str, pid: str) -> bool:
+    if host == socket.gethostname() and pid.isdigit():
+        return _process_alive(int(pid))
+    try:
+        return time.time() - lease.stat().st_mtime < LEASE_TTL_SECONDS
+    except FileNotFoundError:
+        return False
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True

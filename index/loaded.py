@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from index.backends import Device, FaissIndex, backend_for
-from index.layout import DOCS_FILE, PROBE_FILE, VECTORS_FILE, resolve_version
-from index.manifest import IndexFolderError, IndexManifest
+from index.layout import DOCS_FILE, PROBE_FILE, VECTORS_FILE, VersionLease, resolve_version
+from index.manifest import IndexFolderError, IndexManifest, file_checksum
 from index.params import IndexPlan
 from index.store import DocumentStore
 
@@ -28,19 +28,26 @@ class LoadedIndex:
     vectors: np.ndarray  # full dimension, memory-mapped
     store: DocumentStore
     indexes: dict[int, FaissIndex]
+    probe_queries: np.ndarray | None = None
+    lease: VersionLease | None = None
 
     @property
     def dims(self) -> list[int]:
         return list(self.manifest.dims)
 
     def probes(self) -> np.ndarray:
-        return np.load(self.path / PROBE_FILE)
+        if self.probe_queries is None:
+            raise IndexFolderError(f"{self.path}: has no {PROBE_FILE}")
+        return self.probe_queries
 
     def close(self) -> None:
         self.store.close()
+        if self.lease is not None:
+            self.lease.release()
 
 
 def _check_files(folder: Path, manifest: IndexManifest) -> None:
+    """Every listed file exists with its recorded size and, where the manifest has one, checksum."""
     for name, size in manifest.files.items():
         path = folder / name
         if not path.is_file():
@@ -49,18 +56,33 @@ def _check_files(folder: Path, manifest: IndexManifest) -> None:
             raise IndexFolderError(
                 f"{path}: {path.stat().st_size} bytes, the manifest says {size} (corrupt or partial)"
             )
+        expected = manifest.checksums.get(name)
+        if expected is not None and file_checksum(path) != expected:
+            raise IndexFolderError(f"{path}: contents differ from the manifest's checksum (corrupt)")
 
 
 def open_index(
-    path: Path, *, device: Device = "auto", expected_fingerprint: str | None = None, dims: list[int] | None = None
+    path: Path,
+    *,
+    device: Device = "auto",
+    expected_fingerprint: str | None = None,
+    dims: list[int] | None = None,
+    lease: bool = True,
 ) -> LoadedIndex:
-    """Load an index root (its ``current`` version) or a version folder.
+    """Load an index root (its ``current`` version) or a version folder, verifying every file.
+
+    Every file is checked against the manifest (size, and checksum where the manifest records
+    them), the document store passes SQLite's integrity check and holds as many rows as the
+    manifest says, and every FAISS index has the recorded count and dimension. Everything is
+    read or opened before this returns, so later deletion of the folder does not affect it.
 
     Args:
         path: Index root or version folder.
         device: Where FAISS searches: ``auto`` picks the GPU when there is one.
         expected_fingerprint: The serving model's fingerprint; a different one is refused.
         dims: Load only these dimensions (default: all).
+        lease: Record that this process holds the version, so that builds do not prune it until
+            :meth:`LoadedIndex.close`.
 
     Raises:
         IndexFolderError: Missing or corrupt files, another model, or a dimension mismatch.
@@ -76,7 +98,21 @@ def open_index(
     unknown = sorted(set(wanted) - set(manifest.dims))
     if unknown:
         raise IndexFolderError(f"{folder}: no index for dims {unknown} (this index has {manifest.dims})")
-    _check_files(folder, manifest)
+    held = VersionLease(folder) if lease else None  # before reading, so a build cannot prune it meanwhile
+    try:
+        _check_files(folder, manifest)
+        vectors = _open_vectors(folder, manifest)
+        indexes = {dim: _open_dim(folder, manifest, dim, device) for dim in wanted}
+        probes = np.load(folder / PROBE_FILE) if (folder / PROBE_FILE).is_file() else None
+        store = _open_store(folder, manifest)
+    except BaseException:
+        if held is not None:
+            held.release()
+        raise
+    return LoadedIndex(folder, manifest, vectors, store, indexes, probes, held)
+
+
+def _open_vectors(folder: Path, manifest: IndexManifest) -> np.ndarray:
     try:
         vectors = np.load(folder / VECTORS_FILE, mmap_mode="r")
     except ValueError as exc:
@@ -86,23 +122,34 @@ def open_index(
             f"{folder / VECTORS_FILE}: shape {vectors.shape}, expected "
             f"({manifest.num_vectors}, {manifest.model.full_dim})"
         )
-    backend = backend_for(device)
-    indexes = {}
-    for dim in wanted:
-        entry = manifest.indexes[dim]
-        try:
-            index = backend.load(folder / entry.file, IndexPlan(entry.factory, entry.search_params))
-        except RuntimeError as exc:
-            raise IndexFolderError(
-                f"{folder / entry.file}: unreadable FAISS index ({str(exc).splitlines()[0]})"
-            ) from None
-        if (index.ntotal, index.dim) != (manifest.num_vectors, dim):
-            raise IndexFolderError(
-                f"{folder / entry.file}: {index.ntotal} vectors of dim {index.dim}, "
-                f"expected {manifest.num_vectors} of dim {dim}"
-            )
-        indexes[dim] = index
-    store = DocumentStore(folder / DOCS_FILE)
-    if len(store) != manifest.num_vectors:
-        raise IndexFolderError(f"{folder / DOCS_FILE}: {len(store)} documents, expected {manifest.num_vectors}")
-    return LoadedIndex(folder, manifest, vectors, store, indexes)
+    return vectors
+
+
+def _open_dim(folder: Path, manifest: IndexManifest, dim: int, device: Device) -> FaissIndex:
+    entry = manifest.indexes[dim]
+    try:
+        index = backend_for(device).load(folder / entry.file, IndexPlan(entry.factory, entry.search_params))
+    except RuntimeError as exc:
+        raise IndexFolderError(f"{folder / entry.file}: unreadable FAISS index ({str(exc).splitlines()[0]})") from None
+    if (index.ntotal, index.dim) != (manifest.num_vectors, dim):
+        raise IndexFolderError(
+            f"{folder / entry.file}: {index.ntotal} vectors of dim {index.dim}, "
+            f"expected {manifest.num_vectors} of dim {dim}"
+        )
+    return index
+
+
+def _open_store(folder: Path, manifest: IndexManifest) -> DocumentStore:
+    try:
+        store = DocumentStore(folder / DOCS_FILE)
+    except IndexFolderError as exc:
+        raise IndexFolderError(f"{folder}/{exc}") from None
+    try:
+        store.check_integrity()
+        count = len(store)
+        if count != manifest.num_vectors:
+            raise IndexFolderError(f"{DOCS_FILE}: {count} documents, expected {manifest.num_vectors}")
+    except IndexFolderError as exc:
+        store.close()
+        raise IndexFolderError(f"{folder}/{exc}") from None
+    return store

@@ -61,6 +61,7 @@ class IndexManifest:
     library_versions: dict[str, str]
     evaluation: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    checksums: dict[str, str] = field(default_factory=dict)  # file name -> "sha256:..." (empty: older builds)
     normalization: str = NORMALIZATION
     metric: str = "inner_product"
     format: int = FORMAT_VERSION
@@ -96,6 +97,21 @@ class IndexManifest:
             return cls.from_dict(raw)
         except (json.JSONDecodeError, TypeError, KeyError, AttributeError) as exc:
             raise IndexFolderError(f"{path}: corrupt manifest ({type(exc).__name__}: {exc})") from None
+
+
+def file_checksum(path: Path) -> str:
+    """``sha256:<hex>`` of a file's bytes, read in 1 MiB blocks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
+
+
+def folder_files(folder: Path) -> tuple[dict[str, int], dict[str, str]]:
+    """Size and checksum of every file of a version folder but its manifest, for the manifest."""
+    paths = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_FILE]
+    return {p.name: p.stat().st_size for p in paths}, {p.name: file_checksum(p) for p in paths}
 
 
 def model_fingerprint(model: SentenceTransformer) -> str:

@@ -1,18 +1,20 @@
 """The documents behind the vectors, in SQLite: read by row id without loading the corpus.
 
 Row ``i`` of every FAISS index is row ``i`` here, so a search hit turns into a passage
-with one indexed lookup. Readers open the file read-only; it is written once, at build
+with one indexed lookup. Readers open the file read-only, all their connections at once; it is written once, at build
 time, into the staging folder of a new index version.
 """
 
 from __future__ import annotations
 
 import json
+import queue
 import sqlite3
-import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
+from index.manifest import IndexFolderError
 from training.data import Document
 
 SCHEMA = """
@@ -27,48 +29,82 @@ CREATE TABLE documents (
 
 
 class DocumentStore:
-    """Read access to a ``docs.sqlite`` file; safe to share between threads."""
+    """Read access to a ``docs.sqlite`` file; safe to share between threads.
 
-    def __init__(self, path: Path) -> None:
+    Its connections are all opened up front and lent to one thread at a time. Nothing is
+    opened later, so a store keeps working even if its file is deleted or replaced while it
+    is open (the open descriptors still read the old file), and a search never fails on
+    a connection it could not open.
+
+    Raises:
+        IndexFolderError: If the file is not a readable SQLite database of documents.
+    """
+
+    def __init__(self, path: Path, connections: int = 4) -> None:
         self.path = path
-        self._local = threading.local()  # one connection per thread: sqlite3 objects are not shared
+        self._pool: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
         self._opened: list[sqlite3.Connection] = []
-        self._lock = threading.Lock()
-
-    def _connection(self) -> sqlite3.Connection:
-        connection = getattr(self._local, "connection", None)
-        if connection is None:
-            connection = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, check_same_thread=False)
-            self._local.connection = connection
-            with self._lock:
+        try:
+            for _ in range(connections):
+                connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
                 self._opened.append(connection)
-        return connection
+                self._pool.put(connection)
+            with self._borrow() as connection:
+                connection.execute("SELECT row, id, title, text, metadata FROM documents LIMIT 1").fetchall()
+        except sqlite3.Error as exc:
+            self.close()
+            raise IndexFolderError(f"{path.name}: not a readable document store ({exc})") from None
+
+    @contextmanager
+    def _borrow(self) -> Iterator[sqlite3.Connection]:
+        if not self._opened:
+            raise IndexFolderError(f"{self.path.name}: the document store is closed")
+        connection = self._pool.get()
+        try:
+            yield connection
+        finally:
+            self._pool.put(connection)
 
     def __len__(self) -> int:
-        return self._connection().execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+        with self._borrow() as connection:
+            return connection.execute("SELECT COUNT(*) FROM documents").fetchone()[0]
+
+    def check_integrity(self) -> None:
+        """SQLite's own integrity check over every page of the file.
+
+        Raises:
+            IndexFolderError: Naming the file and SQLite's first complaint.
+        """
+        try:
+            with self._borrow() as connection:
+                verdict = connection.execute("PRAGMA integrity_check(1)").fetchone()[0]
+        except sqlite3.Error as exc:
+            verdict = str(exc)
+        if verdict != "ok":
+            raise IndexFolderError(f"{self.path.name}: corrupt document store ({verdict})")
 
     def get(self, rows: Sequence[int]) -> list[Document | None]:
         """Documents at ``rows``, in the same order; ``None`` for a row that does not exist."""
         wanted = [int(r) for r in rows if r >= 0]
         found: dict[int, Document] = {}
-        for start in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
-            chunk = wanted[start : start + 500]
-            marks = ",".join("?" * len(chunk))
-            query = f"SELECT row, id, title, text, metadata FROM documents WHERE row IN ({marks})"
-            for row, doc_id, title, text, metadata in self._connection().execute(query, chunk):
-                found[row] = Document(doc_id, text, title, json.loads(metadata))
+        with self._borrow() as connection:
+            for start in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
+                chunk = wanted[start : start + 500]
+                marks = ",".join("?" * len(chunk))
+                query = f"SELECT row, id, title, text, metadata FROM documents WHERE row IN ({marks})"
+                for row, doc_id, title, text, metadata in connection.execute(query, chunk):
+                    found[row] = Document(doc_id, text, title, json.loads(metadata))
         return [found.get(int(r)) for r in rows]
 
     def ids(self) -> set[str]:
-        return {doc_id for (doc_id,) in self._connection().execute("SELECT id FROM documents")}
+        with self._borrow() as connection:
+            return {doc_id for (doc_id,) in connection.execute("SELECT id FROM documents")}
 
     def close(self) -> None:
-        """Close every thread's connection (callers make sure no read is still running)."""
-        with self._lock:
-            opened, self._opened = self._opened, []
+        """Close every connection (callers make sure no read is still running)."""
+        opened, self._opened = self._opened, []
         for connection in opened:
             connection.close()
-        self._local = threading.local()
 
 
 def write_documents(path: Path, documents: Iterable[Document], first_row: int = 0) -> int:

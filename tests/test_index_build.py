@@ -124,14 +124,45 @@ def test_unknown_dimension_is_refused(tiny_index: Path):
         (lambda v: (v / "index_64.faiss").write_bytes(b"short"), "index_64.faiss: 5 bytes, the manifest says"),
         (
             lambda v: (v / "index_64.faiss").write_bytes(b"\0" * (v / "index_64.faiss").stat().st_size),
-            "index_64.faiss: unreadable FAISS index",
+            "index_64.faiss: contents differ from the manifest's checksum",
         ),
+        (lambda v: scramble(v / "docs.sqlite"), "docs.sqlite: contents differ from the manifest's checksum"),
         (lambda v: (v / "manifest.json").write_text("{not json"), "corrupt manifest"),
         (lambda v: (v / "docs.sqlite").unlink(), "docs.sqlite: missing file"),
     ],
 )
 def test_damaged_files_give_one_clear_error(tiny_index: Path, damage, message):
     damage(resolve_version(tiny_index))
+    with pytest.raises(IndexFolderError, match=message):
+        open_index(tiny_index, device="cpu")
+
+
+def scramble(path: Path, seed: int = 0) -> None:
+    """Random bytes in place of a file's contents, at the same size."""
+    path.write_bytes(np.random.default_rng(seed).bytes(path.stat().st_size))
+
+
+def without_checksums(folder: Path) -> None:
+    """The manifest of an index built before checksums were recorded."""
+    manifest = json.loads((folder / "manifest.json").read_text())
+    manifest.pop("checksums")
+    (folder / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (
+            lambda v: (v / "index_64.faiss").write_bytes(b"\0" * (v / "index_64.faiss").stat().st_size),
+            "index_64.faiss: unreadable FAISS index",
+        ),
+        (lambda v: scramble(v / "docs.sqlite"), "docs.sqlite: not a readable document store"),
+    ],
+)
+def test_damage_is_found_without_checksums_too(tiny_index: Path, damage, message):
+    folder = resolve_version(tiny_index)
+    without_checksums(folder)
+    damage(folder)
     with pytest.raises(IndexFolderError, match=message):
         open_index(tiny_index, device="cpu")
 
