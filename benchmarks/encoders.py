@@ -27,6 +27,7 @@ import numpy as np
 
 from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now, write_report
 from benchmarks.latency import read_query_texts
+from training.errors import ConfigError
 from training.files import json_fields
 from training.matryoshka import truncate_normalize
 
@@ -76,19 +77,19 @@ class CellResult:
 
 
 def check_config(config: EncodersConfig) -> None:
-    """Raises ValueError for a count that is not positive, an unknown encoder or an unknown device."""
+    """Raises ConfigError for a count that is not positive, an unknown encoder or an unknown device."""
     for name, value in {"--texts": config.texts, "--threads": config.threads}.items():
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise ConfigError(f"{name} must be positive, got {value}")
     if config.warmup < 0:
-        raise ValueError(f"--warmup must be 0 or more, got {config.warmup}")
+        raise ConfigError(f"--warmup must be 0 or more, got {config.warmup}")
     if not config.batch_sizes or min(config.batch_sizes) < 1:
-        raise ValueError(f"--batch-sizes must list positive numbers, got {config.batch_sizes}")
+        raise ConfigError(f"--batch-sizes must list positive numbers, got {config.batch_sizes}")
     unknown = [name for name in config.encoders if name not in ENCODERS]
     if unknown or not config.encoders:
-        raise ValueError(f"unknown encoders {unknown} (choose from {', '.join(ENCODERS)})")
+        raise ConfigError(f"unknown encoders {unknown} (choose from {', '.join(ENCODERS)})")
     if config.device not in DEVICES:
-        raise ValueError(f"unknown device {config.device!r} (choose from {', '.join(DEVICES)})")
+        raise ConfigError(f"unknown device {config.device!r} (choose from {', '.join(DEVICES)})")
 
 
 def benchmark_texts(texts: list[str], count: int) -> list[str]:
@@ -105,9 +106,9 @@ def usable_cpus() -> int:
 
 def service_settings(config: EncodersConfig, encoder: str, threads: int) -> ServiceSettings:
     """The service's settings for one backend of this benchmark."""
-    from service.settings import ServiceSettings
+    from service.settings import load_settings
 
-    return ServiceSettings(
+    return load_settings(
         index=config.index or Path("."),  # read only by the service; the manifest is passed in here
         model=config.model,
         device=config.device,
@@ -230,7 +231,7 @@ def run_encoders(config: EncodersConfig) -> dict[str, Any]:
         and ``encoders.md`` into ``config.out`` when it is set.
 
     Raises:
-        ValueError: Invalid settings. DataError: Missing or bad queries file. IndexFolderError: Bad
+        ConfigError: Invalid settings. DataError: Missing or bad queries file. IndexFolderError: Bad
         --index. ModelError, EncoderError: The model cannot be loaded or exported.
     """
     check_config(config)

@@ -34,6 +34,7 @@ from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now,
 from index.layout import resolve_version
 from index.manifest import IndexManifest
 from training.data import load_queries
+from training.errors import ConfigError
 from training.files import json_fields
 from training.matryoshka import DimensionError
 
@@ -48,7 +49,7 @@ EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
 
 
 class ServerError(ValueError):
-    """The benchmarked server did not become ready (a ValueError, so ``mrl`` prints it in one line)."""
+    """The benchmarked server did not become ready (one of ``mrl``'s known errors: it prints one line)."""
 
 
 @dataclass
@@ -128,27 +129,27 @@ def check_config(config: LatencyConfig, manifest: IndexManifest) -> list[int]:
     """Validate ``config`` against the index before any server starts; return the dims to measure.
 
     Raises:
-        ValueError: A count or limit that is not positive, an unknown encoder, or two-stage cells
+        ConfigError: A count or limit that is not positive, an unknown encoder, or two-stage cells
             asked for without a dim below the full one. DimensionError: A dim the index does not have.
     """
     positive = {"--requests": config.requests, "--k": config.k, "--time-limit": config.time_limit_s}
     positive |= {"--ready-timeout": config.ready_timeout_s, "--request-timeout": config.request_timeout_s}
     for name, value in positive.items():
         if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise ConfigError(f"{name} must be positive, got {value}")
     if config.warmup < 0:
-        raise ValueError(f"--warmup must be 0 or more, got {config.warmup}")
+        raise ConfigError(f"--warmup must be 0 or more, got {config.warmup}")
     if not config.concurrency or min(config.concurrency) < 1:
-        raise ValueError(f"--concurrency must list positive numbers, got {config.concurrency}")
+        raise ConfigError(f"--concurrency must list positive numbers, got {config.concurrency}")
     unknown = [name for name in config.encoders if name not in ENCODERS]
     if unknown or not config.encoders:
-        raise ValueError(f"unknown encoders {unknown} (choose from {', '.join(ENCODERS)})")
+        raise ConfigError(f"unknown encoders {unknown} (choose from {', '.join(ENCODERS)})")
     dims = sorted(set(config.dims or manifest.dims), reverse=True)
     missing = [d for d in dims if d not in manifest.dims]
     if missing:
         raise DimensionError(f"dims {missing} are not in the index (it has {manifest.dims})")
     if config.rerank and min(dims) >= manifest.model.full_dim:
-        raise ValueError(f"--rerank needs a dim below the full dimension {manifest.model.full_dim} in --dims")
+        raise ConfigError(f"--rerank needs a dim below the full dimension {manifest.model.full_dim} in --dims")
     return dims
 
 
@@ -470,7 +471,7 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
 
     Raises:
         IndexFolderError: No index at ``config.index``. DataError: Bad queries file.
-        ValueError, DimensionError: Invalid settings. ServerError: A server did not start.
+        ConfigError, DimensionError: Invalid settings. ServerError: A server did not start.
     """
     manifest = IndexManifest.read(resolve_version(config.index))
     dims = check_config(config, manifest)

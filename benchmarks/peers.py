@@ -60,11 +60,12 @@ from index.layout import DOCS_FILE, resolve_version
 from index.manifest import IndexManifest
 from index.store import DocumentStore
 from training.data import DataError, Document, Qrels, load_beir
+from training.errors import ConfigError
 from training.evaluate import TOP_K
 from training.files import json_fields
 from training.matryoshka import DimensionError
 from training.metrics import score_rankings
-from training.models import resolve_model
+from training.models import ModelError, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -163,7 +164,7 @@ def check_config(config: PeersConfig, manifest: IndexManifest) -> Plan:
     """Validate ``config`` against the index before any server starts.
 
     Raises:
-        ValueError: A count or limit that is not positive, k above 100, an unknown peer or device,
+        ConfigError: A count or limit that is not positive, k above 100, an unknown peer or device,
             or txtai asked for by name while it is not installed. DimensionError: A dim the index lacks.
     """
     positive = {"--requests": config.requests, "--k": config.k, "--time-limit": config.time_limit_s}
@@ -171,19 +172,19 @@ def check_config(config: PeersConfig, manifest: IndexManifest) -> Plan:
     positive |= {"--request-timeout": config.request_timeout_s}
     for name, value in positive.items():
         if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise ConfigError(f"{name} must be positive, got {value}")
     if config.k > MAX_K:
-        raise ValueError(f"--k must be at most {MAX_K} (the server's max_k), got {config.k}")
+        raise ConfigError(f"--k must be at most {MAX_K} (the server's max_k), got {config.k}")
     if config.warmup < 0:
-        raise ValueError(f"--warmup must be 0 or more, got {config.warmup}")
+        raise ConfigError(f"--warmup must be 0 or more, got {config.warmup}")
     if config.max_queries is not None and config.max_queries <= 0:
-        raise ValueError(f"--max-queries must be positive, got {config.max_queries}")
+        raise ConfigError(f"--max-queries must be positive, got {config.max_queries}")
     if config.encoder_threads is not None and config.encoder_threads <= 0:
-        raise ValueError(f"--encoder-threads must be positive, got {config.encoder_threads}")
+        raise ConfigError(f"--encoder-threads must be positive, got {config.encoder_threads}")
     if not config.concurrency or min(config.concurrency) < 1:
-        raise ValueError(f"--concurrency must list positive numbers, got {config.concurrency}")
+        raise ConfigError(f"--concurrency must list positive numbers, got {config.concurrency}")
     if config.device not in ("auto", "cpu", "gpu"):
-        raise ValueError(f"--device must be auto, cpu or gpu, got {config.device!r}")
+        raise ConfigError(f"--device must be auto, cpu or gpu, got {config.device!r}")
     peers, skipped = choose_peers(config.peers)
     return Plan(our_dims(config.dims, manifest), peers, skipped)
 
@@ -209,16 +210,16 @@ def choose_peers(requested: list[str] | None) -> tuple[list[str], dict[str, str]
     By default (``requested`` is None) txtai is skipped when it cannot run; named explicitly, it must.
 
     Raises:
-        ValueError: An unknown peer name, or txtai named explicitly but not installed.
+        ConfigError: An unknown peer name, or txtai named explicitly but not installed.
     """
     names = list(dict.fromkeys(requested if requested is not None else PEERS))  # drop repeats, keep order
     unknown = [name for name in names if name not in PEERS]
     if unknown:
-        raise ValueError(f"unknown peers {unknown} (choose from {', '.join(PEERS)})")
+        raise ConfigError(f"unknown peers {unknown} (choose from {', '.join(PEERS)})")
     skipped = {}
     missing = txtai_missing() if TXTAI in names else None
     if missing and requested is not None:
-        raise ValueError(f"--peers asks for txtai, but {missing}")
+        raise ConfigError(f"--peers asks for txtai, but {missing}")
     if missing:
         skipped[TXTAI] = missing
     return [name for name in names if name not in skipped], skipped
@@ -237,11 +238,11 @@ def local_model_folder(manifest: IndexManifest) -> str:
     """The manifest's model as a local folder: the peers get a path, never a hub name (they run offline).
 
     Raises:
-        ValueError: The manifest names a model that is not a local folder.
+        ModelError: The manifest names a model that is not a local folder.
     """
     folder = resolve_model(manifest.model.name)
     if not Path(folder).is_dir():
-        raise ValueError(f"the peers need the model as a local folder; the manifest's {manifest.model.name!r} is not")
+        raise ModelError(f"the peers need the model as a local folder; the manifest's {manifest.model.name!r} is not")
     return folder
 
 
@@ -564,7 +565,7 @@ def run_peers(config: PeersConfig) -> dict[str, Any]:
 
     Raises:
         IndexFolderError: No index at ``config.index``. DataError: Bad dataset or one the index does not hold.
-        ValueError, DimensionError: Invalid settings. ServerError: Our server did not start.
+        ConfigError, DimensionError: Invalid settings. ServerError: Our server did not start.
     """
     version = resolve_version(config.index)
     manifest = IndexManifest.read(version)

@@ -36,8 +36,9 @@ import numpy as np
 from benchmarks import machine_info, markdown_row, save_figure, utc_now, write_report
 from benchmarks.search_quality import RankedRun, timed_per_query
 from training.data import DataError, RetrievalDataset, load_beir
+from training.errors import ConfigError
 from training.files import json_fields
-from training.matryoshka import truncate_normalize, validate_dims
+from training.matryoshka import DimensionError, truncate_normalize, validate_dims
 from training.metrics import score_rankings
 
 logger = logging.getLogger(__name__)
@@ -88,15 +89,15 @@ class EncodedSplit:
 
 
 def check_config(config: QualityBenchConfig) -> None:
-    """Raises ValueError for counts that are not positive or a malformed ``--tuned``."""
+    """Raises ConfigError for counts that are not positive or a malformed ``--tuned``."""
     for name, value in {"--timing-queries": config.timing_queries, "--epochs": config.epochs}.items():
         if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise ConfigError(f"{name} must be positive, got {value}")
     for name, value in {"--max-queries": config.max_queries, "--max-train-pairs": config.max_train_pairs}.items():
         if value is not None and value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise ConfigError(f"{name} must be positive, got {value}")
     if not config.shortlists or min(config.shortlists) < 10:
-        raise ValueError(f"--shortlists must be sizes of at least 10 (the k of NDCG@10), got {config.shortlists}")
+        raise ConfigError(f"--shortlists must be sizes of at least 10 (the k of NDCG@10), got {config.shortlists}")
     tuned_models(config)
     latency_reports(config)
 
@@ -105,15 +106,15 @@ def named_paths(entries: list[str], option: str, example: str) -> dict[str, Path
     """``NAME=PATH`` entries of a repeatable option as a mapping.
 
     Raises:
-        ValueError: For an entry without ``=`` or a path that does not exist.
+        ConfigError: For an entry without ``=`` or a path that does not exist.
     """
     found = {}
     for entry in entries:
         name, sep, path = entry.partition("=")
         if not sep or not name or not path:
-            raise ValueError(f"{option} expects NAME=PATH (e.g. {example}), got {entry!r}")
+            raise ConfigError(f"{option} expects NAME=PATH (e.g. {example}), got {entry!r}")
         if not Path(path).exists():
-            raise ValueError(f"{option} {name}: {path} does not exist")
+            raise ConfigError(f"{option} {name}: {path} does not exist")
         found[name] = Path(path)
     return found
 
@@ -122,16 +123,16 @@ def latency_reports(config: QualityBenchConfig) -> dict[str, dict[str, Any]]:
     """``--latency NAME=latency.json`` entries, read.
 
     Raises:
-        ValueError: For a malformed entry or a file that is not a ``mrl bench latency`` report.
+        ConfigError: For a malformed entry or a file that is not a ``mrl bench latency`` report.
     """
     reports = {}
     for name, path in named_paths(config.latency, "--latency", "scifact=runs/bench/latency.json").items():
         try:
             report = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as exc:
-            raise ValueError(f"--latency {name}: cannot read {path} ({exc})") from None
+            raise ConfigError(f"--latency {name}: cannot read {path} ({exc})") from None
         if not isinstance(report, dict) or report.get("benchmark") != "latency":
-            raise ValueError(f"--latency {name}: {path} is not a report of `mrl bench latency`")
+            raise ConfigError(f"--latency {name}: {path} is not a report of `mrl bench latency`")
         reports[name] = report
     return reports
 
@@ -140,12 +141,12 @@ def tuned_models(config: QualityBenchConfig) -> dict[str, Path]:
     """``--tuned NAME=DIR`` entries as a mapping.
 
     Raises:
-        ValueError: For a malformed entry or a folder that does not exist.
+        ConfigError: For a malformed entry or a folder that does not exist.
     """
     models = named_paths(config.tuned, "--tuned", "scifact=runs/models/scifact")
     for name, folder in models.items():
         if not folder.is_dir():
-            raise ValueError(f"--tuned {name}: {folder} is not a model folder")
+            raise ConfigError(f"--tuned {name}: {folder} is not a model folder")
     return models
 
 
@@ -282,7 +283,7 @@ def binary_index(docs: np.ndarray, dim: int) -> Any:
     import faiss
 
     if dim % 8:
-        raise ValueError(f"binary search needs a dim divisible by 8, got {dim}")
+        raise DimensionError(f"binary search needs a dim divisible by 8, got {dim}")
     index = faiss.IndexBinaryFlat(dim)
     index.add(sign_bits(docs[:, :dim]))
     return index
@@ -493,7 +494,8 @@ def run_quality(config: QualityBenchConfig) -> dict[str, Any]:
     """Measure every dataset; write ``quality.json``, ``quality.md`` and the two plots into ``config.out``.
 
     Raises:
-        ValueError: Invalid settings. DataError: A missing or malformed dataset. ModelError: A model cannot load.
+        ConfigError, DimensionError: Invalid settings. DataError: A missing or malformed dataset.
+        ModelError: A model cannot load.
     """
     check_config(config)
     folders = dataset_folders(config)

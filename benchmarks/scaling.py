@@ -37,6 +37,7 @@ import numpy as np
 
 from benchmarks import format_ms, machine_info, markdown_row, save_figure, utc_now, write_report
 from index.params import HNSW_EF_CONSTRUCTION, HNSW_M, flat_bytes, ivf_lists, search_params_for
+from training.errors import ConfigError
 from training.files import json_fields
 from training.matryoshka import DimensionError, default_dims, truncate_normalize
 
@@ -127,25 +128,25 @@ def check_config(config: ScalingConfig) -> tuple[int, list[int]]:
     """Validate ``config`` before any data is made; return the full dim and the dims (largest first).
 
     Raises:
-        ValueError: A size or count that is not positive, an unknown or missing index kind, or a
+        ConfigError: A size or count that is not positive, an unknown or missing index kind, or a
             --full-dim that contradicts --index. DimensionError: A dim above the full dim.
         IndexFolderError: An --index without a readable manifest.
     """
     if not config.sizes or min(config.sizes) < 1:
-        raise ValueError(f"--sizes must list positive numbers, got {config.sizes}")
+        raise ConfigError(f"--sizes must list positive numbers, got {config.sizes}")
     positive = {"--queries": config.queries, "--single-queries": config.single_queries, "--k": config.k}
     positive |= {"--hnsw-max-size": config.hnsw_max_size, "--full-dim": config.full_dim}
     positive |= {"--threads": config.threads, "--nprobe": config.nprobe}
     for name, value in positive.items():
         if value is not None and value < 1:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise ConfigError(f"{name} must be positive, got {value}")
     if config.k > min(config.sizes):
-        raise ValueError(f"--k {config.k} is more than the smallest size {min(config.sizes)}")
+        raise ConfigError(f"--k {config.k} is more than the smallest size {min(config.sizes)}")
     unknown = [kind for kind in config.kinds if kind not in KINDS]
     if unknown:
-        raise ValueError(f"unknown index kinds {unknown} (choose from {', '.join(KINDS)})")
+        raise ConfigError(f"unknown index kinds {unknown} (choose from {', '.join(KINDS)})")
     if "flat" not in config.kinds:
-        raise ValueError("--kinds must include flat: it is the exact reference for recall")
+        raise ConfigError("--kinds must include flat: it is the exact reference for recall")
     full_dim, index_dims = _full_dim(config)
     dims = sorted(set(config.dims or index_dims or default_dims(full_dim)), reverse=True)
     bad = [dim for dim in dims if not 1 <= dim <= full_dim]
@@ -164,7 +165,7 @@ def _full_dim(config: ScalingConfig) -> tuple[int, list[int] | None]:
     manifest = IndexManifest.read(resolve_version(config.index))
     full = manifest.model.full_dim
     if config.full_dim is not None and config.full_dim != full:
-        raise ValueError(f"--full-dim {config.full_dim} contradicts the index's full dimension {full}")
+        raise ConfigError(f"--full-dim {config.full_dim} contradicts the index's full dimension {full}")
     return full, list(manifest.dims)
 
 
@@ -382,7 +383,7 @@ def run_scaling(config: ScalingConfig) -> dict[str, Any]:
         Written as ``scaling.json``, ``scaling.md`` and ``scaling.png`` into ``config.out`` when set.
 
     Raises:
-        ValueError, DimensionError: Invalid settings. IndexFolderError: Unreadable --index.
+        ConfigError, DimensionError: Invalid settings. IndexFolderError: Unreadable --index.
     """
     import faiss
 

@@ -32,8 +32,9 @@ from index.loaded import LoadedIndex, open_index
 from index.manifest import IndexManifest
 from service.encoders import LoadedEncoder, load_encoder
 from service.engine import rerank
-from service.settings import ServiceSettings
+from service.settings import load_settings
 from training.data import DataError, Qrels, RetrievalDataset, load_beir
+from training.errors import ConfigError
 from training.evaluate import TOP_K
 from training.files import json_fields
 from training.matryoshka import truncate_normalize
@@ -69,14 +70,14 @@ class RankedRun:
 
 
 def check_config(config: QualityConfig) -> None:
-    """Raises ValueError for a count that is not positive or an unknown encoder."""
+    """Raises ConfigError for a count that is not positive or an unknown encoder."""
     for name, value in {"--candidates": config.candidates, "--k": config.k}.items():
         if value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise ConfigError(f"{name} must be positive, got {value}")
     if config.max_queries is not None and config.max_queries <= 0:
-        raise ValueError(f"--max-queries must be positive, got {config.max_queries}")
+        raise ConfigError(f"--max-queries must be positive, got {config.max_queries}")
     if config.encoder not in ENCODERS:
-        raise ValueError(f"unknown encoder {config.encoder!r} (choose from {', '.join(ENCODERS)})")
+        raise ConfigError(f"unknown encoder {config.encoder!r} (choose from {', '.join(ENCODERS)})")
 
 
 def open_engine(config: QualityConfig) -> tuple[LoadedEncoder, LoadedIndex]:
@@ -85,7 +86,7 @@ def open_engine(config: QualityConfig) -> tuple[LoadedEncoder, LoadedIndex]:
     Raises:
         IndexFolderError: Missing or corrupt index, or one built with another model. ModelError: No model.
     """
-    settings = ServiceSettings(
+    settings = load_settings(
         index=config.index,
         model=config.model,
         device=config.device,
@@ -184,7 +185,7 @@ def run_two_stage(config: QualityConfig) -> dict[str, Any]:
         written as ``two_stage.json`` and ``two_stage.md`` into ``config.out`` when it is set.
 
     Raises:
-        ValueError: Invalid settings. DataError: Bad dataset or one the index does not hold.
+        ConfigError: Invalid settings. DataError: Bad dataset or one the index does not hold.
         IndexFolderError: Missing, corrupt or mismatched index. ModelError: The model cannot be loaded.
     """
     check_config(config)

@@ -28,6 +28,7 @@ from typing import Any
 
 from benchmarks import machine_info, markdown_row, save_figure, utc_now, write_report
 from training.data import DataError, RetrievalDataset, load_beir
+from training.errors import ConfigError
 from training.files import json_fields
 
 logger = logging.getLogger(__name__)
@@ -35,6 +36,7 @@ logger = logging.getLogger(__name__)
 STRATEGIES = ("full", "freeze", "lora", "gradual")
 METRICS = ("ndcg@10", "mrr@10", "recall@100")
 REPORT_STEM = "strategies"
+TRACEBACK_LINES = 20  # of a crashed `mrl train`, kept in the error
 # Learning rates per strategy: LoRA's few, zero-initialised weights need a higher rate than full tuning.
 DEFAULT_LEARNING_RATES = {"full": 1e-4, "freeze": 1e-4, "lora": 5e-4, "gradual": 1e-4}
 # Settings of a model's training report that must match for the model to be reused.
@@ -70,22 +72,22 @@ class StrategiesBenchConfig:
 
 
 def check_config(config: StrategiesBenchConfig) -> None:
-    """Raises ValueError or DataError for settings that cannot run, before anything is trained."""
+    """Raises ConfigError or DataError for settings that cannot run, before anything is trained."""
     if config.data is None:
-        raise ValueError("--data is required (the in-domain BEIR folder)")
+        raise ConfigError("--data is required (the in-domain BEIR folder)")
     for folder in (config.data, config.ood):
         if folder is not None and not (folder / "corpus.jsonl").is_file():
             raise DataError(folder, "not a BEIR folder (no corpus.jsonl)")
     unknown = [name for name in config.strategies if name not in STRATEGIES]
     if unknown or not config.strategies:
-        raise ValueError(f"--strategies takes some of {', '.join(STRATEGIES)}, got {','.join(config.strategies)}")
+        raise ConfigError(f"--strategies takes some of {', '.join(STRATEGIES)}, got {','.join(config.strategies)}")
     for name, rate in config.learning_rates.items():
         if name not in STRATEGIES or rate <= 0:
-            raise ValueError(f"--lr takes STRATEGY=RATE with a strategy of {', '.join(STRATEGIES)} and a rate > 0")
+            raise ConfigError(f"--lr takes STRATEGY=RATE with a strategy of {', '.join(STRATEGIES)} and a rate > 0")
     for name, value in {"--max-queries": config.max_queries, "--max-docs": config.max_docs,
                         "--max-train-pairs": config.max_train_pairs, "--epochs": config.epochs}.items():  # fmt: skip
         if value is not None and value <= 0:
-            raise ValueError(f"{name} must be positive, got {value}")
+            raise ConfigError(f"{name} must be positive, got {value}")
 
 
 def learning_rate(config: StrategiesBenchConfig, strategy: str) -> float:
@@ -163,7 +165,9 @@ def trained_model(config: StrategiesBenchConfig, strategy: str) -> tuple[Path, b
         The folder and whether it was trained by this run.
 
     Raises:
-        ValueError: An existing folder was trained differently (and ``--retrain`` is off), or training failed.
+        ConfigError: An existing folder was trained differently (and ``--retrain`` is off), or ``mrl train``
+            refused its settings or data (its one-line error is relayed).
+        RuntimeError: ``mrl train`` crashed (the end of its traceback is in the message).
     """
     assert config.data is not None
     output = config.models_dir / f"{config.data.name}-{strategy}"
@@ -173,17 +177,20 @@ def trained_model(config: StrategiesBenchConfig, strategy: str) -> tuple[Path, b
         if not differs:
             logger.info("%s: reusing %s", strategy, output)
             return output, False
-        raise ValueError(f"{output} was trained with other {', '.join(differs)}; pass --retrain to replace it")
+        raise ConfigError(f"{output} was trained with other {', '.join(differs)}; pass --retrain to replace it")
     if output.exists() and not config.retrain:
-        raise ValueError(f"{output} exists but holds no training report; pass --retrain to replace it")
+        raise ConfigError(f"{output} exists but holds no training report; pass --retrain to replace it")
     command = [sys.executable, "-m", "mrl", *train_arguments(config, strategy, output)]
     if output.exists():
         command.append("--overwrite")
     logger.info("%s: training (%s)", strategy, " ".join(command[2:]))
     finished = subprocess.run(command, stderr=subprocess.PIPE, text=True, check=False)
-    if finished.returncode != 0:
+    if finished.returncode == 2:  # a known error: mrl printed it as its last line
         last = (finished.stderr.strip().splitlines() or ["no output"])[-1]
-        raise ValueError(f"training the {strategy} strategy failed: {last}")
+        raise ConfigError(f"training the {strategy} strategy failed: {last}")
+    if finished.returncode != 0:  # a crash: keep the end of the traceback, which is what explains it
+        tail = "\n".join(finished.stderr.strip().splitlines()[-TRACEBACK_LINES:]) or "no output"
+        raise RuntimeError(f"training the {strategy} strategy crashed (exit {finished.returncode}):\n{tail}")
     return output, True
 
 
@@ -288,7 +295,8 @@ def run_strategies(config: StrategiesBenchConfig) -> dict[str, Any]:
     """Train (or reuse) every strategy, score all of them and the base model; write the report into ``config.out``.
 
     Raises:
-        ValueError: Invalid settings, a model trained differently, or a failed training.
+        ConfigError: Invalid settings, a model trained differently, or a training that was refused.
+        RuntimeError: A training crashed.
         DataError: A missing or malformed dataset. ModelError: A model cannot load.
     """
     from training.models import DEFAULT_MODEL, resolve_model

@@ -14,6 +14,7 @@ from typing import Literal
 import numpy as np
 
 from index.params import HNSW_EF_CONSTRUCTION, IndexPlan
+from training.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -126,10 +127,10 @@ def backend_for(device: Device = "auto") -> type[FaissIndex]:
     """The index class for ``device``; ``auto`` means the GPU when FAISS sees one.
 
     Raises:
-        ValueError: If ``gpu`` is asked for and FAISS has no GPU.
+        ConfigError: If ``gpu`` is asked for and FAISS has no GPU.
     """
     if device == "gpu" and gpu_count() == 0:
-        raise ValueError("device 'gpu' requested but FAISS sees no GPU (install faiss-gpu and CUDA, or use cpu)")
+        raise ConfigError("device 'gpu' requested but FAISS sees no GPU (install faiss-gpu and CUDA, or use cpu)")
     if device == "gpu" or (device == "auto" and gpu_count() > 0):
         return FaissGpuIndex
     return FaissIndex

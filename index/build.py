@@ -8,6 +8,7 @@ the evaluation and the query path use.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import platform
 import shutil
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -29,7 +31,15 @@ from index.layout import (
     publish_version,
     staging_version,
 )
-from index.manifest import MANIFEST_FILE, DimIndex, IndexFolderError, IndexManifest, ModelInfo, model_fingerprint
+from index.manifest import (
+    MANIFEST_FILE,
+    DimIndex,
+    IndexFolderError,
+    IndexManifest,
+    ModelInfo,
+    folder_files,
+    model_fingerprint,
+)
 from index.params import IndexPlan, choose_index, search_params_for
 from index.store import write_documents
 from training.data import DataError, Document, load_corpus, load_queries
@@ -44,6 +54,9 @@ from training.models import (
     model_dims,
     read_model_card,
 )
+
+if TYPE_CHECKING:
+    from sentence_transformers import SentenceTransformer
 
 logger = logging.getLogger(__name__)
 
@@ -80,6 +93,28 @@ def read_documents(path: Path) -> tuple[list[Document], list[str]]:
     if not path.exists():
         raise DataError(path, "not found (expected a BEIR folder or a corpus .jsonl file)")
     return list(load_corpus(path).values()), []
+
+
+def encode_cache_key(documents: list[Document], fingerprint: str, model: SentenceTransformer) -> str:
+    """The encode cache's folder name: a SHA-256 of everything that decides the vectors.
+
+    The documents' content (ids, titles, texts, in order) is hashed rather than their
+    file's path or count, so a corpus edited in place is never served stale vectors;
+    the model's fingerprint, prompts and sequence length, and the chunk size (the cache
+    holds one file per chunk), complete the key.
+    """
+    digest = hashlib.sha256()
+    settings = {
+        "fingerprint": fingerprint,
+        "prompts": dict(sorted(model.prompts.items())),
+        "max_seq_length": model.max_seq_length,
+        "chunk": ENCODE_CHUNK,
+    }
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for document in documents:
+        # One JSON array per document keeps field boundaries unambiguous ("a"+"bc" is not "ab"+"c").
+        digest.update(json.dumps([document.id, document.title, document.text]).encode() + b"\n")
+    return digest.hexdigest()[:32]
 
 
 def encode_documents(encoder: Encoder, documents: list[Document], cache: Path | None = None) -> np.ndarray:
@@ -181,10 +216,6 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def _files(folder: Path) -> dict[str, int]:
-    return {p.name: p.stat().st_size for p in sorted(folder.iterdir()) if p.name != MANIFEST_FILE}
-
-
 def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
     """Build a new index version under ``config.output`` and make it current.
 
@@ -199,11 +230,7 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
     fingerprint = model_fingerprint(model)
     backend = backend_for(config.device)
 
-    cache = (
-        config.output
-        / ".encode-cache"
-        / hashlib.sha256((fingerprint + str(config.data.resolve()) + str(len(documents))).encode()).hexdigest()[:16]
-    )
+    cache = config.output / ".encode-cache" / encode_cache_key(documents, fingerprint, model)
     cache.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     vectors = encode_documents(encoder, documents, cache)
@@ -224,6 +251,7 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
         write_documents(staging / DOCS_FILE, documents)
         indexes = build_dim_indexes(vectors, probes, dims, plan_for, backend, staging)
         card = read_model_card(config.model) if config.model and Path(config.model).is_dir() else None
+        files, checksums = folder_files(staging)
         manifest = IndexManifest(
             version=new_version_name(),
             model=ModelInfo(
@@ -237,7 +265,8 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
             dims=dims,
             num_vectors=len(vectors),
             indexes=indexes,
-            files=_files(staging),
+            files=files,
+            checksums=checksums,
             encode_seconds=round(encode_seconds, 2),
             built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             source=str(config.data),
@@ -321,7 +350,7 @@ def add_documents(
         manifest.version = new_version_name()
         manifest.num_vectors = len(vectors)
         manifest.indexes = indexes
-        manifest.files = _files(staging)
+        manifest.files, manifest.checksums = folder_files(staging)
         manifest.history.append(
             {
                 "added": len(documents),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.cli import config_fields, dims_argument
+from training.cli import check_positive, config_fields, dims_argument
 
 
 def add_index_parser(commands: argparse._SubParsersAction) -> None:
@@ -55,11 +55,8 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from index.build import BuildConfig, build_index
 
-    fields = config_fields(args)
-    for name in ("memory_budget_mb", "batch_size", "keep_versions"):
-        if fields[name] <= 0:
-            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {fields[name]}")
-    path, manifest = build_index(BuildConfig(**fields))
+    check_positive(args, ("memory_budget_mb", "batch_size", "keep_versions"), ("max_seq_length",))
+    path, manifest = build_index(BuildConfig(**config_fields(args)))
     print(info_table(manifest, path))
     return 0
 
@@ -67,6 +64,7 @@ def run_build(args: argparse.Namespace) -> int:
 def run_add(args: argparse.Namespace) -> int:
     from index.build import add_documents
 
+    check_positive(args, ("batch_size", "keep_versions"))
     path, manifest = add_documents(
         args.index,
         args.data,

@@ -33,12 +33,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _known_errors() -> tuple[type[BaseException], ...]:
+    """The project's own error types: a user can act on their message, so a traceback would only hide it.
+
+    Not ``ValueError`` itself: one raised anywhere else is a bug, and its traceback is what explains it.
+    """
+    from benchmarks.latency import ServerError
     from index.manifest import IndexFolderError
     from training.data import DataError
+    from training.errors import ConfigError
     from training.matryoshka import DimensionError
     from training.models import ModelError
 
-    return (DataError, DimensionError, ModelError, IndexFolderError, FileExistsError, ValueError)
+    return (ConfigError, DataError, DimensionError, ModelError, IndexFolderError, ServerError, FileExistsError)
 
 
 def main(argv: list[str] | None = None) -> int:

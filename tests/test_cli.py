@@ -81,3 +81,98 @@ def test_eval_command_compares_models_and_writes_reports(tiny_beir: Path, tmp_pa
     assert printed.splitlines()[0] == "| dim | all-MiniLM-L6-v2 NDCG@10 | % of full |"
     assert "| 384 | 1.000 | 100.0% |" in printed  # four unambiguous documents: the real model ranks them right
     assert {p.name for p in out.iterdir()} == {"eval.json", "eval.md", "eval_ndcg.png"}
+
+
+def project_errors() -> list[BaseException]:
+    from benchmarks.latency import ServerError
+    from index.manifest import IndexFolderError
+    from training.data import DataError
+    from training.errors import ConfigError
+    from training.matryoshka import DimensionError
+    from training.models import ModelError
+
+    return [
+        ConfigError("--x must be positive, got 0"),
+        DataError("corpus.jsonl", "invalid JSON", 3),
+        DimensionError("dimension 999 is not between 1 and 384"),
+        ModelError("cannot load model 'nope'"),
+        IndexFolderError("runs/index: index not found"),
+        ServerError("server did not become ready"),
+        FileExistsError("runs/out already exists"),
+    ]
+
+
+@pytest.mark.parametrize("error", project_errors(), ids=lambda e: type(e).__name__)
+def test_project_errors_are_one_line_and_exit_2(tmp_path: Path, capsys, monkeypatch, error):
+    import training.cli
+
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(training.cli, "run_eval", fail)
+    assert main(["eval", "--data", str(tmp_path)]) == 2
+    assert capsys.readouterr().err.splitlines() == [f"mrl: error: {error}"]
+
+
+def test_a_plain_value_error_is_a_bug_and_keeps_its_traceback(tmp_path: Path, monkeypatch):
+    import training.cli
+
+    def buggy(args):
+        return int("not a number")  # a ValueError nobody meant as a message
+
+    monkeypatch.setattr(training.cli, "run_eval", buggy)
+    with pytest.raises(ValueError, match="invalid literal for int"):
+        main(["eval", "--data", str(tmp_path)])
+
+
+def test_a_bug_prints_a_traceback_and_exits_1(tmp_path: Path):
+    script = (
+        "import training.cli\n"
+        "def buggy(args):\n"
+        "    raise ValueError('a bug, not a message')\n"
+        "training.cli.run_eval = buggy\n"
+        "from mrl.cli import main\n"
+        f"raise SystemExit(main(['eval', '--data', {str(tmp_path)!r}]))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert "Traceback (most recent call last)" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == "ValueError: a bug, not a message"
+    assert "mrl: error:" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--validation-fraction", "2"], "--validation-fraction must be in (0, 1), got 2.0"),
+        (["--warmup-ratio", "-0.1"], "--warmup-ratio must be in [0, 1), got -0.1"),
+        (["--lora", "--lora-rank", "0"], "--lora-rank must be at least 1, got 0"),
+        (["--report-to", "mlflow"], "--report-to 'mlflow' is not one of"),
+    ],
+)
+def test_bad_training_options_are_one_line(tiny_beir: Path, tmp_path: Path, capsys, args, message):
+    assert main(["train", "--data", str(tiny_beir), "--output", str(tmp_path / "out"), *args]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"mrl: error: {message}")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["index", "build", "--data", "{data}", "--output", "{out}", "--memory-budget-mb", "0"],
+        ["index", "build", "--data", "{data}", "--output", "{out}", "--batch-size", "-1"],
+        ["index", "build", "--data", "{data}", "--output", "{out}", "--max-seq-length", "0"],
+        ["index", "add", "--index", "{out}", "--data", "{data}", "--keep-versions", "0"],
+        ["eval", "--data", "{data}", "--batch-size", "0"],
+        ["bench", "scaling", "--sizes", "1000,0", "--out", "{out}"],
+    ],
+    ids=["build-budget", "build-batch", "build-seq-length", "add-keep", "eval-batch", "bench-scaling-sizes"],
+)
+def test_non_positive_options_are_one_line(tiny_beir: Path, tmp_path: Path, capsys, args):
+    out = tmp_path / "out"
+    argv = [a.format(data=tiny_beir, out=out) for a in args]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and err[0].startswith("mrl: error: --") and "must" in err[0]
+    assert not out.exists()

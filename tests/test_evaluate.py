@@ -69,3 +69,30 @@ def test_reports_are_written_and_round_trip(tiny_beir: Path, keyword_encoder, tm
     assert f"| 2 | {NDCG_AT_2:.3f} | {100 * NDCG_AT_2:.1f}% |" in table
     assert "4 queries, 4 documents" in markdown_report([base])
     assert not list((tmp_path / "out").glob(".*"))  # no temporary files left behind
+
+
+def test_qrels_scores_of_zero_and_below_are_not_relevant(tmp_path: Path, keyword_encoder):
+    """Read from a qrels file with -1 and 0 rows, then scored as trec_eval does (relevance <= 0: no gain)."""
+    from tests.conftest import KEYWORDS, write_beir
+
+    corpus = [{"_id": f"d{i}", "title": "", "text": f"advice about {word} at home"} for i, word in enumerate(KEYWORDS)]
+    queries = [{"_id": f"q{i}", "text": f"what helps with {word}"} for i, word in enumerate(KEYWORDS)]
+    # At 4 dims each query ranks its own keyword's document first, then the rest in corpus order.
+    qrels = [
+        ("q0", "d0", -1), ("q0", "d1", 1),  # ranked d0 d1 d2 d3: the -1 at rank 1 gains nothing
+        ("q1", "d1", 0), ("q1", "d2", 1),  # ranked d1 d0 d2 d3: relevant at rank 3
+        ("q2", "d2", 1),  # rank 1
+        ("q3", "d3", 0), ("q3", "d0", -1),  # nothing relevant: skipped
+    ]  # fmt: skip
+    dataset = load_beir(write_beir(tmp_path / "graded", corpus, queries, {"test": qrels}))
+    assert dataset.split("test")["q0"] == {"d0": -1, "d1": 1}
+    result = evaluate(keyword_encoder, dataset, "test", [4])
+    assert result.by_dim[4] == pytest.approx(
+        {
+            "ndcg@10": (1 / math.log2(3) + 1 / math.log2(4) + 1) / 3,
+            "mrr@10": (1 / 2 + 1 / 3 + 1) / 3,
+            "recall@1": 1 / 3,
+            "recall@10": 1.0,
+            "recall@100": 1.0,
+        }
+    )

@@ -6,6 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
+from training.errors import ConfigError
 from training.matryoshka import DimensionError, parse_dims
 
 
@@ -203,19 +204,28 @@ def _train_defaults():
     return TrainConfig(data=Path("."), output=Path("."))
 
 
-def _positive(name: str, value: float | int) -> None:
-    if value <= 0:
-        raise ValueError(f"{name} must be positive, got {value}")
+def check_positive(args: argparse.Namespace, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """Refuse a non-positive numeric option (``optional`` ones only when given), naming it.
+
+    Raises:
+        ConfigError: For the first option that is zero or negative.
+    """
+    for name in (*required, *(n for n in optional if getattr(args, n) is not None)):
+        value = getattr(args, name)
+        if value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 def run_train(args: argparse.Namespace) -> int:
     from training.train import TrainConfig, train
 
-    for name in ("epochs", "learning_rate", "batch_size", "mini_batch_size", "hard_negative_epochs"):
-        _positive(f"--{name.replace('_', '-')}", getattr(args, name))
-    for name in ("max_seq_length", "max_train_pairs"):
-        if getattr(args, name) is not None:
-            _positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    check_positive(
+        args,
+        ("epochs", "learning_rate", "batch_size", "mini_batch_size", "hard_negative_epochs"),
+        ("max_seq_length", "max_train_pairs", "hard_negative_learning_rate"),
+    )
+    if not 0 <= args.warmup_ratio < 1:
+        raise ConfigError(f"--warmup-ratio must be in [0, 1), got {args.warmup_ratio}")
     fields = config_fields(args)
     if str(fields["eval_split"]).lower() == "none":
         fields["eval_split"] = None
@@ -267,6 +277,7 @@ def run_eval(args: argparse.Namespace) -> int:
     from training.models import SentenceTransformerEncoder, embedding_dimension, load_model, model_dims
     from training.report import comparison_table, write_eval_report
 
+    check_positive(args, ("batch_size",), ("max_seq_length",))
     dataset = load_beir(args.data, [args.split])
     names = args.models or [None]
     labels = _labels(names)

@@ -48,7 +48,7 @@ class Pair:
     negative: str | None = None
 
 
-Qrels = dict[str, dict[str, int]]  # query id -> document id -> graded relevance
+Qrels = dict[str, dict[str, int]]  # query id -> document id -> graded relevance (<= 0: not relevant)
 
 
 @dataclass
@@ -76,7 +76,7 @@ class RetrievalDataset:
         return self.qrels[name]
 
     def pairs(self, split: str) -> list[Pair]:
-        """(query, relevant passage) pairs of a split, in file order; relevance 0 is skipped."""
+        """(query, relevant passage) pairs of a split, in file order; relevance 0 or below is not relevant."""
         return [
             Pair(self.queries[qid], self.corpus[doc_id].passage)
             for qid, docs in self.split(split).items()

@@ -1,7 +1,9 @@
 """Ranking metrics over a ranked list of document ids, with graded relevance.
 
 Definitions follow trec_eval (and so BEIR): NDCG uses linear gains and a log2 discount,
-relevance 0 counts as not relevant, and a query's metrics are averaged with equal weight.
+a judgement of 0 or below counts as not relevant (no gain, never a negative one, in DCG and
+ideal DCG alike; not a hit for MRR or recall), and a query's metrics are averaged with
+equal weight.
 """
 
 from __future__ import annotations
@@ -13,10 +15,15 @@ RECALL_AT = (1, 10, 100)
 CUTOFF = 10
 
 
+def gain(relevance: Mapping[str, int], doc: str) -> int:
+    """A document's NDCG gain: its judgement if positive, else 0 (unjudged, 0 and negative alike)."""
+    return max(relevance.get(doc, 0), 0)
+
+
 def ndcg_at_k(ranked: Sequence[str], relevance: Mapping[str, int], k: int) -> float:
     """Normalised discounted cumulative gain of the top ``k`` documents."""
-    dcg = sum(relevance.get(doc, 0) / math.log2(rank + 2) for rank, doc in enumerate(ranked[:k]))
-    ideal = sorted((score for score in relevance.values() if score > 0), reverse=True)[:k]
+    dcg = sum(gain(relevance, doc) / math.log2(rank + 2) for rank, doc in enumerate(ranked[:k]))
+    ideal = sorted((gain(relevance, doc) for doc in relevance), reverse=True)[:k]
     idcg = sum(score / math.log2(rank + 2) for rank, score in enumerate(ideal))
     return dcg / idcg if idcg > 0 else 0.0
 
@@ -24,14 +31,14 @@ def ndcg_at_k(ranked: Sequence[str], relevance: Mapping[str, int], k: int) -> fl
 def mrr_at_k(ranked: Sequence[str], relevance: Mapping[str, int], k: int) -> float:
     """Reciprocal rank of the first relevant document within the top ``k``; 0 if none."""
     for rank, doc in enumerate(ranked[:k], start=1):
-        if relevance.get(doc, 0) > 0:
+        if gain(relevance, doc) > 0:
             return 1.0 / rank
     return 0.0
 
 
 def recall_at_k(ranked: Sequence[str], relevance: Mapping[str, int], k: int) -> float:
     """Share of the relevant documents found in the top ``k``."""
-    relevant = {doc for doc, score in relevance.items() if score > 0}
+    relevant = {doc for doc in relevance if gain(relevance, doc) > 0}
     if not relevant:
         return 0.0
     return len(relevant.intersection(ranked[:k])) / len(relevant)

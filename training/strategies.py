@@ -12,6 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from training.errors import ConfigError
+from training.models import ModelError
+
 if TYPE_CHECKING:
     from peft import LoraConfig
     from sentence_transformers import SentenceTransformer
@@ -56,39 +59,39 @@ def check_strategy_options(config: TrainConfig) -> None:
     """Reject impossible strategy settings before any data or model is loaded.
 
     Raises:
-        ValueError: With the offending option named, in one line.
+        ConfigError: With the offending option named, in one line.
     """
     if config.freeze_layers is not None and config.freeze_layers < 0:
-        raise ValueError(f"--freeze-layers must be 0 or more, got {config.freeze_layers}")
+        raise ConfigError(f"--freeze-layers must be 0 or more, got {config.freeze_layers}")
     if config.layer_lr_decay is not None and not 0 < config.layer_lr_decay <= 1:
-        raise ValueError(f"--layer-lr-decay must be in (0, 1], got {config.layer_lr_decay}")
+        raise ConfigError(f"--layer-lr-decay must be in (0, 1], got {config.layer_lr_decay}")
     if not config.lora:
         return
     if config.freeze_layers is not None or config.layer_lr_decay is not None or config.gradual_unfreeze:
-        raise ValueError(
+        raise ConfigError(
             "--lora cannot be combined with --freeze-layers, --layer-lr-decay or --gradual-unfreeze "
             "(it freezes all base weights)"
         )
     if config.lora_rank < 1:
-        raise ValueError(f"--lora-rank must be at least 1, got {config.lora_rank}")
+        raise ConfigError(f"--lora-rank must be at least 1, got {config.lora_rank}")
     if config.lora_alpha <= 0:
-        raise ValueError(f"--lora-alpha must be positive, got {config.lora_alpha}")
+        raise ConfigError(f"--lora-alpha must be positive, got {config.lora_alpha}")
     if not 0 <= config.lora_dropout < 1:
-        raise ValueError(f"--lora-dropout must be in [0, 1), got {config.lora_dropout}")
+        raise ConfigError(f"--lora-dropout must be in [0, 1), got {config.lora_dropout}")
 
 
 def encoder_parts(model: SentenceTransformer) -> tuple[nn.Module, nn.ModuleList]:
     """The token embeddings and the transformer layers (lowest first) of a BERT-like model.
 
     Raises:
-        ValueError: For an architecture without ``embeddings`` and ``encoder.layer``.
+        ConfigError: For an architecture without ``embeddings`` and ``encoder.layer``.
     """
     auto_model = getattr(model[0], "auto_model", None)
     embeddings = getattr(auto_model, "embeddings", None)
     layers = getattr(getattr(auto_model, "encoder", None), "layer", None)
     if embeddings is None or layers is None:
         name = type(auto_model).__name__
-        raise ValueError(f"layer freezing and decay need a BERT-like model (embeddings + encoder.layer), not {name}")
+        raise ConfigError(f"layer freezing and decay need a BERT-like model (embeddings + encoder.layer), not {name}")
     return embeddings, layers
 
 
@@ -96,11 +99,11 @@ def freeze_lower_layers(model: SentenceTransformer, num_frozen: int) -> None:
     """Freeze the token embeddings and the lowest ``num_frozen`` layers; at least one layer must stay trainable.
 
     Raises:
-        ValueError: If ``num_frozen`` is negative or leaves no layer to train.
+        ConfigError: If ``num_frozen`` is negative or leaves no layer to train.
     """
     embeddings, layers = encoder_parts(model)
     if not 0 <= num_frozen < len(layers):
-        raise ValueError(
+        raise ConfigError(
             f"--freeze-layers {num_frozen}: the model has {len(layers)} transformer layers; "
             f"freeze between 0 and {len(layers) - 1}"
         )
@@ -153,7 +156,11 @@ def add_lora(model: SentenceTransformer, config: TrainConfig, base_model: str) -
         target_modules=LORA_TARGET_PATTERN,
         base_model_name_or_path=base_model,
     )
-    inject_lora(model, lora)
+    try:
+        inject_lora(model, lora)
+    except ValueError as exc:  # peft: no linear layer matches the BERT-like target pattern
+        name = type(model[0].auto_model).__name__
+        raise ConfigError(f"--lora needs a BERT-like model (encoder.layer.N linear layers), not {name}") from exc
     return lora
 
 
@@ -224,7 +231,7 @@ def apply_adapter(model: SentenceTransformer, folder: Path) -> None:
     result = set_peft_model_state_dict(model[0].auto_model, state)
     missing = [k for k in getattr(result, "missing_keys", []) if "lora_" in k]
     if missing:
-        raise ValueError(f"{folder}: the adapter lacks {len(missing)} LoRA weights of the model, e.g. {missing[0]}")
+        raise ModelError(f"{folder}: the adapter lacks {len(missing)} LoRA weights of the model, e.g. {missing[0]}")
     merge_lora(model, lora)
 
 
@@ -242,7 +249,8 @@ def apply_strategy(
     """Freeze or add LoRA as configured; return the strategy's description and the LoRA config (or ``None``).
 
     Raises:
-        ValueError: For an unsupported architecture or too many frozen layers.
+        ConfigError: For an unsupported architecture, too many frozen layers, or --lora on a model
+            without BERT-like layers.
     """
     description: dict[str, Any] = {"name": strategy_name(config)}
     lora = None

@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from training.data import DataError, Pair, RetrievalDataset, load_beir, load_pairs
+from training.errors import ConfigError
 from training.evaluate import EvalResult, evaluate
 from training.files import json_fields, publish_dir, staging_dir, write_json_atomic, write_text_atomic
-from training.matryoshka import default_dims, validate_dims
+from training.matryoshka import DimensionError, default_dims, validate_dims
 from training.memory import PeakMemory
 from training.models import (
     DEFAULT_MODEL,
@@ -177,7 +178,7 @@ def load_training_data(config: TrainConfig) -> TrainingData:
 def sample_pairs(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
     """``n`` pairs drawn without replacement by ``seed``, kept in file order (a cheaper run on a big split)."""
     if n < 1:
-        raise ValueError(f"max_train_pairs must be at least 1, got {n}")
+        raise ConfigError(f"--max-train-pairs must be at least 1, got {n}")
     keep = sorted(random.Random(seed).sample(range(len(pairs)), n))
     return [pairs[i] for i in keep]
 
@@ -356,14 +357,14 @@ def check_tracking(report_to: str) -> None:
     """Refuse an unknown tracker, or one whose package is not installed, in one line.
 
     Raises:
-        ValueError: Naming the tracker and how to install it.
+        ConfigError: Naming the tracker and how to install it.
     """
     if report_to not in TRACKERS:
-        raise ValueError(f"--report-to {report_to!r} is not one of {', '.join(TRACKERS)}")
+        raise ConfigError(f"--report-to {report_to!r} is not one of {', '.join(TRACKERS)}")
     package = TRACKERS[report_to]
     if package and importlib.util.find_spec(package) is None:
         hint = "pip install 'mrl-retrieval[tracking]'" if package == "tensorboard" else f"pip install {package}"
-        raise ValueError(f"--report-to {report_to}: the {package} package is not installed ({hint})")
+        raise ConfigError(f"--report-to {report_to}: the {package} package is not installed ({hint})")
 
 
 def _validation_evaluator(
@@ -375,7 +376,7 @@ def _validation_evaluator(
         return None
     dim = config.early_stopping_dim or min(dims)
     if dim not in dims:
-        raise ValueError(f"--early-stopping-dim {dim} is not one of the training dims {dims}")
+        raise DimensionError(f"--early-stopping-dim {dim} is not one of the training dims {dims}")
     metric, batch = config.early_stopping_metric, config.eval_batch_size
     return MatryoshkaValidationEvaluator(data.validation, dims, metric, dim, batch)
 
@@ -484,9 +485,9 @@ def train(config: TrainConfig) -> TrainResult:
     Raises:
         DataError: Bad training or evaluation data (checked before any model is loaded).
         ModelError: The base model cannot be loaded.
-        DimensionError: ``config.dims`` do not fit the model.
+        DimensionError: ``config.dims`` (or ``early_stopping_dim``) do not fit the model.
         FileExistsError: The output exists and ``overwrite`` is off (checked before training).
-        ValueError: Impossible strategy, validation or tracking options (a missing tracker package included),
+        ConfigError: Impossible strategy, validation or tracking options (a missing tracker package included),
             or a strategy the model's architecture does not allow.
     """
     if config.output.exists() and not config.overwrite:

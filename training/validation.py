@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from training.data import Qrels, RetrievalDataset
+from training.errors import ConfigError
 from training.metrics import metric_names
 
 if TYPE_CHECKING:
@@ -39,20 +40,20 @@ def check_validation_options(config: TrainConfig) -> None:
     """Reject impossible validation and tracking settings before any data or model is loaded.
 
     Raises:
-        ValueError: With the offending option named, in one line.
+        ConfigError: With the offending option named, in one line.
     """
     fraction = config.validation_fraction
     if fraction is not None and not 0 < fraction < 1:
-        raise ValueError(f"--validation-fraction must be in (0, 1), got {fraction}")
+        raise ConfigError(f"--validation-fraction must be in (0, 1), got {fraction}")
     for name in ("early_stopping_patience", "eval_steps", "early_stopping_dim"):
         if getattr(config, name) is not None and fraction is None:
-            raise ValueError(f"--{name.replace('_', '-')} needs --validation-fraction")
+            raise ConfigError(f"--{name.replace('_', '-')} needs --validation-fraction")
     if config.early_stopping_patience is not None and config.early_stopping_patience < 1:
-        raise ValueError(f"--early-stopping-patience must be at least 1, got {config.early_stopping_patience}")
+        raise ConfigError(f"--early-stopping-patience must be at least 1, got {config.early_stopping_patience}")
     if config.eval_steps is not None and config.eval_steps < 1:
-        raise ValueError(f"--eval-steps must be at least 1, got {config.eval_steps}")
+        raise ConfigError(f"--eval-steps must be at least 1, got {config.eval_steps}")
     if config.early_stopping_metric not in metric_names():
-        raise ValueError(
+        raise ConfigError(
             f"--early-stopping-metric {config.early_stopping_metric!r} is not one of {', '.join(metric_names())}"
         )
 
@@ -63,13 +64,13 @@ def split_validation(dataset: RetrievalDataset, split: str, fraction: float, see
     Splitting by text (not id) keeps a query asked twice under two ids on one side only.
 
     Raises:
-        ValueError: If the split has too few queries to leave at least one on each side.
+        ConfigError: If the split has too few queries to leave at least one on each side.
     """
     qrels = {qid: docs for qid, docs in dataset.split(split).items() if any(s > 0 for s in docs.values())}
     texts = sorted({dataset.queries[qid] for qid in qrels})
     held_out = round(fraction * len(texts))
     if not 0 < held_out < len(texts):
-        raise ValueError(
+        raise ConfigError(
             f"--validation-fraction {fraction} of {len(texts)} training queries leaves an empty side; "
             "choose a fraction that holds out at least one query and keeps one"
         )
