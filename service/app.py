@@ -1,9 +1,10 @@
-"""``create_app(settings)``: the FastAPI app, its lifespan, error handlers and request metrics.
+"""``create_app(settings)``: the FastAPI app, its lifespan, error handlers and docs.
 
 The lifespan builds the :class:`~service.engine.Searcher` (model + index) and closes it
-on shutdown; routes reach it through dependencies. Every error leaves in the one body
-shape of :mod:`service.errors`; an unexpected exception becomes a generic 500 whose
-detail is logged, never sent.
+on shutdown, unless ``mrl serve`` has already opened it (:func:`open_searcher`) so that a
+start-up failure ends in one line. Routes reach the searcher through dependencies. Every
+request passes the edge middleware first (API key, admission, body limits, metrics,
+access log); every error leaves in the one body shape of :mod:`service.errors`.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -19,28 +19,26 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mrl import __version__
-from service.deps import ServiceState
+from service.deps import ApiKeyDep, ServiceState
+from service.docs import add_docs
+from service.edge import EdgeMiddleware
 from service.encoders import load_encoder
 from service.engine import EncoderLoader, Searcher
 from service.errors import (
-    INTERNAL,
-    INTERNAL_MESSAGE,
-    Overloaded,
+    InvalidRequest,
     ServiceError,
     describe_validation_errors,
     error_body,
     error_kind,
 )
-from service.metrics import NO_DIM, ServiceMetrics
+from service.metrics import ServiceMetrics
+from service.openapi import service_openapi
 from service.routes import admin_router, ops_router, search_router
 from service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
-
-UNGUARDED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # no API key, never refused as overloaded
 
 
 def create_app(settings: ServiceSettings | None = None, *, encoder_loader: EncoderLoader = load_encoder) -> FastAPI:
@@ -51,36 +49,53 @@ def create_app(settings: ServiceSettings | None = None, *, encoder_loader: Encod
         encoder_loader: How the query encoder is loaded; tests pass a fake one.
     """
     settings = settings if settings is not None else ServiceSettings()
-    state = ServiceState(settings, ServiceMetrics())
+    state = ServiceState(settings, ServiceMetrics(), encoder_loader=encoder_loader)
     app = FastAPI(
         title="mrl-retrieval",
         version=__version__,
         description="Search a corpus at any Matryoshka dimension, and embed texts (OpenAI-compatible).",
-        lifespan=_lifespan(state, encoder_loader),
+        lifespan=_lifespan(state),
+        docs_url=None,
+        redoc_url=None,
     )
     app.state.service = state
-    app.add_middleware(RequestMetricsMiddleware, state=state)
-    _add_error_handlers(app, state.metrics)
-    app.include_router(search_router)
-    app.include_router(admin_router)
+    app.add_middleware(EdgeMiddleware, state=state, routes=app.router.routes)
+    _add_error_handlers(app, state)
+    # The key is checked by the edge middleware; the dependency puts it in the schema, only when there is one.
+    guarded = [ApiKeyDep] if settings.api_key is not None else []
+    app.include_router(search_router, dependencies=guarded)
+    app.include_router(admin_router, dependencies=guarded)
     app.include_router(ops_router)
+    add_docs(app)
+    app.openapi = lambda: service_openapi(app, state)  # type: ignore[method-assign]
     return app
+
+
+async def open_searcher(app: FastAPI) -> None:
+    """Load the model and index of ``app`` now, before it serves; the lifespan then uses them.
+
+    Raises:
+        Whatever loading raises (IndexFolderError, ModelError, ConfigurationError, ...).
+    """
+    await _load(app.state.service, reraise=True)
 
 
 # --- lifespan -----------------------------------------------------------------------------
 
 
-def _lifespan(state: ServiceState, encoder_loader: EncoderLoader):
+def _lifespan(state: ServiceState):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if state.settings.load_in_background:
-            loading = asyncio.create_task(_load(state, encoder_loader, reraise=False))
+        if state.searcher is not None:  # opened by open_searcher
+            yield
+        elif state.settings.load_in_background:
+            loading = asyncio.create_task(_load(state, reraise=False))
             yield
             loading.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await loading
         else:
-            await _load(state, encoder_loader, reraise=True)
+            await _load(state, reraise=True)
             yield
         searcher, state.searcher = state.searcher, None  # readyz says 503 from here on
         if searcher is not None:
@@ -89,11 +104,11 @@ def _lifespan(state: ServiceState, encoder_loader: EncoderLoader):
     return lifespan
 
 
-async def _load(state: ServiceState, encoder_loader: EncoderLoader, *, reraise: bool) -> None:
+async def _load(state: ServiceState, *, reraise: bool) -> None:
     try:
-        state.searcher = await Searcher.open(state.settings, state.metrics, encoder_loader)
+        state.searcher = await Searcher.open(state.settings, state.metrics, state.encoder_loader)
     except Exception as exc:
-        state.load_error = f"loading failed: {exc}"
+        state.load_error = f"loading failed: {state.redact(str(exc))}"
         logger.error("cannot serve %s: %s", state.settings.index, exc)
         if reraise:
             raise
@@ -102,10 +117,10 @@ async def _load(state: ServiceState, encoder_loader: EncoderLoader, *, reraise: 
 # --- errors -------------------------------------------------------------------------------
 
 
-def _add_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
-    def answer(status: int, error_type: str, message: str) -> JSONResponse:
-        metrics.failures.labels(type=error_type).inc()
-        return JSONResponse(error_body(error_type, message), status_code=status)
+def _add_error_handlers(app: FastAPI, state: ServiceState) -> None:
+    def answer(status: int, error_type: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
+        state.metrics.failures.labels(type=error_type).inc()
+        return JSONResponse(error_body(error_type, state.redact(message)), status_code=status, headers=headers)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -118,71 +133,20 @@ def _add_error_handlers(app: FastAPI, metrics: ServiceMetrics) -> None:
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        cause = exc.__cause__
+        if isinstance(cause, ServiceError):  # raised while the body was read: too large, too slow
+            kind = error_kind(cause)
+            return answer(kind.status, kind.type, str(cause))
+        if exc.status_code == 400 and cause is not None:  # FastAPI could not parse the body
+            return answer(422, "invalid_request", str(unparsable_body(cause)))
         error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return answer(exc.status_code, error_type, str(exc.detail))
+        return answer(exc.status_code, error_type, str(exc.detail), exc.headers)
 
 
-# --- request metrics, admission, last-resort 500 --------------------------------------------
-
-
-class RequestMetricsMiddleware:
-    """Times every request (labelled by route, dim and status class), bounds requests in flight, and
-    turns an unexpected exception into the generic 500 body (the detail goes to the log only)."""
-
-    def __init__(self, app: ASGIApp, state: ServiceState) -> None:
-        self.app = app
-        self.metrics = state.metrics
-        self.max_in_flight = state.settings.max_in_flight
-        self.in_flight = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        guarded = scope["path"] not in UNGUARDED_PATHS
-        if guarded and self.in_flight >= self.max_in_flight:
-            await self._refuse(scope, receive, send)
-            self._observe(scope, 429, started)
-            return
-        status = await self._call(scope, receive, send, guarded)
-        self._observe(scope, status, started)
-
-    async def _call(self, scope: Scope, receive: Receive, send: Send, guarded: bool) -> int:
-        status = INTERNAL.status
-        started_response = False
-
-        async def send_and_note(message: Message) -> None:
-            nonlocal status, started_response
-            if message["type"] == "http.response.start":
-                status, started_response = message["status"], True
-            await send(message)
-
-        self.in_flight += guarded
-        self.metrics.in_flight.inc(guarded)
-        try:
-            await self.app(scope, receive, send_and_note)
-        except Exception:
-            logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
-            if not started_response:
-                self.metrics.failures.labels(type=INTERNAL.type).inc()
-                response = JSONResponse(error_body(INTERNAL.type, INTERNAL_MESSAGE), status_code=INTERNAL.status)
-                await response(scope, receive, send)
-            status = INTERNAL.status
-        finally:
-            self.in_flight -= guarded
-            self.metrics.in_flight.dec(guarded)
-        return status
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        exc = Overloaded(f"more than {self.max_in_flight} requests in flight; retry shortly")
-        kind = error_kind(exc)
-        self.metrics.failures.labels(type=kind.type).inc()
-        response = JSONResponse(error_body(kind.type, str(exc)), status_code=kind.status, headers={"Retry-After": "1"})
-        await response(scope, receive, send)
-
-    def _observe(self, scope: Scope, status: int, started: float) -> None:
-        route = scope.get("route")
-        endpoint = getattr(route, "path", None) or "unmatched"
-        dim = (scope.get("state") or {}).get("metric_dim") or NO_DIM
-        self.metrics.observe_request(endpoint, dim, status, time.perf_counter() - started)
+def unparsable_body(cause: BaseException) -> InvalidRequest:
+    """The 422 for a body FastAPI could not decode (FastAPI itself answers a bare 400)."""
+    if isinstance(cause, UnicodeDecodeError):
+        return InvalidRequest("the request body is not valid JSON: it is not UTF-8")
+    if isinstance(cause, RecursionError):
+        return InvalidRequest("the request body is not valid JSON: it is nested too deeply")
+    return InvalidRequest("the request body is not valid JSON")

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, TypeVar
 
 import numpy as np
 
@@ -26,6 +27,7 @@ logger = logging.getLogger(__name__)
 TextKind = Literal["query", "document"]
 EncodeFn = Callable[[list[str], TextKind], np.ndarray]
 BatchObserver = Callable[[int, float], None]
+T = TypeVar("T")
 
 
 @dataclass
@@ -33,10 +35,21 @@ class _Job:
     text: str
     kind: TextKind
     future: asyncio.Future
+    request: int  # jobs of one encode() call share it, so a failure is kept to its own request
+
+
+class EncoderFault(RuntimeError):
+    """The encoder broke its contract (e.g. returned another number of rows than texts)."""
 
 
 class MicroBatcher:
-    """Groups concurrent :meth:`encode` calls into encoder calls of at most ``max_batch`` texts."""
+    """Groups concurrent :meth:`encode` calls into encoder calls of at most ``max_batch`` texts.
+
+    The worker survives any exception of the encoder or of ``on_batch``. When a batch fails,
+    each request in it is encoded again on its own, so only the request whose text cannot be
+    encoded gets the error. If the worker task ends anyway, :attr:`alive` turns false and
+    every request gets :class:`NotReady` (the service answers 503, ``/readyz`` fails).
+    """
 
     def __init__(
         self,
@@ -53,27 +66,33 @@ class MicroBatcher:
         self._queue: asyncio.Queue[_Job] | None = None
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
+        self._requests = itertools.count()
 
     @property
     def pending(self) -> int:
         """Texts waiting for the encoder (not counting the batch being encoded)."""
         return self._queue.qsize() if self._queue is not None else 0
 
+    @property
+    def alive(self) -> bool:
+        """True while the worker task runs."""
+        return self._worker is not None and not self._worker.done()
+
     async def start(self) -> None:
         """Start the worker task on the running event loop."""
         self._queue = asyncio.Queue()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrl-encode")
         self._worker = asyncio.create_task(self._run(), name="mrl-micro-batcher")
+        self._worker.add_done_callback(self._worker_ended)
 
     async def stop(self) -> None:
         """Stop the worker; texts still queued fail with :class:`NotReady`."""
         if self._worker is not None:
-            self._worker.cancel()
+            worker, self._worker = self._worker, None
+            worker.cancel()
             with contextlib.suppress(asyncio.CancelledError):
-                await self._worker
-            self._worker = None
-        while self._queue is not None and not self._queue.empty():
-            self._fail([self._queue.get_nowait()], NotReady("the service is shutting down"))
+                await worker
+        self._fail_queued(NotReady("the service is shutting down"))
         if self._executor is not None:
             self._executor.shutdown(wait=True)
             self._executor = None
@@ -82,16 +101,27 @@ class MicroBatcher:
         """Full-dimension vectors for ``texts``, one row each, in order.
 
         Raises:
-            NotReady: If the batcher is not running.
+            NotReady: If the batcher is not running (not started, stopped, or its worker ended).
         """
-        if self._queue is None or self._worker is None:
-            raise NotReady("the encoder is not running")
+        if self._queue is None or not self.alive:
+            raise NotReady("the encoder is not running; the server log says why")
         loop = asyncio.get_running_loop()
-        jobs = [_Job(text, kind, loop.create_future()) for text in texts]
+        request = next(self._requests)
+        jobs = [_Job(text, kind, loop.create_future(), request) for text in texts]
         for job in jobs:
             self._queue.put_nowait(job)
         rows = await asyncio.gather(*(job.future for job in jobs))
         return np.stack(rows)
+
+    async def run_on_encoder_thread(self, function: Callable[..., T], *args: object) -> T:
+        """``function(*args)`` on the encoder's own thread, between batches.
+
+        For work that touches the encoder's state, such as its tokenizer, which must not be used
+        from two threads at once.
+        """
+        if self._executor is None or not self.alive:
+            raise NotReady("the encoder is not running; the server log says why")
+        return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def _run(self) -> None:
         assert self._queue is not None
@@ -106,6 +136,9 @@ class MicroBatcher:
                     jobs = [job for job in batch if job.kind == kind and not job.future.done()]
                     if jobs:
                         await self._encode_jobs(jobs, kind)
+            except Exception as exc:  # a bug of ours: this batch fails, the worker goes on
+                logger.exception("the micro-batcher failed a batch of %d texts", len(batch))
+                self._fail(batch, exc)
             finally:  # on cancellation (shutdown), nobody is left waiting forever
                 self._fail(batch, NotReady("the service is shutting down"))
 
@@ -115,19 +148,48 @@ class MicroBatcher:
             batch.append(self._queue.get_nowait())
 
     async def _encode_jobs(self, jobs: list[_Job], kind: TextKind) -> None:
-        loop = asyncio.get_running_loop()
         started = time.perf_counter()
         try:
-            vectors = await loop.run_in_executor(self._executor, self._encode, [job.text for job in jobs], kind)
-        except Exception as exc:  # every waiting request gets the error; the worker goes on
-            logger.warning("encoding a batch of %d texts failed: %r", len(jobs), exc)
-            self._fail(jobs, exc)
+            vectors = await self._encode_checked(jobs, kind)
+        except Exception as exc:
+            requests = sorted({job.request for job in jobs})
+            if len(requests) == 1:
+                logger.warning("encoding %d texts of one request failed: %r", len(jobs), exc)
+                self._fail(jobs, exc)
+            else:  # find the request that fails; its neighbours are answered
+                logger.warning("a batch of %d requests failed (%r); encoding each on its own", len(requests), exc)
+                for request in requests:
+                    await self._encode_jobs([job for job in jobs if job.request == request], kind)
             return
-        if self._on_batch is not None:
-            self._on_batch(len(jobs), time.perf_counter() - started)
+        self._observe(len(jobs), time.perf_counter() - started)
         for job, row in zip(jobs, vectors, strict=True):
             if not job.future.done():  # the request may have been cancelled meanwhile
                 job.future.set_result(row)
+
+    async def _encode_checked(self, jobs: list[_Job], kind: TextKind) -> np.ndarray:
+        loop = asyncio.get_running_loop()
+        vectors = await loop.run_in_executor(self._executor, self._encode, [job.text for job in jobs], kind)
+        if len(vectors) != len(jobs):
+            raise EncoderFault(f"the encoder returned {len(vectors)} rows for {len(jobs)} texts")
+        return vectors
+
+    def _observe(self, size: int, seconds: float) -> None:
+        if self._on_batch is None:
+            return
+        try:
+            self._on_batch(size, seconds)
+        except Exception:  # metrics must never fail a request or the worker
+            logger.exception("recording a batch's metrics failed")
+
+    def _worker_ended(self, worker: asyncio.Task) -> None:
+        if worker.cancelled():
+            return
+        logger.error("the micro-batcher stopped: %r; requests get 503 until a restart", worker.exception())
+        self._fail_queued(NotReady("the encoder stopped; the server log says why"))
+
+    def _fail_queued(self, exc: BaseException) -> None:
+        while self._queue is not None and not self._queue.empty():
+            self._fail([self._queue.get_nowait()], exc)
 
     @staticmethod
     def _fail(jobs: list[_Job], exc: BaseException) -> None:

@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from training.errors import ConfigError
+
 # Flags whose value goes straight into ServiceSettings under the same name (None = not given).
 SETTING_FLAGS = (
     "index",
@@ -28,6 +30,13 @@ SETTING_FLAGS = (
     "snippet_chars",
     "load_in_background",
     "log_level",
+    "public_docs",
+    "max_body_bytes",
+    "body_timeout_s",
+    "header_timeout_s",
+    "keep_alive_s",
+    "max_header_bytes",
+    "log_queries",
 )
 
 
@@ -62,37 +71,92 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "--load-in-background", action="store_true", default=None, help="listen at once; readyz 503 until loaded"
     )
     p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default=None)
+    p.add_argument(
+        "--public-docs", action="store_true", default=None, help="with an API key: /docs and /openapi.json without it"
+    )
+    p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body, else 413 (default: 2 MiB)")
+    p.add_argument("--body-timeout-s", type=float, default=None, help="time to send a request body, else 408 (30)")
+    p.add_argument("--header-timeout-s", type=float, default=None, help="time to send a request head, else 408 (10)")
+    p.add_argument("--keep-alive-s", type=float, default=None, help="idle keep-alive connections close after (5)")
+    p.add_argument("--max-header-bytes", type=int, default=None, help="request line + headers, else 400 (64 KiB)")
+    p.add_argument(
+        "--log-queries", action="store_true", default=None, help="access log with query strings (they hold the text)"
+    )
     p.set_defaults(handler=run_serve)
+
+
+class ServeError(ConfigError):
+    """``mrl serve`` cannot start: bad settings, or an index or model it cannot load (one line, exit 2)."""
 
 
 def settings_from_args(args: argparse.Namespace) -> Any:
     """ServiceSettings from the environment, overridden by the flags that were given.
 
     Raises:
-        ValueError: For invalid or missing settings, in one line.
+        ConfigError: For invalid or missing settings, in one line.
     """
-    from pydantic import ValidationError
+    from service.settings import load_settings
 
-    from service.settings import ServiceSettings
-
-    overrides = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name, None) is not None}
-    try:
-        return ServiceSettings(**overrides)
-    except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'settings'}: {error['msg']}" for error in exc.errors()
-        )
-        raise ValueError(f"invalid settings ({problems}); use the flags or MRL_* variables") from None
+    given = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name, None) is not None}
+    return load_settings(**given)
 
 
 def run_serve(args: argparse.Namespace) -> int:
+    """Load the index and model, then serve; a failure to load or to listen is one line and exit code 2.
+
+    Raises:
+        ServeError: Settings, index, model or address that do not work.
+    """
+    import asyncio
+
+    settings = settings_from_args(args)
+    asyncio.run(_serve(settings))
+    return 0
+
+
+async def _serve(settings: Any) -> None:
     import uvicorn
 
     from index.layout import resolve_version
-    from index.manifest import IndexManifest
-    from service.app import create_app
+    from index.manifest import IndexFolderError, IndexManifest
+    from service.app import create_app, open_searcher
+    from service.engine import ConfigurationError
+    from training.matryoshka import DimensionError
+    from training.models import ModelError
 
-    settings = settings_from_args(args)
-    IndexManifest.read(resolve_version(settings.index))  # a wrong path fails here, in one line
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
-    return 0
+    app = create_app(settings)
+    if settings.load_in_background:
+        try:
+            IndexManifest.read(resolve_version(settings.index))  # a wrong path still fails here, in one line
+        except IndexFolderError as exc:
+            raise ServeError(f"cannot serve: {exc}") from None
+    else:
+        try:
+            await open_searcher(app)  # before listening, so that a bad index or model ends here in one line
+        except (IndexFolderError, ModelError, ConfigurationError, DimensionError) as exc:
+            raise ServeError(f"cannot serve: {exc}") from None
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    await server.serve()
+    if not server.started:  # uvicorn has logged why (e.g. the port is taken)
+        raise ServeError(f"could not listen on {settings.host}:{settings.port}; the log above says why")
+
+
+def uvicorn_config(app: Any, settings: Any) -> Any:
+    """uvicorn's settings for the service: its protocol and limits (deploy/README.md says what they do)."""
+    import functools
+
+    import uvicorn
+
+    from service.protocol import GuardedH11Protocol
+
+    return uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level=settings.log_level,
+        access_log=False,  # the service writes its own, without query strings (service.edge)
+        http=functools.partial(GuardedH11Protocol, header_timeout_s=settings.header_timeout_s),
+        h11_max_incomplete_event_size=settings.max_header_bytes,
+        timeout_keep_alive=settings.keep_alive_s,
+        lifespan="on",
+    )

@@ -1,15 +1,19 @@
-"""FastAPI dependencies, as ``Annotated`` aliases the routes declare: the searcher, the state, the API key."""
+"""FastAPI dependencies, as ``Annotated`` aliases the routes declare: the searcher, the state, the API key check."""
 
 from __future__ import annotations
 
+import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
+from pydantic import SecretStr
 
-from service.engine import Searcher
+from service.engine import EncoderLoader, Searcher
 from service.errors import NotReady, Unauthorized
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
@@ -23,8 +27,25 @@ class ServiceState:
 
     settings: ServiceSettings
     metrics: ServiceMetrics
+    encoder_loader: EncoderLoader | None = None
     searcher: Searcher | None = None
     load_error: str | None = None
+
+    def redact(self, message: str) -> str:
+        """``message`` as a client may see it: paths relative to the index root, other paths by their name."""
+        return redact_paths(message, self.settings.index)
+
+
+# An absolute path of two or more parts (not a URL's //host): clients see only its last part.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~])/(?:[^\s'\"/:,;()]+/)+([^\s'\"/:,;()]+)")
+
+
+def redact_paths(message: str, root: Path) -> str:
+    """Replace the index root's absolute path in ``message`` by nothing, any other absolute path by its name."""
+    for prefix in sorted({str(root.resolve()), str(root.absolute()), str(root)}, key=len, reverse=True):
+        if prefix not in ("", ".", "/"):
+            message = message.replace(prefix + "/", "").replace(prefix, "the index root")
+    return _ABSOLUTE_PATH.sub(r"\1", message)
 
 
 def get_state(request: Request) -> ServiceState:
@@ -43,18 +64,41 @@ def get_searcher(state: StateDep) -> Searcher:
 
 SearcherDep = Annotated[Searcher, Depends(get_searcher)]
 
-_api_key_header = APIKeyHeader(
-    name=API_KEY_HEADER, auto_error=False, description="required when the server runs with an API key"
-)
+_api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the server's API key")
+_bearer = HTTPBearer(auto_error=False, description="the server's API key, as OpenAI's clients send it")
 
 
-def require_api_key(state: StateDep, key: Annotated[str | None, Security(_api_key_header)]) -> None:
-    """Let the request through if no key is configured or the header carries it (compared in constant time)."""
-    expected = state.settings.api_key
+def presented_key(headers: Mapping[str, str]) -> str | None:
+    """The key a request carries: ``X-API-Key``, else an ``Authorization: Bearer`` token (lower-case names)."""
+    key = headers.get(API_KEY_HEADER.lower())
+    if key is not None:
+        return key
+    scheme, _, token = headers.get("authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
+def key_is_valid(expected: SecretStr | None, headers: Mapping[str, str]) -> bool:
+    """True if no key is configured or the request carries it (compared in constant time)."""
     if expected is None:
-        return
-    if key is None or not secrets.compare_digest(key.encode(), expected.get_secret_value().encode()):
-        raise Unauthorized(f"missing or wrong {API_KEY_HEADER} header")
+        return True
+    key = presented_key(headers)
+    return key is not None and secrets.compare_digest(key.encode(), expected.get_secret_value().encode())
+
+
+def require_api_key(
+    request: Request,
+    state: StateDep,
+    _key: Annotated[str | None, Security(_api_key_header)],
+    _bearer_token: Annotated[HTTPAuthorizationCredentials | None, Security(_bearer)],
+) -> None:
+    """The key check again, as a dependency, so that the OpenAPI schema declares both schemes.
+
+    The edge middleware has already refused a request without the key, before its body was read;
+    the app adds this dependency only when a key is configured.
+    """
+    headers = {name.lower(): value for name, value in request.headers.items()}
+    if not key_is_valid(state.settings.api_key, headers):
+        raise Unauthorized("missing or wrong API key: send it as X-API-Key or as Authorization: Bearer <key>")
 
 
 ApiKeyDep = Depends(require_api_key)

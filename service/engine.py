@@ -12,24 +12,28 @@ No FastAPI here: errors are the domain exceptions of :mod:`service.errors`.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from index.layout import resolve_version
+from index.layout import LEASE_TTL_SECONDS, resolve_version
 from index.loaded import LoadedIndex, open_index
 from index.manifest import IndexFolderError, IndexManifest
 from service.batching import MicroBatcher, TextKind
 from service.encoders import LoadedEncoder, load_encoder
 from service.errors import InvalidRequest, NotReady, ReloadFailed, UnknownDimension
+from service.limits import RequestLimits
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
+from training.errors import ConfigError
 from training.matryoshka import truncate_normalize
 
 logger = logging.getLogger(__name__)
@@ -38,40 +42,8 @@ EncoderLoader = Callable[[ServiceSettings, IndexManifest], LoadedEncoder]
 WARM_UP_QUERY = "warm-up query"
 
 
-class ConfigurationError(ValueError):
+class ConfigurationError(ConfigError):
     """The settings do not fit the index (e.g. a default dimension it does not have)."""
-
-
-# --- request limits -----------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class RequestLimits:
-    """What one request may ask for; every check names the allowed range in its message."""
-
-    max_k: int = 100
-    max_query_chars: int = 2000
-    max_batch_queries: int = 64
-
-    def check_texts(self, texts: Sequence[str], what: str = "query") -> None:
-        """Raises InvalidRequest for no texts, too many, or an empty or over-long one."""
-        if not texts:
-            raise InvalidRequest(f"at least one {what} is required")
-        if len(texts) > self.max_batch_queries:
-            raise InvalidRequest(f"at most {self.max_batch_queries} {what} texts per request, got {len(texts)}")
-        for number, text in enumerate(texts):
-            where = f"{what}" if len(texts) == 1 else f"{what} {number}"
-            if not text.strip():
-                raise InvalidRequest(f"{where} is empty; a non-blank text of 1-{self.max_query_chars} characters")
-            if len(text) > self.max_query_chars:
-                raise InvalidRequest(
-                    f"{where} is {len(text)} characters long; at most {self.max_query_chars} are allowed"
-                )
-
-    def check_k(self, k: int) -> None:
-        """Raises InvalidRequest unless ``1 <= k <= max_k``."""
-        if not 1 <= k <= self.max_k:
-            raise InvalidRequest(f"k must be between 1 and {self.max_k}, got {k}")
 
 
 # --- results ------------------------------------------------------------------------------
@@ -237,6 +209,7 @@ class Searcher:
         self._default_dim = _default_dim(settings.default_dim, index.manifest)
         self._reload_lock = asyncio.Lock()
         self._gpu_lock = threading.Lock()
+        self._lease_refresher: asyncio.Task | None = None
         self._batcher = MicroBatcher(
             self._encode_batch,
             max_batch=settings.batch_max_size,
@@ -264,6 +237,7 @@ class Searcher:
             index.close()
             raise
         await searcher._batcher.start()
+        searcher._lease_refresher = asyncio.create_task(searcher._refresh_leases(), name="mrl-lease-refresher")
         logger.info(
             "serving %s (%d vectors, dims %s) with %s on %s",
             index.path,
@@ -275,9 +249,26 @@ class Searcher:
         return searcher
 
     async def close(self) -> None:
-        """Stop encoding; the index closes once the searches still running are done."""
+        """Stop encoding; the index closes (and its lease ends) once the searches still running are done."""
+        if self._lease_refresher is not None:
+            self._lease_refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._lease_refresher
         await self._batcher.stop()
         self._slot.close()
+
+    def check_ready(self) -> None:
+        """Raises NotReady if requests cannot be answered (the encoder's worker has stopped)."""
+        if not self._batcher.alive:
+            raise NotReady("the encoder stopped; the server log says why; restart the service")
+
+    async def _refresh_leases(self) -> None:
+        """Keep the served version's lease fresh, for builds that run on other hosts over the same folder."""
+        while True:
+            await asyncio.sleep(LEASE_TTL_SECONDS / 5)
+            lease = self._slot.current.lease
+            if lease is not None:
+                await asyncio.to_thread(lease.refresh)
 
     # --- what is served -----------------------------------------------------------------
     @property
@@ -294,7 +285,9 @@ class Searcher:
 
     @property
     def model_name(self) -> str:
-        return self.encoder.encoder.name
+        """The model's hub name, or a local model folder's own name (clients never see server paths)."""
+        name = self.encoder.encoder.name
+        return Path(name).name if Path(name).is_absolute() else name
 
     def info(self) -> IndexInfo:
         """Dims served, with cost (index type, bytes, vectors) and measured quality (NDCG@10) of each."""
@@ -427,7 +420,9 @@ class Searcher:
         started = time.perf_counter()
         vectors = await self._batcher.encode(list(texts), kind)
         self.metrics.encode_seconds.labels(dim=str(dim)).observe(time.perf_counter() - started)
-        tokens = await asyncio.to_thread(self.encoder.encoder.count_tokens, list(texts))
+        # On the encoder's thread: a fast tokenizer used from two threads at once can pad one call with the
+        # other's settings ("Unable to create tensor ... activate truncation and/or padding").
+        tokens = await self._batcher.run_on_encoder_thread(self.encoder.encoder.count_tokens, list(texts))
         return EmbeddingResult(truncate_normalize(vectors, dim), dim, self.model_name, tokens)
 
     def _encode_batch(self, texts: list[str], kind: TextKind) -> np.ndarray:
@@ -447,20 +442,24 @@ class Searcher:
         async with self._reload_lock:
             previous = self._slot.current
             try:
-                index = await asyncio.to_thread(self._open_index)
-            except (IndexFolderError, ValueError) as exc:
-                self.metrics.reloads.labels(outcome="failed").inc()
-                raise ReloadFailed(f"reload refused, still serving {previous.manifest.version}: {exc}") from exc
-            if index.path == previous.path:
-                index.close()
+                target = await asyncio.to_thread(resolve_version, self.settings.index)
+            except IndexFolderError as exc:
+                raise self._refused(previous, exc) from exc
+            if target.resolve() == previous.path.resolve():  # nothing new: nothing is loaded
                 self.metrics.reloads.labels(outcome="unchanged").inc()
                 return ReloadOutcome(previous.manifest.version, previous.manifest.version, changed=False)
+            try:
+                index = await asyncio.to_thread(self._open_index, target)
+            except IndexFolderError as exc:
+                raise self._refused(previous, exc) from exc
+            except Exception as exc:  # not a known defect of the folder, but still no reason to stop serving
+                logger.exception("opening %s failed", target)
+                raise self._refused(previous, exc) from exc
             try:
                 default_dim = _default_dim(self.settings.default_dim, index.manifest)
             except ConfigurationError as exc:
                 index.close()
-                self.metrics.reloads.labels(outcome="failed").inc()
-                raise ReloadFailed(f"reload refused, still serving {previous.manifest.version}: {exc}") from exc
+                raise self._refused(previous, exc) from exc
             self._default_dim = default_dim
             self._slot.swap(index)
             self.metrics.set_index(_index_sizes(index))
@@ -468,10 +467,13 @@ class Searcher:
             logger.info("reloaded: %s -> %s", previous.manifest.version, index.manifest.version)
             return ReloadOutcome(previous.manifest.version, index.manifest.version, changed=True)
 
-    def _open_index(self) -> LoadedIndex:
-        return open_index(
-            self.settings.index, device=self.settings.device, expected_fingerprint=self.encoder.fingerprint
-        )
+    def _refused(self, previous: LoadedIndex, exc: Exception) -> ReloadFailed:
+        self.metrics.reloads.labels(outcome="failed").inc()
+        logger.warning("reload refused, still serving %s: %s", previous.manifest.version, exc)
+        return ReloadFailed(f"reload refused, still serving {previous.manifest.version}: {exc}")
+
+    def _open_index(self, folder: Path) -> LoadedIndex:
+        return open_index(folder, device=self.settings.device, expected_fingerprint=self.encoder.fingerprint)
 
 
 # --- helpers ------------------------------------------------------------------------------

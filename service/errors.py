@@ -46,6 +46,14 @@ class ReloadFailed(ServiceError):
     """A new index version could not be loaded; the previous one keeps serving."""
 
 
+class PayloadTooLarge(ServiceError):
+    """A request body over the configured limit; refused before it is read whole."""
+
+
+class RequestTimeout(ServiceError):
+    """The client did not send its request body within the configured time."""
+
+
 @dataclass(frozen=True)
 class ErrorKind:
     status: int
@@ -58,6 +66,8 @@ ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     InvalidRequest: ErrorKind(422, "invalid_request"),
     Unauthorized: ErrorKind(401, "unauthorized"),
     ReloadFailed: ErrorKind(409, "reload_failed"),
+    PayloadTooLarge: ErrorKind(413, "payload_too_large"),
+    RequestTimeout: ErrorKind(408, "request_timeout"),
     Overloaded: ErrorKind(429, "overloaded"),
     NotReady: ErrorKind(503, "not_ready"),
 }

@@ -6,7 +6,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from service.deps import ApiKeyDep, SearcherDep, StateDep
+from service.deps import SearcherDep, StateDep
 from service.errors import NotReady
 from service.metrics import CONTENT_TYPE
 from service.schemas import (
@@ -25,14 +25,18 @@ from service.schemas import (
 )
 
 ERRORS = {
-    401: {"model": ErrorResponse, "description": "missing or wrong X-API-Key"},
+    400: {"model": ErrorResponse, "description": "malformed HTTP, or a request line or headers over the limit"},
+    401: {"model": ErrorResponse, "description": "missing or wrong API key (X-API-Key or Authorization: Bearer)"},
+    408: {"model": ErrorResponse, "description": "the request body did not arrive in time"},
+    413: {"model": ErrorResponse, "description": "the request body is over the server's limit"},
     422: {"model": ErrorResponse, "description": "invalid request (unknown dim, k out of range, bad query ...)"},
     429: {"model": ErrorResponse, "description": "too many requests in flight; retry later"},
-    503: {"model": ErrorResponse, "description": "not ready: the index is loading"},
+    500: {"model": ErrorResponse, "description": "internal error (the detail is in the server log only)"},
+    503: {"model": ErrorResponse, "description": "not ready: the index is loading, or the encoder stopped"},
 }
 
-search_router = APIRouter(tags=["search"], dependencies=[ApiKeyDep], responses=ERRORS)
-admin_router = APIRouter(tags=["admin"], dependencies=[ApiKeyDep], responses=ERRORS)
+search_router = APIRouter(tags=["search"], responses=ERRORS)  # the app adds the key check
+admin_router = APIRouter(tags=["admin"], responses=ERRORS)
 ops_router = APIRouter(tags=["operations"])
 
 
@@ -80,7 +84,12 @@ async def dims(searcher: SearcherDep) -> DimsResponse:
     return DimsResponse.of(searcher.info())
 
 
-@admin_router.post("/admin/reload", response_model=ReloadResponse, summary="Serve the newest index version")
+@admin_router.post(
+    "/admin/reload",
+    response_model=ReloadResponse,
+    responses={409: {"model": ErrorResponse, "description": "the new version was refused; the old one serves on"}},
+    summary="Serve the newest index version",
+)
 async def reload(searcher: SearcherDep) -> ReloadResponse:
     """Open the index root's `current` version and swap it in; searches in flight finish on the old one."""
     return ReloadResponse.of(await searcher.reload())
@@ -97,6 +106,7 @@ async def readyz(state: StateDep) -> ReadyResponse:
     """200 once the index and model are loaded; 503 before, after a failed load, and while shutting down."""
     if state.searcher is None:
         raise NotReady(state.load_error or "the index and model are still loading")
+    state.searcher.check_ready()
     return ReadyResponse(index_version=state.searcher.index_version)
 
 

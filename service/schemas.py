@@ -43,7 +43,10 @@ class SearchRequest(BaseModel):
 
     model_config = ConfigDict(
         extra="forbid",
-        json_schema_extra={"examples": [{"query": "how to lower blood sugar", "dim": 256, "k": 5}]},
+        json_schema_extra={
+            "examples": [{"query": "how to lower blood sugar", "dim": 256, "k": 5}],
+            "oneOf": [{"required": ["query"]}, {"required": ["queries"]}],
+        },
     )
 
     query: str | None = Field(None, description="the query text (give this or `queries`)")
@@ -54,7 +57,8 @@ class SearchRequest(BaseModel):
 
     @model_validator(mode="after")
     def _one_of_query_or_queries(self) -> SearchRequest:
-        if (self.query is None) == (self.queries is None):
+        given = {"query", "queries"} & self.model_fields_set
+        if len(given) != 1 or (self.query is None and self.queries is None):
             raise ValueError("give exactly one of 'query' (a string) or 'queries' (a list of strings)")
         return self
 

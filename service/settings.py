@@ -9,8 +9,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from training.errors import ConfigError
 
 EncoderBackend = Literal["torch", "onnx"]
 DeviceSetting = Literal["auto", "cpu", "gpu"]
@@ -51,7 +53,27 @@ class ServiceSettings(BaseSettings):
     max_in_flight: int = Field(256, gt=0, description="concurrent requests accepted; beyond it requests get 429")
 
     api_key: SecretStr | None = Field(
-        None, description="if set, every endpoint but healthz/readyz/metrics needs X-API-Key"
+        None,
+        description="if set, every endpoint but healthz/readyz/metrics needs it, as X-API-Key or Authorization: Bearer",
+    )
+    public_docs: bool = Field(
+        False, description="with an API key: still serve /docs and /openapi.json without it"
+    )
+    max_body_bytes: int = Field(
+        2 * 1024 * 1024, gt=0, description="largest request body; larger ones get 413 before they are read"
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, description="a request body not received within this many seconds gets 408"
+    )
+    header_timeout_s: float = Field(
+        10.0, gt=0, description="a connection that has not sent a whole request head within this many seconds is closed"
+    )
+    keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections are closed after this many seconds")
+    max_header_bytes: int = Field(
+        64 * 1024, ge=4096, description="largest request line plus headers; larger ones get 400"
+    )
+    log_queries: bool = Field(
+        False, description="access log with query strings (they hold the search text: patient data in medical corpora)"
     )
     load_in_background: bool = Field(
         False, description="start answering at once (readyz 503 until loaded) instead of loading before listening"
@@ -68,3 +90,18 @@ class ServiceSettings(BaseSettings):
 
     def onnx_cache_dir(self) -> Path:
         return self.onnx_cache or Path("~/.cache/mrl/onnx").expanduser()
+
+
+def load_settings(**overrides: object) -> ServiceSettings:
+    """Settings from the ``MRL_*`` environment, overridden by ``overrides``.
+
+    Raises:
+        ConfigError: For invalid or missing settings, all of them in one line.
+    """
+    try:
+        return ServiceSettings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'settings'}: {error['msg']}" for error in exc.errors()
+        )
+        raise ConfigError(f"invalid settings ({problems}); use the flags or MRL_* variables") from None

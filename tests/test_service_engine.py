@@ -9,9 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.manifest import IndexFolderError
-from service.batching import MicroBatcher
-from service.cli import add_serve_parser, run_serve, settings_from_args
+from service.batching import EncoderFault, MicroBatcher
+from service.cli import ServeError, add_serve_parser, run_serve, settings_from_args
 from service.engine import IndexSlot, RequestLimits, rerank
 from service.errors import (
     InvalidRequest,
@@ -104,27 +103,74 @@ def test_queries_and_documents_are_encoded_separately():
     assert results[0][:, 1].tolist() == [1, 1] and results[1][:, 1].tolist() == [0]
 
 
-def test_an_encoder_failure_reaches_every_waiting_request_and_the_batcher_goes_on():
+def run_requests(encode, requests: list[list[str]], *, on_batch=None, max_wait_s: float = 0.01):
+    """Encode ``requests`` concurrently (one batch, thanks to the wait), then one more request; outcomes of both."""
+
+    async def main():
+        batcher = MicroBatcher(encode, max_wait_s=max_wait_s, on_batch=on_batch)
+        await batcher.start()
+        try:
+            outcomes = await asyncio.gather(
+                *(batcher.encode(texts, "query") for texts in requests), return_exceptions=True
+            )
+            after = await asyncio.wait_for(batcher.encode(["fine"], "query"), 5)
+            return outcomes, after, batcher.alive
+        finally:
+            await batcher.stop()
+
+    return asyncio.run(main())
+
+
+def test_an_encoder_failure_fails_only_its_own_request_and_the_batcher_goes_on():
+    calls: list[list[str]] = []
+
     def encode(texts: list[str], kind: str) -> np.ndarray:
+        calls.append(texts)
         if "bad" in texts:
             raise RuntimeError("model crashed")
         return np.ones((len(texts), 2), dtype=np.float32)
 
+    outcomes, after, alive = run_requests(encode, [["fine", "also fine"], ["bad"], ["fine too"]])
+    assert calls[0] == ["fine", "also fine", "bad", "fine too"]  # one batch at first
+    assert outcomes[0].shape == (2, 2) and outcomes[2].shape == (1, 2)  # the neighbours are answered
+    assert isinstance(outcomes[1], RuntimeError)
+    assert after.shape == (1, 2) and alive
+
+
+def test_an_encoder_returning_too_few_rows_fails_the_batch_not_the_worker():
+    def encode(texts: list[str], kind: str) -> np.ndarray:
+        return np.ones((max(len(texts) - 1, 1), 2), dtype=np.float32)  # one row short for any batch of two or more
+
+    outcomes, after, alive = run_requests(encode, [["a", "b"], ["c"]])
+    assert isinstance(outcomes[0], EncoderFault) and "1 rows for 2 texts" in str(outcomes[0])
+    assert outcomes[1].shape == (1, 2)  # encoded again on its own
+    assert after.shape == (1, 2) and alive
+
+
+def test_a_failing_batch_observer_fails_nothing():
+    def observer(size: int, seconds: float) -> None:
+        raise ValueError("metrics broke")
+
+    outcomes, after, alive = run_requests(
+        lambda texts, kind: np.ones((len(texts), 2), dtype=np.float32), [["a"], ["b"]], on_batch=observer
+    )
+    assert [o.shape for o in outcomes] == [(1, 2), (1, 2)] and after.shape == (1, 2) and alive
+
+
+def test_a_dead_worker_answers_not_ready_instead_of_hanging():
     async def main():
-        batcher = MicroBatcher(encode, max_wait_s=0)
+        batcher = MicroBatcher(lambda texts, kind: np.ones((len(texts), 2), dtype=np.float32), max_wait_s=0)
         await batcher.start()
         try:
-            outcomes = await asyncio.gather(
-                batcher.encode(["bad"], "query"), batcher.encode(["fine"], "query"), return_exceptions=True
-            )
-            after = await batcher.encode(["fine"], "query")
+            batcher._worker.cancel()  # the worker task ends, as an escaped BaseException would end it
+            await asyncio.sleep(0)
+            assert not batcher.alive
+            with pytest.raises(NotReady, match="encoder is not running"):
+                await asyncio.wait_for(batcher.encode(["a"], "query"), 5)
         finally:
             await batcher.stop()
-        return outcomes, after
 
-    outcomes, after = asyncio.run(main())
-    assert all(isinstance(o, RuntimeError) for o in outcomes)  # same batch, same fate
-    assert after.shape == (1, 2)
+    asyncio.run(main())
 
 
 def test_encoding_before_start_is_not_ready():
@@ -228,7 +274,7 @@ def test_missing_or_invalid_settings_are_one_line(monkeypatch):
 
 
 def test_serve_refuses_a_missing_index_before_starting_the_server(tmp_path: Path):
-    with pytest.raises(IndexFolderError, match="index not found"):
+    with pytest.raises(ServeError, match="cannot serve: .*nothing: index not found"):
         run_serve(serve_args("--index", str(tmp_path / "nothing")))
 
 

@@ -1,0 +1,46 @@
+"""What one request may ask for, checked before any work; the OpenAPI schema states the same limits."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from service.errors import InvalidRequest
+
+# A text must hold one character that is not whitespace; the schema's `pattern` is the same regex.
+NON_BLANK_PATTERN = r"\S"
+_NON_BLANK = re.compile(NON_BLANK_PATTERN)
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask for; every check names the allowed range in its message."""
+
+    max_k: int = 100
+    max_query_chars: int = 2000
+    max_batch_queries: int = 64
+
+    def check_texts(self, texts: Sequence[str], what: str = "query") -> None:
+        """Raises InvalidRequest for no texts, too many, or an empty, over-long or unencodable one."""
+        if not texts:
+            raise InvalidRequest(f"at least one {what} is required")
+        if len(texts) > self.max_batch_queries:
+            raise InvalidRequest(f"at most {self.max_batch_queries} {what} texts per request, got {len(texts)}")
+        for number, text in enumerate(texts):
+            where = f"{what}" if len(texts) == 1 else f"{what} {number}"
+            if not _NON_BLANK.search(text):
+                raise InvalidRequest(f"{where} is empty; a non-blank text of 1-{self.max_query_chars} characters")
+            if len(text) > self.max_query_chars:
+                raise InvalidRequest(
+                    f"{where} is {len(text)} characters long; at most {self.max_query_chars} are allowed"
+                )
+            try:
+                text.encode("utf-8")
+            except UnicodeEncodeError:
+                raise InvalidRequest(f"{where} holds an unpaired surrogate; send valid Unicode") from None
+
+    def check_k(self, k: int) -> None:
+        """Raises InvalidRequest unless ``1 <= k <= max_k``."""
+        if not 1 <= k <= self.max_k:
+            raise InvalidRequest(f"k must be between 1 and {self.max_k}, got {k}")

@@ -1,0 +1,96 @@
+"""The OpenAPI schema with the limits this server really enforces.
+
+FastAPI derives the schema from the route signatures and request models, which know
+neither the settings (``max_k``, ``max_query_chars``, ``max_batch_queries``) nor the dims of
+the served index. :func:`service_openapi` adds them, so that every request the schema
+calls valid is one the service accepts, with the one exception the schema cannot state:
+``rerank_dim`` must be larger than ``dim``. The schema is rebuilt when a reload changes the
+served version.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+
+from index.layout import resolve_version
+from index.manifest import IndexFolderError, IndexManifest
+from service.limits import NON_BLANK_PATTERN
+
+if TYPE_CHECKING:
+    from service.deps import ServiceState
+
+
+def service_openapi(app: FastAPI, state: ServiceState) -> dict[str, Any]:
+    """The app's schema for its settings and served dims (cached per served index version)."""
+    dims, version = _served_dims(state)
+    cached = getattr(app.state, "openapi_cache", None)
+    if cached is not None and cached[0] == version:
+        return cached[1]
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    settings = state.settings
+    describe_limits(schema, settings.max_query_chars, settings.max_k, settings.max_batch_queries, dims)
+    app.state.openapi_cache = (version, schema)
+    return schema
+
+
+def describe_limits(
+    schema: dict[str, Any], max_chars: int, max_k: int, max_texts: int, dims: list[int] | None
+) -> None:
+    """Write the request limits into ``schema`` in place: text lengths, k, batch sizes and dims."""
+    text = {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": NON_BLANK_PATTERN}
+    texts = {"type": "array", "items": text, "minItems": 1, "maxItems": max_texts}
+    k = {"type": "integer", "minimum": 1, "maximum": max_k}
+    dim = _dim_schema(dims, exclude_smallest=False)
+    rerank_dim = _dim_schema(dims, exclude_smallest=True)  # re-scoring at the smallest dim cannot beat it
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            for parameter in operation.get("parameters", []):
+                replacement = {"q": text, "k": k, "dim": dim, "rerank_dim": rerank_dim}.get(parameter["name"])
+                if replacement is not None:
+                    parameter["schema"] = _keep_docs(parameter["schema"], replacement)
+    models = schema.get("components", {}).get("schemas", {})
+    _set_properties(
+        models.get("SearchRequest"),
+        {"query": text, "queries": texts, "k": k, "dim": _nullable(dim), "rerank_dim": _nullable(rerank_dim)},
+    )
+    _set_properties(models.get("EmbeddingRequest"), {"input": {"anyOf": [text, texts]}, "dimensions": _nullable(dim)})
+
+
+def _served_dims(state: ServiceState) -> tuple[list[int] | None, str | None]:
+    if state.searcher is not None:
+        return state.searcher.dims, state.searcher.index_version
+    try:  # still loading: the manifest says what will be served
+        manifest = IndexManifest.read(resolve_version(state.settings.index))
+    except IndexFolderError:
+        return None, None
+    return list(manifest.dims), manifest.version
+
+
+def _dim_schema(dims: list[int] | None, *, exclude_smallest: bool) -> dict[str, Any]:
+    if not dims:
+        return {"type": "integer"}
+    allowed = sorted(dims, reverse=True)
+    return {"type": "integer", "enum": allowed[:-1] if exclude_smallest and len(allowed) > 1 else allowed}
+
+
+def _nullable(value: dict[str, Any]) -> dict[str, Any]:
+    return {"anyOf": [value, {"type": "null"}]}
+
+
+def _keep_docs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``new`` with the title, description, default and examples of ``old``."""
+    kept = {key: old[key] for key in ("title", "description", "default", "examples") if key in old}
+    if kept.get("default", 0) is None and "anyOf" not in new:
+        del kept["default"]  # an optional field that may not be sent as null
+    return {**new, **kept}
+
+
+def _set_properties(model: dict[str, Any] | None, properties: dict[str, dict[str, Any]]) -> None:
+    if model is None:
+        return
+    for name, replacement in properties.items():
+        if name in model.get("properties", {}):
+            model["properties"][name] = _keep_docs(model["properties"][name], replacement)
