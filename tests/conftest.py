@@ -52,6 +52,18 @@ def write_beir(
     return root
 
 
+def scramble(path: Path, seed: int = 0) -> None:
+    """Random bytes in place of a file's contents, at the same size (corruption the size check cannot see)."""
+    path.write_bytes(np.random.default_rng(seed).bytes(path.stat().st_size))
+
+
+def without_checksums(version: Path) -> None:
+    """Make a version's manifest look like one built before checksums were recorded."""
+    manifest = json.loads((version / "manifest.json").read_text())
+    manifest.pop("checksums")
+    (version / "manifest.json").write_text(json.dumps(manifest))
+
+
 KEYWORDS = ["fever", "cough", "rash", "pain"]
 
 

@@ -15,7 +15,7 @@ from index.layout import CURRENT, VERSIONS, resolve_version
 from index.loaded import open_index
 from index.manifest import IndexFolderError, IndexManifest
 from mrl.cli import main
-from tests.conftest import SAMPLE
+from tests.conftest import SAMPLE, scramble, without_checksums
 from training.data import DataError
 from training.matryoshka import truncate_normalize
 
@@ -135,18 +135,6 @@ def test_damaged_files_give_one_clear_error(tiny_index: Path, damage, message):
     damage(resolve_version(tiny_index))
     with pytest.raises(IndexFolderError, match=message):
         open_index(tiny_index, device="cpu")
-
-
-def scramble(path: Path, seed: int = 0) -> None:
-    """Random bytes in place of a file's contents, at the same size."""
-    path.write_bytes(np.random.default_rng(seed).bytes(path.stat().st_size))
-
-
-def without_checksums(folder: Path) -> None:
-    """The manifest of an index built before checksums were recorded."""
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest.pop("checksums")
-    (folder / "manifest.json").write_text(json.dumps(manifest))
 
 
 @pytest.mark.parametrize(

@@ -27,7 +27,7 @@ import pytest
 
 from index.build import BuildConfig, build_index
 from index.layout import VERSIONS, resolve_version
-from tests.conftest import REPO, SAMPLE
+from tests.conftest import REPO, SAMPLE, scramble
 from tests.test_service_real import JUDGED, free_port, wait_for_ready
 
 pytestmark = pytest.mark.slow
@@ -138,8 +138,7 @@ def test_a_corrupt_new_version_is_a_counted_409(server: Server, root: Path):
     before = httpx.get(f"{server.base}/readyz").json()["index_version"]
     failed = metric_value(server.base, 'mrl_index_reloads_total{outcome="failed"}')
     new = build(root)
-    store = new / "docs.sqlite"
-    store.write_bytes(np.random.default_rng(0).bytes(store.stat().st_size))
+    scramble(new / "docs.sqlite")
     response = httpx.post(f"{server.base}/admin/reload")
     assert response.status_code == 409 and response.json()["error"]["type"] == "reload_failed"
     assert "docs.sqlite" in response.json()["error"]["message"] and str(root) not in response.text
@@ -169,8 +168,7 @@ def test_start_up_failures_are_one_line_and_exit_2(root: Path, tmp_path: Path, f
     version = copy_version(root, tmp_path / "version")
     flags: list[str] = []
     if fault == "corrupt store":
-        store = version / "docs.sqlite"
-        store.write_bytes(np.random.default_rng(0).bytes(store.stat().st_size))
+        scramble(version / "docs.sqlite")
         expected = "docs.sqlite"
     elif fault == "other model":
         manifest = json.loads((version / "manifest.json").read_text())

@@ -22,6 +22,7 @@ import service.engine as engine_module
 from index.layout import LEASES, resolve_version
 from service.app import create_app
 from service.settings import ServiceSettings
+from tests.conftest import scramble, without_checksums
 from tests.service_fixtures import (
     ServiceKeywordEncoder,
     build_keyword_index,
@@ -45,6 +46,11 @@ def keyword_index(tmp_path_factory) -> Path:
 def client(keyword_index: Path):
     with serve(keyword_index) as client:
         yield client
+
+
+def point_current(root: Path, version: Path) -> None:
+    (root / "current").unlink()
+    (root / "current").symlink_to(Path("versions") / version.name)
 
 
 def two_versions(tmp_path: Path) -> tuple[Path, Path, Path]:
@@ -262,11 +268,9 @@ def test_access_log_with_queries_when_asked(keyword_index: Path, caplog):
 
 def test_bodies_name_files_relative_to_the_index_root(tmp_path: Path):
     root, first, second = two_versions(tmp_path)
-    (root / "current").unlink()
-    (root / "current").symlink_to(Path("versions") / first.name)
+    point_current(root, first)
     with serve(root) as client:
-        (root / "current").unlink()
-        (root / "current").symlink_to(Path("versions") / second.name)
+        point_current(root, second)
         (second / "docs.sqlite").write_bytes(b"")
         message = assert_error(client.post("/admin/reload"), 409, "reload_failed")
         dims = client.get("/dims").text
@@ -277,24 +281,12 @@ def test_bodies_name_files_relative_to_the_index_root(tmp_path: Path):
 # --- 2. corrupt versions on reload -----------------------------------------------------------
 
 
-def scramble(path: Path, seed: int = 0) -> None:
-    path.write_bytes(np.random.default_rng(seed).bytes(path.stat().st_size))
-
-
-def without_checksums(folder: Path) -> None:
-    manifest = json.loads((folder / "manifest.json").read_text())
-    manifest.pop("checksums")
-    (folder / "manifest.json").write_text(json.dumps(manifest))
-
-
 @pytest.mark.parametrize("legacy", [False, True], ids=["checksummed", "no-checksums"])
 def test_a_corrupt_document_store_is_refused_on_reload_and_counted(tmp_path: Path, legacy: bool):
     root, first, second = two_versions(tmp_path)
-    (root / "current").unlink()
-    (root / "current").symlink_to(Path("versions") / first.name)
+    point_current(root, first)
     with serve(root) as client:
-        (root / "current").unlink()
-        (root / "current").symlink_to(Path("versions") / second.name)
+        point_current(root, second)
         if legacy:
             without_checksums(second)
         scramble(second / "docs.sqlite")  # same size, random bytes
