@@ -19,6 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from mrl import __version__
 from service.deps import ApiKeyDep, ServiceState
@@ -140,7 +141,23 @@ def _add_error_handlers(app: FastAPI, state: ServiceState) -> None:
         if exc.status_code == 400 and cause is not None:  # FastAPI could not parse the body
             return answer(422, "invalid_request", str(unparsable_body(cause)))
         error_type = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return answer(exc.status_code, error_type, str(exc.detail), exc.headers)
+        headers = exc.headers
+        if exc.status_code == 405:  # Starlette names only the first route of the path
+            headers = {**(headers or {}), "Allow": ", ".join(allowed_methods(request))}
+        return answer(exc.status_code, error_type, str(exc.detail), headers)
+
+
+HTTP_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """Every method that some route of this path takes (asked of the routes, however they are nested)."""
+    routes = request.app.router.routes
+    return [
+        method
+        for method in HTTP_METHODS
+        if any(route.matches({**request.scope, "method": method})[0] is Match.FULL for route in routes)
+    ]
 
 
 def unparsable_body(cause: BaseException) -> InvalidRequest:

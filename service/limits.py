@@ -8,8 +8,10 @@ from dataclasses import dataclass
 
 from service.errors import InvalidRequest
 
-# A text must hold one character that is not whitespace; the schema's `pattern` is the same regex.
-NON_BLANK_PATTERN = r"\S"
+# A text must hold one character that is not whitespace; the schema's `pattern` is the same regex. The class is
+# spelled out because Python's \s (str.isspace: also U+001C-U+001F, U+0085) and JSON Schema's ECMA-262 \s (also
+# U+FEFF) differ; this is their union, read the same way by both engines.
+NON_BLANK_PATTERN = r"[^\t\n\v\f\r\x1c-\x1f \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]"
 _NON_BLANK = re.compile(NON_BLANK_PATTERN)
 
 

@@ -85,6 +85,9 @@ def _keep_docs(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     kept = {key: old[key] for key in ("title", "description", "default", "examples") if key in old}
     if kept.get("default", 0) is None and "anyOf" not in new:
         del kept["default"]  # an optional field that may not be sent as null
+    allowed = (new.get("anyOf", [new])[0]).get("enum")
+    if allowed is not None and "examples" in kept:  # e.g. dim 256 on an index without it
+        kept["examples"] = [value for value in kept["examples"] if value in allowed] or allowed[:1]
     return {**new, **kept}
 
 

@@ -21,6 +21,7 @@ import pytest
 import service.engine as engine_module
 from index.layout import LEASES, resolve_version
 from service.app import create_app
+from service.limits import NON_BLANK_PATTERN
 from service.settings import ServiceSettings
 from tests.conftest import scramble, without_checksums
 from tests.service_fixtures import (
@@ -195,7 +196,7 @@ def test_undecodable_bodies_are_422_like_any_bad_json(client, content: bytes, fr
 def test_405_keeps_its_allow_header(client):
     response = client.delete("/search")
     assert_error(response, 405, "method_not_allowed")
-    assert "GET" in response.headers["allow"]
+    assert response.headers["allow"] == "GET, POST"  # both routes of the path, not only the first
 
 
 def test_a_query_string_that_is_not_utf8_is_422_not_replaced(client):
@@ -214,8 +215,9 @@ def test_schema_states_the_limits_of_these_settings_and_dims(keyword_index: Path
     assert {key: parameters["q"][key] for key in ("minLength", "maxLength", "pattern")} == {
         "minLength": 1,
         "maxLength": 50,
-        "pattern": r"\S",
+        "pattern": NON_BLANK_PATTERN,
     }
+    assert parameters["dim"]["examples"] == [8]  # the route's example (256) is not served here
     assert (parameters["k"]["minimum"], parameters["k"]["maximum"]) == (1, 7)
     assert parameters["dim"]["enum"] == [8, 4, 2] and parameters["rerank_dim"]["enum"] == [8, 4]
     request = schema["components"]["schemas"]["SearchRequest"]
