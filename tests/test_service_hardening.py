@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import shutil
 import threading
 from pathlib import Path
 
@@ -414,3 +415,23 @@ def test_tokens_are_counted_on_the_encoder_thread(keyword_index: Path):
             response = client.post("/v1/embeddings", json={"input": texts})
             assert response.status_code == 200 and response.json()["usage"]["prompt_tokens"] > 0
     assert len(encoder.threads) == 1 and next(iter(encoder.threads)).startswith("mrl-encode")
+
+
+def test_a_served_version_deleted_by_hand_keeps_answering(tmp_path: Path):
+    # Everything is opened at load (document-store connections included), so nothing is re-opened lazily
+    # from a worker thread later: deleting the folder cannot turn searches into 500s.
+    root, _, second = two_versions(tmp_path)
+    with serve(root) as client:
+        shutil.rmtree(second)
+        statuses = client.portal.call(concurrent_searches, client.app, 16)  # on several worker threads
+        assert statuses == [200] * 16
+        assert client.get("/dims").status_code == 200
+
+
+async def concurrent_searches(app, count: int) -> list[int]:
+    import httpx
+
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+        responses = await asyncio.gather(*(http.get("/search", params={"q": "fever"}) for _ in range(count)))
+    return [response.status_code for response in responses]
