@@ -24,6 +24,7 @@ COPY constraints.txt ./
 # hadolint ignore=DL3013
 RUN pip install --index-url "${TORCH_CPU_INDEX}" --constraint constraints.txt torch
 COPY pyproject.toml README.md LICENSE ./
+COPY core/ core/
 COPY mrl/ mrl/
 COPY training/ training/
 COPY index/ index/
@@ -51,6 +52,7 @@ COPY constraints.txt ./
 # hadolint ignore=DL3013
 RUN pip install --index-url "${TORCH_GPU_INDEX}" --constraint constraints.txt torch
 COPY pyproject.toml README.md LICENSE ./
+COPY core/ core/
 COPY mrl/ mrl/
 COPY training/ training/
 COPY index/ index/

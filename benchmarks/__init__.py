@@ -15,6 +15,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from core.machine import usable_cpus
+
 # Query encoder backends a benchmark can run: the service's two, and ONNX with int8 quantisation.
 ENCODERS = ("torch", "onnx", "onnx-int8")
 
@@ -40,7 +42,7 @@ def machine_info() -> dict[str, Any]:
         "machine": platform.machine(),
         "processor": platform.processor() or None,
         "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
+        "cpus_usable": usable_cpus(),
         "load_average_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
         "gpu": _gpu_name(),
         "libraries": versions,
@@ -72,7 +74,7 @@ def write_report(
     report: dict[str, Any], folder: Path, stem: str, markdown: Callable[[dict[str, Any]], str]
 ) -> list[Path]:
     """``<stem>.json`` and ``<stem>.md`` (rendered by ``markdown``) in ``folder``, each written atomically."""
-    from training.files import write_json_atomic, write_text_atomic
+    from core.files import write_json_atomic, write_text_atomic
 
     json_path, md_path = folder / f"{stem}.json", folder / f"{stem}.md"
     write_json_atomic(json_path, report)

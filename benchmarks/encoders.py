@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,9 +26,10 @@ import numpy as np
 
 from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now, write_report
 from benchmarks.latency import read_query_texts
-from training.errors import ConfigError
-from training.files import json_fields
-from training.matryoshka import truncate_normalize
+from core.errors import ConfigError
+from core.files import json_fields
+from core.machine import usable_cpus
+from core.matryoshka import truncate_normalize
 
 if TYPE_CHECKING:
     from index.manifest import IndexManifest
@@ -97,10 +97,6 @@ def benchmark_texts(texts: list[str], count: int) -> list[str]:
     return [texts[number % len(texts)] for number in range(count)]
 
 
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 # --- loading --------------------------------------------------------------------------------
 
 
@@ -128,9 +124,8 @@ def open_encoder(settings: ServiceSettings, manifest: IndexManifest | None) -> L
     Raises:
         ModelError: The model cannot be loaded. EncoderError: ONNX Runtime cannot run it.
     """
-    from index.manifest import model_fingerprint
+    from core.models import DEFAULT_MODEL, load_model, model_fingerprint
     from service.encoders import LoadedEncoder, ServingEncoder, attach_onnx_runtime, load_encoder
-    from training.models import DEFAULT_MODEL, load_model
 
     if manifest is not None:
         return load_encoder(settings, manifest)
@@ -291,7 +286,7 @@ def _runtime(loaded: LoadedEncoder) -> dict[str, Any]:
 
 
 def _model_dict(loaded: LoadedEncoder, manifest: IndexManifest | None) -> dict[str, Any]:
-    from training.models import model_dims
+    from core.models import model_dims
 
     encoder = loaded.encoder
     dims = list(manifest.dims) if manifest is not None else model_dims(encoder.model, encoder.name)
@@ -363,7 +358,7 @@ def encoders_markdown(report: dict[str, Any]) -> str:
 
 def add_encoders_parser(actions: argparse._SubParsersAction) -> None:
     """Register ``mrl bench encoders`` on the ``mrl bench`` sub-parsers."""
-    from benchmarks.cli import DEFAULT_OUT, int_list_argument, name_list_argument
+    from benchmarks.args import DEFAULT_OUT, int_list_argument, name_list_argument
 
     p = actions.add_parser(
         "encoders",
@@ -394,7 +389,7 @@ def add_encoders_parser(actions: argparse._SubParsersAction) -> None:
 
 
 def run_encoders_command(args: argparse.Namespace) -> int:
-    from training.cli import config_fields
+    from core.cli_args import config_fields
 
     report = run_encoders(EncodersConfig(**config_fields(args)))
     print(encoders_markdown(report), end="")

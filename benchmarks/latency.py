@@ -12,6 +12,7 @@ the machine's CPU count and load average are recorded with every result.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import logging
 import os
@@ -31,12 +32,14 @@ import httpx
 import numpy as np
 
 from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now, write_report
+from benchmarks.args import DEFAULT_OUT, add_server_limits, int_list_argument, name_list_argument
+from core.cli_args import config_fields, dims_argument
+from core.data import load_queries
+from core.errors import ConfigError
+from core.files import json_fields
+from core.matryoshka import DimensionError
 from index.layout import resolve_version
 from index.manifest import IndexManifest
-from training.data import load_queries
-from training.errors import ConfigError
-from training.files import json_fields
-from training.matryoshka import DimensionError
 
 logger = logging.getLogger(__name__)
 
@@ -547,3 +550,45 @@ def latency_markdown(report: dict[str, Any]) -> str:
         f"load average {machine['load_average_1m']} at the start, GPU {machine['gpu'] or 'none'}."
     )
     return "\n".join(["# Search latency over HTTP", "", context, "", *lines]) + "\n"
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def add_latency_parser(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "latency",
+        help="end-to-end GET /search latency of a real server process",
+        description="Start `mrl serve` on a free 127.0.0.1 port for each encoder backend, send a fixed number of "
+        "GET /search requests per (dim, concurrency) after a warm-up, and report p50/p95/p99 latency, throughput, "
+        "errors and the server's own stage timings.",
+    )
+    p.add_argument("--index", type=Path, required=True, help="index root or version folder")
+    p.add_argument("--queries", type=Path, required=True, help="BEIR folder (its queries.jsonl) or a queries .jsonl")
+    p.add_argument("--dims", type=dims_argument, default=None, help="dims to measure (default: every dim of the index)")
+    p.add_argument(
+        "--concurrency", type=int_list_argument, default=[1, 4, 16, 64], help="requests in flight (default: 1,4,16,64)"
+    )
+    p.add_argument("--requests", type=int, default=200, help="measured requests per cell (default: %(default)s)")
+    p.add_argument("--warmup", type=int, default=20, help="warm-up requests per cell (default: %(default)s)")
+    p.add_argument(
+        "--encoders",
+        type=name_list_argument,
+        default=["torch", "onnx"],
+        help="backends, each in its own server: torch, onnx, onnx-int8 (default: torch,onnx)",
+    )
+    p.add_argument("--rerank", action="store_true", help="add two-stage cells: smallest dim, rerank_dim = full")
+    p.add_argument("--k", type=int, default=10, help="hits per request (default: %(default)s)")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="server device (default: auto)")
+    p.add_argument("--encoder-threads", type=int, default=None, help="server's encoder CPU threads")
+    p.add_argument("--onnx-cache", type=Path, default=None, help="ONNX export folder (default: the server's)")
+    add_server_limits(p, time_limit_s=900.0)
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    p.set_defaults(handler=run_latency_command)
+
+
+def run_latency_command(args: argparse.Namespace) -> int:
+    report = run_latency(LatencyConfig(**config_fields(args)))
+    print(latency_markdown(report), end="")
+    print(f"wrote {args.out / 'latency.json'}, {args.out / 'latency.md'}")
+    return 0

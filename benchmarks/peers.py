@@ -56,16 +56,16 @@ from benchmarks.latency import (
     time_cells,
     timed_get,
 )
+from core.data import DataError, Document, Qrels, load_beir
+from core.errors import ConfigError
+from core.files import json_fields
+from core.matryoshka import DimensionError
+from core.metrics import score_rankings
+from core.models import ModelError, resolve_model
 from index.layout import DOCS_FILE, resolve_version
 from index.manifest import IndexManifest
 from index.store import DocumentStore
-from training.data import DataError, Document, Qrels, load_beir
-from training.errors import ConfigError
 from training.evaluate import TOP_K
-from training.files import json_fields
-from training.matryoshka import DimensionError
-from training.metrics import score_rankings
-from training.models import ModelError, resolve_model
 
 logger = logging.getLogger(__name__)
 
@@ -750,8 +750,8 @@ def peers_markdown(report: dict[str, Any]) -> str:
 
 def add_peers_parser(actions: argparse._SubParsersAction) -> None:
     """Register ``mrl bench peers`` on the ``mrl bench`` sub-commands."""
-    from benchmarks.cli import DEFAULT_OUT, add_server_limits, int_list_argument, name_list_argument
-    from training.cli import dims_argument
+    from benchmarks.args import DEFAULT_OUT, add_server_limits, int_list_argument, name_list_argument
+    from core.cli_args import dims_argument
 
     p = actions.add_parser(
         "peers",
@@ -798,7 +798,7 @@ def add_peers_parser(actions: argparse._SubParsersAction) -> None:
 
 
 def run_peers_command(args: argparse.Namespace) -> int:
-    from training.cli import config_fields
+    from core.cli_args import config_fields
 
     report = run_peers(PeersConfig(**config_fields(args)))
     print(peers_markdown(report), end="")

@@ -14,13 +14,14 @@ real FAISS indexes, one query at a time as the service does:
 - ``binary+rescore``: the binary top 100 re-scored with the float query against the ±1
   document vectors (the sentence-transformers recipe; no float documents kept in memory).
 
-Every option is scored with ``training.metrics.score_rankings`` (NDCG@10, MRR@10, Recall@100)
+Every option is scored with ``core.metrics.score_rankings`` (NDCG@10, MRR@10, Recall@100)
 and timed per query on a sample of the queries (search only; the query encoding is the same
 for every option and is measured by ``mrl bench latency``).
 """
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import logging
@@ -34,12 +35,14 @@ from typing import Any
 import numpy as np
 
 from benchmarks import machine_info, markdown_row, save_figure, utc_now, write_report
+from benchmarks.args import DEFAULT_OUT, int_list_argument
 from benchmarks.search_quality import RankedRun, timed_per_query
-from training.data import DataError, RetrievalDataset, load_beir
-from training.errors import ConfigError
-from training.files import json_fields
-from training.matryoshka import DimensionError, truncate_normalize, validate_dims
-from training.metrics import score_rankings
+from core.cli_args import config_fields, dims_argument
+from core.data import DataError, RetrievalDataset, load_beir
+from core.errors import ConfigError
+from core.files import json_fields
+from core.matryoshka import DimensionError, truncate_normalize, validate_dims
+from core.metrics import score_rankings
 
 logger = logging.getLogger(__name__)
 
@@ -402,8 +405,7 @@ def measure_model(
 
 def load_scored_model(name_or_path: str | None) -> tuple[Any, str]:
     """A sentence-transformers model (with the prompts of its card) and the fingerprint of its weights."""
-    from index.manifest import model_fingerprint
-    from training.models import load_model
+    from core.models import load_model, model_fingerprint
 
     model = load_model(name_or_path)
     return model, model_fingerprint(model)
@@ -416,7 +418,7 @@ def tuned_model_for(folder: Path, config: QualityBenchConfig) -> tuple[Path | No
         The model folder (``None`` when there is none and training is off) and, when it was trained
         now, the training summary.
     """
-    from training.models import read_model_card
+    from core.models import read_model_card
 
     given = tuned_models(config).get(folder.name)
     if given is not None:
@@ -449,7 +451,7 @@ def tuned_model_for(folder: Path, config: QualityBenchConfig) -> tuple[Path | No
 
 def measure_dataset(folder: Path, config: QualityBenchConfig) -> dict[str, Any]:
     """Base and tuned model on one BEIR folder: every option at every dim."""
-    from training.models import DEFAULT_MODEL, default_dims, read_model_card, resolve_model
+    from core.models import DEFAULT_MODEL, default_dims, read_model_card, resolve_model
 
     dataset = load_beir(folder, [config.split])
     qrels = dataset.split(config.split)
@@ -768,3 +770,69 @@ def plot_pareto(report: dict[str, Any], path: Path) -> Path:
         axes.grid(alpha=0.3)
         axes.legend(fontsize=7)
     return save_figure(figure, path)
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def add_quality_parser(actions: argparse._SubParsersAction) -> None:
+    from benchmarks.quality import DEFAULT_DATASETS, DEFAULT_DATASETS_ROOT, QualityBenchConfig
+
+    defaults = QualityBenchConfig()
+    p = actions.add_parser(
+        "quality",
+        help="NDCG@10 / MRR@10 / Recall@100 per dim on BEIR datasets: base vs tuned, two-stage, int8, binary",
+        description="For each BEIR folder, encode the corpus and the test queries once per model (base and tuned on "
+        "the train split; a missing tuned model is trained) and score exact, two-stage and quantised search at "
+        "every dim. Writes quality.json, quality.md, quality_vs_dim.png and quality_vs_latency.png.",
+    )
+    p.add_argument(
+        "--data",
+        type=Path,
+        action="append",
+        default=[],
+        help=f"BEIR folder, repeatable (default: {', '.join(DEFAULT_DATASETS)} under --datasets-root)",
+    )
+    p.add_argument("--datasets-root", type=Path, default=DEFAULT_DATASETS_ROOT, help="default: %(default)s")
+    p.add_argument(
+        "--tuned",
+        action="append",
+        default=[],
+        metavar="NAME=MODEL_DIR",
+        help="tuned model of the dataset NAME (its folder name), repeatable (default: --models-dir/NAME)",
+    )
+    p.add_argument("--models-dir", type=Path, default=defaults.models_dir, help="tuned models by dataset name "
+                   "(default: %(default)s); a missing one is trained there")  # fmt: skip
+    p.add_argument("--base-model", default=None, help="base model: hub name or local path (default: all-MiniLM-L6-v2)")
+    p.add_argument("--dims", type=dims_argument, default=None, help="default: the tuned model's Matryoshka dims")
+    p.add_argument("--split", default=defaults.split, help="qrels split to score (default: %(default)s)")
+    p.add_argument("--train-split", default=defaults.train_split, help="qrels split to train on (default: train)")
+    p.add_argument("--shortlists", type=int_list_argument, default=defaults.shortlists,
+                   help="two-stage shortlist sizes (default: 30,100)")  # fmt: skip
+    p.add_argument("--max-queries", type=int, default=None, help="score only the first N judged queries")
+    p.add_argument("--timing-queries", type=int, default=defaults.timing_queries,
+                   help="queries timed per option (default: %(default)s)")  # fmt: skip
+    p.add_argument("--no-train", dest="train", action="store_false", help="report the base model alone when no "
+                   "tuned model exists, instead of training one")  # fmt: skip
+    p.add_argument("--epochs", type=float, default=defaults.epochs, help="training (default: %(default)s)")
+    p.add_argument("--lr", dest="learning_rate", type=float, default=defaults.learning_rate, help="default: 1e-4")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
+    p.add_argument("--max-train-pairs", type=int, default=None, help="train on N sampled pairs (default: all)")
+    p.add_argument(
+        "--latency",
+        action="append",
+        default=[],
+        metavar="NAME=LATENCY_JSON",
+        help="a `mrl bench latency` report of dataset NAME's index: its Pareto plot uses end-to-end HTTP p50",
+    )
+    p.add_argument("--cache", type=Path, default=None, help="embedding cache (default: OUT/cache)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    p.set_defaults(handler=run_quality_command)
+
+
+def run_quality_command(args: argparse.Namespace) -> int:
+    report = run_quality(QualityBenchConfig(**config_fields(args)))
+    print(quality_markdown(report), end="")
+    print(f"wrote quality.json, quality.md, quality_vs_dim.png, quality_vs_latency.png to {args.out}")
+    return 0

@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import logging
 import math
-import os
 import resource
 import time
 from collections.abc import Callable, Iterator
@@ -36,10 +35,12 @@ from typing import Any
 import numpy as np
 
 from benchmarks import format_ms, machine_info, markdown_row, save_figure, utc_now, write_report
+from core.errors import ConfigError
+from core.files import json_fields
+from core.machine import usable_cpus
+from core.matryoshka import DimensionError, default_dims, truncate_normalize
+from core.metrics import neighbour_recall
 from index.params import HNSW_EF_CONSTRUCTION, HNSW_M, flat_bytes, ivf_lists, search_params_for
-from training.errors import ConfigError
-from training.files import json_fields
-from training.matryoshka import DimensionError, default_dims, truncate_normalize
 
 logger = logging.getLogger(__name__)
 
@@ -118,10 +119,6 @@ class Timing:
 
 
 # --- configuration ------------------------------------------------------------------------
-
-
-def usable_cpus() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def check_config(config: ScalingConfig) -> tuple[int, list[int]]:
@@ -236,13 +233,6 @@ def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = BANDWIDTH_RE
     }
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    """Mean share of each query's exact top k that ``found`` also returned (-1 pads count as misses)."""
-    k = truth.shape[1]
-    hits = [len(set(row[row >= 0].tolist()) & set(exact.tolist())) for row, exact in zip(found, truth, strict=True)]
-    return float(np.mean(hits)) / k
-
-
 def time_searches(index: Any, queries: np.ndarray, k: int, single: int) -> Timing:
     """A warm-up call; all queries in one call (best of BATCHED_REPEATS); the first ``single`` one per call."""
     index.search(queries[:1], k)
@@ -334,7 +324,7 @@ def measure_cell(
     index, build_s, train_s = build_index(kind, corpus, dim, params, rng)
     timing = time_searches(index, queries, config.k, config.single_queries)
     del index
-    recall = 1.0 if exact_ids is None else round(recall_at_k(timing.ids, exact_ids), 4)
+    recall = 1.0 if exact_ids is None else round(neighbour_recall(timing.ids, exact_ids), 4)
     result = CellResult(
         size=size,
         dim=dim,
@@ -587,8 +577,8 @@ def _by_dim(row: dict[str, Any]) -> int:
 
 def add_scaling_parser(actions: argparse._SubParsersAction) -> None:
     """Register ``mrl bench scaling`` on the ``mrl bench`` sub-parsers."""
-    from benchmarks.cli import DEFAULT_OUT, int_list_argument, name_list_argument
-    from training.cli import dims_argument
+    from benchmarks.args import DEFAULT_OUT, int_list_argument, name_list_argument
+    from core.cli_args import dims_argument
 
     p = actions.add_parser(
         "scaling",
@@ -624,7 +614,7 @@ def add_scaling_parser(actions: argparse._SubParsersAction) -> None:
 
 
 def run_scaling_command(args: argparse.Namespace) -> int:
-    from training.cli import config_fields
+    from core.cli_args import config_fields
 
     report = run_scaling(ScalingConfig(**config_fields(args)))
     print(scaling_markdown(report), end="")

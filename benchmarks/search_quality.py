@@ -10,13 +10,14 @@ once, in batches, at full dimension; then, query by query as the service answers
   at ``d``, re-score them exactly at the full dimension with the service's own
   ``service.engine.rerank``.
 
-Both are scored with ``training.metrics.score_rankings`` (NDCG@10, MRR@10, Recall@100) and
+Both are scored with ``core.metrics.score_rankings`` (NDCG@10, MRR@10, Recall@100) and
 timed per query in the same run (query truncation + FAISS search [+ re-scoring]; encoding
 excluded, it is the same for both).
 """
 
 from __future__ import annotations
 
+import argparse
 import logging
 import time
 from collections.abc import Callable
@@ -27,18 +28,20 @@ from typing import Any
 import numpy as np
 
 from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now, write_report
+from benchmarks.args import DEFAULT_OUT
+from core.cli_args import config_fields
+from core.data import DataError, Qrels, RetrievalDataset, load_beir
+from core.errors import ConfigError
+from core.files import json_fields
+from core.matryoshka import truncate_normalize
+from core.metrics import score_rankings
 from index.layout import resolve_version
 from index.loaded import LoadedIndex, open_index
 from index.manifest import IndexManifest
 from service.encoders import LoadedEncoder, load_encoder
 from service.engine import rerank
 from service.settings import load_settings
-from training.data import DataError, Qrels, RetrievalDataset, load_beir
-from training.errors import ConfigError
 from training.evaluate import TOP_K
-from training.files import json_fields
-from training.matryoshka import truncate_normalize
-from training.metrics import score_rankings
 
 logger = logging.getLogger(__name__)
 
@@ -308,3 +311,34 @@ def quality_markdown(report: dict[str, Any]) -> str:
     )
     parts = ["# Two-stage search quality", "", context, "", comparison_table(report), "", "## Details", ""]
     return "\n".join([*parts, detail_table(report)]) + "\n"
+
+
+# --- command line -------------------------------------------------------------------------
+
+
+def add_two_stage_parser(actions: argparse._SubParsersAction) -> None:
+    p = actions.add_parser(
+        "two-stage",
+        help="NDCG@10 of single-stage vs two-stage (shortlist at a small dim, re-score at full) search",
+        description="Encode a BEIR split's queries once with the service's encoder; search the index at every dim "
+        "(single-stage) and shortlist k×candidates at every smaller dim re-scored at the full dim (two-stage); "
+        "report NDCG@10, MRR@10, Recall@100 and search time per query.",
+    )
+    p.add_argument("--index", type=Path, required=True, help="index root or version folder")
+    p.add_argument("--data", type=Path, required=True, help="BEIR folder the index was built from")
+    p.add_argument("--split", default="test", help="qrels split (default: %(default)s)")
+    p.add_argument("--candidates", type=int, default=10, help="shortlist = k × candidates (default: %(default)s)")
+    p.add_argument("--k", type=int, default=10, help="hits a request asks for (default: %(default)s)")
+    p.add_argument("--model", default=None, help="model folder or hub name (default: the one in the manifest)")
+    p.add_argument("--encoder", choices=ENCODERS, default="torch", help="query encoder backend (default: torch)")
+    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="default: %(default)s")
+    p.add_argument("--max-queries", type=int, default=None, help="use only the first N judged queries")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    p.set_defaults(handler=run_two_stage_command)
+
+
+def run_two_stage_command(args: argparse.Namespace) -> int:
+    report = run_two_stage(QualityConfig(**config_fields(args)))
+    print(quality_markdown(report), end="")
+    print(f"wrote {args.out / 'two_stage.json'}, {args.out / 'two_stage.md'}")
+    return 0

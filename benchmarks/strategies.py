@@ -27,9 +27,9 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import machine_info, markdown_row, save_figure, utc_now, write_report
-from training.data import DataError, RetrievalDataset, load_beir
-from training.errors import ConfigError
-from training.files import json_fields
+from core.data import DataError, RetrievalDataset, load_beir
+from core.errors import ConfigError
+from core.files import json_fields
 
 logger = logging.getLogger(__name__)
 
@@ -259,9 +259,9 @@ def score_model(
 ) -> tuple[dict[str, dict[int, dict[str, float]]], list[int]]:
     """Metrics per dim on each dataset for one model, from cached full-dimension vectors."""
     from benchmarks.quality import cache_folder, encode_dataset, load_scored_model
+    from core.matryoshka import validate_dims
+    from core.models import default_dims, read_model_card
     from training.evaluate import SplitEmbeddings, score_dims
-    from training.matryoshka import validate_dims
-    from training.models import default_dims, read_model_card
 
     model, fingerprint = load_scored_model(name_or_path)
     full = model.get_embedding_dimension()
@@ -299,7 +299,7 @@ def run_strategies(config: StrategiesBenchConfig) -> dict[str, Any]:
         RuntimeError: A training crashed.
         DataError: A missing or malformed dataset. ModelError: A model cannot load.
     """
-    from training.models import DEFAULT_MODEL, resolve_model
+    from core.models import DEFAULT_MODEL, resolve_model
 
     check_config(config)
     assert config.data is not None
@@ -484,7 +484,7 @@ def learning_rate_argument(text: str) -> tuple[str, float]:
 
 def add_strategies_parser(actions: argparse._SubParsersAction) -> None:
     """Register ``mrl bench strategies`` on the ``mrl bench`` sub-parsers."""
-    from benchmarks.cli import DEFAULT_OUT, name_list_argument
+    from benchmarks.args import DEFAULT_OUT, name_list_argument
 
     defaults = StrategiesBenchConfig()
     rates = ",".join(f"{k}={v:g}" for k, v in DEFAULT_LEARNING_RATES.items())
@@ -526,7 +526,7 @@ def add_strategies_parser(actions: argparse._SubParsersAction) -> None:
 
 
 def run_strategies_command(args: argparse.Namespace) -> int:
-    from training.cli import config_fields
+    from core.cli_args import config_fields
 
     fields = config_fields(args) | {"learning_rates": dict(args.learning_rates)}
     report = run_strategies(StrategiesBenchConfig(**fields))

@@ -13,8 +13,8 @@ from typing import Literal
 
 import numpy as np
 
+from core.errors import ConfigError
 from index.params import HNSW_EF_CONSTRUCTION, IndexPlan
-from training.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 

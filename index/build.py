@@ -21,6 +21,19 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from core.data import DataError, Document, load_corpus, load_queries
+from core.files import write_json_atomic
+from core.matryoshka import truncate_normalize, validate_dims
+from core.metrics import exact_top_k, neighbour_recall
+from core.models import (
+    DEFAULT_MODEL,
+    Encoder,
+    SentenceTransformerEncoder,
+    load_model,
+    model_dims,
+    model_fingerprint,
+    read_model_card,
+)
 from index.backends import Device, FaissIndex, backend_for
 from index.layout import (
     DOCS_FILE,
@@ -38,22 +51,9 @@ from index.manifest import (
     IndexManifest,
     ModelInfo,
     folder_files,
-    model_fingerprint,
 )
 from index.params import IndexPlan, choose_index, search_params_for
 from index.store import write_documents
-from training.data import DataError, Document, load_corpus, load_queries
-from training.evaluate import exact_top_k
-from training.files import write_json_atomic
-from training.matryoshka import truncate_normalize, validate_dims
-from training.models import (
-    DEFAULT_MODEL,
-    Encoder,
-    SentenceTransformerEncoder,
-    load_model,
-    model_dims,
-    read_model_card,
-)
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -138,9 +138,7 @@ def encode_documents(encoder: Encoder, documents: list[Document], cache: Path | 
 def measure_recall(index: FaissIndex, vectors: np.ndarray, probes: np.ndarray, k: int = RECALL_K) -> float:
     """Recall@k of an approximate index against exact search, over the probe queries."""
     _, found = index.search(probes, k)
-    truth = exact_top_k(probes, vectors, k)
-    hits = [len(set(f[f >= 0].tolist()) & set(t.tolist())) / len(t) for f, t in zip(found, truth, strict=True)]
-    return round(float(np.mean(hits)), 4)
+    return round(neighbour_recall(found, exact_top_k(probes, vectors, k)), 4)
 
 
 def measure_search_ms(index: FaissIndex, probes: np.ndarray, k: int = RECALL_K, count: int = 200) -> float:
@@ -204,7 +202,7 @@ def library_versions() -> dict[str, str]:
     import sentence_transformers
     import torch
 
-    from mrl import __version__
+    from core import __version__
 
     return {
         "mrl": __version__,

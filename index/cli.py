@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from training.cli import check_positive, config_fields, dims_argument
+from core.cli_args import check_positive, config_fields, dims_argument
 
 
 def add_index_parser(commands: argparse._SubParsersAction) -> None:

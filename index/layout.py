@@ -21,8 +21,8 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from core.files import fresh_dir
 from index.manifest import MANIFEST_FILE, IndexFolderError
-from training.files import fresh_dir
 
 logger = logging.getLogger(__name__)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
-    from sentence_transformers import SentenceTransformer
+    pass
 
 MANIFEST_FILE = "manifest.json"
 FORMAT_VERSION = 1
@@ -112,19 +112,3 @@ def folder_files(folder: Path) -> tuple[dict[str, int], dict[str, str]]:
     """Size and checksum of every file of a version folder but its manifest, for the manifest."""
     paths = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST_FILE]
     return {p.name: p.stat().st_size for p in paths}, {p.name: file_checksum(p) for p in paths}
-
-
-def model_fingerprint(model: SentenceTransformer) -> str:
-    """SHA-256 of the weights (as float32, by parameter name) and the module layout.
-
-    It identifies the embedding space whatever folder or hub name the model came from.
-    """
-    import torch
-
-    digest = hashlib.sha256()
-    layout = [(type(module).__name__, getattr(module, "get_config_dict", dict)()) for module in model]
-    digest.update(json.dumps(layout, sort_keys=True, default=str).encode())
-    for name, tensor in sorted(model.state_dict().items()):
-        digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
-    return "sha256:" + digest.hexdigest()

@@ -14,8 +14,8 @@ from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
+from core.data import Document
 from index.manifest import IndexFolderError
-from training.data import Document
 
 SCHEMA = """
 CREATE TABLE documents (

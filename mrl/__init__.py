@@ -1,3 +1,5 @@
 """The ``mrl`` command: one entry point for every stage of mrl-retrieval."""
 
-__version__ = "0.1.0"
+from core import __version__
+
+__all__ = ["__version__"]

@@ -38,11 +38,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     Not ``ValueError`` itself: one raised anywhere else is a bug, and its traceback is what explains it.
     """
     from benchmarks.latency import ServerError
+    from core.data import DataError
+    from core.errors import ConfigError
+    from core.matryoshka import DimensionError
+    from core.models import ModelError
     from index.manifest import IndexFolderError
-    from training.data import DataError
-    from training.errors import ConfigError
-    from training.matryoshka import DimensionError
-    from training.models import ModelError
 
     return (ConfigError, DataError, DimensionError, ModelError, IndexFolderError, ServerError, FileExistsError)
 

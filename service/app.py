@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.routing import Match
 
-from mrl import __version__
+from core import __version__
 from service.deps import ApiKeyDep, ServiceState
 from service.docs import add_docs
 from service.edge import EdgeMiddleware

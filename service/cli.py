@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from training.errors import ConfigError
+from core.errors import ConfigError
 
 # Flags whose value goes straight into ServiceSettings under the same name (None = not given).
 SETTING_FLAGS = (
@@ -117,12 +117,12 @@ def run_serve(args: argparse.Namespace) -> int:
 async def _serve(settings: Any) -> None:
     import uvicorn
 
+    from core.matryoshka import DimensionError
+    from core.models import ModelError
     from index.layout import resolve_version
     from index.manifest import IndexFolderError, IndexManifest
     from service.app import create_app, open_searcher
     from service.engine import ConfigurationError
-    from training.matryoshka import DimensionError
-    from training.models import ModelError
 
     app = create_app(settings)
     if settings.load_in_background:

@@ -1,7 +1,7 @@
 """Query encoders behind one protocol: sentence-transformers on torch, or on ONNX Runtime.
 
 Both encode at the model's full dimension, unnormalised; the engine derives every
-dimension with ``training.matryoshka.truncate_normalize``. The model's fingerprint is
+dimension with ``core.matryoshka.truncate_normalize``. The model's fingerprint is
 always taken from the torch weights, so an ONNX encoder is checked against the index
 manifest exactly like a torch one.
 
@@ -24,8 +24,8 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from index.manifest import IndexManifest, model_fingerprint
-from training.models import ModelError, SentenceTransformerEncoder, load_model
+from core.models import ModelError, SentenceTransformerEncoder, load_model, model_fingerprint
+from index.manifest import IndexManifest
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -44,7 +44,7 @@ class EncoderError(ModelError):
 
 
 class QueryEncoder(Protocol):
-    """What the service needs from an encoder: ``training.models.Encoder`` plus token counting."""
+    """What the service needs from an encoder: ``core.models.Encoder`` plus token counting."""
 
     name: str
     dimension: int

@@ -4,7 +4,7 @@ A :class:`Searcher` is built at start-up: it reads the index manifest, loads the
 index was built with, refuses the index if the model's fingerprint differs, and opens
 every dimension's FAISS index. Queries are encoded once at full dimension (in
 micro-batches, off the event loop); each dimension is derived with the project's only
-truncation function, ``training.matryoshka.truncate_normalize``.
+truncation function, ``core.matryoshka.truncate_normalize``.
 
 No FastAPI here: errors are the domain exceptions of :mod:`service.errors`.
 """
@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from core.errors import ConfigError
+from core.matryoshka import truncate_normalize
 from index.layout import LEASE_TTL_SECONDS, resolve_version
 from index.loaded import LoadedIndex, open_index
 from index.manifest import IndexFolderError, IndexManifest
@@ -33,8 +35,6 @@ from service.errors import InvalidRequest, NotReady, ReloadFailed, UnknownDimens
 from service.limits import RequestLimits
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
-from training.errors import ConfigError
-from training.matryoshka import truncate_normalize
 
 logger = logging.getLogger(__name__)
 

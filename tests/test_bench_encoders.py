@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks.encoders import CellResult, EncodersConfig, add_speedups, benchmark_texts, check_config, cosine_drift
-from training.data import DataError
+from core.data import DataError
 
 SAMPLE = Path(__file__).resolve().parent.parent / "data" / "sample_medical"  # as tests/conftest.py's SAMPLE
 

@@ -19,9 +19,9 @@ import httpx
 import pytest
 
 from benchmarks.peers import OURS, SENTENCE_TRANSFORMERS, TXTAI, PeersConfig, add_peers_parser, run_peers
+from core.matryoshka import DimensionError
 from index.build import BuildConfig, build_index
 from tests.conftest import SAMPLE
-from training.matryoshka import DimensionError
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.slow]
 

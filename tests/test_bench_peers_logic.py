@@ -11,7 +11,7 @@ import pytest
 from benchmarks import peers
 from benchmarks.latency import CellResult, Outcome
 from benchmarks.peers import APIS, OURS, SENTENCE_TRANSFORMERS, TXTAI, PeersConfig, check_config
-from training.matryoshka import DimensionError
+from core.matryoshka import DimensionError
 
 MANIFEST = SimpleNamespace(dims=[384, 128, 64], model=SimpleNamespace(full_dim=384))
 

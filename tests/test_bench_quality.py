@@ -28,9 +28,9 @@ from benchmarks.quality import (
     search_two_stage,
     sign_bits,
 )
+from core.data import DataError
+from core.matryoshka import truncate_normalize
 from tests.conftest import SAMPLE
-from training.data import DataError
-from training.matryoshka import truncate_normalize
 
 
 @pytest.fixture(scope="module")

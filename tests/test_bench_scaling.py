@@ -18,11 +18,10 @@ from benchmarks.scaling import (
     ScalingConfig,
     check_config,
     flat_speedups,
-    recall_at_k,
     synthetic_corpus,
     synthetic_queries,
 )
-from training.matryoshka import DimensionError
+from core.matryoshka import DimensionError
 
 
 def bench(*argv: str) -> int:
@@ -56,13 +55,6 @@ def test_queries_are_perturbed_corpus_vectors_from_the_first_rows():
     best = (queries @ corpus.T).max(axis=1)
     assert np.median(best) > 0.8 and best.min() > 0.5  # each query stays close to its source row...
     assert best.max() < 0.9999  # ...without being a copy of it
-
-
-def test_recall_at_k_counts_shared_ids_and_ignores_padding():
-    truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
-    assert recall_at_k(truth, truth) == 1.0
-    found = np.array([[4, 3, 9, -1], [-1, -1, -1, -1]])
-    assert recall_at_k(found, truth) == pytest.approx(0.25)
 
 
 def _flat(size: int, dim: int, batched: float, single: float) -> CellResult:

@@ -21,9 +21,9 @@ from benchmarks.strategies import (
     settings_mismatch,
     train_arguments,
 )
+from core.data import DataError, load_beir
 from mrl.cli import main
 from tests.conftest import SAMPLE
-from training.data import DataError, load_beir
 
 
 def test_scored_subset_keeps_every_judged_document_and_fills_with_drawn_ones():
@@ -90,8 +90,8 @@ def test_cli_refuses_a_bad_learning_rate_in_one_line(tmp_path: Path, capsys):
 @pytest.mark.slow
 @pytest.mark.benchmark
 def test_every_strategy_trains_and_is_scored_in_and_out_of_domain(tiny_beir: Path, tmp_path: Path, capsys):
+    from core.models import SentenceTransformerEncoder, load_model
     from training.evaluate import evaluate
-    from training.models import SentenceTransformerEncoder, load_model
 
     out, models = tmp_path / "report", tmp_path / "models"
     argv = ["bench", "strategies", "--data", str(SAMPLE), "--ood", str(tiny_beir), "--out", str(out),

@@ -17,9 +17,9 @@ import pytest
 from benchmarks.cli import add_bench_parser
 from benchmarks.latency import Cell, LatencyConfig, Outcome, ServerError, plan_cells, run_latency, summarize
 from benchmarks.latency import running_server as start_server
+from core.matryoshka import DimensionError
 from index.build import BuildConfig, build_index
 from tests.conftest import SAMPLE
-from training.matryoshka import DimensionError
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.slow]
 

@@ -85,11 +85,11 @@ def test_eval_command_compares_models_and_writes_reports(tiny_beir: Path, tmp_pa
 
 def project_errors() -> list[BaseException]:
     from benchmarks.latency import ServerError
+    from core.data import DataError
+    from core.errors import ConfigError
+    from core.matryoshka import DimensionError
+    from core.models import ModelError
     from index.manifest import IndexFolderError
-    from training.data import DataError
-    from training.errors import ConfigError
-    from training.matryoshka import DimensionError
-    from training.models import ModelError
 
     return [
         ConfigError("--x must be positive, got 0"),

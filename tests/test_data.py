@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from core.data import DataError, Pair, load_beir, load_pairs
 from tests.conftest import write_beir
-from training.data import DataError, Pair, load_beir, load_pairs
 
 
 def test_load_beir_reads_everything(tiny_beir: Path):

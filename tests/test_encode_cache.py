@@ -14,10 +14,10 @@ import numpy as np
 import pytest
 
 import index.build as build_module
+from core.data import Document
 from index.build import BuildConfig, build_index, encode_cache_key
 from index.loaded import open_index
 from tests.conftest import KEYWORDS, KeywordEncoder
-from training.data import Document
 
 FINGERPRINT = "sha256:" + "cd" * 32
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from training.data import load_beir
+from core.data import load_beir
 from training.evaluate import EvalResult, evaluate, exact_top_k
 from training.report import comparison_table, markdown_report, write_eval_report
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.matryoshka import truncate_normalize
+from core.metrics import neighbour_recall
 from index.backends import FaissGpuIndex, FaissIndex, backend_for, gpu_count
 from index.params import IndexPlan
-from training.matryoshka import truncate_normalize
 
 N, D, NQ, K = 4000, 64, 100, 10
 
@@ -44,10 +45,6 @@ def brute_force(docs, queries, k):
     return np.argsort(-scores, axis=1, kind="stable")[:, :k], np.sort(scores, axis=1)[:, ::-1][:, :k]
 
 
-def recall_at_k(found: np.ndarray, truth: np.ndarray) -> float:
-    return float(np.mean([len(set(f) & set(t)) / len(t) for f, t in zip(found, truth, strict=True)]))
-
-
 @pytest.mark.parametrize(("backend", "plan_name"), CASES)
 def test_results_match_brute_force(backend, plan_name, synthetic, tmp_path: Path):
     docs, queries = synthetic
@@ -58,9 +55,9 @@ def test_results_match_brute_force(backend, plan_name, synthetic, tmp_path: Path
     truth_ids, truth_scores = brute_force(docs, queries, K)
     if plan.exact:
         np.testing.assert_allclose(scores, truth_scores, atol=1e-5)
-        assert recall_at_k(ids, truth_ids) == 1.0
+        assert neighbour_recall(ids, truth_ids) == 1.0
     else:
-        assert recall_at_k(ids, truth_ids) >= 0.95
+        assert neighbour_recall(ids, truth_ids) >= 0.95
 
     # Written in CPU format, read back by the same backend: same answers.
     index.save(tmp_path / "i.faiss")

@@ -9,6 +9,8 @@ import numpy as np
 import pytest
 
 import index.build as build_module
+from core.data import DataError
+from core.matryoshka import truncate_normalize
 from index.build import BuildConfig, add_documents, build_index
 from index.cli import info_table
 from index.layout import CURRENT, VERSIONS, resolve_version
@@ -16,8 +18,6 @@ from index.loaded import open_index
 from index.manifest import IndexFolderError, IndexManifest
 from mrl.cli import main
 from tests.conftest import SAMPLE, scramble, without_checksums
-from training.data import DataError
-from training.matryoshka import truncate_normalize
 
 pytestmark = pytest.mark.slow
 

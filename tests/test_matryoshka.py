@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.matryoshka import DimensionError, default_dims, parse_dims, truncate_normalize, validate_dims
+from core.matryoshka import DimensionError, default_dims, parse_dims, truncate_normalize, validate_dims
 
 
 def test_truncate_then_normalise_gives_unit_rows_of_the_prefix():

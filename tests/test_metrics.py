@@ -2,9 +2,10 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 
-from training.metrics import metric_names, mrr_at_k, ndcg_at_k, recall_at_k, score_rankings
+from core.metrics import metric_names, mrr_at_k, ndcg_at_k, neighbour_recall, recall_at_k, score_rankings
 
 
 def test_ndcg_single_relevant_at_rank_three():
@@ -71,3 +72,10 @@ def test_score_rankings_with_negative_judgements_matches_trec_eval():
     assert scores == pytest.approx(
         {"ndcg@10": 0.6433224, "mrr@10": 0.5, "recall@1": 0.0, "recall@10": 1.0, "recall@100": 1.0}, abs=1e-7
     )
+
+
+def test_neighbour_recall_counts_shared_ids_and_ignores_padding():
+    truth = np.array([[1, 2, 3, 4], [5, 6, 7, 8]])
+    assert neighbour_recall(truth, truth) == 1.0
+    found = np.array([[4, 3, 9, -1], [-1, -1, -1, -1]])
+    assert neighbour_recall(found, truth) == pytest.approx(0.25)

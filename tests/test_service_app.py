@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.matryoshka import truncate_normalize
+from core.models import ModelError
 from index.manifest import IndexFolderError
 from service.engine import ConfigurationError
 from tests.service_fixtures import (
@@ -24,8 +26,6 @@ from tests.service_fixtures import (
     serve,
     write_data,
 )
-from training.matryoshka import truncate_normalize
-from training.models import ModelError
 
 ERROR_KEYS = {"type", "message"}
 

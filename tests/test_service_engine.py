@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.matryoshka import truncate_normalize
 from service.batching import EncoderFault, MicroBatcher
 from service.cli import ServeError, add_serve_parser, run_serve, settings_from_args
 from service.engine import IndexSlot, RequestLimits, rerank
@@ -23,7 +24,6 @@ from service.errors import (
     error_kind,
 )
 from service.settings import ServiceSettings
-from training.matryoshka import truncate_normalize
 
 
 class FakeLoaded:

@@ -20,13 +20,13 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
+from core.matryoshka import truncate_normalize
 from index.build import BuildConfig, build_index
 from index.loaded import open_index
 from service.app import create_app
 from service.encoders import EncoderError
 from service.settings import ServiceSettings
 from tests.conftest import REPO, SAMPLE
-from training.matryoshka import truncate_normalize
 
 pytestmark = pytest.mark.slow
 

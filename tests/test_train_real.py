@@ -9,11 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.data import load_beir
+from core.matryoshka import DimensionError
+from core.models import SentenceTransformerEncoder, load_model, model_dims, read_model_card
 from tests.conftest import SAMPLE
-from training.data import load_beir
 from training.evaluate import evaluate
-from training.matryoshka import DimensionError
-from training.models import SentenceTransformerEncoder, load_model, model_dims, read_model_card
 from training.train import TrainConfig, train
 
 pytestmark = pytest.mark.slow

@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.models import load_model, read_model_card
 from mrl.cli import main
 from tests.conftest import SAMPLE
-from training.models import load_model, read_model_card
 from training.strategies import ADAPTER_FOLDER, apply_strategy, check_strategy_options, layer_learning_rates
 from training.train import TrainConfig, build_trainer, load_training_data, train
 from training.unfreezing import unfreeze_steps
@@ -167,7 +167,7 @@ def test_lora_publishes_a_merged_plain_model_and_its_adapter(tmp_path: Path):
 
     # The adapter folder is itself a model path (index builder, service): the same weights, bit for bit,
     # so an index built from the merged model is served by the adapter and the other way round.
-    from index.manifest import model_fingerprint
+    from core.models import model_fingerprint
 
     from_adapter = load_model(str(adapter))
     assert model_fingerprint(from_adapter) == model_fingerprint(tuned)
@@ -182,7 +182,7 @@ def test_unfreeze_steps_release_one_unit_at_a_time_over_the_first_half():
 
 
 def test_an_adapter_without_a_base_model_is_refused_in_one_line(tmp_path: Path):
-    from training.models import ModelError
+    from core.models import ModelError
 
     (tmp_path / "adapter_config.json").write_text('{"r": 4}')
     with pytest.raises(ModelError, match="names no base_model_name_or_path"):

@@ -11,9 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.data import load_beir
 from mrl.cli import main
 from tests.conftest import SAMPLE
-from training.data import load_beir
 from training.evaluate import EvalResult
 from training.train import (
     TrainConfig,
@@ -172,8 +172,9 @@ def test_forgetting_section_reports_out_of_domain_ndcg_before_and_after(tmp_path
 
 @pytest.mark.slow
 def test_lora_with_early_stopping_publishes_the_merge_of_the_best_checkpoint(tmp_path: Path):
-    from training.models import load_model
-    from training.strategies import add_lora, load_lora_checkpoint, merge_lora
+    from core.adapters import merge_lora
+    from core.models import load_model
+    from training.strategies import add_lora, load_lora_checkpoint
 
     output = tmp_path / "model"
     schedule = {"max_steps": 6, "learning_rate": 5e-3, "warmup_ratio": 0.0, "keep_checkpoints": True}

@@ -6,16 +6,8 @@ import argparse
 import time
 from pathlib import Path
 
-from training.errors import ConfigError
-from training.matryoshka import DimensionError, parse_dims
-
-
-def dims_argument(text: str) -> list[int]:
-    """argparse type for ``--dims``: the parse error becomes argparse's own usage message."""
-    try:
-        return parse_dims(text)
-    except DimensionError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
+from core.cli_args import check_positive, config_fields, dims_argument
+from core.errors import ConfigError
 
 
 def add_train_parser(commands: argparse._SubParsersAction) -> None:
@@ -193,27 +185,10 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
     p.set_defaults(handler=run_train)
 
 
-def config_fields(args: argparse.Namespace) -> dict:
-    """The parsed options of a subcommand, without argparse's routing entries, for a config dataclass."""
-    return {k: v for k, v in vars(args).items() if k not in ("command", "action", "handler", "verbose")}
-
-
 def _train_defaults():
     from training.train import TrainConfig
 
     return TrainConfig(data=Path("."), output=Path("."))
-
-
-def check_positive(args: argparse.Namespace, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
-    """Refuse a non-positive numeric option (``optional`` ones only when given), naming it.
-
-    Raises:
-        ConfigError: For the first option that is zero or negative.
-    """
-    for name in (*required, *(n for n in optional if getattr(args, n) is not None)):
-        value = getattr(args, name)
-        if value <= 0:
-            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -271,10 +246,10 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from training.data import load_beir
+    from core.data import load_beir
+    from core.matryoshka import validate_dims
+    from core.models import SentenceTransformerEncoder, embedding_dimension, load_model, model_dims
     from training.evaluate import evaluate
-    from training.matryoshka import validate_dims
-    from training.models import SentenceTransformerEncoder, embedding_dimension, load_model, model_dims
     from training.report import comparison_table, write_eval_report
 
     check_positive(args, ("batch_size",), ("max_seq_length",))

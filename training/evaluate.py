@@ -13,15 +13,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from training.data import Qrels, RetrievalDataset
-from training.matryoshka import truncate_normalize
-from training.metrics import RECALL_AT, score_rankings
-from training.models import Encoder
+from core.data import Qrels, RetrievalDataset
+from core.matryoshka import truncate_normalize
+from core.metrics import RECALL_AT, exact_top_k, score_rankings
+from core.models import Encoder
 
 logger = logging.getLogger(__name__)
 
 TOP_K = max(RECALL_AT)
-QUERY_CHUNK = 256
 
 
 @dataclass
@@ -81,19 +80,6 @@ def encode_split(encoder: Encoder, dataset: RetrievalDataset, split: str) -> Spl
     doc_vectors = encoder.encode_documents([dataset.corpus[d].passage for d in doc_ids])
     query_vectors = encoder.encode_queries([dataset.queries[q] for q in query_ids])
     return SplitEmbeddings(doc_ids, doc_vectors, query_ids, query_vectors, time.perf_counter() - started)
-
-
-def exact_top_k(queries: np.ndarray, documents: np.ndarray, k: int) -> np.ndarray:
-    """Row indices of the ``k`` highest inner products per query, best first (exact search).
-
-    Equal scores keep corpus order, so results are reproducible to the last rank.
-    """
-    k = min(k, documents.shape[0])
-    result = np.empty((queries.shape[0], k), dtype=np.int64)
-    for start in range(0, queries.shape[0], QUERY_CHUNK):
-        scores = queries[start : start + QUERY_CHUNK] @ documents.T
-        result[start : start + QUERY_CHUNK] = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return result
 
 
 def score_dims(embeddings: SplitEmbeddings, qrels: Qrels, dims: list[int]) -> dict[int, dict[str, float]]:

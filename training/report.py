@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from core.files import write_json_atomic, write_text_atomic
+from core.metrics import metric_names
 from training.evaluate import EvalResult
-from training.files import write_json_atomic, write_text_atomic
-from training.metrics import metric_names
 
 LABELS = {"ndcg@10": "NDCG@10", "mrr@10": "MRR@10", "recall@1": "R@1", "recall@10": "R@10", "recall@100": "R@100"}
 

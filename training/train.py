@@ -19,13 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from training.data import DataError, Pair, RetrievalDataset, load_beir, load_pairs
-from training.errors import ConfigError
-from training.evaluate import EvalResult, evaluate
-from training.files import json_fields, publish_dir, staging_dir, write_json_atomic, write_text_atomic
-from training.matryoshka import DimensionError, default_dims, validate_dims
-from training.memory import PeakMemory
-from training.models import (
+from core.adapters import LoraAdapter, merge_lora
+from core.data import DataError, Pair, RetrievalDataset, load_beir, load_pairs
+from core.errors import ConfigError
+from core.files import json_fields, publish_dir, staging_dir, write_json_atomic, write_text_atomic
+from core.matryoshka import DimensionError, default_dims, validate_dims
+from core.models import (
     DEFAULT_MODEL,
     DOCUMENT_PROMPT,
     QUERY_PROMPT,
@@ -34,15 +33,15 @@ from training.models import (
     embedding_dimension,
     load_model,
 )
+from training.evaluate import EvalResult, evaluate
+from training.memory import PeakMemory
 from training.report import comparison_table, detail_table, plot_ndcg
 from training.strategies import (
     ADAPTER_FOLDER,
-    LoraAdapter,
     apply_strategy,
     check_strategy_options,
     learning_rate_mapping,
     lora_trainer,
-    merge_lora,
     unfreezing_units,
 )
 from training.validation import (

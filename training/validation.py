@@ -13,9 +13,9 @@ import random
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from training.data import Qrels, RetrievalDataset
-from training.errors import ConfigError
-from training.metrics import metric_names
+from core.data import Qrels, RetrievalDataset
+from core.errors import ConfigError
+from core.metrics import metric_names
 
 if TYPE_CHECKING:
     from training.train import TrainConfig

@@ -11,8 +11,8 @@ from typing import TYPE_CHECKING, Any
 
 from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 
+from core.models import SentenceTransformerEncoder
 from training.evaluate import evaluate
-from training.models import SentenceTransformerEncoder
 from training.validation import VALIDATION_SPLIT, ValidationSet, metric_key
 
 if TYPE_CHECKING:

@@ -10,3 +10,7 @@ from __future__ import annotations
 
 class ConfigError(ValueError):
     """Invalid options or settings; the message names the option, in one line."""
+
+
+class ModelError(ValueError):
+    """A model could not be found or loaded."""

@@ -1,4 +1,4 @@
-"""Ranking metrics over a ranked list of document ids, with graded relevance.
+"""Retrieval metrics: ranking metrics with graded relevance, exact search, recall against exact search.
 
 Definitions follow trec_eval (and so BEIR): NDCG uses linear gains and a log2 discount,
 a judgement of 0 or below counts as not relevant (no gain, never a negative one, in DCG and
@@ -11,7 +11,10 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 
+import numpy as np
+
 RECALL_AT = (1, 10, 100)
+EXACT_QUERY_CHUNK = 256  # queries scored per matrix product in exact search
 CUTOFF = 10
 
 
@@ -69,3 +72,26 @@ def score_rankings(rankings: Mapping[str, Sequence[str]], qrels: Mapping[str, Ma
         for k in RECALL_AT:
             totals[f"recall@{k}"] += recall_at_k(ranked, relevance, k)
     return {name: value / len(judged) if judged else 0.0 for name, value in totals.items()}
+
+
+def exact_top_k(queries: np.ndarray, documents: np.ndarray, k: int) -> np.ndarray:
+    """Row indices of the ``k`` highest inner products per query, best first (exact search).
+
+    Equal scores keep corpus order, so results are reproducible to the last rank.
+    """
+    k = min(k, documents.shape[0])
+    result = np.empty((queries.shape[0], k), dtype=np.int64)
+    for start in range(0, queries.shape[0], EXACT_QUERY_CHUNK):
+        scores = queries[start : start + EXACT_QUERY_CHUNK] @ documents.T
+        result[start : start + EXACT_QUERY_CHUNK] = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    return result
+
+
+def neighbour_recall(found: np.ndarray, exact: np.ndarray) -> float:
+    """Mean share of each query's exact top k (rows of ``exact``) that ``found`` also returned.
+
+    The recall of an approximate index against exact search; ``-1`` padding in ``found`` counts as a miss.
+    """
+    k = exact.shape[1]
+    hits = [len(set(row[row >= 0].tolist()) & set(truth.tolist())) for row, truth in zip(found, exact, strict=True)]
+    return float(np.mean(hits)) / k

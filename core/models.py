@@ -7,6 +7,7 @@ with. Later stages (index builder, service) read it through :func:`read_model_ca
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 from dataclasses import asdict, dataclass, field
@@ -15,7 +16,8 @@ from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from training.matryoshka import default_dims
+from core.errors import ModelError
+from core.matryoshka import default_dims
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -27,10 +29,6 @@ QUERY_PROMPT = "query"
 DOCUMENT_PROMPT = "document"
 
 logger = logging.getLogger(__name__)
-
-
-class ModelError(ValueError):
-    """A model could not be found or loaded."""
 
 
 @dataclass
@@ -80,7 +78,7 @@ def load_model(
     try:
         model = SentenceTransformer(resolve_model(adapter_base(adapter)) if adapter else resolved, device=device)
         if adapter is not None:
-            from training.strategies import apply_adapter
+            from core.adapters import apply_adapter
 
             apply_adapter(model, adapter)
     except Exception as exc:  # the library raises OSError, ValueError, HF errors...
@@ -178,3 +176,19 @@ class SentenceTransformerEncoder:
     @staticmethod
     def _as_float32(vectors: np.ndarray) -> np.ndarray:
         return np.asarray(vectors, dtype=np.float32)
+
+
+def model_fingerprint(model: SentenceTransformer) -> str:
+    """SHA-256 of the weights (as float32, by parameter name) and the module layout.
+
+    It identifies the embedding space whatever folder or hub name the model came from.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    layout = [(type(module).__name__, getattr(module, "get_config_dict", dict)()) for module in model]
+    digest.update(json.dumps(layout, sort_keys=True, default=str).encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+    return "sha256:" + digest.hexdigest()

@@ -1,0 +1,33 @@
+"""argparse helpers every command line uses: the ``--dims`` type, option checks, config fields."""
+
+from __future__ import annotations
+
+import argparse
+
+from core.errors import ConfigError
+from core.matryoshka import DimensionError, parse_dims
+
+
+def dims_argument(text: str) -> list[int]:
+    """argparse type for ``--dims``: the parse error becomes argparse's own usage message."""
+    try:
+        return parse_dims(text)
+    except DimensionError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def config_fields(args: argparse.Namespace) -> dict:
+    """The parsed options of a subcommand, without argparse's routing entries, for a config dataclass."""
+    return {k: v for k, v in vars(args).items() if k not in ("command", "action", "handler", "verbose")}
+
+
+def check_positive(args: argparse.Namespace, required: tuple[str, ...], optional: tuple[str, ...] = ()) -> None:
+    """Refuse a non-positive numeric option (``optional`` ones only when given), naming it.
+
+    Raises:
+        ConfigError: For the first option that is zero or negative.
+    """
+    for name in (*required, *(n for n in optional if getattr(args, n) is not None)):
+        value = getattr(args, name)
+        if value <= 0:
+            raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
