@@ -1,15 +1,21 @@
-"""Vector index backends behind one interface: FAISS on the CPU, FAISS on a GPU.
+"""The index-backend contract, and its first implementations: FAISS on the CPU, FAISS on a GPU.
 
-The backend is chosen at load time (:func:`backend_for`); both pass the same contract
-test. Indexes are always written in FAISS's CPU format, so a folder built on a GPU
-machine loads on a laptop and the other way round.
+:class:`VectorIndex` is what the index builder, the service and the benchmarks need of one
+dimension's inner-product index; :class:`IndexBackend` builds and opens them. Backends are
+registered by name (:func:`register_backend`, :func:`get_backend`) and chosen at load time
+(:func:`backend_for` maps a device to one). Every registered backend passes the one contract
+test, ``tests/test_index_backends.py``. A new engine implements these two protocols and
+registers one name.
+
+FAISS indexes are always written in FAISS's CPU format, so a folder built on a GPU machine
+loads on a laptop and the other way round.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Protocol
 
 import numpy as np
 
@@ -21,6 +27,49 @@ logger = logging.getLogger(__name__)
 Device = Literal["auto", "cpu", "gpu"]
 
 
+class VectorIndex(Protocol):
+    """One dimension's inner-product index, as the builder, the service and the benchmarks use it."""
+
+    backend: str  # the registered name of the backend that made it
+    thread_safe: bool  # whether several threads may search it at once
+
+    @property
+    def ntotal(self) -> int: ...
+
+    @property
+    def dim(self) -> int: ...
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Append rows; their ids continue from ``ntotal``."""
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` by inner product for each query row: ``(scores, row ids)``, best first; -1 pads."""
+
+    def save(self, path: Path) -> None:
+        """Write the index to one file that :meth:`IndexBackend.open` reads back."""
+
+    def describe(self) -> dict[str, Any]:
+        """What the manifest and ``/dims`` say of it: backend, index type, search parameters, device."""
+
+    def close(self) -> None:
+        """Release what it holds (device memory); it is not searched afterwards."""
+
+
+class IndexBackend(Protocol):
+    """Builds and opens :class:`VectorIndex` objects of one engine."""
+
+    name: str
+
+    def available(self) -> bool:
+        """Whether this machine can run it (a GPU backend without a GPU cannot)."""
+
+    def build(self, vectors: np.ndarray, plan: IndexPlan) -> VectorIndex:
+        """A new index of ``vectors`` (unit length) laid out as ``plan`` says, trained if it needs it."""
+
+    def open(self, path: Path, plan: IndexPlan) -> VectorIndex:
+        """The index :meth:`VectorIndex.save` wrote at ``path``, with ``plan``'s search parameters."""
+
+
 def gpu_count() -> int:
     """GPUs FAISS can use: 0 with faiss-cpu or without CUDA."""
     import faiss
@@ -29,8 +78,9 @@ def gpu_count() -> int:
 
 
 class FaissIndex:
-    """One dimension's FAISS inner-product index on the CPU."""
+    """One dimension's FAISS inner-product index on the CPU (a :class:`VectorIndex`)."""
 
+    backend = "faiss-cpu"
     device = "cpu"
 
     def __init__(self, index, plan: IndexPlan) -> None:  # index: faiss.Index
@@ -65,7 +115,24 @@ class FaissIndex:
 
         faiss.write_index(self._to_cpu(), str(path))
 
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "factory": self.plan.factory,
+            "search_params": dict(self.plan.search_params),
+            "device": self.device,
+        }
+
+    def close(self) -> None:
+        self._index = None
+        self._resources = None
+
     # --- use ----------------------------------------------------------------------
+    @property
+    def thread_safe(self) -> bool:
+        """FAISS CPU indexes take concurrent searches; GPU resources are not thread-safe."""
+        return self.device == "cpu"
+
     @property
     def ntotal(self) -> int:
         return int(self._index.ntotal)
@@ -104,6 +171,7 @@ class FaissIndex:
 class FaissGpuIndex(FaissIndex):
     """The same index moved to GPU 0; types FAISS cannot run there (HNSW) stay on the CPU."""
 
+    backend = "faiss-gpu"
     device = "gpu"
 
     def _place(self, cpu_index):
@@ -123,8 +191,56 @@ class FaissGpuIndex(FaissIndex):
         return faiss.index_gpu_to_cpu(self._index) if self.device == "gpu" else self._index
 
 
-def backend_for(device: Device = "auto") -> type[FaissIndex]:
-    """The index class for ``device``; ``auto`` means the GPU when FAISS sees one.
+class FaissBackend:
+    """An :class:`IndexBackend` over one of the FAISS index classes above."""
+
+    def __init__(self, name: str, index_class: type[FaissIndex], needs_gpu: bool) -> None:
+        self.name = name
+        self.index_class = index_class
+        self.needs_gpu = needs_gpu
+
+    def available(self) -> bool:
+        return not self.needs_gpu or gpu_count() > 0
+
+    def build(self, vectors: np.ndarray, plan: IndexPlan) -> FaissIndex:
+        return self.index_class.build(vectors, plan)
+
+    def open(self, path: Path, plan: IndexPlan) -> FaissIndex:
+        return self.index_class.load(path, plan)
+
+
+_BACKENDS: dict[str, IndexBackend] = {
+    "faiss-cpu": FaissBackend("faiss-cpu", FaissIndex, needs_gpu=False),
+    "faiss-gpu": FaissBackend("faiss-gpu", FaissGpuIndex, needs_gpu=True),
+}
+
+
+def register_backend(backend: IndexBackend) -> IndexBackend:
+    """Make ``backend`` known by its name (replacing one of that name); returns it."""
+    _BACKENDS[backend.name] = backend
+    return backend
+
+
+def registered_backends() -> list[str]:
+    return sorted(_BACKENDS)
+
+
+def get_backend(name: str) -> IndexBackend:
+    """The backend registered as ``name``.
+
+    Raises:
+        ConfigError: For an unknown name (the message lists the registered ones) or one this machine lacks.
+    """
+    if name not in _BACKENDS:
+        raise ConfigError(f"unknown index backend {name!r}; registered: {', '.join(registered_backends())}")
+    backend = _BACKENDS[name]
+    if not backend.available():
+        raise ConfigError(f"index backend {name!r} cannot run here (for faiss-gpu: install faiss-gpu and CUDA)")
+    return backend
+
+
+def backend_for(device: Device = "auto") -> IndexBackend:
+    """The FAISS backend for ``device``; ``auto`` means the GPU when FAISS sees one.
 
     Raises:
         ConfigError: If ``gpu`` is asked for and FAISS has no GPU.
@@ -132,5 +248,5 @@ def backend_for(device: Device = "auto") -> type[FaissIndex]:
     if device == "gpu" and gpu_count() == 0:
         raise ConfigError("device 'gpu' requested but FAISS sees no GPU (install faiss-gpu and CUDA, or use cpu)")
     if device == "gpu" or (device == "auto" and gpu_count() > 0):
-        return FaissGpuIndex
-    return FaissIndex
+        return get_backend("faiss-gpu")
+    return get_backend("faiss-cpu")

@@ -34,7 +34,7 @@ from core.models import (
     model_fingerprint,
     read_model_card,
 )
-from index.backends import Device, FaissIndex, backend_for
+from index.backends import Device, IndexBackend, VectorIndex, backend_for
 from index.layout import (
     DOCS_FILE,
     PROBE_FILE,
@@ -135,13 +135,13 @@ def encode_documents(encoder: Encoder, documents: list[Document], cache: Path | 
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
-def measure_recall(index: FaissIndex, vectors: np.ndarray, probes: np.ndarray, k: int = RECALL_K) -> float:
+def measure_recall(index: VectorIndex, vectors: np.ndarray, probes: np.ndarray, k: int = RECALL_K) -> float:
     """Recall@k of an approximate index against exact search, over the probe queries."""
     _, found = index.search(probes, k)
     return round(neighbour_recall(found, exact_top_k(probes, vectors, k)), 4)
 
 
-def measure_search_ms(index: FaissIndex, probes: np.ndarray, k: int = RECALL_K, count: int = 200) -> float:
+def measure_search_ms(index: VectorIndex, probes: np.ndarray, k: int = RECALL_K, count: int = 200) -> float:
     """Mean wall time of one single-query search (k=10), over up to ``count`` probe queries, in ms."""
     queries = probes[:count]
     index.search(queries[:1], k)  # warm-up
@@ -152,19 +152,21 @@ def measure_search_ms(index: FaissIndex, probes: np.ndarray, k: int = RECALL_K, 
 
 
 def describe_index(
-    index: FaissIndex, dim: int, vectors: np.ndarray, probes: np.ndarray, folder: Path, build_seconds: float
+    index: VectorIndex, dim: int, vectors: np.ndarray, probes: np.ndarray, folder: Path, build_seconds: float
 ) -> DimIndex:
     """Write one dimension's index into ``folder`` and measure it: size, recall (if approximate), search time."""
     index.save(folder / index_file(dim))
     reduced_probes = truncate_normalize(probes, dim)
+    description = index.describe()
     entry = DimIndex(
-        factory=index.plan.factory,
+        factory=description["factory"],
         file=index_file(dim),
         bytes=(folder / index_file(dim)).stat().st_size,
         build_seconds=round(build_seconds, 3),
-        search_params=dict(index.plan.search_params),
-        recall_at_10=None if index.plan.exact else measure_recall(index, vectors, reduced_probes),
+        search_params=dict(description["search_params"]),
+        recall_at_10=None if description["factory"] == "Flat" else measure_recall(index, vectors, reduced_probes),
         search_ms=measure_search_ms(index, reduced_probes),
+        backend=description["backend"],
     )
     recall = "" if entry.recall_at_10 is None else f", recall@10 {entry.recall_at_10:.3f}"
     logger.info(
@@ -184,7 +186,7 @@ def build_dim_indexes(
     probes: np.ndarray,
     dims: list[int],
     plan_for: Callable[[int], IndexPlan],
-    backend: type[FaissIndex],
+    backend: IndexBackend,
     folder: Path,
 ) -> dict[int, DimIndex]:
     """Per dimension: truncate + normalise, build, write, measure."""

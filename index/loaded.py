@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from index.backends import Device, FaissIndex, backend_for
+from index.backends import Device, VectorIndex, backend_for, get_backend
 from index.layout import DOCS_FILE, PROBE_FILE, VECTORS_FILE, VersionLease, resolve_version
 from index.manifest import IndexFolderError, IndexManifest, file_checksum
 from index.params import IndexPlan
@@ -27,7 +27,7 @@ class LoadedIndex:
     manifest: IndexManifest
     vectors: np.ndarray  # full dimension, memory-mapped
     store: DocumentStore
-    indexes: dict[int, FaissIndex]
+    indexes: dict[int, VectorIndex]
     probe_queries: np.ndarray | None = None
     lease: VersionLease | None = None
 
@@ -42,6 +42,8 @@ class LoadedIndex:
 
     def close(self) -> None:
         self.store.close()
+        for index in self.indexes.values():
+            index.close()
         if self.lease is not None:
             self.lease.release()
 
@@ -125,10 +127,12 @@ def _open_vectors(folder: Path, manifest: IndexManifest) -> np.ndarray:
     return vectors
 
 
-def _open_dim(folder: Path, manifest: IndexManifest, dim: int, device: Device) -> FaissIndex:
+def _open_dim(folder: Path, manifest: IndexManifest, dim: int, device: Device) -> VectorIndex:
     entry = manifest.indexes[dim]
+    # Any FAISS backend reads any FAISS file: the device picks one. Another engine opens its own.
+    backend = backend_for(device) if entry.backend.startswith("faiss") else get_backend(entry.backend)
     try:
-        index = backend_for(device).load(folder / entry.file, IndexPlan(entry.factory, entry.search_params))
+        index = backend.open(folder / entry.file, IndexPlan(entry.factory, entry.search_params))
     except RuntimeError as exc:
         raise IndexFolderError(f"{folder / entry.file}: unreadable FAISS index ({str(exc).splitlines()[0]})") from None
     if (index.ntotal, index.dim) != (manifest.num_vectors, dim):

@@ -35,6 +35,7 @@ class DimIndex:
     search_params: dict[str, int] = field(default_factory=dict)
     recall_at_10: float | None = None  # against exact search; None for an exact index
     search_ms: float | None = None  # one query, k=10, measured at build time on this machine
+    backend: str = "faiss-cpu"  # the registered index backend that built it (older manifests: FAISS on the CPU)
 
 
 @dataclass

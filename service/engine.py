@@ -17,7 +17,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,6 +29,7 @@ from core.matryoshka import truncate_normalize
 from index.layout import LEASE_TTL_SECONDS, resolve_version
 from index.loaded import LoadedIndex, open_index
 from index.manifest import IndexFolderError, IndexManifest
+from index.search import staged_search
 from service.batching import MicroBatcher, TextKind
 from service.encoders import LoadedEncoder, load_encoder
 from service.errors import InvalidRequest, NotReady, ReloadFailed, UnknownDimension
@@ -208,7 +209,7 @@ class Searcher:
         self._slot = IndexSlot(index)
         self._default_dim = _default_dim(settings.default_dim, index.manifest)
         self._reload_lock = asyncio.Lock()
-        self._gpu_lock = threading.Lock()
+        self._search_lock = threading.Lock()  # for indexes that are not thread-safe (GPU)
         self._lease_refresher: asyncio.Task | None = None
         self._batcher = MicroBatcher(
             self._encode_batch,
@@ -363,17 +364,19 @@ class Searcher:
     ) -> tuple[str, list[list[Hit]], float, float]:
         with self._slot.acquire() as index:
             self._check_dims(index, dim, rerank_dim)  # a reload may have changed the dims meanwhile
-            started = time.perf_counter()
-            fetch = k * self.settings.rerank_candidates if rerank_dim else k
-            faiss_index = index.indexes[dim]
-            # FAISS CPU indexes take concurrent searches; GPU resources are not thread-safe.
-            with self._gpu_lock if faiss_index.device == "gpu" else nullcontext():
-                scores, rows = faiss_index.search(truncate_normalize(vectors, dim), fetch)
-            searched = time.perf_counter()
-            if rerank_dim:
-                scores, rows = rerank(index.vectors, vectors, rows, rerank_dim, k)
-            rerank_s = time.perf_counter() - searched if rerank_dim else 0.0
-            return index.manifest.version, self._hits(index, scores, rows), searched - started, rerank_s
+            dim_index = index.indexes[dim]
+            found = staged_search(
+                dim_index,
+                index.vectors,
+                vectors,
+                dim,
+                k,
+                rerank_dim,
+                self.settings.rerank_candidates,
+                search_lock=None if dim_index.thread_safe else self._search_lock,
+            )
+            hits = self._hits(index, found.scores, found.rows)
+            return index.manifest.version, hits, found.search_seconds, found.rerank_seconds
 
     def _hits(self, index: LoadedIndex, scores: np.ndarray, rows: np.ndarray) -> list[list[Hit]]:
         documents = index.store.get(rows.ravel().tolist())
@@ -477,38 +480,6 @@ class Searcher:
 
 
 # --- helpers ------------------------------------------------------------------------------
-
-
-def rerank(
-    full_vectors: np.ndarray, queries: np.ndarray, rows: np.ndarray, dim: int, k: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact re-scoring of shortlisted rows at ``dim``: the best ``k`` per query, as ``(scores, rows)``.
-
-    Args:
-        full_vectors: All documents' full-dimension vectors (memory-mapped; only shortlisted rows are read).
-        queries: ``(n, full_dim)`` query vectors.
-        rows: ``(n, m)`` shortlisted row ids per query; -1 marks padding.
-        dim: Dimension to re-score at.
-        k: Hits to keep per query.
-
-    Returns:
-        ``(n, k')`` scores and rows, best first, ``k' = min(k, m)``; padded with -inf / -1 where a
-        query had fewer candidates.
-    """
-    width = min(k, rows.shape[1])
-    scores = np.full((len(rows), width), -np.inf, dtype=np.float32)
-    best = np.full((len(rows), width), -1, dtype=np.int64)
-    reduced_queries = truncate_normalize(queries, dim)
-    for number, candidates in enumerate(rows):
-        candidates = candidates[candidates >= 0]
-        if not len(candidates):
-            continue
-        documents = truncate_normalize(np.asarray(full_vectors[np.sort(candidates)]), dim)
-        similarity = documents @ reduced_queries[number]
-        order = np.argsort(-similarity, kind="stable")[:width]
-        scores[number, : len(order)] = similarity[order]
-        best[number, : len(order)] = np.sort(candidates)[order]
-    return scores, best
 
 
 def _load(settings: ServiceSettings, load: EncoderLoader) -> tuple[LoadedEncoder, LoadedIndex]:

@@ -1,4 +1,8 @@
-"""The contract every index backend passes: results match brute-force NumPy search."""
+"""The contract every registered index backend passes: results match brute-force NumPy search.
+
+Cases come from ``index.backends.registered_backends()``, so a backend registered later is
+tested here without a change; one this machine cannot run (faiss-gpu without a GPU) is skipped.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ import pytest
 
 from core.matryoshka import truncate_normalize
 from core.metrics import neighbour_recall
-from index.backends import FaissGpuIndex, FaissIndex, backend_for, gpu_count
+from index.backends import FaissIndex, backend_for, get_backend, gpu_count, registered_backends
 from index.params import IndexPlan
 
 N, D, NQ, K = 4000, 64, 100, 10
@@ -21,13 +25,20 @@ PLANS = {
     "hnsw": IndexPlan("HNSW32,Flat", {"efSearch": 128}),
     "ivf": IndexPlan("IVF32,Flat", {"nprobe": 16}),
 }
-CASES = [
-    pytest.param(FaissIndex, "flat", id="cpu-flat"),
-    pytest.param(FaissIndex, "hnsw", id="cpu-hnsw"),
-    pytest.param(FaissIndex, "ivf", id="cpu-ivf"),
-    pytest.param(FaissGpuIndex, "flat", id="gpu-flat", marks=[pytest.mark.gpu, needs_gpu]),
-    pytest.param(FaissGpuIndex, "ivf", id="gpu-ivf", marks=[pytest.mark.gpu, needs_gpu]),
-]
+# Index types each backend supports (HNSW has no FAISS GPU implementation: it stays on the CPU there).
+SUPPORTED = {"faiss-gpu": ("flat", "ivf")}
+
+
+def backend_cases() -> list:
+    cases = []
+    for name in registered_backends():
+        marks = [pytest.mark.gpu, needs_gpu] if "gpu" in name else []
+        for plan_name in SUPPORTED.get(name, tuple(PLANS)):
+            cases.append(pytest.param(name, plan_name, id=f"{name}-{plan_name}", marks=marks))
+    return cases
+
+
+CASES = backend_cases()
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +58,7 @@ def brute_force(docs, queries, k):
 
 @pytest.mark.parametrize(("backend", "plan_name"), CASES)
 def test_results_match_brute_force(backend, plan_name, synthetic, tmp_path: Path):
+    backend = get_backend(backend)
     docs, queries = synthetic
     plan = PLANS[plan_name]
     index = backend.build(docs, plan)
@@ -61,14 +73,18 @@ def test_results_match_brute_force(backend, plan_name, synthetic, tmp_path: Path
 
     # Written in CPU format, read back by the same backend: same answers.
     index.save(tmp_path / "i.faiss")
-    reloaded = backend.load(tmp_path / "i.faiss", plan)
+    reloaded = backend.open(tmp_path / "i.faiss", plan)
     np.testing.assert_array_equal(reloaded.search(queries, K)[1], ids)
+    description = reloaded.describe()
+    assert description["backend"] == backend.name and description["factory"] == plan.factory
+    assert description["search_params"] == plan.search_params
+    reloaded.close()
 
 
 @pytest.mark.parametrize(("backend", "plan_name"), CASES)
 def test_add_extends_the_index(backend, plan_name, synthetic):
     docs, queries = synthetic
-    index = backend.build(docs[:3000], PLANS[plan_name])
+    index = get_backend(backend).build(docs[:3000], PLANS[plan_name])
     index.add(docs[3000:])
     assert index.ntotal == N
     _, ids = index.search(docs[3500:3510], 1)
@@ -84,10 +100,26 @@ def test_k_larger_than_index_and_single_query():
 
 
 def test_backend_choice():
-    assert backend_for("cpu") is FaissIndex
+    assert backend_for("cpu").name == "faiss-cpu"
     if gpu_count() == 0:
-        assert backend_for("auto") is FaissIndex
+        assert backend_for("auto").name == "faiss-cpu"
         with pytest.raises(ValueError, match="FAISS sees no GPU"):
             backend_for("gpu")
     else:
-        assert backend_for("auto") is FaissGpuIndex
+        assert backend_for("auto").name == "faiss-gpu"
+
+
+def test_backends_are_found_by_name_and_unknown_names_listed():
+    assert {"faiss-cpu", "faiss-gpu"} <= set(registered_backends())
+    with pytest.raises(ValueError, match="unknown index backend 'nope'; registered: faiss-cpu, faiss-gpu"):
+        get_backend("nope")
+
+
+def test_a_new_backend_is_one_registered_name(monkeypatch):
+    """A second engine needs only the two protocols and one registered name (here: FAISS under another name)."""
+    import index.backends as backends
+    from index.backends import FaissBackend, register_backend
+
+    monkeypatch.setattr(backends, "_BACKENDS", dict(backends._BACKENDS))
+    other = register_backend(FaissBackend("other-engine", FaissIndex, needs_gpu=False))
+    assert get_backend("other-engine") is other and "other-engine" in registered_backends()

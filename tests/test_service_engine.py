@@ -10,9 +10,10 @@ import numpy as np
 import pytest
 
 from core.matryoshka import truncate_normalize
+from index.search import rerank
 from service.batching import EncoderFault, MicroBatcher
 from service.cli import ServeError, add_serve_parser, run_serve, settings_from_args
-from service.engine import IndexSlot, RequestLimits, rerank
+from service.engine import IndexSlot, RequestLimits
 from service.errors import (
     InvalidRequest,
     NotReady,
