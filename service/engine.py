@@ -16,11 +16,8 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -35,7 +32,17 @@ from service.encoders import LoadedEncoder, load_encoder
 from service.errors import InvalidRequest, NotReady, ReloadFailed, UnknownDimension
 from service.limits import RequestLimits
 from service.metrics import ServiceMetrics
+from service.results import (
+    DimInfo,
+    EmbeddingResult,
+    Hit,
+    IndexInfo,
+    ReloadOutcome,
+    SearchResult,
+    Timings,
+)
 from service.settings import ServiceSettings
+from service.slot import IndexSlot
 
 logger = logging.getLogger(__name__)
 
@@ -45,148 +52,6 @@ WARM_UP_QUERY = "warm-up query"
 
 class ConfigurationError(ConfigError):
     """The settings do not fit the index (e.g. a default dimension it does not have)."""
-
-
-# --- results ------------------------------------------------------------------------------
-
-
-@dataclass
-class Hit:
-    """One search result: the document and its cosine similarity to the query."""
-
-    id: str
-    score: float
-    title: str
-    text: str
-    metadata: dict[str, Any]
-
-
-@dataclass
-class Timings:
-    """Milliseconds per stage of one request (a batch's queries share them)."""
-
-    encode_ms: float = 0.0
-    search_ms: float = 0.0
-    rerank_ms: float = 0.0
-    total_ms: float = 0.0
-
-
-@dataclass
-class SearchResult:
-    """Hits per query, in query order, and how they were found."""
-
-    dim: int
-    rerank_dim: int | None
-    k: int
-    index_version: str
-    hits: list[list[Hit]]
-    timings: Timings
-
-
-@dataclass
-class EmbeddingResult:
-    """Unit-length embeddings, one row per input, at ``dim`` coordinates."""
-
-    vectors: np.ndarray
-    dim: int
-    model: str
-    tokens: int
-
-
-@dataclass
-class DimInfo:
-    """What one served dimension costs and buys."""
-
-    dim: int
-    index_type: str
-    bytes: int
-    vectors: int
-    ndcg_at_10: float | None
-    recall_at_10: float | None
-    search_ms: float | None
-
-
-@dataclass
-class IndexInfo:
-    """The served index, as the ``/dims`` endpoint shows it."""
-
-    model: str
-    index_version: str
-    encoder: str
-    full_dim: int
-    default_dim: int
-    num_vectors: int
-    built_at: str
-    dims: list[DimInfo] = field(default_factory=list)
-
-
-@dataclass
-class ReloadOutcome:
-    previous_version: str
-    version: str
-    changed: bool
-
-
-# --- the index slot: atomic swap, close after the last search -------------------------------
-
-
-class _Lease:
-    def __init__(self, loaded: LoadedIndex) -> None:
-        self.loaded = loaded
-        self.users = 0
-        self.retired = False
-
-
-class IndexSlot:
-    """Holds the served :class:`LoadedIndex`; a swapped-out one is closed when its last search ends."""
-
-    def __init__(self, loaded: LoadedIndex) -> None:
-        self._lock = threading.Lock()
-        self._lease = _Lease(loaded)
-
-    @property
-    def current(self) -> LoadedIndex:
-        return self._lease.loaded
-
-    @contextmanager
-    def acquire(self) -> Iterator[LoadedIndex]:
-        """The current index, kept open until the ``with`` block ends even if it is swapped meanwhile."""
-        with self._lock:
-            lease = self._lease
-            if lease.retired:
-                raise NotReady("the index is closed")
-            lease.users += 1
-        try:
-            yield lease.loaded
-        finally:
-            self._release(lease)
-
-    def swap(self, loaded: LoadedIndex) -> LoadedIndex:
-        """Serve ``loaded`` from now on; return the previous index (closed now or by its last user)."""
-        with self._lock:
-            old = self._lease
-            self._lease = _Lease(loaded)
-        self._retire(old)
-        return old.loaded
-
-    def close(self) -> None:
-        self._retire(self._lease)
-
-    def _retire(self, lease: _Lease) -> None:
-        with self._lock:
-            if lease.retired:
-                return
-            lease.retired = True
-            idle = lease.users == 0
-        if idle:
-            lease.loaded.close()
-
-    def _release(self, lease: _Lease) -> None:
-        with self._lock:
-            lease.users -= 1
-            last = lease.retired and lease.users == 0
-        if last:
-            lease.loaded.close()
 
 
 # --- the searcher -------------------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.engine import EmbeddingResult, IndexInfo, ReloadOutcome, SearchResult
+from service.results import EmbeddingResult, IndexInfo, ReloadOutcome, SearchResult
 
 DIM_DESCRIPTION = "Matryoshka dimension to search at; one of those listed by GET /dims (default: the largest)"
 RERANK_DESCRIPTION = (

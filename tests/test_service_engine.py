@@ -13,7 +13,6 @@ from core.matryoshka import truncate_normalize
 from index.search import rerank
 from service.batching import EncoderFault, MicroBatcher
 from service.cli import ServeError, add_serve_parser, run_serve, settings_from_args
-from service.engine import IndexSlot, RequestLimits
 from service.errors import (
     InvalidRequest,
     NotReady,
@@ -24,7 +23,9 @@ from service.errors import (
     describe_validation_errors,
     error_kind,
 )
+from service.limits import RequestLimits
 from service.settings import ServiceSettings
+from service.slot import IndexSlot
 
 
 class FakeLoaded:
