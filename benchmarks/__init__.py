@@ -1,6 +1,6 @@
 """Benchmarks of the running system: HTTP latency of the real server, and two-stage search quality.
 
-``benchmarks`` may import every other stage (``training``, ``index``, ``service``); only the
+``benchmarks`` may import ``core`` and every stage (``training``, ``index``, ``service``); only the
 ``mrl bench`` command imports it. What both benchmarks share lives here: the description of
 the machine a result was measured on, and Markdown table rows.
 """

@@ -1,1 +1,1 @@
-"""Matryoshka fine-tuning and per-dimension evaluation (the first stage of the data path)."""
+"""Matryoshka fine-tuning and per-dimension evaluation (the first stage of the data path); imports ``core`` only."""
