@@ -4,15 +4,21 @@ For every BEIR folder: the base model and a model tuned on the folder's train sp
 found in ``--models-dir``, or trained there) each encode the corpus and the judged queries of
 the test split **once** at full dimension (cached on disk by model fingerprint and text hash).
 Everything else is derived from those vectors with ``truncate_normalize`` and searched with
-real FAISS indexes, one query at a time as the service does:
+real FAISS indexes, one query at a time as the service does: the float indexes are built by
+the ``faiss-cpu`` backend of ``index.backends`` and searched with ``index.search.staged_search``,
+the service's own search function.
 
-- ``float32``: ``IndexFlatIP`` at every dim (what the service serves);
-- ``two-stage``: shortlist ``S`` rows at a small dim, re-score them at full dim
-  (``service.engine.rerank``), for every shortlist size in ``--shortlists``;
-- ``int8``: ``IndexScalarQuantizer`` (8 bits per coordinate, trained on the corpus);
-- ``binary``: ``IndexBinaryFlat`` over sign bits, Hamming distance;
+- ``float32``: a ``Flat`` (exact inner-product) index at every dim (what the service serves);
+- ``two-stage``: shortlist ``S`` rows at a small dim, re-score them at full dim (``staged_search``
+  with ``rerank_dim``), for every shortlist size in ``--shortlists``;
+- ``int8``: an ``SQ8`` index (FAISS's scalar quantiser, 8 bits per coordinate, trained on the corpus);
+- ``binary``: ``faiss.IndexBinaryFlat`` over sign bits, Hamming distance;
 - ``binary+rescore``: the binary top 100 re-scored with the float query against the ±1
   document vectors (the sentence-transformers recipe; no float documents kept in memory).
+
+The binary options are the one place a benchmark builds a FAISS index itself: a Hamming index
+over packed bits is not an inner-product index of float vectors, which is what the backend
+contract (``VectorIndex``) describes and what the service serves.
 
 Every option is scored with ``core.metrics.score_rankings`` (NDCG@10, MRR@10, Recall@100)
 and timed per query on a sample of the queries (search only; the query encoding is the same
@@ -43,6 +49,9 @@ from core.errors import ConfigError
 from core.files import json_fields
 from core.matryoshka import DimensionError, truncate_normalize, validate_dims
 from core.metrics import score_rankings
+from index.backends import VectorIndex, faiss_threads, get_backend, set_faiss_threads
+from index.params import IndexPlan
+from index.search import staged_search
 
 logger = logging.getLogger(__name__)
 
@@ -240,41 +249,30 @@ def encode_dataset(
 # Search options, each returning rankings (row ids, best first) and per-query times
 
 
-def float_index(docs: np.ndarray, dim: int) -> Any:
-    import faiss
-
-    index = faiss.IndexFlatIP(dim)
-    index.add(truncate_normalize(docs, dim))
-    return index
+def inner_product_index(docs: np.ndarray, dim: int, factory: str = "Flat") -> VectorIndex:
+    """A ``faiss-cpu`` inner-product index of ``docs`` at ``dim`` (``Flat``: exact; ``SQ8``: 8-bit scalar quantiser)."""
+    return get_backend("faiss-cpu").build(truncate_normalize(docs, dim), IndexPlan(factory))
 
 
 def search_float(docs: np.ndarray, dim: int) -> Callable[[np.ndarray], np.ndarray]:
-    index = float_index(docs, dim)
-    return lambda query: index.search(truncate_normalize(query, dim), DEPTH)[1]
+    index = inner_product_index(docs, dim)
+    return lambda query: staged_search(index, docs, query, dim, DEPTH).rows
 
 
 def search_two_stage(docs: np.ndarray, dim: int, shortlist: int) -> Callable[[np.ndarray], np.ndarray]:
-    """Shortlist at ``dim``, re-score the whole shortlist at the full dimension."""
-    from service.engine import rerank
+    """Shortlist ``shortlist`` rows at ``dim``, re-score the whole shortlist at the full dimension.
 
-    index = float_index(docs, dim)
+    ``staged_search`` with ``k = shortlist`` and one candidate per hit: the shortlist is kept
+    whole, re-ordered.
+    """
+    index = inner_product_index(docs, dim)
     full = docs.shape[1]
-
-    def search(query: np.ndarray) -> np.ndarray:
-        rows = index.search(truncate_normalize(query, dim), shortlist)[1]
-        return rerank(docs, query, rows, full, shortlist)[1]
-
-    return search
+    return lambda query: staged_search(index, docs, query, dim, shortlist, rerank_dim=full, candidates=1).rows
 
 
 def search_int8(docs: np.ndarray, dim: int) -> Callable[[np.ndarray], np.ndarray]:
-    import faiss
-
-    vectors = truncate_normalize(docs, dim)
-    index = faiss.IndexScalarQuantizer(dim, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
-    index.train(vectors)
-    index.add(vectors)
-    return lambda query: index.search(truncate_normalize(query, dim), DEPTH)[1]
+    index = inner_product_index(docs, dim, "SQ8")
+    return lambda query: staged_search(index, docs, query, dim, DEPTH).rows
 
 
 def sign_bits(vectors: np.ndarray) -> np.ndarray:
@@ -283,6 +281,7 @@ def sign_bits(vectors: np.ndarray) -> np.ndarray:
 
 
 def binary_index(docs: np.ndarray, dim: int) -> Any:
+    """``IndexBinaryFlat`` over the sign bits of ``docs`` at ``dim``; outside the backend contract (see the module)."""
     import faiss
 
     if dim % 8:
@@ -336,14 +335,12 @@ def batched_rankings(search: Callable[[np.ndarray], np.ndarray], queries: np.nda
 @contextmanager
 def single_threaded_search() -> Iterator[None]:
     """One FAISS thread: a query at a time is how the service searches, and timings stay steady on a busy machine."""
-    import faiss
-
-    threads = faiss.omp_get_max_threads()
-    faiss.omp_set_num_threads(1)
+    threads = faiss_threads()
+    set_faiss_threads(1)
     try:
         yield
     finally:
-        faiss.omp_set_num_threads(threads)
+        set_faiss_threads(threads)
 
 
 def measure(

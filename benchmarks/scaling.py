@@ -8,7 +8,8 @@ queries are perturbed corpus vectors. The largest corpus is generated once and e
 size is its first rows (rows are independent, so a prefix is a smaller sample of the same
 distribution) and every query's source row is in every size.
 
-For each (size, dim) and each index kind, on CPU FAISS with an explicit thread count:
+For each (size, dim) and each index kind, built through the index-backend contract
+(``index.backends``, the ``faiss-cpu`` backend) with an explicit FAISS thread count:
 build time, search time per query with all queries in one batch and with one query per
 call (p50), recall@k against exact search at the same dim, and the bytes of the vectors.
 The machine's memory bandwidth is measured in the same run: a flat search must read every
@@ -40,7 +41,8 @@ from core.files import json_fields
 from core.machine import usable_cpus
 from core.matryoshka import DimensionError, default_dims, truncate_normalize
 from core.metrics import neighbour_recall
-from index.params import HNSW_EF_CONSTRUCTION, HNSW_M, flat_bytes, ivf_lists, search_params_for
+from index.backends import VectorIndex, faiss_threads, get_backend, set_faiss_threads
+from index.params import HNSW_EF_CONSTRUCTION, HNSW_M, IndexPlan, flat_bytes, ivf_lists, search_params_for
 
 logger = logging.getLogger(__name__)
 
@@ -56,7 +58,8 @@ QUERY_NOISE = 0.5
 CHUNK_ROWS = 65_536  # generation and index.add work in chunks: no second full-size copy of the corpus
 # IVF k-means is the costly step (points × lists × dim × iterations): it is trained on a seeded
 # sample of IVF_TRAIN_PER_LIST points per list (FAISS warns below 39) for IVF_KMEANS_ITERATIONS
-# rounds (FAISS's default is 25), which keeps 1M vectors to minutes on a small CPU.
+# rounds (FAISS's IVF default, set explicitly since the report states it), which keeps 1M vectors
+# to minutes on a small CPU.
 IVF_TRAIN_PER_LIST = 64
 IVF_KMEANS_ITERATIONS = 10
 # HNSW32 inserts ~1-2k vectors/s per core at 384 dims: 1M vectors would take tens of minutes per dim.
@@ -233,7 +236,7 @@ def measure_bandwidth(nbytes: int = BANDWIDTH_BYTES, repeats: int = BANDWIDTH_RE
     }
 
 
-def time_searches(index: Any, queries: np.ndarray, k: int, single: int) -> Timing:
+def time_searches(index: VectorIndex, queries: np.ndarray, k: int, single: int) -> Timing:
     """A warm-up call; all queries in one call (best of BATCHED_REPEATS); the first ``single`` one per call."""
     index.search(queries[:1], k)
     batched = math.inf
@@ -272,35 +275,33 @@ def search_params(kind: str, factory: str, size: int, nprobe: int | None) -> dic
     return params
 
 
+def ivf_training_sample(corpus: np.ndarray, dim: int, rng: np.random.Generator) -> np.ndarray:
+    """IVF_TRAIN_PER_LIST seeded corpus rows per IVF list (all rows of a small corpus), at ``dim``, in row order."""
+    size = len(corpus)
+    rows = rng.choice(size, min(size, IVF_TRAIN_PER_LIST * ivf_lists(size)), replace=False)
+    return truncate_normalize(corpus[np.sort(rows)], dim)
+
+
 def build_index(
     kind: str, corpus: np.ndarray, dim: int, params: dict[str, int], rng: np.random.Generator
-) -> tuple[Any, float, float | None]:
-    """A FAISS inner-product index of ``corpus`` truncated to ``dim``; also its build and training seconds.
+) -> tuple[VectorIndex, float, float | None]:
+    """A ``faiss-cpu`` inner-product index of ``corpus`` truncated to ``dim``; also its build and training seconds.
 
-    Vectors are truncated and added a chunk at a time, so no full copy at ``dim`` is ever held
-    next to the index's own.
+    An IVF index is trained on a seeded sample of IVF_TRAIN_PER_LIST points per list, for
+    IVF_KMEANS_ITERATIONS rounds. Vectors are then truncated and added a chunk at a time, so no
+    full copy at ``dim`` is ever held next to the index's own.
     """
-    import faiss
-
     size = len(corpus)
     factory = factory_for(kind, size)
+    plan = IndexPlan(factory, params, kmeans_iterations=IVF_KMEANS_ITERATIONS if kind == "ivf" else None)
     started = time.perf_counter()
-    index = faiss.IndexFlatIP(dim) if kind == "flat" else faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
-    train_s = None
-    if kind == "ivf":
-        ivf = faiss.extract_index_ivf(index)
-        ivf.cp.niter = IVF_KMEANS_ITERATIONS
-        sample = np.sort(rng.choice(size, min(size, IVF_TRAIN_PER_LIST * ivf.nlist), replace=False))
-        index.train(truncate_normalize(corpus[sample], dim))
-        train_s = round(time.perf_counter() - started, 3)
-    if kind == "hnsw":
-        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    sample = ivf_training_sample(corpus, dim, rng) if kind == "ivf" else None
+    # Built empty (trained on the sample if IVF), then filled a chunk at a time.
+    index = get_backend("faiss-cpu").build(np.empty((0, dim), dtype=np.float32), plan, train_vectors=sample)
+    train_s = round(time.perf_counter() - started, 3) if kind == "ivf" else None
     for start, stop in _chunks(size):
         index.add(truncate_normalize(corpus[start:stop], dim))
     build_s = round(time.perf_counter() - started, 3)
-    space = faiss.ParameterSpace()
-    for name, value in params.items():
-        space.set_index_parameter(index, name, value)
     return index, build_s, train_s
 
 
@@ -323,7 +324,7 @@ def measure_cell(
     params = search_params(kind, factory, size, config.nprobe)
     index, build_s, train_s = build_index(kind, corpus, dim, params, rng)
     timing = time_searches(index, queries, config.k, config.single_queries)
-    del index
+    index.close()
     recall = 1.0 if exact_ids is None else round(neighbour_recall(timing.ids, exact_ids), 4)
     result = CellResult(
         size=size,
@@ -375,11 +376,9 @@ def run_scaling(config: ScalingConfig) -> dict[str, Any]:
     Raises:
         ConfigError, DimensionError: Invalid settings. IndexFolderError: Unreadable --index.
     """
-    import faiss
-
     full_dim, dims = check_config(config)
     threads = config.threads or usable_cpus()
-    faiss.omp_set_num_threads(threads)
+    set_faiss_threads(threads)
     started_at, started = utc_now(), time.perf_counter()
     bandwidth = measure_bandwidth(config.bandwidth_bytes)
     logger.info("memory bandwidth: read %.1f GB/s, copy %.1f GB/s", bandwidth["read_gb_s"], bandwidth["copy_gb_s"])
@@ -412,7 +411,7 @@ def run_scaling(config: ScalingConfig) -> dict[str, Any]:
         "duration_s": round(time.perf_counter() - started, 2),
         "settings": _settings_dict(config, full_dim, dims, threads),
         "machine": machine_info(),
-        "faiss_threads": faiss.omp_get_max_threads(),
+        "faiss_threads": faiss_threads(),
         "memory_bandwidth": bandwidth,
         "data": _data_dict(config.seed),
         "results": [asdict(result) for result in results],

@@ -7,11 +7,11 @@ once, in batches, at full dimension; then, query by query as the service answers
 
 - single-stage at every dim ``d`` of the index: the ``d`` FAISS index, top 100;
 - two-stage for every ``d`` below the full dimension: shortlist ``k × candidates`` documents
-  at ``d``, re-score them exactly at the full dimension with the service's own
-  ``service.engine.rerank``.
+  at ``d``, re-score them exactly at the full dimension.
 
-Both are scored with ``core.metrics.score_rankings`` (NDCG@10, MRR@10, Recall@100) and
-timed per query in the same run (query truncation + FAISS search [+ re-scoring]; encoding
+Both run through ``index.search.staged_search``, the function the service searches with, are
+scored with ``core.metrics.score_rankings`` (NDCG@10, MRR@10, Recall@100) and are timed per
+query in the same run (query truncation + FAISS search [+ re-scoring]; encoding
 excluded, it is the same for both).
 """
 
@@ -33,13 +33,12 @@ from core.cli_args import config_fields
 from core.data import DataError, Qrels, RetrievalDataset, load_beir
 from core.errors import ConfigError
 from core.files import json_fields
-from core.matryoshka import truncate_normalize
 from core.metrics import score_rankings
 from index.layout import resolve_version
 from index.loaded import LoadedIndex, open_index
 from index.manifest import IndexManifest
+from index.search import staged_search
 from service.encoders import LoadedEncoder, load_encoder
-from service.engine import rerank
 from service.settings import load_settings
 from training.evaluate import TOP_K
 
@@ -104,10 +103,10 @@ def open_engine(config: QualityConfig) -> tuple[LoadedEncoder, LoadedIndex]:
 
 def single_stage(index: LoadedIndex, queries: np.ndarray, dim: int, depth: int) -> RankedRun:
     """Search the ``dim`` index one query at a time, as one ``GET /search`` does."""
-    faiss_index = index.indexes[dim]
+    dim_index = index.indexes[dim]
 
     def search(query: np.ndarray) -> np.ndarray:
-        return faiss_index.search(truncate_normalize(query, dim), depth)[1]
+        return staged_search(dim_index, index.vectors, query, dim, depth).rows
 
     return timed_per_query(search, queries, depth)
 
@@ -115,14 +114,14 @@ def single_stage(index: LoadedIndex, queries: np.ndarray, dim: int, depth: int) 
 def two_stage(index: LoadedIndex, queries: np.ndarray, dim: int, rerank_dim: int, shortlist: int) -> RankedRun:
     """Shortlist ``shortlist`` rows at ``dim``, re-score them all exactly at ``rerank_dim``, one query at a time.
 
-    The whole shortlist is kept, re-ordered: its first ``k`` rows are what the service returns
-    for ``k``, and its recall is the shortlist's recall.
+    The whole shortlist is kept, re-ordered (``staged_search`` with ``k = shortlist`` and one
+    candidate per hit): its first ``k`` rows are what the service returns for ``k``, and its
+    recall is the shortlist's recall.
     """
-    faiss_index = index.indexes[dim]
+    dim_index = index.indexes[dim]
 
     def search(query: np.ndarray) -> np.ndarray:
-        found = faiss_index.search(truncate_normalize(query, dim), shortlist)[1]
-        return rerank(index.vectors, query, found, rerank_dim, shortlist)[1]
+        return staged_search(dim_index, index.vectors, query, dim, shortlist, rerank_dim, candidates=1).rows
 
     return timed_per_query(search, queries, shortlist)
 

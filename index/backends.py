@@ -63,8 +63,13 @@ class IndexBackend(Protocol):
     def available(self) -> bool:
         """Whether this machine can run it (a GPU backend without a GPU cannot)."""
 
-    def build(self, vectors: np.ndarray, plan: IndexPlan) -> VectorIndex:
-        """A new index of ``vectors`` (unit length) laid out as ``plan`` says, trained if it needs it."""
+    def build(self, vectors: np.ndarray, plan: IndexPlan, train_vectors: np.ndarray | None = None) -> VectorIndex:
+        """A new index of ``vectors`` (unit length) laid out as ``plan`` says, trained if it needs it.
+
+        A type that needs training is trained on ``train_vectors`` when given (a sample), else on
+        ``vectors``; with a sample, ``vectors`` may be empty and be added later with
+        :meth:`VectorIndex.add`, a chunk at a time.
+        """
 
     def open(self, path: Path, plan: IndexPlan) -> VectorIndex:
         """The index :meth:`VectorIndex.save` wrote at ``path``, with ``plan``'s search parameters."""
@@ -75,6 +80,20 @@ def gpu_count() -> int:
     import faiss
 
     return faiss.get_num_gpus() if hasattr(faiss, "get_num_gpus") else 0
+
+
+def faiss_threads() -> int:
+    """Threads FAISS's CPU indexes search with (OpenMP; process-wide)."""
+    import faiss
+
+    return faiss.omp_get_max_threads()
+
+
+def set_faiss_threads(count: int) -> None:
+    """Make FAISS's CPU indexes search with ``count`` threads, process-wide."""
+    import faiss
+
+    faiss.omp_set_num_threads(count)
 
 
 class FaissIndex:
@@ -90,17 +109,20 @@ class FaissIndex:
 
     # --- construction -------------------------------------------------------------
     @classmethod
-    def build(cls, vectors: np.ndarray, plan: IndexPlan) -> FaissIndex:
-        """Create, train if the type needs it, and fill an index with ``vectors``."""
+    def build(cls, vectors: np.ndarray, plan: IndexPlan, train_vectors: np.ndarray | None = None) -> FaissIndex:
+        """Create, train if the type needs it (on ``train_vectors`` when given), and fill an index with ``vectors``."""
         import faiss
 
         vectors = np.ascontiguousarray(vectors, dtype=np.float32)
         cpu_index = faiss.index_factory(vectors.shape[1], plan.factory, faiss.METRIC_INNER_PRODUCT)
         if "HNSW" in plan.factory:
             faiss.ParameterSpace().set_index_parameter(cpu_index, "efConstruction", HNSW_EF_CONSTRUCTION)
+        if plan.kmeans_iterations is not None:
+            faiss.extract_index_ivf(cpu_index).cp.niter = plan.kmeans_iterations
         built = cls(cpu_index, plan)
         if not built._index.is_trained:
-            built._index.train(vectors)
+            training = vectors if train_vectors is None else train_vectors
+            built._index.train(np.ascontiguousarray(training, dtype=np.float32))
         built.add(vectors)
         return built
 
@@ -202,8 +224,8 @@ class FaissBackend:
     def available(self) -> bool:
         return not self.needs_gpu or gpu_count() > 0
 
-    def build(self, vectors: np.ndarray, plan: IndexPlan) -> FaissIndex:
-        return self.index_class.build(vectors, plan)
+    def build(self, vectors: np.ndarray, plan: IndexPlan, train_vectors: np.ndarray | None = None) -> FaissIndex:
+        return self.index_class.build(vectors, plan, train_vectors)
 
     def open(self, path: Path, plan: IndexPlan) -> FaissIndex:
         return self.index_class.load(path, plan)

@@ -22,10 +22,11 @@ PQ_BYTES_PER_SUBVECTOR = 1
 
 @dataclass(frozen=True)
 class IndexPlan:
-    """A FAISS factory string plus the search-time parameters it needs."""
+    """A FAISS factory string plus the search-time parameters it needs (and, optionally, how to train it)."""
 
     factory: str
     search_params: dict[str, int] = field(default_factory=dict)
+    kmeans_iterations: int | None = None  # IVF k-means rounds; None: FAISS's default for IVF (10)
 
     @property
     def exact(self) -> bool:

@@ -16,6 +16,7 @@ from benchmarks.quality import (
     QualityBenchConfig,
     check_config,
     dataset_folders,
+    inner_product_index,
     latency_reports,
     pareto_front,
     pareto_points,
@@ -30,6 +31,7 @@ from benchmarks.quality import (
 )
 from core.data import DataError
 from core.matryoshka import truncate_normalize
+from index.search import rerank
 from tests.conftest import SAMPLE
 
 
@@ -63,6 +65,36 @@ def test_two_stage_reorders_the_shortlist_by_full_dim_scores(vectors):
         assert set(found) == shortlist
         full = truncate_normalize(docs[found], 64) @ truncate_normalize(query[None], 64)[0]
         assert np.all(np.diff(full) <= 1e-6)
+
+
+def test_two_stage_is_the_exact_shortlist_re_scored_at_full_dim(vectors):
+    docs, queries = vectors
+    search = search_two_stage(docs, 16, 30)
+    for query in queries:
+        exact = brute_force(docs, query[None], 16, 30)[None]
+        np.testing.assert_array_equal(search(query[None]), rerank(docs, query[None], exact, 64, 30)[1])
+
+
+@pytest.mark.parametrize("factory", ["Flat", "SQ8"])
+def test_float_and_int8_indexes_are_the_faiss_indexes_they_replace(vectors, factory):
+    import faiss
+
+    docs, queries = vectors
+    reduced = truncate_normalize(docs, 32)
+    if factory == "Flat":
+        direct = faiss.IndexFlatIP(32)
+    else:
+        direct = faiss.IndexScalarQuantizer(32, faiss.ScalarQuantizer.QT_8bit, faiss.METRIC_INNER_PRODUCT)
+        direct.train(reduced)
+    direct.add(reduced)
+    index = inner_product_index(docs, 32, factory)
+    assert index.describe()["backend"] == "faiss-cpu" and index.describe()["factory"] == factory
+    for found, wanted in zip(
+        index.search(truncate_normalize(queries, 32), 50),
+        direct.search(truncate_normalize(queries, 32), 50),
+        strict=True,
+    ):
+        np.testing.assert_array_equal(found, wanted)
 
 
 def test_int8_ranks_almost_like_float(vectors):

@@ -13,15 +13,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from benchmarks import scaling
 from benchmarks.scaling import (
     CellResult,
     ScalingConfig,
+    build_index,
     check_config,
+    factory_for,
     flat_speedups,
+    search_params,
     synthetic_corpus,
     synthetic_queries,
 )
-from core.matryoshka import DimensionError
+from core.matryoshka import DimensionError, truncate_normalize
+from index.backends import faiss_threads, set_faiss_threads
+from index.params import HNSW_EF_CONSTRUCTION
 
 
 def bench(*argv: str) -> int:
@@ -55,6 +61,53 @@ def test_queries_are_perturbed_corpus_vectors_from_the_first_rows():
     best = (queries @ corpus.T).max(axis=1)
     assert np.median(best) > 0.8 and best.min() > 0.5  # each query stays close to its source row...
     assert best.max() < 0.9999  # ...without being a copy of it
+
+
+def faiss_built(kind: str, corpus: np.ndarray, dim: int, params: dict[str, int], rng: np.random.Generator):
+    """The index as the benchmark built it with FAISS directly, before the backend contract."""
+    import faiss
+
+    size = len(corpus)
+    factory = factory_for(kind, size)
+    index = faiss.IndexFlatIP(dim) if kind == "flat" else faiss.index_factory(dim, factory, faiss.METRIC_INNER_PRODUCT)
+    if kind == "ivf":
+        ivf = faiss.extract_index_ivf(index)
+        ivf.cp.niter = scaling.IVF_KMEANS_ITERATIONS
+        sample = np.sort(rng.choice(size, min(size, scaling.IVF_TRAIN_PER_LIST * ivf.nlist), replace=False))
+        index.train(truncate_normalize(corpus[sample], dim))
+    if kind == "hnsw":
+        index.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+    for start in range(0, size, scaling.CHUNK_ROWS):
+        index.add(truncate_normalize(corpus[start : start + scaling.CHUNK_ROWS], dim))
+    for name, value in params.items():
+        faiss.ParameterSpace().set_index_parameter(index, name, value)
+    return index
+
+
+@pytest.fixture
+def one_faiss_thread():
+    """One FAISS thread: a multi-threaded HNSW insertion order depends on scheduling."""
+    threads = faiss_threads()
+    set_faiss_threads(1)
+    yield
+    set_faiss_threads(threads)
+
+
+@pytest.mark.parametrize("kind", ["flat", "ivf", "hnsw"])
+def test_indexes_built_through_the_backend_are_the_faiss_indexes_built_directly(kind, monkeypatch, one_faiss_thread):
+    # On a small corpus: a training sample smaller than it, several chunks, and k-means rounds
+    # other than FAISS's IVF default (10), so that each of them shows in the results.
+    monkeypatch.setattr(scaling, "IVF_TRAIN_PER_LIST", 40)
+    monkeypatch.setattr(scaling, "CHUNK_ROWS", 1000)
+    monkeypatch.setattr(scaling, "IVF_KMEANS_ITERATIONS", 5)
+    corpus = synthetic_corpus(3000, 32, np.random.default_rng(0))
+    queries = truncate_normalize(synthetic_queries(corpus, 40, 3000, np.random.default_rng(1)), 16)
+    params = search_params(kind, factory_for(kind, 3000), 3000, nprobe=2)
+    index, _, train_s = build_index(kind, corpus, 16, params, np.random.default_rng(5))
+    assert index.backend == "faiss-cpu" and index.ntotal == 3000 and (train_s is not None) == (kind == "ivf")
+    expected = faiss_built(kind, corpus, 16, params, np.random.default_rng(5)).search(queries, 10)
+    for found, wanted in zip(index.search(queries, 10), expected, strict=True):
+        np.testing.assert_array_equal(found, wanted)
 
 
 def _flat(size: int, dim: int, batched: float, single: float) -> CellResult:
