@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -30,6 +31,11 @@ class LoadedIndex:
     indexes: dict[int, VectorIndex]
     probe_queries: np.ndarray | None = None
     lease: VersionLease | None = None
+    location: str = ""  # what IndexSource.current() names this version by (a folder, an engine version)
+
+    def __post_init__(self) -> None:
+        if not self.location:
+            self.location = str(self.path.resolve())
 
     @property
     def dims(self) -> list[int]:
@@ -46,6 +52,39 @@ class LoadedIndex:
             index.close()
         if self.lease is not None:
             self.lease.release()
+
+
+class IndexSource(Protocol):
+    """Where a served index lives: a folder of versions, or an engine. The service reaches it only through this."""
+
+    def current(self) -> str:
+        """The live version's location (what :attr:`LoadedIndex.location` of it will be).
+
+        Raises:
+            IndexFolderError: No index there, or it cannot be reached.
+        """
+
+    def manifest(self, location: str) -> IndexManifest:
+        """The manifest of the version at ``location``."""
+
+    def open(self, location: str, *, device: Device = "auto", expected_fingerprint: str | None = None) -> LoadedIndex:
+        """The version at ``location``, verified and ready to search (see :func:`open_index`)."""
+
+
+@dataclass
+class FolderSource:
+    """An index root (its ``current`` version) or one version folder on a file system."""
+
+    root: Path
+
+    def current(self) -> str:
+        return str(resolve_version(self.root).resolve())
+
+    def manifest(self, location: str) -> IndexManifest:
+        return IndexManifest.read(Path(location))
+
+    def open(self, location: str, *, device: Device = "auto", expected_fingerprint: str | None = None) -> LoadedIndex:
+        return open_index(Path(location), device=device, expected_fingerprint=expected_fingerprint)
 
 
 def _check_files(folder: Path, manifest: IndexManifest) -> None:

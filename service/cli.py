@@ -119,15 +119,16 @@ async def _serve(settings: Any) -> None:
 
     from core.matryoshka import DimensionError
     from core.models import ModelError
-    from index.layout import resolve_version
-    from index.manifest import IndexFolderError, IndexManifest
+    from index.manifest import IndexFolderError
     from service.app import create_app, open_searcher
     from service.engine import ConfigurationError
+    from service.sources import index_source
 
     app = create_app(settings)
     if settings.load_in_background:
         try:
-            IndexManifest.read(resolve_version(settings.index))  # a wrong path still fails here, in one line
+            source = index_source(settings)
+            source.manifest(source.current())  # a wrong path still fails here, in one line
         except IndexFolderError as exc:
             raise ServeError(f"cannot serve: {exc}") from None
     else:

@@ -23,8 +23,8 @@ import numpy as np
 
 from core.errors import ConfigError
 from core.matryoshka import truncate_normalize
-from index.layout import LEASE_TTL_SECONDS, resolve_version
-from index.loaded import LoadedIndex, open_index
+from index.layout import LEASE_TTL_SECONDS
+from index.loaded import LoadedIndex
 from index.manifest import IndexFolderError, IndexManifest
 from index.search import staged_search
 from service.batching import MicroBatcher, TextKind
@@ -43,6 +43,7 @@ from service.results import (
 )
 from service.settings import ServiceSettings
 from service.slot import IndexSlot
+from service.sources import index_source
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class Searcher:
         metrics: ServiceMetrics,
     ) -> None:
         self.settings = settings
+        self.source = index_source(settings)
         self.limits = RequestLimits(settings.max_k, settings.max_query_chars, settings.max_batch_queries)
         self.encoder = loaded_encoder
         self.metrics = metrics
@@ -310,10 +312,10 @@ class Searcher:
         async with self._reload_lock:
             previous = self._slot.current
             try:
-                target = await asyncio.to_thread(resolve_version, self.settings.index)
+                target = await asyncio.to_thread(self.source.current)
             except IndexFolderError as exc:
                 raise self._refused(previous, exc) from exc
-            if target.resolve() == previous.path.resolve():  # nothing new: nothing is loaded
+            if target == previous.location:  # nothing new: nothing is loaded
                 self.metrics.reloads.labels(outcome="unchanged").inc()
                 return ReloadOutcome(previous.manifest.version, previous.manifest.version, changed=False)
             try:
@@ -340,17 +342,19 @@ class Searcher:
         logger.warning("reload refused, still serving %s: %s", previous.manifest.version, exc)
         return ReloadFailed(f"reload refused, still serving {previous.manifest.version}: {exc}")
 
-    def _open_index(self, folder: Path) -> LoadedIndex:
-        return open_index(folder, device=self.settings.device, expected_fingerprint=self.encoder.fingerprint)
+    def _open_index(self, location: str) -> LoadedIndex:
+        return self.source.open(location, device=self.settings.device, expected_fingerprint=self.encoder.fingerprint)
 
 
 # --- helpers ------------------------------------------------------------------------------
 
 
 def _load(settings: ServiceSettings, load: EncoderLoader) -> tuple[LoadedEncoder, LoadedIndex]:
-    manifest = IndexManifest.read(resolve_version(settings.index))
+    source = index_source(settings)
+    location = source.current()
+    manifest = source.manifest(location)
     loaded_encoder = load(settings, manifest)
-    index = open_index(settings.index, device=settings.device, expected_fingerprint=loaded_encoder.fingerprint)
+    index = source.open(location, device=settings.device, expected_fingerprint=loaded_encoder.fingerprint)
     try:
         _default_dim(settings.default_dim, index.manifest)
         loaded_encoder.encoder.encode_queries([WARM_UP_QUERY])  # the first call is slow; pay it before serving

@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
-from index.layout import resolve_version
-from index.manifest import IndexFolderError, IndexManifest
+from index.manifest import IndexFolderError
 from service.limits import NON_BLANK_PATTERN
+from service.sources import index_source
 
 if TYPE_CHECKING:
     from service.deps import ServiceState
@@ -63,7 +63,8 @@ def _served_dims(state: ServiceState) -> tuple[list[int] | None, str | None]:
     if state.searcher is not None:
         return state.searcher.dims, state.searcher.index_version
     try:  # still loading: the manifest says what will be served
-        manifest = IndexManifest.read(resolve_version(state.settings.index))
+        source = index_source(state.settings)
+        manifest = source.manifest(source.current())
     except IndexFolderError:
         return None, None
     return list(manifest.dims), manifest.version

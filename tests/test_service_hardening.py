@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-import service.engine as engine_module
+import index.loaded as loaded_module
 from index.layout import LEASES, resolve_version
 from service.app import create_app
 from service.limits import NON_BLANK_PATTERN
@@ -324,7 +324,7 @@ def test_a_corrupt_page_inside_the_store_fails_the_integrity_check(tmp_path: Pat
 def test_a_reload_with_nothing_new_opens_nothing(keyword_index: Path, monkeypatch):
     with serve(keyword_index) as client:
         opened: list = []
-        monkeypatch.setattr(engine_module, "open_index", lambda *a, **k: opened.append(a) or pytest.fail("loaded"))
+        monkeypatch.setattr(loaded_module, "open_index", lambda *a, **k: opened.append(a) or pytest.fail("loaded"))
         response = client.post("/admin/reload")
         assert response.status_code == 200 and response.json()["changed"] is False
         assert opened == []
