@@ -20,7 +20,7 @@ FIGURES  := docs/figures
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,peers,tracking]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,peers,tracking,milvus]'
 	touch $(STAMP)
 
 install: $(STAMP)

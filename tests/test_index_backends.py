@@ -41,14 +41,18 @@ def backend_cases() -> list:
 CASES = backend_cases()
 
 
+def clustered_vectors(n: int, d: int, nq: int, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded clustered documents and queries (as real embeddings are), unit length."""
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(20, d))
+    docs = centers[rng.integers(0, 20, n)] + 0.5 * rng.normal(size=(n, d))
+    queries = centers[rng.integers(0, 20, nq)] + 0.5 * rng.normal(size=(nq, d))
+    return truncate_normalize(docs, d), truncate_normalize(queries, d)
+
+
 @pytest.fixture(scope="module")
 def synthetic():
-    """Seeded clustered vectors (as real embeddings are), unit length after truncation."""
-    rng = np.random.default_rng(42)
-    centers = rng.normal(size=(20, D))
-    docs = centers[rng.integers(0, 20, N)] + 0.5 * rng.normal(size=(N, D))
-    queries = centers[rng.integers(0, 20, NQ)] + 0.5 * rng.normal(size=(NQ, D))
-    return truncate_normalize(docs, D), truncate_normalize(queries, D)
+    return clustered_vectors(N, D, NQ)
 
 
 def brute_force(docs, queries, k):
@@ -123,3 +127,27 @@ def test_a_new_backend_is_one_registered_name(monkeypatch):
     monkeypatch.setattr(backends, "_BACKENDS", dict(backends._BACKENDS))
     other = register_backend(FaissBackend("other-engine", FaissIndex, needs_gpu=False))
     assert get_backend("other-engine") is other and "other-engine" in registered_backends()
+
+
+@pytest.mark.parametrize(
+    ("plan", "index_type", "build", "search"),
+    [
+        (IndexPlan("Flat"), "FLAT", {}, {}),
+        (IndexPlan("IVF64,Flat", {"nprobe": 8}), "IVF_FLAT", {"nlist": 64}, {"nprobe": 8}),
+        (IndexPlan("IVF64,PQ8", {"nprobe": 8}), "IVF_PQ", {"nlist": 64, "m": 8, "nbits": 8}, {"nprobe": 8}),
+        (IndexPlan("HNSW32,Flat", {"efSearch": 64}), "HNSW", {"M": 32}, {"ef": 64}),
+    ],
+)
+def test_faiss_plans_map_onto_milvus_index_types(plan, index_type, build, search):
+    from index.milvus import milvus_layout
+
+    layout = milvus_layout(plan)
+    assert layout.index_type == index_type and build.items() <= layout.build_params.items()
+    assert layout.search_params == search
+
+
+def test_a_plan_without_a_milvus_equivalent_is_refused_by_name():
+    from index.milvus import milvus_layout
+
+    with pytest.raises(ValueError, match="'OPQ16,IVF64,PQ16' has no Milvus equivalent"):
+        milvus_layout(IndexPlan("OPQ16,IVF64,PQ16"))

@@ -1,0 +1,398 @@
+"""A Milvus implementation of the index-backend contract: one collection per Matryoshka dimension.
+
+The same client (``pymilvus``) talks to Milvus Lite (``uri`` a ``.db`` path), to a standalone
+server and to a cluster (``http://host:19530``); only the URI changes. Each
+:class:`MilvusIndex` is one collection with two fields, an int64 primary key ``row`` (the row
+id, as FAISS numbers rows) and one ``FLOAT_VECTOR`` field, searched by inner product. One
+collection per dimension because Milvus 2.3 refuses a second vector field in a collection.
+
+Every read and write uses ``consistency_level="Strong"``: at the default level a count or a
+search right after an insert can miss the new rows.
+
+FAISS indexes live in files; a collection lives in the engine. :meth:`MilvusIndex.save` therefore
+writes a small JSON pointer (the collection's name, dimension, row count and index type) at the
+path it is given, and :meth:`MilvusBackend.open` reads that pointer back, so the index builder's
+folder layout works unchanged. :meth:`MilvusBackend.open_collection` opens a collection by name.
+
+``pymilvus`` is imported only when a backend is used: it is the optional ``milvus`` extra.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.errors import ConfigError
+from core.files import write_json_atomic
+from index.manifest import IndexFolderError
+from index.params import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, IVF_NPROBE, IndexPlan
+
+ROW_FIELD = "row"
+VECTOR_FIELD = "vector"
+METRIC = "IP"
+CONSISTENCY = "Strong"
+POINTER_FORMAT = 1
+# Rows per insert call: at most this many, and at most INSERT_BYTES of vectors (the server takes
+# 64 MiB per gRPC message by default).
+INSERT_ROWS = 10_000
+INSERT_BYTES = 16 * 2**20
+# Milvus's limits on one search request: queries (nq) and results per query (topk).
+MAX_QUERIES_PER_REQUEST = 1024
+MAX_TOP_K = 16_384
+INDEX_WAIT_S = 300
+# What FAISS puts in the places of missing hits (inner product): -FLT_MAX and row id -1.
+MISSING_SCORE = np.finfo(np.float32).min
+MISSING_ROW = -1
+COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+SUPPORTED_FACTORIES = "Flat, IVF{nlist},Flat, IVF{nlist},PQ{m}, HNSW{M} or HNSW{M},Flat"
+
+
+@dataclass(frozen=True)
+class MilvusLayout:
+    """An :class:`IndexPlan` in Milvus's terms: index type, build parameters, search parameters."""
+
+    index_type: str
+    build_params: dict[str, int] = field(default_factory=dict)
+    search_params: dict[str, int] = field(default_factory=dict)
+
+    def search_params_for(self, k: int) -> dict[str, int]:
+        """Search parameters for a top-``k`` search (HNSW's ``ef`` may not be below ``k``)."""
+        if "ef" in self.search_params:
+            return {**self.search_params, "ef": max(self.search_params["ef"], k)}
+        return dict(self.search_params)
+
+
+def milvus_layout(plan: IndexPlan) -> MilvusLayout:
+    """Map a FAISS factory string and its search parameters onto a Milvus index type.
+
+    ``Flat`` → FLAT; ``IVF{n},Flat`` → IVF_FLAT (nlist n, nprobe); ``IVF{n},PQ{m}`` → IVF_PQ
+    (nlist n, m sub-quantisers of 8 bits, nprobe); ``HNSW{M}[,Flat]`` → HNSW (M, efConstruction;
+    efSearch → ef).
+
+    Raises:
+        ConfigError: For any other factory string, or a search parameter that type does not take.
+    """
+    factory = plan.factory.replace(" ", "")
+    params = dict(plan.search_params)
+    if factory == "Flat":
+        layout, allowed = MilvusLayout("FLAT"), set()
+    elif match := re.fullmatch(r"IVF(\d+),Flat", factory):
+        nprobe = params.get("nprobe", IVF_NPROBE)
+        layout, allowed = MilvusLayout("IVF_FLAT", {"nlist": int(match[1])}, {"nprobe": nprobe}), {"nprobe"}
+    elif match := re.fullmatch(r"IVF(\d+),PQ(\d+)", factory):
+        build = {"nlist": int(match[1]), "m": int(match[2]), "nbits": 8}
+        layout, allowed = MilvusLayout("IVF_PQ", build, {"nprobe": params.get("nprobe", IVF_NPROBE)}), {"nprobe"}
+    elif match := re.fullmatch(r"HNSW(\d+)(,Flat)?", factory):
+        build = {"M": int(match[1]), "efConstruction": HNSW_EF_CONSTRUCTION}
+        layout, allowed = MilvusLayout("HNSW", build, {"ef": params.get("efSearch", HNSW_EF_SEARCH)}), {"efSearch"}
+    else:
+        raise ConfigError(f"index type {plan.factory!r} has no Milvus equivalent here; use {SUPPORTED_FACTORIES}")
+    unknown = sorted(set(params) - allowed)
+    if unknown:
+        raise ConfigError(f"search parameters {unknown} do not apply to {plan.factory!r} on Milvus")
+    return layout
+
+
+def check_collection_name(name: str) -> str:
+    """``name`` if Milvus accepts it as a collection name (letters, digits, ``_``; not a digit first).
+
+    Raises:
+        ConfigError: Otherwise.
+    """
+    if not COLLECTION_NAME.fullmatch(name):
+        raise ConfigError(
+            f"collection name {name!r} is not valid in Milvus: letters, digits and '_' only, "
+            "not starting with a digit, at most 255 characters"
+        )
+    return name
+
+
+def _index_params(layout: MilvusLayout):
+    """pymilvus ``IndexParams`` for the vector field, with the build parameters in both wire shapes.
+
+    pymilvus 3 sends build parameters as flat key-value pairs, which the servers read; Milvus Lite
+    (3.2) reads only the older shape, one ``params`` pair holding them as JSON, and silently builds
+    with its defaults otherwise. The server stores the extra pair and ignores it.
+    """
+    from pymilvus.milvus_client.index import IndexParam, IndexParams
+
+    class BothShapes(IndexParam):
+        def get_index_configs(self) -> dict:
+            return {**super().get_index_configs(), "params": dict(layout.build_params)}
+
+    param = BothShapes(VECTOR_FIELD, layout.index_type, "", metric_type=METRIC, params=dict(layout.build_params))
+    return IndexParams([param])
+
+
+class MilvusIndex:
+    """One dimension's inner-product index: one Milvus collection (a :class:`VectorIndex`)."""
+
+    backend = "milvus"
+    device = "milvus"
+    # pymilvus calls go over one gRPC channel, which takes concurrent calls; the server searches them.
+    thread_safe = True
+
+    def __init__(self, client, collection: str, plan: IndexPlan, dim: int, ntotal: int, uri: str) -> None:
+        self._client = client  # pymilvus.MilvusClient, shared with the backend that made it
+        self.collection = collection
+        self.plan = plan
+        self.layout = milvus_layout(plan)
+        self.uri = uri
+        self._dim = dim
+        self._ntotal = ntotal
+
+    # --- use ----------------------------------------------------------------------
+    @property
+    def ntotal(self) -> int:
+        return self._ntotal
+
+    @property
+    def dim(self) -> int:
+        return self._dim
+
+    def add(self, vectors: np.ndarray) -> None:
+        """Append rows; their ids continue from :attr:`ntotal`."""
+        vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        if vectors.shape[1] != self._dim:
+            raise ValueError(f"vectors of dim {vectors.shape[1]} added to {self.collection!r} of dim {self._dim}")
+        batch = max(1, min(INSERT_ROWS, INSERT_BYTES // (4 * self._dim)))
+        for start in range(0, len(vectors), batch):
+            chunk = vectors[start : start + batch]
+            rows = [{ROW_FIELD: self._ntotal + i, VECTOR_FIELD: vector} for i, vector in enumerate(chunk)]
+            self._client.insert(self.collection, rows)
+            self._ntotal += len(chunk)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` by inner product: ``(scores, row ids)``, each ``(n_queries, min(k, ntotal))``, best first.
+
+        As with FAISS, ``k`` is cut to the row count (at least 1), and a query with fewer hits is
+        padded with score -FLT_MAX and row id -1.
+
+        Raises:
+            ConfigError: If ``k`` exceeds Milvus's limit of ``MAX_TOP_K`` results per query.
+        """
+        queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
+        k = min(k, max(self._ntotal, 1))
+        if k > MAX_TOP_K:
+            raise ConfigError(f"k={k} is above Milvus's limit of {MAX_TOP_K} results per query")
+        scores = np.full((len(queries), k), MISSING_SCORE, dtype=np.float32)
+        rows = np.full((len(queries), k), MISSING_ROW, dtype=np.int64)
+        search_params = {"metric_type": METRIC, "params": self.layout.search_params_for(k)}
+        for start in range(0, len(queries), MAX_QUERIES_PER_REQUEST):
+            batch = queries[start : start + MAX_QUERIES_PER_REQUEST]
+            results = self._client.search(
+                self.collection,
+                data=list(batch),
+                limit=k,
+                search_params=search_params,
+                anns_field=VECTOR_FIELD,
+                consistency_level=CONSISTENCY,
+            )
+            for offset, hits in enumerate(results):
+                found = min(len(hits.ids), k)
+                rows[start + offset, :found] = hits.ids[:found]
+                scores[start + offset, :found] = hits.distances[:found]
+        return scores, rows
+
+    # --- describing and keeping -------------------------------------------------------
+    def describe(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "factory": self.plan.factory,
+            "search_params": dict(self.plan.search_params),
+            "device": self.device,
+            "collection": self.collection,
+            "index_type": self.layout.index_type,
+            "index_params": dict(self.layout.build_params),
+            "milvus_search_params": dict(self.layout.search_params),
+        }
+
+    def save(self, path: Path) -> None:
+        """Write a JSON pointer to the collection at ``path`` (the vectors stay in Milvus)."""
+        write_json_atomic(
+            Path(path),
+            {
+                "format": POINTER_FORMAT,
+                "backend": self.backend,
+                "collection": self.collection,
+                "dim": self._dim,
+                "ntotal": self._ntotal,
+                "factory": self.plan.factory,
+                "index_type": self.layout.index_type,
+                "index_params": dict(self.layout.build_params),
+            },
+        )
+
+    def close(self) -> None:
+        """Stop using the collection; it stays loaded on the server.
+
+        Loading is server-wide: releasing here would fail the searches of every other process
+        (another replica) serving the same collection. Whoever drops old versions frees them.
+        """
+        self._client = None
+
+
+class MilvusBackend:
+    """An :class:`IndexBackend` on one Milvus deployment: Milvus Lite, a standalone server or a cluster.
+
+    It is not registered at import (it needs a URI): ``register_backend(MilvusBackend(uri))``.
+
+    Args:
+        uri: A ``.db`` file path for Milvus Lite, or ``http(s)://host:port`` for a server or cluster.
+        token: An API token, or ``"user:password"``; alternatively ``user`` and ``password``.
+        collection_prefix: Start of the names :meth:`build` gives new collections.
+        timeout: Seconds for each call to Milvus (``None``: pymilvus's default).
+    """
+
+    name = "milvus"
+
+    def __init__(
+        self,
+        uri: str | Path,
+        *,
+        token: str = "",
+        user: str = "",
+        password: str = "",
+        collection_prefix: str = "mrl",
+        timeout: float | None = None,
+    ) -> None:
+        self.uri = str(uri)
+        self._credentials = {"token": token, "user": user, "password": password}
+        self.collection_prefix = check_collection_name(collection_prefix)
+        self.timeout = timeout
+        self._client = None
+
+    def __repr__(self) -> str:  # never the credentials
+        return f"MilvusBackend(uri={self.uri!r})"
+
+    def available(self) -> bool:
+        """Whether ``pymilvus`` (and, for a ``.db`` URI, ``milvus-lite``) can be imported."""
+        import importlib.util
+
+        needed = ["pymilvus", "milvus_lite"] if self.uri.endswith(".db") else ["pymilvus"]
+        return all(importlib.util.find_spec(module) is not None for module in needed)
+
+    @property
+    def client(self):
+        """The ``pymilvus.MilvusClient`` of this backend, connected on first use."""
+        if self._client is None:
+            from pymilvus import MilvusClient
+
+            self._client = MilvusClient(uri=self.uri, timeout=self.timeout, **self._credentials)
+        return self._client
+
+    def close(self) -> None:
+        """Close the connection (indexes opened through it are not searched afterwards)."""
+        if self._client is not None:
+            self._client.close()
+            self._client = None
+
+    # --- the contract ----------------------------------------------------------------
+    def build(self, vectors: np.ndarray, plan: IndexPlan, *, collection: str | None = None) -> MilvusIndex:
+        """A new collection of ``vectors`` (unit length) indexed as ``plan`` says, flushed and indexed.
+
+        Args:
+            vectors: ``(n, dim)`` float vectors; row ``i`` gets primary key ``i``.
+            plan: Index type and search parameters (see :func:`milvus_layout`).
+            collection: Its name; a new ``{collection_prefix}_{random hex}`` if ``None``.
+
+        Raises:
+            ConfigError: For a plan Milvus cannot take, an invalid name, or a name already in use.
+        """
+        from pymilvus import DataType, MilvusClient
+
+        vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        layout = milvus_layout(plan)
+        name = check_collection_name(collection or f"{self.collection_prefix}_{uuid.uuid4().hex[:16]}")
+        if self.client.has_collection(name):
+            raise ConfigError(f"Milvus collection {name!r} already exists at {self.uri}")
+        dim = int(vectors.shape[1])
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field(ROW_FIELD, DataType.INT64, is_primary=True)
+        schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
+        # Created with its index and loaded: searchable as soon as rows arrive.
+        self.client.create_collection(
+            name, schema=schema, index_params=_index_params(layout), consistency_level=CONSISTENCY
+        )
+        index = MilvusIndex(self.client, name, plan, dim=dim, ntotal=0, uri=self.uri)
+        index.add(vectors)
+        self.client.flush(name)  # seal the segments, so that their index is built now
+        self._wait_until_indexed(name)
+        # Until a reload, the server goes on searching the rows as it first received them (brute
+        # force) and Milvus Lite the unindexed segments: reloading makes the built index the one searched.
+        self.client.release_collection(name)
+        self.client.load_collection(name)
+        return index
+
+    def open(self, path: Path, plan: IndexPlan) -> MilvusIndex:
+        """The collection named in the pointer :meth:`MilvusIndex.save` wrote at ``path``.
+
+        Raises:
+            IndexFolderError: If the pointer is unreadable, or its collection is missing or differs.
+        """
+        try:
+            pointer = json.loads(Path(path).read_text())
+            collection, dim, ntotal = pointer["collection"], int(pointer["dim"]), int(pointer["ntotal"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise IndexFolderError(f"{path}: not a Milvus index pointer ({exc})") from None
+        index = self.open_collection(collection, plan)
+        if (index.ntotal, index.dim) != (ntotal, dim):
+            raise IndexFolderError(
+                f"{path}: Milvus collection {collection!r} holds {index.ntotal} vectors of dim {index.dim}, "
+                f"the pointer says {ntotal} of dim {dim}"
+            )
+        return index
+
+    def open_collection(self, collection: str, plan: IndexPlan) -> MilvusIndex:
+        """The existing collection ``collection``, loaded, with ``plan``'s search parameters.
+
+        Raises:
+            IndexFolderError: If it does not exist at this URI or is not laid out as :meth:`build` makes them.
+        """
+        if not self.client.has_collection(check_collection_name(collection)):
+            raise IndexFolderError(f"Milvus collection {collection!r} does not exist at {self.uri}")
+        fields = {f["name"]: f for f in self.client.describe_collection(collection)["fields"]}
+        vector = fields.get(VECTOR_FIELD)
+        if ROW_FIELD not in fields or vector is None or "dim" not in vector.get("params", {}):
+            raise IndexFolderError(
+                f"Milvus collection {collection!r} has fields {sorted(fields)}, expected {ROW_FIELD!r} and "
+                f"{VECTOR_FIELD!r}"
+            )
+        self.client.load_collection(collection)
+        return MilvusIndex(
+            self.client, collection, plan, dim=int(vector["params"]["dim"]), ntotal=self.count(collection), uri=self.uri
+        )
+
+    # --- housekeeping ------------------------------------------------------------------
+    def count(self, collection: str) -> int:
+        """Rows in ``collection``, counted at strong consistency (so rows just inserted count)."""
+        result = self.client.query(collection, filter="", output_fields=["count(*)"], consistency_level=CONSISTENCY)
+        return int(result[0]["count(*)"])
+
+    def drop(self, collection: str) -> None:
+        """Delete ``collection`` and its data (nothing if it does not exist)."""
+        if self.client.has_collection(collection):
+            self.client.drop_collection(collection)
+
+    def collections(self) -> list[str]:
+        """Names of the collections at this URI that start with ``collection_prefix``."""
+        return sorted(name for name in self.client.list_collections() if name.startswith(f"{self.collection_prefix}_"))
+
+    def _wait_until_indexed(self, collection: str) -> None:
+        """Wait until the server has indexed every sealed row (Milvus builds indexes in the background)."""
+        deadline = time.monotonic() + INDEX_WAIT_S
+        while True:
+            info = self.client.describe_index(collection, VECTOR_FIELD)
+            pending = int(info.get("pending_index_rows", 0))
+            if pending == 0 and int(info.get("indexed_rows", 0)) >= int(info.get("total_rows", 0)):
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"Milvus collection {collection!r} not indexed in {INDEX_WAIT_S} s: {info}")
+            time.sleep(0.2)
