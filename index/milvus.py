@@ -6,8 +6,11 @@ server and to a cluster (``http://host:19530``); only the URI changes. Each
 id, as FAISS numbers rows) and one ``FLOAT_VECTOR`` field, searched by inner product. One
 collection per dimension because Milvus 2.3 refuses a second vector field in a collection.
 
-Every read and write uses ``consistency_level="Strong"``: at the default level a count or a
-search right after an insert can miss the new rows.
+Consistency: collections are created at ``Strong`` and rows are counted at ``Strong`` (at the
+default level a count right after an insert can miss the new rows). Searches run at ``Session``:
+they see every row this client wrote (an ``add`` then a search), and a built collection is
+flushed before anyone else opens it; a ``Strong`` search on a 2.3 server waits for the next time
+tick, about 250 ms each, where ``Session`` takes about 3 ms.
 
 FAISS indexes live in files; a collection lives in the engine. :meth:`MilvusIndex.save` therefore
 writes a small JSON pointer (the collection's name, dimension, row count and index type) at the
@@ -37,7 +40,8 @@ from index.params import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, IVF_NPROBE, Index
 ROW_FIELD = "row"
 VECTOR_FIELD = "vector"
 METRIC = "IP"
-CONSISTENCY = "Strong"
+CONSISTENCY = "Strong"  # creating and counting
+SEARCH_CONSISTENCY = "Session"  # reads this client's own writes, without waiting for a time tick
 POINTER_FORMAT = 1
 # Rows per insert call: at most this many, and at most INSERT_BYTES of vectors (the server takes
 # 64 MiB per gRPC message by default).
@@ -51,6 +55,8 @@ INDEX_WAIT_S = 300
 MISSING_SCORE = np.finfo(np.float32).min
 MISSING_ROW = -1
 COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
+# Index types of ours that Milvus Lite (3.2) builds; it has no IVF_PQ.
+LITE_INDEX_TYPES = ("FLAT", "IVF_FLAT", "HNSW")
 SUPPORTED_FACTORIES = "Flat, IVF{nlist},Flat, IVF{nlist},PQ{m}, HNSW{M} or HNSW{M},Flat"
 
 
@@ -193,7 +199,7 @@ class MilvusIndex:
                 limit=k,
                 search_params=search_params,
                 anns_field=VECTOR_FIELD,
-                consistency_level=CONSISTENCY,
+                consistency_level=SEARCH_CONSISTENCY,
             )
             for offset, hits in enumerate(results):
                 found = min(len(hits.ids), k)
@@ -272,11 +278,16 @@ class MilvusBackend:
     def __repr__(self) -> str:  # never the credentials
         return f"MilvusBackend(uri={self.uri!r})"
 
+    @property
+    def is_lite(self) -> bool:
+        """Whether the URI names a Milvus Lite database file rather than a server."""
+        return self.uri.endswith(".db")
+
     def available(self) -> bool:
         """Whether ``pymilvus`` (and, for a ``.db`` URI, ``milvus-lite``) can be imported."""
         import importlib.util
 
-        needed = ["pymilvus", "milvus_lite"] if self.uri.endswith(".db") else ["pymilvus"]
+        needed = ["pymilvus", "milvus_lite"] if self.is_lite else ["pymilvus"]
         return all(importlib.util.find_spec(module) is not None for module in needed)
 
     @property
@@ -310,6 +321,12 @@ class MilvusBackend:
 
         vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         layout = milvus_layout(plan)
+        if self.is_lite and layout.index_type not in LITE_INDEX_TYPES:
+            # Milvus Lite 3.2 accepts the index, reports it built, and then cannot load the collection.
+            raise ConfigError(
+                f"Milvus Lite has no {layout.index_type} index ({plan.factory!r}); "
+                f"it builds {', '.join(LITE_INDEX_TYPES)}: use a Milvus server, or another index type"
+            )
         name = check_collection_name(collection or f"{self.collection_prefix}_{uuid.uuid4().hex[:16]}")
         if self.client.has_collection(name):
             raise ConfigError(f"Milvus collection {name!r} already exists at {self.uri}")
@@ -317,17 +334,15 @@ class MilvusBackend:
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field(ROW_FIELD, DataType.INT64, is_primary=True)
         schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
-        # Created with its index and loaded: searchable as soon as rows arrive.
-        self.client.create_collection(
-            name, schema=schema, index_params=_index_params(layout), consistency_level=CONSISTENCY
-        )
+        # Written, sealed and indexed before it is loaded: a collection loaded earlier goes on being
+        # searched by brute force over the rows as they arrived (the server until its next handoff,
+        # Milvus Lite until a reload), not through the index the plan asks for.
+        self.client.create_collection(name, schema=schema, consistency_level=CONSISTENCY)
+        self.client.create_index(name, _index_params(layout))
         index = MilvusIndex(self.client, name, plan, dim=dim, ntotal=0, uri=self.uri)
         index.add(vectors)
-        self.client.flush(name)  # seal the segments, so that their index is built now
+        self.client.flush(name)
         self._wait_until_indexed(name)
-        # Until a reload, the server goes on searching the rows as it first received them (brute
-        # force) and Milvus Lite the unindexed segments: reloading makes the built index the one searched.
-        self.client.release_collection(name)
         self.client.load_collection(name)
         return index
 

@@ -1,31 +1,42 @@
 """The index-backend contract on Milvus: Milvus Lite and a real standalone Milvus 2.3.5 server.
 
-The same cases as ``tests/test_index_backends.py`` (seeded clustered vectors against brute-force
-NumPy search): an exact index matches to 1e-5, approximate ones keep recall@10 >= 0.95, ``add``
-continues the row ids, ``k`` past the index size pads like FAISS, and a saved pointer opens the
-same collection again. The real server is started by ``tests.milvus_server`` on loopback.
+The cases of ``tests/test_index_backends.py`` (results match brute-force NumPy search; exact
+``Flat`` to 1e-5 with recall 1.0, IVF and HNSW with recall ≥ 0.95; ``add`` extends; ``k`` larger
+than the index), run on both engines, plus what is particular to Milvus: the pointer file that
+stands for a collection, FAISS's padding of missing hits, concurrent searches, and the mapping of
+FAISS factory strings onto Milvus index types. Skipped without the ``milvus`` extra, except in CI.
+
+Each build on the 2.3 server takes several seconds whatever its size (flush, index, load), so
+indexes are built once per engine and plan and shared by the tests that only read them.
 """
 
 from __future__ import annotations
 
+import json
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from core.errors import ConfigError
 from core.metrics import neighbour_recall
-from index.params import IndexPlan
-from tests.milvus_server import milvus_lite_uri, milvus_server_uri  # noqa: F401 (fixtures)
+from index.manifest import IndexFolderError
+from index.milvus import MISSING_ROW, MISSING_SCORE, MilvusBackend, milvus_layout
+from index.params import HNSW_EF_CONSTRUCTION, IndexPlan
+from tests.milvus_server import milvus_lite_uri, milvus_server_uri, require_module  # noqa: F401 - fixtures
 from tests.test_index_backends import brute_force, clustered_vectors
 
-pytestmark = pytest.mark.slow
+N, D, NQ, K = 2000, 32, 100, 10
+ADDED = 500  # rows that test_add_extends_the_index appends after the build
 
-N, D, NQ, K = 2000, 32, 50, 10
 PLANS = {
     "flat": IndexPlan("Flat"),
-    "ivf": IndexPlan("IVF16,Flat", {"nprobe": 16}),
-    "hnsw": IndexPlan("HNSW16,Flat", {"efSearch": 128}),
+    "hnsw": IndexPlan("HNSW32,Flat", {"efSearch": 128}),
+    "ivf": IndexPlan("IVF32,Flat", {"nprobe": 16}),
 }
+# Every test on an engine is slow: the server starts in about 7 s, and builds there take several seconds each.
+ENGINES = [pytest.param(name, marks=pytest.mark.slow) for name in ("lite", "server")]
 
 
 @pytest.fixture(scope="module")
@@ -33,44 +44,182 @@ def synthetic():
     return clustered_vectors(N, D, NQ)
 
 
-@pytest.fixture(params=["lite", "server"])
-def backend(request):
-    from index.milvus import MilvusBackend
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request) -> str:
+    return request.param
 
-    uri = request.getfixturevalue("milvus_lite_uri" if request.param == "lite" else "milvus_server_uri")
+
+@pytest.fixture(scope="module")
+def backend(engine, request):
+    """A :class:`MilvusBackend` on Milvus Lite or on the real server, closed afterwards."""
+    uri = request.getfixturevalue("milvus_lite_uri" if engine == "lite" else "milvus_server_uri")
     backend = MilvusBackend(uri)
+    assert backend.available() and backend.is_lite == (engine == "lite")
     yield backend
-    for name in backend.collections():
-        backend.drop(name)
     backend.close()
 
 
-@pytest.mark.parametrize("plan_name", list(PLANS))
-def test_results_match_brute_force(backend, plan_name, synthetic, tmp_path: Path):
+@pytest.fixture(scope="module")
+def built(backend, synthetic):
+    """Build each plan's index of the synthetic documents once per engine, on first use."""
+    docs, _ = synthetic
+    indexes = {}
+
+    def get(plan_name: str):
+        if plan_name not in indexes:
+            indexes[plan_name] = backend.build(docs, PLANS[plan_name])
+        return indexes[plan_name]
+
+    return get
+
+
+def engine_params(params: dict) -> dict[str, str]:
+    """Index parameters as strings (the server reports them so, Milvus Lite as numbers)."""
+    return {key: str(value) for key, value in params.items()}
+
+
+# --- the contract ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("plan_name", PLANS)
+def test_results_match_brute_force(backend, built, plan_name, synthetic, tmp_path: Path):
     docs, queries = synthetic
     plan = PLANS[plan_name]
-    index = backend.build(docs, plan)
+    index = built(plan_name)
     assert (index.ntotal, index.dim) == (N, D)
     scores, ids = index.search(queries, K)
+    assert (scores.dtype, ids.dtype, scores.shape, ids.shape) == (np.float32, np.int64, (NQ, K), (NQ, K))
     truth_ids, truth_scores = brute_force(docs, queries, K)
-    if plan_name == "flat":
+    if plan.exact:
         np.testing.assert_allclose(scores, truth_scores, atol=1e-5)
         assert neighbour_recall(ids, truth_ids) == 1.0
     else:
         assert neighbour_recall(ids, truth_ids) >= 0.95
-    index.save(tmp_path / "pointer.json")
-    reopened = backend.open(tmp_path / "pointer.json", plan)
-    np.testing.assert_array_equal(reopened.search(queries, K)[1], ids)
-    assert reopened.describe()["backend"] == "milvus"
+
+    # The engine builds with the plan's parameters (Milvus Lite drops them unless sent in its shape too).
+    reported = backend.client.describe_index(index.collection, "vector")
+    assert reported["index_type"] == index.layout.index_type and reported["metric_type"] == "IP"
+    assert engine_params(reported.get("params", {})) == engine_params(index.layout.build_params)
+
+    # A pointer file stands for the collection; the backend opens it again: same answers.
+    index.save(tmp_path / "i.faiss")
+    assert json.loads((tmp_path / "i.faiss").read_text())["collection"] == index.collection
+    reloaded = backend.open(tmp_path / "i.faiss", plan)
+    np.testing.assert_array_equal(reloaded.search(queries, K)[1], ids)
+    description = reloaded.describe()
+    assert description["backend"] == backend.name and description["factory"] == plan.factory
+    assert description["search_params"] == plan.search_params
+    assert description["collection"] == index.collection
+    reloaded.close()
 
 
-def test_add_extends_the_index_and_k_past_the_size_pads(backend, synthetic):
+@pytest.mark.parametrize("plan_name", PLANS)
+def test_add_extends_the_index(backend, plan_name, synthetic):
     docs, _ = synthetic
-    index = backend.build(docs[:1500], PLANS["flat"])
-    index.add(docs[1500:])
-    assert index.ntotal == N
-    _, ids = index.search(docs[1600:1610], 1)
-    assert ids[:, 0].tolist() == list(range(1600, 1610))
-    small = backend.build(docs[:3], PLANS["flat"])
-    scores, rows = small.search(docs[:1], 10)
-    assert sorted(rows[0][rows[0] >= 0].tolist()) == [0, 1, 2]
+    index = backend.build(docs[: N - ADDED], PLANS[plan_name])
+    index.add(docs[N - ADDED :])
+    assert index.ntotal == N and backend.count(index.collection) == N
+    _, ids = index.search(docs[N - 10 :], 1)
+    assert ids[:, 0].tolist() == list(range(N - 10, N))
+    backend.drop(index.collection)
+
+
+def test_k_larger_than_index_and_single_query(built, synthetic):
+    docs, _ = synthetic
+    scores, ids = built("flat").search(docs[1], N + 10)  # one query as a 1-D vector
+    assert scores.shape == ids.shape == (1, N)
+    assert ids[0, 0] == 1 and sorted(ids[0].tolist()) == list(range(N))
+    assert np.all(np.diff(scores[0]) <= 1e-6)  # best first
+
+
+# --- what is particular to Milvus ------------------------------------------------------------
+
+
+def test_missing_hits_are_padded_as_faiss_pads_them(backend, built, synthetic):
+    """IVF probing one list of 32 finds fewer than k rows: the rest is -FLT_MAX and -1, as in FAISS."""
+    _, queries = synthetic
+    collection = built("ivf").collection
+    one_list = backend.open_collection(collection, IndexPlan("IVF32,Flat", {"nprobe": 1}))
+    scores, ids = one_list.search(queries[:5], 1000)
+    assert ids.shape == (5, 1000)
+    missing = ids == MISSING_ROW
+    assert missing.any(axis=1).all() and np.all(scores[missing] == MISSING_SCORE)
+    for row in range(5):
+        found = ids[row][~missing[row]]
+        assert len(set(found.tolist())) == len(found) and np.all(ids[row, : len(found)] >= 0)
+
+
+def test_concurrent_searches_give_the_serial_answers(built, synthetic):
+    _, queries = synthetic
+    index = built("flat")
+    assert index.thread_safe
+    serial = [index.search(queries[i : i + 1], K)[1] for i in range(20)]
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        concurrent = list(pool.map(lambda i: index.search(queries[i : i + 1], K)[1], range(20)))
+    for expected, got in zip(serial, concurrent, strict=True):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_open_names_a_missing_collection_or_a_bad_pointer(backend, tmp_path: Path):
+    (tmp_path / "gone.faiss").write_text(json.dumps({"collection": "mrl_gone", "dim": D, "ntotal": N}))
+    with pytest.raises(IndexFolderError, match="collection 'mrl_gone' does not exist"):
+        backend.open(tmp_path / "gone.faiss", PLANS["flat"])
+    (tmp_path / "bad.faiss").write_bytes(b"\x00FAISS")
+    with pytest.raises(IndexFolderError, match="not a Milvus index pointer"):
+        backend.open(tmp_path / "bad.faiss", PLANS["flat"])
+
+
+def test_build_refuses_a_collection_name_in_use(backend, built, synthetic):
+    docs, _ = synthetic
+    with pytest.raises(ConfigError, match="already exists"):
+        backend.build(docs[:10], PLANS["flat"], collection=built("flat").collection)
+
+
+@pytest.mark.slow
+def test_ivf_pq_is_refused_on_milvus_lite(request, synthetic):
+    backend = MilvusBackend(request.getfixturevalue("milvus_lite_uri"))
+    with pytest.raises(ConfigError, match="Milvus Lite has no IVF_PQ"):
+        backend.build(synthetic[0], IndexPlan("IVF32,PQ8", {"nprobe": 16}))
+    backend.close()
+
+
+# --- no engine needed ----------------------------------------------------------------------------
+
+
+def test_factory_strings_map_onto_milvus_index_types():
+    flat = milvus_layout(IndexPlan("Flat"))
+    assert (flat.index_type, flat.build_params, flat.search_params) == ("FLAT", {}, {})
+    ivf = milvus_layout(IndexPlan("IVF64,Flat", {"nprobe": 8}))
+    assert (ivf.index_type, ivf.build_params, ivf.search_params) == ("IVF_FLAT", {"nlist": 64}, {"nprobe": 8})
+    pq = milvus_layout(IndexPlan("IVF256,PQ16", {"nprobe": 32}))
+    assert (pq.index_type, pq.build_params) == ("IVF_PQ", {"nlist": 256, "m": 16, "nbits": 8})
+    hnsw = milvus_layout(IndexPlan("HNSW16,Flat", {"efSearch": 64}))
+    assert (hnsw.index_type, hnsw.build_params) == ("HNSW", {"M": 16, "efConstruction": HNSW_EF_CONSTRUCTION})
+    assert hnsw.search_params_for(10) == {"ef": 64} and hnsw.search_params_for(100) == {"ef": 100}
+
+
+@pytest.mark.parametrize(
+    ("plan", "message"),
+    [
+        (IndexPlan("IVF64,SQ8"), "has no Milvus equivalent here"),
+        (IndexPlan("PQ8"), "has no Milvus equivalent here"),
+        (IndexPlan("HNSW32,Flat", {"nprobe": 4}), r"\['nprobe'\] do not apply"),
+        (IndexPlan("Flat", {"efSearch": 4}), r"\['efSearch'\] do not apply"),
+    ],
+)
+def test_unmapped_plans_are_refused(plan, message):
+    with pytest.raises(ConfigError, match=message):
+        milvus_layout(plan)
+
+
+def test_a_milvus_backend_is_one_registered_name(monkeypatch, tmp_path: Path):
+    import index.backends as backends
+    from index.backends import get_backend, register_backend, registered_backends
+
+    require_module("pymilvus", "the `milvus` extra: pip install -e '.[milvus]'")
+    monkeypatch.setattr(backends, "_BACKENDS", dict(backends._BACKENDS))
+    milvus = register_backend(MilvusBackend(tmp_path / "m.db", token="secret"))
+    assert get_backend("milvus") is milvus and "milvus" in registered_backends()
+    assert "secret" not in repr(milvus)
+    with pytest.raises(ConfigError, match="not valid in Milvus"):
+        MilvusBackend(tmp_path / "m.db", collection_prefix="9-bad")
