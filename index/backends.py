@@ -75,6 +75,11 @@ class IndexBackend(Protocol):
         """The index :meth:`VectorIndex.save` wrote at ``path``, with ``plan``'s search parameters."""
 
 
+def describe_plan(backend: str, plan: IndexPlan, device: str) -> dict[str, Any]:
+    """The keys every :meth:`VectorIndex.describe` has; a backend adds its own after them."""
+    return {"backend": backend, "factory": plan.factory, "search_params": dict(plan.search_params), "device": device}
+
+
 def gpu_count() -> int:
     """GPUs FAISS can use: 0 with faiss-cpu or without CUDA."""
     import faiss
@@ -138,12 +143,7 @@ class FaissIndex:
         faiss.write_index(self._to_cpu(), str(path))
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "factory": self.plan.factory,
-            "search_params": dict(self.plan.search_params),
-            "device": self.device,
-        }
+        return describe_plan(self.backend, self.plan, self.device)
 
     def close(self) -> None:
         self._index = None

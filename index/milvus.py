@@ -34,6 +34,7 @@ import numpy as np
 
 from core.errors import ConfigError
 from core.files import write_json_atomic
+from index.backends import describe_plan
 from index.manifest import IndexFolderError
 from index.params import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, IVF_NPROBE, IndexPlan
 
@@ -210,10 +211,7 @@ class MilvusIndex:
     # --- describing and keeping -------------------------------------------------------
     def describe(self) -> dict[str, Any]:
         return {
-            "backend": self.backend,
-            "factory": self.plan.factory,
-            "search_params": dict(self.plan.search_params),
-            "device": self.device,
+            **describe_plan(self.backend, self.plan, self.device),
             "collection": self.collection,
             "index_type": self.layout.index_type,
             "index_params": dict(self.layout.build_params),

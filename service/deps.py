@@ -19,6 +19,7 @@ from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 
 API_KEY_HEADER = "X-API-Key"
+UNAUTHORIZED_MESSAGE = "missing or wrong API key: send it as X-API-Key or as Authorization: Bearer <key>"
 
 
 @dataclass
@@ -98,7 +99,7 @@ def require_api_key(
     """
     headers = {name.lower(): value for name, value in request.headers.items()}
     if not key_is_valid(state.settings.api_key, headers):
-        raise Unauthorized("missing or wrong API key: send it as X-API-Key or as Authorization: Bearer <key>")
+        raise Unauthorized(UNAUTHORIZED_MESSAGE)
 
 
 ApiKeyDep = Depends(require_api_key)

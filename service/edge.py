@@ -20,7 +20,7 @@ from fastapi.responses import JSONResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.deps import ServiceState, key_is_valid
+from service.deps import UNAUTHORIZED_MESSAGE, ServiceState, key_is_valid
 from service.errors import (
     INTERNAL,
     INTERNAL_MESSAGE,
@@ -75,8 +75,7 @@ class EdgeMiddleware:
     def _refusal(self, scope: Scope, guarded: bool) -> tuple[ServiceError, dict[str, str]] | None:
         headers = _headers(scope)
         if guarded and self._needs_key(scope["path"]) and not key_is_valid(self.settings.api_key, headers):
-            message = "missing or wrong API key: send it as X-API-Key or as Authorization: Bearer <key>"
-            return Unauthorized(message), {"WWW-Authenticate": "Bearer"}
+            return Unauthorized(UNAUTHORIZED_MESSAGE), {"WWW-Authenticate": "Bearer"}
         undecodable = _undecodable_part(scope)
         if undecodable:
             return InvalidRequest(f"the {undecodable} is not valid UTF-8 once percent-decoded"), {}
@@ -144,12 +143,7 @@ class EdgeMiddleware:
             kind = error_kind(exc)
             if kind is INTERNAL:
                 logger.exception("unhandled error in %s %s", scope.get("method"), scope.get("path"))
-            if not started_response:
-                message = str(exc) if kind is not INTERNAL else INTERNAL_MESSAGE
-                await self._answer(scope, receive, send, exc if kind is not INTERNAL else None, {}, message)
-                status = kind.status
-            else:
-                status = INTERNAL.status
+            status = await self._answer(scope, receive, send, exc, {}) if not started_response else INTERNAL.status
         finally:
             self.in_flight -= guarded
             self.metrics.in_flight.dec(guarded)
@@ -160,13 +154,13 @@ class EdgeMiddleware:
         scope: Scope,
         receive: Receive,
         send: Send,
-        exc: ServiceError | None,
+        exc: Exception,
         headers: dict[str, str],
-        message: str | None = None,
     ) -> int:
-        kind = error_kind(exc) if exc is not None else INTERNAL
+        """The error body for ``exc``: its own message for a ServiceError, the generic one for anything else."""
+        kind = error_kind(exc)
         self.metrics.failures.labels(type=kind.type).inc()
-        body = error_body(kind.type, self.state.redact(message if message is not None else str(exc)))
+        body = error_body(kind.type, INTERNAL_MESSAGE if kind is INTERNAL else self.state.redact(str(exc)))
         response = JSONResponse(body, status_code=kind.status, headers=headers or None)
         await response(scope, receive, send)
         return kind.status
@@ -186,7 +180,6 @@ class EdgeMiddleware:
             client = scope.get("client")
             where = f"{client[0]}:{client[1]}" if client else "-"
             access_logger.info("%s %s %s %d %.1fms", where, scope.get("method"), path, status, 1000 * seconds)
-
 
     def _route_of(self, scope: Scope) -> BaseRoute | None:
         for route in self.routes:

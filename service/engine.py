@@ -24,7 +24,7 @@ import numpy as np
 from core.errors import ConfigError
 from core.matryoshka import truncate_normalize
 from index.layout import LEASE_TTL_SECONDS
-from index.loaded import LoadedIndex
+from index.loaded import IndexSource, LoadedIndex
 from index.manifest import IndexFolderError, IndexManifest
 from index.search import staged_search
 from service.batching import MicroBatcher, TextKind
@@ -67,9 +67,10 @@ class Searcher:
         loaded_encoder: LoadedEncoder,
         index: LoadedIndex,
         metrics: ServiceMetrics,
+        source: IndexSource,
     ) -> None:
         self.settings = settings
-        self.source = index_source(settings)
+        self.source = source
         self.limits = RequestLimits(settings.max_k, settings.max_query_chars, settings.max_batch_queries)
         self.encoder = loaded_encoder
         self.metrics = metrics
@@ -98,9 +99,10 @@ class Searcher:
             IndexFolderError: Missing or corrupt index, or one built with another model.
             ModelError: The model cannot be loaded. ConfigurationError: Settings that do not fit the index.
         """
-        loaded_encoder, index = await asyncio.to_thread(_load, settings, load)
+        source = index_source(settings)
+        loaded_encoder, index = await asyncio.to_thread(_load, source, settings, load)
         try:
-            searcher = cls(settings, loaded_encoder, index, metrics)
+            searcher = cls(settings, loaded_encoder, index, metrics, source)
         except BaseException:
             index.close()
             raise
@@ -349,8 +351,7 @@ class Searcher:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _load(settings: ServiceSettings, load: EncoderLoader) -> tuple[LoadedEncoder, LoadedIndex]:
-    source = index_source(settings)
+def _load(source: IndexSource, settings: ServiceSettings, load: EncoderLoader) -> tuple[LoadedEncoder, LoadedIndex]:
     location = source.current()
     manifest = source.manifest(location)
     loaded_encoder = load(settings, manifest)
