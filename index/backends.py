@@ -20,11 +20,20 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from core.errors import ConfigError
+from index.manifest import IndexFolderError
 from index.params import HNSW_EF_CONSTRUCTION, IndexPlan
 
 logger = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "gpu"]
+
+
+class EngineUnavailable(IndexFolderError):
+    """The engine that holds an index (a Milvus server) cannot be reached, or did not answer in time.
+
+    At start-up and on reload it refuses the index like any other :class:`IndexFolderError`; while
+    serving, the service answers 503 and reports not ready until the engine answers again.
+    """
 
 
 class VectorIndex(Protocol):

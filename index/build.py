@@ -1,8 +1,10 @@
-"""``mrl index build`` and ``mrl index add``: encode once, one FAISS index per dimension.
+"""``mrl index build`` and ``mrl index add``: encode once, one index per dimension.
 
-The corpus is encoded a single time at full dimension and kept (``vectors.npy``); every
-dimension's index is built from it with :func:`truncate_normalize`, the same function
-the evaluation and the query path use.
+The corpus is encoded a single time at full dimension and kept (``vectors.npy``, or the
+engine's document collection); every dimension's index is built from it with
+:func:`truncate_normalize`, the same function the evaluation and the query path use. Where
+a version goes is a :class:`VersionWriter`: a folder of FAISS files (:class:`FolderWriter`,
+the default) or an index kept in Milvus (:class:`index.milvus_store.MilvusVersionWriter`).
 """
 
 from __future__ import annotations
@@ -17,11 +19,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
 from core.data import DataError, Document, load_corpus, load_queries
+from core.errors import ConfigError
 from core.files import write_json_atomic
 from core.matryoshka import truncate_normalize, validate_dims
 from core.metrics import exact_top_k, neighbour_recall
@@ -65,12 +68,22 @@ PROBE_QUERIES = 1000
 RECALL_K = 10
 
 
+BackendName = Literal["faiss", "milvus"]
+DEFAULT_CACHE = Path("~/.cache/mrl/encode-cache")
+
+
 @dataclass
 class BuildConfig:
-    """Everything ``mrl index build`` can be told."""
+    """Everything ``mrl index build`` can be told.
+
+    ``backend="faiss"`` writes a version folder under ``output``; ``backend="milvus"`` writes the
+    index ``index_name`` into the Milvus deployment at ``milvus_uri`` (credentials from
+    ``MRL_MILVUS_TOKEN`` or ``MRL_MILVUS_USER`` and ``MRL_MILVUS_PASSWORD``), and keeps its encode
+    cache under ``cache_dir`` (default ``~/.cache/mrl/encode-cache``).
+    """
 
     data: Path
-    output: Path
+    output: Path | None = None
     model: str | None = None
     dims: list[int] | None = None
     index_type: str | None = None
@@ -80,6 +93,83 @@ class BuildConfig:
     max_seq_length: int | None = None
     keep_versions: int = 3
     progress: bool = True
+    backend: BackendName = "faiss"
+    milvus_uri: str | None = None
+    index_name: str | None = None
+    cache_dir: Path | None = None
+
+    def check(self) -> None:
+        """Raises ConfigError unless the options name one place to write to."""
+        if self.backend == "faiss":
+            if self.output is None:
+                raise ConfigError("--output is required with --backend faiss (the index root to write)")
+            if self.milvus_uri or self.index_name:
+                raise ConfigError("--milvus-uri and --index go with --backend milvus; --backend faiss writes --output")
+        elif self.backend == "milvus":
+            if not self.milvus_uri or not self.index_name:
+                raise ConfigError("--backend milvus needs --milvus-uri (a .db file or http://host:19530) and --index")
+            if self.output is not None:
+                raise ConfigError("--output is for --backend faiss; --backend milvus writes --index at --milvus-uri")
+        else:
+            raise ConfigError(f"unknown backend {self.backend!r}; use faiss or milvus")
+
+
+class VersionWriter(Protocol):
+    """Where a new index version is written, and how it goes live: a folder, or an engine."""
+
+    version: str
+
+    def write_corpus(self, documents: list[Document], vectors: np.ndarray, probes: np.ndarray) -> None:
+        """The documents, their full vectors and the recall probes."""
+
+    def build(self, dim: int, vectors: np.ndarray, plan: IndexPlan) -> VectorIndex:
+        """Dim ``dim``'s index of ``vectors`` (truncated and normalised)."""
+
+    def keep(self, index: VectorIndex, dim: int) -> tuple[str, int]:
+        """Store ``index`` with the version: ``(what the manifest names it by, its size in bytes)``."""
+
+    def files(self) -> tuple[dict[str, int], dict[str, str]]:
+        """The version's files and their checksums, for the manifest (none for an engine)."""
+
+    def publish(self, manifest: IndexManifest) -> Path:
+        """Make the version live (one atomic step), prune old ones; returns where it is."""
+
+    def abort(self) -> None:
+        """Remove what this build wrote; nothing of it goes live."""
+
+
+class FolderWriter:
+    """A version folder of ``root``: staged in ``versions/.building-*``, renamed into place, ``current`` moved."""
+
+    def __init__(self, root: Path, backend: IndexBackend, version: str, keep_versions: int) -> None:
+        self.root, self.backend, self.version, self.keep_versions = root, backend, version, keep_versions
+        self.staging = staging_version(root)
+
+    def write_corpus(self, documents: list[Document], vectors: np.ndarray, probes: np.ndarray) -> None:
+        np.save(self.staging / VECTORS_FILE, vectors)
+        np.save(self.staging / PROBE_FILE, probes)
+        write_documents(self.staging / DOCS_FILE, documents)
+
+    def build(self, dim: int, vectors: np.ndarray, plan: IndexPlan) -> VectorIndex:
+        return self.backend.build(vectors, plan)
+
+    def keep(self, index: VectorIndex, dim: int) -> tuple[str, int]:
+        return save_to_folder(index, dim, self.staging)
+
+    def files(self) -> tuple[dict[str, int], dict[str, str]]:
+        return folder_files(self.staging)
+
+    def publish(self, manifest: IndexManifest) -> Path:
+        write_json_atomic(self.staging / MANIFEST_FILE, manifest.to_dict())
+        return publish_version(self.root, self.staging, manifest.version, self.keep_versions)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def save_to_folder(index: VectorIndex, dim: int, folder: Path) -> tuple[str, int]:
+    index.save(folder / index_file(dim))
+    return index_file(dim), (folder / index_file(dim)).stat().st_size
 
 
 def read_documents(path: Path) -> tuple[list[Document], list[str]]:
@@ -152,16 +242,20 @@ def measure_search_ms(index: VectorIndex, probes: np.ndarray, k: int = RECALL_K,
 
 
 def describe_index(
-    index: VectorIndex, dim: int, vectors: np.ndarray, probes: np.ndarray, folder: Path, build_seconds: float
+    index: VectorIndex,
+    dim: int,
+    vectors: np.ndarray,
+    probes: np.ndarray,
+    stored: tuple[str, int],
+    build_seconds: float,
 ) -> DimIndex:
-    """Write one dimension's index into ``folder`` and measure it: size, recall (if approximate), search time."""
-    index.save(folder / index_file(dim))
+    """Measure one dimension's index, kept as ``stored`` (name, bytes): recall (if approximate), search time."""
     reduced_probes = truncate_normalize(probes, dim)
     description = index.describe()
     entry = DimIndex(
         factory=description["factory"],
-        file=index_file(dim),
-        bytes=(folder / index_file(dim)).stat().st_size,
+        file=stored[0],
+        bytes=stored[1],
         build_seconds=round(build_seconds, 3),
         search_params=dict(description["search_params"]),
         recall_at_10=None if description["factory"] == "Flat" else measure_recall(index, vectors, reduced_probes),
@@ -186,16 +280,23 @@ def build_dim_indexes(
     probes: np.ndarray,
     dims: list[int],
     plan_for: Callable[[int], IndexPlan],
-    backend: IndexBackend,
-    folder: Path,
+    writer: VersionWriter,
 ) -> dict[int, DimIndex]:
-    """Per dimension: truncate + normalise, build, write, measure."""
-    result = {}
+    """Per dimension: truncate + normalise and build; then store and measure each.
+
+    Every dim is built before the first is stored, so that an engine can finish them side by side
+    (a Milvus server takes seconds to seal and index a collection, however small); the builder
+    then holds every dim's index at once, as the service does.
+    """
+    built = {}
     for dim in dims:
         started = time.perf_counter()
-        reduced = truncate_normalize(vectors, dim)
-        index = backend.build(reduced, plan_for(dim))
-        result[dim] = describe_index(index, dim, reduced, probes, folder, time.perf_counter() - started)
+        built[dim] = (writer.build(dim, truncate_normalize(vectors, dim), plan_for(dim)), started)
+    result = {}
+    for dim, (index, started) in built.items():
+        stored = writer.keep(index, dim)
+        seconds = time.perf_counter() - started
+        result[dim] = describe_index(index, dim, truncate_normalize(vectors, dim), probes, stored, seconds)
     return result
 
 
@@ -217,20 +318,30 @@ def library_versions() -> dict[str, str]:
 
 
 def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
-    """Build a new index version under ``config.output`` and make it current.
+    """Build a new index version where ``config`` says and make it live.
+
+    Returns:
+        The version folder (FAISS), or ``NAME/VERSION`` (Milvus); and the manifest.
 
     Raises:
-        DataError: Bad corpus file. ModelError: Model cannot be loaded.
-        DimensionError: Dims that do not fit the model.
+        ConfigError: Options that name no place to write. DataError: Bad corpus file.
+        ModelError: Model cannot be loaded. DimensionError: Dims that do not fit the model.
+        EngineUnavailable: Milvus cannot be reached.
     """
+    config.check()
     documents, query_texts = read_documents(config.data)
     model = load_model(config.model, max_seq_length=config.max_seq_length)
     encoder = SentenceTransformerEncoder(model, config.model or "default", config.batch_size, config.progress)
     dims = validate_dims(config.dims, encoder.dimension) if config.dims else model_dims(model, config.model)
     fingerprint = model_fingerprint(model)
-    backend = backend_for(config.device)
+    version = new_version_name()
+    store = _milvus_store(config) if config.backend == "milvus" else None
+    if store is not None:
+        store.ensure_meta()  # Milvus unreachable: fail before encoding
 
-    cache = config.output / ".encode-cache" / encode_cache_key(documents, fingerprint, model)
+    key = encode_cache_key(documents, fingerprint, model)
+    cache_root = config.output / ".encode-cache" if store is None else (config.cache_dir or DEFAULT_CACHE).expanduser()
+    cache = cache_root / key
     cache.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     vectors = encode_documents(encoder, documents, cache)
@@ -244,16 +355,17 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
             return IndexPlan(config.index_type, search_params_for(config.index_type))
         return choose_index(len(vectors), dim, budget)
 
-    staging = staging_version(config.output)
+    if store is None:
+        writer: VersionWriter = FolderWriter(config.output, backend_for(config.device), version, config.keep_versions)
+    else:
+        writer = store.begin(version, config.keep_versions)
     try:
-        np.save(staging / VECTORS_FILE, vectors)
-        np.save(staging / PROBE_FILE, probes)
-        write_documents(staging / DOCS_FILE, documents)
-        indexes = build_dim_indexes(vectors, probes, dims, plan_for, backend, staging)
+        writer.write_corpus(documents, vectors, probes)
+        indexes = build_dim_indexes(vectors, probes, dims, plan_for, writer)
         card = read_model_card(config.model) if config.model and Path(config.model).is_dir() else None
-        files, checksums = folder_files(staging)
+        files, checksums = writer.files()
         manifest = IndexManifest(
-            version=new_version_name(),
+            version=version,
             model=ModelInfo(
                 name=_model_name(config.model),
                 fingerprint=fingerprint,
@@ -273,13 +385,22 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
             library_versions=library_versions(),
             evaluation=(card.extra or {}).get("evaluation") if card else None,
         )
-        write_json_atomic(staging / MANIFEST_FILE, manifest.to_dict())
-        final = publish_version(config.output, staging, manifest.version, config.keep_versions)
+        final = writer.publish(manifest)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        writer.abort()
         raise
-    shutil.rmtree(cache.parent, ignore_errors=True)
+    finally:
+        if store is not None:
+            store.backend.close()
+    shutil.rmtree(cache.parent if store is None else cache, ignore_errors=True)
     return final, manifest
+
+
+def _milvus_store(config: BuildConfig):
+    from index.milvus import MilvusBackend, credentials_from_env
+    from index.milvus_store import MilvusIndexStore
+
+    return MilvusIndexStore(MilvusBackend(config.milvus_uri, **credentials_from_env()), config.index_name)
 
 
 def _model_name(model: str | None) -> str:
@@ -345,7 +466,8 @@ def add_documents(
             started = time.perf_counter()
             index.add(truncate_normalize(added, dim))
             seconds = old.indexes[dim].build_seconds + time.perf_counter() - started
-            indexes[dim] = describe_index(index, dim, truncate_normalize(vectors, dim), probes, staging, seconds)
+            stored = save_to_folder(index, dim, staging)
+            indexes[dim] = describe_index(index, dim, truncate_normalize(vectors, dim), probes, stored, seconds)
         manifest = IndexManifest.from_dict(old.to_dict())
         manifest.version = new_version_name()
         manifest.num_vectors = len(vectors)

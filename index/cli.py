@@ -9,17 +9,22 @@ from core.cli_args import check_positive, config_fields, dims_argument
 
 
 def add_index_parser(commands: argparse._SubParsersAction) -> None:
-    index = commands.add_parser("index", help="build, extend and inspect FAISS indexes")
+    index = commands.add_parser("index", help="build, extend and inspect indexes (FAISS folders, or Milvus)")
     actions = index.add_subparsers(dest="action", required=True, metavar="ACTION")
 
     build = actions.add_parser(
         "build",
         help="encode a corpus once, build one index per dimension",
-        description="Encode a corpus once at full dimension; build one FAISS index per "
-        "Matryoshka dimension; publish it as a new version of OUTPUT.",
+        description="Encode a corpus once at full dimension; build one index per Matryoshka dimension; "
+        "publish it as a new version of OUTPUT (FAISS) or of the index NAME in Milvus (--backend milvus; "
+        "credentials from MRL_MILVUS_TOKEN, or MRL_MILVUS_USER and MRL_MILVUS_PASSWORD).",
     )
     build.add_argument("--data", type=Path, required=True, help="BEIR folder or corpus .jsonl (_id, title, text)")
-    build.add_argument("--output", type=Path, required=True, help="index root; each build adds a version")
+    build.add_argument("--output", type=Path, default=None, help="FAISS: index root; each build adds a version")
+    add_engine_arguments(build)
+    build.add_argument(
+        "--cache-dir", type=Path, default=None, help="Milvus: encode cache (default: ~/.cache/mrl/encode-cache)"
+    )
     build.add_argument("--model", default=None, help="model folder or hub name (default: all-MiniLM-L6-v2)")
     build.add_argument("--dims", type=dims_argument, default=None, help="default: the model's Matryoshka dims")
     build.add_argument(
@@ -47,9 +52,18 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
     add.set_defaults(handler=run_add)
 
     info = actions.add_parser("info", help="print an index's manifest as a table")
-    info.add_argument("path", type=Path, help="index root or version folder")
+    info.add_argument("path", nargs="?", type=Path, default=None, help="FAISS: index root or version folder")
+    add_engine_arguments(info)
     info.add_argument("--check", action="store_true", help="also load every file and check it against the manifest")
     info.set_defaults(handler=run_info)
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--backend", choices=["faiss", "milvus"], default="faiss", help="where the index lives (default: %(default)s)"
+    )
+    parser.add_argument("--milvus-uri", default=None, help="Milvus: a .db file (Milvus Lite) or http://host:19530")
+    parser.add_argument("--index", dest="index_name", default=None, help="Milvus: the index's name (letters, _)")
 
 
 def run_build(args: argparse.Namespace) -> int:
@@ -79,10 +93,17 @@ def run_add(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
+    from core.errors import ConfigError
     from index.layout import resolve_version
     from index.loaded import open_index
     from index.manifest import IndexManifest
 
+    if args.backend == "milvus":
+        if not args.milvus_uri or not args.index_name or args.path is not None:
+            raise ConfigError("index info --backend milvus takes --milvus-uri and --index, not a path")
+        return _milvus_info(args)
+    if args.path is None:
+        raise ConfigError("index info needs an index root or version folder (or --backend milvus)")
     folder = resolve_version(args.path)
     manifest = IndexManifest.read(folder)
     if args.check:
@@ -93,8 +114,43 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _milvus_info(args: argparse.Namespace) -> int:
+    from index.milvus import MilvusBackend, credentials_from_env
+    from index.milvus_store import MilvusIndexStore
+
+    backend = MilvusBackend(args.milvus_uri, **credentials_from_env())
+    try:
+        store = MilvusIndexStore(backend, args.index_name)
+        version = store.current()
+        manifest = store.manifest(version)
+        if args.check:
+            store.open(version, lease=False).close()
+        print(info_table(manifest, Path(store.name) / version))
+        others = {v: state for v, state in store.versions().items() if v != version}
+        for other, state in sorted(others.items()):
+            print(f"version {other}: {state}")
+        if args.check:
+            print("check: every collection is there and holds the rows the manifest says")
+    finally:
+        backend.close()
+    return 0
+
+
 def _mib(size: int) -> str:
     return f"{size / (1 << 20):.2f} MiB"
+
+
+def _storage_line(manifest) -> str:
+    if not manifest.files:  # kept in an engine
+        return f"encoding  {manifest.encode_seconds:.1f} s; documents and vectors in {_engines(manifest)}"
+    return (
+        f"encoding  {manifest.encode_seconds:.1f} s; vectors.npy {_mib(manifest.files.get('vectors.npy', 0))}, "
+        f"docs.sqlite {_mib(manifest.files.get('docs.sqlite', 0))}"
+    )
+
+
+def _engines(manifest) -> str:
+    return ", ".join(sorted({entry.backend for entry in manifest.indexes.values()}))
 
 
 def info_table(manifest, folder: Path) -> str:
@@ -108,8 +164,7 @@ def info_table(manifest, folder: Path) -> str:
         f"model     {model.name}  {model.fingerprint[:23]}…  full dim {model.full_dim}",
         f"prompts   query {model.query_prompt!r}, document {model.document_prompt!r}",
         f"vectors   {manifest.num_vectors}, {manifest.normalization}, {manifest.metric}",
-        f"encoding  {manifest.encode_seconds:.1f} s; vectors.npy {_mib(manifest.files.get('vectors.npy', 0))}, "
-        f"docs.sqlite {_mib(manifest.files.get('docs.sqlite', 0))}",
+        _storage_line(manifest),
         "",
         "| dim | index | size | build s | search ms/query | recall@10 | NDCG@10 |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",

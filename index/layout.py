@@ -155,12 +155,18 @@ def held_versions(root: Path) -> set[str]:
 
 
 def _lease_is_live(lease: Path, host: str, pid: str) -> bool:
-    if host == socket.gethostname() and pid.isdigit():
-        return _process_alive(int(pid))
     try:
-        return time.time() - lease.stat().st_mtime < LEASE_TTL_SECONDS
+        touched = lease.stat().st_mtime
     except FileNotFoundError:
         return False
+    return lease_holder_is_live(host, pid, touched)
+
+
+def lease_holder_is_live(host: str, pid: str, touched_at: float) -> bool:
+    """Whether a lease holder still runs: by pid on this host, else by a refresh within ``LEASE_TTL_SECONDS``."""
+    if host == socket.gethostname() and pid.isdigit():
+        return _process_alive(int(pid))
+    return time.time() - touched_at < LEASE_TTL_SECONDS
 
 
 def _process_alive(pid: int) -> bool:

@@ -7,9 +7,10 @@ caller never gets a half-loaded index.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -20,18 +21,32 @@ from index.params import IndexPlan
 from index.store import DocumentStore
 
 
+class Lease(Protocol):
+    """A process's claim on a version, so that builds do not prune it (:class:`VersionLease`, or an engine's)."""
+
+    def refresh(self) -> None: ...
+
+    def release(self) -> None: ...
+
+
 @dataclass
 class LoadedIndex:
-    """One index version, ready to search at any of its dimensions."""
+    """One index version, ready to search at any of its dimensions.
 
-    path: Path
+    ``vectors`` and ``store`` are a folder's memory-mapped ``vectors.npy`` and SQLite documents, or
+    an engine's equivalents (indexed by row arrays, ``get(rows)``); ``health``, where set, raises
+    when the engine that holds the version cannot be reached.
+    """
+
+    path: Path  # a version folder, or NAME/VERSION of an index kept in an engine
     manifest: IndexManifest
-    vectors: np.ndarray  # full dimension, memory-mapped
-    store: DocumentStore
+    vectors: Any  # (num_vectors, full_dim) full vectors: np.ndarray (memory-mapped) or an engine's reader
+    store: DocumentStore | Any
     indexes: dict[int, VectorIndex]
     probe_queries: np.ndarray | None = None
-    lease: VersionLease | None = None
+    lease: Lease | None = None
     location: str = ""  # what IndexSource.current() names this version by (a folder, an engine version)
+    health: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         if not self.location:
@@ -45,6 +60,11 @@ class LoadedIndex:
         if self.probe_queries is None:
             raise IndexFolderError(f"{self.path}: has no {PROBE_FILE}")
         return self.probe_queries
+
+    def check_health(self) -> None:
+        """Raises (:class:`~index.backends.EngineUnavailable`) if the engine holding the version cannot be reached."""
+        if self.health is not None:
+            self.health()
 
     def close(self) -> None:
         self.store.close()

@@ -22,10 +22,14 @@ folder layout works unchanged. :meth:`MilvusBackend.open_collection` opens a col
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import os
 import re
 import time
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,7 +38,7 @@ import numpy as np
 
 from core.errors import ConfigError
 from core.files import write_json_atomic
-from index.backends import describe_plan
+from index.backends import EngineUnavailable, describe_plan
 from index.manifest import IndexFolderError
 from index.params import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, IVF_NPROBE, IndexPlan
 
@@ -59,6 +63,51 @@ COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 # Index types of ours that Milvus Lite (3.2) builds; it has no IVF_PQ.
 LITE_INDEX_TYPES = ("FLAT", "IVF_FLAT", "HNSW")
 SUPPORTED_FACTORIES = "Flat, IVF{nlist},Flat, IVF{nlist},PQ{m}, HNSW{M} or HNSW{M},Flat"
+# Where credentials come from (never from the command line alone: flags show in `ps`).
+CREDENTIAL_VARIABLES = {"token": "MRL_MILVUS_TOKEN", "user": "MRL_MILVUS_USER", "password": "MRL_MILVUS_PASSWORD"}
+
+
+def credentials_from_env() -> dict[str, str]:
+    """``token``, ``user`` and ``password`` for :class:`MilvusBackend` from ``MRL_MILVUS_*`` (empty if unset)."""
+    return {key: os.environ.get(variable, "") for key, variable in CREDENTIAL_VARIABLES.items()}
+
+
+@contextlib.contextmanager
+def engine_errors(uri: str, what: str) -> Iterator[None]:
+    """Turn the client's failures (pymilvus and gRPC errors) into :class:`EngineUnavailable`, naming ``what``.
+
+    pymilvus retries a call it could not deliver until the call's timeout; what reaches here is
+    a server that is down, unreachable, or refused the call.
+    """
+    from pymilvus.exceptions import MilvusException
+
+    try:
+        yield
+    except MilvusException as exc:
+        raise EngineUnavailable(f"Milvus at {uri}: {what} failed ({_first_line(exc)})") from None
+    except Exception as exc:
+        import grpc
+
+        if isinstance(exc, grpc.RpcError):
+            raise EngineUnavailable(f"Milvus at {uri}: {what} failed ({_first_line(exc)})") from None
+        raise
+
+
+def _quiet_client_logs() -> None:
+    """Keep pymilvus's own error logs (each failed call, with a traceback) out of the service's log.
+
+    Every failure reaches the caller as :class:`EngineUnavailable` with one readable line. pymilvus
+    sets its logger's level when it is imported, so this runs after the import. Milvus Lite's
+    in-process gRPC server logs a traceback for each call it does not implement (pymilvus then
+    falls back); those go too.
+    """
+    logging.getLogger("pymilvus").setLevel(logging.CRITICAL)
+    logging.getLogger("grpc._server").setLevel(logging.CRITICAL)
+
+
+def _first_line(exc: BaseException) -> str:
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    return str(message).strip().splitlines()[0][:300]
 
 
 @dataclass(frozen=True)
@@ -146,12 +195,22 @@ class MilvusIndex:
     # pymilvus calls go over one gRPC channel, which takes concurrent calls; the server searches them.
     thread_safe = True
 
-    def __init__(self, client, collection: str, plan: IndexPlan, dim: int, ntotal: int, uri: str) -> None:
+    def __init__(
+        self,
+        client,
+        collection: str,
+        plan: IndexPlan,
+        dim: int,
+        ntotal: int,
+        uri: str,
+        timeout: float | None = None,
+    ) -> None:
         self._client = client  # pymilvus.MilvusClient, shared with the backend that made it
         self.collection = collection
         self.plan = plan
         self.layout = milvus_layout(plan)
         self.uri = uri
+        self.timeout = timeout  # seconds per call (None: pymilvus's own)
         self._dim = dim
         self._ntotal = ntotal
 
@@ -173,7 +232,8 @@ class MilvusIndex:
         for start in range(0, len(vectors), batch):
             chunk = vectors[start : start + batch]
             rows = [{ROW_FIELD: self._ntotal + i, VECTOR_FIELD: vector} for i, vector in enumerate(chunk)]
-            self._client.insert(self.collection, rows)
+            with engine_errors(self.uri, f"inserting into {self.collection!r}"):
+                self._client.insert(self.collection, rows, timeout=self.timeout)
             self._ntotal += len(chunk)
 
     def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -184,6 +244,7 @@ class MilvusIndex:
 
         Raises:
             ConfigError: If ``k`` exceeds Milvus's limit of ``MAX_TOP_K`` results per query.
+            EngineUnavailable: Milvus did not answer (within the timeout).
         """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = min(k, max(self._ntotal, 1))
@@ -194,14 +255,18 @@ class MilvusIndex:
         search_params = {"metric_type": METRIC, "params": self.layout.search_params_for(k)}
         for start in range(0, len(queries), MAX_QUERIES_PER_REQUEST):
             batch = queries[start : start + MAX_QUERIES_PER_REQUEST]
-            results = self._client.search(
-                self.collection,
-                data=list(batch),
-                limit=k,
-                search_params=search_params,
-                anns_field=VECTOR_FIELD,
-                consistency_level=SEARCH_CONSISTENCY,
-            )
+            if self._client is None:
+                raise EngineUnavailable(f"Milvus collection {self.collection!r}: searched after close()")
+            with engine_errors(self.uri, f"searching {self.collection!r}"):
+                results = self._client.search(
+                    self.collection,
+                    data=list(batch),
+                    limit=k,
+                    search_params=search_params,
+                    anns_field=VECTOR_FIELD,
+                    consistency_level=SEARCH_CONSISTENCY,
+                    timeout=self.timeout,
+                )
             for offset, hits in enumerate(results):
                 found = min(len(hits.ids), k)
                 rows[start + offset, :found] = hits.ids[:found]
@@ -290,11 +355,17 @@ class MilvusBackend:
 
     @property
     def client(self):
-        """The ``pymilvus.MilvusClient`` of this backend, connected on first use."""
+        """The ``pymilvus.MilvusClient`` of this backend, connected on first use.
+
+        Raises:
+            EngineUnavailable: The engine cannot be reached (or refuses the credentials).
+        """
         if self._client is None:
             from pymilvus import MilvusClient
 
-            self._client = MilvusClient(uri=self.uri, timeout=self.timeout, **self._credentials)
+            _quiet_client_logs()
+            with engine_errors(self.uri, "connecting"):
+                self._client = MilvusClient(uri=self.uri, timeout=self.timeout, **self._credentials)
         return self._client
 
     def close(self) -> None:
@@ -304,13 +375,17 @@ class MilvusBackend:
             self._client = None
 
     # --- the contract ----------------------------------------------------------------
-    def build(self, vectors: np.ndarray, plan: IndexPlan, *, collection: str | None = None) -> MilvusIndex:
+    def build(
+        self, vectors: np.ndarray, plan: IndexPlan, *, collection: str | None = None, seal: bool = True
+    ) -> MilvusIndex:
         """A new collection of ``vectors`` (unit length) indexed as ``plan`` says, flushed and indexed.
 
         Args:
             vectors: ``(n, dim)`` float vectors; row ``i`` gets primary key ``i``.
             plan: Index type and search parameters (see :func:`milvus_layout`).
             collection: Its name; a new ``{collection_prefix}_{random hex}`` if ``None``.
+            seal: Flush, index and load it before returning; with ``False`` the caller calls
+                :meth:`seal` before searching (several collections can be sealed side by side).
 
         Raises:
             ConfigError: For a plan Milvus cannot take, an invalid name, or a name already in use.
@@ -326,23 +401,30 @@ class MilvusBackend:
                 f"it builds {', '.join(LITE_INDEX_TYPES)}: use a Milvus server, or another index type"
             )
         name = check_collection_name(collection or f"{self.collection_prefix}_{uuid.uuid4().hex[:16]}")
-        if self.client.has_collection(name):
-            raise ConfigError(f"Milvus collection {name!r} already exists at {self.uri}")
-        dim = int(vectors.shape[1])
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field(ROW_FIELD, DataType.INT64, is_primary=True)
-        schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
-        # Written, sealed and indexed before it is loaded: a collection loaded earlier goes on being
-        # searched by brute force over the rows as they arrived (the server until its next handoff,
-        # Milvus Lite until a reload), not through the index the plan asks for.
-        self.client.create_collection(name, schema=schema, consistency_level=CONSISTENCY)
-        self.client.create_index(name, _index_params(layout))
-        index = MilvusIndex(self.client, name, plan, dim=dim, ntotal=0, uri=self.uri)
+        with engine_errors(self.uri, f"creating {name!r}"):
+            if self.client.has_collection(name):
+                raise ConfigError(f"Milvus collection {name!r} already exists at {self.uri}")
+            dim = int(vectors.shape[1])
+            schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+            schema.add_field(ROW_FIELD, DataType.INT64, is_primary=True)
+            schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
+            # Written, sealed and indexed before it is loaded: a collection loaded earlier goes on being
+            # searched by brute force over the rows as they arrived (the server until its next handoff,
+            # Milvus Lite until a reload), not through the index the plan asks for.
+            self.client.create_collection(name, schema=schema, consistency_level=CONSISTENCY)
+            self.client.create_index(name, _index_params(layout))
+        index = MilvusIndex(self.client, name, plan, dim=dim, ntotal=0, uri=self.uri, timeout=self.timeout)
         index.add(vectors)
-        self.client.flush(name)
-        self._wait_until_indexed(name)
-        self.client.load_collection(name)
+        if seal:
+            self.seal(name)
         return index
+
+    def seal(self, collection: str) -> None:
+        """Flush ``collection``, wait until every row is indexed, then load it for search."""
+        with engine_errors(self.uri, f"indexing {collection!r}"):
+            self.client.flush(collection)
+            self._wait_until_indexed(collection)
+            self.client.load_collection(collection)
 
     def open(self, path: Path, plan: IndexPlan) -> MilvusIndex:
         """The collection named in the pointer :meth:`MilvusIndex.save` wrote at ``path``.
@@ -369,34 +451,44 @@ class MilvusBackend:
         Raises:
             IndexFolderError: If it does not exist at this URI or is not laid out as :meth:`build` makes them.
         """
-        if not self.client.has_collection(check_collection_name(collection)):
-            raise IndexFolderError(f"Milvus collection {collection!r} does not exist at {self.uri}")
-        fields = {f["name"]: f for f in self.client.describe_collection(collection)["fields"]}
-        vector = fields.get(VECTOR_FIELD)
-        if ROW_FIELD not in fields or vector is None or "dim" not in vector.get("params", {}):
-            raise IndexFolderError(
-                f"Milvus collection {collection!r} has fields {sorted(fields)}, expected {ROW_FIELD!r} and "
-                f"{VECTOR_FIELD!r}"
-            )
-        self.client.load_collection(collection)
-        return MilvusIndex(
-            self.client, collection, plan, dim=int(vector["params"]["dim"]), ntotal=self.count(collection), uri=self.uri
-        )
+        with engine_errors(self.uri, f"opening {collection!r}"):
+            if not self.client.has_collection(check_collection_name(collection)):
+                raise IndexFolderError(f"Milvus collection {collection!r} does not exist at {self.uri}")
+            fields = {f["name"]: f for f in self.client.describe_collection(collection)["fields"]}
+            vector = fields.get(VECTOR_FIELD)
+            if ROW_FIELD not in fields or vector is None or "dim" not in vector.get("params", {}):
+                raise IndexFolderError(
+                    f"Milvus collection {collection!r} has fields {sorted(fields)}, expected {ROW_FIELD!r} and "
+                    f"{VECTOR_FIELD!r}"
+                )
+            self.client.load_collection(collection)
+            ntotal = self.count(collection)
+        dim = int(vector["params"]["dim"])
+        return MilvusIndex(self.client, collection, plan, dim=dim, ntotal=ntotal, uri=self.uri, timeout=self.timeout)
 
     # --- housekeeping ------------------------------------------------------------------
     def count(self, collection: str) -> int:
         """Rows in ``collection``, counted at strong consistency (so rows just inserted count)."""
-        result = self.client.query(collection, filter="", output_fields=["count(*)"], consistency_level=CONSISTENCY)
+        with engine_errors(self.uri, f"counting {collection!r}"):
+            result = self.client.query(
+                collection, filter="", output_fields=["count(*)"], consistency_level=CONSISTENCY, timeout=self.timeout
+            )
         return int(result[0]["count(*)"])
 
     def drop(self, collection: str) -> None:
         """Delete ``collection`` and its data (nothing if it does not exist)."""
-        if self.client.has_collection(collection):
-            self.client.drop_collection(collection)
+        with engine_errors(self.uri, f"dropping {collection!r}"):
+            if self.client.has_collection(collection):
+                self.client.drop_collection(collection)
+
+    def all_collections(self) -> list[str]:
+        """Names of every collection at this URI."""
+        with engine_errors(self.uri, "listing collections"):
+            return sorted(self.client.list_collections())
 
     def collections(self) -> list[str]:
         """Names of the collections at this URI that start with ``collection_prefix``."""
-        return sorted(name for name in self.client.list_collections() if name.startswith(f"{self.collection_prefix}_"))
+        return [name for name in self.all_collections() if name.startswith(f"{self.collection_prefix}_")]
 
     def _wait_until_indexed(self, collection: str) -> None:
         """Wait until the server has indexed every sealed row (Milvus builds indexes in the background)."""

@@ -11,6 +11,9 @@ from core.errors import ConfigError
 # Flags whose value goes straight into ServiceSettings under the same name (None = not given).
 SETTING_FLAGS = (
     "index",
+    "backend",
+    "milvus_uri",
+    "milvus_timeout_s",
     "model",
     "host",
     "port",
@@ -48,8 +51,21 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
         "Every flag can also be set as an MRL_* environment variable (e.g. MRL_INDEX, MRL_API_KEY); flags win.",
     )
     p.add_argument(
-        "--index", type=Path, default=None, help="index root (serves `current`) or version folder [MRL_INDEX]"
+        "--index",
+        type=Path,
+        default=None,
+        help="index root (serves `current`) or version folder; with --backend milvus the index's name [MRL_INDEX]",
     )
+    p.add_argument(
+        "--backend", choices=["faiss", "milvus"], default=None, help="where the index lives (default: faiss)"
+    )
+    p.add_argument(
+        "--milvus-uri",
+        default=None,
+        help="Milvus: a .db file or http://host:19530; credentials from MRL_MILVUS_TOKEN or "
+        "MRL_MILVUS_USER and MRL_MILVUS_PASSWORD [MRL_MILVUS_URI]",
+    )
+    p.add_argument("--milvus-timeout-s", type=float, default=None, help="Milvus: seconds per call, else 503 (5)")
     p.add_argument("--model", default=None, help="model folder or hub name (default: the one in the manifest)")
     p.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
     p.add_argument("--port", type=int, default=None, help="port to bind (default: 8000)")

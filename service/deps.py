@@ -34,16 +34,17 @@ class ServiceState:
 
     def redact(self, message: str) -> str:
         """``message`` as a client may see it: paths relative to the index root, other paths by their name."""
-        return redact_paths(message, self.settings.index)
+        return redact_paths(message, self.settings.index if self.settings.backend == "faiss" else None)
 
 
 # An absolute path of two or more parts (not a URL's //host): clients see only its last part.
 _ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~])/(?:[^\s'\"/:,;()]+/)+([^\s'\"/:,;()]+)")
 
 
-def redact_paths(message: str, root: Path) -> str:
+def redact_paths(message: str, root: Path | None) -> str:
     """Replace the index root's absolute path in ``message`` by nothing, any other absolute path by its name."""
-    for prefix in sorted({str(root.resolve()), str(root.absolute()), str(root)}, key=len, reverse=True):
+    prefixes = {str(root.resolve()), str(root.absolute()), str(root)} if root is not None else set()
+    for prefix in sorted(prefixes, key=len, reverse=True):
         if prefix not in ("", ".", "/"):
             message = message.replace(prefix + "/", "").replace(prefix, "the index root")
     return _ABSOLUTE_PATH.sub(r"\1", message)

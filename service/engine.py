@@ -23,6 +23,7 @@ import numpy as np
 
 from core.errors import ConfigError
 from core.matryoshka import truncate_normalize
+from index.backends import EngineUnavailable
 from index.layout import LEASE_TTL_SECONDS
 from index.loaded import IndexSource, LoadedIndex
 from index.manifest import IndexFolderError, IndexManifest
@@ -49,6 +50,7 @@ logger = logging.getLogger(__name__)
 
 EncoderLoader = Callable[[ServiceSettings, IndexManifest], LoadedEncoder]
 WARM_UP_QUERY = "warm-up query"
+ENGINE_DOWN = "the index engine did not answer; retry later (the server log has the details)"
 
 
 class ConfigurationError(ConfigError):
@@ -127,10 +129,16 @@ class Searcher:
         await self._batcher.stop()
         self._slot.close()
 
-    def check_ready(self) -> None:
-        """Raises NotReady if requests cannot be answered (the encoder's worker has stopped)."""
+    async def check_ready(self) -> None:
+        """Raises NotReady if requests cannot be answered: the encoder's worker has stopped, or the engine
+        that holds the index (Milvus) does not answer."""
         if not self._batcher.alive:
             raise NotReady("the encoder stopped; the server log says why; restart the service")
+        try:
+            await asyncio.to_thread(self._slot.current.check_health)
+        except EngineUnavailable as exc:
+            logger.warning("not ready: %s", exc)
+            raise NotReady(ENGINE_DOWN) from None
 
     async def _refresh_leases(self) -> None:
         """Keep the served version's lease fresh, for builds that run on other hosts over the same folder."""
@@ -206,7 +214,11 @@ class Searcher:
         encoded = time.perf_counter()
         # The lease is taken and released in the worker thread, so a cancelled request cannot
         # release it while the thread still searches.
-        version, hits, search_s, rerank_s = await asyncio.to_thread(self._search_sync, vectors, dim, k, rerank_dim)
+        try:
+            version, hits, search_s, rerank_s = await asyncio.to_thread(self._search_sync, vectors, dim, k, rerank_dim)
+        except EngineUnavailable as exc:  # Milvus down or slow: 503, and the requests after it too, until it answers
+            logger.warning("search failed: %s", exc)
+            raise NotReady(ENGINE_DOWN) from None
         timings = Timings(
             encode_ms=_ms(encoded - started),
             search_ms=_ms(search_s),

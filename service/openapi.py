@@ -36,9 +36,7 @@ def service_openapi(app: FastAPI, state: ServiceState) -> dict[str, Any]:
     return schema
 
 
-def describe_limits(
-    schema: dict[str, Any], max_chars: int, max_k: int, max_texts: int, dims: list[int] | None
-) -> None:
+def describe_limits(schema: dict[str, Any], max_chars: int, max_k: int, max_texts: int, dims: list[int] | None) -> None:
     """Write the request limits into ``schema`` in place: text lengths, k, batch sizes and dims."""
     text = {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": NON_BLANK_PATTERN}
     texts = {"type": "array", "items": text, "minItems": 1, "maxItems": max_texts}

@@ -106,7 +106,7 @@ async def readyz(state: StateDep) -> ReadyResponse:
     """200 once the index and model are loaded; 503 before, after a failed load, and while shutting down."""
     if state.searcher is None:
         raise NotReady(state.load_error or "the index and model are still loading")
-    state.searcher.check_ready()
+    await state.searcher.check_ready()
     return ReadyResponse(index_version=state.searcher.index_version)
 
 

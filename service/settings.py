@@ -9,13 +9,14 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
 
 EncoderBackend = Literal["torch", "onnx"]
 DeviceSetting = Literal["auto", "cpu", "gpu"]
+IndexBackendSetting = Literal["faiss", "milvus"]
 
 
 class ServiceSettings(BaseSettings):
@@ -23,7 +24,22 @@ class ServiceSettings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="MRL_", extra="ignore", frozen=True)
 
-    index: Path = Field(description="index root (serves its `current` version) or one version folder")
+    index: Path = Field(
+        description="index root (serves its `current` version) or one version folder; with backend milvus, "
+        "the index's name"
+    )
+    backend: IndexBackendSetting = Field(
+        "faiss", description="where the index lives: FAISS files in a folder, or a Milvus deployment"
+    )
+    milvus_uri: str | None = Field(
+        None, description="backend milvus: a Milvus Lite .db file, or http://host:19530 for a server or cluster"
+    )
+    milvus_token: SecretStr | None = Field(None, description="backend milvus: API token, or user:password")
+    milvus_user: str = Field("", description="backend milvus: user name (with milvus_password)")
+    milvus_password: SecretStr | None = Field(None, description="backend milvus: password")
+    milvus_timeout_s: float = Field(
+        5.0, gt=0, description="backend milvus: seconds each call to Milvus may take before the request gets 503"
+    )
     model: str | None = Field(None, description="model folder or hub name (default: the model named in the manifest)")
     default_dim: int | None = Field(
         None, gt=0, description="dimension used when a request names none (default: the largest)"
@@ -56,9 +72,7 @@ class ServiceSettings(BaseSettings):
         None,
         description="if set, every endpoint but healthz/readyz/metrics needs it, as X-API-Key or Authorization: Bearer",
     )
-    public_docs: bool = Field(
-        False, description="with an API key: still serve /docs and /openapi.json without it"
-    )
+    public_docs: bool = Field(False, description="with an API key: still serve /docs and /openapi.json without it")
     max_body_bytes: int = Field(
         2 * 1024 * 1024, gt=0, description="largest request body; larger ones get 413 before they are read"
     )
@@ -83,10 +97,18 @@ class ServiceSettings(BaseSettings):
     port: int = Field(8000, ge=0, le=65535, description="port uvicorn binds")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
 
-    @field_validator("api_key", mode="before")
+    @field_validator("api_key", "milvus_token", "milvus_password", mode="before")
     @classmethod
     def _empty_key_is_no_key(cls, value: object) -> object:
         return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _milvus_needs_a_uri(self) -> ServiceSettings:
+        if self.backend == "milvus" and not self.milvus_uri:
+            raise ValueError("backend milvus needs milvus_uri (--milvus-uri or MRL_MILVUS_URI)")
+        if self.backend == "faiss" and self.milvus_uri:
+            raise ValueError("milvus_uri is set but backend is faiss; add --backend milvus")
+        return self
 
     def onnx_cache_dir(self) -> Path:
         return self.onnx_cache or Path("~/.cache/mrl/onnx").expanduser()

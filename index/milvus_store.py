@@ -1,0 +1,670 @@
+"""Index versions kept entirely in Milvus, so that a replica needs only the URI, the index name and the model.
+
+An index ``NAME`` at one Milvus URI is a set of collections:
+
+    NAME_meta             records, one row each: current, version/<V>, manifest/<V>/<part>, lease/<V>/<holder>
+    NAME_<tag>_docs       version V's documents and full vectors: one row per document part
+    NAME_<tag>_d<dim>     version V's index at one Matryoshka dim (a :class:`~index.milvus.MilvusIndex`)
+
+``<tag>`` is the version name in the characters Milvus allows. Every Milvus 2.3 collection needs
+a vector field, so the meta collection carries a two-dimensional zero vector it never searches.
+
+Versions. A build writes its ``version/<V>`` record (state ``building``) before it creates any
+collection, fills and indexes every collection, writes the manifest, marks the record ``live``
+and only then rewrites the one ``current`` record: the single-row upsert is the atomic step that
+makes a version live, and readers resolve ``current`` once per start or reload, then hold one
+version for all its dims. A killed build never reaches ``current``; the next build drops what
+it left (its record names its collections, and any collection of the index that no record names
+is dropped too). Old versions are pruned like folders (:mod:`index.layout`): all but the newest
+``keep`` live versions, never the current one, never one that a live server holds a lease on
+(a ``lease/<V>/<host>~<pid>~<tag>`` record, refreshed while it serves).
+
+Documents. A document is stored as the JSON array ``[id, title, text, metadata]``, cut into parts
+of at most ``PART_CHARS`` characters (a Milvus VARCHAR holds at most 65,535 bytes; the server
+counts bytes, Milvus Lite characters); part ``p`` of row ``r`` has primary key
+``r * MAX_PARTS + p``. Every part carries the document's full vector, which two-stage search
+fetches by primary key ``r * MAX_PARTS``.
+
+Reads of records are at ``Strong`` consistency: a replica that reloads sees the ``current`` the
+build wrote, however little time passed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import secrets
+import socket
+import time
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from core.data import Document
+from index.backends import Device, EngineUnavailable, VectorIndex
+from index.layout import STALE_STAGING_SECONDS, lease_holder_is_live
+from index.loaded import LoadedIndex
+from index.manifest import IndexFolderError, IndexManifest
+from index.milvus import (
+    CONSISTENCY,
+    METRIC,
+    SEARCH_CONSISTENCY,
+    VECTOR_FIELD,
+    MilvusBackend,
+    MilvusIndex,
+    check_collection_name,
+    engine_errors,
+    milvus_layout,
+)
+from index.params import IndexPlan
+
+logger = logging.getLogger(__name__)
+
+KEY_FIELD = "key"
+VALUE_FIELD = "value"
+DOC_FIELD = "doc"
+DOC_ROW_FIELD = "row"
+META_VECTOR_DIM = 2  # Milvus 2.3 needs a vector field in every collection; this one is never searched
+MAX_VARCHAR = 65_535  # bytes (server) or characters (Milvus Lite)
+PART_CHARS = 16_383  # characters per record or document part: at most 4 bytes each in UTF-8, under MAX_VARCHAR
+MAX_PARTS = 4096  # parts per document (about 64 MiB of text)
+INSERT_ROWS = 1000
+FETCH_ROWS = 1000  # primary keys per query expression
+BUILDING, LIVE, PRUNING = "building", "live", "pruning"
+CURRENT_KEY = "current"
+SEALING_THREADS = 8
+PING_TIMEOUT_S = 2.0  # readiness probes of load balancers give up after a few seconds
+
+
+def version_tag(version: str) -> str:
+    """``version`` (e.g. ``20261201T224243123456Z-ab12``) in the characters a collection name may hold."""
+    return "v" + "".join(c if c.isalnum() else "_" for c in version)
+
+
+def _quoted(values: Iterable[str]) -> str:
+    return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+def _parts(text: str) -> list[str]:
+    return [text[start : start + PART_CHARS] for start in range(0, len(text), PART_CHARS)] or [""]
+
+
+def _holder() -> str:
+    return f"{socket.gethostname()}~{os.getpid()}~{secrets.token_hex(4)}"
+
+
+class MilvusIndexStore:
+    """The index ``name`` at one Milvus deployment: its versions, their records, documents and dims.
+
+    Args:
+        backend: The connection (URI, credentials, timeout).
+        name: The index's name: letters, digits and ``_``, not starting with a digit.
+
+    Raises:
+        ConfigError: For a name Milvus would not accept in a collection name.
+    """
+
+    def __init__(self, backend: MilvusBackend, name: str) -> None:
+        self.backend = backend
+        self.name = check_collection_name(name)
+        self.meta = check_collection_name(f"{name}_meta")
+        self._meta_loaded = False
+
+    def __repr__(self) -> str:
+        return f"MilvusIndexStore({self.name!r} at {self.backend.uri})"
+
+    @property
+    def where(self) -> str:
+        return f"index {self.name!r} at {self.backend.uri}"
+
+    # --- collection names -----------------------------------------------------------------
+    def docs_collection(self, version: str) -> str:
+        return check_collection_name(f"{self.name}_{version_tag(version)}_docs")
+
+    def dim_collection(self, version: str, dim: int) -> str:
+        return check_collection_name(f"{self.name}_{version_tag(version)}_d{dim}")
+
+    def _version_of(self, collection: str) -> str | None:
+        """The version tag of one of this index's version collections, else None (another index's, the meta)."""
+        match = re.fullmatch(rf"{re.escape(self.name)}_(v\d{{8}}T\d{{12}}Z_[0-9a-f]{{4}})_(docs|d\d+)", collection)
+        return match[1] if match else None
+
+    # --- records ------------------------------------------------------------------------
+    @property
+    def _client(self):
+        return self.backend.client
+
+    def exists(self) -> bool:
+        """Whether the index has been built here at all; loads its records for reading, once per process.
+
+        (A server keeps collections loaded across restarts; Milvus Lite loads none when it opens a file.)
+        """
+        with engine_errors(self.backend.uri, f"looking up {self.meta!r}"):
+            if not self._client.has_collection(self.meta):
+                return False
+            if not self._meta_loaded:
+                self._client.load_collection(self.meta)
+                self._meta_loaded = True
+        return True
+
+    def ensure_meta(self) -> None:
+        """Create the meta collection if it is not there yet (two builds may race to create it)."""
+        from pymilvus import DataType, MilvusClient
+        from pymilvus.exceptions import MilvusException
+
+        if self.exists():
+            return
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field(KEY_FIELD, DataType.VARCHAR, is_primary=True, max_length=1024)
+        schema.add_field(VALUE_FIELD, DataType.VARCHAR, max_length=MAX_VARCHAR)
+        schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=META_VECTOR_DIM)
+        with engine_errors(self.backend.uri, f"creating {self.meta!r}"):
+            try:
+                self._client.create_collection(self.meta, schema=schema, consistency_level=CONSISTENCY)
+            except MilvusException:
+                if not self._client.has_collection(self.meta):  # not a race another build won
+                    raise
+            self._index_and_load(self.meta, "FLAT", "L2")
+
+    def _index_and_load(self, collection: str, index_type: str, metric: str) -> None:
+        params = self._client.prepare_index_params()
+        params.add_index(VECTOR_FIELD, index_type=index_type, metric_type=metric)
+        described = self._client.list_indexes(collection)
+        if not described:
+            self._client.create_index(collection, params)
+        self._client.load_collection(collection)
+
+    def _put(self, records: dict[str, str]) -> None:
+        rows = [{KEY_FIELD: k, VALUE_FIELD: v, VECTOR_FIELD: [0.0] * META_VECTOR_DIM} for k, v in records.items()]
+        with engine_errors(self.backend.uri, f"writing records of {self.where}"):
+            for start in range(0, len(rows), INSERT_ROWS):
+                self._client.upsert(self.meta, rows[start : start + INSERT_ROWS], timeout=self.backend.timeout)
+
+    def _query(self, expression: str) -> dict[str, str]:
+        with engine_errors(self.backend.uri, f"reading records of {self.where}"):
+            rows = self._client.query(
+                self.meta,
+                filter=expression,
+                output_fields=[KEY_FIELD, VALUE_FIELD],
+                consistency_level=CONSISTENCY,
+                timeout=self.backend.timeout,
+            )
+        return {row[KEY_FIELD]: row[VALUE_FIELD] for row in rows}
+
+    def _get(self, key: str) -> str | None:
+        return self._query(f"{KEY_FIELD} == {json.dumps(key)}").get(key)
+
+    def _scan(self, prefix: str) -> dict[str, str]:
+        return self._query(f"{KEY_FIELD} like {json.dumps(prefix + '%')}")
+
+    def _delete(self, keys: Sequence[str]) -> None:
+        with engine_errors(self.backend.uri, f"deleting records of {self.where}"):
+            for start in range(0, len(keys), FETCH_ROWS):
+                chunk = keys[start : start + FETCH_ROWS]
+                self._client.delete(self.meta, filter=f"{KEY_FIELD} in {_quoted(chunk)}", timeout=self.backend.timeout)
+
+    def _records(self) -> dict[str, dict[str, Any]]:
+        """Every version's record, by version name."""
+        return {key.split("/", 1)[1]: json.loads(value) for key, value in self._scan("version/").items()}
+
+    def _record(self, version: str) -> dict[str, Any] | None:
+        raw = self._get(f"version/{version}")
+        return None if raw is None else json.loads(raw)
+
+    # --- reading ------------------------------------------------------------------------
+    def current(self) -> str:
+        """The live version's name.
+
+        Raises:
+            IndexFolderError: No such index, or no version of it is live yet. EngineUnavailable: Milvus is down.
+        """
+        if not self.exists():
+            raise IndexFolderError(f"{self.where}: index not found (no collection {self.meta!r}); build it first")
+        raw = self._get(CURRENT_KEY)
+        if raw is None:
+            raise IndexFolderError(f"{self.where}: no version is live yet (a build is running or was killed)")
+        return json.loads(raw)["version"]
+
+    def manifest(self, version: str) -> IndexManifest:
+        """Version ``version``'s manifest, if that version is complete.
+
+        Raises:
+            IndexFolderError: An unknown, half-built or pruned version, or a corrupt manifest.
+        """
+        record = self._record(version)
+        if record is None:
+            raise IndexFolderError(f"{self.where}: version {version!r} not found")
+        if record["state"] != LIVE:
+            raise IndexFolderError(
+                f"{self.where}: version {version!r} is {record['state']} (half-built or being pruned), not live"
+            )
+        parts = self._scan(f"manifest/{version}/")
+        if len(parts) != record["manifest_parts"]:
+            raise IndexFolderError(
+                f"{self.where}: version {version!r} has {len(parts)} manifest parts, "
+                f"expected {record['manifest_parts']}"
+            )
+        try:
+            return IndexManifest.from_dict(json.loads("".join(parts[key] for key in sorted(parts))))
+        except (ValueError, TypeError, KeyError) as exc:
+            raise IndexFolderError(f"{self.where}: corrupt manifest of version {version!r} ({exc})") from None
+
+    def open(
+        self,
+        version: str,
+        *,
+        expected_fingerprint: str | None = None,
+        dims: list[int] | None = None,
+        lease: bool = True,
+    ) -> LoadedIndex:
+        """Version ``version``, every collection checked against its manifest, with a lease on it.
+
+        Raises:
+            IndexFolderError: A half-built version, a missing collection or one that holds other rows,
+                a manifest from another model, or dims it does not have.
+        """
+        manifest = self.manifest(version)
+        if expected_fingerprint and manifest.model.fingerprint != expected_fingerprint:
+            raise IndexFolderError(
+                f"{self.where}: version {version!r} was built with model {manifest.model.name!r} "
+                f"({manifest.model.fingerprint[:19]}…), not the model being served ({expected_fingerprint[:19]}…); "
+                "rebuild the index with this model"
+            )
+        wanted = dims or manifest.dims
+        unknown = sorted(set(wanted) - set(manifest.dims))
+        if unknown:
+            raise IndexFolderError(f"{self.where}: no index for dims {unknown} (this index has {manifest.dims})")
+        record = self._record(version) or {}
+        needed = [self.docs_collection(version), *(manifest.indexes[dim].file for dim in wanted)]
+        present = set(self.backend.all_collections())
+        missing = [c for c in needed if c not in present]
+        if missing:
+            raise IndexFolderError(f"{self.where}: version {version!r} is incomplete: collections {missing} missing")
+        held = MilvusLease(self, version) if lease else None  # before opening, so a build cannot prune it meanwhile
+        try:
+            documents = MilvusDocuments(
+                self, self.docs_collection(version), manifest.model.full_dim, manifest.num_vectors
+            )
+            if documents.parts != record.get("doc_rows"):
+                raise IndexFolderError(
+                    f"{self.where}: collection {documents.collection!r} holds {documents.parts} document parts, "
+                    f"version {version!r} wrote {record.get('doc_rows')}"
+                )
+            indexes: dict[int, VectorIndex] = {}
+            for dim in wanted:
+                entry = manifest.indexes[dim]
+                index = self.backend.open_collection(entry.file, IndexPlan(entry.factory, entry.search_params))
+                if (index.ntotal, index.dim) != (manifest.num_vectors, dim):
+                    raise IndexFolderError(
+                        f"{self.where}: collection {entry.file!r} holds {index.ntotal} vectors of dim {index.dim}, "
+                        f"expected {manifest.num_vectors} of dim {dim}"
+                    )
+                indexes[dim] = index
+        except BaseException:
+            if held is not None:
+                held.release()
+            raise
+        return LoadedIndex(
+            Path(self.name) / version,
+            manifest,
+            MilvusVectors(documents, manifest.num_vectors),
+            documents,
+            indexes,
+            None,
+            held,
+            location=version,
+            health=self.ping,
+        )
+
+    def ping(self) -> None:
+        """Raises :class:`EngineUnavailable` unless Milvus answers a cheap call within ``PING_TIMEOUT_S``."""
+        with engine_errors(self.backend.uri, "a health check"):
+            self._client.has_collection(self.meta, timeout=PING_TIMEOUT_S)
+
+    # --- writing ------------------------------------------------------------------------
+    def begin(self, version: str, keep_versions: int = 3) -> MilvusVersionWriter:
+        """Start writing version ``version``: its record first (state ``building``), after cleaning up killed builds."""
+        self.ensure_meta()
+        self.remove_abandoned()
+        now = time.time()
+        record = {"state": BUILDING, "holder": _holder(), "started": now, "heartbeat": now, "collections": []}
+        self._put({f"version/{version}": json.dumps(record)})
+        return MilvusVersionWriter(self, version, record, keep_versions)
+
+    def remove_abandoned(self) -> list[str]:
+        """Drop what killed builds left: their versions, and collections of this index that no record names.
+
+        A build is abandoned when its process is gone (same host) or its record has not been touched
+        for ``STALE_STAGING_SECONDS`` (another host). Returns the versions removed.
+        """
+        collections = [c for c in self.backend.all_collections() if self._version_of(c)]
+        records = self._records()  # read after listing: a collection listed was named by a record first
+        removed = []
+        for version, record in records.items():
+            if record["state"] == PRUNING or (record["state"] == BUILDING and self._abandoned(record)):
+                logger.info("removing version %s of %s: its build was killed", version, self.where)
+                self._drop_version(version, record)
+                removed.append(version)
+        tags = {version_tag(v) for v in records if v not in removed}
+        for orphan in collections:
+            if self._version_of(orphan) not in tags:
+                logger.info("dropping %s: no version of %s names it", orphan, self.where)
+                self.backend.drop(orphan)
+        return removed
+
+    @staticmethod
+    def _abandoned(record: dict[str, Any]) -> bool:
+        host, pid, _ = record["holder"].split("~", 2)
+        if host == socket.gethostname():
+            return not lease_holder_is_live(host, pid, record["heartbeat"])
+        return time.time() - record["heartbeat"] > STALE_STAGING_SECONDS
+
+    def _drop_version(self, version: str, record: dict[str, Any]) -> None:
+        """Delete one version: marked first, so that no reader opens it meanwhile; the record goes last."""
+        self._put({f"version/{version}": json.dumps({**record, "state": PRUNING})})
+        for collection in record.get("collections", []):
+            self.backend.drop(collection)
+        keys = [*self._scan(f"manifest/{version}/"), *self._scan(f"lease/{version}/"), f"version/{version}"]
+        self._delete(keys)
+
+    def publish(self, version: str, record: dict[str, Any], manifest: IndexManifest, keep: int) -> None:
+        """Write the manifest, mark ``version`` live, make it ``current``, then prune old versions."""
+        parts = _parts(json.dumps(manifest.to_dict()))
+        self._put({f"manifest/{version}/{number:05d}": part for number, part in enumerate(parts)})
+        record.update(state=LIVE, manifest_parts=len(parts), heartbeat=time.time())
+        self._put({f"version/{version}": json.dumps(record)})
+        self._put({CURRENT_KEY: json.dumps({"version": version, "at": time.time()})})  # the atomic step
+        self.prune(keep)
+
+    def prune(self, keep: int) -> list[str]:
+        """Drop all but the newest ``keep`` live versions, never the current or a leased one; returns those dropped."""
+        current = json.loads(self._get(CURRENT_KEY) or "{}").get("version")
+        records = self._records()
+        live = sorted(v for v, r in records.items() if r["state"] == LIVE)
+        candidates = [v for v in (live[:-keep] if keep > 0 else []) if v != current]
+        if not candidates:
+            return []
+        held = self.held_versions()  # read after choosing, so a lease taken meanwhile still counts
+        dropped = []
+        for version in candidates:
+            if version in held:
+                logger.info("keeping %s of %s: a running server still serves it", version, self.where)
+            else:
+                self._drop_version(version, records[version])
+                dropped.append(version)
+        return dropped
+
+    def held_versions(self) -> set[str]:
+        """Versions a live server holds a lease on; stale lease records are deleted."""
+        held, stale = set(), []
+        for key, value in self._scan("lease/").items():
+            _, version, holder = key.split("/", 2)
+            host, pid, _ = holder.split("~", 2)
+            if lease_holder_is_live(host, pid, json.loads(value)["at"]):
+                held.add(version)
+            else:
+                stale.append(key)
+        if stale:
+            self._delete(stale)
+        return held
+
+    def versions(self) -> dict[str, str]:
+        """Every version's state, by name."""
+        return {version: record["state"] for version, record in self._records().items()}
+
+
+class MilvusVersionWriter:
+    """Writes one version's collections (documents, then one per dim); :meth:`publish` makes it live.
+
+    The :class:`~index.build.VersionWriter` of an index kept in Milvus.
+    """
+
+    def __init__(self, store: MilvusIndexStore, version: str, record: dict[str, Any], keep_versions: int) -> None:
+        self.store = store
+        self.version = version
+        self.record = record
+        self.keep_versions = keep_versions
+        # A server seals (flushes, indexes, loads) each collection in seconds whatever its size: side by side.
+        self._sealer = ThreadPoolExecutor(SEALING_THREADS, thread_name_prefix="mrl-milvus-seal")
+        self._sealing: dict[str, Future] = {}
+
+    def _seal_later(self, collection: str, seal: Callable[[], None]) -> None:
+        self._sealing[collection] = self._sealer.submit(seal)
+
+    def _sealed(self, collection: str) -> None:
+        future = self._sealing.pop(collection, None)
+        if future is not None:
+            future.result()
+
+    def _claim(self, collection: str) -> None:
+        """Name ``collection`` in the record before creating it, so that a killed build's leftovers are known."""
+        self.record["collections"].append(collection)
+        self.record["heartbeat"] = time.time()
+        self.store._put({f"version/{self.version}": json.dumps(self.record)})
+
+    def write_corpus(self, documents: Sequence[Document], vectors: np.ndarray, probes: np.ndarray) -> None:
+        """The documents and their full vectors, into ``NAME_<tag>_docs`` (the probes are not kept)."""
+        from pymilvus import DataType, MilvusClient
+
+        collection = self.store.docs_collection(self.version)
+        self._claim(collection)
+        client, uri = self.store._client, self.store.backend.uri
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        schema.add_field(KEY_FIELD, DataType.INT64, is_primary=True)
+        schema.add_field(DOC_ROW_FIELD, DataType.INT64)
+        schema.add_field(DOC_FIELD, DataType.VARCHAR, max_length=MAX_VARCHAR)
+        schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=int(vectors.shape[1]))
+        with engine_errors(uri, f"creating {collection!r}"):
+            client.create_collection(collection, schema=schema, consistency_level=CONSISTENCY)
+        rows, count = [], 0
+        for row, (document, vector) in enumerate(zip(documents, np.asarray(vectors, dtype=np.float32), strict=True)):
+            parts = _parts(json.dumps([document.id, document.title, document.text, document.metadata]))
+            if len(parts) > MAX_PARTS:
+                raise IndexFolderError(f"document {document.id!r} is longer than {MAX_PARTS * PART_CHARS} characters")
+            rows.extend(
+                {KEY_FIELD: row * MAX_PARTS + p, DOC_ROW_FIELD: row, DOC_FIELD: part, VECTOR_FIELD: vector}
+                for p, part in enumerate(parts)
+            )
+            if len(rows) >= INSERT_ROWS:
+                count += self._insert(collection, rows)
+                rows = []
+        count += self._insert(collection, rows)
+        self.record["doc_rows"] = count
+
+        def seal() -> None:
+            with engine_errors(uri, f"indexing {collection!r}"):
+                client.flush(collection)
+                self.store._index_and_load(collection, "FLAT", METRIC)
+
+        self._seal_later(collection, seal)
+
+    def _insert(self, collection: str, rows: list[dict]) -> int:
+        if rows:
+            with engine_errors(self.store.backend.uri, f"inserting into {collection!r}"):
+                self.store._client.insert(collection, rows)
+        return len(rows)
+
+    def build(self, dim: int, vectors: np.ndarray, plan: IndexPlan) -> MilvusIndex:
+        """Dim ``dim``'s collection of ``vectors`` (truncated and normalised), indexed as ``plan`` says."""
+        collection = self.store.dim_collection(self.version, dim)
+        self._claim(collection)
+        index = self.store.backend.build(vectors, plan, collection=collection, seal=False)
+        self._seal_later(collection, lambda: self.store.backend.seal(collection))
+        return index
+
+    def keep(self, index: VectorIndex, dim: int) -> tuple[str, int]:
+        """The collection stays in Milvus, sealed: its name, and its estimated size."""
+        self._sealed(index.collection)
+        return index.collection, layout_bytes(index.plan, index.ntotal, dim)
+
+    def files(self) -> tuple[dict[str, int], dict[str, str]]:
+        return {}, {}
+
+    def publish(self, manifest: IndexManifest) -> Path:
+        for collection in list(self._sealing):
+            self._sealed(collection)
+        self._sealer.shutdown()
+        self.store.publish(self.version, self.record, manifest, self.keep_versions)
+        return Path(self.store.name) / self.version
+
+    def abort(self) -> None:
+        """Remove what this build wrote (a build that failed; a killed one is removed by the next build)."""
+        self._sealer.shutdown(cancel_futures=True)
+        try:
+            self.store._drop_version(self.version, self.record)
+        except EngineUnavailable as exc:
+            logger.warning("could not remove the failed build %s of %s: %s", self.version, self.store.where, exc)
+
+
+def layout_bytes(plan: IndexPlan, count: int, dim: int) -> int:
+    """Estimated memory of one dim's index in Milvus (Milvus reports rows, not bytes)."""
+    layout = milvus_layout(plan)
+    if layout.index_type == "IVF_PQ":
+        return count * (layout.build_params["m"] + 8)
+    if layout.index_type == "HNSW":
+        return count * (4 * dim + 8 * layout.build_params["M"])
+    return count * 4 * dim
+
+
+# --- what a loaded version reads -------------------------------------------------------------
+
+
+class MilvusDocuments:
+    """A version's documents in ``NAME_<tag>_docs``, read by row (the :class:`~index.store.DocumentStore` interface)."""
+
+    def __init__(self, store: MilvusIndexStore, collection: str, full_dim: int, count: int) -> None:
+        self.store = store
+        self.collection = collection
+        self.full_dim = full_dim
+        self.count = count
+        backend = store.backend
+        with engine_errors(backend.uri, f"opening {collection!r}"):
+            if not store._client.has_collection(collection):
+                raise IndexFolderError(f"Milvus collection {collection!r} does not exist at {backend.uri}")
+            store._client.load_collection(collection)
+        self.parts = backend.count(collection)
+        self._closed = False
+
+    def _query(self, expression: str, fields: list[str], what: str) -> list[dict]:
+        if self._closed:
+            raise IndexFolderError(f"{self.collection}: the document store is closed")
+        backend = self.store.backend
+        with engine_errors(backend.uri, f"{what} in {self.collection!r}"):
+            return self.store._client.query(
+                self.collection,
+                filter=expression,
+                output_fields=fields,
+                consistency_level=SEARCH_CONSISTENCY,
+                timeout=backend.timeout,
+            )
+
+    def get(self, rows: Sequence[int]) -> list[Document | None]:
+        """Documents at ``rows``, in the same order; ``None`` for a row that does not exist."""
+        wanted = sorted({int(r) for r in rows if r >= 0})
+        pieces: dict[int, list[tuple[int, str]]] = {}
+        for start in range(0, len(wanted), FETCH_ROWS):
+            chunk = wanted[start : start + FETCH_ROWS]
+            for hit in self._query(f"{DOC_ROW_FIELD} in {chunk}", [KEY_FIELD, DOC_ROW_FIELD, DOC_FIELD], "reading"):
+                pieces.setdefault(int(hit[DOC_ROW_FIELD]), []).append((int(hit[KEY_FIELD]), hit[DOC_FIELD]))
+        found = {}
+        for row, parts in pieces.items():
+            doc_id, title, text, metadata = json.loads("".join(part for _, part in sorted(parts)))
+            found[row] = Document(doc_id, text, title, metadata)
+        return [found.get(int(r)) for r in rows]
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Full vectors of ``rows`` (each row at most once, any order), in the order given."""
+        keys = [int(r) * MAX_PARTS for r in rows]
+        found: dict[int, Any] = {}
+        for start in range(0, len(keys), FETCH_ROWS):
+            chunk = keys[start : start + FETCH_ROWS]
+            for hit in self._query(f"{KEY_FIELD} in {chunk}", [KEY_FIELD, VECTOR_FIELD], "fetching vectors"):
+                found[int(hit[KEY_FIELD])] = hit[VECTOR_FIELD]
+        missing = [k // MAX_PARTS for k in keys if k not in found]
+        if missing:
+            raise IndexFolderError(f"{self.collection}: no vectors for rows {missing[:5]}")
+        return np.asarray([found[k] for k in keys], dtype=np.float32).reshape(len(keys), self.full_dim)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def ids(self) -> set[str]:
+        return {doc.id for doc in self.get(range(len(self))) if doc is not None}
+
+    def check_integrity(self) -> None:
+        """Milvus checks its own storage; the part count is checked on open."""
+
+    def close(self) -> None:
+        self._closed = True
+
+
+@dataclass
+class MilvusVectors:
+    """The full vectors of a version, read from Milvus row by row (what two-stage search re-scores with)."""
+
+    documents: MilvusDocuments
+    count: int
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (self.count, self.documents.full_dim)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __getitem__(self, rows: Any) -> np.ndarray:
+        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
+        return self.documents.vectors(rows)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        vectors = self.documents.vectors(np.arange(self.count))
+        return vectors if dtype is None else vectors.astype(dtype)
+
+
+class MilvusLease:
+    """A server's claim on a version: a ``lease/<V>/<host>~<pid>~<tag>`` record, refreshed while it serves."""
+
+    def __init__(self, store: MilvusIndexStore, version: str) -> None:
+        self.store = store
+        self.version = version
+        self.key: str | None = f"lease/{version}/{_holder()}"
+        self.refresh()
+
+    def refresh(self) -> None:
+        if self.key is None:
+            return
+        try:
+            self.store._put({self.key: json.dumps({"at": time.time()})})
+        except EngineUnavailable as exc:
+            logger.warning("cannot refresh the lease on %s of %s: %s", self.version, self.store.where, exc)
+
+    def release(self) -> None:
+        if self.key is None:
+            return
+        key, self.key = self.key, None
+        try:
+            self.store._delete([key])
+        except EngineUnavailable as exc:  # it goes stale and is removed by the next prune
+            logger.warning("cannot release the lease on %s of %s: %s", self.version, self.store.where, exc)
+
+
+@dataclass
+class MilvusSource:
+    """An index kept in Milvus (an :class:`~index.loaded.IndexSource`): versions are named, not folders."""
+
+    store: MilvusIndexStore
+
+    def current(self) -> str:
+        return self.store.current()
+
+    def manifest(self, location: str) -> IndexManifest:
+        return self.store.manifest(location)
+
+    def open(self, location: str, *, device: Device = "auto", expected_fingerprint: str | None = None) -> LoadedIndex:
+        return self.store.open(location, expected_fingerprint=expected_fingerprint)
