@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from benchmarks.backends import add_backends_parser
 from benchmarks.encoders import add_encoders_parser
 from benchmarks.latency import add_latency_parser
 from benchmarks.peers import add_peers_parser
@@ -25,3 +26,4 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     add_scaling_parser(actions)
     add_peers_parser(actions)
     add_strategies_parser(actions)
+    add_backends_parser(actions)

@@ -13,7 +13,7 @@ import pytest
 
 from index.milvus_server import LocalMilvusServer, free_port, running_milvus_server
 
-__all__ = ["LocalMilvusServer", "free_port", "running_milvus_server"]
+__all__ = ["LocalMilvusServer", "free_port", "running_milvus_server"]  # for the tests that import them here
 
 
 def in_ci() -> bool:
@@ -37,11 +37,24 @@ def require_milvus_server() -> None:
 
 
 @pytest.fixture(scope="session")
-def milvus_server_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """URI of a real standalone Milvus 2.3.5 server on loopback, shared by the session's tests."""
+def milvus_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalMilvusServer]:
+    """A real standalone Milvus 2.3.5 server on loopback, shared by the session's tests.
+
+    A test may stop and start it (an outage); it must leave it running, on the same URI.
+    """
     require_milvus_server()
-    with running_milvus_server(tmp_path_factory.mktemp("milvus-server")) as uri:
-        yield uri
+    server = LocalMilvusServer(tmp_path_factory.mktemp("milvus-server"))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop(keep_binary=False)
+
+
+@pytest.fixture(scope="session")
+def milvus_server_uri(milvus_server: LocalMilvusServer) -> str:
+    """URI of the session's real Milvus server (``http://127.0.0.1:PORT``)."""
+    return milvus_server.uri
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,247 @@
+"""Index versions kept in Milvus (index/milvus_store.py), on Milvus Lite: builds, the live version, leases,
+pruning, killed builds, refusals, and the same top-10 as the FAISS backend at every dim.
+
+The version logic runs with the keyword encoder behind the real ``build_index`` (exact, fast);
+one test builds the bundled sample with the real model into Milvus Lite and into a FAISS folder
+and compares their hits. The same index on the real Milvus server, served by two replicas, is in
+``tests/test_service_milvus_real.py``.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+import index.build as build_module
+from core.errors import ConfigError
+from index.build import BuildConfig, build_index
+from index.loaded import open_index
+from index.manifest import IndexFolderError
+from index.milvus_store import BUILDING, LIVE, MilvusIndexStore, MilvusSource, version_tag
+from index.search import staged_search
+from tests.conftest import SAMPLE, KeywordEncoder
+from tests.milvus_server import milvus_lite_uri  # noqa: F401 - fixture
+from tests.service_fixtures import DIMS, FINGERPRINT, MODEL_NAME, VOCABULARY, write_data
+
+pytestmark = pytest.mark.slow  # Milvus Lite: an engine per module, builds of several collections
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    return write_data(tmp_path_factory.mktemp("data"))
+
+
+@pytest.fixture(scope="module")
+def backend(milvus_lite_uri):  # noqa: F811 - the fixture
+    from index.milvus import MilvusBackend
+
+    backend = MilvusBackend(milvus_lite_uri)
+    yield backend
+    backend.close()
+
+
+def keyword_build(data: Path, uri: str, name: str, tmp: Path, **overrides):
+    """The real ``build_index`` into Milvus, with the keyword encoder standing in for the model."""
+    encoder = KeywordEncoder(VOCABULARY, name=MODEL_NAME)
+    settings = {"model": MODEL_NAME, "dims": DIMS, "progress": False, "cache_dir": tmp / "cache", **overrides}
+    config = BuildConfig(data=data, backend="milvus", milvus_uri=uri, index_name=name, **settings)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(build_module, "load_model", lambda *a, **k: SimpleNamespace(prompts={}, max_seq_length=None))
+        patch.setattr(build_module, "SentenceTransformerEncoder", lambda *a, **k: encoder)
+        patch.setattr(build_module, "model_fingerprint", lambda model: FINGERPRINT)
+        patch.setattr(build_module, "library_versions", lambda: {"mrl": "test"})
+        return build_index(config)
+
+
+def store_for(backend, name: str) -> MilvusIndexStore:
+    return MilvusIndexStore(backend, name)
+
+
+def collections_of(backend, name: str) -> set[str]:
+    return {c for c in backend.all_collections() if c.startswith(f"{name}_v")}
+
+
+def test_a_build_goes_live_with_every_dim_and_its_documents(data, milvus_lite_uri, backend, tmp_path):  # noqa: F811
+    location, manifest = keyword_build(data, milvus_lite_uri, "live", tmp_path)
+    store = store_for(backend, "live")
+    assert location == Path("live") / manifest.version
+    assert store.current() == manifest.version
+    assert store.versions() == {manifest.version: LIVE}
+    assert collections_of(backend, "live") == {
+        store.docs_collection(manifest.version),
+        *(store.dim_collection(manifest.version, dim) for dim in DIMS),
+    }
+    loaded = MilvusSource(store).open(manifest.version, expected_fingerprint=FINGERPRINT)
+    try:
+        assert loaded.location == manifest.version and loaded.dims == DIMS
+        assert loaded.manifest.to_dict() == manifest.to_dict()
+        encoder = KeywordEncoder(VOCABULARY)
+        query = encoder.encode_queries([f"what helps with {VOCABULARY[0]}"])  # the leading coordinate: every dim
+        for dim in DIMS:
+            hits = staged_search(loaded.indexes[dim], loaded.vectors, query, dim, 3)
+            assert loaded.store.get(hits.rows[0].tolist())[0].id == "d0"
+        two_stage = staged_search(loaded.indexes[min(DIMS)], loaded.vectors, query, min(DIMS), 3, max(DIMS), 2)
+        assert loaded.store.get(two_stage.rows[0].tolist())[0].id == "d0"
+        full = np.asarray(loaded.vectors[np.array([3, 0])])
+        assert full.shape == (2, manifest.model.full_dim)
+        np.testing.assert_allclose(full[0], encoder.encode_documents([loaded.store.get([3])[0].passage])[0], atol=1e-6)
+    finally:
+        loaded.close()
+    assert not store._scan("lease/")  # closed: its lease is gone
+
+
+def test_long_documents_are_stored_in_parts_and_read_back_whole(data, milvus_lite_uri, backend, tmp_path):  # noqa: F811
+    from tests.conftest import write_beir
+
+    text = "é" * 40_000 + " the end"  # over 65,535 bytes: more than one VARCHAR
+    corpus = [{"_id": "long", "title": "t", "text": text, "metadata": {"kind": "x"}}]
+    long = write_beir(tmp_path / "long", corpus, [{"_id": "q", "text": "fever"}], {})
+    _, manifest = keyword_build(long, milvus_lite_uri, "long", tmp_path, dims=[4, 2])
+    loaded = store_for(backend, "long").open(manifest.version)
+    try:
+        [document] = loaded.store.get([0])
+        assert (document.id, document.text, document.metadata) == ("long", text, {"kind": "x"})
+        assert loaded.store.get([5, -1]) == [None, None]
+    finally:
+        loaded.close()
+
+
+def test_old_versions_are_pruned_but_never_a_leased_one(data, milvus_lite_uri, backend, tmp_path):  # noqa: F811
+    _, first = keyword_build(data, milvus_lite_uri, "pruned", tmp_path, keep_versions=1)
+    store = store_for(backend, "pruned")
+    held = store.open(first.version)  # a server that has not reloaded yet
+    _, second = keyword_build(data, milvus_lite_uri, "pruned", tmp_path, keep_versions=1)
+    assert store.current() == second.version
+    assert set(store.versions()) == {first.version, second.version}  # kept: leased
+    assert store.held_versions() == {first.version}
+    query = KeywordEncoder(VOCABULARY).encode_queries(["what helps with fever"])
+    assert held.indexes[4].search(query[:, :4], 1)[1].shape == (1, 1)  # still searchable
+    held.close()
+    _, third = keyword_build(data, milvus_lite_uri, "pruned", tmp_path, keep_versions=1)
+    assert store.versions() == {third.version: LIVE}
+    gone = (version_tag(first.version), version_tag(second.version))
+    assert not any(tag in c for tag in gone for c in backend.all_collections())
+    assert not store._scan(f"manifest/{first.version}/")
+
+
+def test_a_half_built_version_is_refused_and_never_goes_live(data, milvus_lite_uri, backend, tmp_path):  # noqa: F811
+    _, live = keyword_build(data, milvus_lite_uri, "half", tmp_path)
+    store = store_for(backend, "half")
+    writer = store.begin("20991231T000000000000Z-beef")
+    writer.write_corpus([], np.zeros((0, 8), np.float32), np.zeros((0, 8), np.float32))
+    assert store.versions()[writer.version] == BUILDING
+    assert store.current() == live.version  # unchanged
+    with pytest.raises(IndexFolderError, match=r"version '20991231T000000000000Z-beef' is building"):
+        store.manifest(writer.version)
+    writer.abort()
+    assert writer.version not in store.versions()
+    assert not any(version_tag(writer.version) in c for c in backend.all_collections())
+
+
+def dead_pid() -> int:
+    process = subprocess.Popen([sys.executable, "-c", "pass"])
+    process.wait()
+    return process.pid
+
+
+def test_a_later_build_removes_what_a_killed_build_left(data, milvus_lite_uri, backend, tmp_path):  # noqa: F811
+    import json
+    import socket
+
+    _, live = keyword_build(data, milvus_lite_uri, "killed", tmp_path)
+    store = store_for(backend, "killed")
+    writer = store.begin("20991231T000000000000Z-dead")
+    writer.write_corpus([], np.zeros((0, 8), np.float32), np.zeros((0, 8), np.float32))
+    writer._sealer.shutdown(wait=True)
+    # What a killed build leaves: its record, naming a process that is gone, and its collections.
+    store._put(
+        {f"version/{writer.version}": json.dumps({**writer.record, "holder": f"{socket.gethostname()}~{dead_pid()}~x"})}
+    )
+    orphan = f"killed_{version_tag('20991231T000000000001Z-dead')}_d4"  # created, then killed before its record
+    backend.build(np.eye(4, dtype=np.float32), build_module.IndexPlan("Flat"), collection=orphan)
+    assert writer.version in store.versions() and orphan in backend.all_collections()
+    _, after = keyword_build(data, milvus_lite_uri, "killed", tmp_path)
+    assert set(store.versions()) == {live.version, after.version}
+    assert orphan not in backend.all_collections()
+    assert not any(version_tag(writer.version) in c for c in backend.all_collections())
+
+
+def test_another_index_whose_name_starts_the_same_is_left_alone(data, milvus_lite_uri, backend, tmp_path):  # noqa: F811
+    _, other = keyword_build(data, milvus_lite_uri, "same_v2", tmp_path)
+    keyword_build(data, milvus_lite_uri, "same", tmp_path)
+    assert store_for(backend, "same_v2").current() == other.version
+    store_for(backend, "same_v2").open(other.version).close()
+
+
+def test_refusals_name_what_is_wrong(data, milvus_lite_uri, backend, tmp_path):  # noqa: F811
+    _, manifest = keyword_build(data, milvus_lite_uri, "refused", tmp_path)
+    store = store_for(backend, "refused")
+    with pytest.raises(IndexFolderError, match=r"index 'nothing' at .*: index not found"):
+        store_for(backend, "nothing").current()
+    with pytest.raises(IndexFolderError, match=r"built with model .*not the model being served"):
+        store.open(manifest.version, expected_fingerprint="sha256:" + "0" * 64)
+    with pytest.raises(IndexFolderError, match=r"no index for dims \[3\]"):
+        store.open(manifest.version, dims=[3])
+    with pytest.raises(IndexFolderError, match=r"version '2000' not found"):
+        store.manifest("2000")
+    missing = store.dim_collection(manifest.version, 4)
+    backend.drop(missing)
+    with pytest.raises(IndexFolderError, match=rf"incomplete: collections \['{missing}'\] missing"):
+        store.open(manifest.version)
+    assert not store._scan("lease/")  # a refused open leaves no lease behind
+    with pytest.raises(ConfigError, match="collection name"):
+        store_for(backend, "no-dashes")
+
+
+def test_build_options_that_name_no_place_are_refused(data):
+    with pytest.raises(ConfigError, match="--backend milvus needs --milvus-uri"):
+        build_index(BuildConfig(data=data, backend="milvus", index_name="x"))
+    with pytest.raises(ConfigError, match="--output is required"):
+        build_index(BuildConfig(data=data))
+    with pytest.raises(ConfigError, match="--output is for --backend faiss"):
+        build_index(BuildConfig(data=data, output=Path("x"), backend="milvus", milvus_uri="a.db", index_name="x"))
+
+
+# --- the real model: the same hits as FAISS ----------------------------------------------------
+
+
+def test_the_sample_gives_the_same_top_10_as_faiss_at_every_dim(milvus_lite_uri, backend, tmp_path):  # noqa: F811
+    milvus = {"backend": "milvus", "milvus_uri": milvus_lite_uri, "index_name": "sample", "cache_dir": tmp_path}
+    config = BuildConfig(data=SAMPLE, progress=False, **milvus)
+    _, manifest = build_index(config)
+    assert_same_hits_as_faiss(store_for(backend, "sample"), manifest.version, tmp_path)
+
+
+def assert_same_hits_as_faiss(store: MilvusIndexStore, version: str, tmp_path: Path) -> None:
+    """The sample built with the real model into a FAISS folder gives the same hits as ``version`` in Milvus.
+
+    Both are exact (Flat): the same rows, best first, at every dim and in two-stage search.
+    """
+    from core.data import load_queries
+    from core.models import SentenceTransformerEncoder, load_model
+
+    folder, _ = build_index(BuildConfig(data=SAMPLE, output=tmp_path / "faiss", device="cpu", progress=False))
+    model = load_model(None)
+    queries = SentenceTransformerEncoder(model, "default", 32, False).encode_queries(
+        list(load_queries(SAMPLE / "queries.jsonl").values())
+    )
+    faiss, milvus = open_index(folder), store.open(version)
+    try:
+        assert faiss.dims == milvus.dims and len(faiss.dims) >= 4
+        assert all(entry.factory == "Flat" for entry in milvus.manifest.indexes.values())
+        plans = [(dim, None) for dim in faiss.dims] + [(min(faiss.dims), max(faiss.dims))]
+        for dim, rerank_dim in plans:
+            want = staged_search(faiss.indexes[dim], faiss.vectors, queries, dim, 10, rerank_dim)
+            got = staged_search(milvus.indexes[dim], milvus.vectors, queries, dim, 10, rerank_dim)
+            assert np.array_equal(got.rows, want.rows), (dim, rerank_dim)
+            np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+            ids = [d.id for d in milvus.store.get(got.rows.ravel().tolist())]
+            assert ids == [d.id for d in faiss.store.get(want.rows.ravel().tolist())]
+    finally:
+        faiss.close()
+        milvus.close()
