@@ -31,7 +31,7 @@ COPY index/ index/
 COPY service/ service/
 COPY benchmarks/ benchmarks/
 # hadolint ignore=DL3013
-RUN pip install --constraint constraints.txt ".[cpu]" \
+RUN pip install --constraint constraints.txt ".[cpu,milvus-client]" \
     && pip uninstall --yes pip
 
 # --- GPU builder: the same on a CUDA base, with CUDA torch, faiss-gpu and onnxruntime-gpu ---
@@ -59,7 +59,7 @@ COPY index/ index/
 COPY service/ service/
 COPY benchmarks/ benchmarks/
 # hadolint ignore=DL3013
-RUN pip install --constraint constraints.txt ".[gpu]" \
+RUN pip install --constraint constraints.txt ".[gpu,milvus-client]" \
     && pip uninstall --yes pip
 
 # --- GPU image: `docker build --target gpu` ---

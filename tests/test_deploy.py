@@ -38,6 +38,7 @@ from tests.service_fixtures import build_keyword_index, serve, write_data
 
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"
+MILVUS_COMPOSE = DEPLOY / "docker-compose.milvus.yml"
 MRL_VARIABLE = re.compile(r"\bMRL_([A-Z_]+)\b")
 
 
@@ -170,7 +171,8 @@ def test_images_are_cpu_by_default_gpu_on_request_and_run_unprivileged():
     assert list(stages)[-1] == "cpu", "the last stage is what a plain `docker build` makes"
     assert re.search(r"--index-url \S*TORCH_CPU_INDEX.*--constraint constraints\.txt torch", stages["builder-cpu"])
     assert "ARG TORCH_CPU_INDEX=https://download.pytorch.org/whl/cpu" in DOCKERFILE.read_text()
-    assert '".[cpu]"' in stages["builder-cpu"] and '".[gpu]"' in stages["builder-gpu"]
+    # Either image serves a FAISS folder or an index in Milvus (the client only; no embedded engine, no server).
+    assert '".[cpu,milvus-client]"' in stages["builder-cpu"] and '".[gpu,milvus-client]"' in stages["builder-gpu"]
     for name in ("cpu", "gpu"):
         body = stages[name]
         assert f"COPY --from=builder-{name} /opt/venv /opt/venv" in body
@@ -195,7 +197,7 @@ def test_images_copy_every_package_that_pyproject_installs():
 
 def test_environment_variables_are_service_settings():
     fields = set(ServiceSettings.model_fields)
-    for path in (DOCKERFILE, COMPOSE):
+    for path in (DOCKERFILE, COMPOSE, MILVUS_COMPOSE):
         names = {name.lower() for name in MRL_VARIABLE.findall(path.read_text())}
         assert names <= fields, f"{path.name} sets MRL_{sorted(names - fields)}, which ServiceSettings does not read"
 
@@ -203,9 +205,9 @@ def test_environment_variables_are_service_settings():
 # --- compose ---------------------------------------------------------------------------------------------
 
 
-def compose_with_defaults() -> dict:
-    """The compose file as `docker compose` reads it with no variables set: ``${NAME:-default}`` is the default."""
-    text = re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda match: match.group(1) or "", COMPOSE.read_text())
+def compose_with_defaults(path: Path = COMPOSE) -> dict:
+    """A compose file as `docker compose` reads it with no variables set: ``${NAME:-default}`` is the default."""
+    text = re.sub(r"\$\{\w+(?::?-([^}]*))?\}", lambda match: match.group(1) or "", path.read_text())
     return yaml.safe_load(text)
 
 
@@ -234,3 +236,30 @@ def test_compose_wires_service_prometheus_and_grafana():
     (provider,) = yaml.safe_load((provisioning / "dashboards" / "mrl-retrieval.yml").read_text())["providers"]
     assert mounts[("grafana", provider["options"]["path"])] == "./grafana/dashboards"
     assert (DEPLOY / "grafana" / "dashboards" / DASHBOARD.name).is_file()
+
+
+def test_the_milvus_compose_runs_two_replicas_of_one_index_in_one_milvus():
+    compose = compose_with_defaults(MILVUS_COMPOSE)
+    services = compose["services"]
+    replicas = [services["mrl-1"], services["mrl-2"]]
+    for replica in replicas:
+        assert replica["build"]["target"] in dockerfile_stages()
+        environment = replica["environment"]
+        assert environment["MRL_BACKEND"] == "milvus"
+        assert environment["MRL_MILVUS_URI"] == "http://milvus:19530" and environment["MRL_INDEX"] == "demo"
+        assert replica["depends_on"]["milvus"]["condition"] == "service_healthy"
+        assert not any(volume.endswith(":/index:ro") for volume in replica["volumes"])  # nothing but the model
+    assert [r["ports"] for r in replicas] == [["127.0.0.1:8001:8000"], ["127.0.0.1:8002:8000"]]
+    build = services["index-build"]["command"]
+    assert (
+        build[build.index("--milvus-uri") + 1] == "http://milvus:19530" and build[build.index("--index") + 1] == "demo"
+    )
+    assert services["milvus"]["image"] == "milvusdb/milvus:v2.3.5"  # the version the tests run (pyproject's milvus)
+    assert {"etcd", "minio"} <= set(services["milvus"]["depends_on"])
+    nginx = (DEPLOY / "nginx" / "mrl.conf").read_text()
+    assert "server mrl-1:8000" in nginx and "server mrl-2:8000" in nginx
+    mount = services["lb"]["volumes"][0].split(":")[0]
+    assert (DEPLOY / mount).is_file()
+    for name, service in services.items():
+        for port in service.get("ports", []):
+            assert port.startswith("127.0.0.1:"), (name, port)
