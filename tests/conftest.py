@@ -7,6 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+# The Milvus fixtures (a real server for the session, Milvus Lite per module), for every test module.
+pytest_plugins = ["tests.milvus_server"]
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample_medical"
 

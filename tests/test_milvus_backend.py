@@ -24,7 +24,7 @@ from core.metrics import neighbour_recall
 from index.manifest import IndexFolderError
 from index.milvus import MISSING_ROW, MISSING_SCORE, MilvusBackend, milvus_layout
 from index.params import HNSW_EF_CONSTRUCTION, IndexPlan
-from tests.milvus_server import milvus_lite_uri, milvus_server_uri, require_module  # noqa: F401 - fixtures
+from tests.milvus_server import require_module  # the Milvus fixtures come from tests.conftest's plugin
 from tests.test_index_backends import brute_force, clustered_vectors
 
 N, D, NQ, K = 2000, 32, 100, 10

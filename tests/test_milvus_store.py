@@ -25,7 +25,6 @@ from index.manifest import IndexFolderError
 from index.milvus_store import BUILDING, LIVE, MilvusIndexStore, MilvusSource, version_tag
 from index.search import staged_search
 from tests.conftest import SAMPLE, KeywordEncoder
-from tests.milvus_server import milvus_lite_uri  # noqa: F401 - fixture
 from tests.service_fixtures import DIMS, FINGERPRINT, MODEL_NAME, VOCABULARY, write_data
 
 pytestmark = pytest.mark.slow  # Milvus Lite: an engine per module, builds of several collections
@@ -37,7 +36,7 @@ def data(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def backend(milvus_lite_uri):  # noqa: F811 - the fixture
+def backend(milvus_lite_uri):
     from index.milvus import MilvusBackend
 
     backend = MilvusBackend(milvus_lite_uri)
@@ -66,7 +65,7 @@ def collections_of(backend, name: str) -> set[str]:
     return {c for c in backend.all_collections() if c.startswith(f"{name}_v")}
 
 
-def test_a_build_goes_live_with_every_dim_and_its_documents(data, milvus_lite_uri, backend, tmp_path):  # noqa: F811
+def test_a_build_goes_live_with_every_dim_and_its_documents(data, milvus_lite_uri, backend, tmp_path):
     location, manifest = keyword_build(data, milvus_lite_uri, "live", tmp_path)
     store = store_for(backend, "live")
     assert location == Path("live") / manifest.version
@@ -95,7 +94,7 @@ def test_a_build_goes_live_with_every_dim_and_its_documents(data, milvus_lite_ur
     assert not store._scan("lease/")  # closed: its lease is gone
 
 
-def test_long_documents_are_stored_in_parts_and_read_back_whole(data, milvus_lite_uri, backend, tmp_path):  # noqa: F811
+def test_long_documents_are_stored_in_parts_and_read_back_whole(data, milvus_lite_uri, backend, tmp_path):
     from tests.conftest import write_beir
 
     text = "é" * 40_000 + " the end"  # over 65,535 bytes: more than one VARCHAR
@@ -111,7 +110,7 @@ def test_long_documents_are_stored_in_parts_and_read_back_whole(data, milvus_lit
         loaded.close()
 
 
-def test_old_versions_are_pruned_but_never_a_leased_one(data, milvus_lite_uri, backend, tmp_path):  # noqa: F811
+def test_old_versions_are_pruned_but_never_a_leased_one(data, milvus_lite_uri, backend, tmp_path):
     _, first = keyword_build(data, milvus_lite_uri, "pruned", tmp_path, keep_versions=1)
     store = store_for(backend, "pruned")
     held = store.open(first.version)  # a server that has not reloaded yet
@@ -129,7 +128,7 @@ def test_old_versions_are_pruned_but_never_a_leased_one(data, milvus_lite_uri, b
     assert not store._scan(f"manifest/{first.version}/")
 
 
-def test_a_half_built_version_is_refused_and_never_goes_live(data, milvus_lite_uri, backend, tmp_path):  # noqa: F811
+def test_a_half_built_version_is_refused_and_never_goes_live(data, milvus_lite_uri, backend, tmp_path):
     _, live = keyword_build(data, milvus_lite_uri, "half", tmp_path)
     store = store_for(backend, "half")
     writer = store.begin("20991231T000000000000Z-beef")
@@ -149,7 +148,7 @@ def dead_pid() -> int:
     return process.pid
 
 
-def test_a_later_build_removes_what_a_killed_build_left(data, milvus_lite_uri, backend, tmp_path):  # noqa: F811
+def test_a_later_build_removes_what_a_killed_build_left(data, milvus_lite_uri, backend, tmp_path):
     import json
     import socket
 
@@ -171,14 +170,14 @@ def test_a_later_build_removes_what_a_killed_build_left(data, milvus_lite_uri, b
     assert not any(version_tag(writer.version) in c for c in backend.all_collections())
 
 
-def test_another_index_whose_name_starts_the_same_is_left_alone(data, milvus_lite_uri, backend, tmp_path):  # noqa: F811
+def test_another_index_whose_name_starts_the_same_is_left_alone(data, milvus_lite_uri, backend, tmp_path):
     _, other = keyword_build(data, milvus_lite_uri, "same_v2", tmp_path)
     keyword_build(data, milvus_lite_uri, "same", tmp_path)
     assert store_for(backend, "same_v2").current() == other.version
     store_for(backend, "same_v2").open(other.version).close()
 
 
-def test_refusals_name_what_is_wrong(data, milvus_lite_uri, backend, tmp_path):  # noqa: F811
+def test_refusals_name_what_is_wrong(data, milvus_lite_uri, backend, tmp_path):
     _, manifest = keyword_build(data, milvus_lite_uri, "refused", tmp_path)
     store = store_for(backend, "refused")
     with pytest.raises(IndexFolderError, match=r"index 'nothing' at .*: index not found"):
@@ -210,7 +209,7 @@ def test_build_options_that_name_no_place_are_refused(data):
 # --- the real model: the same hits as FAISS ----------------------------------------------------
 
 
-def test_the_sample_gives_the_same_top_10_as_faiss_at_every_dim(milvus_lite_uri, backend, tmp_path):  # noqa: F811
+def test_the_sample_gives_the_same_top_10_as_faiss_at_every_dim(milvus_lite_uri, backend, tmp_path):
     milvus = {"backend": "milvus", "milvus_uri": milvus_lite_uri, "index_name": "sample", "cache_dir": tmp_path}
     config = BuildConfig(data=SAMPLE, progress=False, **milvus)
     _, manifest = build_index(config)

@@ -25,7 +25,7 @@ from index.build import BuildConfig, build_index
 from index.milvus import MilvusBackend
 from index.milvus_store import MilvusIndexStore, version_tag
 from tests.conftest import REPO, SAMPLE
-from tests.milvus_server import free_port, milvus_server, milvus_server_uri  # noqa: F401 - fixtures
+from tests.milvus_server import free_port
 from tests.test_milvus_store import assert_same_hits_as_faiss
 from tests.test_service_real import wait_for_ready
 
@@ -95,19 +95,19 @@ def cache(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def first_version(milvus_server_uri, cache) -> str:  # noqa: F811
+def first_version(milvus_server_uri, cache) -> str:
     return build(milvus_server_uri, cache)
 
 
 @pytest.fixture(scope="module")
-def store(milvus_server_uri) -> Iterator[MilvusIndexStore]:  # noqa: F811
+def store(milvus_server_uri) -> Iterator[MilvusIndexStore]:
     backend = MilvusBackend(milvus_server_uri)
     yield MilvusIndexStore(backend, NAME)
     backend.close()
 
 
 @pytest.fixture(scope="module")
-def replicas(first_version, milvus_server_uri, tmp_path_factory) -> Iterator[list[Replica]]:  # noqa: F811
+def replicas(first_version, milvus_server_uri, tmp_path_factory) -> Iterator[list[Replica]]:
     logs = tmp_path_factory.mktemp("replicas")
     started = [Replica(milvus_server_uri, logs / f"replica{i}.log") for i in range(2)]  # load side by side
     try:
@@ -171,7 +171,7 @@ def test_a_rebuild_and_a_reload_under_load_move_both_replicas_without_a_failure(
     first_version,
     store,
     milvus_server_uri,
-    cache,  # noqa: F811
+    cache,
 ):
     killed = kill_a_build(milvus_server_uri)
     assert store.versions()[killed] == "building"
@@ -211,7 +211,7 @@ def test_a_rebuild_and_a_reload_under_load_move_both_replicas_without_a_failure(
     assert set(store.versions()) == {second}
 
 
-def test_a_milvus_outage_is_a_503_and_the_replicas_recover(replicas, milvus_server):  # noqa: F811
+def test_a_milvus_outage_is_a_503_and_the_replicas_recover(replicas, milvus_server):
     milvus_server.stop()
     try:
         for replica in replicas:
@@ -246,7 +246,7 @@ def assert_one_line(result: subprocess.CompletedProcess, expected: str) -> None:
     assert "Traceback" not in result.stderr, result.stderr
 
 
-def test_start_up_failures_are_one_line_and_exit_2(first_version, milvus_server_uri):  # noqa: F811
+def test_start_up_failures_are_one_line_and_exit_2(first_version, milvus_server_uri):
     down = f"http://127.0.0.1:{free_port()}"
     assert_one_line(run_mrl("serve", env=serve_env(down, free_port())), f"Milvus at {down}: connecting failed")
     unknown = serve_env(milvus_server_uri, free_port(), index="nothing_here")
