@@ -81,13 +81,18 @@ def rerank(
     scores = np.full((len(rows), width), -np.inf, dtype=np.float32)
     best = np.full((len(rows), width), -1, dtype=np.int64)
     reduced_queries = truncate_normalize(queries, dim)
+    # Every shortlisted row is read once, for all queries together: one pass over a memory map, or
+    # one fetch from an engine that keeps the vectors (Milvus), however many queries there are.
+    wanted = np.unique(rows[rows >= 0])
+    if not len(wanted):
+        return scores, best
+    block = truncate_normalize(np.asarray(full_vectors[wanted]), dim)
     for number, candidates in enumerate(rows):
-        candidates = candidates[candidates >= 0]
+        candidates = np.sort(candidates[candidates >= 0])
         if not len(candidates):
             continue
-        documents = truncate_normalize(np.asarray(full_vectors[np.sort(candidates)]), dim)
-        similarity = documents @ reduced_queries[number]
+        similarity = block[np.searchsorted(wanted, candidates)] @ reduced_queries[number]
         order = np.argsort(-similarity, kind="stable")[:width]
         scores[number, : len(order)] = similarity[order]
-        best[number, : len(order)] = np.sort(candidates)[order]
+        best[number, : len(order)] = candidates[order]
     return scores, best

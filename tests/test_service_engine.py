@@ -193,6 +193,29 @@ def test_rerank_of_all_candidates_equals_exact_search():
     np.testing.assert_allclose(scores, np.sort(exact, axis=1)[:, ::-1][:, :5], rtol=1e-5)
 
 
+class CountingVectors:
+    """Full vectors that count their reads, as an engine that keeps them (Milvus) serves them: by row arrays."""
+
+    def __init__(self, vectors: np.ndarray) -> None:
+        self.vectors, self.reads = vectors, []
+
+    def __getitem__(self, rows: np.ndarray) -> np.ndarray:
+        self.reads.append(np.asarray(rows).tolist())
+        return self.vectors[rows]
+
+
+def test_rerank_reads_every_shortlisted_row_once_for_all_queries():
+    rng = np.random.default_rng(1)
+    documents, queries = rng.normal(size=(40, 16)).astype(np.float32), rng.normal(size=(4, 16)).astype(np.float32)
+    shortlist = np.stack([rng.choice(40, size=12, replace=False) for _ in queries])
+    shortlist[1, -3:] = -1  # padding
+    counting = CountingVectors(documents)
+    assert [a.tolist() for a in rerank(counting, queries, shortlist, 8, 5)] == [
+        a.tolist() for a in rerank(documents, queries, shortlist, 8, 5)
+    ]
+    assert counting.reads == [sorted(set(shortlist[shortlist >= 0].tolist()))]  # one read, each row once
+
+
 def test_rerank_skips_padding_and_pads_short_lists():
     documents = np.eye(4, dtype=np.float32)
     scores, rows = rerank(documents, np.eye(4, dtype=np.float32)[:2], np.array([[2, -1, -1], [-1, -1, -1]]), 4, 2)
