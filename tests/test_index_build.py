@@ -205,3 +205,32 @@ def test_version_names_sort_in_build_order():
     names = [new_version_name() for _ in range(50)]
     assert [n.split("-")[0] for n in names] == sorted(n.split("-")[0] for n in names)
     assert len({n.split("-")[0] for n in names}) > 1  # microseconds, not seconds
+
+
+def test_each_dim_is_charged_its_own_build_and_store_time(monkeypatch):
+    """Dims are built first, then stored and measured: a dim's time is not its successors' builds or measuring."""
+    import index.build as build_module
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(build_module.time, "perf_counter", lambda: clock["now"])
+
+    class Writer:  # build takes 1 s per dim, storing 0.5 s (an engine finishing it)
+        def build(self, dim, vectors, plan):
+            clock["now"] += 1.0
+            return dim
+
+        def keep(self, index, dim):
+            clock["now"] += 0.5
+            return f"index_{dim}", 0
+
+    charged = {}
+
+    def describe(index, dim, vectors, probes, stored, seconds):
+        clock["now"] += 10.0  # measuring recall and search time
+        charged[dim] = seconds
+        return seconds
+
+    monkeypatch.setattr(build_module, "describe_index", describe)
+    vectors = np.ones((4, 8), dtype=np.float32)
+    build_module.build_dim_indexes(vectors, vectors, [8, 4, 2], lambda dim: None, Writer())
+    assert charged == {8: 1.5, 4: 1.5, 2: 1.5}

@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -202,6 +203,7 @@ def test_a_rebuild_and_a_reload_under_load_move_both_replicas_without_a_failure(
         stop.set()
         for thread in threads:
             thread.join(timeout=60)
+    print(f"rebuild and reload under load: {len(outcomes)} searches, statuses {Counter(s for _, s, _ in outcomes)}")
     assert outcomes and all(status == 200 for _, status, _ in outcomes), [o for o in outcomes if o[1] != 200][:3]
     for number in (0, 1):
         versions = [version for replica, _, version in outcomes if replica == number]
@@ -215,7 +217,9 @@ def test_a_milvus_outage_is_a_503_and_the_replicas_recover(replicas, milvus_serv
     milvus_server.stop()
     try:
         for replica in replicas:
+            started = time.monotonic()
             response = replica.get("/search", q=QUERY, dim=64)
+            print(f"Milvus down: {response.status_code} in {time.monotonic() - started:.2f} s: {response.text}")
             assert response.status_code == 503, response.text
             assert response.json()["error"]["type"] == "not_ready"
             assert "index engine did not answer" in response.json()["error"]["message"]
@@ -223,11 +227,13 @@ def test_a_milvus_outage_is_a_503_and_the_replicas_recover(replicas, milvus_serv
             assert replica.get("/healthz").status_code == 200  # alive: a restart would not help
     finally:
         milvus_server.start()
-    deadline = time.monotonic() + RECOVERY_TIMEOUT_S
+    back = time.monotonic()
+    deadline = back + RECOVERY_TIMEOUT_S
     for replica in replicas:
         while replica.get("/search", q=QUERY, dim=64).status_code != 200:
             assert time.monotonic() < deadline, replica.log.read_text()[-3000:]
             time.sleep(0.5)
+        print(f"replica {replica.port}: answering {time.monotonic() - back:.1f} s after Milvus was back")
         assert replica.get("/readyz").status_code == 200
         assert hits(replica.get("/search", q=QUERY, dim=384))[0][0][0] == "d022"
     log = replicas[0].log.read_text()
