@@ -63,6 +63,13 @@ COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,254}")
 # Index types of ours that Milvus Lite (3.2) builds; it has no IVF_PQ.
 LITE_INDEX_TYPES = ("FLAT", "IVF_FLAT", "HNSW")
 SUPPORTED_FACTORIES = "Flat, IVF{nlist},Flat, IVF{nlist},PQ{m}, HNSW{M} or HNSW{M},Flat"
+# gRPC retries a lost connection with exponential backoff up to 2 minutes by default: a replica would go on
+# answering 503 for that long after Milvus is back. Retry every second or two instead.
+RECONNECT_OPTIONS = {
+    "grpc.initial_reconnect_backoff_ms": 500,
+    "grpc.min_reconnect_backoff_ms": 500,
+    "grpc.max_reconnect_backoff_ms": 2000,
+}
 # Where credentials come from (never from the command line alone: flags show in `ps`).
 CREDENTIAL_VARIABLES = {"token": "MRL_MILVUS_TOKEN", "user": "MRL_MILVUS_USER", "password": "MRL_MILVUS_PASSWORD"}
 
@@ -365,7 +372,9 @@ class MilvusBackend:
 
             _quiet_client_logs()
             with engine_errors(self.uri, "connecting"):
-                self._client = MilvusClient(uri=self.uri, timeout=self.timeout, **self._credentials)
+                self._client = MilvusClient(
+                    uri=self.uri, timeout=self.timeout, grpc_options=RECONNECT_OPTIONS, **self._credentials
+                )
         return self._client
 
     def close(self) -> None:
