@@ -526,40 +526,19 @@ def run_backends(config: BackendsConfig) -> dict[str, Any]:
     """
     check_config(config)
     documents, queries = load_corpora(config)
-    model = load_model(config.model)
-    encoder = SentenceTransformerEncoder(model, config.model or "default", progress=False)
-    dims = validate_dims(config.dims, encoder.dimension) if config.dims else model_dims(model, config.model)
-    fingerprint = model_fingerprint(model)
-    started_at, started = utc_now(), time.monotonic()
-    cache = config.cache or (config.out / "cache" if config.out is not None else None)
-    vectors, query_vectors, encoded = encode_corpus_and_queries(encoder, fingerprint, documents, queries, cache)
-    corpora = [Corpus(config.data.name, "real", str(config.data), documents, vectors, encoded["seconds"])]
-    if config.synthetic:
-        logger.info("%s: %d clustered unit vectors of dim %d", SYNTHETIC, config.synthetic, encoder.dimension)
-        synthetic = synthetic_vectors(config.synthetic, encoder.dimension, config.seed)
-        corpora.append(
-            Corpus(SYNTHETIC, "synthetic", f"seed {config.seed}", placeholder_documents(len(synthetic)), synthetic)
-        )
+    started_at, started, machine = utc_now(), time.monotonic(), machine_info()
+    dims, model, query_vectors, corpora, encoded = encode_corpora(config, documents, queries)
     exact = {corpus.name: exact_neighbours(corpus, query_vectors, dims) for corpus in corpora}
-    info = ModelInfo(
-        name=manifest_model_name(config.model),
-        fingerprint=fingerprint,
-        full_dim=encoder.dimension,
-        query_prompt=model.prompts.get("query", ""),
-        document_prompt=model.prompts.get("document", ""),
-        max_seq_length=model.max_seq_length,
-    )
-    del model, encoder  # the servers load their own; this process only searches from here on
     measured: dict[str, dict[str, Any]] = {corpus.name: {} for corpus in corpora}
     results: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="mrl-bench-backends-") as scratch:
         work = Path(scratch)
         deadline = time.monotonic() + config.time_limit_s  # no request is sent after it
-        run = Run(config, dims, info, queries, query_vectors, config.out or work, deadline)
+        run = Run(config, dims, model, queries, query_vectors, config.out or work, deadline)
         for corpus in corpora:
             measured[corpus.name][FAISS], rows = measure_faiss(run, corpus, exact[corpus.name], work)
             results += rows
-        with milvus_server(config, work) as (uri, started_here):
+        with milvus_server(config, work) as (uri, started_here):  # only now: FAISS is measured without it
             milvus = {"uri": uri, "started_by_benchmark": started_here, "server_version": milvus_server_version(uri)}
             for corpus in corpora:
                 measured[corpus.name][MILVUS], rows = measure_milvus(run, corpus, exact[corpus.name], uri)
@@ -569,8 +548,8 @@ def run_backends(config: BackendsConfig) -> dict[str, Any]:
         "started_at": started_at,
         "duration_s": round(time.monotonic() - started, 2),
         "settings": {**json_fields(config), "dims": dims, "num_query_texts": len(queries), "host": LOOPBACK},
-        "machine": {**machine_info(), "milvus_packages": _versions(MILVUS_PACKAGES)},
-        "model": {"name": info.name, "fingerprint": info.fingerprint, "full_dim": info.full_dim},
+        "machine": {**machine, "milvus_packages": _versions(MILVUS_PACKAGES)},
+        "model": {"name": model.name, "fingerprint": model.fingerprint, "full_dim": model.full_dim},
         "encode": encoded,
         "milvus": milvus,
         "corpora": {
@@ -588,6 +567,42 @@ def run_backends(config: BackendsConfig) -> dict[str, Any]:
     if config.out is not None:
         write_backends_report(report, config.out)
     return report
+
+
+def encode_corpora(
+    config: BackendsConfig, documents: list[Document], queries: list[str]
+) -> tuple[list[int], ModelInfo, np.ndarray, list[Corpus], dict[str, Any]]:
+    """Load the model, check the dims, encode the documents and queries once; add the synthetic corpus.
+
+    Returns:
+        The dims (largest first), the model as manifests describe it, the query vectors, the corpora
+        and what the encoding took.
+
+    Raises:
+        ModelError: The model cannot be loaded. DimensionError: Dims the model does not have.
+    """
+    model = load_model(config.model)
+    encoder = SentenceTransformerEncoder(model, config.model or "default", progress=False)
+    dims = validate_dims(config.dims, encoder.dimension) if config.dims else model_dims(model, config.model)
+    fingerprint = model_fingerprint(model)
+    cache = config.cache or (config.out / "cache" if config.out is not None else None)
+    vectors, query_vectors, encoded = encode_corpus_and_queries(encoder, fingerprint, documents, queries, cache)
+    corpora = [Corpus(config.data.name, "real", str(config.data), documents, vectors, encoded["seconds"])]
+    if config.synthetic:
+        logger.info("%s: %d clustered unit vectors of dim %d", SYNTHETIC, config.synthetic, encoder.dimension)
+        synthetic = synthetic_vectors(config.synthetic, encoder.dimension, config.seed)
+        corpora.append(
+            Corpus(SYNTHETIC, "synthetic", f"seed {config.seed}", placeholder_documents(len(synthetic)), synthetic)
+        )
+    info = ModelInfo(
+        name=manifest_model_name(config.model),
+        fingerprint=fingerprint,
+        full_dim=encoder.dimension,
+        query_prompt=model.prompts.get("query", ""),
+        document_prompt=model.prompts.get("document", ""),
+        max_seq_length=model.max_seq_length,
+    )
+    return dims, info, query_vectors, corpora, encoded
 
 
 def manifest_model_name(model: str | None) -> str:
@@ -628,6 +643,9 @@ def comparison_rows(report: dict[str, Any]) -> list[dict[str, Any]]:
             row[f"{backend}_p50_ms"] = cell.get("p50_ms")
             row[f"{backend}_p99_ms"] = cell.get("p99_ms")
             row[f"{backend}_errors"] = cell.get("errors")
+            server = cell.get("server_ms") or {}
+            row[f"{backend}_server_search_ms"] = server.get("search_ms")  # the index search alone, server-side
+            row[f"{backend}_server_total_ms"] = server.get("total_ms")
             row[f"{backend}_recall_at_10"] = measured.get("recall_at_10", {}).get(str(dim))
             row[f"{backend}_build_s"] = measured.get("build", {}).get("dims", {}).get(str(dim), {}).get("build_seconds")
         for figure, name in (("p50_ms", "p50_ratio"), ("p99_ms", "p99_ratio"), ("build_s", "build_ratio")):
@@ -661,21 +679,25 @@ def ratio(value: float | None, reference: float | None) -> float | None:
 
 
 def _times(value: float | None) -> str:
-    return f"{value:.2f}×" if value is not None else "–"
+    if value is None:
+        return "–"
+    return f"{value:.0f}×" if value >= 100 else f"{value:.2f}×"
 
 
 def _recall(value: float | None) -> str:
-    return f"{value:.3f}" if value is not None else "–"
+    return f"{value:.4f}" if value is not None else "–"  # 4 places: an exact index can miss a float-level tie
 
 
 def _seconds(value: float | None) -> str:
-    return f"{value:.2f}" if value is not None else "–"
+    if value is None:
+        return "–"
+    return f"{value:.3f}" if value < 1 else f"{value:.2f}"
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     header = ["corpus", "dim", "conc.", "FAISS p50 ms", "FAISS p99 ms", "Milvus p50 ms", "Milvus p99 ms"]
     header += ["p50 Milvus/FAISS", "p99 Milvus/FAISS", "FAISS recall@10", "Milvus recall@10"]
-    header += ["FAISS build s", "Milvus build s", "build Milvus/FAISS", "errors F/M"]
+    header += ["FAISS build s", "Milvus build s", "build Milvus/FAISS", "server search ms F/M", "errors F/M"]
     lines = [markdown_row(header), markdown_row(["---", *["---:"] * (len(header) - 1)])]
     for row in rows:
         cells = [row["corpus"], str(row["dim"]), str(row["concurrency"])]
@@ -683,6 +705,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
         cells += [_times(row["p50_ratio"]), _times(row["p99_ratio"])]
         cells += [_recall(row[f"{b}_recall_at_10"]) for b in BACKENDS]
         cells += [_seconds(row[f"{b}_build_s"]) for b in BACKENDS] + [_times(row["build_ratio"])]
+        cells.append(" / ".join(format_ms(row.get(f"{b}_server_search_ms")) for b in BACKENDS))
         cells.append("/".join("–" if row[f"{b}_errors"] is None else str(row[f"{b}_errors"]) for b in BACKENDS))
         lines.append(markdown_row(cells))
     return "\n".join(lines)
@@ -701,15 +724,19 @@ def totals_table(rows: list[dict[str, Any]]) -> str:
 def backends_markdown(report: dict[str, Any]) -> str:
     """Title, context, the per-(corpus, dim) comparison and the whole-build totals."""
     settings, machine, milvus = report["settings"], report["machine"], report["milvus"]
-    where = "a standalone server started by the benchmark" if milvus["started_by_benchmark"] else milvus["uri"]
+    where = "a standalone server started by the benchmark" if milvus["started_by_benchmark"] else f"`{milvus['uri']}`"
+    version = f" (it reports {milvus['server_version']})" if milvus.get("server_version") else ""
     context = (
         f"Model `{report['model']['name']}` ({report['model']['full_dim']}-d); {settings['num_query_texts']} query "
-        f"texts from `{settings['data']}` for both corpora. Milvus {milvus.get('server_version') or ''} at {where}. "
+        f"texts from `{settings['data']}` for both corpora. Milvus: {where}{version}. "
         f"Latency: `GET /search` of `mrl serve` (torch encoder, device {settings['device']}), k={settings['k']}, "
         f"{settings['requests']} measured requests per cell after {settings['warmup']} warm-up ones, one server at a "
         f"time. Recall@10: the opened index searched in-process against exact brute force, same query vectors. "
-        f"Build s per dim: the manifest's `build_seconds` (Milvus seals every dim side by side, so its per-dim times "
-        f"overlap: compare the totals below). Ratios: Milvus ÷ FAISS, above 1× means Milvus takes longer. "
+        f"Build s per dim: the manifest's `build_seconds`, that dim's build and the wait until it is stored (Milvus "
+        f"seals every dim side by side, so its per-dim times overlap and add up to more than its build took): the "
+        f"totals below are the whole builds. Ratios: Milvus ÷ FAISS, above 1× means Milvus takes longer. "
+        f"Server search ms: the server's own mean `search_ms` (the index search alone; on Milvus one gRPC call, "
+        f"and fetching the hits' documents from Milvus is a second one). "
         f"Client, servers and Milvus share one machine: {machine['cpus_usable']} CPUs, load average "
         f"{machine['load_average_1m']} at the start, GPU {machine['gpu'] or 'none'}."
     )
