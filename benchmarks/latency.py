@@ -71,6 +71,7 @@ class LatencyConfig:
     device: str = "auto"
     encoder_threads: int | None = None
     onnx_cache: Path | None = None
+    batch_max_wait_ms: float | None = None  # the server's micro-batch wait (default: the server's)
     time_limit_s: float = 900.0  # no request is sent after this; later cells are recorded as cut short
     ready_timeout_s: float = 300.0  # per server start (an ONNX export happens on first use)
     request_timeout_s: float = 30.0
@@ -195,6 +196,8 @@ def server_command(config: LatencyConfig, encoder: str, port: int) -> list[str]:
         command += ["--onnx-cache", str(config.onnx_cache)]
     if config.encoder_threads is not None:
         command += ["--encoder-threads", str(config.encoder_threads)]
+    if config.batch_max_wait_ms is not None:
+        command += ["--batch-max-wait-ms", str(config.batch_max_wait_ms)]
     return command
 
 
@@ -582,6 +585,9 @@ def add_latency_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="server device (default: auto)")
     p.add_argument("--encoder-threads", type=int, default=None, help="server's encoder CPU threads")
     p.add_argument("--onnx-cache", type=Path, default=None, help="ONNX export folder (default: the server's)")
+    p.add_argument(
+        "--batch-max-wait-ms", type=float, default=None, help="server's micro-batch wait in ms (default: the server's)"
+    )
     add_server_limits(p, time_limit_s=900.0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
     p.set_defaults(handler=run_latency_command)

@@ -1,9 +1,11 @@
 """Micro-batching: concurrent requests' texts are encoded together, off the event loop.
 
-Each text waits in an asyncio queue; one worker task takes what is queued (after a
-bounded wait of a few milliseconds for more to arrive, up to a maximum batch size) and
-runs the encoder on a single dedicated thread. While one batch is being encoded the next
-one fills up, so under load batches grow by themselves and the event loop never blocks.
+Each text waits in an asyncio queue; one worker task takes what is queued, up to a maximum
+batch size, and runs the encoder on a single dedicated thread. While one batch is being
+encoded the next one fills up, so under load batches grow by themselves (continuous
+batching, as text-embeddings-inference does) and the event loop never blocks. By default
+nothing waits for more texts to arrive: a request that finds the encoder idle is encoded at
+once. An optional wait (``max_wait_s``) trades that latency for larger batches.
 """
 
 from __future__ import annotations
@@ -56,7 +58,7 @@ class MicroBatcher:
         encode: EncodeFn,
         *,
         max_batch: int = 32,
-        max_wait_s: float = 0.002,
+        max_wait_s: float = 0.0,
         on_batch: BatchObserver | None = None,
     ) -> None:
         self._encode = encode

@@ -81,7 +81,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-batch-queries", type=int, default=None, help="most queries per request (default: 64)")
     p.add_argument("--max-in-flight", type=int, default=None, help="requests in flight before 429 (default: 256)")
     p.add_argument("--batch-max-size", type=int, default=None, help="texts per encoder micro-batch (default: 32)")
-    p.add_argument("--batch-max-wait-ms", type=float, default=None, help="micro-batch wait in ms (default: 2)")
+    p.add_argument("--batch-max-wait-ms", type=float, default=None, help="micro-batch wait in ms (default: 0, none)")
     p.add_argument("--snippet-chars", type=int, default=None, help="cut hit texts to this length; 0: whole")
     p.add_argument(
         "--load-in-background", action="store_true", default=None, help="listen at once; readyz 503 until loaded"

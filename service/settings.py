@@ -65,7 +65,11 @@ class ServiceSettings(BaseSettings):
     )
 
     batch_max_size: int = Field(32, gt=0, description="most texts encoded in one micro-batch")
-    batch_max_wait_ms: float = Field(2.0, ge=0, description="how long a micro-batch waits for more texts")
+    batch_max_wait_ms: float = Field(
+        0.0,
+        ge=0,
+        description="how long a micro-batch waits for more texts; 0: none, batches form while the encoder is busy",
+    )
     max_in_flight: int = Field(256, gt=0, description="concurrent requests accepted; beyond it requests get 429")
 
     api_key: SecretStr | None = Field(

@@ -98,6 +98,52 @@ def test_concurrent_requests_share_batches_up_to_the_maximum():
     assert [r[:, 0].tolist() for r in results] == [[1, 2], [3], [4, 1]]
 
 
+def test_a_request_that_finds_the_encoder_idle_is_encoded_at_once(monkeypatch):
+    import service.batching as batching
+
+    slept: list[float] = []
+    real_sleep = asyncio.sleep
+
+    async def recording_sleep(seconds, *args):
+        slept.append(seconds)
+        return await real_sleep(seconds, *args)
+
+    monkeypatch.setattr(batching.asyncio, "sleep", recording_sleep)
+    calls: list = []
+    run_batcher(MicroBatcher(recording_encoder(calls)), (["alone"], "query"))
+    assert calls == [("query", ["alone"])] and slept == []  # no wait for texts that may never come
+    assert ServiceSettings(index=Path("x")).batch_max_wait_ms == 0
+
+
+def test_texts_that_arrive_while_the_encoder_is_busy_form_the_next_batch():
+    import threading
+
+    release, calls = threading.Event(), []
+
+    def slow(texts: list[str], kind: str) -> np.ndarray:
+        calls.append(list(texts))
+        if len(calls) == 1:
+            release.wait(5)
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    async def main():
+        batcher = MicroBatcher(slow)
+        await batcher.start()
+        try:
+            first = asyncio.ensure_future(batcher.encode(["first"], "query"))
+            while not calls:
+                await asyncio.sleep(0.001)
+            later = [asyncio.ensure_future(batcher.encode([f"t{i}"], "query")) for i in range(5)]
+            await asyncio.sleep(0.01)
+            release.set()
+            await asyncio.gather(first, *later)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    assert calls == [["first"], ["t0", "t1", "t2", "t3", "t4"]]
+
+
 def test_queries_and_documents_are_encoded_separately():
     calls: list = []
     results = run_batcher(MicroBatcher(recording_encoder(calls)), (["q1", "q2"], "query"), (["doc"], "document"))
