@@ -27,7 +27,8 @@ from service.errors import NotReady
 logger = logging.getLogger(__name__)
 
 TextKind = Literal["query", "document"]
-EncodeFn = Callable[[list[str], TextKind], np.ndarray]
+# Vectors, one row per text; or (vectors, token counts per text) from an encoder that counts as it tokenizes.
+EncodeFn = Callable[[list[str], TextKind], "np.ndarray | tuple[np.ndarray, list[int]]"]
 BatchObserver = Callable[[int, float], None]
 T = TypeVar("T")
 
@@ -105,6 +106,15 @@ class MicroBatcher:
         Raises:
             NotReady: If the batcher is not running (not started, stopped, or its worker ended).
         """
+        vectors, _ = await self.encode_counted(texts, kind)
+        return vectors
+
+    async def encode_counted(self, texts: list[str], kind: TextKind) -> tuple[np.ndarray, int | None]:
+        """Like :meth:`encode`, with the number of tokens the encoder made of ``texts`` (None if it does not say).
+
+        Raises:
+            NotReady: If the batcher is not running (not started, stopped, or its worker ended).
+        """
         if self._queue is None or not self.alive:
             raise NotReady("the encoder is not running; the server log says why")
         loop = asyncio.get_running_loop()
@@ -112,8 +122,9 @@ class MicroBatcher:
         jobs = [_Job(text, kind, loop.create_future(), request) for text in texts]
         for job in jobs:
             self._queue.put_nowait(job)
-        rows = await asyncio.gather(*(job.future for job in jobs))
-        return np.stack(rows)
+        results = await asyncio.gather(*(job.future for job in jobs))
+        counts = [count for _, count in results]
+        return np.stack([row for row, _ in results]), None if None in counts else sum(counts)
 
     async def run_on_encoder_thread(self, function: Callable[..., T], *args: object) -> T:
         """``function(*args)`` on the encoder's own thread, between batches.
@@ -163,17 +174,21 @@ class MicroBatcher:
                 for request in requests:
                     await self._encode_jobs([job for job in jobs if job.request == request], kind)
             return
+        vectors, counts = vectors
         self._observe(len(jobs), time.perf_counter() - started)
-        for job, row in zip(jobs, vectors, strict=True):
+        for job, row, count in zip(jobs, vectors, counts, strict=True):
             if not job.future.done():  # the request may have been cancelled meanwhile
-                job.future.set_result(row)
+                job.future.set_result((row, count))
 
-    async def _encode_checked(self, jobs: list[_Job], kind: TextKind) -> np.ndarray:
+    async def _encode_checked(self, jobs: list[_Job], kind: TextKind) -> tuple[np.ndarray, list[int | None]]:
         loop = asyncio.get_running_loop()
-        vectors = await loop.run_in_executor(self._executor, self._encode, [job.text for job in jobs], kind)
+        result = await loop.run_in_executor(self._executor, self._encode, [job.text for job in jobs], kind)
+        vectors, counts = result if isinstance(result, tuple) else (result, [None] * len(jobs))
         if len(vectors) != len(jobs):
             raise EncoderFault(f"the encoder returned {len(vectors)} rows for {len(jobs)} texts")
-        return vectors
+        if len(counts) != len(jobs):
+            raise EncoderFault(f"the encoder returned {len(counts)} token counts for {len(jobs)} texts")
+        return vectors, counts
 
     def _observe(self, size: int, seconds: float) -> None:
         if self._on_batch is None:

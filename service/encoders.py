@@ -18,6 +18,7 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -66,13 +67,50 @@ class LoadedEncoder:
 
 
 class ServingEncoder(SentenceTransformerEncoder):
-    """A sentence-transformers encoder for serving: no progress bars, and token counts for ``usage``."""
+    """A sentence-transformers encoder for serving: no progress bars, and token counts for ``usage``.
+
+    The counts come from the tokenization that encoding does anyway: the model's ``preprocess`` is
+    wrapped to note how many tokens each text became (its prompt's tokens included), and after each encode call
+    :attr:`last_token_counts` holds one count per text, in order, or ``None`` where they cannot
+    be matched to the texts (then :meth:`count_tokens` tokenizes them a second time). Use it from
+    one thread (the service's encoder thread), right after the call.
+    """
 
     def __init__(self, model: SentenceTransformer, name: str, batch_size: int) -> None:
         super().__init__(model, name, batch_size=batch_size, progress=False)
+        self.last_token_counts: list[int] | None = None
+        self._seen: dict[str, int] | None = None
+        preprocess = model.preprocess  # what sentence-transformers' encode tokenizes each batch with
+
+        def counting_preprocess(inputs, *args, **kwargs):
+            features = preprocess(inputs, *args, **kwargs)
+            mask = features.get("attention_mask") if isinstance(features, Mapping) else None  # a BatchEncoding
+            if self._seen is not None and mask is not None and isinstance(inputs, list) and len(inputs) == len(mask):
+                counts = (int(n) for n in mask.sum(dim=1).tolist())
+                self._seen.update((text, n) for text, n in zip(inputs, counts, strict=True) if isinstance(text, str))
+            return features
+
+        model.preprocess = counting_preprocess
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        return self._counted(super().encode_queries, texts, "query")
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray:
+        return self._counted(super().encode_documents, texts, "document")
+
+    def _counted(self, encode, texts: list[str], prompt_name: str) -> np.ndarray:
+        self._seen, self.last_token_counts = {}, None
+        try:
+            vectors = encode(texts)
+            prompt = self.model.prompts.get(prompt_name, "")  # older versions tokenize the prompted text
+            counts = [self._seen.get(text, self._seen.get(prompt + text)) for text in texts]
+            self.last_token_counts = None if None in counts else counts
+            return vectors
+        finally:
+            self._seen = None
 
     def count_tokens(self, texts: list[str]) -> int:
-        """Tokens the model sees for ``texts`` (special tokens included, after truncation)."""
+        """Tokens the model sees for ``texts`` (special tokens included, after truncation), by a second pass."""
         tokenizer = self.model.tokenizer
         encoded = tokenizer(texts, truncation=True, max_length=self.model.max_seq_length, add_special_tokens=True)
         return sum(len(ids) for ids in encoded["input_ids"])

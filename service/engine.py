@@ -302,16 +302,20 @@ class Searcher:
         if dim not in allowed:
             raise UnknownDimension(dim, allowed, what="dimensions")
         started = time.perf_counter()
-        vectors = await self._batcher.encode(list(texts), kind)
+        vectors, tokens = await self._batcher.encode_counted(list(texts), kind)
         self.metrics.encode_seconds.labels(dim=str(dim)).observe(time.perf_counter() - started)
-        # On the encoder's thread: a fast tokenizer used from two threads at once can pad one call with the
-        # other's settings ("Unable to create tensor ... activate truncation and/or padding").
-        tokens = await self._batcher.run_on_encoder_thread(self.encoder.encoder.count_tokens, list(texts))
+        if tokens is None:  # an encoder that does not count as it tokenizes: a second pass
+            # On the encoder's thread: a fast tokenizer used from two threads at once can pad one call with the
+            # other's settings ("Unable to create tensor ... activate truncation and/or padding").
+            tokens = await self._batcher.run_on_encoder_thread(self.encoder.encoder.count_tokens, list(texts))
         return EmbeddingResult(truncate_normalize(vectors, dim), dim, self.model_name, tokens)
 
-    def _encode_batch(self, texts: list[str], kind: TextKind) -> np.ndarray:
+    def _encode_batch(self, texts: list[str], kind: TextKind) -> np.ndarray | tuple[np.ndarray, list[int]]:
+        """Vectors of ``texts``, with their token counts when the encoder noted them while tokenizing."""
         encoder = self.encoder.encoder
-        return encoder.encode_queries(texts) if kind == "query" else encoder.encode_documents(texts)
+        vectors = encoder.encode_queries(texts) if kind == "query" else encoder.encode_documents(texts)
+        counts = getattr(encoder, "last_token_counts", None)
+        return (vectors, counts) if counts is not None and len(counts) == len(texts) else vectors
 
     # --- reload -------------------------------------------------------------------------
     async def reload(self) -> ReloadOutcome:

@@ -136,6 +136,27 @@ def test_two_stage_without_dim_shortlists_at_the_smallest_dim(client):
 # --- embeddings ---------------------------------------------------------------------------
 
 
+class CountingKeywordEncoder(ServiceKeywordEncoder):
+    """Notes token counts while encoding (as the real ServingEncoder does); a second pass would fail."""
+
+    def _encode(self, texts: list[str]) -> np.ndarray:
+        self.last_token_counts = [100 + len(text) for text in texts]
+        return super()._encode(texts)
+
+    encode_queries = _encode
+    encode_documents = _encode
+
+    def count_tokens(self, texts: list[str]) -> int:
+        raise AssertionError("texts were tokenized a second time")
+
+
+def test_embedding_usage_comes_from_the_encoding_not_a_second_tokenization(keyword_index: Path):
+    with serve(keyword_index, encoder=CountingKeywordEncoder()) as client:
+        response = client.post("/v1/embeddings", json={"input": ["fever", "cough rash"]})
+        assert response.status_code == 200, response.text
+        assert response.json()["usage"] == {"prompt_tokens": 105 + 110, "total_tokens": 215}
+
+
 def test_embeddings_full_and_truncated_are_unit_length(client):
     response = client.post("/v1/embeddings", json={"input": "fever cough rash pain sleep", "model": "any"})
     assert response.status_code == 200

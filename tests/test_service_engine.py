@@ -144,6 +144,42 @@ def test_texts_that_arrive_while_the_encoder_is_busy_form_the_next_batch():
     assert calls == [["first"], ["t0", "t1", "t2", "t3", "t4"]]
 
 
+def test_token_counts_noted_while_encoding_reach_each_request_of_a_shared_batch():
+    def counting(texts: list[str], kind: str):
+        return np.ones((len(texts), 2), dtype=np.float32), [len(text) for text in texts]
+
+    async def main():
+        batcher = MicroBatcher(counting)
+        await batcher.start()
+        try:
+            return await asyncio.gather(
+                batcher.encode_counted(["ab", "cde"], "query"), batcher.encode_counted(["f"], "query")
+            )
+        finally:
+            await batcher.stop()
+
+    (first, first_tokens), (second, second_tokens) = asyncio.run(main())
+    assert (first.shape, first_tokens, second.shape, second_tokens) == ((2, 2), 5, (1, 2), 1)
+    plain = run_batcher(MicroBatcher(recording_encoder([])), (["x"], "query"))  # an encoder that does not count
+    assert plain[0].shape == (1, 2)
+
+
+def test_an_encoder_that_miscounts_fails_its_request():
+    def wrong(texts: list[str], kind: str):
+        return np.ones((len(texts), 2), dtype=np.float32), [1]
+
+    async def main():
+        batcher = MicroBatcher(wrong)
+        await batcher.start()
+        try:
+            return await batcher.encode(["a", "b"], "query")
+        finally:
+            await batcher.stop()
+
+    with pytest.raises(EncoderFault, match="2 texts"):
+        asyncio.run(main())
+
+
 def test_queries_and_documents_are_encoded_separately():
     calls: list = []
     results = run_batcher(MicroBatcher(recording_encoder(calls)), (["q1", "q2"], "query"), (["doc"], "document"))

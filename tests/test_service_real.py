@@ -188,3 +188,20 @@ def wait_for_ready(base: str, server: subprocess.Popen, log: Path, timeout: floa
 def test_sample_queries_file_is_what_the_judged_list_assumes():
     lines = [json.loads(line) for line in (SAMPLE / "queries.jsonl").read_text().splitlines() if line.strip()]
     assert JUDGED[0][0] in {q["text"] for q in lines}
+
+
+def test_the_serving_encoder_counts_the_tokens_it_encodes_in_one_pass():
+    """``usage`` comes from the encoding's own tokenization: the counts equal a second pass's, truncation included."""
+    from core.models import SentenceTransformerEncoder, load_model
+    from service.encoders import ServingEncoder
+
+    model = load_model(None)
+    encoder = ServingEncoder(model, "default", batch_size=2)
+    texts = ["gout", "sudden painful swollen big toe joint at night " * 3, "gout", "word " * 1000]
+    vectors = encoder.encode_documents(texts)
+    assert encoder.last_token_counts == [encoder.count_tokens([text]) for text in texts]
+    assert encoder.last_token_counts[3] == model.max_seq_length  # truncated, as the model saw it
+    encoder.encode_queries(["asthma"])
+    assert encoder.last_token_counts == [encoder.count_tokens(["asthma"])]
+    plain = SentenceTransformerEncoder(load_model(None), "default", batch_size=2, progress=False)
+    np.testing.assert_allclose(vectors, plain.encode_documents(texts), atol=1e-5)  # the wrapper changes nothing
