@@ -6,6 +6,12 @@ encoded the next one fills up, so under load batches grow by themselves (continu
 batching, as text-embeddings-inference does) and the event loop never blocks. By default
 nothing waits for more texts to arrive: a request that finds the encoder idle is encoded at
 once. An optional wait (``max_wait_s``) trades that latency for larger batches.
+
+Scheduling is fair, so that no request waits behind another's many long texts: queries go
+before documents; a batch takes one text from each waiting request in turn (round robin),
+so a one-query search gets into the very next batch however many texts an embedding request
+queued before it; and a batch stops at ``max_batch`` texts or at ``max_tokens`` estimated
+tokens, so that one encoder call, which a query may have to wait for, stays short.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ import contextlib
 import itertools
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -30,6 +37,7 @@ TextKind = Literal["query", "document"]
 # Vectors, one row per text; or (vectors, token counts per text) from an encoder that counts as it tokenizes.
 EncodeFn = Callable[[list[str], TextKind], "np.ndarray | tuple[np.ndarray, list[int]]"]
 BatchObserver = Callable[[int, float], None]
+TextCost = Callable[[str], int]  # estimated tokens of a text, for the per-batch token budget
 T = TypeVar("T")
 
 
@@ -61,12 +69,19 @@ class MicroBatcher:
         max_batch: int = 32,
         max_wait_s: float = 0.0,
         on_batch: BatchObserver | None = None,
+        max_tokens: int | None = None,
+        cost: TextCost | None = None,
     ) -> None:
         self._encode = encode
         self._max_batch = max_batch
         self._max_wait_s = max_wait_s
         self._on_batch = on_batch
-        self._queue: asyncio.Queue[_Job] | None = None
+        self._max_tokens = max_tokens
+        self._cost = cost or (lambda text: 1)
+        # Waiting texts by request, in arrival order, one queue per kind (queries go first).
+        self._waiting: dict[TextKind, dict[int, deque[_Job]]] = {"query": {}, "document": {}}
+        self._count = 0
+        self._arrived: asyncio.Event | None = None
         self._worker: asyncio.Task | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._requests = itertools.count()
@@ -74,7 +89,7 @@ class MicroBatcher:
     @property
     def pending(self) -> int:
         """Texts waiting for the encoder (not counting the batch being encoded)."""
-        return self._queue.qsize() if self._queue is not None else 0
+        return self._count
 
     @property
     def alive(self) -> bool:
@@ -83,7 +98,7 @@ class MicroBatcher:
 
     async def start(self) -> None:
         """Start the worker task on the running event loop."""
-        self._queue = asyncio.Queue()
+        self._arrived = asyncio.Event()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mrl-encode")
         self._worker = asyncio.create_task(self._run(), name="mrl-micro-batcher")
         self._worker.add_done_callback(self._worker_ended)
@@ -115,13 +130,14 @@ class MicroBatcher:
         Raises:
             NotReady: If the batcher is not running (not started, stopped, or its worker ended).
         """
-        if self._queue is None or not self.alive:
+        if self._arrived is None or not self.alive:
             raise NotReady("the encoder is not running; the server log says why")
         loop = asyncio.get_running_loop()
         request = next(self._requests)
         jobs = [_Job(text, kind, loop.create_future(), request) for text in texts]
-        for job in jobs:
-            self._queue.put_nowait(job)
+        self._waiting[kind][request] = deque(jobs)
+        self._count += len(jobs)
+        self._arrived.set()
         results = await asyncio.gather(*(job.future for job in jobs))
         counts = [count for _, count in results]
         return np.stack([row for row, _ in results]), None if None in counts else sum(counts)
@@ -137,28 +153,44 @@ class MicroBatcher:
         return await asyncio.get_running_loop().run_in_executor(self._executor, function, *args)
 
     async def _run(self) -> None:
-        assert self._queue is not None
+        assert self._arrived is not None
         while True:
-            batch = [await self._queue.get()]
+            while not self._count:
+                self._arrived.clear()
+                await self._arrived.wait()
+            batch: list[_Job] = []
             try:
-                self._drain(batch)
-                if len(batch) < self._max_batch and self._max_wait_s > 0:
+                if self._max_wait_s > 0 and self._count < self._max_batch:
                     await asyncio.sleep(self._max_wait_s)
-                    self._drain(batch)
-                for kind in ("query", "document"):
-                    jobs = [job for job in batch if job.kind == kind and not job.future.done()]
-                    if jobs:
-                        await self._encode_jobs(jobs, kind)
+                batch = self._next_batch()
+                jobs = [job for job in batch if not job.future.done()]  # not those of cancelled requests
+                if jobs:
+                    await self._encode_jobs(jobs, jobs[0].kind)
             except Exception as exc:  # a bug of ours: this batch fails, the worker goes on
                 logger.exception("the micro-batcher failed a batch of %d texts", len(batch))
                 self._fail(batch, exc)
             finally:  # on cancellation (shutdown), nobody is left waiting forever
                 self._fail(batch, NotReady("the service is shutting down"))
 
-    def _drain(self, batch: list[_Job]) -> None:
-        assert self._queue is not None
-        while len(batch) < self._max_batch and not self._queue.empty():
-            batch.append(self._queue.get_nowait())
+    def _next_batch(self) -> list[_Job]:
+        """Texts of one kind (queries first), one from each waiting request in turn, within the limits."""
+        kind: TextKind = "query" if self._waiting["query"] else "document"
+        waiting = self._waiting[kind]
+        batch: list[_Job] = []
+        tokens = 0
+        while waiting and len(batch) < self._max_batch:
+            request = next(iter(waiting))  # the request whose turn it is
+            jobs = waiting[request]
+            cost = self._cost(jobs[0].text)
+            if batch and self._max_tokens is not None and tokens + cost > self._max_tokens:
+                break  # over budget: its turn comes first in the next batch
+            batch.append(jobs.popleft())
+            tokens += cost
+            self._count -= 1
+            del waiting[request]
+            if jobs:
+                waiting[request] = jobs  # to the back of the line
+        return batch
 
     async def _encode_jobs(self, jobs: list[_Job], kind: TextKind) -> None:
         started = time.perf_counter()
@@ -205,8 +237,11 @@ class MicroBatcher:
         self._fail_queued(NotReady("the encoder stopped; the server log says why"))
 
     def _fail_queued(self, exc: BaseException) -> None:
-        while self._queue is not None and not self._queue.empty():
-            self._fail([self._queue.get_nowait()], exc)
+        for waiting in self._waiting.values():
+            while waiting:
+                _, jobs = waiting.popitem()
+                self._count -= len(jobs)
+                self._fail(list(jobs), exc)
 
     @staticmethod
     def _fail(jobs: list[_Job], exc: BaseException) -> None:

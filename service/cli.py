@@ -30,6 +30,7 @@ SETTING_FLAGS = (
     "max_in_flight",
     "batch_max_size",
     "batch_max_wait_ms",
+    "batch_max_tokens",
     "snippet_chars",
     "load_in_background",
     "log_level",
@@ -82,6 +83,9 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-in-flight", type=int, default=None, help="requests in flight before 429 (default: 256)")
     p.add_argument("--batch-max-size", type=int, default=None, help="texts per encoder micro-batch (default: 32)")
     p.add_argument("--batch-max-wait-ms", type=float, default=None, help="micro-batch wait in ms (default: 0, none)")
+    p.add_argument(
+        "--batch-max-tokens", type=int, default=None, help="estimated tokens per encoder call (default: 2048)"
+    )
     p.add_argument("--snippet-chars", type=int, default=None, help="cut hit texts to this length; 0: whole")
     p.add_argument(
         "--load-in-background", action="store_true", default=None, help="listen at once; readyz 503 until loaded"

@@ -50,6 +50,8 @@ logger = logging.getLogger(__name__)
 
 EncoderLoader = Callable[[ServiceSettings, IndexManifest], LoadedEncoder]
 WARM_UP_QUERY = "warm-up query"
+CHARS_PER_TOKEN = 4  # about, for English with WordPiece or SentencePiece; texts are cut at the model's limit
+DEFAULT_MAX_TOKENS = 512
 ENGINE_DOWN = "the index engine did not answer; retry later (the server log has the details)"
 
 
@@ -81,11 +83,14 @@ class Searcher:
         self._reload_lock = asyncio.Lock()
         self._search_lock = threading.Lock()  # for indexes that are not thread-safe (GPU)
         self._lease_refresher: asyncio.Task | None = None
+        longest = index.manifest.model.max_seq_length or DEFAULT_MAX_TOKENS
         self._batcher = MicroBatcher(
             self._encode_batch,
             max_batch=settings.batch_max_size,
             max_wait_s=settings.batch_max_wait_ms / 1000,
             on_batch=metrics.observe_batch,
+            max_tokens=settings.batch_max_tokens,
+            cost=lambda text: min(len(text) // CHARS_PER_TOKEN + 2, longest),  # before tokenizing: an estimate
         )
         metrics.set_index(_index_sizes(index))
         metrics.queued_texts.set_function(lambda: self._batcher.pending)

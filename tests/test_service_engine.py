@@ -87,12 +87,12 @@ def run_batcher(batcher: MicroBatcher, *requests: tuple[list[str], str]) -> list
     return asyncio.run(main())
 
 
-def test_concurrent_requests_share_batches_up_to_the_maximum():
+def test_concurrent_requests_share_batches_up_to_the_maximum_one_text_of_each_in_turn():
     calls: list = []
     sizes: list[int] = []
     batcher = MicroBatcher(recording_encoder(calls), max_batch=2, max_wait_s=0, on_batch=lambda n, s: sizes.append(n))
     results = run_batcher(batcher, (["a", "bb"], "query"), (["ccc"], "query"), (["dddd", "e"], "query"))
-    assert [texts for _, texts in calls] == [["a", "bb"], ["ccc", "dddd"], ["e"]]
+    assert [texts for _, texts in calls] == [["a", "ccc"], ["dddd", "bb"], ["e"]]  # round robin
     assert sizes == [2, 2, 1]
     # Every request gets its own rows back, in order.
     assert [r[:, 0].tolist() for r in results] == [[1, 2], [3], [4, 1]]
@@ -180,6 +180,41 @@ def test_an_encoder_that_miscounts_fails_its_request():
         asyncio.run(main())
 
 
+def test_a_query_is_not_kept_waiting_behind_a_large_embedding_request():
+    """The search's query goes into the next encoder call; that call and the documents' calls stay within budget."""
+    import threading
+
+    release, calls = threading.Event(), []
+
+    def encode(texts: list[str], kind: str) -> np.ndarray:
+        calls.append((kind, list(texts)))
+        if len(calls) == 1:
+            release.wait(5)
+        return np.ones((len(texts), 2), dtype=np.float32)
+
+    async def main():
+        batcher = MicroBatcher(encode, max_batch=32, max_tokens=1000, cost=lambda text: min(len(text) // 4, 256))
+        await batcher.start()
+        try:
+            long = {name: [f"{name}{i} " + "x" * 2000 for i in range(64)] for name in "ab"}  # 256 tokens each
+            big = [asyncio.ensure_future(batcher.encode(texts, "document")) for texts in long.values()]
+            while not calls:
+                await asyncio.sleep(0.001)
+            query = asyncio.ensure_future(batcher.encode(["gout"], "query"))
+            await asyncio.sleep(0.01)
+            release.set()
+            await asyncio.gather(query, *big)
+        finally:
+            await batcher.stop()
+
+    asyncio.run(main())
+    assert calls[1] == ("query", ["gout"])  # right after the call that was running when it arrived
+    documents = [texts for kind, texts in calls if kind == "document"]
+    assert max(len(texts) for texts in documents) == 3  # 3 × 256 tokens ≤ 1000 < 4 × 256
+    assert sum(len(texts) for texts in documents) == 128
+    assert all({text[0] for text in texts} == {"a", "b"} for texts in documents[:-1])  # both requests in turn
+
+
 def test_queries_and_documents_are_encoded_separately():
     calls: list = []
     results = run_batcher(MicroBatcher(recording_encoder(calls)), (["q1", "q2"], "query"), (["doc"], "document"))
@@ -215,7 +250,7 @@ def test_an_encoder_failure_fails_only_its_own_request_and_the_batcher_goes_on()
         return np.ones((len(texts), 2), dtype=np.float32)
 
     outcomes, after, alive = run_requests(encode, [["fine", "also fine"], ["bad"], ["fine too"]])
-    assert calls[0] == ["fine", "also fine", "bad", "fine too"]  # one batch at first
+    assert calls[0] == ["fine", "bad", "fine too", "also fine"]  # one batch at first (one text per request in turn)
     assert outcomes[0].shape == (2, 2) and outcomes[2].shape == (1, 2)  # the neighbours are answered
     assert isinstance(outcomes[1], RuntimeError)
     assert after.shape == (1, 2) and alive
