@@ -6,6 +6,7 @@ import argparse
 
 from benchmarks.backends import add_backends_parser
 from benchmarks.encoders import add_encoders_parser
+from benchmarks.fairness import add_fairness_parser
 from benchmarks.latency import add_latency_parser
 from benchmarks.peers import add_peers_parser
 from benchmarks.quality import add_quality_parser
@@ -21,6 +22,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     actions = bench.add_subparsers(dest="action", required=True, metavar="BENCHMARK")
     add_quality_parser(actions)
     add_latency_parser(actions)
+    add_fairness_parser(actions)
     add_two_stage_parser(actions)
     add_encoders_parser(actions)
     add_scaling_parser(actions)

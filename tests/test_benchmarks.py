@@ -149,3 +149,28 @@ def test_summary_counts_failures_apart_from_latencies():
     assert result.p50_ms == pytest.approx(20.0) and result.p99_ms <= 30.0 and result.throughput_rps == 4.0
     assert result.server_ms["encode_ms"] == 5.0 and result.server_ms["search_ms"] == 0.5
     assert plan_cells([384, 64], [1, 16], rerank_dim=384)[-2:] == [Cell(64, 1, 384), Cell(64, 16, 384)]
+
+
+def test_fairness_against_a_real_server(sample_index: Path, tmp_path: Path, capsys):
+    """`mrl bench fairness`: large embedding requests alone, then with searches meanwhile; figures from the run."""
+    assert bench("fairness", "--index", str(sample_index), "--large", "2", "--texts", "8", "--chars", "300",
+                 "--out", str(tmp_path)) == 0  # fmt: skip
+    report = json.loads((tmp_path / "fairness.json").read_text())
+    assert len(report["large_alone_s"]) == len(report["large_with_searches_s"]) == 2
+    assert all(seconds > 0 for seconds in report["large_alone_s"] + report["large_with_searches_s"])
+    assert report["large_growth"] == round(max(report["large_with_searches_s"]) / max(report["large_alone_s"]) - 1, 4)
+    if report["searches"]:
+        assert 0 < report["search_p50_ms"] <= report["search_p95_ms"] <= report["search_max_ms"]
+    printed = capsys.readouterr().out
+    assert "| 2 × 8 × 300 chars |" in printed and (tmp_path / "fairness.md").read_text() in printed
+
+
+def test_fairness_texts_are_distinct_and_exactly_as_long_as_asked():
+    from benchmarks.fairness import FairnessConfig, large_texts
+
+    texts = large_texts(3, FairnessConfig(index=Path("x"), texts=5, chars=1990))
+    assert len(set(texts)) == 5 and {len(text) for text in texts} == {1990}
+    from core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="--texts must be positive"):
+        bench("fairness", "--index", "x", "--texts", "0")
