@@ -29,10 +29,10 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -70,6 +70,7 @@ RECONNECT_OPTIONS = {
     "grpc.min_reconnect_backoff_ms": 500,
     "grpc.max_reconnect_backoff_ms": 2000,
 }
+T = TypeVar("T")
 # Where credentials come from (never from the command line alone: flags show in `ps`).
 CREDENTIAL_VARIABLES = {"token": "MRL_MILVUS_TOKEN", "user": "MRL_MILVUS_USER", "password": "MRL_MILVUS_PASSWORD"}
 
@@ -98,6 +99,20 @@ def engine_errors(uri: str, what: str) -> Iterator[None]:
         if isinstance(exc, grpc.RpcError):
             raise EngineUnavailable(f"Milvus at {uri}: {what} failed ({_first_line(exc)})") from None
         raise
+
+
+def reloading(client, collection: str, timeout: float | None, call: Callable[[], T]) -> T:
+    """``call()``; if Milvus says ``collection`` is not loaded (a restarted server that has not loaded it
+    again yet, or Milvus Lite reopened), load it and call once more."""
+    from pymilvus.exceptions import MilvusException
+
+    try:
+        return call()
+    except MilvusException as exc:
+        if "not loaded" not in str(exc) and "released" not in str(exc):
+            raise
+        client.load_collection(collection, timeout=timeout)
+        return call()
 
 
 def _quiet_client_logs() -> None:
@@ -265,14 +280,19 @@ class MilvusIndex:
             if self._client is None:
                 raise EngineUnavailable(f"Milvus collection {self.collection!r}: searched after close()")
             with engine_errors(self.uri, f"searching {self.collection!r}"):
-                results = self._client.search(
+                results = reloading(
+                    self._client,
                     self.collection,
-                    data=list(batch),
-                    limit=k,
-                    search_params=search_params,
-                    anns_field=VECTOR_FIELD,
-                    consistency_level=SEARCH_CONSISTENCY,
-                    timeout=self.timeout,
+                    self.timeout,
+                    lambda batch=batch: self._client.search(
+                        self.collection,
+                        data=list(batch),
+                        limit=k,
+                        search_params=search_params,
+                        anns_field=VECTOR_FIELD,
+                        consistency_level=SEARCH_CONSISTENCY,
+                        timeout=self.timeout,
+                    ),
                 )
             for offset, hits in enumerate(results):
                 found = min(len(hits.ids), k)

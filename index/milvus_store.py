@@ -61,6 +61,7 @@ from index.milvus import (
     check_collection_name,
     engine_errors,
     milvus_layout,
+    reloading,
 )
 from index.params import IndexPlan
 
@@ -555,13 +556,19 @@ class MilvusDocuments:
         if self._closed:
             raise IndexFolderError(f"{self.collection}: the document store is closed")
         backend = self.store.backend
+        client = self.store._client
         with engine_errors(backend.uri, f"{what} in {self.collection!r}"):
-            return self.store._client.query(
+            return reloading(
+                client,
                 self.collection,
-                filter=expression,
-                output_fields=fields,
-                consistency_level=SEARCH_CONSISTENCY,
-                timeout=backend.timeout,
+                backend.timeout,
+                lambda: client.query(
+                    self.collection,
+                    filter=expression,
+                    output_fields=fields,
+                    consistency_level=SEARCH_CONSISTENCY,
+                    timeout=backend.timeout,
+                ),
             )
 
     def get(self, rows: Sequence[int]) -> list[Document | None]:

@@ -223,3 +223,42 @@ def test_a_milvus_backend_is_one_registered_name(monkeypatch, tmp_path: Path):
     assert "secret" not in repr(milvus)
     with pytest.raises(ConfigError, match="not valid in Milvus"):
         MilvusBackend(tmp_path / "m.db", collection_prefix="9-bad")
+
+
+def test_the_client_reconnects_every_few_seconds_not_on_grpcs_default_backoff(monkeypatch):
+    """gRPC's default reconnect backoff grows to 2 minutes: replicas stayed at 503 for 28 s after Milvus was back."""
+    import pymilvus
+
+    seen = {}
+
+    class Recording:
+        def __init__(self, **kwargs):
+            seen.update(kwargs)
+
+    monkeypatch.setattr(pymilvus, "MilvusClient", Recording)
+    assert isinstance(MilvusBackend("http://127.0.0.1:1", timeout=1).client, Recording)
+    options = seen["grpc_options"]
+    assert options["grpc.max_reconnect_backoff_ms"] <= 2000 and options["grpc.initial_reconnect_backoff_ms"] <= 1000
+
+
+def test_a_collection_that_is_not_loaded_is_loaded_and_searched_again():
+    """A restarted Milvus (or a reopened Milvus Lite file) may not have loaded a collection yet."""
+    from pymilvus.exceptions import MilvusException
+
+    from index.milvus import reloading
+
+    calls, loaded = [], []
+
+    class Client:
+        def load_collection(self, name, timeout=None):
+            loaded.append(name)
+
+    def search():
+        calls.append(1)
+        if len(calls) == 1:
+            raise MilvusException(message="failed to search: collection not loaded[collection=1]")
+        return "hits"
+
+    assert reloading(Client(), "c", 2.0, search) == "hits" and loaded == ["c"] and len(calls) == 2
+    with pytest.raises(MilvusException, match="other"):
+        reloading(Client(), "c", 2.0, lambda: (_ for _ in ()).throw(MilvusException(message="other")))
