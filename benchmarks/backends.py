@@ -32,7 +32,7 @@ import re
 import secrets
 import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from importlib import metadata
@@ -46,18 +46,15 @@ from benchmarks.args import DEFAULT_OUT, add_server_limits, int_list_argument
 from benchmarks.latency import (
     LOOPBACK,
     Cell,
-    CellResult,
     LatencyConfig,
     ServerError,
     free_port,
+    measure_cells,
     read_query_texts,
     running_process,
-    search_params,
     server_command,
     server_environment,
     server_info,
-    time_cell,
-    time_cells,
 )
 from core.cli_args import config_fields, dims_argument
 from core.data import DataError, Document
@@ -65,7 +62,7 @@ from core.errors import ConfigError
 from core.files import json_fields
 from core.matryoshka import truncate_normalize, validate_dims
 from core.metrics import exact_top_k, neighbour_recall
-from core.models import DEFAULT_MODEL, SentenceTransformerEncoder, load_model, model_dims, model_fingerprint
+from core.models import SentenceTransformerEncoder, load_model, model_dims, model_fingerprint
 from index.build import (
     PROBE_QUERIES,
     FolderWriter,
@@ -73,6 +70,7 @@ from index.build import (
     build_dim_indexes,
     encode_documents,
     library_versions,
+    model_info,
     read_documents,
 )
 from index.layout import new_version_name
@@ -338,18 +336,6 @@ def serve(config: BackendsConfig, index: str, log: Path, milvus_uri: str | None 
         yield base
 
 
-async def measure_cells(
-    base: str, label: str, cells: list[Cell], queries: list[str], config: BackendsConfig, deadline: float
-) -> list[CellResult]:
-    """Every cell in turn against one server, with the latency benchmark's load generator."""
-
-    def measure(cell: Cell) -> Awaitable[CellResult]:
-        params_from = lambda offset: search_params(cell, queries, config.k, offset)  # noqa: E731
-        return time_cell(base, label, cell, params_from, config, deadline)
-
-    return await time_cells(label, cells, measure)
-
-
 def measure_server(
     base: str,
     corpus: Corpus,
@@ -594,22 +580,8 @@ def encode_corpora(
         corpora.append(
             Corpus(SYNTHETIC, "synthetic", f"seed {config.seed}", placeholder_documents(len(synthetic)), synthetic)
         )
-    info = ModelInfo(
-        name=manifest_model_name(config.model),
-        fingerprint=fingerprint,
-        full_dim=encoder.dimension,
-        query_prompt=model.prompts.get("query", ""),
-        document_prompt=model.prompts.get("document", ""),
-        max_seq_length=model.max_seq_length,
-    )
+    info = model_info(model, config.model, fingerprint, encoder.dimension)
     return dims, info, query_vectors, corpora, encoded
-
-
-def manifest_model_name(model: str | None) -> str:
-    """How ``mrl index build`` names the model in a manifest: an absolute path for a local folder."""
-    if model is None:
-        return DEFAULT_MODEL
-    return str(Path(model).resolve()) if Path(model).is_dir() else model
 
 
 def _versions(packages: tuple[str, ...]) -> dict[str, str]:

@@ -370,14 +370,7 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
         files, checksums = writer.files()
         manifest = IndexManifest(
             version=version,
-            model=ModelInfo(
-                name=_model_name(config.model),
-                fingerprint=fingerprint,
-                full_dim=encoder.dimension,
-                query_prompt=model.prompts.get("query", ""),
-                document_prompt=model.prompts.get("document", ""),
-                max_seq_length=model.max_seq_length,
-            ),
+            model=model_info(model, config.model, fingerprint, encoder.dimension),
             dims=dims,
             num_vectors=len(vectors),
             indexes=indexes,
@@ -405,6 +398,18 @@ def _milvus_store(config: BuildConfig):
     from index.milvus_store import MilvusIndexStore
 
     return MilvusIndexStore(MilvusBackend(config.milvus_uri, **credentials_from_env()), config.index_name)
+
+
+def model_info(model: SentenceTransformer, name: str | None, fingerprint: str, full_dim: int) -> ModelInfo:
+    """What a manifest records of the model that encoded the corpus (``name`` as the builder was given it)."""
+    return ModelInfo(
+        name=_model_name(name),
+        fingerprint=fingerprint,
+        full_dim=full_dim,
+        query_prompt=model.prompts.get("query", ""),
+        document_prompt=model.prompts.get("document", ""),
+        max_seq_length=model.max_seq_length,
+    )
 
 
 def _model_name(model: str | None) -> str:
