@@ -125,7 +125,7 @@ def open_encoder(settings: ServiceSettings, manifest: IndexManifest | None) -> L
         ModelError: The model cannot be loaded. EncoderError: ONNX Runtime cannot run it.
     """
     from core.models import DEFAULT_MODEL, load_model, model_fingerprint
-    from service.encoders import LoadedEncoder, ServingEncoder, attach_onnx_runtime, load_encoder
+    from service.encoders import LoadedEncoder, load_encoder, serving_encoder
 
     if manifest is not None:
         return load_encoder(settings, manifest)
@@ -135,10 +135,7 @@ def open_encoder(settings: ServiceSettings, manifest: IndexManifest | None) -> L
 
         torch.set_num_threads(settings.encoder_threads)
     fingerprint = model_fingerprint(model)
-    if settings.encoder == "onnx":
-        folder = settings.onnx_cache_dir() / fingerprint.removeprefix("sha256:")[:16]  # as load_encoder names it
-        attach_onnx_runtime(model, folder, settings.onnx_quantize, settings.device, settings.encoder_threads)
-    encoder = ServingEncoder(model, settings.model or DEFAULT_MODEL, batch_size=settings.batch_max_size)
+    encoder = serving_encoder(model, settings.model or DEFAULT_MODEL, fingerprint, settings)
     return LoadedEncoder(encoder, fingerprint, settings.encoder)
 
 

@@ -72,6 +72,7 @@ class LatencyConfig:
     encoder_threads: int | None = None
     onnx_cache: Path | None = None
     batch_max_wait_ms: float | None = None  # the server's micro-batch wait (default: the server's)
+    in_process: bool = True  # also time the same encoder in this process, one query per call (the overhead goal)
     time_limit_s: float = 900.0  # no request is sent after this; later cells are recorded as cut short
     ready_timeout_s: float = 300.0  # per server start (an ONNX export happens on first use)
     request_timeout_s: float = 30.0
@@ -344,6 +345,28 @@ async def timed_get(
         return Outcome(seconds, None, f"HTTP 200 without {expected}: {response.text[:ERROR_TEXT_CHARS]}")
 
 
+async def timed_post(
+    client: httpx.AsyncClient,
+    path: str,
+    body: dict[str, Any],
+    read: Callable[[httpx.Response], dict | None],
+    expected: str,
+) -> Outcome:
+    """One timed ``POST`` of the JSON ``body``, judged and read exactly as :func:`timed_get` judges a ``GET``."""
+    started = time.perf_counter()
+    try:
+        response = await client.post(path, json=body)
+    except httpx.HTTPError as exc:
+        return Outcome(time.perf_counter() - started, None, f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_CHARS])
+    seconds = time.perf_counter() - started
+    if response.status_code != 200:
+        return Outcome(seconds, None, f"HTTP {response.status_code}: {response.text[:ERROR_TEXT_CHARS]}")
+    try:
+        return Outcome(seconds, read(response))
+    except (ValueError, KeyError, IndexError, TypeError):
+        return Outcome(seconds, None, f"HTTP 200 without {expected}: {response.text[:ERROR_TEXT_CHARS]}")
+
+
 def _our_timings(response: httpx.Response) -> dict:
     return dict(response.json()["timings_ms"])
 
@@ -488,12 +511,16 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
     deadline = started + config.time_limit_s
     servers: dict[str, Any] = {}
     results: list[CellResult] = []
+    in_process: dict[str, dict[str, Any]] = {}
     for encoder in config.encoders:
         if time.monotonic() >= deadline:
             logger.warning("time limit reached; %s not measured", encoder)
             continue
+        if config.in_process:  # before its server starts: nothing else runs meanwhile
+            in_process[encoder] = in_process_timing(config, encoder, manifest, queries)
         with running_server(config, encoder, logs / f"latency-server-{encoder}.log") as base:
             servers[encoder] = {"url": base, **server_info(base, config.request_timeout_s)}
+            servers[encoder]["healthz_p50_ms"] = asyncio.run(http_floor(base, config))
             results += asyncio.run(measure_cells(base, encoder, cells, queries, config, deadline))
     report = {
         "benchmark": "latency",
@@ -502,11 +529,42 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
         "settings": _settings_dict(config, dims, len(queries)),
         "machine": machine_info(),
         "servers": servers,
+        "in_process": in_process,
         "results": [{**asdict(result), "cut_short": result.cut_short} for result in results],
     }
     if config.out is not None:
         write_latency_report(report, config.out)
     return report
+
+
+IN_PROCESS_TEXTS = 300  # query texts encoded one per call in this process (at most)
+FLOOR_REQUESTS = 200  # GET /healthz requests that time the HTTP round trip with no work behind it
+
+
+def in_process_timing(config: LatencyConfig, encoder: str, manifest: IndexManifest, queries: list[str]) -> dict:
+    """p50/p95 of one query per ``encode_queries`` call, the encoder loaded exactly as its server loads it."""
+    from benchmarks.encoders import EncodersConfig, measure_cell, open_encoder, service_settings
+
+    measured = EncodersConfig(config.queries, index=config.index, device=config.device, onnx_cache=config.onnx_cache)
+    settings = service_settings(measured, encoder, config.encoder_threads)
+    loaded = open_encoder(settings, manifest)
+    texts = queries[: min(IN_PROCESS_TEXTS, config.requests)]
+    result, _ = measure_cell(loaded.encoder, encoder, texts, batch_size=1, warmup=min(20, len(texts)))
+    logger.info("%s in this process: p50 %s ms per query", encoder, format_ms(result.p50_ms))
+    return {"texts": len(texts), "p50_ms": result.p50_ms, "p95_ms": result.p95_ms}
+
+
+async def http_floor(base: str, config: LatencyConfig) -> float | None:
+    """p50 of ``GET /healthz`` at one in flight: the client, HTTP and framework share of every request."""
+
+    async def send(client: httpx.AsyncClient, params: dict[str, Any]) -> Outcome:
+        return await timed_get(client, "/healthz", params, lambda response: None, "")
+
+    async with httpx.AsyncClient(base_url=base, timeout=config.request_timeout_s, trust_env=False) as client:
+        await drive(client, lambda number: {}, 20, 1, float("inf"), send)
+        outcomes = await drive(client, lambda number: {}, FLOOR_REQUESTS, 1, float("inf"), send)
+    ok = [outcome.seconds * 1000 for outcome in outcomes if outcome.error is None]
+    return _round(float(np.percentile(ok, 50))) if ok else None
 
 
 def _settings_dict(config: LatencyConfig, dims: list[int], num_queries: int) -> dict[str, Any]:
@@ -523,9 +581,13 @@ def latency_markdown(report: dict[str, Any]) -> str:
     """The report as a title, one paragraph of context and one table row per cell."""
     settings, machine = report["settings"], report["machine"]
     header = ["encoder", "dim", "rerank", "conc.", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "req/s"]
-    header += ["server encode ms", "server search ms", "server rerank ms", "server total ms"]
+    header += ["server encode ms", "server search ms", "server rerank ms", "server total ms", "p50 ÷ in-process"]
     lines = [markdown_row(header), markdown_row(["---", *["---:"] * (len(header) - 1)])]
+    in_process = report.get("in_process") or {}
     for row in report["results"]:
+        reference = (in_process.get(row["encoder"]) or {}).get("p50_ms")
+        single = reference and row["p50_ms"] and row["concurrency"] == 1
+        overhead = f"{row['p50_ms'] / reference:.2f}×" if single else "–"
         requests = f"{row['sent']} of {row['requested']}" if row["cut_short"] else str(row["sent"])
         server = row["server_ms"]
         lines.append(
@@ -543,8 +605,16 @@ def latency_markdown(report: dict[str, Any]) -> str:
                     format_ms(server["search_ms"]),
                     format_ms(server["rerank_ms"]) if row["rerank_dim"] else "–",
                     format_ms(server["total_ms"]),
+                    overhead,
                 ]
             )
+        )
+    for encoder, timing in in_process.items():
+        floor = (report["servers"].get(encoder) or {}).get("healthz_p50_ms")
+        lines.append("")
+        lines.append(
+            f"- {encoder}: in this process, one query per call, p50 {format_ms(timing['p50_ms'])} ms "
+            f"({timing['texts']} texts); the server's `GET /healthz` p50 {format_ms(floor)} ms (HTTP round trip)."
         )
     context = (
         f"Index `{settings['index']}`, {settings['num_query_texts']} query texts from `{settings['queries']}`, "
@@ -587,6 +657,12 @@ def add_latency_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--onnx-cache", type=Path, default=None, help="ONNX export folder (default: the server's)")
     p.add_argument(
         "--batch-max-wait-ms", type=float, default=None, help="server's micro-batch wait in ms (default: the server's)"
+    )
+    p.add_argument(
+        "--no-in-process",
+        dest="in_process",
+        action="store_false",
+        help="skip timing each encoder in the benchmark's own process (the p50 ÷ in-process column)",
     )
     add_server_limits(p, time_limit_s=900.0)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")

@@ -5,10 +5,14 @@ dimension with ``core.matryoshka.truncate_normalize``. The model's fingerprint i
 always taken from the torch weights, so an ONNX encoder is checked against the index
 manifest exactly like a torch one.
 
-The ONNX backend keeps sentence-transformers for everything around the network
-(prompts, tokenisation, length sorting, pooling) and runs only the transformer itself
-on ONNX Runtime. Its export is cached by model fingerprint: a changed model is
-re-exported, an unchanged one is loaded.
+The ONNX backend runs a whole query without torch or sentence-transformers when the model
+is a text transformer followed by mean or CLS pooling (and optionally ``Normalize``), as
+nearly every embedding model is: :class:`OnnxEncoder` tokenizes with the model's Rust
+tokenizer (one copy per thread), runs the graph with numpy arrays and pools in numpy. Any
+other module layout (a ``Dense`` head, say) keeps sentence-transformers around the network
+and runs only the transformer on ONNX Runtime. The graph is exported once (for int8: fused
+offline with ONNX Runtime's transformer optimizer, then quantised per channel) and cached by
+model fingerprint: a changed model is re-exported, an unchanged one is loaded.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import inspect
 import logging
 import os
 import tempfile
+import threading
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -25,7 +30,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from core.models import ModelError, SentenceTransformerEncoder, load_model, model_fingerprint
+from core.models import ModelError, SentenceTransformerEncoder, embedding_dimension, load_model, model_fingerprint
 from index.manifest import IndexManifest
 
 if TYPE_CHECKING:
@@ -37,7 +42,7 @@ logger = logging.getLogger(__name__)
 
 ONNX_OPSET = 17
 ONNX_FILE = "model.onnx"
-ONNX_INT8_FILE = "model_int8.onnx"
+ONNX_INT8_FILE = "model_int8_per_channel.onnx"
 
 
 class EncoderError(ModelError):
@@ -135,11 +140,26 @@ def load_encoder(settings: ServiceSettings, manifest: IndexManifest) -> LoadedEn
 
         torch.set_num_threads(settings.encoder_threads)
     fingerprint = model_fingerprint(model)
-    if settings.encoder == "onnx":
-        folder = settings.onnx_cache_dir() / fingerprint.removeprefix("sha256:")[:16]
-        attach_onnx_runtime(model, folder, settings.onnx_quantize, settings.device, settings.encoder_threads)
-    encoder = ServingEncoder(model, name, batch_size=settings.batch_max_size)
-    return LoadedEncoder(encoder, fingerprint, settings.encoder)
+    return LoadedEncoder(serving_encoder(model, name, fingerprint, settings), fingerprint, settings.encoder)
+
+
+def serving_encoder(model: SentenceTransformer, name: str, fingerprint: str, settings: ServiceSettings) -> QueryEncoder:
+    """The encoder ``settings`` ask for over a loaded ``model``: torch, or ONNX Runtime (exported once per model).
+
+    Raises:
+        EncoderError: If the ONNX backend cannot run the model.
+    """
+    if settings.encoder != "onnx":
+        return ServingEncoder(model, name, batch_size=settings.batch_max_size)
+    return onnx_encoder(
+        model,
+        name,
+        settings.onnx_cache_dir() / fingerprint.removeprefix("sha256:")[:16],
+        quantize=settings.onnx_quantize,
+        device=settings.device,
+        threads=settings.encoder_threads,
+        batch_size=settings.batch_max_size,
+    )
 
 
 def _torch_device(device: str) -> str | None:
@@ -172,25 +192,209 @@ def _onnx_network(session: Any, config: Any) -> Any:
     return OnnxNetwork()
 
 
-def attach_onnx_runtime(
-    model: SentenceTransformer, folder: Path, quantize: bool, device: str, threads: int | None
-) -> None:
-    """Replace ``model``'s transformer network by an ONNX Runtime session (exported once into ``folder``).
+# model types whose graphs ONNX Runtime's transformer optimizer fuses as BERT (attention, LayerNorm, GELU)
+BERT_LIKE = frozenset({"bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "mpnet"})
+ONNX_OPTIMIZED_FILE = "model_opt.onnx"
+ONNX_OPTIMIZED_INT8_FILE = "model_opt_int8_per_channel.onnx"
+
+
+def onnx_encoder(
+    model: SentenceTransformer,
+    name: str,
+    folder: Path,
+    *,
+    quantize: bool,
+    device: str,
+    threads: int | None,
+    batch_size: int,
+) -> QueryEncoder:
+    """An ONNX Runtime encoder for ``model``, its graph exported (and optimised) once into ``folder``.
+
+    Transformer + mean/CLS pooling (+ Normalize) gives the torch-free :class:`OnnxEncoder`; any other
+    layout keeps sentence-transformers around an ONNX network.
 
     Raises:
         EncoderError: For a model whose first module is not a text transformer, or a failed export.
     """
     module = model[0]
     config = _text_transformer_config(module)
-    path = folder / (ONNX_INT8_FILE if quantize else ONNX_FILE)
-    if not path.is_file():
-        export_onnx(model, folder / ONNX_FILE)
-        if quantize:
-            _quantize(folder / ONNX_FILE, path)
+    path = _onnx_graph(model, folder, config, quantize)
     session = _session(path, device, threads)
+    logger.info("ONNX Runtime encoder: %s (%s)", path, ", ".join(session.get_providers()))
+    pooling = _plain_pooling(model)
+    tokenizer = getattr(model.tokenizer, "backend_tokenizer", None)
+    if pooling is not None and tokenizer is not None:
+        return OnnxEncoder(
+            session,
+            tokenizer.to_str(),
+            name=name,
+            dimension=embedding_dimension(model),
+            prompts=dict(model.prompts),
+            max_seq_length=model.max_seq_length,
+            pooling=pooling,
+            pad_id=model.tokenizer.pad_token_id or 0,
+            batch_size=batch_size,
+        )
+    logger.info("ONNX Runtime runs the transformer only: sentence-transformers does the rest of this module layout")
     module.model = _onnx_network(session, config)
     model.to("cpu")
-    logger.info("ONNX Runtime encoder: %s (%s)", path, ", ".join(session.get_providers()))
+    return ServingEncoder(model, name, batch_size=batch_size)
+
+
+def _onnx_graph(model: SentenceTransformer, folder: Path, config: Any, quantize: bool) -> Path:
+    """The graph to run, made once: exported; for int8 also optimised (for a known architecture) and quantised.
+
+    ONNX Runtime's session fusions already optimise the float32 graph: the offline optimizer's graph
+    measured 4.25 against 4.32 ms per query and 2.53 against 1.99 ms per query in batches of 32 (MiniLM,
+    2 cores). Quantised after the offline fusions (int8 attention), one query took 3.07 ms, against 3.40.
+    """
+    exported = folder / ONNX_FILE
+    if not exported.is_file():
+        export_onnx(model, exported)
+    if not quantize:
+        return exported
+    optimizable = getattr(config, "model_type", None) in BERT_LIKE
+    path = folder / (ONNX_OPTIMIZED_INT8_FILE if optimizable else ONNX_INT8_FILE)
+    if path.is_file():
+        return path
+    optimized = folder / ONNX_OPTIMIZED_FILE
+    if optimizable and not optimized.is_file():
+        optimize_onnx(exported, optimized, config)
+    _quantize(optimized if optimizable else exported, path)
+    return path
+
+
+def optimize_onnx(source: Path, target: Path, config: Any) -> None:
+    """ONNX Runtime's offline transformer fusions (attention, skip-LayerNorm, bias-GELU) for a BERT-like graph.
+
+    Raises:
+        EncoderError: If the optimizer fails.
+    """
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fd, tmp = tempfile.mkstemp(prefix=".optimize-", suffix=".onnx", dir=target.parent)
+    os.close(fd)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            optimized = optimize_model(
+                str(source),
+                model_type="bert",
+                num_heads=int(config.num_attention_heads),
+                hidden_size=int(config.hidden_size),
+            )
+        optimized.save_model_to_file(tmp)
+        os.replace(tmp, target)
+    except Exception as exc:
+        raise EncoderError(f"cannot optimise the ONNX graph: {str(exc).strip().splitlines()[0]}") from exc
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    fused = optimized.get_fused_operator_statistics()
+    logger.info("optimised %s: %s", target, ", ".join(f"{op} {n}" for op, n in sorted(fused.items()) if n))
+
+
+def _plain_pooling(model: SentenceTransformer) -> str | None:
+    """``mean`` or ``cls`` for a Transformer → Pooling (→ Normalize) model that pools prompts too; else None."""
+    kinds = [type(module).__name__ for module in model]
+    if kinds not in (["Transformer", "Pooling"], ["Transformer", "Pooling", "Normalize"]):
+        return None
+    config = model[1].get_config_dict()
+    mode = config.get("pooling_mode")
+    mode = mode[0] if isinstance(mode, (list, tuple)) and len(mode) == 1 else mode
+    if mode not in ("mean", "cls") or not config.get("include_prompt", True):
+        return None
+    return mode
+
+
+class OnnxEncoder:
+    """Queries and documents through ONNX Runtime with numpy only: Rust tokenizer → graph → pooling.
+
+    It gives sentence-transformers' vectors (prompt prepended to the text, truncation to the token limit,
+    mean or CLS pooling) without torch in the call path. Each thread gets its own tokenizer. After each
+    encode call :attr:`last_token_counts` holds the token count of every text (prompt and special tokens
+    included), as :class:`ServingEncoder` does; use it from the thread that encoded.
+    """
+
+    def __init__(
+        self,
+        session: Any,
+        tokenizer_json: str,
+        *,
+        name: str,
+        dimension: int,
+        prompts: dict[str, str],
+        max_seq_length: int | None,
+        pooling: str,
+        pad_id: int,
+        batch_size: int,
+    ) -> None:
+        self.name = name
+        self.dimension = dimension
+        self.prompts = prompts
+        self.max_seq_length = max_seq_length
+        self.pooling = pooling
+        self.batch_size = max(1, batch_size)
+        self.last_token_counts: list[int] | None = None
+        self._session = session
+        self._inputs = {i.name for i in session.get_inputs()}
+        self._tokenizer_json = tokenizer_json
+        self._pad_id = pad_id
+        self._local = threading.local()
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        return self._encode(texts, self.prompts.get("query", ""))
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray:
+        return self._encode(texts, self.prompts.get("document", ""))
+
+    def count_tokens(self, texts: list[str]) -> int:
+        """Tokens the model sees for ``texts`` (special tokens included, after truncation), without a prompt."""
+        return sum(len(encoding.ids) for encoding in self._tokenizer().encode_batch(list(texts)))
+
+    def _tokenizer(self) -> Any:
+        tokenizer = getattr(self._local, "tokenizer", None)
+        if tokenizer is None:
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_str(self._tokenizer_json)
+            tokenizer.no_padding()
+            if self.max_seq_length:
+                tokenizer.enable_truncation(self.max_seq_length)
+            else:
+                tokenizer.no_truncation()
+            self._local.tokenizer = tokenizer
+        return tokenizer
+
+    def _encode(self, texts: list[str], prompt: str) -> np.ndarray:
+        self.last_token_counts = None
+        vectors = np.empty((len(texts), self.dimension), dtype=np.float32)
+        if not texts:
+            return vectors
+        encodings = self._tokenizer().encode_batch([prompt + text for text in texts])
+        lengths = [len(encoding.ids) for encoding in encodings]
+        order = sorted(range(len(texts)), key=lengths.__getitem__, reverse=True)  # little padding per batch
+        for start in range(0, len(order), self.batch_size):
+            rows = order[start : start + self.batch_size]
+            width = lengths[rows[0]]
+            ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
+            types = np.zeros((len(rows), width), dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for i, row in enumerate(rows):
+                encoding, length = encodings[row], lengths[row]
+                ids[i, :length] = encoding.ids
+                types[i, :length] = encoding.type_ids
+                mask[i, :length] = 1
+            feed = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
+            (hidden,) = self._session.run(["last_hidden_state"], {k: v for k, v in feed.items() if k in self._inputs})
+            vectors[rows] = self._pool(hidden, mask)
+        self.last_token_counts = lengths
+        return vectors
+
+    def _pool(self, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        weights = mask[:, :, None].astype(np.float32)
+        return (hidden * weights).sum(axis=1) / np.maximum(weights.sum(axis=1), 1e-9)
 
 
 def _text_transformer_config(module: Any) -> Any:
@@ -249,13 +453,35 @@ def export_onnx(model: SentenceTransformer, path: Path) -> None:
 
 
 def _quantize(source: Path, target: Path) -> None:
+    """int8 dynamic quantisation of ``source``'s matrix products (fused attention included) into ``target``.
+
+    Per output channel, and embeddings left in float32: per-tensor int8 with quantised embedding tables kept
+    a mean cosine of 0.958 to float32 on SciFact's queries (MiniLM), per channel without the tables 0.993.
+
+    Raises:
+        EncoderError: If ONNX Runtime's quantizer fails.
+    """
+    import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     fd, tmp = tempfile.mkstemp(prefix=".quantize-", suffix=".onnx", dir=target.parent)
     os.close(fd)
+    # contrib operators of an optimised graph have no shape inference: their outputs are float tensors
+    options = {"DefaultTensorType": onnx.TensorProto.FLOAT}
     try:
-        quantize_dynamic(str(source), tmp, weight_type=QuantType.QInt8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            quantize_dynamic(
+                str(source),
+                tmp,
+                op_types_to_quantize=["MatMul", "Attention"],
+                per_channel=True,
+                weight_type=QuantType.QInt8,
+                extra_options=options,
+            )
         os.replace(tmp, target)
+    except Exception as exc:
+        raise EncoderError(f"cannot quantise the ONNX graph: {str(exc).strip().splitlines()[0]}") from exc
     finally:
         Path(tmp).unlink(missing_ok=True)
 

@@ -29,6 +29,7 @@ from index.loaded import IndexSource, LoadedIndex
 from index.manifest import IndexFolderError, IndexManifest
 from index.search import staged_search
 from service.batching import MicroBatcher, TextKind
+from service.cache import QueryCache
 from service.encoders import LoadedEncoder, load_encoder
 from service.errors import InvalidRequest, NotReady, ReloadFailed, UnknownDimension
 from service.limits import RequestLimits
@@ -92,6 +93,9 @@ class Searcher:
             max_tokens=settings.batch_max_tokens,
             cost=lambda text: min(len(text) // CHARS_PER_TOKEN + 2, longest),  # before tokenizing: an estimate
         )
+        self._query_prompt = index.manifest.model.query_prompt  # the encoder was loaded with it
+        size = settings.query_cache_size
+        self._query_cache = QueryCache(size, metrics.query_cache) if size else None
         metrics.set_index(_index_sizes(index))
         metrics.queued_texts.set_function(lambda: self._batcher.pending)
 
@@ -215,7 +219,7 @@ class Searcher:
         self.limits.check_texts(queries)
         self.limits.check_k(k)
         dim = self._check_dims(self._slot.current, dim, rerank_dim)  # fail before encoding
-        vectors = await self._batcher.encode(list(queries), "query")
+        vectors = await self._encode_queries(list(queries))
         encoded = time.perf_counter()
         # The lease is taken and released in the worker thread, so a cancelled request cannot
         # release it while the thread still searches.
@@ -232,6 +236,13 @@ class Searcher:
         )
         self._observe_stages(dim, rerank_dim, encoded - started, search_s, rerank_s)
         return SearchResult(dim, rerank_dim, k, version, hits, timings)
+
+    async def _encode_queries(self, texts: list[str]) -> np.ndarray:
+        if self._query_cache is None:
+            return await self._batcher.encode(texts, "query")
+        prompt = self._query_prompt
+        encode = lambda missing: self._batcher.encode(missing, "query")  # noqa: E731
+        return await self._query_cache.encode(texts, self.encoder.fingerprint, prompt, encode)
 
     def _check_dims(self, index: LoadedIndex, dim: int | None, rerank_dim: int | None) -> int:
         if dim is None:  # two-stage search shortlists at the smallest dim unless told otherwise

@@ -65,6 +65,12 @@ class ServiceMetrics:
         self.failures = Counter(
             f"{PREFIX}_failures", "Requests answered with an error, by error type", ["type"], registry=reg
         )
+        self.query_cache = Counter(
+            f"{PREFIX}_query_cache_lookups",
+            "Query texts looked up in the query-embedding cache, by result (hit, miss); none while it is off",
+            ["result"],
+            registry=reg,
+        )
         self.reloads = Counter(f"{PREFIX}_index_reloads", "Index reloads, by outcome", ["outcome"], registry=reg)
         self.queued_texts = Gauge(f"{PREFIX}_encode_queue_texts", "Texts waiting for the encoder", registry=reg)
         self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "Requests being answered now", registry=reg)

@@ -76,6 +76,11 @@ class ServiceSettings(BaseSettings):
         description="estimated tokens per encoder call (about 0.25 s on 2 CPU cores for MiniLM); a query waits for "
         "at most one such call",
     )
+    query_cache_size: int = Field(
+        0,
+        ge=0,
+        description="query embeddings kept (least recently used out, ~1.5 KB each at 384 dims); 0: no cache",
+    )
     max_in_flight: int = Field(256, gt=0, description="concurrent requests accepted; beyond it requests get 429")
 
     api_key: SecretStr | None = Field(

@@ -105,13 +105,17 @@ def test_latency_against_a_real_server(sample_index: Path, tmp_path: Path):
         assert all(value >= 0 for value in row["server_ms"].values())
     server = report["servers"]["torch"]
     assert server["encoder"] == "torch" and server["num_vectors"] == 120 and server["full_dim"] == 384
-    assert server["url"].startswith("http://127.0.0.1:")
+    assert server["url"].startswith("http://127.0.0.1:") and 0 < server["healthz_p50_ms"] < row["p50_ms"]
+    in_process = report["in_process"]["torch"]
+    assert in_process["texts"] == 4 and 0 < in_process["p50_ms"] <= in_process["p95_ms"]
     assert report["settings"]["dims"] == [64] and report["machine"]["libraries"]["httpx"]
     with pytest.raises(httpx.TransportError):  # the server process is gone
         httpx.get(f"{server['url']}/healthz", timeout=2)
     assert json.loads((tmp_path / "latency.json").read_text())["results"] == report["results"]
     table = (tmp_path / "latency.md").read_text()
     assert table.startswith("# Search latency over HTTP") and "| torch | 64 | →384 | 2 | 4 | 0 |" in table
+    ratio = report["results"][0]["p50_ms"] / in_process["p50_ms"]
+    assert f"| {ratio:.2f}× |" in table and "- torch: in this process, one query per call, p50" in table
 
 
 @pytest.mark.parametrize(

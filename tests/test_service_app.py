@@ -505,3 +505,33 @@ def test_openapi_documents_every_parameter(client):
         assert parameter["description"] and parameter["schema"]["examples"], parameter
     assert "/v1/embeddings" in schema["paths"] and "/admin/reload" in schema["paths"]
     assert schema["paths"]["/search"]["get"]["responses"]["422"]["content"]["application/json"]["schema"]
+
+
+# --- query-embedding cache ----------------------------------------------------------------
+
+
+def test_query_cache_encodes_each_text_once_and_counts_hits_and_misses(keyword_index: Path):
+    encoder = ServiceKeywordEncoder()
+    with serve(keyword_index, encoder=encoder, query_cache_size=2) as client:
+        del encoder.calls[:]  # the warm-up query at start-up
+        first = top(client.get("/search", params={"q": "fever cough", "dim": 8}))
+        again = top(client.get("/search", params={"q": "fever cough", "dim": 4}))  # cached at full dim
+        client.post("/search", json={"queries": ["rash", "fever cough", "rash"], "dim": 8})
+        client.get("/search", params={"q": "pain", "dim": 8})  # the cache holds two: "fever cough" goes
+        client.get("/search", params={"q": "fever cough", "dim": 8})
+        text = client.get("/metrics").text
+    assert first == top_of(keyword_index, "fever cough", 8) and again == top_of(keyword_index, "fever cough", 4)
+    assert encoder.calls == [1, 1, 1, 1]  # fever cough, rash (once for two), pain, fever cough again
+    assert 'mrl_query_cache_lookups_total{result="hit"} 3.0' in text
+    assert 'mrl_query_cache_lookups_total{result="miss"} 4.0' in text
+
+
+def top_of(root: Path, query: str, dim: int) -> list[tuple[str, float]]:
+    """The top hits of ``query`` from a server without a cache."""
+    with serve(root) as client:
+        return top(client.get("/search", params={"q": query, "dim": dim}))
+
+
+def test_query_cache_is_off_by_default(client):
+    client.get("/search", params={"q": "fever"})
+    assert "mrl_query_cache_lookups_total{" not in client.get("/metrics").text
