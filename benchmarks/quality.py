@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks import machine_info, markdown_row, save_figure, utc_now, write_report
-from benchmarks.args import DEFAULT_OUT, int_list_argument
+from benchmarks.args import DEFAULT_OUT, int_list_argument, name_list_argument
 from benchmarks.search_quality import RankedRun, timed_per_query
 from core.cli_args import config_fields, dims_argument
 from core.data import DataError, RetrievalDataset, load_beir
@@ -82,6 +82,8 @@ class QualityBenchConfig:
     learning_rate: float = 1e-4
     batch_size: int = 64
     max_train_pairs: int | None = None
+    query_encoders: list[str] = field(default_factory=lambda: list(QUERY_ENCODERS))  # scored next to torch's queries
+    onnx_cache: Path | None = None  # ONNX exports (default: the service's)
     latency: list[str] = field(default_factory=list)  # NAME=latency.json of `mrl bench latency` on that dataset
     cache: Path | None = None  # default: <out>/cache
     progress: bool = True
@@ -108,6 +110,9 @@ def check_config(config: QualityBenchConfig) -> None:
     for name, value in {"--max-queries": config.max_queries, "--max-train-pairs": config.max_train_pairs}.items():
         if value is not None and value <= 0:
             raise ConfigError(f"{name} must be positive, got {value}")
+    unknown = sorted(set(config.query_encoders) - set(QUERY_ENCODERS))
+    if unknown:
+        raise ConfigError(f"unknown query encoders {unknown} (choose from {', '.join(QUERY_ENCODERS)}, or none)")
     if not config.shortlists or min(config.shortlists) < 10:
         raise ConfigError(f"--shortlists must be sizes of at least 10 (the k of NDCG@10), got {config.shortlists}")
     tuned_models(config)
@@ -311,7 +316,12 @@ def search_binary_rescore(docs: np.ndarray, dim: int) -> Callable[[np.ndarray], 
     return search
 
 
-METHODS = ("float32", "two-stage", "int8", "binary", "binary+rescore")
+# Query encoders the service can run besides torch: exact float32 search with the queries encoded by each.
+QUERY_ENCODERS = ("onnx", "onnx-int8")
+QUERY_METHOD = "queries by {}"  # the method name of their rows
+METHODS = ("float32", *(QUERY_METHOD.format(name) for name in QUERY_ENCODERS), "two-stage", "int8", "binary",
+           "binary+rescore")  # fmt: skip
+MAX_ENCODER_LOSS = 0.005  # a query encoder losing more NDCG@10 than this fraction at any dim is flagged
 QUANTISED = {"int8": search_int8, "binary": search_binary, "binary+rescore": search_binary_rescore}
 
 
@@ -397,6 +407,56 @@ def measure_model(
     return rows
 
 
+def measure_query_encoders(
+    label: str,
+    model: str,
+    fingerprint: str,
+    texts: list[str],
+    encoded: EncodedSplit,
+    qrels: dict,
+    dims: list[int],
+    config: QualityBenchConfig,
+    cache: Path | None,
+) -> list[dict[str, Any]]:
+    """Exact float32 search at every dim with the queries encoded by each of the service's other query encoders.
+
+    The documents stay torch's, as in the service (the index is built once; only queries are encoded per
+    request). Each row carries the mean cosine of its queries to torch's at full dim.
+    """
+    from benchmarks.encoders import EncodersConfig, open_encoder, service_settings
+
+    rows = []
+    for name in config.query_encoders:
+        measured = EncodersConfig(Path("."), model=model, device="cpu", onnx_cache=config.onnx_cache)
+        settings = service_settings(measured, name, threads=None)
+        loaded = open_encoder(settings, None)
+        queries, _ = cached_encode(loaded.encoder.encode_queries, texts, f"{fingerprint}:{name}", cache)
+        del loaded
+        cosines = np.sum(truncate_normalize(queries, max(dims)) * truncate_normalize(encoded.queries, max(dims)), 1)
+        split = EncodedSplit(encoded.doc_ids, encoded.docs, encoded.query_ids, queries, 0.0, True)
+        for dim in dims:
+            row = {"model": label, "method": QUERY_METHOD.format(name), "dim": dim, "bytes_per_vector": 4 * dim}
+            row.update(measure(search_float(encoded.docs, dim), split, qrels, config.timing_queries))
+            row["cosine_to_torch"] = round(float(cosines.mean()), 5)
+            logger.info("%s %s dim %d: NDCG@10 %.4f", label, row["method"], dim, row["ndcg@10"])
+            rows.append(row)
+    return rows
+
+
+def encoder_losses(dataset: dict[str, Any], model: str) -> dict[str, float]:
+    """Per query encoder: its largest NDCG@10 loss against torch's queries over the dims, as a fraction."""
+    torch_rows = rows_of(dataset, model, "float32")
+    losses = {}
+    for name in QUERY_ENCODERS:
+        rows = rows_of(dataset, model, QUERY_METHOD.format(name))
+        if rows:
+            losses[name] = max(
+                1 - rows[dim]["ndcg@10"] / torch_rows[dim]["ndcg@10"] if torch_rows[dim]["ndcg@10"] else 0.0
+                for dim in rows
+            )
+    return losses
+
+
 # One dataset, then the whole run
 
 
@@ -476,6 +536,9 @@ def measure_dataset(folder: Path, config: QualityBenchConfig) -> dict[str, Any]:
         }
         variants = label == "tuned" or tuned_path is None
         rows += measure_model(label, encoded, qrels, dims, config, variants)
+        if variants:
+            texts = [dataset.queries[q] for q in query_ids]
+            rows += measure_query_encoders(label, str(name), fingerprint, texts, encoded, qrels, dims, config, cache)
     return {
         "name": folder.name,
         "path": str(folder),
@@ -614,8 +677,14 @@ def dataset_section(dataset: dict[str, Any]) -> list[str]:
             )
         )
     recommended = recommended_dim(dataset)
-    lines += ["", f"Smallest dim keeping 98% of the full-dim NDCG@10 ({model}, float32): **{recommended}**.", ""]
-    return lines
+    lines += ["", f"Smallest dim keeping 98% of the full-dim NDCG@10 ({model}, float32): **{recommended}**."]
+    for name, loss in encoder_losses(dataset, model).items():
+        verdict = "**flagged**: more than" if loss > MAX_ENCODER_LOSS else "within"
+        lines.append(
+            f"Query encoder {name}: largest NDCG@10 loss against torch's queries {100 * loss:.2f}% ({verdict} "
+            f"{100 * MAX_ENCODER_LOSS:g}%)."
+        )
+    return [*lines, ""]
 
 
 def pareto_table(dataset: dict[str, Any], latency: dict[str, Any]) -> list[str]:
@@ -711,6 +780,8 @@ def pareto_points(dataset: dict[str, Any], latency: dict[str, Any] | None = None
         if cell["concurrency"] != 1:
             continue
         method = "two-stage" if cell["rerank_dim"] else "float32"
+        if method == "float32" and rows_of(dataset, model, QUERY_METHOD.format(cell["encoder"])):
+            method = QUERY_METHOD.format(cell["encoder"])  # the quality of the queries this encoder makes
         row = rows_of(dataset, model, method, cell["shortlist"]).get(cell["dim"])
         if row is not None:
             label = f"{cell['encoder']} {cell['dim']}" + (f"→{cell['rerank_dim']}" if cell["rerank_dim"] else "")
@@ -815,6 +886,14 @@ def add_quality_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", dest="learning_rate", type=float, default=defaults.learning_rate, help="default: 1e-4")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="default: %(default)s")
     p.add_argument("--max-train-pairs", type=int, default=None, help="train on N sampled pairs (default: all)")
+    p.add_argument(
+        "--query-encoders",
+        type=lambda text: [] if text == "none" else name_list_argument(text),
+        default=defaults.query_encoders,
+        help="the service's other query encoders scored next to torch's queries: onnx, onnx-int8, or none "
+        "(default: onnx,onnx-int8)",
+    )
+    p.add_argument("--onnx-cache", type=Path, default=None, help="ONNX export folder (default: the service's)")
     p.add_argument(
         "--latency",
         action="append",

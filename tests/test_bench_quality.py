@@ -205,6 +205,8 @@ def test_smoke_run_trains_measures_and_reuses_the_cache(tmp_path):
         epochs=1,
         batch_size=8,
         max_train_pairs=16,
+        query_encoders=["onnx"],
+        onnx_cache=tmp_path / "onnx",
         progress=False,
         out=tmp_path / "out",
     )
@@ -217,6 +219,14 @@ def test_smoke_run_trains_measures_and_reuses_the_cache(tmp_path):
     for method in ("float32", "int8", "binary", "binary+rescore"):
         assert ("tuned", method, 384) in methods and ("tuned", method, 64) in methods
     assert ("tuned", "two-stage", 64) in methods and ("tuned", "two-stage", 384) not in methods
+    assert ("tuned", "queries by onnx", 64) in methods and ("base", "queries by onnx", 64) not in methods
+    exact = {(row["method"], row["dim"]): row for row in dataset["rows"] if row["model"] == "tuned"}
+    for dim in (384, 64):  # ONNX in float32 makes torch's query vectors, so the same rankings
+        onnx = exact[("queries by onnx", dim)]
+        assert onnx["cosine_to_torch"] > 0.9999
+        assert onnx["ndcg@10"] == pytest.approx(exact[("float32", dim)]["ndcg@10"], abs=1e-3)
+    flag = "Query encoder onnx: largest NDCG@10 loss against torch's queries"
+    assert flag in (tmp_path / "out" / "quality.md").read_text()
     for row in dataset["rows"]:
         assert 0 <= row["ndcg@10"] <= 1 and 0 <= row["recall@100"] <= 1 and row["search_ms_p50"] > 0
     assert not any(model["from_cache"] for model in dataset["models"].values())
