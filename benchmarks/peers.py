@@ -1,22 +1,27 @@
-"""``mrl bench peers``: the same corpus and the same model served three ways, measured side by side.
+"""``mrl bench peers``: the same corpus and the same model served several ways, measured side by side.
 
 - **ours**: ``mrl serve`` over an index built by ``mrl index build``, at the full dim and at
   smaller Matryoshka dims;
 - **sentence-transformers**: the thirty-line baseline of ``benchmarks.peer_servers.sentence_transformers_faiss``
   (``SentenceTransformer.encode(normalize_embeddings=True)`` + ``faiss.IndexFlatIP`` behind FastAPI);
 - **txtai**: an ``Embeddings`` index served by txtai's own HTTP API (``uvicorn txtai.api:app`` configured
-  by a YAML file), built through that API (``POST /add``, ``GET /index``).
+  by a YAML file), built through that API (``POST /add``, ``GET /index``);
+- **infinity-torch**, **infinity-onnx**: infinity-emb's dynamic-batching embedding server (``infinity_emb v2``)
+  with its sentence-transformers and its ONNX Runtime engine, from a virtual environment of its own
+  (``benchmarks.peer_servers.infinity``). It has no search: it is measured on embeddings only.
 
 Every peer gets the model folder named by the index manifest, the manifest's query/document prompts
 and token limit (txtai has no option for the latter: a difference is reported), and exactly the passages
-the index holds (title + text, read back from its ``docs.sqlite``). The peers search exactly (flat
-inner product over unit vectors), so at the full dim all three must rank alike; the NDCG@10 columns
-check that the peers are set up correctly.
+the index holds (title + text, read back from its ``docs.sqlite``). The search peers search exactly (flat
+inner product over unit vectors), so at the full dim all must rank alike; the NDCG@10 columns check that
+the peers are set up correctly. infinity's vectors are checked against ours before it is timed: the
+cosine of each of 20 queries' vectors must be at least 0.999.
 
 One server process runs at a time, on a free loopback port, and is always stopped. For each system:
 corpus indexing time (ours: from the manifest), NDCG@10 / Recall@100 from ``k=100`` HTTP searches for
 the judged queries of a split, then latency cells (dim × concurrency) driven by ``benchmarks.latency``'s
-load generator with one request function shared by all three (same client work per request).
+load generator with one request function shared by all (same client work per request). Ours and infinity
+are also timed on their embeddings endpoint, one query per request at the full dim, at each concurrency.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import asyncio
 import importlib.util
 import json
 import logging
+import shutil
 import sys
 import tempfile
 import time
@@ -37,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 
-from benchmarks import format_ms, machine_info, markdown_row, utc_now, write_report
+from benchmarks import format_ms, machine_info, markdown_row, save_figure, utc_now, write_report
 from benchmarks.latency import (
     ERROR_TEXT_CHARS,
     LOOPBACK,
@@ -55,7 +62,9 @@ from benchmarks.latency import (
     time_cell,
     time_cells,
     timed_get,
+    timed_post,
 )
+from benchmarks.peer_servers import infinity
 from core.data import DataError, Document, Qrels, load_beir
 from core.errors import ConfigError
 from core.files import json_fields
@@ -73,7 +82,20 @@ OURS = "ours"
 OURS_ONNX = "ours-onnx"  # the same server with its ONNX Runtime encoder: our fastest CPU setting
 SENTENCE_TRANSFORMERS = "sentence-transformers"
 TXTAI = "txtai"
-PEERS = (TXTAI, SENTENCE_TRANSFORMERS)
+INFINITY_TORCH = "infinity-torch"
+INFINITY_ONNX = "infinity-onnx"
+INFINITY = (INFINITY_TORCH, INFINITY_ONNX)  # embeddings only: infinity has no search
+PEERS = (TXTAI, SENTENCE_TRANSFORMERS, INFINITY_TORCH, INFINITY_ONNX)
+EMBEDDINGS_PATHS = {  # the systems timed on embeddings, one query per request
+    OURS: "/v1/embeddings",
+    OURS_ONNX: "/v1/embeddings",
+    INFINITY_TORCH: "/embeddings",
+    INFINITY_ONNX: "/embeddings",
+}
+CHECK_QUERIES = 20  # queries whose vectors must agree with ours before infinity is timed
+MIN_COSINE = 0.999
+LONG_TEXT_CHARS = 2000  # the longest passage, cut to `mrl serve`'s default max_query_chars, probes token limits
+DEFAULT_PEER_VENVS = Path("runs/peers-venvs")
 RECOMMENDED_DIM = 64  # measured besides the full dim by default, when the index has it
 QUALITY_K = TOP_K  # hits asked for per judged query: Recall@100 needs 100 (no server here caps below it)
 MAX_K = 100  # `mrl serve`'s default max_k: the latency k may not exceed it
@@ -91,7 +113,7 @@ class PeersConfig:
     split: str = "test"
     max_queries: int | None = None  # default: every judged query of the split
     dims: list[int] | None = None  # ours; the full dim is always added. Default: full and 64 if indexed
-    peers: list[str] | None = None  # default: txtai (skipped when not installed) and sentence-transformers
+    peers: list[str] | None = None  # default: all; txtai skipped when not installed, infinity when it cannot install
     concurrency: list[int] = field(default_factory=lambda: [1, 16])
     requests: int = 200  # measured requests per cell
     warmup: int = 20  # unmeasured requests per cell (at least one per connection)
@@ -99,6 +121,7 @@ class PeersConfig:
     device: str = "auto"
     encoder_threads: int | None = None  # every server's torch/OpenMP threads (default: the libraries')
     onnx: bool = True  # also measure our server with its ONNX encoder (system "ours-onnx")
+    peer_venvs: Path = DEFAULT_PEER_VENVS  # the peers' own virtual environments (infinity's), created on first use
     time_limit_s: float = 1800.0  # no search request after it; later cells are recorded as cut short
     ready_timeout_s: float = 300.0  # per server start (model loading)
     build_timeout_s: float = 3600.0  # per peer's corpus indexing
@@ -208,6 +231,7 @@ def choose_peers(requested: list[str] | None) -> tuple[list[str], dict[str, str]
     """The peers to run and the skipped ones with their reason.
 
     By default (``requested`` is None) txtai is skipped when it cannot run; named explicitly, it must.
+    Whether infinity can run is known only once its venv is made (:func:`with_infinity`, before any server).
 
     Raises:
         ConfigError: An unknown peer name, or txtai named explicitly but not installed.
@@ -461,6 +485,80 @@ def _versions(*packages: str) -> dict[str, str]:
     return versions
 
 
+# --- infinity -----------------------------------------------------------------------------
+
+
+def with_infinity(plan: Plan, config: PeersConfig, logs: Path) -> tuple[Plan, Path | None]:
+    """The plan once infinity's venv is ready, created on first use, and its interpreter (None: not asked for).
+
+    By default a venv that cannot be created skips both infinity systems with the reason; named in ``--peers``,
+    infinity must run.
+
+    Raises:
+        ConfigError: infinity named in ``--peers`` and its venv cannot be created.
+    """
+    wanted = [name for name in plan.peers if name in INFINITY]
+    if not wanted:
+        return plan, None
+    try:
+        return plan, infinity.ensure_venv(config.peer_venvs, logs / "peers-infinity-install.log")
+    except ConfigError as exc:
+        if config.peers is not None:
+            raise
+        logger.warning("infinity skipped: %s", exc)
+        peers = [name for name in plan.peers if name not in INFINITY]
+        return Plan(plan.dims, peers, plan.skipped | dict.fromkeys(wanted, str(exc))), None
+
+
+def prepare_infinity_model(model: str, manifest: IndexManifest, target: Path, onnx: bool) -> infinity.PreparedFolder:
+    """A copy of the model folder that infinity reads, with ``model.onnx`` from our exporter when ``onnx``.
+
+    Raises:
+        ConfigError: A folder infinity's libraries cannot be given. ModelError, EncoderError: The export failed.
+    """
+    from core.models import load_model
+    from service.encoders import export_onnx
+
+    shutil.rmtree(target, ignore_errors=True)  # a failed attempt for the other engine
+    prepared = infinity.prepare_model_folder(Path(model), target, manifest.model.max_seq_length)
+    if onnx:
+        network = load_model(model, max_seq_length=manifest.model.max_seq_length, device="cpu")
+        export_onnx(network, target / infinity.ONNX_FILE)  # output `last_hidden_state`, as infinity reads it
+    return prepared
+
+
+@contextmanager
+def serve_infinity(
+    system: str, config: PeersConfig, python: Path, prepared: infinity.PreparedFolder, work: Path, logs: Path
+) -> Iterator[Served]:
+    """infinity's server with the engine of ``system`` over the prepared folder; ``GET /health`` answers once loaded.
+
+    Raises:
+        ServerError: The model pools in a way infinity's ONNX engine cannot, or the server did not start.
+    """
+    engine = infinity.ENGINES[system]
+    if engine == "optimum" and prepared.pooling not in ("mean", "cls"):
+        raise ServerError(f"the model pools by {prepared.pooling}; infinity's ONNX engine pools by mean or cls only")
+    pooling = prepared.pooling if prepared.pooling in ("mean", "cls") else "auto"
+    port = free_port()
+    command = infinity.server_command(python, prepared.path, engine, pooling, port, config.device)
+    env = infinity.server_environment(server_env(config), work / f"{system}-home")
+    log = logs / f"peers-server-{system}.log"
+    with running_process(command, port, log, config.ready_timeout_s, env, ready_path="/health") as base:
+        details: dict[str, Any] = {
+            "served_by": f"infinity-emb {infinity.VERSION}, engine `{engine}`, from its own venv",
+            "endpoint": "POST /embeddings",
+            "command": "infinity_emb " + " ".join(command[4:]),  # without the launcher that sets the cwd
+            "cwd": str(prepared.path),
+            "model_folder": {"pooling": prepared.pooling, "rewritten": list(prepared.rewritten)},
+            "versions": infinity.installed_versions(python),
+        }
+        failure = infinity.optimisation_failure(log.read_text(encoding="utf-8", errors="replace"))
+        if engine == "optimum" and failure:
+            details["caveat"] = f"its ONNX graph optimisation failed ({failure}); it serves the unoptimised graph"
+        yield Served(base, details)
+
+
 # --- measuring ----------------------------------------------------------------------------
 
 
@@ -550,22 +648,231 @@ def measure_system(
     return {"status": "measured", "url": served.base, **served.details, "quality": quality}, results
 
 
+# --- embeddings ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class VectorProbe:
+    """What every embeddings endpoint is asked before it is timed: check queries, a small dim, a long passage."""
+
+    queries: list[str]
+    query_prompt: str
+    document_prompt: str
+    long_text: str
+    small_dim: int
+    small_dim_indexed: bool  # ours serves only the index's dims
+
+
+def vector_probe(
+    queries: list[str], documents: list[Document], manifest: IndexManifest, dims: list[int]
+) -> VectorProbe:
+    """The first :data:`CHECK_QUERIES` queries, the longest passage (cut), and the smallest dim measured (else 64)."""
+    small = min(dims) if min(dims) < manifest.model.full_dim else RECOMMENDED_DIM
+    longest = max((doc.passage for doc in documents), key=len, default="a passage")
+    return VectorProbe(
+        queries=queries[:CHECK_QUERIES],
+        query_prompt=manifest.model.query_prompt,
+        document_prompt=manifest.model.document_prompt,
+        long_text=longest[:LONG_TEXT_CHARS],
+        small_dim=small,
+        small_dim_indexed=small in manifest.dims,
+    )
+
+
+def embedding_body(
+    system: str, texts: str | list[str], prompt: str, kind: str = "query", dimensions: int | None = None
+) -> dict[str, Any]:
+    """An embeddings request: ours applies the manifest's prompt of ``input_type`` itself; infinity has no
+    prompts, so the client puts ``prompt`` (the same manifest prompt) before each text."""
+    if system in INFINITY:
+        body: dict[str, Any] = {"input": prompt + texts if isinstance(texts, str) else [prompt + t for t in texts]}
+    else:
+        body = {"input": texts, "input_type": kind}
+    if dimensions is not None:
+        body["dimensions"] = dimensions
+    return body
+
+
+def embedding_matrix(body: Any, count: int) -> np.ndarray:
+    """The vectors of an OpenAI-style embeddings answer in input order, one row each.
+
+    Raises:
+        ServerError: Not an answer with ``count`` vectors of one length.
+    """
+    try:
+        rows = sorted(body["data"], key=lambda row: row["index"])
+        matrix = np.asarray([row["embedding"] for row in rows], dtype=np.float64)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ServerError(f"not an embeddings answer ({type(exc).__name__}: {exc})"[:ERROR_TEXT_CHARS]) from None
+    if matrix.ndim != 2 or len(matrix) != count:
+        raise ServerError(f"expected {count} vectors, got an array of shape {matrix.shape}")
+    return matrix
+
+
+def probe_vectors(base: str, system: str, probe: VectorProbe, config: PeersConfig) -> dict[str, np.ndarray]:
+    """The probe's vectors from one system: ``queries`` and ``long`` at the full dim, ``small`` at the small dim.
+
+    Raises:
+        httpx.HTTPError: An error answer. ServerError: An answer without the vectors asked for.
+    """
+    path = EMBEDDINGS_PATHS[system]
+    with httpx.Client(base_url=base, timeout=config.request_timeout_s, trust_env=False) as client:
+
+        def fetch(texts: list[str], kind: str, dimensions: int | None = None) -> np.ndarray:
+            prompt = probe.query_prompt if kind == "query" else probe.document_prompt
+            response = client.post(path, json=embedding_body(system, texts, prompt, kind, dimensions))
+            response.raise_for_status()
+            return embedding_matrix(response.json(), len(texts))
+
+        vectors = {"queries": fetch(probe.queries, "query"), "long": fetch([probe.long_text], "document")}
+        if system in INFINITY or probe.small_dim_indexed:
+            vectors["small"] = fetch(probe.queries, "query", probe.small_dim)
+    return vectors
+
+
+def rowwise_cosine(reference: np.ndarray, vectors: np.ndarray) -> np.ndarray:
+    norms = np.linalg.norm(reference, axis=1) * np.linalg.norm(vectors, axis=1)
+    return np.sum(reference * vectors, axis=1) / np.maximum(norms, 1e-12)
+
+
+def vector_check(reference: np.ndarray, vectors: np.ndarray, minimum: float = MIN_COSINE) -> dict[str, Any]:
+    """Cosine of each query's vector with ours (``reference``): min, mean, and whether each reaches ``minimum``."""
+    check: dict[str, Any] = {"queries": len(vectors), "threshold": minimum}
+    if reference.shape != vectors.shape:
+        return check | {"min_cosine": None, "mean_cosine": None, "passed": False, "shape": list(vectors.shape)}
+    cosines = rowwise_cosine(reference, vectors)
+    minimum_seen = round(float(cosines.min()), 6)
+    return check | {
+        "min_cosine": minimum_seen,
+        "mean_cosine": round(float(cosines.mean()), 6),
+        "passed": bool(cosines.min() >= minimum),
+    }
+
+
+def norm_summary(vectors: np.ndarray, dim: int) -> dict[str, Any]:
+    """Min, mean and max L2 norm of ``vectors`` (asked for at ``dim``): 1.0 for unit vectors."""
+    norms = np.linalg.norm(vectors, axis=1)
+    low, mean, high = (round(float(value), 4) for value in (norms.min(), norms.mean(), norms.max()))
+    return {"dim": dim, "min": low, "mean": mean, "max": high}
+
+
+def vector_facts(
+    vectors: dict[str, np.ndarray], reference: dict[str, np.ndarray] | None, probe: VectorProbe
+) -> dict[str, Any]:
+    """What the probe measured of one system: agreement with ours, the norm at the small dim, the long passage."""
+    facts: dict[str, Any] = {}
+    if reference is not None:
+        facts["check"] = vector_check(reference["queries"], vectors["queries"])
+        long = vector_check(reference["long"], vectors["long"], minimum=MIN_COSINE)
+        facts["long_input"] = {"chars": len(probe.long_text), "cosine": long["min_cosine"]}
+    if "small" in vectors:
+        facts["norm_at_dim"] = norm_summary(vectors["small"], probe.small_dim)
+    return facts
+
+
+def check_failure(check: dict[str, Any]) -> str:
+    """The one-line reason of a failed vector check."""
+    if check["min_cosine"] is None:
+        return f"its vectors have shape {check.get('shape')}, not ours: not timed"
+    return (
+        f"its vectors differ from ours: min cosine {check['min_cosine']:.4f} over {check['queries']} queries "
+        f"(at least {check['threshold']} needed): not timed"
+    )
+
+
+async def measure_embedding_cells(
+    base: str, system: str, full_dim: int, queries: list[str], prompt: str, config: PeersConfig, deadline: float
+) -> list[CellResult]:
+    """One query per ``POST`` to the system's embeddings endpoint, at the full dim, at every concurrency.
+
+    Answers are judged alike: one vector of ``full_dim`` numbers, parsed after the time is taken.
+    """
+    path = EMBEDDINGS_PATHS[system]
+
+    def read(response: httpx.Response) -> None:
+        if embedding_matrix(response.json(), 1).shape[1] != full_dim:
+            raise ValueError(f"not a {full_dim}-dim vector")
+
+    async def send(client: httpx.AsyncClient, body: dict[str, Any]) -> Outcome:
+        return await timed_post(client, path, body, read, f"one {full_dim}-dim embedding")
+
+    def measure(cell: Cell) -> Awaitable[CellResult]:
+        def params_from(offset: int) -> Callable[[int], dict[str, Any]]:
+            return lambda number: embedding_body(system, queries[(offset + number) % len(queries)], prompt)
+
+        return time_cell(base, system, cell, params_from, config, deadline, send)
+
+    cells = [Cell(full_dim, level) for level in config.concurrency]
+    return await time_cells(f"{system} POST {path}", cells, measure)
+
+
+def measure_embeddings(
+    system: str,
+    base: str,
+    probe: VectorProbe,
+    reference: dict[str, np.ndarray] | None,
+    query_texts: list[str],
+    config: PeersConfig,
+    full_dim: int,
+    deadline: float,
+) -> tuple[dict[str, Any], dict[str, np.ndarray], list[CellResult]]:
+    """The probe's facts and vectors, then the timed embeddings cells; infinity is timed only if its check passed."""
+    vectors = probe_vectors(base, system, probe, config)
+    facts = vector_facts(vectors, reference, probe)
+    if system in INFINITY and not facts["check"]["passed"]:
+        logger.warning("%s: %s", system, check_failure(facts["check"]))
+        return facts, vectors, []
+    prompt = probe.query_prompt
+    cells = asyncio.run(measure_embedding_cells(base, system, full_dim, query_texts, prompt, config, deadline))
+    return facts, vectors, cells
+
+
+def embedding_rows(results: list[CellResult]) -> list[dict[str, Any]]:
+    """One row per embeddings cell; ``rps_vs_best_infinity``: req/s ÷ the faster infinity engine's, same in flight."""
+    best: dict[int, CellResult] = {}
+    for result in results:
+        if result.encoder in INFINITY and result.throughput_rps > 0:
+            current = best.get(result.concurrency)
+            if current is None or result.throughput_rps > current.throughput_rps:
+                best[result.concurrency] = result
+    rows = []
+    for result in results:
+        row = asdict(result)
+        system = row.pop("encoder")
+        for unused in ("rerank_dim", "server_ms"):
+            row.pop(unused)
+        reference = best.get(result.concurrency)
+        rows.append(
+            {
+                "system": system,
+                **row,
+                "cut_short": result.cut_short,
+                "best_infinity": reference.encoder if reference else None,
+                "rps_vs_best_infinity": _ratio(result.throughput_rps, reference.throughput_rps if reference else None),
+            }
+        )
+    return rows
+
+
 # --- the whole run ------------------------------------------------------------------------
 
 
 def run_peers(config: PeersConfig) -> dict[str, Any]:
     """Measure ours, then each peer, each against its own fresh server process.
 
-    A peer that fails (its server does not start or answers errors while indexing) is recorded as
-    failed with the reason, and the others are still measured; ours failing ends the run.
+    A peer that fails (its server does not start, answers errors while indexing, or its vectors disagree
+    with ours) is recorded as failed with the reason, and the others are still measured; ours failing ends
+    the run. infinity's venv is created first when it is missing (minutes, before the time limit starts).
 
     Returns:
-        The report (settings, machine, index, dataset, each system, one row per measured cell with its
-        ratios to ours at the full dim); written as ``peers.json`` and ``peers.md`` into ``config.out``.
+        The report (settings, machine, index, dataset, each system, one row per measured search cell with its
+        ratios to ours at the full dim, one row per embeddings cell with its ratio to the best infinity
+        engine); written as ``peers.json``, ``peers.md`` and ``peers.png`` into ``config.out``.
 
     Raises:
         IndexFolderError: No index at ``config.index``. DataError: Bad dataset or one the index does not hold.
-        ConfigError, DimensionError: Invalid settings. ServerError: Our server did not start.
+        ConfigError, DimensionError: Invalid settings, or infinity named but not installable.
+        ServerError: Our server did not start.
     """
     version = resolve_version(config.index)
     manifest = IndexManifest.read(version)
@@ -575,33 +882,63 @@ def run_peers(config: PeersConfig) -> dict[str, Any]:
     dataset_name, queries, qrels, missing = judged_queries(config, documents)
     query_texts = read_query_texts(config.data)
     logs = config.out or Path(tempfile.mkdtemp(prefix="mrl-bench-peers-"))  # server logs
+    plan, infinity_python = with_infinity(plan, config, logs)
+    probe = vector_probe(list(queries.values()) or query_texts, documents, manifest, plan.dims)
     started_at, started = utc_now(), time.monotonic()
     deadline = started + config.time_limit_s
     full = manifest.model.full_dim
     systems: dict[str, dict[str, Any]] = {}
     results: list[CellResult] = []
+    embedding_results: list[CellResult] = []
     with tempfile.TemporaryDirectory(prefix="mrl-bench-peers-") as scratch:
         work = Path(scratch)
+        prepared: list[infinity.PreparedFolder] = []  # one model copy for both engines, made on first use
+
+        def serve_infinity_engine(system: str) -> Any:
+            if not prepared:
+                onnx = INFINITY_ONNX in plan.peers
+                prepared.append(prepare_infinity_model(model, manifest, work / "infinity-model", onnx))
+            assert infinity_python is not None  # with_infinity leaves infinity in the plan only with its venv
+            return serve_infinity(system, config, infinity_python, prepared[0], work, logs)
+
         servers: dict[str, Callable[[], Any]] = {
             OURS: lambda: serve_ours(config, manifest, logs),
             OURS_ONNX: lambda: serve_ours(config, manifest, logs, encoder="onnx"),
             SENTENCE_TRANSFORMERS: lambda: serve_sentence_transformers(config, manifest, model, documents, work, logs),
             TXTAI: lambda: serve_txtai(config, manifest, model, documents, work, logs),
+            INFINITY_TORCH: lambda: serve_infinity_engine(INFINITY_TORCH),
+            INFINITY_ONNX: lambda: serve_infinity_engine(INFINITY_ONNX),
         }
+        reference: dict[str, np.ndarray] | None = None  # ours' probe vectors
         for system in [OURS, *([OURS_ONNX] if config.onnx else []), *plan.peers]:
             dims = plan.dims if system in (OURS, OURS_ONNX) else [full]
+            search: list[CellResult] = []
+            embeddings: list[CellResult] = []
             try:
                 with servers[system]() as served:
-                    systems[system], cells = measure_system(
-                        system, served, dims, (queries, qrels), query_texts, config, deadline
-                    )
-            except (httpx.HTTPError, ValueError) as exc:  # ServerError and DataError are ValueErrors
+                    if system in INFINITY:
+                        systems[system] = {"status": "measured", "url": served.base, **served.details}
+                    else:
+                        judged = (queries, qrels)
+                        systems[system], search = measure_system(
+                            system, served, dims, judged, query_texts, config, deadline
+                        )
+                    if system in EMBEDDINGS_PATHS:
+                        facts, vectors, embeddings = measure_embeddings(
+                            system, served.base, probe, reference, query_texts, config, full, deadline
+                        )
+                        systems[system] |= facts
+                        reference = vectors if system == OURS else reference
+            except (httpx.HTTPError, ValueError) as exc:  # ServerError, DataError and ConfigError are ValueErrors
                 if system == OURS:
                     raise
                 logger.warning("%s failed: %s", system, exc)
                 systems[system] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500]}
                 continue
-            results += cells
+            if system in INFINITY and not systems[system]["check"]["passed"]:
+                systems[system] |= {"status": "failed", "reason": check_failure(systems[system]["check"])}
+            results += search
+            embedding_results += embeddings
     systems |= {name: {"status": "skipped", "reason": reason} for name, reason in plan.skipped.items()}
     report = {
         "benchmark": "peers",
@@ -618,10 +955,16 @@ def run_peers(config: PeersConfig) -> dict[str, Any]:
         },
         "systems": systems,
         "results": result_rows(results, systems, full),
+        "embeddings": embedding_rows(embedding_results),
     }
     if config.out is not None:
-        write_report(report, config.out, "peers", peers_markdown)
+        write_peers_report(report, config.out)
     return report
+
+
+def write_peers_report(report: dict[str, Any], folder: Path) -> list[Path]:
+    """``peers.json``, ``peers.md`` and ``peers.png`` in ``folder``, each written atomically."""
+    return [*write_report(report, folder, "peers", peers_markdown), plot_peers(report, folder / "peers.png")]
 
 
 def result_rows(results: list[CellResult], systems: dict[str, dict[str, Any]], full_dim: int) -> list[dict[str, Any]]:
@@ -711,25 +1054,62 @@ def _metric(value: float | None) -> str:
     return f"{value:.3f}" if value is not None else "–"
 
 
+def embeddings_table(report: dict[str, Any]) -> str:
+    """One row per (system, concurrency) of the embeddings endpoints."""
+    header = ["system", "in flight", "req/s", "p50 ms", "p99 ms", "errors", "req/s ÷ best infinity"]
+    lines = [markdown_row(header), markdown_row(["---", *["---:"] * (len(header) - 1)])]
+    for row in report.get("embeddings", []):
+        errors = str(row["errors"]) + (f" ({row['sent']} of {row['requested']} sent)" if row["cut_short"] else "")
+        cells = [row["system"], str(row["concurrency"]), f"{row['throughput_rps']:.1f}"]
+        cells += [format_ms(row["p50_ms"]), format_ms(row["p99_ms"]), errors, _times(row["rps_vs_best_infinity"])]
+        lines.append(markdown_row(cells))
+    return "\n".join(lines)
+
+
 def systems_section(report: dict[str, Any]) -> list[str]:
-    """One bullet per system: how it was served and indexed, or why it was not measured."""
+    """One bullet per system: how it was served and indexed, what its vectors measured, or why it was not measured."""
     lines = []
     for name, system in report["systems"].items():
         if system["status"] != "measured":
-            lines.append(f"- **{name}**: {system['status']}: {system['reason']}")
+            lines.append(f"- **{name}**: {system['status']}: {system['reason']}{_vector_text(system)}")
             continue
-        text = f"- **{name}**: {system['served_by']}; index build {system['build_s']:.2f} s ({system['build_note']})"
-        quality_errors = sum(q["errors"] + q["not_asked"] for q in system["quality"].values())
-        if quality_errors:
-            text += f"; {quality_errors} judged queries without an answer (scored 0)"
+        text = f"- **{name}**: {system['served_by']}"
+        if "build_s" in system:
+            text += f"; index build {system['build_s']:.2f} s ({system['build_note']})"
+            quality_errors = sum(q["errors"] + q["not_asked"] for q in system["quality"].values())
+            if quality_errors:
+                text += f"; {quality_errors} judged queries without an answer (scored 0)"
+        if "command" in system:
+            text += f"; `{system['command']}` run in a copy of the model folder"
+        text += _vector_text(system)
         if system.get("caveat"):
             text += f"; caveat: {system['caveat']}"
         lines.append(text + ".")
     return lines
 
 
+def _vector_text(system: dict[str, Any]) -> str:
+    """What the vector probe measured of a system, as clauses of its bullet (empty when it was not probed)."""
+    parts = []
+    check = system.get("check")
+    if check and check["min_cosine"] is not None:
+        parts.append(
+            f"vectors vs ours: min cosine {check['min_cosine']:.6f} over {check['queries']} queries "
+            f"(at least {check['threshold']} needed)"
+        )
+    long = system.get("long_input")
+    if long and long["cosine"] is not None:
+        parts.append(f"the longest passage (first {long['chars']} characters): cosine {long['cosine']:.6f} with ours")
+    norm = system.get("norm_at_dim")
+    if norm:
+        parts.append(
+            f"vector norm at `dimensions={norm['dim']}`: {norm['min']:.4f}–{norm['max']:.4f} (mean {norm['mean']:.4f})"
+        )
+    return "".join(f"; {part}" for part in parts)
+
+
 def peers_markdown(report: dict[str, Any]) -> str:
-    """Title, context, the table, how each system was served."""
+    """Title, context, the search table, the embeddings table, how each system was served."""
     settings, machine, index, dataset = report["settings"], report["machine"], report["index"], report["dataset"]
     context = (
         f"Model `{index['model']}`, {index['num_vectors']} passages of index `{index['path']}`, served by each "
@@ -741,8 +1121,74 @@ def peers_markdown(report: dict[str, Any]) -> str:
         f"{machine['cpus_usable']} CPUs, load average {machine['load_average_1m']} at the start, "
         f"GPU {machine['gpu'] or 'none'}."
     )
+    embeddings = (
+        "One query per request at the full dim: ours' `POST /v1/embeddings` (`input_type: query`, the manifest's "
+        "query prompt applied by the server), infinity's `POST /embeddings` (the same prompt put before the text by "
+        f"the client); {settings['requests']} measured requests per cell after {settings['warmup']} warm-up ones, "
+        "the same load generator and answer check for all. The last column divides by the faster infinity engine's "
+        f"req/s at the same concurrency. Before it is timed, infinity's vectors of {CHECK_QUERIES} queries must have "
+        f"a cosine of at least {MIN_COSINE} with ours."
+    )
     parts = ["# Peers: the same model and corpus, served side by side", "", context, "", peers_table(report), ""]
+    parts += ["## Embeddings endpoints", "", embeddings, "", embeddings_table(report), ""]
     return "\n".join([*parts, "## Systems", "", *systems_section(report)]) + "\n"
+
+
+# --- the plot -----------------------------------------------------------------------------
+
+SYSTEM_COLORS = {OURS: "C0", OURS_ONNX: "C1", SENTENCE_TRANSFORMERS: "C2", TXTAI: "C3"}
+SYSTEM_COLORS |= {INFINITY_TORCH: "C4", INFINITY_ONNX: "C5"}
+
+
+def plot_lines(report: dict[str, Any]) -> dict[str, dict[str, list[tuple[int, float, float | None]]]]:
+    """The plot's data: per panel row (``embeddings``, ``search``) and line, (in flight, req/s, p50 ms) points.
+
+    A search line is a system at the full dim, or ``system @ dim D`` at a smaller one. Rows without lines are left out.
+    """
+    full = report["index"]["full_dim"]
+    panels: dict[str, dict[str, list[tuple[int, float, float | None]]]] = {"embeddings": {}, "search": {}}
+    for row in report.get("embeddings", []):
+        panels["embeddings"].setdefault(row["system"], []).append(_point(row))
+    for row in report["results"]:
+        label = row["system"] if row["dim"] == full else f"{row['system']} @ dim {row['dim']}"
+        panels["search"].setdefault(label, []).append(_point(row))
+    return {name: {label: sorted(points) for label, points in lines.items()} for name, lines in panels.items() if lines}
+
+
+def _point(row: dict[str, Any]) -> tuple[int, float, float | None]:
+    return row["concurrency"], row["throughput_rps"], row["p50_ms"]
+
+
+def plot_peers(report: dict[str, Any], path: Path) -> Path:
+    """req/s and p50 against requests in flight, one line per system: embeddings on top, search below."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = plot_lines(report)
+    titles = {"embeddings": "embeddings, one query per POST", "search": f"GET /search, k={report['settings']['k']}"}
+    fig, axes = plt.subplots(len(panels), 2, figsize=(11, 4.0 * len(panels)), dpi=110, squeeze=False)
+    levels = sorted({level for lines in panels.values() for points in lines.values() for level, _, _ in points})
+    for row_axes, (panel, lines) in zip(axes, panels.items(), strict=True):
+        for label, points in lines.items():
+            system = label.split(" @ ")[0]
+            style = {"color": SYSTEM_COLORS.get(system), "marker": "o", "linestyle": "--" if " @ " in label else "-"}
+            row_axes[0].plot([p[0] for p in points], [p[1] for p in points], label=label, **style)
+            timed = [(level, p50) for level, _, p50 in points if p50 is not None]
+            row_axes[1].plot([p[0] for p in timed], [p[1] for p in timed], label=label, **style)
+        for axis, measure in zip(row_axes, ("req/s", "p50 ms"), strict=True):
+            axis.set_xscale("log", base=2)
+            axis.set_xticks(levels, [str(level) for level in levels])
+            axis.set_ylim(bottom=0)
+            axis.set_xlabel("requests in flight")
+            axis.set_ylabel(measure)
+            axis.set_title(f"{measure}: {titles[panel]}")
+            axis.grid(alpha=0.3)
+        row_axes[0].legend(fontsize="small")
+    fig.suptitle(f"One model served side by side: {report['dataset']['name']}, {report['machine']['cpus_usable']} CPUs")
+    fig.tight_layout()
+    return save_figure(fig, path)
 
 
 # --- command line -------------------------------------------------------------------------
@@ -755,12 +1201,14 @@ def add_peers_parser(actions: argparse._SubParsersAction) -> None:
 
     p = actions.add_parser(
         "peers",
-        help="ours vs txtai vs sentence-transformers+FAISS: latency, throughput, quality, build time",
-        description="Serve the index's corpus with its model three ways, one server process at a time on "
-        "127.0.0.1: `mrl serve` over the index (full dim and smaller dims), txtai's HTTP API, and a plain "
-        "sentence-transformers + FAISS IndexFlatIP FastAPI app. Report indexing time, NDCG@10 and Recall@100 of "
-        "a split's judged queries (k=100 over HTTP), and GET /search latency p50/p95/p99 and req/s per "
-        "concurrency, with ratios to ours at the full dim.",
+        help="ours vs txtai vs sentence-transformers+FAISS vs infinity: latency, throughput, quality, build time",
+        description="Serve the index's corpus with its model several ways, one server process at a time on "
+        "127.0.0.1: `mrl serve` over the index (full dim and smaller dims), txtai's HTTP API, a plain "
+        "sentence-transformers + FAISS IndexFlatIP FastAPI app, and infinity-emb's embedding server (torch and "
+        "ONNX engines, from a venv of its own created on first use). Report indexing time, NDCG@10 and Recall@100 "
+        "of a split's judged queries (k=100 over HTTP), GET /search latency p50/p95/p99 and req/s per "
+        "concurrency with ratios to ours at the full dim, and the same for one-query embeddings requests (ours "
+        "and infinity, whose vectors must first match ours). Writes peers.json, peers.md and peers.png.",
     )
     p.add_argument("--index", type=Path, required=True, help="index root or version folder (corpus, model, prompts)")
     p.add_argument("--data", type=Path, required=True, help="BEIR folder: judged queries and query texts")
@@ -773,7 +1221,8 @@ def add_peers_parser(actions: argparse._SubParsersAction) -> None:
         "--peers",
         type=name_list_argument,
         default=None,
-        help="txtai, sentence-transformers (default: both; txtai skipped when not installed)",
+        help="txtai, sentence-transformers, infinity-torch, infinity-onnx (default: all; txtai skipped when not "
+        "installed, infinity when its venv cannot be created)",
     )
     p.add_argument("--concurrency", type=int_list_argument, default=[1, 16], help="requests in flight (default: 1,16)")
     p.add_argument("--requests", type=int, default=200, help="measured requests per cell (default: %(default)s)")
@@ -783,6 +1232,13 @@ def add_peers_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder-threads", type=int, default=None, help="every server's torch/OpenMP threads")
     p.add_argument(
         "--no-onnx", dest="onnx", action="store_false", help="skip our server with its ONNX encoder (ours-onnx)"
+    )
+    p.add_argument(
+        "--peer-venvs",
+        type=Path,
+        default=DEFAULT_PEER_VENVS,
+        help="where the peers' own virtual environments are kept, infinity's created on first use "
+        "(default: %(default)s)",
     )
     add_server_limits(p, time_limit_s=1800.0)
     p.add_argument(
@@ -802,5 +1258,5 @@ def run_peers_command(args: argparse.Namespace) -> int:
 
     report = run_peers(PeersConfig(**config_fields(args)))
     print(peers_markdown(report), end="")
-    print(f"wrote {args.out / 'peers.json'}, {args.out / 'peers.md'}")
+    print(f"wrote {args.out / 'peers.json'}, {args.out / 'peers.md'}, {args.out / 'peers.png'}")
     return 0

@@ -4,6 +4,9 @@ One index of ``data/sample_medical`` (dims 384 and 64) is built per module; the 
 through the ``mrl bench`` argument parser with the sentence-transformers peer, and txtai when it is
 installed. Same model, same passages, exact search: at the full dim all three must rank alike, which
 checks that the peers are set up correctly (prompts, passages, normalisation, id mapping).
+
+infinity runs only where ``MRL_INFINITY_VENV`` names a ready venv of it (``mrl bench peers`` makes one in
+``runs/peers-venvs/infinity-0.0.78``): creating it downloads hundreds of MB, too much for every test run.
 """
 
 from __future__ import annotations
@@ -13,12 +16,24 @@ import contextlib
 import importlib.util
 import io
 import json
+import os
 from pathlib import Path
 
 import httpx
 import pytest
 
-from benchmarks.peers import OURS, SENTENCE_TRANSFORMERS, TXTAI, PeersConfig, add_peers_parser, run_peers
+from benchmarks.peer_servers import infinity
+from benchmarks.peers import (
+    INFINITY,
+    INFINITY_ONNX,
+    INFINITY_TORCH,
+    OURS,
+    SENTENCE_TRANSFORMERS,
+    TXTAI,
+    PeersConfig,
+    add_peers_parser,
+    run_peers,
+)
 from core.matryoshka import DimensionError
 from index.build import BuildConfig, build_index
 from tests.conftest import SAMPLE
@@ -74,6 +89,9 @@ def test_every_system_is_measured_without_errors(peers_run):
         assert 0 < row["p50_ms"] <= row["p95_ms"] <= row["p99_ms"] and row["throughput_rps"] > 0
         assert row["p50_ratio"] > 0 and row["rps_ratio"] > 0 and row["build_s"] > 0
     assert all(row["p50_ratio"] == 1.0 for row in report["results"] if row["system"] == OURS and row["dim"] == 384)
+    assert [(row["system"], row["concurrency"]) for row in report["embeddings"]] == [(OURS, c) for c in CONCURRENCY]
+    assert all(row["errors"] == 0 and row["sent"] == REQUESTS for row in report["embeddings"])
+    assert report["systems"][OURS]["norm_at_dim"]["min"] == pytest.approx(1.0, abs=1e-3)  # re-normalised at 64
     for name in [OURS, *peers]:
         system = report["systems"][name]
         assert system["status"] == "measured" and system["url"].startswith("http://127.0.0.1:")
@@ -85,9 +103,11 @@ def test_every_system_is_measured_without_errors(peers_run):
     assert "ours-onnx" not in report["systems"]  # --no-onnx
     if not WITH_TXTAI:
         assert TXTAI not in report["systems"]  # not asked for: neither run nor skipped
+    assert not set(INFINITY) & set(report["systems"])  # not asked for: no venv made
     table = (out / "peers.md").read_text()
     assert table.startswith("# Peers: the same model and corpus, served side by side") and table in printed
-    assert f"wrote {out / 'peers.json'}, {out / 'peers.md'}" in printed
+    assert f"wrote {out / 'peers.json'}, {out / 'peers.md'}, {out / 'peers.png'}" in printed
+    assert (out / "peers.png").read_bytes()[:4] == b"\x89PNG" and "## Embeddings endpoints" in table
     assert (out / "peers-server-ours-torch.log").is_file() and (
         out / "peers-server-sentence-transformers.log"
     ).is_file()
@@ -114,6 +134,43 @@ def test_txtai_peer_ranks_like_ours(peers_run):
     assert peer["recall@100"] == pytest.approx(ours["recall@100"], abs=NDCG_TOLERANCE)
     settings = report["systems"][TXTAI]["settings"]["embeddings"]
     assert settings["path"] == report["index"]["model_folder"] and settings["faiss"] == {"components": "IDMap,Flat"}
+
+
+@pytest.fixture
+def infinity_venvs() -> Path:
+    """The ``--peer-venvs`` folder of the ready venv that ``MRL_INFINITY_VENV`` names; skips the test without one."""
+    named = os.environ.get("MRL_INFINITY_VENV")
+    folder = Path(named) if named else None
+    if folder is None or folder.name != infinity.venv_folder(folder.parent).name or not infinity.venv_ready(folder):
+        pytest.skip(
+            "MRL_INFINITY_VENV does not name a ready infinity venv (`mrl bench peers` makes one in "
+            "runs/peers-venvs/infinity-0.0.78; creating it here would download hundreds of MB)"
+        )
+    return folder.parent
+
+
+def test_infinity_agrees_with_ours_and_is_timed_on_embeddings(infinity_venvs: Path, sample_index: Path, tmp_path: Path):
+    argv = ["--index", str(sample_index), "--data", str(SAMPLE), "--max-queries", "20", "--no-onnx"]
+    argv += ["--peers", f"{INFINITY_TORCH},{INFINITY_ONNX}", "--peer-venvs", str(infinity_venvs)]
+    argv += ["--out", str(tmp_path)]
+    argv += ["--concurrency", ",".join(map(str, CONCURRENCY)), "--requests", str(REQUESTS), "--warmup", "1"]
+    argv += ["--device", "cpu", "--encoder-threads", "1", "--ready-timeout", "180"]
+    code, _ = bench_peers(*argv)
+    report = json.loads((tmp_path / "peers.json").read_text())
+    assert code == 0
+    for name in INFINITY:
+        system = report["systems"][name]
+        assert system["status"] == "measured", system.get("reason")
+        assert system["check"]["passed"] and system["check"]["min_cosine"] >= 0.999 and system["check"]["queries"] == 20
+        assert system["norm_at_dim"]["dim"] == 64 and system["versions"]["infinity-emb"] == infinity.VERSION
+        with pytest.raises(httpx.TransportError):  # stopped
+            httpx.get(f"{system['url']}/health", timeout=2)
+    cells = [(row["system"], row["concurrency"]) for row in report["embeddings"]]
+    assert cells == [(name, level) for name in (OURS, *INFINITY) for level in CONCURRENCY]
+    assert all(row["errors"] == 0 and row["rps_vs_best_infinity"] > 0 for row in report["embeddings"])
+    assert {row["system"] for row in report["results"]} == {OURS}  # infinity has no search
+    assert not (Path(report["index"]["model_folder"]) / infinity.ONNX_FILE).exists()  # exported into a copy
+    assert (tmp_path / "peers.png").is_file() and (tmp_path / f"peers-server-{INFINITY_ONNX}.log").is_file()
 
 
 @pytest.mark.parametrize(
