@@ -24,6 +24,18 @@ ENCODERS = ("torch", "onnx", "onnx-int8")
 SERVING_PACKAGES = ("transformers", "fastapi", "uvicorn", "httpx", "onnxruntime", "onnxruntime-gpu", "onnx")
 
 
+def read_query_texts(path: Path) -> list[str]:
+    """Query texts from a BEIR folder's ``queries.jsonl`` (or from such a file itself), in file order.
+
+    Raises:
+        DataError: Missing or malformed file.
+    """
+    from core.data import load_queries
+
+    file = path / "queries.jsonl" if path.is_dir() else path
+    return list(load_queries(file).values())
+
+
 def machine_info() -> dict[str, Any]:
     """Where a benchmark ran: CPUs, load, platform, GPU and library versions.
 

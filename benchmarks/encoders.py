@@ -24,8 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now, write_report
-from benchmarks.latency import read_query_texts
+from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, read_query_texts, utc_now, write_report
 from core.errors import ConfigError
 from core.files import json_fields
 from core.machine import usable_cpus

@@ -31,10 +31,9 @@ from typing import Any
 import httpx
 import numpy as np
 
-from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now, write_report
+from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, read_query_texts, utc_now, write_report
 from benchmarks.args import DEFAULT_OUT, add_server_limits, int_list_argument, name_list_argument
 from core.cli_args import config_fields, dims_argument
-from core.data import load_queries
 from core.errors import ConfigError
 from core.files import json_fields
 from core.matryoshka import DimensionError
@@ -164,16 +163,6 @@ def plan_cells(dims: list[int], concurrency: list[int], rerank_dim: int | None =
     if rerank_dim is not None:
         cells += [Cell(min(dims), level, rerank_dim) for level in concurrency]
     return cells
-
-
-def read_query_texts(path: Path) -> list[str]:
-    """Query texts from a BEIR folder's ``queries.jsonl`` (or from such a file itself), in file order.
-
-    Raises:
-        DataError: Missing or malformed file.
-    """
-    file = path / "queries.jsonl" if path.is_dir() else path
-    return list(load_queries(file).values())
 
 
 # --- the server process -------------------------------------------------------------------
