@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Literal, Protocol
 
 import numpy as np
 
-from core.data import DataError, Document, load_corpus, load_queries
+from core.data import DataError, Document, load_beir, load_corpus, load_queries
 from core.errors import ConfigError
 from core.files import write_json_atomic
 from core.matryoshka import truncate_normalize, validate_dims
@@ -56,6 +56,7 @@ from index.manifest import (
     folder_files,
 )
 from index.params import IndexPlan, choose_index, search_params_for
+from index.plans import JudgedQueries, evaluate_plans, plans_from_report
 from index.store import write_documents
 
 if TYPE_CHECKING:
@@ -97,6 +98,8 @@ class BuildConfig:
     milvus_uri: str | None = None
     index_name: str | None = None
     cache_dir: Path | None = None
+    eval_data: Path | None = None  # BEIR folder whose judged queries score every plan (index.plans)
+    eval_split: str = "test"
 
     def check(self) -> None:
         """Raises ConfigError unless the options name one place to write to."""
@@ -281,8 +284,11 @@ def build_dim_indexes(
     dims: list[int],
     plan_for: Callable[[int], IndexPlan],
     writer: VersionWriter,
+    indexes: dict[int, VectorIndex] | None = None,
 ) -> dict[int, DimIndex]:
     """Per dimension: truncate + normalise and build; then store and measure each.
+
+    ``indexes``, when given, receives every dim's built index (to score plans on).
 
     Every dim is built before the first is stored, so that an engine can finish them side by side
     (a Milvus server takes seconds to seal and index a collection, however small); the builder
@@ -301,6 +307,8 @@ def build_dim_indexes(
         stored = writer.keep(index, dim)  # an engine's index is ready (sealed) when this returns
         seconds = build_seconds + time.perf_counter() - started
         result[dim] = describe_index(index, dim, truncate_normalize(vectors, dim), probes, stored, seconds)
+    if indexes is not None:
+        indexes.update((dim, index) for dim, (index, _) in built.items())
     return result
 
 
@@ -334,6 +342,7 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
     """
     config.check()
     documents, query_texts = read_documents(config.data)
+    judged = read_judged_queries(config.eval_data, config.eval_split, documents) if config.eval_data else None
     model = load_model(config.model, max_seq_length=config.max_seq_length)
     encoder = SentenceTransformerEncoder(model, config.model or "default", config.batch_size, config.progress)
     dims = validate_dims(config.dims, encoder.dimension) if config.dims else model_dims(model, config.model)
@@ -365,8 +374,17 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
         writer = store.begin(version, config.keep_versions)
     try:
         writer.write_corpus(documents, vectors, probes)
-        indexes = build_dim_indexes(vectors, probes, dims, plan_for, writer)
+        built: dict[int, VectorIndex] = {}
+        indexes = build_dim_indexes(vectors, probes, dims, plan_for, writer, built)
         card = read_model_card(config.model) if config.model and Path(config.model).is_dir() else None
+        evaluation = (card.extra or {}).get("evaluation") if card else None
+        per_vector = {dim: indexes[dim].bytes / max(1, len(vectors)) for dim in dims}
+        if judged is not None:
+            logger.info("scoring every plan on %d judged queries of %s", len(judged.ids), judged.source)
+            plans = evaluate_plans(built, vectors, [d.id for d in documents], encoder.encode_queries(judged.texts),
+                                   judged, per_vector)  # fmt: skip
+        else:
+            plans = plans_from_report(evaluation, dims, {d: indexes[d].search_ms for d in dims}, per_vector)
         files, checksums = writer.files()
         manifest = IndexManifest(
             version=version,
@@ -380,7 +398,9 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
             built_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             source=str(config.data),
             library_versions=library_versions(),
-            evaluation=(card.extra or {}).get("evaluation") if card else None,
+            evaluation=evaluation,
+            plans=[plan.to_dict() for plan in plans],
+            judged_queries=judged.to_dict() if judged is not None else None,
         )
         final = writer.publish(manifest)
     except BaseException:
@@ -391,6 +411,27 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
             store.backend.close()
     shutil.rmtree(cache.parent if store is None else cache, ignore_errors=True)
     return final, manifest
+
+
+def read_judged_queries(folder: Path, split: str, documents: list[Document]) -> JudgedQueries:
+    """The judged queries of ``split`` in the BEIR folder ``folder``, to score the plans of an index of ``documents``.
+
+    Raises:
+        DataError: A bad folder or split, no judged query, or none of the judged documents in the corpus.
+    """
+    dataset = load_beir(folder, [split])
+    qrels = {qid: docs for qid, docs in dataset.split(split).items() if any(s > 0 for s in docs.values())}
+    if not qrels:
+        raise DataError(folder, f"split {split!r} judges no query relevant to any document")
+    judged_docs = {doc for docs in qrels.values() for doc, score in docs.items() if score > 0}
+    missing = len(judged_docs - {document.id for document in documents})
+    if missing == len(judged_docs):
+        raise DataError(folder, f"none of the documents judged in split {split!r} are in the corpus being indexed")
+    if missing:
+        logger.warning("%d of %d judged documents are not in the corpus; they count as not found", missing,
+                       len(judged_docs))  # fmt: skip
+    ids = list(qrels)
+    return JudgedQueries(ids, [dataset.queries[qid] for qid in ids], qrels, f"{folder} ({split})")
 
 
 def _milvus_store(config: BuildConfig):
@@ -481,6 +522,14 @@ def add_documents(
         manifest.version = new_version_name()
         manifest.num_vectors = len(vectors)
         manifest.indexes = indexes
+        if old.judged_queries:  # the plans' quality changes with the corpus: score them again
+            judged = JudgedQueries.from_dict(old.judged_queries)
+            ids = [doc.id for doc in current.store.get(range(old.num_vectors)) if doc is not None]
+            ids += [doc.id for doc in documents]
+            per_vector = {dim: indexes[dim].bytes / len(vectors) for dim in indexes}
+            queries = encoder.encode_queries(judged.texts)
+            plans = evaluate_plans(current.indexes, vectors, ids, queries, judged, per_vector)
+            manifest.plans = [plan.to_dict() for plan in plans]
         manifest.files, manifest.checksums = folder_files(staging)
         manifest.history.append(
             {

@@ -38,6 +38,14 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: %(default)s)")
     build.add_argument("--max-seq-length", type=int, default=None, help="token limit (default: the model's)")
     build.add_argument("--keep-versions", type=int, default=3, help="finished versions to keep (default: %(default)s)")
+    build.add_argument(
+        "--eval-data",
+        type=Path,
+        default=None,
+        help="BEIR folder whose judged queries score every plan (dim, two-stage) on the new index, for "
+        "quality targets (default: the model's training-report NDCG per dim, single-stage only)",
+    )
+    build.add_argument("--eval-split", default="test", help="qrels split of --eval-data (default: %(default)s)")
     build.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     build.set_defaults(handler=run_build)
 
@@ -180,4 +188,30 @@ def info_table(manifest, folder: Path) -> str:
         )
     for event in manifest.history:
         lines.append(f"added {event['added']} documents at {event['at']} from {event['source']}")
-    return "\n".join(lines)
+    return "\n".join(lines + plans_table(manifest))
+
+
+def plans_table(manifest) -> list[str]:
+    """The manifest's plans as Markdown rows (none: no lines)."""
+    from index.plans import Plan
+
+    plans = [Plan.from_dict(raw) for raw in manifest.plans]
+    if not plans:
+        return []
+    judged = manifest.judged_queries
+    source = f"{len(judged['ids'])} judged queries of {judged['source']}" if judged else "the training report"
+    lines = ["", f"plans, measured on {source}:", ""]
+    lines += ["| plan | dim | re-score | candidates | NDCG@10 | % of full | Recall@10 | search ms | bytes/vector |"]
+    lines += ["| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for plan in plans:
+        lines.append(
+            f"| {plan.key} | {plan.dim} | {plan.rerank_dim or '–'} | "
+            f"{f'{plan.candidates}× k' if plan.candidates else '–'} | {_value(plan.ndcg_at_10)} | "
+            f"{'–' if plan.ratio is None else f'{100 * plan.ratio:.1f}%'} | {_value(plan.recall_at_10)} | "
+            f"{_value(plan.search_ms)} | {plan.bytes_per_vector:g} |"
+        )
+    return lines
+
+
+def _value(value: float | None) -> str:
+    return "–" if value is None else f"{value:.3f}"

@@ -63,6 +63,8 @@ class IndexManifest:
     evaluation: dict[str, Any] | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
     checksums: dict[str, str] = field(default_factory=dict)  # file name -> "sha256:..." (empty: older builds)
+    plans: list[dict[str, Any]] = field(default_factory=list)  # index.plans.Plan.to_dict() of every plan measured
+    judged_queries: dict[str, Any] | None = None  # index.plans.JudgedQueries the plans were measured on
     normalization: str = NORMALIZATION
     metric: str = "inner_product"
     format: int = FORMAT_VERSION

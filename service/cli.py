@@ -84,9 +84,7 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--max-in-flight", type=int, default=None, help="requests in flight before 429 (default: 256)")
     p.add_argument("--batch-max-size", type=int, default=None, help="texts per encoder micro-batch (default: 32)")
     p.add_argument("--batch-max-wait-ms", type=float, default=None, help="micro-batch wait in ms (default: 0, none)")
-    p.add_argument(
-        "--query-cache-size", type=int, default=None, help="query embeddings cached (default: 0, no cache)"
-    )
+    p.add_argument("--query-cache-size", type=int, default=None, help="query embeddings cached (default: 0, no cache)")
     p.add_argument(
         "--batch-max-tokens", type=int, default=None, help="estimated tokens per encoder call (default: 2048)"
     )

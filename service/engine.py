@@ -27,6 +27,7 @@ from index.backends import EngineUnavailable
 from index.layout import LEASE_TTL_SECONDS
 from index.loaded import IndexSource, LoadedIndex
 from index.manifest import IndexFolderError, IndexManifest
+from index.plans import TRAINING_REPORT, JudgedQueries, Plan, evaluate_plans, plans_from_report
 from index.search import staged_search
 from service.batching import MicroBatcher, TextKind
 from service.cache import QueryCache
@@ -34,11 +35,14 @@ from service.encoders import LoadedEncoder, load_encoder
 from service.errors import InvalidRequest, NotReady, ReloadFailed, UnknownDimension
 from service.limits import RequestLimits
 from service.metrics import ServiceMetrics
+from service.planner import Choice, LiveLatency, choose
 from service.results import (
     DimInfo,
     EmbeddingResult,
     Hit,
     IndexInfo,
+    PlanInfo,
+    PlanUsed,
     ReloadOutcome,
     SearchResult,
     Timings,
@@ -54,6 +58,15 @@ WARM_UP_QUERY = "warm-up query"
 CHARS_PER_TOKEN = 4  # about, for English with WordPiece or SentencePiece; texts are cut at the model's limit
 DEFAULT_MAX_TOKENS = 512
 ENGINE_DOWN = "the index engine did not answer; retry later (the server log has the details)"
+MAX_ENCODER_LOSS = 0.005  # /dims warns when the served query encoder loses more NDCG@10 than this at a dim
+BOTH_GIVEN = (
+    "give either dim (and rerank_dim) or a target (min_quality, latency_budget_ms), not both: the service "
+    "chooses dim, rerank_dim and the candidates for a target"
+)
+NO_QUALITY = (
+    "this index has no measured quality, so min_quality cannot be met; rebuild it with "
+    "`mrl index build --eval-data BEIR_FOLDER` (or from a model whose training report has NDCG per dim)"
+)
 
 
 class ConfigurationError(ConfigError):
@@ -73,6 +86,7 @@ class Searcher:
         index: LoadedIndex,
         metrics: ServiceMetrics,
         source: IndexSource,
+        plans: ServedPlans | None = None,
     ) -> None:
         self.settings = settings
         self.source = source
@@ -80,6 +94,8 @@ class Searcher:
         self.encoder = loaded_encoder
         self.metrics = metrics
         self._slot = IndexSlot(index)
+        self._plans = plans or ServedPlans.of(index.manifest)
+        self._live = LiveLatency()
         self._default_dim = _default_dim(settings.default_dim, index.manifest)
         self._reload_lock = asyncio.Lock()
         self._search_lock = threading.Lock()  # for indexes that are not thread-safe (GPU)
@@ -113,7 +129,8 @@ class Searcher:
         source = index_source(settings)
         loaded_encoder, index = await asyncio.to_thread(_load, source, settings, load)
         try:
-            searcher = cls(settings, loaded_encoder, index, metrics, source)
+            plans = await asyncio.to_thread(served_plans, index, loaded_encoder)
+            searcher = cls(settings, loaded_encoder, index, metrics, source, plans)
         except BaseException:
             index.close()
             raise
@@ -180,6 +197,7 @@ class Searcher:
         """Dims served, with cost (index type, bytes, vectors) and measured quality (NDCG@10) of each."""
         manifest = self._slot.current.manifest
         ndcg = _ndcg_by_dim(manifest)
+        measured = {plan.dim: plan.ndcg_at_10 for plan in self._plans.plans if plan.rerank_dim is None}
         dims = [
             DimInfo(
                 dim=dim,
@@ -189,9 +207,17 @@ class Searcher:
                 ndcg_at_10=ndcg.get(dim),
                 recall_at_10=manifest.indexes[dim].recall_at_10,
                 search_ms=manifest.indexes[dim].search_ms,
+                measured_ndcg_at_10=measured.get(dim),
             )
             for dim in manifest.dims
         ]
+        loss = self._plans.encoder_loss
+        warning = None
+        if loss is not None and loss > MAX_ENCODER_LOSS:
+            warning = (
+                f"the {self.encoder.backend} query encoder loses {100 * loss:.2f}% NDCG@10 at some dim against the "
+                f"build's encoder (more than {100 * MAX_ENCODER_LOSS:g}%); /plans has its figures per plan"
+            )
         return IndexInfo(
             model=self.model_name,
             index_version=manifest.version,
@@ -201,30 +227,45 @@ class Searcher:
             num_vectors=manifest.num_vectors,
             built_at=manifest.built_at,
             dims=dims,
+            encoder_quality_loss=loss,
+            encoder_warning=warning,
         )
 
     # --- search -------------------------------------------------------------------------
     async def search(
-        self, queries: Sequence[str], dim: int | None, k: int, rerank_dim: int | None = None
+        self,
+        queries: Sequence[str],
+        dim: int | None,
+        k: int,
+        rerank_dim: int | None = None,
+        *,
+        min_quality: float | None = None,
+        latency_budget_ms: float | None = None,
     ) -> SearchResult:
         """Top ``k`` documents per query at ``dim``; with ``rerank_dim``, two-stage adaptive retrieval.
 
         Two-stage: shortlist ``k * rerank_candidates`` documents with the (small, fast) ``dim``
         index, then re-score them exactly with their full vectors truncated to ``rerank_dim``.
+        With ``min_quality`` or ``latency_budget_ms`` instead of dims, :mod:`service.planner` chooses the plan.
 
         Raises:
-            InvalidRequest: Bad k or query texts. UnknownDimension: ``dim``/``rerank_dim`` not served.
+            InvalidRequest: Bad k or query texts, dims and a target together, or a quality target on an index
+                without measured quality. UnknownDimension: ``dim``/``rerank_dim`` not served.
         """
         started = time.perf_counter()
         self.limits.check_texts(queries)
         self.limits.check_k(k)
+        choice = self._choose(dim, rerank_dim, min_quality, latency_budget_ms)
+        dim, rerank_dim, candidates = choice.plan.dim, choice.plan.rerank_dim, choice.plan.candidates or 1
         dim = self._check_dims(self._slot.current, dim, rerank_dim)  # fail before encoding
         vectors = await self._encode_queries(list(queries))
         encoded = time.perf_counter()
         # The lease is taken and released in the worker thread, so a cancelled request cannot
         # release it while the thread still searches.
         try:
-            version, hits, search_s, rerank_s = await asyncio.to_thread(self._search_sync, vectors, dim, k, rerank_dim)
+            version, hits, search_s, rerank_s = await asyncio.to_thread(
+                self._search_sync, vectors, dim, k, rerank_dim, candidates
+            )
         except EngineUnavailable as exc:  # Milvus down or slow: 503, and the requests after it too, until it answers
             logger.warning("search failed: %s", exc)
             raise NotReady(ENGINE_DOWN) from None
@@ -235,7 +276,59 @@ class Searcher:
             total_ms=_ms(time.perf_counter() - started),
         )
         self._observe_stages(dim, rerank_dim, encoded - started, search_s, rerank_s)
-        return SearchResult(dim, rerank_dim, k, version, hits, timings)
+        self._observe_plan(choice, time.perf_counter() - started, encoded - started)
+        return SearchResult(dim, rerank_dim, k, version, hits, timings, _plan_used(choice))
+
+    def _choose(
+        self, dim: int | None, rerank_dim: int | None, min_quality: float | None, latency_budget_ms: float | None
+    ) -> Choice:
+        if min_quality is None and latency_budget_ms is None:
+            return self._given(dim, rerank_dim)
+        if dim is not None or rerank_dim is not None:
+            raise InvalidRequest(BOTH_GIVEN)
+        plans = self._plans.plans
+        if min_quality is not None and not any(plan.ratio is not None for plan in plans):
+            raise InvalidRequest(NO_QUALITY)
+        choice = choose(plans, self._live, min_quality, latency_budget_ms)
+        for target in choice.missed:
+            self.metrics.targets_missed.labels(target=target).inc()
+        return choice
+
+    def _given(self, dim: int | None, rerank_dim: int | None) -> Choice:
+        """The plan a caller named by its dims (the default dim when none), with what was measured of it."""
+        index = self._slot.current
+        reason = "the dims the request gave" if dim is not None or rerank_dim is not None else "the default dim"
+        if dim is None:
+            dim = min(index.indexes) if rerank_dim is not None else self._default_dim
+        candidates = self.settings.rerank_candidates if rerank_dim is not None else None
+        wanted = Plan(dim, rerank_dim, candidates)
+        plan = next((p for p in self._plans.plans if p.key == wanted.key), wanted)
+        return Choice(plan, self._live.of(plan), reason)
+
+    def _observe_plan(self, choice: Choice, total_s: float, encode_s: float) -> None:
+        key = choice.plan.key
+        if self._plans.has(key):  # a bounded label: the index's plans only
+            self._live.observe(key, total_s, encode_s)
+            self.metrics.plan_requests.labels(plan=key).inc()
+
+    def plans(self) -> list[PlanInfo]:
+        """Every plan of the served index with its measured quality and its live latency."""
+        return [
+            PlanInfo(
+                key=plan.key,
+                dim=plan.dim,
+                rerank_dim=plan.rerank_dim,
+                candidates=plan.candidates,
+                ndcg_at_10=plan.ndcg_at_10,
+                recall_at_10=plan.recall_at_10,
+                ratio=plan.ratio,
+                quality_source=self._plans.source,
+                bytes_per_vector=plan.bytes_per_vector,
+                build_search_ms=plan.search_ms,
+                **_latency_fields(self._live.of(plan)),
+            )
+            for plan in self._plans.plans
+        ]
 
     async def _encode_queries(self, texts: list[str]) -> np.ndarray:
         if self._query_cache is None:
@@ -257,7 +350,7 @@ class Searcher:
         return dim
 
     def _search_sync(
-        self, vectors: np.ndarray, dim: int, k: int, rerank_dim: int | None
+        self, vectors: np.ndarray, dim: int, k: int, rerank_dim: int | None, candidates: int
     ) -> tuple[str, list[list[Hit]], float, float]:
         with self._slot.acquire() as index:
             self._check_dims(index, dim, rerank_dim)  # a reload may have changed the dims meanwhile
@@ -269,7 +362,7 @@ class Searcher:
                 dim,
                 k,
                 rerank_dim,
-                self.settings.rerank_candidates,
+                candidates,
                 search_lock=None if dim_index.thread_safe else self._search_lock,
             )
             hits = self._hits(index, found.scores, found.rows)
@@ -364,7 +457,13 @@ class Searcher:
             except ConfigurationError as exc:
                 index.close()
                 raise self._refused(previous, exc) from exc
+            try:
+                plans = await asyncio.to_thread(served_plans, index, self.encoder)
+            except Exception as exc:
+                index.close()
+                raise self._refused(previous, exc) from exc
             self._default_dim = default_dim
+            self._plans, self._live = plans, LiveLatency()
             self._slot.swap(index)
             self.metrics.set_index(_index_sizes(index))
             self.metrics.reloads.labels(outcome="changed").inc()
@@ -413,6 +512,79 @@ def _ndcg_by_dim(manifest: IndexManifest) -> dict[int, float]:
         if value is not None:
             result[int(dim)] = float(value)
     return result
+
+
+class ServedPlans:
+    """The plans of the served index, scored for the served query encoder where it is not the build's."""
+
+    def __init__(self, plans: list[Plan], source: str, encoder_loss: float | None = None) -> None:
+        self.plans = plans
+        self.source = source  # how their quality was measured
+        self.encoder_loss = encoder_loss  # the served encoder's largest NDCG@10 loss against the build's, if scored
+        self._keys = {plan.key for plan in plans}
+
+    def has(self, key: str) -> bool:
+        return key in self._keys
+
+    @classmethod
+    def of(cls, manifest: IndexManifest) -> ServedPlans:
+        """The manifest's plans; without any, one unmeasured single-stage plan per dim."""
+        plans = [Plan.from_dict(raw) for raw in manifest.plans]
+        if plans:
+            judged = manifest.judged_queries
+            on = f" on {len(judged['ids'])} judged queries of {judged['source']}" if judged else ""
+            source = plans[0].source + on
+            return cls(plans, source)
+        per_vector = {dim: entry.bytes / max(1, manifest.num_vectors) for dim, entry in manifest.indexes.items()}
+        search_ms = {dim: entry.search_ms for dim, entry in manifest.indexes.items()}
+        reported = plans_from_report(manifest.evaluation, manifest.dims, search_ms, per_vector)
+        if reported:  # built before plans were measured, from a model with a training report
+            return cls(reported, TRAINING_REPORT)
+        unmeasured = [Plan(dim, search_ms=manifest.indexes[dim].search_ms, bytes_per_vector=round(per_vector[dim], 2))
+                      for dim in sorted(manifest.dims, reverse=True)]  # fmt: skip
+        return cls(unmeasured, "not measured")
+
+
+def served_plans(index: LoadedIndex, loaded_encoder: LoadedEncoder) -> ServedPlans:
+    """The index's plans; with judged queries and a query encoder other than torch, scored again with its vectors."""
+    built = ServedPlans.of(index.manifest)
+    raw = index.manifest.judged_queries
+    if loaded_encoder.backend == "torch" or raw is None:
+        return built
+    judged = JudgedQueries.from_dict(raw)
+    queries = loaded_encoder.encoder.encode_queries(judged.texts)
+    ids = [doc.id if doc is not None else "" for doc in index.store.get(range(index.manifest.num_vectors))]
+    per_vector = {plan.dim: plan.bytes_per_vector for plan in built.plans if plan.rerank_dim is None}
+    plans = evaluate_plans(index.indexes, index.vectors, ids, queries, judged, per_vector)
+    by_key = {plan.key: plan for plan in built.plans if plan.rerank_dim is None and plan.ndcg_at_10}
+    losses = [1 - p.ndcg_at_10 / by_key[p.key].ndcg_at_10 for p in plans if p.key in by_key and p.ndcg_at_10]
+    loss = round(max(losses), 5) if losses else None
+    logger.info("plans scored again with the %s query encoder: largest NDCG@10 loss %s", loaded_encoder.backend, loss)
+    return ServedPlans(plans, f"measured with the {loaded_encoder.backend} query encoder on {judged.source}", loss)
+
+
+def _plan_used(choice: Choice) -> PlanUsed:
+    plan = choice.plan
+    return PlanUsed(
+        key=plan.key,
+        dim=plan.dim,
+        rerank_dim=plan.rerank_dim,
+        candidates=plan.candidates,
+        expected_ndcg_at_10=plan.ndcg_at_10,
+        expected_ratio=plan.ratio,
+        reason=choice.reason,
+        targets_missed=list(choice.missed),
+        **(_latency_fields(choice.latency) if choice.latency else {}),
+    )
+
+
+def _latency_fields(latency) -> dict:
+    return {
+        "p50_ms": latency.p50_ms,
+        "p95_ms": latency.p95_ms,
+        "latency_samples": latency.samples,
+        "latency_source": latency.source,
+    }
 
 
 def _index_sizes(index: LoadedIndex) -> dict[int, tuple[int, int]]:

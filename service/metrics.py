@@ -71,6 +71,18 @@ class ServiceMetrics:
             ["result"],
             registry=reg,
         )
+        self.plan_requests = Counter(
+            f"{PREFIX}_plan_requests",
+            "Searches by the plan that answered them (64, or 64>384x10 for two-stage; the index's plans only)",
+            ["plan"],
+            registry=reg,
+        )
+        self.targets_missed = Counter(
+            f"{PREFIX}_targets_missed",
+            "Searches whose quality or latency target no plan could meet (the closest plan answered)",
+            ["target"],
+            registry=reg,
+        )
         self.reloads = Counter(f"{PREFIX}_index_reloads", "Index reloads, by outcome", ["outcome"], registry=reg)
         self.queued_texts = Gauge(f"{PREFIX}_encode_queue_texts", "Texts waiting for the encoder", registry=reg)
         self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "Requests being answered now", registry=reg)

@@ -3,9 +3,10 @@
 FastAPI derives the schema from the route signatures and request models, which know
 neither the settings (``max_k``, ``max_query_chars``, ``max_batch_queries``) nor the dims of
 the served index. :func:`service_openapi` adds them, so that every request the schema
-calls valid is one the service accepts, with the one exception the schema cannot state:
-``rerank_dim`` must be larger than ``dim``. The schema is rebuilt when a reload changes the
-served version.
+calls valid is one the service accepts, with the exceptions the schema cannot state:
+``rerank_dim`` must be larger than ``dim``; a request gives dims or a target, not both; and a
+quality target needs an index with measured quality. The schema is rebuilt when a reload
+changes the served version.
 """
 
 from __future__ import annotations

@@ -33,6 +33,44 @@ class Timings:
 
 
 @dataclass
+class PlanUsed:
+    """The plan a search ran, what it was measured at, and why it was chosen."""
+
+    key: str
+    dim: int
+    rerank_dim: int | None
+    candidates: int | None
+    expected_ndcg_at_10: float | None
+    expected_ratio: float | None
+    reason: str
+    targets_missed: list[str] = field(default_factory=list)
+    p50_ms: float | None = None
+    p95_ms: float | None = None
+    latency_samples: int = 0
+    latency_source: str | None = None
+
+
+@dataclass
+class PlanInfo:
+    """One plan of the served index: measured quality, memory, build-time and live latency."""
+
+    key: str
+    dim: int
+    rerank_dim: int | None
+    candidates: int | None
+    ndcg_at_10: float | None
+    recall_at_10: float | None
+    ratio: float | None
+    quality_source: str
+    bytes_per_vector: float
+    build_search_ms: float | None
+    p50_ms: float
+    p95_ms: float
+    latency_samples: int
+    latency_source: str
+
+
+@dataclass
 class SearchResult:
     """Hits per query, in query order, and how they were found."""
 
@@ -42,6 +80,7 @@ class SearchResult:
     index_version: str
     hits: list[list[Hit]]
     timings: Timings
+    plan: PlanUsed | None = None
 
 
 @dataclass
@@ -65,6 +104,7 @@ class DimInfo:
     ndcg_at_10: float | None
     recall_at_10: float | None
     search_ms: float | None
+    measured_ndcg_at_10: float | None = None  # the single-stage plan's, for the served query encoder
 
 
 @dataclass
@@ -79,6 +119,8 @@ class IndexInfo:
     num_vectors: int
     built_at: str
     dims: list[DimInfo] = field(default_factory=list)
+    encoder_quality_loss: float | None = None  # largest NDCG@10 loss of the served encoder against the build's
+    encoder_warning: str | None = None
 
 
 @dataclass

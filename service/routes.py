@@ -10,14 +10,18 @@ from service.deps import SearcherDep, StateDep
 from service.errors import NotReady
 from service.metrics import CONTENT_TYPE
 from service.schemas import (
+    BUDGET_DESCRIPTION,
     DIM_DESCRIPTION,
     K_DESCRIPTION,
+    MIN_QUALITY_DESCRIPTION,
     RERANK_DESCRIPTION,
     DimsResponse,
     EmbeddingRequest,
     EmbeddingResponse,
     ErrorResponse,
     HealthResponse,
+    PlanModel,
+    PlansResponse,
     ReadyResponse,
     ReloadResponse,
     SearchRequest,
@@ -53,9 +57,15 @@ async def search_get(
     dim: Annotated[int | None, Query(description=DIM_DESCRIPTION, examples=[256])] = None,
     k: Annotated[int, Query(description=K_DESCRIPTION, examples=[10])] = 10,
     rerank_dim: Annotated[int | None, Query(description=RERANK_DESCRIPTION, examples=[384])] = None,
+    min_quality: Annotated[
+        float | None, Query(gt=0, le=1, description=MIN_QUALITY_DESCRIPTION, examples=[0.98])
+    ] = None,
+    latency_budget_ms: Annotated[float | None, Query(gt=0, description=BUDGET_DESCRIPTION, examples=[20])] = None,
 ) -> SearchResponse:
-    """The top `k` passages for `q`, by cosine similarity at dimension `dim`."""
-    result = await searcher.search([q], dim, k, rerank_dim)
+    """The top `k` passages for `q`, by cosine similarity at dimension `dim` (or the plan a target chose)."""
+    result = await searcher.search(
+        [q], dim, k, rerank_dim, min_quality=min_quality, latency_budget_ms=latency_budget_ms
+    )
     label_dim(request, result.dim)
     return SearchResponse.of(result, [q])
 
@@ -64,7 +74,9 @@ async def search_get(
 async def search_post(request: Request, searcher: SearcherDep, body: SearchRequest) -> SearchResponse:
     """`query` or a batch of `queries`, encoded together and searched at `dim`."""
     texts = body.texts()
-    result = await searcher.search(texts, body.dim, body.k, body.rerank_dim)
+    result = await searcher.search(
+        texts, body.dim, body.k, body.rerank_dim, min_quality=body.min_quality, latency_budget_ms=body.latency_budget_ms
+    )
     label_dim(request, result.dim)
     return SearchResponse.of(result, texts)
 
@@ -82,6 +94,15 @@ async def embeddings(request: Request, searcher: SearcherDep, body: EmbeddingReq
 async def dims(searcher: SearcherDep) -> DimsResponse:
     """Every dim with its measured NDCG@10 (from the manifest), index type, size and vector count."""
     return DimsResponse.of(searcher.info())
+
+
+@search_router.get("/plans", response_model=PlansResponse, summary="Plans: measured quality and live latency")
+async def plans(searcher: SearcherDep) -> PlansResponse:
+    """Every plan (dim, or two-stage dim → rerank_dim with its candidates) the targets choose from."""
+    return PlansResponse(
+        index_version=searcher.index_version,
+        plans=[PlanModel.model_validate(plan, from_attributes=True) for plan in searcher.plans()],
+    )
 
 
 @admin_router.post(

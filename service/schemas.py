@@ -16,6 +16,14 @@ RERANK_DESCRIPTION = (
     "then re-score them exactly at this larger dimension"
 )
 K_DESCRIPTION = "number of hits per query (1 to the server's max_k, 100 by default)"
+MIN_QUALITY_DESCRIPTION = (
+    "instead of dim: the least NDCG@10 wanted, as a fraction of the full dim's (0.98 = 98%); the service answers "
+    "with the fastest plan measured to reach it (see GET /plans)"
+)
+BUDGET_DESCRIPTION = (
+    "instead of dim: the whole request's time budget in ms; the service answers with the best-measured plan whose "
+    "live p95 fits it, or with the fastest plan (and says so) when none does"
+)
 
 
 # --- errors -------------------------------------------------------------------------------
@@ -54,6 +62,8 @@ class SearchRequest(BaseModel):
     dim: int | None = Field(None, description=DIM_DESCRIPTION, examples=[256])
     k: int = Field(10, description=K_DESCRIPTION, examples=[10])
     rerank_dim: int | None = Field(None, description=RERANK_DESCRIPTION, examples=[384])
+    min_quality: float | None = Field(None, gt=0, le=1, description=MIN_QUALITY_DESCRIPTION, examples=[0.98])
+    latency_budget_ms: float | None = Field(None, gt=0, description=BUDGET_DESCRIPTION, examples=[20])
 
     @model_validator(mode="after")
     def _one_of_query_or_queries(self) -> SearchRequest:
@@ -86,6 +96,23 @@ class TimingsModel(BaseModel):
     total_ms: float
 
 
+class PlanUsedModel(BaseModel):
+    key: str = Field(description="the plan's name: 64, or 64>384x10 (shortlist 10 x k at 64, re-scored at 384)")
+    dim: int
+    rerank_dim: int | None
+    candidates: int | None = Field(description="two-stage: the shortlist holds k times this many documents")
+    expected_ndcg_at_10: float | None = Field(description="measured for this plan (null if not measured)")
+    expected_ratio: float | None = Field(description="that NDCG@10 as a fraction of the full dim's")
+    reason: str = Field(description="why this plan answered")
+    targets_missed: list[str] = Field(description="targets no plan could meet: quality, latency")
+    p50_ms: float | None = Field(None, description="the plan's expected whole-request p50")
+    p95_ms: float | None = Field(None, description="and p95")
+    latency_samples: int = Field(0, description="recent requests of this plan behind those figures")
+    latency_source: str | None = Field(
+        None, description="live (recent requests), or estimate (build-time search + live encoding)"
+    )
+
+
 class SearchResponse(BaseModel):
     dim: int = Field(description="the dimension searched")
     rerank_dim: int | None = Field(description="the re-scoring dimension, if two-stage")
@@ -93,6 +120,7 @@ class SearchResponse(BaseModel):
     index_version: str
     results: list[QueryHits] = Field(description="one entry per query, in request order")
     timings_ms: TimingsModel
+    plan: PlanUsedModel | None = Field(None, description="the plan that answered, its expected quality, and why")
 
     @classmethod
     def of(cls, result: SearchResult, queries: list[str]) -> SearchResponse:
@@ -106,6 +134,7 @@ class SearchResponse(BaseModel):
                 for query, hits in zip(queries, result.hits, strict=True)
             ],
             timings_ms=TimingsModel.model_validate(result.timings, from_attributes=True),
+            plan=PlanUsedModel.model_validate(result.plan, from_attributes=True) if result.plan else None,
         )
 
 
@@ -184,6 +213,9 @@ class DimModel(BaseModel):
     vectors: int
     recall_at_10: float | None = Field(description="recall@10 against exact search (null for an exact index)")
     search_ms: float | None = Field(description="one query, k=10, measured at build time")
+    measured_ndcg_at_10: float | None = Field(
+        None, description="NDCG@10 of this dim's plan on the index's judged queries, with the served query encoder"
+    )
 
 
 class DimsResponse(BaseModel):
@@ -195,10 +227,36 @@ class DimsResponse(BaseModel):
     num_vectors: int
     built_at: str
     dims: list[DimModel]
+    encoder_quality_loss: float | None = Field(
+        None, description="largest NDCG@10 loss of the served query encoder against the build's, at any dim"
+    )
+    encoder_warning: str | None = Field(None, description="set when that loss is over 0.5%")
 
     @classmethod
     def of(cls, info: IndexInfo) -> DimsResponse:
         return cls.model_validate(info, from_attributes=True)
+
+
+class PlanModel(BaseModel):
+    key: str
+    dim: int
+    rerank_dim: int | None
+    candidates: int | None
+    ndcg_at_10: float | None
+    recall_at_10: float | None
+    ratio: float | None = Field(description="NDCG@10 as a fraction of the full dim's")
+    quality_source: str
+    bytes_per_vector: float
+    build_search_ms: float | None = Field(description="one query's search (and re-scoring) at build time")
+    p50_ms: float = Field(description="whole-request p50: live, or estimated (latency_source)")
+    p95_ms: float
+    latency_samples: int
+    latency_source: str
+
+
+class PlansResponse(BaseModel):
+    index_version: str
+    plans: list[PlanModel]
 
 
 class HealthResponse(BaseModel):

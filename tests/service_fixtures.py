@@ -105,6 +105,14 @@ def add_evaluation(root: Path, ndcg: dict[int, float]) -> None:
     (folder / "manifest.json").write_text(json.dumps(manifest.to_dict()))
 
 
+def add_plans(root: Path, plans: list) -> None:
+    """Replace the current manifest's plans (``index.plans.Plan`` objects) with ``plans``."""
+    folder = resolve_version(root)
+    manifest = IndexManifest.read(folder)
+    manifest.plans = [plan.to_dict() for plan in plans]
+    (folder / "manifest.json").write_text(json.dumps(manifest.to_dict()))
+
+
 def keyword_loader(encoder: ServiceKeywordEncoder, fingerprint: str = FINGERPRINT):
     def load(settings: ServiceSettings, manifest: IndexManifest) -> LoadedEncoder:
         return LoadedEncoder(encoder, fingerprint, "fake")

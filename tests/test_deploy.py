@@ -50,9 +50,10 @@ def exposed(tmp_path_factory) -> dict[str, set[str]]:
     """Every series name of a live app's /metrics with its label names, after requests that touch every metric."""
     root = tmp_path_factory.mktemp("deploy") / "index"
     build_keyword_index(write_data(root.parent / "data"), root)
-    with serve(root) as client:
+    with serve(root, query_cache_size=4) as client:
         for dim in (8, 4):
             assert client.get("/search", params={"q": "fever", "dim": dim}).status_code == 200
+        assert client.get("/search", params={"q": "fever", "latency_budget_ms": 0.001}).status_code == 200
         assert client.get("/search", params={"q": "rash", "dim": 2, "rerank_dim": 8}).status_code == 200
         assert client.post("/v1/embeddings", json={"input": "cough", "dimensions": 4}).status_code == 200
         assert client.get("/search", params={"q": "fever", "dim": 3}).status_code == 422

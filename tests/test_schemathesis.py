@@ -7,8 +7,10 @@ carries the served dims and the settings' limits) and runs every check on every 
 with positive and negative data, in its examples, coverage and fuzzing phases. With the key,
 every operation is run once with ``X-API-Key`` and once with ``Authorization: Bearer``.
 
-The one rule the schema cannot state, ``rerank_dim`` larger than ``dim``, is the only
-rejection of schema-valid data that :func:`positive_data_acceptance_but_rerank_rule` excuses.
+The rules the schema cannot state are the only rejections of schema-valid data that
+:func:`positive_data_acceptance_but_rerank_rule` excuses: ``rerank_dim`` larger than ``dim``; dims
+or a target (``min_quality``, ``latency_budget_ms``), not both; and no quality target on an index
+without measured quality (the keyword index here has none).
 Fuzzing reaches the odd whitespace characters on which JSON Schema's regexes (ECMA-262) and
 Python's differ only by chance, so :func:`test_schema_and_service_agree_on_blank_text` tries each.
 """
@@ -35,6 +37,7 @@ from schemathesis.openapi.checks import RejectedPositiveData
 
 from service.app import create_app
 from service.cli import uvicorn_config
+from service.engine import BOTH_GIVEN, NO_QUALITY
 from service.settings import ServiceSettings
 from tests.service_fixtures import ServiceKeywordEncoder, build_keyword_index, keyword_loader, write_data
 
@@ -169,9 +172,24 @@ def positive_data_acceptance_but_rerank_rule(ctx: Any, response: Any, case: Any)
     try:
         return positive_data_acceptance(ctx, response, case)
     except RejectedPositiveData:
-        if not breaks_rerank_rule(response, case):
+        if not (breaks_rerank_rule(response, case) or breaks_target_rule(response, case)):
             raise
         return None
+
+
+def breaks_target_rule(response: Any, case: Any) -> bool:
+    """True if ``response`` is the 422 for dims sent with a target, or for a quality target this index cannot meet."""
+    if response.status_code != 422:
+        return False
+    try:
+        message = response.json()["error"]["message"]
+    except (ValueError, KeyError, TypeError):
+        return False
+    dims = _sent(case, "dim") is not None or _sent(case, "rerank_dim") is not None
+    targets = _sent(case, "min_quality") is not None or _sent(case, "latency_budget_ms") is not None
+    if message == BOTH_GIVEN:
+        return dims and targets
+    return message == NO_QUALITY and _sent(case, "min_quality") is not None
 
 
 def breaks_rerank_rule(response: Any, case: Any) -> bool:

@@ -16,11 +16,13 @@ import pytest
 from core.matryoshka import truncate_normalize
 from core.models import ModelError
 from index.manifest import IndexFolderError
+from index.plans import Plan
 from service.engine import ConfigurationError
 from tests.service_fixtures import (
     DIMS,
     ServiceKeywordEncoder,
     add_evaluation,
+    add_plans,
     build_keyword_index,
     keyword_loader,
     serve,
@@ -535,3 +537,116 @@ def top_of(root: Path, query: str, dim: int) -> list[tuple[str, float]]:
 def test_query_cache_is_off_by_default(client):
     client.get("/search", params={"q": "fever"})
     assert "mrl_query_cache_lookups_total{" not in client.get("/metrics").text
+
+
+# --- quality and latency targets ----------------------------------------------------------
+
+# Hand-made plans of the keyword index (dims 8, 4, 2): qualities and build-time search times known.
+PLANS = [
+    Plan(8, ndcg_at_10=0.9, ratio=1.0, search_ms=30.0, bytes_per_vector=32),
+    Plan(4, ndcg_at_10=0.855, ratio=0.95, search_ms=10.0, bytes_per_vector=16),
+    Plan(2, ndcg_at_10=0.63, ratio=0.7, search_ms=1.0, bytes_per_vector=8),
+    Plan(2, 8, 3, ndcg_at_10=0.9, ratio=1.0, search_ms=20.0, bytes_per_vector=40),
+]
+
+
+@pytest.fixture(scope="module")
+def planned(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("planned") / "index"
+    build_keyword_index(write_data(root.parent / "data"), root)
+    add_plans(root, PLANS)
+    return root
+
+
+def search_plan(client, **params) -> dict:
+    response = client.get("/search", params={"q": "fever cough", **params})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+@pytest.mark.parametrize(
+    ("params", "key", "missed"),
+    [
+        ({"min_quality": 1.0}, "2>8x3", []),  # 20 ms beats 8's 30 ms at full quality
+        ({"min_quality": 0.9}, "4", []),
+        ({"min_quality": 0.5}, "2", []),
+        ({"latency_budget_ms": 25}, "2>8x3", []),  # the best that fits; 8 does not
+        ({"latency_budget_ms": 15}, "4", []),
+        ({"latency_budget_ms": 0.5}, "2", ["latency"]),  # none fits: the fastest
+        ({"min_quality": 1.0, "latency_budget_ms": 15}, "4", ["quality"]),
+    ],
+)
+def test_targets_choose_the_plan_the_measurements_say(planned: Path, params: dict, key: str, missed: list):
+    with serve(planned) as client:
+        body = search_plan(client, **params)
+        plan = body["plan"]
+        assert plan["key"] == key and plan["targets_missed"] == missed and plan["reason"]
+        assert (body["dim"], body["rerank_dim"]) == (plan["dim"], plan["rerank_dim"])
+        measured = next(p for p in PLANS if p.key == key)
+        assert (plan["expected_ndcg_at_10"], plan["expected_ratio"]) == (measured.ndcg_at_10, measured.ratio)
+        assert plan["latency_source"] == "estimate" and plan["latency_samples"] == 0
+        dims = {"dim": plan["dim"]} | ({"rerank_dim": plan["rerank_dim"]} if plan["rerank_dim"] else {})
+        same = search_plan(client, **dims)
+        assert same["results"] == body["results"]  # the plan's dims, asked for by hand, give the same hits
+
+
+def test_post_search_takes_targets_and_every_response_names_its_plan(planned: Path):
+    with serve(planned) as client:
+        response = client.post("/search", json={"queries": ["fever", "rash"], "min_quality": 0.9})
+        assert response.status_code == 200, response.text
+        assert response.json()["plan"]["key"] == "4" and len(response.json()["results"]) == 2
+        explicit = search_plan(client, dim=2)["plan"]
+        assert explicit["key"] == "2" and explicit["reason"] == "the dims the request gave"
+        assert explicit["expected_ratio"] == 0.7
+        assert search_plan(client)["plan"]["reason"] == "the default dim"
+
+
+def test_live_latency_replaces_the_estimate_after_enough_requests(planned: Path):
+    with serve(planned) as client:
+        for _ in range(20):
+            search_plan(client, dim=2)
+        plans = {plan["key"]: plan for plan in client.get("/plans").json()["plans"]}
+        assert plans["2"]["latency_source"] == "live" and plans["2"]["latency_samples"] == 20
+        assert 0 < plans["2"]["p50_ms"] < 10.0  # whole requests with the keyword encoder: a few ms at most
+        assert plans["8"]["latency_source"] == "estimate" and plans["8"]["p50_ms"] >= 30.0
+        text = client.get("/metrics").text
+    assert 'mrl_plan_requests_total{plan="2"} 20.0' in text
+
+
+def test_plans_lists_every_plan_with_its_quality_and_latency(planned: Path):
+    with serve(planned) as client:
+        body = client.get("/plans").json()
+    assert [plan["key"] for plan in body["plans"]] == ["8", "4", "2", "2>8x3"]
+    first = body["plans"][0]
+    assert first["ndcg_at_10"] == 0.9 and first["ratio"] == 1.0 and first["bytes_per_vector"] == 32
+    assert first["build_search_ms"] == 30.0 and first["quality_source"] == "measured"
+
+
+def test_target_errors_say_what_to_do(planned: Path, tmp_path: Path):
+    with serve(planned) as client:
+        assert_error(client.get("/search", params={"q": "fever", "dim": 4, "min_quality": 0.9}), 422,
+                     "invalid_request", "give either dim (and rerank_dim) or a target")  # fmt: skip
+        body = {"query": "fever", "rerank_dim": 8, "latency_budget_ms": 5}
+        assert_error(client.post("/search", json=body), 422, "invalid_request", "not both")
+        assert_error(client.get("/search", params={"q": "fever", "min_quality": 1.5}), 422, "invalid_request")
+        assert_error(client.get("/search", params={"q": "fever", "latency_budget_ms": 0}), 422, "invalid_request")
+        assert client.get("/search", params={"q": "fever", "latency_budget_ms": 0.001}).status_code == 200
+        assert 'mrl_targets_missed_total{target="latency"} 1.0' in client.get("/metrics").text
+    bare = tmp_path / "bare"
+    build_keyword_index(write_data(tmp_path / "data"), bare)
+    with serve(bare) as client:
+        assert_error(client.get("/search", params={"q": "fever", "min_quality": 0.9}), 422, "invalid_request",
+                     "no measured quality", "mrl index build --eval-data")  # fmt: skip
+        assert search_plan(client, latency_budget_ms=1000)["plan"]["key"] == "8"  # unmeasured: the largest that fits
+
+
+def test_training_report_figures_make_single_stage_plans(keyword_index: Path):
+    with serve(keyword_index) as client:  # its manifest has a training report's NDCG: 8 → 0.9, 4 → 0.75
+        plans = client.get("/plans").json()["plans"]
+        assert [(p["key"], p["ratio"], p["quality_source"]) for p in plans] == [
+            ("8", 1.0, "training report"),
+            ("4", 0.8333, "training report"),
+        ]
+        assert search_plan(client, min_quality=0.9)["plan"]["key"] == "8"
+        either = search_plan(client, min_quality=0.8)["plan"]  # both meet it: the one estimated faster answers
+        assert either["key"] in ("8", "4") and either["expected_ratio"] >= 0.8

@@ -43,7 +43,7 @@ QUERIES = [query for query, _ in JUDGED]
 @pytest.fixture(scope="module")
 def sample_index(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("served") / "index"
-    build_index(BuildConfig(data=SAMPLE, output=root, device="cpu", progress=False))
+    build_index(BuildConfig(data=SAMPLE, output=root, device="cpu", progress=False, eval_data=SAMPLE))
     return root
 
 
@@ -116,7 +116,13 @@ def test_onnx_encoder_agrees_with_torch(client, sample_index: Path, tmp_path_fac
     )
     texts = [*QUERIES, "word " * 390]  # the last one is cut at the token limit
     with TestClient(create_app(settings)) as onnx:
-        assert onnx.get("/dims").json()["encoder"] == "onnx"
+        dims = onnx.get("/dims").json()
+        assert dims["encoder"] == "onnx"
+        # its plans were scored again with its own query vectors; float32 loses nothing, int8 is measured
+        loss = dims["encoder_quality_loss"]
+        assert loss is not None and (loss <= 0.001 if not quantize else loss < 0.1)
+        assert (dims["encoder_warning"] is not None) == (loss > 0.005)
+        assert onnx.get("/plans").json()["plans"][0]["quality_source"].startswith("measured with the onnx")
         assert type(onnx.app.state.service.searcher.encoder.encoder).__name__ == "OnnxEncoder"  # no torch per query
         onnx_vectors = embed(onnx, texts, input_type="query")
         onnx_usage = onnx.post("/v1/embeddings", json={"input": texts}).json()["usage"]
@@ -127,6 +133,25 @@ def test_onnx_encoder_agrees_with_torch(client, sample_index: Path, tmp_path_fac
     assert onnx_usage == client.post("/v1/embeddings", json={"input": texts}).json()["usage"]
     if not quantize:
         assert onnx_top == hit_ids(client.get("/search", params={"q": QUERIES[0], "k": 1}))
+
+
+def test_targets_choose_measured_plans_on_the_real_model(client):
+    from core.data import load_beir
+    from core.models import SentenceTransformerEncoder, load_model
+    from training.evaluate import evaluate
+
+    plans = {plan["key"]: plan for plan in client.get("/plans").json()["plans"]}
+    assert {"384", "64", "64>384x2"} <= set(plans) or {"384", "64"} <= set(plans)
+    assert all(plan["quality_source"].startswith("measured on 120 judged queries") for plan in plans.values())
+    full = client.get("/search", params={"q": QUERIES[0], "min_quality": 1.0}).json()["plan"]
+    meeting = [plan for plan in plans.values() if plan["ratio"] >= 1.0]
+    assert full["expected_ratio"] >= 1.0 and full["p50_ms"] == min(plan["p50_ms"] for plan in meeting)
+    lower = client.get("/search", params={"q": QUERIES[0], "min_quality": 0.8}).json()["plan"]
+    assert plans[lower["key"]]["bytes_per_vector"] < plans["384"]["bytes_per_vector"] and lower["expected_ratio"] >= 0.8
+    # the plans' NDCG@10 is what `mrl eval` measures for the model at each dim
+    reported = evaluate(SentenceTransformerEncoder(load_model(None), "base"), load_beir(SAMPLE, ["test"]), "test", DIMS)
+    for dim in DIMS:
+        assert plans[str(dim)]["ndcg_at_10"] == pytest.approx(reported.by_dim[dim]["ndcg@10"], abs=1e-4)
 
 
 def test_onnx_keeps_sentence_transformers_around_a_layout_it_cannot_run_alone(tmp_path: Path):

@@ -1,0 +1,124 @@
+"""Choosing a plan for a quality target or a latency budget, from measurements only.
+
+Quality comes from the index's measured plans (``index.plans``). Latency is live: the whole
+request time of the last :data:`WINDOW` requests of each plan. Until a plan has
+:data:`MIN_SAMPLES` of them, its latency is estimated as its build-time search time plus the
+live encoding time of recent requests (encoding is the same for every plan).
+
+- ``min_quality`` alone: of the plans whose measured ratio to the full dim meets it, the one
+  with the lowest p50 (bytes per vector break ties); none: the best-measured plan, and why.
+- ``latency_budget_ms`` alone: the highest-quality plan whose p95 fits; none: the fastest.
+- both: the cheapest plan meeting both; else the highest-quality plan within the budget; else
+  the fastest. The budget is kept before the quality target: a caller with a deadline gets an
+  answer in time.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+import numpy as np
+
+from index.plans import Plan
+
+WINDOW = 200  # recent requests per plan whose latency is kept
+MIN_SAMPLES = 20  # requests of a plan before its live latency replaces the estimate
+QUALITY, LATENCY = "quality", "latency"
+
+
+@dataclass(frozen=True)
+class Latency:
+    """A plan's expected whole-request latency and where the figure comes from."""
+
+    p50_ms: float
+    p95_ms: float
+    samples: int
+    source: str  # "live" or "estimate" (build-time search + live encoding)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The plan chosen for a request, what it is expected to cost, and why."""
+
+    plan: Plan
+    latency: Latency | None
+    reason: str
+    missed: tuple[str, ...] = ()  # targets the plan does not meet: "quality", "latency"
+
+
+class LiveLatency:
+    """Whole-request seconds of recent requests, per plan key, and of encoding across all plans."""
+
+    def __init__(self, window: int = WINDOW) -> None:
+        self._window = window
+        self._by_plan: dict[str, deque[float]] = {}
+        self._encode: deque[float] = deque(maxlen=window)
+
+    def observe(self, key: str, total_s: float, encode_s: float) -> None:
+        self._by_plan.setdefault(key, deque(maxlen=self._window)).append(total_s)
+        self._encode.append(encode_s)
+
+    def of(self, plan: Plan, min_samples: int = MIN_SAMPLES) -> Latency:
+        seconds = self._by_plan.get(plan.key, ())
+        if len(seconds) >= min_samples:
+            p50, p95 = np.percentile(np.asarray(seconds) * 1000, [50, 95])
+            return Latency(round(float(p50), 3), round(float(p95), 3), len(seconds), "live")
+        encode_ms = float(np.median(self._encode)) * 1000 if self._encode else 0.0
+        estimate = round((plan.search_ms or 0.0) + encode_ms, 3)
+        return Latency(estimate, estimate, len(seconds), "estimate")
+
+
+def choose(plans: list[Plan], live: LiveLatency, min_quality: float | None, latency_budget_ms: float | None) -> Choice:
+    """The plan for these targets (at least one given; ``plans`` not empty)."""
+    latency = {plan.key: live.of(plan) for plan in plans}
+    quality = lambda plan: plan.ratio if plan.ratio is not None else -1.0  # noqa: E731
+    cheapest = lambda plan: (latency[plan.key].p50_ms, plan.bytes_per_vector)  # noqa: E731
+    # the best: measured quality first (unmeasured plans: the larger dim), then speed, then memory
+    best = lambda plan: (quality(plan), plan.dim if plan.ratio is None else 0, -latency[plan.key].p95_ms,  # noqa: E731
+                         -plan.bytes_per_vector)  # fmt: skip
+    fastest = min(plans, key=lambda plan: (latency[plan.key].p95_ms, plan.bytes_per_vector))
+    meets = [p for p in plans if min_quality is None or (p.ratio is not None and p.ratio >= min_quality)]
+    fits = [p for p in plans if latency_budget_ms is None or latency[p.key].p95_ms <= latency_budget_ms]
+
+    def done(plan: Plan, reason: str, missed: tuple[str, ...] = ()) -> Choice:
+        return Choice(plan, latency[plan.key], reason, missed)
+
+    if min_quality is not None and latency_budget_ms is None:
+        if meets:
+            plan = min(meets, key=cheapest)
+            return done(plan, f"the fastest plan measured at ≥ {_pct(min_quality)} of full quality ({_of(plan)})")
+        plan = max(plans, key=best)
+        return done(plan, f"no plan reaches {_pct(min_quality)} of full quality; the best measured: {_of(plan)}",
+                    (QUALITY,))  # fmt: skip
+    if latency_budget_ms is not None and min_quality is None:
+        if fits:
+            plan = max(fits, key=best)
+            return done(plan, f"the best-measured plan whose p95 fits {latency_budget_ms:g} ms ({_of(plan)})")
+        return done(fastest, f"no plan's p95 fits {latency_budget_ms:g} ms; the fastest plan", (LATENCY,))
+    both = [p for p in meets if p in fits]
+    if both:
+        plan = min(both, key=cheapest)
+        return done(
+            plan,
+            f"the fastest plan measured at ≥ {_pct(min_quality)} of full quality whose p95 fits "
+            f"{latency_budget_ms:g} ms ({_of(plan)})",
+        )
+    if fits:
+        plan = max(fits, key=best)
+        return done(
+            plan,
+            f"no plan within {latency_budget_ms:g} ms reaches {_pct(min_quality)} of full quality; the best-measured "
+            f"plan within the budget ({_of(plan)})",
+            (QUALITY,),
+        )
+    return done(fastest, f"no plan's p95 fits {latency_budget_ms:g} ms; the fastest plan", (LATENCY, QUALITY))
+
+
+def _pct(ratio: float | None) -> str:
+    return f"{100 * (ratio or 0):.1f}%"
+
+
+def _of(plan: Plan) -> str:
+    measured = f"{_pct(plan.ratio)} of full" if plan.ratio is not None else "quality not measured"
+    return f"plan {plan.key}: {measured}"
