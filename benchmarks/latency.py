@@ -66,6 +66,7 @@ class LatencyConfig:
     warmup: int = 20  # unmeasured requests per cell (at least one per connection)
     encoders: list[str] = field(default_factory=lambda: ["torch", "onnx"])
     rerank: bool = False  # add cells dim=smallest, rerank_dim=full
+    targets: list[str] = field(default_factory=list)  # e.g. "min_quality=0.98", "latency_budget_ms=10": plan cells
     k: int = 10
     device: str = "auto"
     encoder_threads: int | None = None
@@ -85,9 +86,12 @@ class Cell:
     dim: int
     concurrency: int
     rerank_dim: int | None = None
+    target: str | None = None  # instead of dims: query parameters of a quality or latency target ("a=1&b=2")
 
     @property
     def label(self) -> str:
+        if self.target:
+            return f"{self.target}, concurrency {self.concurrency}"
         rerank = f"→{self.rerank_dim}" if self.rerank_dim else ""
         return f"dim {self.dim}{rerank}, concurrency {self.concurrency}"
 
@@ -120,6 +124,8 @@ class CellResult:
     wall_s: float
     server_ms: dict[str, float | None]
     first_error: str | None = None
+    target: str | None = None
+    plans: dict[str, int] | None = None  # the plans that answered (from each response), with their counts
 
     @property
     def cut_short(self) -> bool:
@@ -152,17 +158,46 @@ def check_config(config: LatencyConfig, manifest: IndexManifest) -> list[int]:
     missing = [d for d in dims if d not in manifest.dims]
     if missing:
         raise DimensionError(f"dims {missing} are not in the index (it has {manifest.dims})")
+    for target in config.targets:
+        target_params(target)  # raises ConfigError for a malformed one
     if config.rerank and min(dims) >= manifest.model.full_dim:
         raise ConfigError(f"--rerank needs a dim below the full dimension {manifest.model.full_dim} in --dims")
     return dims
 
 
-def plan_cells(dims: list[int], concurrency: list[int], rerank_dim: int | None = None) -> list[Cell]:
-    """Every dim at every concurrency, then (with ``rerank_dim``) the smallest dim re-scored at ``rerank_dim``."""
+TARGETS = ("min_quality", "latency_budget_ms")
+
+
+def plan_cells(
+    dims: list[int], concurrency: list[int], rerank_dim: int | None = None, targets: list[str] | None = None
+) -> list[Cell]:
+    """Every dim at every concurrency; (with ``rerank_dim``) the smallest dim re-scored there; then each target."""
     cells = [Cell(dim, level) for dim in dims for level in concurrency]
     if rerank_dim is not None:
         cells += [Cell(min(dims), level, rerank_dim) for level in concurrency]
+    cells += [Cell(0, level, target=target) for target in targets or [] for level in concurrency]
     return cells
+
+
+def target_params(target: str) -> dict[str, float]:
+    """``min_quality=0.98+latency_budget_ms=20`` → its query parameters.
+
+    Raises:
+        ConfigError: An unknown name or a value that is not a positive number.
+    """
+    params = {}
+    for part in target.split("+"):
+        name, _, value = part.partition("=")
+        try:
+            number = float(value)
+        except ValueError:
+            number = -1.0
+        if name not in TARGETS or number <= 0:
+            raise ConfigError(
+                f"--targets takes {' or '.join(n + '=NUMBER' for n in TARGETS)} (joined by +), got {part!r}"
+            )
+        params[name] = number
+    return params
 
 
 # --- the server process -------------------------------------------------------------------
@@ -299,7 +334,10 @@ def search_params(cell: Cell, queries: list[str], k: int, offset: int) -> Callab
     """Request number -> query string parameters; the query texts are used in order, cycling."""
 
     def params(number: int) -> dict[str, Any]:
-        values: dict[str, Any] = {"q": queries[(offset + number) % len(queries)], "dim": cell.dim, "k": k}
+        values: dict[str, Any] = {"q": queries[(offset + number) % len(queries)], "k": k}
+        if cell.target:
+            return values | target_params(cell.target)
+        values["dim"] = cell.dim
         if cell.rerank_dim is not None:
             values["rerank_dim"] = cell.rerank_dim
         return values
@@ -357,7 +395,9 @@ async def timed_post(
 
 
 def _our_timings(response: httpx.Response) -> dict:
-    return dict(response.json()["timings_ms"])
+    body = response.json()
+    plan = (body.get("plan") or {}).get("key")
+    return dict(body["timings_ms"]) | ({"plan": plan} if plan else {})
 
 
 async def send_one(client: httpx.AsyncClient, params: dict[str, Any]) -> Outcome:
@@ -454,6 +494,10 @@ def summarize(encoder: str, cell: Cell, requested: int, outcomes: list[Outcome],
         name: _round(float(np.mean([t.get(name, 0.0) for t in timed]))) if timed else None for name in STAGE_TIMINGS
     }
     errors = [outcome.error for outcome in outcomes if outcome.error is not None]
+    plans: dict[str, int] = {}
+    for timing in timed:
+        if "plan" in timing:
+            plans[timing["plan"]] = plans.get(timing["plan"], 0) + 1
     return CellResult(
         encoder=encoder,
         dim=cell.dim,
@@ -470,6 +514,8 @@ def summarize(encoder: str, cell: Cell, requested: int, outcomes: list[Outcome],
         wall_s=round(wall_s, 3),
         server_ms=server,
         first_error=errors[0] if errors else None,
+        target=cell.target,
+        plans=plans if cell.target else None,
     )
 
 
@@ -494,7 +540,7 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
     manifest = IndexManifest.read(resolve_version(config.index))
     dims = check_config(config, manifest)
     queries = read_query_texts(config.queries)
-    cells = plan_cells(dims, config.concurrency, manifest.model.full_dim if config.rerank else None)
+    cells = plan_cells(dims, config.concurrency, manifest.model.full_dim if config.rerank else None, config.targets)
     logs = config.out or Path(tempfile.mkdtemp(prefix="mrl-bench-latency-"))  # server logs
     started_at, started = utc_now(), time.monotonic()
     deadline = started + config.time_limit_s
@@ -566,6 +612,15 @@ def write_latency_report(report: dict[str, Any], folder: Path) -> list[Path]:
     return write_report(report, folder, "latency", latency_markdown)
 
 
+def _dim_cell(row: dict[str, Any]) -> str:
+    """The dim, or for a target cell the target and the plans that answered it (most used first)."""
+    if not row.get("target"):
+        return str(row["dim"])
+    plans = sorted((row.get("plans") or {}).items(), key=lambda item: -item[1])
+    chosen = ", ".join(f"{key} ({count})" for key, count in plans) or "–"
+    return f"{row['target']} → {chosen}"
+
+
 def latency_markdown(report: dict[str, Any]) -> str:
     """The report as a title, one paragraph of context and one table row per cell."""
     settings, machine = report["settings"], report["machine"]
@@ -583,7 +638,7 @@ def latency_markdown(report: dict[str, Any]) -> str:
             markdown_row(
                 [
                     row["encoder"],
-                    str(row["dim"]),
+                    _dim_cell(row),
                     f"→{row['rerank_dim']}" if row["rerank_dim"] else "–",
                     str(row["concurrency"]),
                     requests,
@@ -640,6 +695,13 @@ def add_latency_parser(actions: argparse._SubParsersAction) -> None:
         help="backends, each in its own server: torch, onnx, onnx-int8 (default: torch,onnx)",
     )
     p.add_argument("--rerank", action="store_true", help="add two-stage cells: smallest dim, rerank_dim = full")
+    p.add_argument(
+        "--targets",
+        type=lambda text: [part for part in text.split(",") if part],
+        default=[],
+        help="target cells instead of dims, comma-separated: min_quality=0.98, latency_budget_ms=10, or both joined "
+        "by + (the index needs measured plans: mrl index build --eval-data)",
+    )
     p.add_argument("--k", type=int, default=10, help="hits per request (default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="server device (default: auto)")
     p.add_argument("--encoder-threads", type=int, default=None, help="server's encoder CPU threads")

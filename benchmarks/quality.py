@@ -756,7 +756,7 @@ def latency_summary(report: dict[str, Any]) -> dict[str, Any]:
             "throughput_rps": r["throughput_rps"],
         }
         for r in report["results"]
-        if not r.get("errors") and r.get("p50_ms") is not None
+        if not r.get("errors") and r.get("p50_ms") is not None and not r.get("target")  # dims, not targets
     ]
     return {"index": report["settings"].get("index"), "started_at": report.get("started_at"), "cells": cells}
 

@@ -7,7 +7,8 @@ the results in the manifest with the judged queries, so that a service whose que
 the build's (ONNX, int8) can score the same plans again with its own query vectors.
 
 For a two-stage plan the candidate count is the smallest of :data:`CANDIDATE_LADDER` that reaches
-:data:`TWO_STAGE_TARGET` of the full dim's NDCG@10, or the best found up to its last rung.
+:data:`TWO_STAGE_TARGET` of the re-scoring dim's own NDCG@10 (the full dim's, when it re-scores at
+the full dim: re-scoring at 256 cannot beat 256), or the best found up to its last rung.
 """
 
 from __future__ import annotations
@@ -117,7 +118,8 @@ def evaluate_plans(
     plans = [_plan(dim, None, None, single[dim], reference, timed(dim), bytes_by_dim[dim]) for dim in dims]
     for dim in dims:
         for rerank_dim in (d for d in dims if d > dim):
-            candidates, metrics = _smallest_candidates(lambda c: score(dim, rerank_dim, c), reference)  # noqa: B023
+            ceiling = single[rerank_dim]["ndcg@10"]
+            candidates, metrics = _smallest_candidates(lambda c: score(dim, rerank_dim, c), ceiling)  # noqa: B023
             memory = bytes_by_dim[dim] + 4 * rerank_dim  # the re-scoring reads rerank_dim float32 coordinates
             plans.append(
                 _plan(dim, rerank_dim, candidates, metrics, reference, timed(dim, rerank_dim, candidates), memory)

@@ -94,9 +94,13 @@ def test_two_stage_refuses_an_index_without_the_judged_documents(sample_index: P
 
 
 def test_latency_against_a_real_server(sample_index: Path, tmp_path: Path):
-    report = run_latency(smoke_config(sample_index, tmp_path))
-    cells = [(r["dim"], r["rerank_dim"], r["concurrency"]) for r in report["results"]]
-    assert cells == [(64, None, 1), (64, None, 2), (64, 384, 1), (64, 384, 2)]
+    report = run_latency(smoke_config(sample_index, tmp_path, targets=["latency_budget_ms=10000"]))
+    cells = [(r["dim"], r["rerank_dim"], r["concurrency"], r["target"]) for r in report["results"]]
+    target = "latency_budget_ms=10000"
+    assert cells == [(64, None, 1, None), (64, None, 2, None), (64, 384, 1, None), (64, 384, 2, None),
+                     (0, None, 1, target), (0, None, 2, target)]  # fmt: skip
+    # the sample index has no measured plans: the budget, which every dim fits, gets the largest
+    assert report["results"][-1]["plans"] == {"384": 4} and report["results"][0]["plans"] is None
     for row in report["results"]:
         assert row["encoder"] == "torch" and row["errors"] == 0 and row["first_error"] is None
         assert row["sent"] == row["requested"] == 4 and not row["cut_short"]
@@ -114,6 +118,7 @@ def test_latency_against_a_real_server(sample_index: Path, tmp_path: Path):
     assert json.loads((tmp_path / "latency.json").read_text())["results"] == report["results"]
     table = (tmp_path / "latency.md").read_text()
     assert table.startswith("# Search latency over HTTP") and "| torch | 64 | →384 | 2 | 4 | 0 |" in table
+    assert "| torch | latency_budget_ms=10000 → 384 (4) | – | 2 | 4 | 0 |" in table
     ratio = report["results"][0]["p50_ms"] / in_process["p50_ms"]
     assert f"| {ratio:.2f}× |" in table and "- torch: in this process, one query per call, p50" in table
 
@@ -126,6 +131,8 @@ def test_latency_against_a_real_server(sample_index: Path, tmp_path: Path):
         ({"concurrency": [0]}, ValueError, "--concurrency must list positive numbers"),
         ({"requests": 0}, ValueError, "--requests must be positive"),
         ({"dims": [384]}, ValueError, "--rerank needs a dim below the full dimension 384"),
+        ({"targets": ["min_quality=high"]}, ValueError, "--targets takes min_quality=NUMBER or latency_budget_ms"),
+        ({"targets": ["dim=64"]}, ValueError, "got 'dim=64'"),
     ],
 )
 def test_latency_refuses_bad_settings_before_starting_a_server(
