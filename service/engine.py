@@ -276,7 +276,7 @@ class Searcher:
             total_ms=_ms(time.perf_counter() - started),
         )
         self._observe_stages(dim, rerank_dim, encoded - started, search_s, rerank_s)
-        self._observe_plan(choice, time.perf_counter() - started, encoded - started)
+        self._observe_plan(choice, time.perf_counter() - started, search_s + rerank_s)
         return SearchResult(dim, rerank_dim, k, version, hits, timings, _plan_used(choice))
 
     def _choose(
@@ -305,10 +305,10 @@ class Searcher:
         plan = next((p for p in self._plans.plans if p.key == wanted.key), wanted)
         return Choice(plan, self._live.of(plan), reason)
 
-    def _observe_plan(self, choice: Choice, total_s: float, encode_s: float) -> None:
+    def _observe_plan(self, choice: Choice, total_s: float, search_s: float) -> None:
         key = choice.plan.key
         if self._plans.has(key):  # a bounded label: the index's plans only
-            self._live.observe(key, total_s, encode_s)
+            self._live.observe(key, total_s, search_s)
             self.metrics.plan_requests.labels(plan=key).inc()
 
     def plans(self) -> list[PlanInfo]:

@@ -1,9 +1,13 @@
 """Choosing a plan for a quality target or a latency budget, from measurements only.
 
-Quality comes from the index's measured plans (``index.plans``). Latency is live: the whole
-request time of the last :data:`WINDOW` requests of each plan. Until a plan has
-:data:`MIN_SAMPLES` of them, its latency is estimated as its build-time search time plus the
-live encoding time of recent requests (encoding is the same for every plan).
+Quality comes from the index's measured plans (``index.plans``). Latency is live, in two parts:
+what every request costs whatever its plan (encoding, queueing, HTTP: the whole request time
+minus its search), over the last :data:`WINDOW` requests of all plans; and what the plan costs
+(its search and re-scoring), over its own last :data:`WINDOW` requests once it has
+:data:`MIN_SAMPLES`, and its build-time search time before that. A plan's p50 (p95) is the sum of
+the two parts' p50s (p95s). Splitting them keeps plans comparable from the first request on: an
+unsampled plan is not made to look faster than a sampled one by leaving out the shared part, and the
+noise of encoding, which every plan shares, does not decide between plans.
 
 - ``min_quality`` alone: of the plans whose measured ratio to the full dim meets it, the one
   with the lowest p50 (bytes per vector break ties); none: the best-measured plan, and why.
@@ -34,7 +38,7 @@ class Latency:
     p50_ms: float
     p95_ms: float
     samples: int
-    source: str  # "live" or "estimate" (build-time search + live encoding)
+    source: str  # plan part "live", or "estimate" (build-time search); the shared part is always live
 
 
 @dataclass(frozen=True)
@@ -48,25 +52,27 @@ class Choice:
 
 
 class LiveLatency:
-    """Whole-request seconds of recent requests, per plan key, and of encoding across all plans."""
+    """Recent requests' time outside the search (all plans together) and search time per plan key."""
 
     def __init__(self, window: int = WINDOW) -> None:
         self._window = window
-        self._by_plan: dict[str, deque[float]] = {}
-        self._encode: deque[float] = deque(maxlen=window)
+        self._search: dict[str, deque[float]] = {}
+        self._shared: deque[float] = deque(maxlen=window)
 
-    def observe(self, key: str, total_s: float, encode_s: float) -> None:
-        self._by_plan.setdefault(key, deque(maxlen=self._window)).append(total_s)
-        self._encode.append(encode_s)
+    def observe(self, key: str, total_s: float, search_s: float) -> None:
+        """One request of plan ``key``: its whole time, and the part spent searching (and re-scoring)."""
+        self._search.setdefault(key, deque(maxlen=self._window)).append(search_s)
+        self._shared.append(max(0.0, total_s - search_s))
 
     def of(self, plan: Plan, min_samples: int = MIN_SAMPLES) -> Latency:
-        seconds = self._by_plan.get(plan.key, ())
-        if len(seconds) >= min_samples:
-            p50, p95 = np.percentile(np.asarray(seconds) * 1000, [50, 95])
-            return Latency(round(float(p50), 3), round(float(p95), 3), len(seconds), "live")
-        encode_ms = float(np.median(self._encode)) * 1000 if self._encode else 0.0
-        estimate = round((plan.search_ms or 0.0) + encode_ms, 3)
-        return Latency(estimate, estimate, len(seconds), "estimate")
+        shared = np.percentile(np.asarray(self._shared) * 1000, [50, 95]) if self._shared else np.zeros(2)
+        searches = self._search.get(plan.key, ())
+        if len(searches) >= min_samples:
+            own, source = np.percentile(np.asarray(searches) * 1000, [50, 95]), "live"
+        else:
+            own, source = np.full(2, plan.search_ms or 0.0), "estimate"
+        p50, p95 = (round(float(value), 3) for value in shared + own)
+        return Latency(p50, p95, len(searches), source)
 
 
 def choose(plans: list[Plan], live: LiveLatency, min_quality: float | None, latency_budget_ms: float | None) -> Choice:
