@@ -59,11 +59,13 @@ def test_prometheus_scrapes_the_service_and_answers_dashboard_and_rule_queries(t
             for dim in DIMS:
                 search(http, dim)
             search(http, 32, rerank_dim=384)
+            missed_budget(http)
             assert http.get("/search", params={"q": "x", "dim": 3}).status_code == 422
             wait_until(lambda: scraped_dims(prometheus) >= set(DIMS), "Prometheus to scrape both dims")
             for _ in range(SEARCHES_PER_DIM):
                 for dim in DIMS:
                     search(http, dim)
+                missed_budget(http)
 
         medians = wait_until(lambda: finite_by_dim(query(prometheus, MEDIAN_BY_DIM)), "a median per dim")
         assert all(0 < seconds < 10 for seconds in medians.values()), medians
@@ -87,6 +89,7 @@ def test_prometheus_scrapes_the_service_and_answers_dashboard_and_rule_queries(t
 def running_service(index: Path, port: int, tmp_path: Path) -> Iterator[str]:
     """``mrl serve`` on ``port`` until the block ends; yields its base URL once /readyz answers 200."""
     env = {**os.environ, "MRL_INDEX": str(index), "MRL_PORT": str(port), "MRL_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
+    env["MRL_QUERY_CACHE_SIZE"] = "64"  # so that the cache panel has data
     log_path = tmp_path / "service.log"
     with log_path.open("w") as log:
         server = subprocess.Popen(
@@ -153,6 +156,12 @@ def ready(base: str, server: subprocess.Popen, log: Path) -> bool:
 def search(http: httpx.Client, dim: int, **params: Any) -> None:
     response = http.get("/search", params={"q": JUDGED[0][0], "dim": dim, "k": 5, **params})
     assert response.status_code == 200, response.text
+
+
+def missed_budget(http: httpx.Client) -> None:
+    """A search whose latency budget no plan can meet: answered by the fastest plan, counted as missed."""
+    response = http.get("/search", params={"q": JUDGED[0][0], "k": 5, "latency_budget_ms": 0.001})
+    assert response.status_code == 200 and response.json()["plan"]["targets_missed"] == ["latency"], response.text
 
 
 def query(prometheus: str, expr: str) -> list[dict]:
