@@ -10,6 +10,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
@@ -176,6 +179,68 @@ class SentenceTransformerEncoder:
     @staticmethod
     def _as_float32(vectors: np.ndarray) -> np.ndarray:
         return np.asarray(vectors, dtype=np.float32)
+
+
+class PooledEncoder(SentenceTransformerEncoder):
+    """A :class:`SentenceTransformerEncoder` whose documents are encoded by a pool of worker processes.
+
+    Made by :func:`encoder_pool`; queries (few, short) stay in this process.
+    """
+
+    def __init__(self, model: SentenceTransformer, name: str, pool: dict, batch_size: int, progress: bool) -> None:
+        super().__init__(model, name, batch_size=batch_size, progress=progress)
+        self.pool = pool
+
+    def encode_documents(self, texts: list[str]) -> np.ndarray:
+        vectors = self.model.encode_document(texts, pool=self.pool, **self._options())
+        return self._as_float32(vectors)
+
+
+@contextmanager
+def encoder_pool(
+    model: SentenceTransformer, name: str, *, workers: int, batch_size: int = 64, progress: bool = True
+) -> Iterator[SentenceTransformerEncoder]:
+    """An encoder whose documents are encoded by ``workers`` processes: one per GPU, or CPU processes.
+
+    On a CPU each worker gets its share of the usable cores as torch threads (OMP_NUM_THREADS in its
+    environment), so that N workers do not each start as many threads as there are cores. One worker is
+    this process itself. The pool is stopped on exit, whatever happens inside.
+
+    Raises:
+        ModelError: Fewer than one worker, or more workers than GPUs on a GPU model.
+    """
+    if workers < 1:
+        raise ModelError(f"--workers must be at least 1, got {workers}")
+    if workers == 1:
+        yield SentenceTransformerEncoder(model, name, batch_size=batch_size, progress=progress)
+        return
+    from core.machine import usable_cpus
+
+    on_gpu = str(model.device).startswith("cuda")
+    if on_gpu:
+        import torch
+
+        if workers > torch.cuda.device_count():
+            raise ModelError(f"--workers {workers} needs as many GPUs; this machine has {torch.cuda.device_count()}")
+        devices = [f"cuda:{number}" for number in range(workers)]
+    else:
+        devices = ["cpu"] * workers
+    threads = str(max(1, usable_cpus() // workers))
+    saved = {name: os.environ.get(name) for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    os.environ.update({name: threads for name in saved})  # read by each worker's torch when it starts
+    try:
+        logger.info("encoding with %d worker processes on %s", workers, ", ".join(devices))
+        pool = model.start_multi_process_pool(devices)
+    finally:
+        for variable, value in saved.items():
+            if value is None:
+                os.environ.pop(variable, None)
+            else:
+                os.environ[variable] = value
+    try:
+        yield PooledEncoder(model, name, pool, batch_size, progress)
+    finally:
+        model.stop_multi_process_pool(pool)
 
 
 def model_fingerprint(model: SentenceTransformer) -> str:

@@ -32,6 +32,7 @@ from core.models import (
     DEFAULT_MODEL,
     Encoder,
     SentenceTransformerEncoder,
+    encoder_pool,
     load_model,
     model_dims,
     model_fingerprint,
@@ -100,6 +101,7 @@ class BuildConfig:
     cache_dir: Path | None = None
     eval_data: Path | None = None  # BEIR folder whose judged queries score every plan (index.plans)
     eval_split: str = "test"
+    workers: int = 1  # processes that encode the corpus: one per GPU, or CPU processes
 
     def check(self) -> None:
         """Raises ConfigError unless the options name one place to write to."""
@@ -357,7 +359,9 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
     cache = cache_root / key
     cache.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    vectors = encode_documents(encoder, documents, cache)
+    with encoder_pool(model, encoder.name, workers=config.workers, batch_size=config.batch_size,
+                      progress=config.progress) as pooled:  # fmt: skip
+        vectors = encode_documents(pooled, documents, cache)
     probes = encoder.encode_queries(query_texts) if query_texts else _sample_rows(vectors, PROBE_QUERIES)
     encode_seconds = time.perf_counter() - started
 

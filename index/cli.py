@@ -36,6 +36,12 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--memory-budget-mb", type=int, default=4096, help="per-dimension budget (default: %(default)s)")
     build.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="default: %(default)s")
     build.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: %(default)s)")
+    build.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        help="processes that encode the corpus: one per GPU, or CPU processes sharing the cores (default: 1)",
+    )
     build.add_argument("--max-seq-length", type=int, default=None, help="token limit (default: the model's)")
     build.add_argument("--keep-versions", type=int, default=3, help="finished versions to keep (default: %(default)s)")
     build.add_argument(
@@ -77,7 +83,7 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from index.build import BuildConfig, build_index
 
-    check_positive(args, ("memory_budget_mb", "batch_size", "keep_versions"), ("max_seq_length",))
+    check_positive(args, ("memory_budget_mb", "batch_size", "keep_versions", "workers"), ("max_seq_length",))
     path, manifest = build_index(BuildConfig(**config_fields(args)))
     print(info_table(manifest, path))
     return 0

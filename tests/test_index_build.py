@@ -234,3 +234,24 @@ def test_each_dim_is_charged_its_own_build_and_store_time(monkeypatch):
     vectors = np.ones((4, 8), dtype=np.float32)
     build_module.build_dim_indexes(vectors, vectors, [8, 4, 2], lambda dim: None, Writer())
     assert charged == {8: 1.5, 4: 1.5, 2: 1.5}
+
+
+def test_two_encoding_workers_give_the_vectors_and_the_index_of_one(sample_index: Path, tmp_path: Path):
+    folder, manifest = build(SAMPLE, tmp_path / "two", workers=2)
+    one, two = open_index(sample_index, device="cpu"), open_index(folder, device="cpu")
+    try:
+        np.testing.assert_allclose(np.asarray(two.vectors), np.asarray(one.vectors), atol=1e-5)
+        probes = one.probes()
+        for dim in DIMS:
+            _, rows_one = one.indexes[dim].search(truncate_normalize(probes, dim), 10)
+            _, rows_two = two.indexes[dim].search(truncate_normalize(probes, dim), 10)
+            assert (rows_one == rows_two).mean() > 0.999, dim  # only exact ties may swap
+    finally:
+        one.close()
+        two.close()
+    assert manifest.num_vectors == 120
+
+
+def test_workers_must_be_positive(tmp_path: Path, capsys):
+    assert main(["index", "build", "--data", str(SAMPLE), "--output", str(tmp_path / "x"), "--workers", "0"]) == 2
+    assert "--workers must be positive, got 0" in capsys.readouterr().err
