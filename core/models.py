@@ -197,14 +197,12 @@ class PooledEncoder(SentenceTransformerEncoder):
 
 
 @contextmanager
-def encoder_pool(
-    model: SentenceTransformer, name: str, *, workers: int, batch_size: int = 64, progress: bool = True
-) -> Iterator[SentenceTransformerEncoder]:
-    """An encoder whose documents are encoded by ``workers`` processes: one per GPU, or CPU processes.
+def encoder_pool(encoder: SentenceTransformerEncoder, workers: int) -> Iterator[SentenceTransformerEncoder]:
+    """``encoder``, whose documents are encoded by ``workers`` processes: one per GPU, or CPU processes.
 
     On a CPU each worker gets its share of the usable cores as torch threads (OMP_NUM_THREADS in its
-    environment), so that N workers do not each start as many threads as there are cores. One worker is
-    this process itself. The pool is stopped on exit, whatever happens inside.
+    environment), so that N workers do not each start as many threads as there are cores. With one worker
+    ``encoder`` itself is yielded. The pool is stopped on exit, whatever happens inside.
 
     Raises:
         ModelError: Fewer than one worker, or more workers than GPUs on a GPU model.
@@ -212,10 +210,11 @@ def encoder_pool(
     if workers < 1:
         raise ModelError(f"--workers must be at least 1, got {workers}")
     if workers == 1:
-        yield SentenceTransformerEncoder(model, name, batch_size=batch_size, progress=progress)
+        yield encoder
         return
     from core.machine import usable_cpus
 
+    model = encoder.model
     on_gpu = str(model.device).startswith("cuda")
     if on_gpu:
         import torch
@@ -238,7 +237,7 @@ def encoder_pool(
             else:
                 os.environ[variable] = value
     try:
-        yield PooledEncoder(model, name, pool, batch_size, progress)
+        yield PooledEncoder(model, encoder.name, pool, encoder.batch_size, encoder.progress)
     finally:
         model.stop_multi_process_pool(pool)
 

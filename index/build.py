@@ -359,8 +359,7 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
     cache = cache_root / key
     cache.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    with encoder_pool(model, encoder.name, workers=config.workers, batch_size=config.batch_size,
-                      progress=config.progress) as pooled:  # fmt: skip
+    with encoder_pool(encoder, config.workers) as pooled:
         vectors = encode_documents(pooled, documents, cache)
     probes = encoder.encode_queries(query_texts) if query_texts else _sample_rows(vectors, PROBE_QUERIES)
     encode_seconds = time.perf_counter() - started

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mrl.cli import main
+from tests.conftest import SAMPLE
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -81,6 +83,15 @@ def test_eval_command_compares_models_and_writes_reports(tiny_beir: Path, tmp_pa
     assert printed.splitlines()[0] == "| dim | all-MiniLM-L6-v2 NDCG@10 | % of full |"
     assert "| 384 | 1.000 | 100.0% |" in printed  # four unambiguous documents: the real model ranks them right
     assert {p.name for p in out.iterdir()} == {"eval.json", "eval.md", "eval_ndcg.png"}
+
+
+@pytest.mark.slow
+def test_eval_with_two_encoding_workers_scores_as_one_process(tmp_path: Path):
+    argv = ["eval", "--data", str(SAMPLE), "--dims", "384,64", "--no-progress"]
+    assert main([*argv, "--out", str(tmp_path / "one")]) == 0
+    assert main([*argv, "--out", str(tmp_path / "two"), "--workers", "2"]) == 0
+    one, two = (json.loads((tmp_path / name / "eval.json").read_text()) for name in ("one", "two"))
+    assert json.dumps(one["results"][0]["by_dim"]) == json.dumps(two["results"][0]["by_dim"])
 
 
 def project_errors() -> list[BaseException]:
@@ -165,9 +176,18 @@ def test_bad_training_options_are_one_line(tiny_beir: Path, tmp_path: Path, caps
         ["index", "build", "--data", "{data}", "--output", "{out}", "--max-seq-length", "0"],
         ["index", "add", "--index", "{out}", "--data", "{data}", "--keep-versions", "0"],
         ["eval", "--data", "{data}", "--batch-size", "0"],
+        ["eval", "--data", "{data}", "--workers", "0"],
         ["bench", "scaling", "--sizes", "1000,0", "--out", "{out}"],
     ],
-    ids=["build-budget", "build-batch", "build-seq-length", "add-keep", "eval-batch", "bench-scaling-sizes"],
+    ids=[
+        "build-budget",
+        "build-batch",
+        "build-seq-length",
+        "add-keep",
+        "eval-batch",
+        "eval-workers",
+        "bench-scaling-sizes",
+    ],  # fmt: skip
 )
 def test_non_positive_options_are_one_line(tiny_beir: Path, tmp_path: Path, capsys, args):
     out = tmp_path / "out"

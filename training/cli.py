@@ -241,6 +241,9 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--passage-prompt", default=None, help="override the model's saved passage prompt")
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: %(default)s)")
     p.add_argument("--max-seq-length", type=int, default=None, help="token limit (default: the model's own)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="processes that encode the corpus: one per GPU, or CPU processes"
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.set_defaults(handler=run_eval)
 
@@ -248,11 +251,11 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
 def run_eval(args: argparse.Namespace) -> int:
     from core.data import load_beir
     from core.matryoshka import validate_dims
-    from core.models import SentenceTransformerEncoder, embedding_dimension, load_model, model_dims
+    from core.models import SentenceTransformerEncoder, embedding_dimension, encoder_pool, load_model, model_dims
     from training.evaluate import evaluate
     from training.report import comparison_table, write_eval_report
 
-    check_positive(args, ("batch_size",), ("max_seq_length",))
+    check_positive(args, ("batch_size", "workers"), ("max_seq_length",))
     dataset = load_beir(args.data, [args.split])
     names = args.models or [None]
     labels = _labels(names)
@@ -266,7 +269,8 @@ def run_eval(args: argparse.Namespace) -> int:
         )
         dims = validate_dims(args.dims, embedding_dimension(model)) if args.dims else model_dims(model, name)
         encoder = SentenceTransformerEncoder(model, label, args.batch_size, args.progress)
-        results.append(evaluate(encoder, dataset, args.split, dims))
+        with encoder_pool(encoder, args.workers) as pooled:
+            results.append(evaluate(pooled, dataset, args.split, dims))
     paths = write_eval_report(results, args.out)
     print(comparison_table(results))
     print("wrote " + ", ".join(str(p) for p in paths))
