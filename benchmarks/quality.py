@@ -429,9 +429,8 @@ def measure_query_encoders(
     for name in config.query_encoders:
         measured = EncodersConfig(Path("."), model=model, device="cpu", onnx_cache=config.onnx_cache)
         settings = service_settings(measured, name, threads=None)
-        loaded = open_encoder(settings, None)
-        queries, _ = cached_encode(loaded.encoder.encode_queries, texts, f"{fingerprint}:{name}", cache)
-        del loaded
+        encode = lambda texts, settings=settings: open_encoder(settings, None).encoder.encode_queries(texts)  # noqa: E731
+        queries, _ = cached_encode(encode, texts, f"{fingerprint}:{name}", cache)  # the encoder loads only on a miss
         cosines = np.sum(truncate_normalize(queries, max(dims)) * truncate_normalize(encoded.queries, max(dims)), 1)
         split = EncodedSplit(encoded.doc_ids, encoded.docs, encoded.query_ids, queries, 0.0, True)
         for dim in dims:
