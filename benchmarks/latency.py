@@ -358,18 +358,7 @@ async def timed_get(
     timings, or ``None``, raising ``ValueError``, ``KeyError``, ``IndexError`` or ``TypeError``
     when the answer lacks what the caller expects.
     """
-    started = time.perf_counter()
-    try:
-        response = await client.get(path, params=params)
-    except httpx.HTTPError as exc:
-        return Outcome(time.perf_counter() - started, None, f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_CHARS])
-    seconds = time.perf_counter() - started
-    if response.status_code != 200:
-        return Outcome(seconds, None, f"HTTP {response.status_code}: {response.text[:ERROR_TEXT_CHARS]}")
-    try:
-        return Outcome(seconds, read(response))
-    except (ValueError, KeyError, IndexError, TypeError):
-        return Outcome(seconds, None, f"HTTP 200 without {expected}: {response.text[:ERROR_TEXT_CHARS]}")
+    return await _timed(lambda: client.get(path, params=params), read, expected)
 
 
 async def timed_post(
@@ -380,9 +369,15 @@ async def timed_post(
     expected: str,
 ) -> Outcome:
     """One timed ``POST`` of the JSON ``body``, judged and read exactly as :func:`timed_get` judges a ``GET``."""
+    return await _timed(lambda: client.post(path, json=body), read, expected)
+
+
+async def _timed(
+    request: Callable[[], Awaitable[httpx.Response]], read: Callable[[httpx.Response], dict | None], expected: str
+) -> Outcome:
     started = time.perf_counter()
     try:
-        response = await client.post(path, json=body)
+        response = await request()
     except httpx.HTTPError as exc:
         return Outcome(time.perf_counter() - started, None, f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_CHARS])
     seconds = time.perf_counter() - started

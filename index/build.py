@@ -384,8 +384,8 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
         per_vector = {dim: indexes[dim].bytes / max(1, len(vectors)) for dim in dims}
         if judged is not None:
             logger.info("scoring every plan on %d judged queries of %s", len(judged.ids), judged.source)
-            plans = evaluate_plans(built, vectors, [d.id for d in documents], encoder.encode_queries(judged.texts),
-                                   judged, per_vector)  # fmt: skip
+            ids = lambda rows: [documents[row].id for row in rows]  # noqa: E731
+            plans = evaluate_plans(built, vectors, ids, encoder.encode_queries(judged.texts), judged, per_vector)
         else:
             plans = plans_from_report(evaluation, dims, {d: indexes[d].search_ms for d in dims}, per_vector)
         files, checksums = writer.files()
@@ -527,8 +527,12 @@ def add_documents(
         manifest.indexes = indexes
         if old.judged_queries:  # the plans' quality changes with the corpus: score them again
             judged = JudgedQueries.from_dict(old.judged_queries)
-            ids = [doc.id for doc in current.store.get(range(old.num_vectors)) if doc is not None]
-            ids += [doc.id for doc in documents]
+
+            def ids(rows: list[int]) -> list[str]:  # the old documents from the store, the new ones from memory
+                first_new = old.num_vectors
+                stored = iter(current.store.get([row for row in rows if row < first_new]))
+                return [next(stored).id if row < first_new else documents[row - first_new].id for row in rows]
+
             per_vector = {dim: indexes[dim].bytes / len(vectors) for dim in indexes}
             queries = encoder.encode_queries(judged.texts)
             plans = evaluate_plans(current.indexes, vectors, ids, queries, judged, per_vector)

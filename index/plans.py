@@ -14,7 +14,7 @@ the full dim: re-scoring at 256 cannot beat 256), or the best found up to its la
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -79,7 +79,7 @@ class JudgedQueries:
 def evaluate_plans(
     indexes: Mapping[int, VectorIndex],
     full_vectors: np.ndarray,
-    doc_ids: Sequence[str],
+    doc_ids: Callable[[list[int]], list[str]],
     queries: np.ndarray,
     judged: JudgedQueries,
     bytes_by_dim: Mapping[int, float],
@@ -89,18 +89,21 @@ def evaluate_plans(
     Args:
         indexes: The index of each dim.
         full_vectors: Every document's full-dimension vector, by row.
-        doc_ids: The document id of each row.
+        doc_ids: The document ids of rows (asked once for each row any plan returns, not for the whole corpus).
         queries: The judged queries' full-dimension vectors, in ``judged.ids`` order.
         judged: Query ids and graded relevance.
         bytes_by_dim: Index bytes per document vector of each dim.
     """
     dims = sorted(indexes, reverse=True)
     full = dims[0]
+    known: dict[int, str] = {}
 
     def score(dim: int, rerank_dim: int | None = None, candidates: int = 1) -> dict[str, float]:
         found = staged_search(indexes[dim], full_vectors, queries, dim, K, rerank_dim, candidates)
+        new = sorted({int(row) for row in found.rows.ravel() if row >= 0} - known.keys())
+        known.update(zip(new, doc_ids(new), strict=True))
         rankings = {
-            qid: [doc_ids[row] for row in rows if row >= 0] for qid, rows in zip(judged.ids, found.rows, strict=True)
+            qid: [known[int(row)] for row in rows if row >= 0] for qid, rows in zip(judged.ids, found.rows, strict=True)
         }
         return score_rankings(rankings, judged.qrels)
 

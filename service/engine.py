@@ -315,10 +315,7 @@ class Searcher:
         """Every plan of the served index with its measured quality and its live latency."""
         return [
             PlanInfo(
-                key=plan.key,
-                dim=plan.dim,
-                rerank_dim=plan.rerank_dim,
-                candidates=plan.candidates,
+                **_plan_fields(plan),
                 ndcg_at_10=plan.ndcg_at_10,
                 recall_at_10=plan.recall_at_10,
                 ratio=plan.ratio,
@@ -553,7 +550,7 @@ def served_plans(index: LoadedIndex, loaded_encoder: LoadedEncoder) -> ServedPla
         return built
     judged = JudgedQueries.from_dict(raw)
     queries = loaded_encoder.encoder.encode_queries(judged.texts)
-    ids = [doc.id if doc is not None else "" for doc in index.store.get(range(index.manifest.num_vectors))]
+    ids = lambda rows: [doc.id if doc is not None else "" for doc in index.store.get(rows)]  # noqa: E731
     per_vector = {plan.dim: plan.bytes_per_vector for plan in built.plans if plan.rerank_dim is None}
     plans = evaluate_plans(index.indexes, index.vectors, ids, queries, judged, per_vector)
     by_key = {plan.key: plan for plan in built.plans if plan.rerank_dim is None and plan.ndcg_at_10}
@@ -566,16 +563,17 @@ def served_plans(index: LoadedIndex, loaded_encoder: LoadedEncoder) -> ServedPla
 def _plan_used(choice: Choice) -> PlanUsed:
     plan = choice.plan
     return PlanUsed(
-        key=plan.key,
-        dim=plan.dim,
-        rerank_dim=plan.rerank_dim,
-        candidates=plan.candidates,
+        **_plan_fields(plan),
         expected_ndcg_at_10=plan.ndcg_at_10,
         expected_ratio=plan.ratio,
         reason=choice.reason,
         targets_missed=list(choice.missed),
         **(_latency_fields(choice.latency) if choice.latency else {}),
     )
+
+
+def _plan_fields(plan: Plan) -> dict:
+    return {"key": plan.key, "dim": plan.dim, "rerank_dim": plan.rerank_dim, "candidates": plan.candidates}
 
 
 def _latency_fields(latency) -> dict:

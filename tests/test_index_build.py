@@ -16,6 +16,7 @@ from index.cli import info_table
 from index.layout import CURRENT, VERSIONS, resolve_version
 from index.loaded import open_index
 from index.manifest import IndexFolderError, IndexManifest
+from index.plans import Plan
 from mrl.cli import main
 from tests.conftest import SAMPLE, scramble, without_checksums
 
@@ -103,7 +104,7 @@ def test_approximate_index_reports_recall(tmp_path: Path):
 @pytest.fixture
 def tiny_index(tmp_path: Path, tiny_beir: Path) -> Path:
     root = tmp_path / "index"
-    build(tiny_beir, root, dims=[384, 64])
+    build(tiny_beir, root, dims=[384, 64], eval_data=tiny_beir)
     return root
 
 
@@ -188,6 +189,10 @@ def test_add_appends_without_re_encoding_old_documents(tiny_index: Path, tmp_pat
     _, rows = after.indexes[64].search(truncate_normalize(after.vectors[4:], 64), 1)
     assert rows[:, 0].tolist() == [4, 5]
     assert [d.id for d in after.store.get([4, 5])] == ["n0", "n1"]
+    # the plans were scored again on the grown corpus: the unrelated new documents outrank no judged one
+    keys = [Plan.from_dict(raw).key for raw in manifest.plans]
+    assert keys == [Plan.from_dict(raw).key for raw in before.manifest.plans] == ["384", "64", "64>384x1"]
+    assert all(raw["ndcg_at_10"] == 1.0 for raw in manifest.plans if raw["dim"] == 384)
 
     with pytest.raises(DataError, match="2 document ids are already indexed"):
         add_documents(tiny_index, new_docs, device="cpu", progress=False)

@@ -177,14 +177,20 @@ def positive_data_acceptance_but_rerank_rule(ctx: Any, response: Any, case: Any)
         return None
 
 
-def breaks_target_rule(response: Any, case: Any) -> bool:
-    """True if ``response`` is the 422 for dims sent with a target, or for a quality target this index cannot meet."""
+def refusal(response: Any) -> str | None:
+    """The message of a 422 answer, or None for any other answer."""
     if response.status_code != 422:
-        return False
+        return None
     try:
         message = response.json()["error"]["message"]
     except (ValueError, KeyError, TypeError):
-        return False
+        return None
+    return message if isinstance(message, str) else None
+
+
+def breaks_target_rule(response: Any, case: Any) -> bool:
+    """True if ``response`` is the 422 for dims sent with a target, or for a quality target this index cannot meet."""
+    message = refusal(response)
     dims = _sent(case, "dim") is not None or _sent(case, "rerank_dim") is not None
     targets = _sent(case, "min_quality") is not None or _sent(case, "latency_budget_ms") is not None
     if message == BOTH_GIVEN:
@@ -194,13 +200,8 @@ def breaks_target_rule(response: Any, case: Any) -> bool:
 
 def breaks_rerank_rule(response: Any, case: Any) -> bool:
     """True if ``response`` is the 422 for this request's ``rerank_dim`` not being larger than its ``dim``."""
-    if response.status_code != 422:
-        return False
-    try:
-        message = response.json()["error"]["message"]
-    except (ValueError, KeyError, TypeError):
-        return False
-    rule = RERANK_RULE.fullmatch(message) if isinstance(message, str) else None
+    message = refusal(response)
+    rule = RERANK_RULE.fullmatch(message) if message is not None else None
     if rule is None:
         return False
     dim, rerank_dim = int(rule.group(1)), int(rule.group(2))
