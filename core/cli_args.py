@@ -16,6 +16,14 @@ def dims_argument(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def weights_argument(text: str) -> list[float]:
+    """argparse type for a comma-separated list of numbers such as ``--dim-weights 1,1,2,4``."""
+    try:
+        return [float(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+
+
 def config_fields(args: argparse.Namespace) -> dict:
     """The parsed options of a subcommand, without argparse's routing entries, for a config dataclass."""
     return {k: v for k, v in vars(args).items() if k not in ("command", "action", "handler", "verbose")}

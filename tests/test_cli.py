@@ -36,6 +36,9 @@ def test_bad_data_is_one_line_without_traceback(tmp_path: Path):
     [
         (["--epochs", "0"], "mrl: error: --epochs must be positive, got 0.0"),
         (["--eval-split", "train"], "training and evaluation split are both 'train'"),
+        (["--dim-weights", "1,2"], "--dim-weights has 2 values for 5 loss dims [384, 256, 128, 64, 32]"),
+        (["--train-only-dims", "64"], "--train-only-dims [64] must lie between 1 and the smallest served dim (32)"),
+        (["--dim-weights", "1,1,1,0,1"], "--dim-weights must all be positive"),
     ],
 )
 def test_invalid_options(tiny_beir: Path, tmp_path: Path, capsys, args, message):

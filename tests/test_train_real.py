@@ -28,14 +28,15 @@ def small_config(output: Path, **overrides) -> TrainConfig:
 
 def test_train_reload_and_evaluate_every_dimension(tmp_path: Path):
     output = tmp_path / "model"
-    result = train(small_config(output))
+    result = train(small_config(output, train_only_dims=[16, 8], dim_weights=[1, 1, 1, 2, 3, 1, 1]))
 
-    assert result.dims == DIMS
+    assert result.dims == DIMS  # the train-only dims enter the loss, not the card nor the evaluation
     assert result.before.by_dim.keys() == result.after.by_dim.keys() == set(DIMS)
     assert result.after.num_queries == 120 and result.after.num_documents == 120
     assert result.before.metric(384) != result.after.metric(384)  # the weights moved
     report = json.loads((output / "training_report.json").read_text())
     assert report["data"]["training_pairs"] == 120
+    assert report["loss_dims"] == {"384": 1, "256": 1, "128": 1, "64": 2, "32": 3, "16": 1, "8": 1}
     assert report["data"]["evaluation"]["split"] == "test"
     assert report["data"]["evaluation_queries_seen_in_training"] == 0
     assert {"eval_before", "train_stage1", "eval_after"} <= report["seconds"].keys()

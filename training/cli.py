@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from core.cli_args import check_positive, config_fields, dims_argument
+from core.cli_args import check_positive, config_fields, dims_argument, weights_argument
 from core.errors import ConfigError
 
 
@@ -41,6 +41,20 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         type=dims_argument,
         default=None,
         help="comma-separated Matryoshka dims (default: full, then powers of two down to 32)",
+    )
+    p.add_argument(
+        "--train-only-dims",
+        type=dims_argument,
+        default=None,
+        help="dims below the smallest served one that enter the loss only, as a regulariser (e.g. 16,8); "
+        "they are not evaluated nor written to the model card",
+    )
+    p.add_argument(
+        "--dim-weights",
+        type=weights_argument,
+        default=None,
+        help="MatryoshkaLoss weight per loss dim, largest first, served dims then --train-only-dims "
+        "(e.g. 1,1,1,2,4 for 384..32; default: all 1)",
     )
     p.add_argument("--epochs", type=float, default=defaults.epochs, help="default: %(default)s")
     p.add_argument(
@@ -206,6 +220,8 @@ def run_train(args: argparse.Namespace) -> int:
         fields["eval_split"] = None
     started = time.perf_counter()
     result = train(TrainConfig(**fields))
+    if not result.published:
+        return 0  # another rank of a distributed launch: rank 0 prints and publishes
     minutes = (time.perf_counter() - started) / 60
     summary = f"trained {len(result.dims)} dims in {minutes:.1f} min -> {result.output}"
     if result.before and result.after:
@@ -281,3 +297,93 @@ def _labels(names: list[str | None]) -> list[str]:
     """Short, distinct table labels for model names or paths."""
     short = [Path(n).name if n else "all-MiniLM-L6-v2" for n in names]
     return short if len(set(short)) == len(short) else [n or "all-MiniLM-L6-v2" for n in names]
+
+
+def add_adapt_parser(commands: argparse._SubParsersAction) -> None:
+    from training.adapt import METHODS, AdaptConfig
+    from training.adaptor import INITS
+
+    defaults = AdaptConfig(data=Path("."), output=Path("."))
+    p = commands.add_parser(
+        "adapt",
+        help="fit a Matryoshka adaptor (linear map on frozen embeddings) or a PCA rotation; publish the model",
+        description="Encode the corpus and training queries once, fit a linear map so that truncated embeddings "
+        "rank well at every dim, and publish the model with the map appended as a Dense module.",
+    )
+    p.add_argument("--data", type=Path, required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
+    p.add_argument("--output", type=Path, required=True, help="folder for the adapted model and its report")
+    p.add_argument("--model", default=None, help="input model: a tuned folder, a local path or hub name")
+    p.add_argument(
+        "--method",
+        choices=METHODS,
+        default=defaults.method,
+        help="adaptor: fitted map; pca: the corpus's principal axes, no training (default: %(default)s)",
+    )
+    p.add_argument("--train-split", default=defaults.train_split, help="default: %(default)s")
+    p.add_argument(
+        "--eval-split",
+        default=defaults.eval_split,
+        help="scored before and after; 'none' to skip (default: %(default)s)",
+    )
+    p.add_argument(
+        "--validation-fraction",
+        type=float,
+        default=defaults.validation_fraction,
+        help="share of the training queries held out to pick the best step, carved as mrl train carves it "
+        "(default: %(default)s)",
+    )
+    p.add_argument("--dims", type=dims_argument, default=None, help="default: the model's Matryoshka dims")
+    p.add_argument("--dim-weights", type=weights_argument, default=None, help="loss weight per dim, largest first")
+    p.add_argument("--init", choices=INITS, default=defaults.init, help="starting map (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=defaults.steps, help="most optimiser steps (default: %(default)s)")
+    p.add_argument(
+        "--lr", dest="learning_rate", type=float, default=defaults.learning_rate, help="default: %(default)s"
+    )
+    p.add_argument(
+        "--negatives",
+        type=int,
+        default=defaults.negatives,
+        help="corpus documents sampled per step (default: %(default)s)",
+    )
+    p.add_argument(
+        "--similarity-weight",
+        type=float,
+        default=defaults.similarity_weight,
+        help="weight of the unsupervised neighbour-similarity term (default: %(default)s)",
+    )
+    p.add_argument(
+        "--reconstruction-weight",
+        type=float,
+        default=defaults.reconstruction_weight,
+        help="weight of the term that keeps mapped vectors near the input ones (default: %(default)s)",
+    )
+    p.add_argument(
+        "--patience",
+        type=int,
+        default=defaults.patience,
+        help="validations without gain before stopping (default: %(default)s)",
+    )
+    p.add_argument("--seed", type=int, default=defaults.seed, help="default: %(default)s")
+    p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="encoding batch (default: %(default)s)")
+    p.add_argument("--workers", type=int, default=defaults.workers, help="processes that encode the corpus")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    p.set_defaults(handler=run_adapt)
+
+
+def run_adapt(args: argparse.Namespace) -> int:
+    from training.adapt import AdaptConfig, adapt
+
+    check_positive(args, ("steps", "learning_rate", "negatives", "patience", "batch_size", "workers"))
+    fields = config_fields(args)
+    if str(fields["eval_split"]).lower() == "none":
+        fields["eval_split"] = None
+    report = adapt(AdaptConfig(**fields))
+    summary = f"{report['method']} fitted in {report['fit']['seconds']:.1f} s -> {args.output}"
+    if "after" in report:
+        before, after = report["before"]["by_dim"], report["after"]["by_dim"]
+        summary += " | NDCG@10 " + ", ".join(
+            f"{dim}d {before[dim]['ndcg@10']:.3f} -> {after[dim]['ndcg@10']:.3f}" for dim in after
+        )
+    print(summary)
+    return 0
