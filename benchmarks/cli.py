@@ -10,6 +10,7 @@ from benchmarks.fairness import add_fairness_parser
 from benchmarks.latency import add_latency_parser
 from benchmarks.peers import add_peers_parser
 from benchmarks.quality import add_quality_parser
+from benchmarks.recipes import add_recipes_parser
 from benchmarks.scaling import add_scaling_parser
 from benchmarks.search_quality import add_two_stage_parser
 from benchmarks.strategies import add_strategies_parser
@@ -21,6 +22,7 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     )
     actions = bench.add_subparsers(dest="action", required=True, metavar="BENCHMARK")
     add_quality_parser(actions)
+    add_recipes_parser(actions)
     add_latency_parser(actions)
     add_fairness_parser(actions)
     add_two_stage_parser(actions)

@@ -18,7 +18,7 @@ def build_parser() -> argparse.ArgumentParser:
     from benchmarks.cli import add_bench_parser
     from index.cli import add_index_parser
     from service.cli import add_serve_parser
-    from training.cli import add_eval_parser, add_train_parser
+    from training.cli import add_adapt_parser, add_eval_parser, add_train_parser
 
     parser = argparse.ArgumentParser(prog="mrl", description="Matryoshka retrieval: train, evaluate, index, serve.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -26,6 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(commands)
     add_eval_parser(commands)
+    add_adapt_parser(commands)
     add_index_parser(commands)
     add_serve_parser(commands)
     add_bench_parser(commands)

@@ -1,0 +1,139 @@
+"""The Matryoshka adaptor and the PCA rotation: exact properties on synthetic vectors, and one real model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.data import load_beir
+from core.errors import ConfigError
+from core.matryoshka import truncate_normalize
+from mrl.cli import main
+from tests.conftest import SAMPLE
+from training.adaptor import AdaptorConfig, Judged, append_adaptor, fit_adaptor, pca_rotation, score_mapped
+from training.evaluate import SplitEmbeddings, score_dims
+
+
+def hidden_signal(seed: int = 0, docs: int = 400, queries: int = 240, d: int = 64, signal: int = 8):
+    """Documents whose identity lives in ``signal`` coordinates at the END of the vector, noise in front.
+
+    A query is its document's signal plus small noise, behind fresh noise, so full-dim search is near
+    perfect and 8-dim search (the leading noise) is near chance: exactly what an adaptor must fix by
+    moving the signal forward.
+    """
+    rng = np.random.default_rng(seed)
+    corpus = np.concatenate([0.15 * rng.normal(size=(docs, d - signal)), rng.normal(size=(docs, signal))], axis=1)
+    targets = rng.choice(docs, size=queries, replace=False)
+    vectors = np.concatenate(
+        [
+            0.15 * rng.normal(size=(queries, d - signal)),
+            corpus[targets, d - signal :] + 0.1 * rng.normal(size=(queries, signal)),
+        ],
+        axis=1,
+    )
+    relevant = [{int(t): 1} for t in targets]
+    half = queries // 2
+    train = Judged(vectors[:half].astype(np.float32), relevant[:half])
+    valid = Judged(vectors[half:].astype(np.float32), relevant[half:])
+    return corpus.astype(np.float32), train, valid
+
+
+def test_pca_rotation_is_orthogonal_keeps_full_dim_and_orders_by_variance():
+    rng = np.random.default_rng(1)
+    scales = np.array([0.1, 3.0, 0.5, 1.0, 2.0, 0.2])
+    corpus = (rng.normal(size=(200, 6)) * scales).astype(np.float32)
+    w = pca_rotation(corpus)
+    np.testing.assert_allclose(w @ w.T, np.eye(6), atol=1e-5)
+    mapped = corpus @ w.T
+    np.testing.assert_allclose(
+        truncate_normalize(mapped, 6) @ truncate_normalize(mapped, 6).T,
+        truncate_normalize(corpus, 6) @ truncate_normalize(corpus, 6).T,
+        atol=1e-5,
+    )
+    spread = (mapped**2).mean(axis=0)
+    assert list(np.argsort(-spread)) == list(range(6))
+    assert pca_rotation(corpus[:3]).shape == (6, 6)  # fewer documents than dims: still a full rotation
+
+
+def test_score_mapped_without_a_map_matches_the_evaluator():
+    corpus, _, valid = hidden_signal()
+    qrels = {f"q{i}": {f"d{doc}": grade for doc, grade in rel.items()} for i, rel in enumerate(valid.relevant)}
+    embeddings = SplitEmbeddings([f"d{i}" for i in range(len(corpus))], corpus, list(qrels), valid.vectors, 0.0)
+    expected = score_dims(embeddings, qrels, [64, 8])
+    assert score_mapped(None, corpus, valid, [64, 8]) == expected
+
+
+def test_adaptor_moves_the_signal_into_the_leading_dims():
+    corpus, train, valid = hidden_signal(docs=200, queries=160)
+    # The ranking term alone: the regularisers hold the map near the identity, the opposite of what this data needs.
+    config = AdaptorConfig(
+        dims=[64, 32, 16, 8], steps=60, learning_rate=1e-2, eval_every=10, similarity_weight=0, reconstruction_weight=0
+    )
+    before = score_mapped(None, corpus, valid, config.dims, "ndcg@10")
+    fit = fit_adaptor(corpus, train, valid, config)
+    after = score_mapped(fit.weight, corpus, valid, config.dims, "ndcg@10")
+    assert before[64]["ndcg@10"] > 0.9 and before[8]["ndcg@10"] < 0.1
+    assert after[8]["ndcg@10"] > before[8]["ndcg@10"] + 0.4
+    assert after[64]["ndcg@10"] > 0.8
+    assert fit.best_metric == pytest.approx(after[8]["ndcg@10"], abs=1e-4)  # the kept step is the best validated
+    assert fit.history[0]["step"] == 0 and fit.best_step > 0
+
+
+def test_adaptor_fit_is_reproducible_and_checks_its_options():
+    corpus, train, valid = hidden_signal(docs=100, queries=60)
+    config = AdaptorConfig(dims=[64, 8], steps=20, eval_every=10)
+    first, second = fit_adaptor(corpus, train, valid, config), fit_adaptor(corpus, train, valid, config)
+    np.testing.assert_array_equal(first.weight, second.weight)
+    with pytest.raises(ConfigError, match="--init 'svd' is not one of identity, pca"):
+        fit_adaptor(corpus, train, valid, AdaptorConfig(dims=[64, 8], init="svd"))
+    with pytest.raises(ConfigError, match="--dim-weights has 1 values for the 2 dims"):
+        fit_adaptor(corpus, train, valid, AdaptorConfig(dims=[64, 8], weights=[1.0]))
+
+
+def test_appended_map_is_what_the_model_now_encodes(tmp_path: Path):
+    from core.models import load_model
+
+    model = load_model(None)
+    rng = np.random.default_rng(2)
+    weight = np.linalg.qr(rng.normal(size=(384, 384)))[0].astype(np.float32)
+    texts = ["gout attacks the big toe", "a fever with a rash"]
+    base = model.encode_document(texts, convert_to_numpy=True)
+    adapted = append_adaptor(model, weight)
+    adapted.save(str(tmp_path / "m"))
+    reloaded = load_model(str(tmp_path / "m"))
+    got = reloaded.encode_document(texts, convert_to_numpy=True)
+    np.testing.assert_allclose(got, truncate_normalize(base @ weight.T, 384), atol=1e-5)
+
+
+@pytest.mark.slow
+def test_mrl_adapt_publishes_a_model_the_index_builder_and_eval_load(tmp_path: Path, capsys):
+    out = tmp_path / "adapted"
+    argv = ["adapt", "--data", str(SAMPLE), "--output", str(out), "--steps", "30", "--no-progress"]
+    assert main(argv) == 0
+    assert "adaptor fitted in" in capsys.readouterr().out
+    report = json.loads((out / "adaptor_report.json").read_text())
+    assert report["validation_queries"] == 12 and report["training_queries"] == 108
+    assert report["before"]["by_dim"].keys() == report["after"]["by_dim"].keys() == {"384", "256", "128", "64", "32"}
+    card = json.loads((out / "mrl.json").read_text())
+    assert card["dims"] == [384, 256, 128, 64, 32] and card["extra"]["adaptor"]["method"] == "adaptor"
+    assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # nothing half-written left
+    assert main(argv) == 2  # the output exists: refused, not replaced
+    assert "already exists" in capsys.readouterr().err
+
+    from core.models import SentenceTransformerEncoder, load_model
+    from training.evaluate import evaluate
+
+    scored = evaluate(
+        SentenceTransformerEncoder(load_model(str(out)), "m", progress=False), load_beir(SAMPLE), "test", [384, 32]
+    )
+    assert scored.metric(32) == pytest.approx(report["after"]["by_dim"]["32"]["ndcg@10"], abs=1e-3)
+
+
+def test_adapt_refuses_an_unknown_method_in_one_line(tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["adapt", "--data", str(SAMPLE), "--output", str(tmp_path / "o"), "--method", "svd"])
+    assert stopped.value.code == 2
+    assert "invalid choice: 'svd'" in capsys.readouterr().err

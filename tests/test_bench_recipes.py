@@ -1,0 +1,61 @@
+"""``mrl bench recipes``: options, the choice rule, and one real run on the bundled sample."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from benchmarks.recipes import RecipesConfig, check_config, choose, parse_recipes, run_recipes
+from core.data import DataError
+from core.errors import ConfigError
+from tests.conftest import SAMPLE
+
+
+def test_recipes_are_name_path_pairs_given_once():
+    assert parse_recipes(["base=base", "small=runs/{dataset}-small"]) == {
+        "base": "base",
+        "small": "runs/{dataset}-small",
+    }
+    with pytest.raises(ConfigError, match="is not NAME=PATH"):
+        parse_recipes(["runs/model"])
+    with pytest.raises(ConfigError, match="'a' is given twice"):
+        parse_recipes(["a=base", "a=x"])
+
+
+def test_adaptor_rows_and_model_folders_are_checked_before_any_work(tmp_path: Path):
+    with pytest.raises(ConfigError, match=r"--adaptor-on \['tuned'\] names no --recipe"):
+        check_config(RecipesConfig(data=[SAMPLE], recipes=["base=base"], adaptor_on=["tuned"]))
+    with pytest.raises(DataError, match="recipe 'tuned': no model folder here"):
+        check_config(RecipesConfig(data=[SAMPLE], recipes=[f"tuned={tmp_path}/{{dataset}}-tuned"]))
+
+
+def row(name: str, full: float, small: float) -> dict:
+    return {"recipe": name, "validation": {"384": full, "32": small}}
+
+
+def test_choice_is_the_best_small_dim_among_rows_that_keep_the_full_dim():
+    rows = [row("default", 0.80, 0.60), row("greedy", 0.75, 0.70), row("balanced", 0.795, 0.65)]
+    assert choose(rows, [384, 32], tolerance=0.01) == "balanced"  # greedy loses 0.05 at full dim
+    assert choose(rows, [384, 32], tolerance=0.1) == "greedy"
+
+
+@pytest.mark.slow
+def test_sample_run_tables_and_plots_every_recipe(tmp_path: Path):
+    config = RecipesConfig(
+        data=[SAMPLE], recipes=["base=base"], adaptor_on=["base"], adaptor_steps=20, out=tmp_path, progress=False
+    )
+    report = run_recipes(config)
+    (dataset,) = report["datasets"]
+    names = [r["recipe"] for r in dataset["rows"]]
+    assert names == ["base", "base + PCA", "base + adaptor", "base + PCA + adaptor"]
+    assert dataset["queries"] == {"training": 108, "validation": 12, "test": 120}
+    base, pca = dataset["rows"][0], dataset["rows"][1]
+    assert base["test"]["384"] == pytest.approx(0.921, abs=0.002)  # the README's untuned sample figure
+    assert pca["test"]["384"] == pytest.approx(base["test"]["384"], abs=1e-3)  # a rotation keeps the full dim
+    assert dataset["chosen"] in names
+    markdown = (tmp_path / "recipes.md").read_text()
+    assert f"Chosen on validation: **{dataset['chosen']}**" in markdown
+    assert (tmp_path / "recipes_sample_medical.png").stat().st_size > 1000
+    assert json.loads((tmp_path / "recipes.json").read_text())["datasets"][0]["chosen"] == dataset["chosen"]
