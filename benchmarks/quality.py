@@ -86,6 +86,7 @@ class QualityBenchConfig:
     onnx_cache: Path | None = None  # ONNX exports (default: the service's)
     latency: list[str] = field(default_factory=list)  # NAME=latency.json of `mrl bench latency` on that dataset
     cache: Path | None = None  # default: <out>/cache
+    workers: int = 1  # processes that encode each corpus (one per GPU, or CPU processes)
     progress: bool = True
     out: Path | None = None
 
@@ -221,6 +222,14 @@ def cached_encode(
     return vectors, False
 
 
+def encode_corpus(model: Any, texts: list[str], workers: int, progress: bool) -> np.ndarray:
+    """Documents encoded by ``workers`` processes (:func:`core.models.encoder_pool`; one: this process)."""
+    from core.models import SentenceTransformerEncoder, encoder_pool
+
+    with encoder_pool(SentenceTransformerEncoder(model, "bench", 64, progress), workers) as encoder:
+        return encoder.encode_documents(texts)
+
+
 def encode_dataset(
     model: Any,
     fingerprint: str,
@@ -228,14 +237,16 @@ def encode_dataset(
     query_ids: list[str],
     cache: Path | None,
     progress: bool = True,
+    workers: int = 1,
 ) -> EncodedSplit:
-    """The corpus and the judged queries at full dimension, with the model's document/query prompts."""
+    """The corpus (by ``workers`` processes) and the judged queries at full dimension, with the model's
+    document/query prompts."""
     doc_ids = list(dataset.corpus)
     options = {"batch_size": 64, "show_progress_bar": progress, "convert_to_numpy": True}
     started = time.perf_counter()
     logger.info("%s: encoding %d documents and %d queries", dataset.name, len(doc_ids), len(query_ids))
     docs, docs_cached = cached_encode(
-        lambda texts: model.encode_document(texts, **options),
+        lambda texts: encode_corpus(model, texts, workers, progress),
         [dataset.corpus[d].passage for d in doc_ids],
         fingerprint,
         cache,
@@ -525,7 +536,7 @@ def measure_dataset(folder: Path, config: QualityBenchConfig) -> dict[str, Any]:
         full = model.get_embedding_dimension()
         dims = validate_dims(dims or default_dims(full), full)
         cache = cache_folder(config.cache, config.out)
-        encoded = encode_dataset(model, fingerprint, dataset, query_ids, cache, config.progress)
+        encoded = encode_dataset(model, fingerprint, dataset, query_ids, cache, config.progress, config.workers)
         del model
         models[label] = {
             "name": (config.base_model or DEFAULT_MODEL) if label == "base" else str(name),
@@ -903,10 +914,15 @@ def add_quality_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--cache", type=Path, default=None, help="embedding cache (default: OUT/cache)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="processes that encode each corpus: one per GPU, or CPU processes"
+    )
     p.set_defaults(handler=run_quality_command)
 
 
 def run_quality_command(args: argparse.Namespace) -> int:
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be at least 1, got {args.workers}")
     report = run_quality(QualityBenchConfig(**config_fields(args)))
     print(quality_markdown(report), end="")
     print(f"wrote quality.json, quality.md, quality_vs_dim.png, quality_vs_latency.png to {args.out}")

@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks.quality import cached_encode, load_scored_model
+from benchmarks.quality import cached_encode, encode_corpus, load_scored_model
 from core.cli_args import check_positive, dims_argument
 from core.data import DataError, Qrels, load_beir
 from core.errors import ConfigError
@@ -52,6 +52,7 @@ class RecipesConfig:
     full_dim_tolerance: float = 0.01
     adaptor_steps: int = 600
     cache: Path | None = None
+    workers: int = 1
     out: Path = Path("runs/bench/recipes")
     progress: bool = True
 
@@ -133,7 +134,7 @@ def measure_dataset(folder: Path, recipes: dict[str, str], config: RecipesConfig
         options = {"batch_size": 64, "show_progress_bar": config.progress, "convert_to_numpy": True}
         logger.info("%s / %s: encoding %d documents and %d queries", folder.name, name, len(doc_ids), len(query_ids))
         docs, _ = cached_encode(
-            lambda texts: model.encode_document(texts, **options),  # noqa: B023 (called right here)
+            lambda texts: encode_corpus(model, texts, config.workers, config.progress),  # noqa: B023 (called here)
             [dataset.corpus[d].passage for d in doc_ids],
             fingerprint,
             config.cache,
@@ -286,12 +287,13 @@ def add_recipes_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--adaptor-steps", type=int, default=600, help="default: %(default)s")
     p.add_argument("--cache", type=Path, default=None, help="encoding cache (default: OUT/cache)")
     p.add_argument("--out", type=Path, default=Path("runs/bench/recipes"), help="default: %(default)s")
+    p.add_argument("--workers", type=int, default=1, help="processes that encode each corpus")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.set_defaults(handler=_run)
 
 
 def _run(args: argparse.Namespace) -> int:
-    check_positive(args, ("adaptor_steps",))
+    check_positive(args, ("adaptor_steps", "workers"))
     config = RecipesConfig(
         data=args.data,
         recipes=args.recipes,
@@ -303,6 +305,7 @@ def _run(args: argparse.Namespace) -> int:
         full_dim_tolerance=args.full_dim_tolerance,
         adaptor_steps=args.adaptor_steps,
         cache=args.cache or args.out / "cache",
+        workers=args.workers,
         out=args.out,
         progress=args.progress,
     )

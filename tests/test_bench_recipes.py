@@ -59,3 +59,31 @@ def test_sample_run_tables_and_plots_every_recipe(tmp_path: Path):
     assert f"Chosen on validation: **{dataset['chosen']}**" in markdown
     assert (tmp_path / "recipes_sample_medical.png").stat().st_size > 1000
     assert json.loads((tmp_path / "recipes.json").read_text())["datasets"][0]["chosen"] == dataset["chosen"]
+
+
+def test_benchmark_corpora_are_encoded_by_the_workers_asked_for(monkeypatch):
+    # The pool itself runs the real model in tests/test_index_build.py; here only that benchmarks go through it.
+    import contextlib
+
+    import numpy as np
+
+    import core.models
+    from benchmarks.quality import encode_corpus
+
+    asked = []
+
+    @contextlib.contextmanager
+    def pool(encoder, workers):
+        asked.append(workers)
+        yield encoder
+
+    class Model:
+        def get_embedding_dimension(self):
+            return 2
+
+        def encode_document(self, texts, **options):
+            return np.ones((len(texts), 2))
+
+    monkeypatch.setattr(core.models, "encoder_pool", pool)
+    assert encode_corpus(Model(), ["a", "b", "c"], 3, progress=False).shape == (3, 2)
+    assert asked == [3]
