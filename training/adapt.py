@@ -57,7 +57,7 @@ class AdaptConfig:
     validation_fraction: float | None = 0.1
     dims: list[int] | None = None
     dim_weights: list[float] | None = None
-    init: str = "identity"
+    init: str = "pca"  # beat "identity" at 64 and 32 dims on SciFact's validation split, base and tuned
     steps: int = 600
     learning_rate: float = 1e-3
     negatives: int = 4096
