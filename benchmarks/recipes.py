@@ -25,12 +25,13 @@ import numpy as np
 
 from benchmarks.quality import cached_encode, encode_corpus, load_scored_model
 from core.cli_args import check_positive, dims_argument
-from core.data import DataError, Qrels, load_beir
+from core.data import DataError, load_beir
 from core.errors import ConfigError
 from core.files import write_json_atomic, write_text_atomic
 from core.matryoshka import validate_dims
 from core.models import embedding_dimension, model_dims
-from training.adaptor import AdaptorConfig, Judged, fit_adaptor, pca_rotation, score_mapped
+from training.adapt import Vectors
+from training.adaptor import AdaptorConfig, fit_adaptor, pca_rotation, score_mapped
 from training.validation import VALIDATION_SPLIT, split_validation
 
 logger = logging.getLogger(__name__)
@@ -100,12 +101,6 @@ def training_seconds(folder: str) -> float | None:
     return sum(v for k, v in seconds.items() if k.startswith("train_"))
 
 
-def judged(qrels: Qrels, doc_row: dict[str, int], query_row: dict[str, int], queries: np.ndarray) -> Judged:
-    ids = [q for q, docs in qrels.items() if any(g > 0 for g in docs.values())]
-    relevant = [{doc_row[d]: g for d, g in qrels[q].items() if d in doc_row} for q in ids]
-    return Judged(queries[[query_row[q] for q in ids]], relevant)
-
-
 def _rounded(scores: dict[int, dict[str, float]]) -> dict[str, float]:
     return {str(dim): round(values[METRIC], 4) for dim, values in sorted(scores.items(), reverse=True)}
 
@@ -145,9 +140,8 @@ def measure_dataset(folder: Path, recipes: dict[str, str], config: RecipesConfig
             fingerprint,
             config.cache,
         )
-        train_set = judged(training_qrels, doc_row, query_row, queries)
-        valid_set = judged(validation_qrels, doc_row, query_row, queries)
-        test_set = judged(test_qrels, doc_row, query_row, queries)
+        vectors = Vectors(doc_row, docs, query_row, queries)
+        train_set, valid_set, test_set = (vectors.judged(q) for q in (training_qrels, validation_qrels, test_qrels))
         trained = training_seconds(resolved)
         variants: list[tuple[str, np.ndarray | None, float]] = [(name, None, 0.0)]
         if name in config.adaptor_on:
