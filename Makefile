@@ -43,11 +43,14 @@ serve: $(STAMP)
 	@echo "  curl 'http://127.0.0.1:$(PORT)/dims'   # dims served, with their NDCG@10;  docs: http://127.0.0.1:$(PORT)/docs"
 	$(BIN)/mrl serve --index $(RUNS)/demo-index --port $(PORT)
 
+# Two pytest-xdist workers, one module each at a time (module fixtures are built once); tests/conftest.py
+# splits the cores between them. TEST_WORKERS=0 runs in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -1,8 +1,19 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
+
+# Under pytest-xdist (`make test` runs `-n 2`) each worker gets its share of the cores as BLAS and torch
+# threads, before numpy or torch is imported here or in a subprocess it starts: two workers with two
+# spinning threads each on two cores run slower than one worker alone.
+if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
+    from core.machine import usable_cpus
+
+    _threads = str(max(1, usable_cpus() // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+    for _name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+        os.environ.setdefault(_name, _threads)
 
 import numpy as np
 import pytest
@@ -91,7 +102,5 @@ def keyword_encoder() -> KeywordEncoder:
 @pytest.fixture(autouse=True, scope="session")
 def _offline():
     """No hub in tests: every model comes from a local path."""
-    import os
-
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
