@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +46,24 @@ REPORT_STEM = "adaptor_report"
 METHODS = ("adaptor", "pca")
 
 
+# The map's own settings (init, steps, learning rate, loss weights, patience, seed): ``mrl adapt`` takes
+# them from ``AdaptorConfig``'s fields and defaults, so the two cannot drift apart.
+FIT_OPTIONS = (
+    "init",
+    "steps",
+    "learning_rate",
+    "negatives",
+    "similarity_weight",
+    "reconstruction_weight",
+    "patience",
+    "seed",
+)
+
+
+def default_fit() -> AdaptorConfig:
+    return AdaptorConfig(dims=[])
+
+
 @dataclass
 class AdaptConfig:
     data: Path
@@ -57,21 +75,20 @@ class AdaptConfig:
     validation_fraction: float | None = 0.1
     dims: list[int] | None = None
     dim_weights: list[float] | None = None
-    init: str = "pca"  # beat "identity" at 64 and 32 dims on SciFact's validation split, base and tuned
-    steps: int = 600
-    learning_rate: float = 1e-3
-    negatives: int = 4096
-    similarity_weight: float = 1.0
-    reconstruction_weight: float = 1.0
-    patience: int = 6
-    seed: int = 42
+    fit: AdaptorConfig = field(default_factory=default_fit)  # its dims and weights are filled in by adapt()
     batch_size: int = 64
     workers: int = 1
     overwrite: bool = False
     progress: bool = True
 
+    @property
+    def seed(self) -> int:
+        return self.fit.seed
+
     def settings(self) -> dict[str, Any]:
-        return json_fields(self)
+        fields = json_fields(self)
+        fit = fields.pop("fit")
+        return fields | {name: fit[name] for name in FIT_OPTIONS}
 
 
 @dataclass
@@ -109,18 +126,7 @@ def check_adapt_config(config: AdaptConfig) -> None:
 
 
 def adaptor_config(config: AdaptConfig, dims: list[int]) -> AdaptorConfig:
-    return AdaptorConfig(
-        dims=dims,
-        weights=config.dim_weights,
-        init=config.init,
-        steps=config.steps,
-        learning_rate=config.learning_rate,
-        negatives=config.negatives,
-        similarity_weight=config.similarity_weight,
-        reconstruction_weight=config.reconstruction_weight,
-        patience=config.patience,
-        seed=config.seed,
-    )
+    return replace(config.fit, dims=dims, weights=config.dim_weights)
 
 
 def adapt(config: AdaptConfig) -> dict[str, Any]:

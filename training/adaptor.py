@@ -44,7 +44,7 @@ class AdaptorConfig:
 
     dims: list[int]
     weights: list[float] | None = None
-    init: str = "identity"
+    init: str = "pca"  # beat "identity" at 64 and 32 dims on SciFact's validation split, base and tuned
     steps: int = 600
     learning_rate: float = 1e-3
     batch_size: int = 128

@@ -304,6 +304,7 @@ def add_adapt_parser(commands: argparse._SubParsersAction) -> None:
     from training.adaptor import INITS
 
     defaults = AdaptConfig(data=Path("."), output=Path("."))
+    fit = defaults.fit
     p = commands.add_parser(
         "adapt",
         help="fit a Matryoshka adaptor (linear map on frozen embeddings) or a PCA rotation; publish the model",
@@ -334,36 +335,34 @@ def add_adapt_parser(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--dims", type=dims_argument, default=None, help="default: the model's Matryoshka dims")
     p.add_argument("--dim-weights", type=weights_argument, default=None, help="loss weight per dim, largest first")
-    p.add_argument("--init", choices=INITS, default=defaults.init, help="starting map (default: %(default)s)")
-    p.add_argument("--steps", type=int, default=defaults.steps, help="most optimiser steps (default: %(default)s)")
-    p.add_argument(
-        "--lr", dest="learning_rate", type=float, default=defaults.learning_rate, help="default: %(default)s"
-    )
+    p.add_argument("--init", choices=INITS, default=fit.init, help="starting map (default: %(default)s)")
+    p.add_argument("--steps", type=int, default=fit.steps, help="most optimiser steps (default: %(default)s)")
+    p.add_argument("--lr", dest="learning_rate", type=float, default=fit.learning_rate, help="default: %(default)s")
     p.add_argument(
         "--negatives",
         type=int,
-        default=defaults.negatives,
+        default=fit.negatives,
         help="corpus documents sampled per step (default: %(default)s)",
     )
     p.add_argument(
         "--similarity-weight",
         type=float,
-        default=defaults.similarity_weight,
+        default=fit.similarity_weight,
         help="weight of the unsupervised neighbour-similarity term (default: %(default)s)",
     )
     p.add_argument(
         "--reconstruction-weight",
         type=float,
-        default=defaults.reconstruction_weight,
+        default=fit.reconstruction_weight,
         help="weight of the term that keeps mapped vectors near the input ones (default: %(default)s)",
     )
     p.add_argument(
         "--patience",
         type=int,
-        default=defaults.patience,
+        default=fit.patience,
         help="validations without gain before stopping (default: %(default)s)",
     )
-    p.add_argument("--seed", type=int, default=defaults.seed, help="default: %(default)s")
+    p.add_argument("--seed", type=int, default=fit.seed, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="encoding batch (default: %(default)s)")
     p.add_argument("--workers", type=int, default=defaults.workers, help="processes that encode the corpus")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
@@ -372,13 +371,16 @@ def add_adapt_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_adapt(args: argparse.Namespace) -> int:
-    from training.adapt import AdaptConfig, adapt
+    from dataclasses import replace
+
+    from training.adapt import FIT_OPTIONS, AdaptConfig, adapt, default_fit
 
     check_positive(args, ("steps", "learning_rate", "negatives", "patience", "batch_size", "workers"))
     fields = config_fields(args)
     if str(fields["eval_split"]).lower() == "none":
         fields["eval_split"] = None
-    report = adapt(AdaptConfig(**fields))
+    fit = replace(default_fit(), **{name: fields.pop(name) for name in FIT_OPTIONS})
+    report = adapt(AdaptConfig(**fields, fit=fit))
     summary = f"{report['method']} fitted in {report['fit']['seconds']:.1f} s -> {args.output}"
     if "after" in report:
         before, after = report["before"]["by_dim"], report["after"]["by_dim"]
