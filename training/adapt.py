@@ -47,7 +47,8 @@ METHODS = ("adaptor", "pca")
 
 
 # The map's own settings (init, steps, learning rate, loss weights, patience, seed): ``mrl adapt`` takes
-# them from ``AdaptorConfig``'s fields and defaults, so the two cannot drift apart.
+# them from ``AdaptorConfig``'s fields and defaults, so the two cannot drift apart. ``--dim-weights`` is
+# its ``weights``.
 FIT_OPTIONS = (
     "init",
     "steps",
@@ -74,21 +75,16 @@ class AdaptConfig:
     eval_split: str | None = "test"
     validation_fraction: float | None = 0.1
     dims: list[int] | None = None
-    dim_weights: list[float] | None = None
-    fit: AdaptorConfig = field(default_factory=default_fit)  # its dims and weights are filled in by adapt()
+    fit: AdaptorConfig = field(default_factory=default_fit)  # its dims are filled in by adapt()
     batch_size: int = 64
     workers: int = 1
     overwrite: bool = False
     progress: bool = True
 
-    @property
-    def seed(self) -> int:
-        return self.fit.seed
-
     def settings(self) -> dict[str, Any]:
         fields = json_fields(self)
         fit = fields.pop("fit")
-        return fields | {name: fit[name] for name in FIT_OPTIONS}
+        return fields | {"dim_weights": fit["weights"]} | {name: fit[name] for name in FIT_OPTIONS}
 
 
 @dataclass
@@ -126,7 +122,7 @@ def check_adapt_config(config: AdaptConfig) -> None:
 
 
 def adaptor_config(config: AdaptConfig, dims: list[int]) -> AdaptorConfig:
-    return replace(config.fit, dims=dims, weights=config.dim_weights)
+    return replace(config.fit, dims=dims)
 
 
 def adapt(config: AdaptConfig) -> dict[str, Any]:
@@ -141,7 +137,7 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
     training_qrels = dataset.split(config.train_split)
     validation_qrels: Qrels | None = None
     if config.validation_fraction is not None:
-        held = split_validation(dataset, config.train_split, config.validation_fraction, config.seed)
+        held = split_validation(dataset, config.train_split, config.validation_fraction, config.fit.seed)
         training_qrels, validation_qrels = held.training_qrels, held.dataset.split(VALIDATION_SPLIT)
     if not any(any(g > 0 for g in docs.values()) for docs in training_qrels.values()):
         raise DataError(config.data, f"split {config.train_split!r} has no relevant (query, passage) pairs")

@@ -371,15 +371,14 @@ def add_adapt_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_adapt(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from training.adapt import FIT_OPTIONS, AdaptConfig, adapt, default_fit
+    from training.adapt import FIT_OPTIONS, AdaptConfig, adapt
+    from training.adaptor import AdaptorConfig
 
     check_positive(args, ("steps", "learning_rate", "negatives", "patience", "batch_size", "workers"))
     fields = config_fields(args)
     if str(fields["eval_split"]).lower() == "none":
         fields["eval_split"] = None
-    fit = replace(default_fit(), **{name: fields.pop(name) for name in FIT_OPTIONS})
+    fit = AdaptorConfig(dims=[], weights=fields.pop("dim_weights"), **{name: fields.pop(name) for name in FIT_OPTIONS})
     report = adapt(AdaptConfig(**fields, fit=fit))
     summary = f"{report['method']} fitted in {report['fit']['seconds']:.1f} s -> {args.output}"
     if "after" in report:
