@@ -41,6 +41,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -320,13 +321,33 @@ class MilvusIndexStore:
             None,
             held,
             location=version,
-            health=self.ping,
+            health=partial(self.check_loaded, needed),
         )
 
     def ping(self) -> None:
         """Raises :class:`EngineUnavailable` unless Milvus answers a cheap call within ``PING_TIMEOUT_S``."""
         with engine_errors(self.backend.uri, "a health check"):
             self._client.has_collection(self.meta, timeout=PING_TIMEOUT_S)
+
+    def check_loaded(self, collections: Sequence[str]) -> None:
+        """A served version's health: raises :class:`EngineUnavailable` unless Milvus answers within
+        ``PING_TIMEOUT_S`` and none of ``collections`` is still loading.
+
+        A restarted server loads its collections again one by one, for seconds to minutes, and a
+        search of one still loading fails; until all are back the replica is not ready, so a load
+        balancer does not send it the dims that would fail. (A collection that is not loaded at all
+        is loaded by the first search of it, so it does not count against readiness.)
+        """
+        from pymilvus.client.types import LoadState
+
+        with engine_errors(self.backend.uri, "a health check"):
+            for collection in collections:
+                state = self._client.get_load_state(collection, timeout=PING_TIMEOUT_S)
+                if state["state"] == LoadState.Loading:
+                    raise EngineUnavailable(
+                        f"Milvus at {self.backend.uri}: collection {collection!r} is still loading "
+                        f"({state.get('progress', '?')}%)"
+                    )
 
     # --- writing ------------------------------------------------------------------------
     def begin(self, version: str, keep_versions: int = 3) -> MilvusVersionWriter:

@@ -79,6 +79,7 @@ def test_a_build_goes_live_with_every_dim_and_its_documents(data, milvus_lite_ur
     try:
         assert loaded.location == manifest.version and loaded.dims == DIMS
         assert loaded.manifest.to_dict() == manifest.to_dict()
+        loaded.check_health()  # every collection loaded: ready
         encoder = KeywordEncoder(VOCABULARY)
         query = encoder.encode_queries([f"what helps with {VOCABULARY[0]}"])  # the leading coordinate: every dim
         for dim in DIMS:
