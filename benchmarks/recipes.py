@@ -31,13 +31,14 @@ from core.files import write_json_atomic, write_text_atomic
 from core.matryoshka import validate_dims
 from core.models import embedding_dimension, model_dims
 from training.adapt import Vectors
-from training.adaptor import AdaptorConfig, fit_adaptor, pca_rotation, score_mapped
+from training.adaptor import AdaptorConfig, better_start, fit_each_start, pca_rotation, score_mapped
 from training.validation import VALIDATION_SPLIT, split_validation
 
 logger = logging.getLogger(__name__)
 
 BASE = "base"
 METRIC = "ndcg@10"
+START_LABELS = {"identity": "adaptor", "pca": "PCA + adaptor"}  # row labels of the adaptor fitted from each start
 
 
 @dataclass
@@ -146,10 +147,12 @@ def measure_dataset(folder: Path, recipes: dict[str, str], config: RecipesConfig
         variants: list[tuple[str, np.ndarray | None, float]] = [(name, None, 0.0)]
         if name in config.adaptor_on:
             variants.append((f"{name} + PCA", pca_rotation(docs), 0.0))
-            for init, label in (("identity", "adaptor"), ("pca", "PCA + adaptor")):
-                adaptor = AdaptorConfig(dims=dims, init=init, steps=config.adaptor_steps, seed=config.seed)
-                fit = fit_adaptor(docs, train_set, valid_set, adaptor)
-                variants.append((f"{name} + {label}", fit.weight, fit.seconds))
+            adaptor = AdaptorConfig(dims=dims, steps=config.adaptor_steps, seed=config.seed)
+            fits = fit_each_start(docs, train_set, valid_set, adaptor)
+            for fit in fits:
+                variants.append((f"{name} + {START_LABELS[fit.init]}", fit.weight, fit.seconds))
+            auto = better_start(fits)  # what `mrl adapt` keeps by default (--init auto)
+            variants.append((f"{name} + adaptor, auto start ({auto.init})", auto.weight, auto.seconds))
         for label, weight, fit_seconds in variants:
             rows.append(
                 {
@@ -269,7 +272,8 @@ def add_recipes_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--adaptor-on",
         default="",
-        help="comma-separated recipe names that also get a PCA-rotation row and a Matryoshka-adaptor row",
+        help="comma-separated recipe names that also get a PCA-rotation row and Matryoshka-adaptor rows "
+        "(fitted from each start, and the one mrl adapt --init auto keeps)",
     )
     p.add_argument("--dims", type=dims_argument, default=None, help="default: the first model's Matryoshka dims")
     p.add_argument(

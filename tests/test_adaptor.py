@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,15 @@ from core.errors import ConfigError
 from core.matryoshka import truncate_normalize
 from mrl.cli import main
 from tests.conftest import SAMPLE
-from training.adaptor import AdaptorConfig, Judged, append_adaptor, fit_adaptor, pca_rotation, score_mapped
+from training.adaptor import (
+    STARTS,
+    AdaptorConfig,
+    Judged,
+    append_adaptor,
+    fit_adaptor,
+    pca_rotation,
+    score_mapped,
+)
 from training.evaluate import SplitEmbeddings, score_dims
 
 
@@ -94,10 +103,25 @@ def test_adaptor_fit_is_reproducible_and_checks_its_options():
     config = AdaptorConfig(dims=[64, 8], steps=20, eval_every=10)
     first, second = fit_adaptor(corpus, train, valid, config), fit_adaptor(corpus, train, valid, config)
     np.testing.assert_array_equal(first.weight, second.weight)
-    with pytest.raises(ConfigError, match="--init 'svd' is not one of identity, pca"):
+    with pytest.raises(ConfigError, match="--init 'svd' is not one of pca, identity, auto"):
         fit_adaptor(corpus, train, valid, AdaptorConfig(dims=[64, 8], init="svd"))
     with pytest.raises(ConfigError, match="--dim-weights has 1 values for the 2 dims"):
         fit_adaptor(corpus, train, valid, AdaptorConfig(dims=[64, 8], weights=[1.0]))
+
+
+def test_init_auto_keeps_the_start_that_validates_better():
+    corpus, train, valid = hidden_signal(docs=100, queries=60)
+    config = AdaptorConfig(dims=[64, 8], steps=20, eval_every=5, similarity_weight=0)
+    fits = {start: fit_adaptor(corpus, train, valid, replace(config, init=start)) for start in STARTS}
+    assert fits["pca"].best_metric != fits["identity"].best_metric  # a real choice on this data
+    auto = fit_adaptor(corpus, train, valid, config)
+    assert config.init == "auto"
+    winner = max(fits, key=lambda start: fits[start].best_metric)
+    assert auto.init == winner and auto.starts == {start: fit.best_metric for start, fit in fits.items()}
+    np.testing.assert_array_equal(auto.weight, fits[winner].weight)
+    assert auto.to_dict()["init"] == winner and set(auto.to_dict()["starts"]) == {"pca", "identity"}
+    with pytest.raises(ConfigError, match="--init auto picks the start on validation queries"):
+        fit_adaptor(corpus, train, None, config)
 
 
 def test_appended_map_is_what_the_model_now_encodes(tmp_path: Path):
@@ -123,6 +147,9 @@ def test_mrl_adapt_publishes_a_model_the_index_builder_and_eval_load(tmp_path: P
     assert "adaptor fitted in" in capsys.readouterr().out
     report = json.loads((out / "adaptor_report.json").read_text())
     assert report["validation_queries"] == 12 and report["training_queries"] == 108
+    assert report["settings"]["init"] == "auto" and set(report["fit"]["starts"]) == {"pca", "identity"}
+    assert report["fit"]["init"] == max(report["fit"]["starts"], key=report["fit"]["starts"].get)
+    assert "chosen by --init auto" in (out / "adaptor_report.md").read_text()
     assert report["before"]["by_dim"].keys() == report["after"]["by_dim"].keys() == {"384", "256", "128", "64", "32"}
     card = json.loads((out / "mrl.json").read_text())
     assert card["dims"] == [384, 256, 128, 64, 32] and card["extra"]["adaptor"]["method"] == "adaptor"

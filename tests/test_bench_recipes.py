@@ -49,7 +49,13 @@ def test_sample_run_tables_and_plots_every_recipe(tmp_path: Path):
     report = run_recipes(config)
     (dataset,) = report["datasets"]
     names = [r["recipe"] for r in dataset["rows"]]
-    assert names == ["base", "base + PCA", "base + adaptor", "base + PCA + adaptor"]
+    assert names[:4] == ["base", "base + PCA", "base + PCA + adaptor", "base + adaptor"]
+    auto = dataset["rows"][4]  # what `mrl adapt --init auto` keeps: the start that validated better
+    kept = {"base + adaptor, auto start (pca)": 2, "base + adaptor, auto start (identity)": 3}[auto["recipe"]]
+    twin = dataset["rows"][kept]
+    assert (auto["validation"], auto["test"]) == (twin["validation"], twin["test"])
+    other = dataset["rows"][5 - kept]
+    assert twin["validation"]["32"] >= other["validation"]["32"]
     assert dataset["queries"] == {"training": 108, "validation": 12, "test": 120}
     base, pca = dataset["rows"][0], dataset["rows"][1]
     assert base["test"]["384"] == pytest.approx(0.921, abs=0.002)  # the README's untuned sample figure

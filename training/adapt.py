@@ -115,6 +115,8 @@ def check_adapt_config(config: AdaptConfig) -> None:
         raise ConfigError(f"--method {config.method!r} is not one of {', '.join(METHODS)}")
     if config.validation_fraction is not None and not 0 < config.validation_fraction < 1:
         raise ConfigError(f"--validation-fraction must be in (0, 1), got {config.validation_fraction}")
+    if config.method == "adaptor":
+        config.fit.check_validation(config.validation_fraction is not None)
     if config.eval_split and config.eval_split == config.train_split:
         raise ConfigError(f"training and evaluation split are both {config.train_split!r}")
     if config.output.exists() and not config.overwrite:
@@ -156,7 +158,7 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
 
     validation = vectors.judged(validation_qrels) if validation_qrels else None
     if config.method == "pca":
-        fit = AdaptorFit(weight=pca_rotation(vectors.docs))
+        fit = AdaptorFit(weight=pca_rotation(vectors.docs), init="pca")
     else:
         fit = fit_adaptor(vectors.docs, vectors.judged(training_qrels), validation, fit_config, _log_progress)
     report: dict[str, Any] = {
@@ -225,6 +227,13 @@ def _publish(
         raise
 
 
+def _start(fit: dict[str, Any], settings: dict[str, Any]) -> str:
+    if not fit.get("starts"):
+        return str(fit.get("init", settings["init"]))
+    tried = ", ".join(f"{start} {metric:.4f}" for start, metric in fit["starts"].items())
+    return f"{fit['init']} (chosen by --init auto on validation NDCG@10: {tried})"
+
+
 def adaptor_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str:
     fit, settings = report["fit"], report["settings"]
     lines = [
@@ -232,7 +241,7 @@ def adaptor_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str:
         "",
         f"- Input model: `{report['base_model']}`; dims: {', '.join(map(str, report['dims']))}",
         f"- Fitted on {report['training_queries']} training queries' vectors in {fit['seconds']:.1f} s"
-        f" ({fit['steps_run']} steps, best step {fit['best_step']}); init {settings['init']}, lr "
+        f" ({fit['steps_run']} steps, best step {fit['best_step']}); start {_start(fit, settings)}, lr "
         f"{settings['learning_rate']}, similarity weight {settings['similarity_weight']}, reconstruction weight "
         f"{settings['reconstruction_weight']}",
     ]
