@@ -324,11 +324,6 @@ class MilvusIndexStore:
             health=partial(self.check_loaded, needed),
         )
 
-    def ping(self) -> None:
-        """Raises :class:`EngineUnavailable` unless Milvus answers a cheap call within ``PING_TIMEOUT_S``."""
-        with engine_errors(self.backend.uri, "a health check"):
-            self._client.has_collection(self.meta, timeout=PING_TIMEOUT_S)
-
     def check_loaded(self, collections: Sequence[str]) -> None:
         """A served version's health: raises :class:`EngineUnavailable` unless Milvus answers within
         ``PING_TIMEOUT_S`` and none of ``collections`` is still loading.

@@ -227,9 +227,9 @@ def _publish(
         raise
 
 
-def _start(fit: dict[str, Any], settings: dict[str, Any]) -> str:
+def _start(fit: dict[str, Any]) -> str:
     if not fit.get("starts"):
-        return str(fit.get("init", settings["init"]))
+        return fit["init"]
     tried = ", ".join(f"{start} {metric:.4f}" for start, metric in fit["starts"].items())
     return f"{fit['init']} (chosen by --init auto on validation NDCG@10: {tried})"
 
@@ -241,7 +241,7 @@ def adaptor_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str:
         "",
         f"- Input model: `{report['base_model']}`; dims: {', '.join(map(str, report['dims']))}",
         f"- Fitted on {report['training_queries']} training queries' vectors in {fit['seconds']:.1f} s"
-        f" ({fit['steps_run']} steps, best step {fit['best_step']}); start {_start(fit, settings)}, lr "
+        f" ({fit['steps_run']} steps, best step {fit['best_step']}); start {_start(fit)}, lr "
         f"{settings['learning_rate']}, similarity weight {settings['similarity_weight']}, reconstruction weight "
         f"{settings['reconstruction_weight']}",
     ]

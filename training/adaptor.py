@@ -95,7 +95,7 @@ class Judged:
 @dataclass
 class AdaptorFit:
     weight: np.ndarray  # (d, d): output = x @ weight.T, as torch's Linear stores it
-    init: str = "identity"  # the start this fit came from
+    init: str  # the start this fit came from ("pca" for a PCA rotation alone)
     history: list[dict[str, Any]] = field(default_factory=list)
     best_step: int = 0
     best_metric: float | None = None
