@@ -85,21 +85,36 @@ class RetrievalDataset:
         ]
 
 
-def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """Yield (line number, object) for each non-blank line of a JSON-lines file."""
+def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
+    """Yield (line number, text) for each line of a UTF-8 file; bytes that are not UTF-8 are one DataError.
+
+    Lines are decoded one at a time, so the error names the line (a decoding file object would
+    only say a byte offset, from deep inside its buffered reader).
+    """
     if not path.is_file():
         raise DataError(path, "file not found")
-    with path.open(encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
+    with path.open("rb") as handle:
+        for number, raw in enumerate(handle, start=1):
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(path, f"invalid JSON ({exc.msg})", number) from None
-            if not isinstance(record, dict):
-                raise DataError(path, "expected a JSON object", number)
-            yield number, record
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                byte = raw[exc.start : exc.start + 1].hex()
+                message = f"not valid UTF-8 (byte 0x{byte} at column {exc.start + 1}); save the file as UTF-8"
+                raise DataError(path, message, number) from None
+
+
+def _jsonl_records(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
+    """Yield (line number, object) for each non-blank line of a JSON-lines file."""
+    for number, line in _text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(path, f"invalid JSON ({exc.msg})", number) from None
+        if not isinstance(record, dict):
+            raise DataError(path, "expected a JSON object", number)
+        yield number, record
 
 
 def _required_text(record: dict[str, Any], key: str, path: Path, line: int) -> str:
@@ -151,29 +166,27 @@ def load_queries(path: Path) -> dict[str, str]:
 
 def load_qrels(path: Path, queries: dict[str, str], corpus: dict[str, Document]) -> Qrels:
     """Read a ``qrels/<split>.tsv`` file (``query-id  corpus-id  score``, header optional)."""
-    if not path.is_file():
-        raise DataError(path, "file not found")
     qrels: Qrels = {}
-    with path.open(encoding="utf-8", newline="") as handle:
-        for line, row in enumerate(csv.reader(handle, delimiter="\t"), start=1):
-            if not row or not "".join(row).strip():
-                continue
-            if line == 1 and tuple(cell.strip() for cell in row) == QRELS_HEADER:
-                continue
-            if len(row) != 3:
-                raise DataError(path, f"expected 3 tab-separated columns, got {len(row)}", line)
-            qid, doc_id, score_text = (cell.strip() for cell in row)
-            try:
-                score = int(score_text)
-            except ValueError:
-                raise DataError(path, f"score {score_text!r} is not an integer", line) from None
-            if qid not in queries:
-                raise DataError(path, f"unknown query id {qid!r}", line)
-            if doc_id not in corpus:
-                raise DataError(path, f"unknown corpus id {doc_id!r}", line)
-            if doc_id in qrels.setdefault(qid, {}):
-                raise DataError(path, f"duplicate judgement for ({qid!r}, {doc_id!r})", line)
-            qrels[qid][doc_id] = score
+    lines = (text for _, text in _text_lines(path))  # a row per line: qrels fields hold no quoted newlines
+    for line, row in enumerate(csv.reader(lines, delimiter="\t"), start=1):
+        if not row or not "".join(row).strip():
+            continue
+        if line == 1 and tuple(cell.strip() for cell in row) == QRELS_HEADER:
+            continue
+        if len(row) != 3:
+            raise DataError(path, f"expected 3 tab-separated columns, got {len(row)}", line)
+        qid, doc_id, score_text = (cell.strip() for cell in row)
+        try:
+            score = int(score_text)
+        except ValueError:
+            raise DataError(path, f"score {score_text!r} is not an integer", line) from None
+        if qid not in queries:
+            raise DataError(path, f"unknown query id {qid!r}", line)
+        if doc_id not in corpus:
+            raise DataError(path, f"unknown corpus id {doc_id!r}", line)
+        if doc_id in qrels.setdefault(qid, {}):
+            raise DataError(path, f"duplicate judgement for ({qid!r}, {doc_id!r})", line)
+        qrels[qid][doc_id] = score
     if not qrels:
         raise DataError(path, "no judgements")
     return qrels

@@ -147,9 +147,13 @@ class FaissIndex:
         return cls(faiss.read_index(str(path)), plan)
 
     def save(self, path: Path) -> None:
+        """Write the index file through Python's I/O, so a full disk or a read-only folder is an ``OSError``
+        with its errno (FAISS's own writer reports them as ``RuntimeError`` text)."""
         import faiss
 
-        faiss.write_index(self._to_cpu(), str(path))
+        data = faiss.serialize_index(self._to_cpu())
+        with open(path, "wb") as handle:
+            handle.write(memoryview(data))
 
     def describe(self) -> dict[str, Any]:
         return describe_plan(self.backend, self.plan, self.device)

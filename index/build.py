@@ -43,10 +43,13 @@ from index.layout import (
     DOCS_FILE,
     PROBE_FILE,
     VECTORS_FILE,
+    WriterLock,
     index_file,
     new_version_name,
     publish_version,
+    resolve_version,
     staging_version,
+    writing,
 )
 from index.manifest import (
     MANIFEST_FILE,
@@ -62,6 +65,8 @@ from index.store import write_documents
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
+
+    from index.loaded import LoadedIndex
 
 logger = logging.getLogger(__name__)
 
@@ -148,12 +153,15 @@ class FolderWriter:
 
     def __init__(self, root: Path, backend: IndexBackend, version: str, keep_versions: int) -> None:
         self.root, self.backend, self.version, self.keep_versions = root, backend, version, keep_versions
-        self.staging = staging_version(root)
+        with writing(root):
+            self.staging = staging_version(root)
 
     def write_corpus(self, documents: list[Document], vectors: np.ndarray, probes: np.ndarray) -> None:
-        np.save(self.staging / VECTORS_FILE, vectors)
-        np.save(self.staging / PROBE_FILE, probes)
-        write_documents(self.staging / DOCS_FILE, documents)
+        with writing(self.staging):
+            np.save(self.staging / VECTORS_FILE, vectors)
+            np.save(self.staging / PROBE_FILE, probes)
+        with writing(self.staging / DOCS_FILE):
+            write_documents(self.staging / DOCS_FILE, documents)
 
     def build(self, dim: int, vectors: np.ndarray, plan: IndexPlan) -> VectorIndex:
         return self.backend.build(vectors, plan)
@@ -165,15 +173,18 @@ class FolderWriter:
         return folder_files(self.staging)
 
     def publish(self, manifest: IndexManifest) -> Path:
-        write_json_atomic(self.staging / MANIFEST_FILE, manifest.to_dict())
-        return publish_version(self.root, self.staging, manifest.version, self.keep_versions)
+        with writing(self.staging):
+            write_json_atomic(self.staging / MANIFEST_FILE, manifest.to_dict())
+        with WriterLock(self.root) as lock:
+            return publish_version(lock, self.staging, manifest.version, self.keep_versions)
 
     def abort(self) -> None:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def save_to_folder(index: VectorIndex, dim: int, folder: Path) -> tuple[str, int]:
-    index.save(folder / index_file(dim))
+    with writing(folder / index_file(dim)):
+        index.save(folder / index_file(dim))
     return index_file(dim), (folder / index_file(dim)).stat().st_size
 
 
@@ -224,8 +235,9 @@ def encode_documents(encoder: Encoder, documents: list[Document], cache: Path | 
         logger.info("encoding documents %d-%d of %d", start + 1, start + len(chunk), len(documents))
         vectors = encoder.encode_documents([d.passage for d in chunk])
         if cached:
-            np.save(cached.with_suffix(".tmp.npy"), vectors)
-            cached.with_suffix(".tmp.npy").replace(cached)
+            with writing(cached):
+                np.save(cached.with_suffix(".tmp.npy"), vectors)
+                cached.with_suffix(".tmp.npy").replace(cached)
         parts.append(vectors)
     return np.concatenate(parts).astype(np.float32, copy=False)
 
@@ -357,8 +369,9 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
     key = encode_cache_key(documents, fingerprint, model)
     cache_root = config.output / ".encode-cache" if store is None else (config.cache_dir or DEFAULT_CACHE).expanduser()
     cache = cache_root / key
-    cache.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
+    with writing(cache):
+        cache.mkdir(parents=True, exist_ok=True)
     with encoder_pool(encoder, config.workers) as pooled:
         vectors = encode_documents(pooled, documents, cache)
     probes = encoder.encode_queries(query_texts) if query_texts else _sample_rows(vectors, PROBE_QUERIES)
@@ -486,7 +499,26 @@ def add_documents(
     """
     from index.loaded import open_index
 
-    current = open_index(root, device=device)
+    resolve_version(root)  # no index there: say so before taking its lock
+    with WriterLock(root) as lock:  # held from reading `current` to publishing: a concurrent add or build waits
+        current = open_index(root, device=device)
+        try:
+            return _append_version(lock, current, data, model_name, batch_size, progress, keep_versions)
+        finally:
+            current.close()
+
+
+def _append_version(
+    lock: WriterLock,
+    current: LoadedIndex,
+    data: Path,
+    model_name: str | None,
+    batch_size: int,
+    progress: bool,
+    keep_versions: int,
+) -> tuple[Path, IndexManifest]:
+    """``add_documents`` once the root is locked and its current version open."""
+    root = lock.root
     old = current.manifest
     model = load_model(
         model_name or old.model.name,
@@ -506,13 +538,15 @@ def add_documents(
     added = encode_documents(encoder, documents)
     encode_seconds = time.perf_counter() - started
 
-    staging = staging_version(root)
+    with writing(root):
+        staging = staging_version(root)
     try:
         vectors = np.concatenate([np.asarray(current.vectors), added])
-        np.save(staging / VECTORS_FILE, vectors)
-        shutil.copy2(current.path / PROBE_FILE, staging / PROBE_FILE)
-        shutil.copy2(current.path / DOCS_FILE, staging / DOCS_FILE)
-        write_documents(staging / DOCS_FILE, documents, first_row=old.num_vectors)
+        with writing(staging):
+            np.save(staging / VECTORS_FILE, vectors)
+            shutil.copy2(current.path / PROBE_FILE, staging / PROBE_FILE)
+            shutil.copy2(current.path / DOCS_FILE, staging / DOCS_FILE)
+            write_documents(staging / DOCS_FILE, documents, first_row=old.num_vectors)
         probes = current.probes()
         indexes = {}
         for dim, index in current.indexes.items():
@@ -547,11 +581,10 @@ def add_documents(
                 "from": old.version,
             }
         )
-        write_json_atomic(staging / MANIFEST_FILE, manifest.to_dict())
-        final = publish_version(root, staging, manifest.version, keep_versions)
+        with writing(staging):
+            write_json_atomic(staging / MANIFEST_FILE, manifest.to_dict())
+        final = publish_version(lock, staging, manifest.version, keep_versions)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    finally:
-        current.close()
     return final, manifest

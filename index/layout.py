@@ -3,32 +3,43 @@
     ROOT/current -> versions/<version>      (symlink, swapped with one rename)
     ROOT/versions/<version>/manifest.json, vectors.npy, docs.sqlite, index_<dim>.faiss, probe_queries.npy
     ROOT/leases/<version>~<host>~<pid>~<tag>   (one empty file per process that has the version open)
+    ROOT/.writer.lock                          (the writers' lock, see :class:`WriterLock`)
 
 A version is built in ``versions/.building-*`` and renamed into place only when complete;
 ``current`` then moves to it. A build that fails or is killed leaves ``current`` and every
 finished version untouched. Pruning never deletes a version that a live process holds a
 lease on, so a server that has not reloaded yet keeps every file it serves.
+
+Writers of one root exclude each other: publishing and pruning happen under the root's
+:class:`WriterLock`, and ``mrl index add`` holds it from reading ``current`` to publishing, so
+two writers never lose one another's version, and a prune never deletes a version that
+another writer is about to make current.
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import secrets
 import shutil
 import socket
+import sqlite3
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
 
 from core.files import fresh_dir
-from index.manifest import MANIFEST_FILE, IndexFolderError
+from index.manifest import MANIFEST_FILE, IndexFolderError, IndexWriteError
 
 logger = logging.getLogger(__name__)
 
 CURRENT = "current"
 VERSIONS = "versions"
 LEASES = "leases"
+WRITER_LOCK = ".writer.lock"
 # A lease whose file has not been touched for this long is stale unless its process is alive on this
 # host (holders on other hosts, e.g. replicas over a shared volume, refresh theirs far more often).
 LEASE_TTL_SECONDS = 15 * 60
@@ -71,21 +82,91 @@ def resolve_version(path: Path) -> Path:
     raise IndexFolderError(f"{path}: not an index (no {MANIFEST_FILE} and no '{CURRENT}' version)")
 
 
-def publish_version(root: Path, staging: Path, name: str, keep: int) -> Path:
-    """Rename a finished staging folder to ``versions/<name>``, point ``current`` at it, prune old ones."""
+class WriterLock:
+    """The exclusive right to change an index root: publish, prune, and read-modify-write its ``current``.
+
+    An advisory ``flock`` on ``ROOT/.writer.lock``, so the kernel releases it when its holder dies
+    (a killed build never leaves the root locked). A second writer waits for the first, saying so
+    once in the log; each ``WriterLock`` object is its own open file, so two in one process exclude
+    each other as two processes do. Not re-entrant: take it once, pass it down.
+
+    Raises:
+        IndexWriteError: If the lock file cannot be created (a missing or read-only root).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._fd: int | None = None
+
+    def __enter__(self) -> WriterLock:
+        with writing(self.root):
+            fd = os.open(self.root / WRITER_LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                logger.info("waiting for another writer of %s to finish", self.root)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd = fd
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)  # closing the only descriptor of the open file releases the lock
+
+    @property
+    def held(self) -> bool:
+        return self._fd is not None
+
+
+@contextmanager
+def writing(where: Path) -> Iterator[None]:
+    """Turn a failed write (full disk, read-only or missing folder, ...) into one :class:`IndexWriteError`.
+
+    The message names the file the system names (else ``where``) and the system's reason, e.g.
+    ``cannot write runs/idx/versions/.building-x/vectors.npy: No space left on device``.
+    """
+    try:
+        yield
+    except OSError as exc:
+        target = exc.filename if exc.filename is not None else where
+        reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
+        raise IndexWriteError(f"cannot write {target}: {reason}") from None
+    except sqlite3.OperationalError as exc:  # SQLite's own words for a full disk or a read-only file
+        raise IndexWriteError(f"cannot write {where}: {exc}") from None
+
+
+def publish_version(lock: WriterLock, staging: Path, name: str, keep: int) -> Path:
+    """Rename a finished staging folder to ``versions/<name>``, point ``current`` at it, prune old ones.
+
+    The caller holds ``lock`` (the root's :class:`WriterLock`), so no other writer publishes or
+    prunes between the rename, the swap of ``current`` and the prune.
+    """
+    if not lock.held:
+        raise RuntimeError("publish_version needs the root's WriterLock held")
+    root = lock.root
     final = root / VERSIONS / name
-    os.replace(staging, final)
-    link = root / f".{CURRENT}.{secrets.token_hex(4)}"
-    os.symlink(Path(VERSIONS) / name, link)
-    os.replace(link, root / CURRENT)  # atomic: readers see the old target or the new one
-    prune_versions(root, keep)
+    with writing(root):
+        os.replace(staging, final)
+        link = root / f".{CURRENT}.{secrets.token_hex(4)}"
+        os.symlink(Path(VERSIONS) / name, link)
+        os.replace(link, root / CURRENT)  # atomic: readers see the old target or the new one
+    prune_versions(lock, keep)
     return final
 
 
-def prune_versions(root: Path, keep: int) -> None:
+def prune_versions(lock: WriterLock, keep: int) -> None:
     """Delete all but the newest ``keep`` finished versions, and the staging folders of builds that
     were killed (untouched for ``STALE_STAGING_SECONDS``; a running build touches its folder far more
-    often). The current version and every version a live process holds a lease on are kept."""
+    often). The current version and every version a live process holds a lease on are kept; the
+    caller holds ``lock``, so ``current`` cannot move while this runs."""
+    if not lock.held:
+        raise RuntimeError("prune_versions needs the root's WriterLock held")
+    root = lock.root
     for staging in (root / VERSIONS).glob(".building-*"):
         if time.time() - staging.stat().st_mtime > STALE_STAGING_SECONDS:
             shutil.rmtree(staging, ignore_errors=True)

@@ -24,6 +24,10 @@ class IndexFolderError(ValueError):
     """An index folder is missing, corrupt, or does not match the model."""
 
 
+class IndexWriteError(IndexFolderError):
+    """An index version could not be written (a full disk, a read-only root); nothing of it went live."""
+
+
 @dataclass
 class DimIndex:
     """One dimension's FAISS index file and what it cost."""

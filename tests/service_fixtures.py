@@ -83,14 +83,21 @@ def write_data(folder: Path, extra: int = 0) -> Path:
     return write_beir(folder, corpus(extra), queries, qrels)
 
 
-def build_keyword_index(data: Path, root: Path) -> Path:
-    """``build_index`` for real, with the keyword encoder standing in for the model; returns the version folder."""
-    encoder = KeywordEncoder(VOCABULARY, name=MODEL_NAME)
+@contextmanager
+def keyword_model(encoder: KeywordEncoder | None = None) -> Iterator[KeywordEncoder]:
+    """While open, ``mrl index build`` and ``add`` (in this process) load the keyword encoder as their model."""
+    encoder = encoder or KeywordEncoder(VOCABULARY, name=MODEL_NAME)
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(build_module, "load_model", lambda *a, **k: SimpleNamespace(prompts={}, max_seq_length=None))
         patch.setattr(build_module, "SentenceTransformerEncoder", lambda *a, **k: encoder)
         patch.setattr(build_module, "model_fingerprint", lambda model: FINGERPRINT)
         patch.setattr(build_module, "library_versions", lambda: {"mrl": "test"})
+        yield encoder
+
+
+def build_keyword_index(data: Path, root: Path) -> Path:
+    """``build_index`` for real, with the keyword encoder standing in for the model; returns the version folder."""
+    with keyword_model():
         folder, _ = build_index(
             BuildConfig(data=data, output=root, model=MODEL_NAME, dims=DIMS, device="cpu", progress=False)
         )
