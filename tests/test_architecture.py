@@ -1,8 +1,8 @@
 """The house rules, read from the code: which package may import which, no import cycles, a lean service.
 
-Imports are read with ``ast`` from every module of the project, function-local ones included
-(a cycle held together by imports inside functions is still a cycle); imports under
-``if TYPE_CHECKING:`` are left out, since they never run.
+Imports are read with ``ast`` from every module of the project, function-local ones and those
+under ``if TYPE_CHECKING:`` included: a cycle held together by imports inside functions, or by
+the types one module needs from another, is still a cycle of modules that cannot be read apart.
 """
 
 from __future__ import annotations
@@ -37,18 +37,12 @@ def project_modules() -> dict[str, Path]:
     return {module_name(p): p for package in PACKAGES for p in (REPO / package).rglob("*.py")}
 
 
-def runtime_imports(path: Path, name: str, known: set[str]) -> set[str]:
-    """The project modules ``path`` imports at run time (module-level or inside functions)."""
+def module_imports(path: Path, name: str, known: set[str]) -> set[str]:
+    """The project modules ``path`` imports: module-level, inside functions, and for type checking."""
     tree = ast.parse(path.read_text(), str(path))
-    skipped: set[int] = set()
-    for node in ast.walk(tree):
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            skipped.update(id(child) for stmt in node.body for child in ast.walk(stmt))
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
     for node in ast.walk(tree):
-        if id(node) in skipped:
-            continue
         if isinstance(node, ast.Import):
             targets = [alias.name for alias in node.names]
         elif isinstance(node, ast.ImportFrom):
@@ -70,7 +64,7 @@ def runtime_imports(path: Path, name: str, known: set[str]) -> set[str]:
 def import_graph() -> dict[str, set[str]]:
     modules = project_modules()
     known = set(modules)
-    return {name: runtime_imports(path, name, known) for name, path in modules.items()}
+    return {name: module_imports(path, name, known) for name, path in modules.items()}
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -106,6 +100,12 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
         if node not in index:
             visit(node)
     return found
+
+
+def test_imports_for_type_checking_count(tmp_path: Path):
+    module = tmp_path / "typed.py"
+    module.write_text("from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from training import train\n")
+    assert module_imports(module, "typed", {"training.train"}) == {"training.train"}
 
 
 def test_the_cycle_finder_finds_cycles():

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
     from torch import nn
 
-    from training.train import TrainConfig
+    from training.config import TrainConfig
 
 # The linear layers of a BERT block: attention projections and both feed-forward layers. The pattern
 # (which peft matches against the whole module name) leaves out the pooler, which mean pooling never uses.

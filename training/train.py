@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from core.adapters import LoraAdapter, merge_lora
 from core.data import DataError, Pair, RetrievalDataset, load_beir, load_pairs
 from core.errors import ConfigError
-from core.files import json_fields, publish_dir, staging_dir, write_json_atomic, write_text_atomic
+from core.files import publish_dir, staging_dir, write_json_atomic, write_text_atomic
 from core.matryoshka import DimensionError, default_dims, validate_dims
 from core.models import (
     DEFAULT_MODEL,
@@ -33,6 +33,7 @@ from core.models import (
     embedding_dimension,
     load_model,
 )
+from training.config import TrainConfig
 from training.distributed import (
     GROUP_TIMEOUT,
     Launch,
@@ -70,58 +71,6 @@ logger = logging.getLogger(__name__)
 REPORT_STEM = "training_report"
 LOG_FOLDER = "runs"  # transformers' default TensorBoard folder under the trainer's output_dir
 TRACKERS = {"none": None, "tensorboard": "tensorboard", "wandb": "wandb"}
-
-
-@dataclass
-class TrainConfig:
-    """Everything ``mrl train`` can be told. Defaults are the measured SciFact recipe (see README)."""
-
-    data: Path
-    output: Path
-    model: str | None = None
-    train_split: str = "train"
-    eval_split: str | None = "test"
-    eval_data: Path | None = None
-    dims: list[int] | None = None
-    train_only_dims: list[int] | None = None
-    dim_weights: list[float] | None = None
-    epochs: float = 5
-    learning_rate: float = 1e-4
-    batch_size: int = 64
-    mini_batch_size: int = 32
-    max_seq_length: int | None = None
-    query_prompt: str | None = None
-    passage_prompt: str | None = None
-    warmup_ratio: float = 0.1
-    seed: int = 42
-    hard_negatives: bool = False
-    hard_negative_epochs: float = 1
-    hard_negative_learning_rate: float | None = None
-    max_steps: int = -1
-    max_train_pairs: int | None = None
-    eval_batch_size: int = 64
-    resume: bool = False
-    overwrite: bool = False
-    keep_checkpoints: bool = False
-    progress: bool = True
-    freeze_layers: int | None = None
-    layer_lr_decay: float | None = None
-    gradual_unfreeze: bool = False
-    lora: bool = False
-    lora_rank: int = 16
-    lora_alpha: float = 32
-    lora_dropout: float = 0.1
-    validation_fraction: float | None = None
-    eval_steps: int | None = None
-    early_stopping_patience: int | None = None
-    early_stopping_metric: str = "ndcg@10"
-    early_stopping_dim: int | None = None
-    report_to: str = "none"
-    forgetting_data: Path | None = None
-    forgetting_split: str = "test"
-
-    def settings(self) -> dict[str, Any]:
-        return json_fields(self)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from core.errors import ConfigError
 from core.metrics import metric_names
 
 if TYPE_CHECKING:
-    from training.train import TrainConfig
+    from training.config import TrainConfig
 
 VALIDATION_SPLIT = "validation"
 METRIC_PREFIX = "eval_"
