@@ -75,6 +75,7 @@ from index.build import (
 )
 from index.layout import new_version_name
 from index.manifest import IndexManifest, ModelInfo
+from index.milvus import redact_uri
 from index.params import IndexPlan, choose_index, search_params_for
 
 logger = logging.getLogger(__name__)
@@ -168,7 +169,7 @@ def check_config(config: BackendsConfig) -> None:
         milvus_layout(fixed_plan(config.index_type))  # ConfigError for a type Milvus cannot build
     if config.milvus_uri is not None and not re.match(r"https?://", config.milvus_uri):
         raise ConfigError(
-            f"--milvus-uri must be a Milvus server (http://host:19530), got {config.milvus_uri!r}: "
+            f"--milvus-uri must be a Milvus server (http://host:19530), got {redact_uri(config.milvus_uri)!r}: "
             "a Milvus Lite file cannot be shared with a server process"
         )
     needed = ["pymilvus"] if config.milvus_uri else ["pymilvus", "milvus"]
@@ -330,8 +331,9 @@ def serve(config: BackendsConfig, index: str, log: Path, milvus_uri: str | None 
     if milvus_uri is not None:
         from index.milvus import CREDENTIAL_VARIABLES
 
-        command += ["--backend", "milvus", "--milvus-uri", milvus_uri]
+        command += ["--backend", "milvus"]  # the URI goes in the environment: it may hold credentials; flags show in ps
         env |= {name: os.environ[name] for name in CREDENTIAL_VARIABLES.values() if name in os.environ}
+        env["MRL_MILVUS_URI"] = milvus_uri
     with running_process(command, port, log, config.ready_timeout_s, env) as base:
         yield base
 
@@ -415,7 +417,7 @@ def measure_milvus(run: Run, corpus: Corpus, exact: dict[int, np.ndarray], uri: 
     store = MilvusIndexStore(MilvusBackend(uri, **credentials_from_env()), name)
     try:
         writer = store.begin(new_version_name(), keep_versions=1)
-        logger.info("%s milvus: building dims %s as index %r at %s", corpus.name, run.dims, name, uri)
+        logger.info("%s milvus: building dims %s as index %r at %s", corpus.name, run.dims, name, redact_uri(uri))
         plan_for = plan_chooser(config, len(corpus.vectors))
         built = build_version(writer, corpus, run.probes, run.dims, plan_for, run.model)
         logger.info("%s milvus: built in %.2f s", corpus.name, built.total_s)
@@ -525,7 +527,8 @@ def run_backends(config: BackendsConfig) -> dict[str, Any]:
             measured[corpus.name][FAISS], rows = measure_faiss(run, corpus, exact[corpus.name], work)
             results += rows
         with milvus_server(config, work) as (uri, started_here):  # only now: FAISS is measured without it
-            milvus = {"uri": uri, "started_by_benchmark": started_here, "server_version": milvus_server_version(uri)}
+            server_version = milvus_server_version(uri)
+            milvus = {"uri": redact_uri(uri), "started_by_benchmark": started_here, "server_version": server_version}
             for corpus in corpora:
                 measured[corpus.name][MILVUS], rows = measure_milvus(run, corpus, exact[corpus.name], uri)
                 results += rows
@@ -533,7 +536,13 @@ def run_backends(config: BackendsConfig) -> dict[str, Any]:
         "benchmark": "backends",
         "started_at": started_at,
         "duration_s": round(time.monotonic() - started, 2),
-        "settings": {**json_fields(config), "dims": dims, "num_query_texts": len(queries), "host": LOOPBACK},
+        "settings": {
+            **json_fields(config),
+            "milvus_uri": config.milvus_uri and redact_uri(config.milvus_uri),
+            "dims": dims,
+            "num_query_texts": len(queries),
+            "host": LOOPBACK,
+        },
         "machine": {**machine, "milvus_packages": _versions(MILVUS_PACKAGES)},
         "model": {"name": model.name, "fingerprint": model.fingerprint, "full_dim": model.full_dim},
         "encode": encoded,

@@ -17,6 +17,9 @@ writes a small JSON pointer (the collection's name, dimension, row count and ind
 path it is given, and :meth:`MilvusBackend.open` reads that pointer back, so the index builder's
 folder layout works unchanged. :meth:`MilvusBackend.open_collection` opens a collection by name.
 
+Credentials in the URI (``http://user:password@host:19530``) are taken out of it: pymilvus gets the
+URI without them, and every message names the URI as :func:`redact_uri` shows it.
+
 ``pymilvus`` is imported only when a backend is used: it is the optional ``milvus`` extra.
 """
 
@@ -33,6 +36,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -73,6 +77,40 @@ RECONNECT_OPTIONS = {
 T = TypeVar("T")
 # Where credentials come from (never from the command line alone: flags show in `ps`).
 CREDENTIAL_VARIABLES = {"token": "MRL_MILVUS_TOKEN", "user": "MRL_MILVUS_USER", "password": "MRL_MILVUS_PASSWORD"}
+# A URI's userinfo: everything between `scheme://` and the last `@` (a password may hold an unescaped `/` or `#`).
+URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>.*)@(?P<rest>[^@]*)", re.DOTALL)
+REDACTED = "***"
+
+
+def redact_uri(uri: str) -> str:
+    """``uri`` as messages may show it: ``http://root:***@host:19530`` for ``http://root:pw@host:19530``.
+
+    A lone name before the ``@`` is redacted whole: pymilvus reads it as an API token. Other URIs
+    and Milvus Lite ``.db`` paths come back unchanged.
+    """
+    match = URI_USERINFO.fullmatch(uri)
+    if match is None:
+        return uri
+    user, colon, _ = match["userinfo"].partition(":")
+    shown = f"{user}:{REDACTED}" if colon else REDACTED
+    return f"{match['scheme']}{shown}@{match['rest']}"
+
+
+def split_credentials(uri: str, token: str = "", user: str = "", password: str = "") -> tuple[str, dict[str, str]]:
+    """``(uri without its userinfo, credentials for pymilvus)``; the ones given win over the URI's.
+
+    So pymilvus never sees a password inside a URI, which it would repeat in its own errors. Its
+    reading of the userinfo is kept: ``user:password``, or a lone name as a token; percent-escapes
+    are decoded.
+    """
+    match = URI_USERINFO.fullmatch(uri)
+    if match is None:
+        return uri, {"token": token, "user": user, "password": password}
+    address = match["scheme"] + match["rest"]
+    uri_user, colon, uri_password = (unquote(part) for part in match["userinfo"].partition(":"))
+    if not colon and not (token or password):
+        return address, {"token": uri_user, "user": user, "password": password}
+    return address, {"token": token, "user": user or uri_user, "password": password or uri_password}
 
 
 def credentials_from_env() -> dict[str, str]:
@@ -89,6 +127,7 @@ def engine_errors(uri: str, what: str) -> Iterator[None]:
     """
     from pymilvus.exceptions import MilvusException
 
+    uri = redact_uri(uri)
     try:
         yield
     except MilvusException as exc:
@@ -341,8 +380,10 @@ class MilvusBackend:
     It is not registered at import (it needs a URI): ``register_backend(MilvusBackend(uri))``.
 
     Args:
-        uri: A ``.db`` file path for Milvus Lite, or ``http(s)://host:port`` for a server or cluster.
-        token: An API token, or ``"user:password"``; alternatively ``user`` and ``password``.
+        uri: A ``.db`` file path for Milvus Lite, or ``http(s)://host:port`` for a server or cluster;
+            ``http(s)://user:password@host:port`` carries credentials (see :func:`split_credentials`).
+        token: An API token, or ``"user:password"``; alternatively ``user`` and ``password``. These
+            win over credentials in ``uri``.
         collection_prefix: Start of the names :meth:`build` gives new collections.
         timeout: Seconds for each call to Milvus (``None``: pymilvus's default).
     """
@@ -359,8 +400,8 @@ class MilvusBackend:
         collection_prefix: str = "mrl",
         timeout: float | None = None,
     ) -> None:
-        self.uri = str(uri)
-        self._credentials = {"token": token, "user": user, "password": password}
+        self._address, self._credentials = split_credentials(str(uri), token, user, password)
+        self.uri = redact_uri(str(uri))  # what every message shows
         self.collection_prefix = check_collection_name(collection_prefix)
         self.timeout = timeout
         self._client = None
@@ -393,7 +434,7 @@ class MilvusBackend:
             _quiet_client_logs()
             with engine_errors(self.uri, "connecting"):
                 self._client = MilvusClient(
-                    uri=self.uri, timeout=self.timeout, grpc_options=RECONNECT_OPTIONS, **self._credentials
+                    uri=self._address, timeout=self.timeout, grpc_options=RECONNECT_OPTIONS, **self._credentials
                 )
         return self._client
 
