@@ -34,7 +34,7 @@ import numpy as np
 from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, read_query_texts, utc_now, write_report
 from benchmarks.args import DEFAULT_OUT, add_server_limits, int_list_argument, name_list_argument
 from core.cli_args import config_fields, dims_argument
-from core.errors import ConfigError
+from core.errors import ConfigError, MrlError
 from core.files import json_fields
 from core.matryoshka import DimensionError
 from index.layout import resolve_version
@@ -50,7 +50,7 @@ ERROR_TEXT_CHARS = 200
 EXCEPTION_LINE = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception): ")
 
 
-class ServerError(ValueError):
+class ServerError(MrlError, ValueError):
     """The benchmarked server did not become ready (one of ``mrl``'s known errors: it prints one line)."""
 
 

@@ -13,10 +13,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from core.errors import MrlError
+
 QRELS_HEADER = ("query-id", "corpus-id", "score")
 
 
-class DataError(ValueError):
+class DataError(MrlError, ValueError):
     """Input data is missing or malformed; the message names the file and line."""
 
     def __init__(self, path: Path | str, message: str, line: int | None = None) -> None:

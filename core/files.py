@@ -9,6 +9,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from core.errors import OutputExistsError
+
 
 def write_text_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
@@ -61,7 +63,7 @@ def publish_dir(staging: Path, final: Path, overwrite: bool) -> None:
     """
     if final.exists():
         if not overwrite:
-            raise FileExistsError(f"{final} already exists (pass --overwrite to replace it)")
+            raise OutputExistsError(f"{final} already exists (pass --overwrite to replace it)")
         retired = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
         os.replace(final, retired / final.name)
         os.replace(staging, final)

@@ -13,10 +13,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from core.errors import MrlError
+
 MIN_DEFAULT_DIM = 32
 
 
-class DimensionError(ValueError):
+class DimensionError(MrlError, ValueError):
     """A requested Matryoshka dimension is not valid for the model or index."""
 
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
+import secrets
 import shutil
 import time
 from collections.abc import Callable
@@ -85,8 +87,8 @@ class BuildConfig:
 
     ``backend="faiss"`` writes a version folder under ``output``; ``backend="milvus"`` writes the
     index ``index_name`` into the Milvus deployment at ``milvus_uri`` (credentials from
-    ``MRL_MILVUS_TOKEN`` or ``MRL_MILVUS_USER`` and ``MRL_MILVUS_PASSWORD``), and keeps its encode
-    cache under ``cache_dir`` (default ``~/.cache/mrl/encode-cache``).
+    ``MRL_MILVUS_TOKEN`` or ``MRL_MILVUS_USER`` and ``MRL_MILVUS_PASSWORD``). Vectors encoded so far
+    are cached by content (see :func:`encode_cache_root`).
     """
 
     data: Path
@@ -234,10 +236,11 @@ def encode_documents(encoder: Encoder, documents: list[Document], cache: Path | 
             continue
         logger.info("encoding documents %d-%d of %d", start + 1, start + len(chunk), len(documents))
         vectors = encoder.encode_documents([d.passage for d in chunk])
-        if cached:
+        if cached:  # written aside, then renamed: builds sharing a cache never read a partial chunk
+            partial = cached.with_name(f".{cached.stem}.{os.getpid()}.{secrets.token_hex(4)}.npy")
             with writing(cached):
-                np.save(cached.with_suffix(".tmp.npy"), vectors)
-                cached.with_suffix(".tmp.npy").replace(cached)
+                np.save(partial, vectors)
+                partial.replace(cached)
         parts.append(vectors)
     return np.concatenate(parts).astype(np.float32, copy=False)
 
@@ -367,8 +370,7 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
         store.ensure_meta()  # Milvus unreachable: fail before encoding
 
     key = encode_cache_key(documents, fingerprint, model)
-    cache_root = config.output / ".encode-cache" if store is None else (config.cache_dir or DEFAULT_CACHE).expanduser()
-    cache = cache_root / key
+    cache = encode_cache_root(config) / key
     started = time.perf_counter()
     with writing(cache):
         cache.mkdir(parents=True, exist_ok=True)
@@ -425,8 +427,18 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
     finally:
         if store is not None:
             store.backend.close()
-    shutil.rmtree(cache.parent if store is None else cache, ignore_errors=True)
+    if config.cache_dir is None:  # the build's own cache has done its work; a cache named by the user is kept
+        shutil.rmtree(cache.parent if store is None else cache, ignore_errors=True)
     return final, manifest
+
+
+def encode_cache_root(config: BuildConfig) -> Path:
+    """Where a build keeps the vectors it has encoded, by content key: ``--cache-dir`` if given (kept, so a
+    rebuild of the same texts with the same model encodes nothing), else the index root's
+    ``.encode-cache`` (FAISS) or ``~/.cache/mrl/encode-cache`` (Milvus), cleared after a successful build."""
+    if config.cache_dir is not None:
+        return config.cache_dir.expanduser()
+    return config.output / ".encode-cache" if config.backend == "faiss" else DEFAULT_CACHE.expanduser()
 
 
 def read_judged_queries(folder: Path, split: str, documents: list[Document]) -> JudgedQueries:

@@ -23,7 +23,11 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
     build.add_argument("--output", type=Path, default=None, help="FAISS: index root; each build adds a version")
     add_engine_arguments(build)
     build.add_argument(
-        "--cache-dir", type=Path, default=None, help="Milvus: encode cache (default: ~/.cache/mrl/encode-cache)"
+        "--cache-dir",
+        type=Path,
+        default=None,
+        help="encode cache, kept: a rebuild of the same texts with the same model encodes nothing (default: "
+        "OUTPUT/.encode-cache, or ~/.cache/mrl/encode-cache for Milvus, cleared after a successful build)",
     )
     build.add_argument("--model", default=None, help="model folder or hub name (default: all-MiniLM-L6-v2)")
     build.add_argument("--dims", type=dims_argument, default=None, help="default: the model's Matryoshka dims")

@@ -12,6 +12,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from core.errors import MrlError
+
 if TYPE_CHECKING:
     pass
 
@@ -20,7 +22,7 @@ FORMAT_VERSION = 1
 NORMALIZATION = "truncate-then-l2"
 
 
-class IndexFolderError(ValueError):
+class IndexFolderError(MrlError, ValueError):
     """An index folder is missing, corrupt, or does not match the model."""
 
 

@@ -24,6 +24,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from core.errors import MrlError
+
 LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 3  # after a workload 2.3.5 may not finish a graceful stop; its data is thrown away
@@ -31,7 +33,7 @@ STOP_TIMEOUT_S = 3  # after a workload 2.3.5 may not finish a graceful stop; its
 COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dataCoord", "dataNode")
 
 
-class MilvusServerError(RuntimeError):
+class MilvusServerError(MrlError, RuntimeError):
     """The server did not start; the message ends with the tail of its log."""
 
 

@@ -1,7 +1,9 @@
 """``mrl <command>``: builds the parser from each stage and turns known errors into one line.
 
-Known failures (bad data, an unknown model, a wrong dimension, an existing output) end
-with exit code 2 and a single ``mrl: error: ...`` line; only a bug shows a traceback.
+Known failures (bad data, an unknown model, a wrong dimension, an existing output: every
+``core.errors.MrlError``) end with exit code 2 and a single ``mrl: error: ...`` line; only a
+bug shows a traceback (a ``ValueError`` raised anywhere else is a bug, and its traceback is
+what explains it).
 """
 
 from __future__ import annotations
@@ -33,21 +35,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _known_errors() -> tuple[type[BaseException], ...]:
-    """The project's own error types: a user can act on their message, so a traceback would only hide it.
-
-    Not ``ValueError`` itself: one raised anywhere else is a bug, and its traceback is what explains it.
-    """
-    from benchmarks.latency import ServerError
-    from core.data import DataError
-    from core.errors import ConfigError
-    from core.matryoshka import DimensionError
-    from core.models import ModelError
-    from index.manifest import IndexFolderError
-
-    return (ConfigError, DataError, DimensionError, ModelError, IndexFolderError, ServerError, FileExistsError)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -59,9 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     for noisy in ("httpx", "urllib3", "filelock", "faiss", "sentence_transformers", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    from core.errors import MrlError
+
     try:
         return args.handler(args)
-    except _known_errors() as exc:
+    except MrlError as exc:
         if args.verbose:
             raise
         print(f"mrl: error: {exc}", file=sys.stderr)

@@ -109,7 +109,7 @@ def test_eval_encodes_through_a_pool_of_the_workers_asked_for(tiny_beir: Path, t
 def project_errors() -> list[BaseException]:
     from benchmarks.latency import ServerError
     from core.data import DataError
-    from core.errors import ConfigError
+    from core.errors import ConfigError, OutputExistsError
     from core.matryoshka import DimensionError
     from core.models import ModelError
     from index.manifest import IndexFolderError
@@ -121,8 +121,34 @@ def project_errors() -> list[BaseException]:
         ModelError("cannot load model 'nope'"),
         IndexFolderError("runs/index: index not found"),
         ServerError("server did not become ready"),
-        FileExistsError("runs/out already exists"),
+        OutputExistsError("runs/out already exists"),
     ]
+
+
+# Exceptions of the project that are not a user's to act on from the command line: the service's HTTP
+# errors (answered by status code and error body) and an encoder worker's fault (a 503, then a restart).
+NOT_CLI_ERRORS = {"service.errors.ServiceError", "service.batching.EncoderFault"}
+
+
+def test_every_error_of_the_project_has_the_one_base_the_cli_catches():
+    import importlib
+    import inspect
+
+    from core.errors import MrlError
+    from tests.test_architecture import project_modules
+
+    stray = []
+    for name in project_modules():
+        if name.startswith(("benchmarks.peer_servers", "mrl.__main__")):
+            continue
+        module = importlib.import_module(name)
+        for cls in vars(module).values():
+            if not (inspect.isclass(cls) and issubclass(cls, BaseException) and cls.__module__ == name):
+                continue
+            roots = {f"{base.__module__}.{base.__qualname__}" for base in cls.__mro__}
+            if not issubclass(cls, MrlError) and not roots & NOT_CLI_ERRORS:
+                stray.append(f"{name}.{cls.__qualname__}")
+    assert stray == []
 
 
 @pytest.mark.parametrize("error", project_errors(), ids=lambda e: type(e).__name__)

@@ -45,9 +45,11 @@ def keyword_build(monkeypatch):
     monkeypatch.setattr(build_module, "model_fingerprint", lambda m: FINGERPRINT)
     monkeypatch.setattr(build_module, "library_versions", lambda: {"mrl": "test"})
 
-    def build(data: Path, root: Path, encoder: KeywordEncoder):
+    def build(data: Path, root: Path, encoder: KeywordEncoder, cache_dir: Path | None = None):
         monkeypatch.setattr(build_module, "SentenceTransformerEncoder", lambda *a, **k: encoder)
-        config = BuildConfig(data=data, output=root, model="keywords", dims=[4, 2], device="cpu", progress=False)
+        config = BuildConfig(
+            data=data, output=root, model="keywords", dims=[4, 2], device="cpu", progress=False, cache_dir=cache_dir
+        )
         return build_index(config)
 
     return build
@@ -115,3 +117,19 @@ def test_cache_key_follows_every_part_of_the_content():
     assert encode_cache_key(docs, "sha256:other", model) != key
     assert encode_cache_key(docs, FINGERPRINT, SimpleNamespace(prompts={}, max_seq_length=128)) != key
     assert encode_cache_key(docs, FINGERPRINT, SimpleNamespace(prompts=model.prompts, max_seq_length=64)) != key
+
+
+def test_a_named_cache_dir_is_kept_and_a_rebuild_encodes_nothing(keyword_build, tiny_beir: Path, tmp_path: Path):
+    """``--cache-dir`` works for folder builds: two roots (or a rebuild after a settings change) encode once."""
+    cache = tmp_path / "cache"
+    first = CountingEncoder()
+    keyword_build(tiny_beir, tmp_path / "one", first, cache)
+    assert len(first.batches) == 1 and list(cache.rglob("chunk_*.npy"))
+    again = CountingEncoder()
+    keyword_build(tiny_beir, tmp_path / "two", again, cache)
+    assert again.batches == []  # every vector came from the cache
+    assert not (tmp_path / "two" / ".encode-cache").exists()
+    one, two = open_index(tmp_path / "one", device="cpu"), open_index(tmp_path / "two", device="cpu")
+    np.testing.assert_array_equal(np.asarray(one.vectors), np.asarray(two.vectors))
+    one.close()
+    two.close()

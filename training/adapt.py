@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 
 from core.data import DataError, Qrels, RetrievalDataset, load_beir
-from core.errors import ConfigError
+from core.errors import ConfigError, OutputExistsError
 from core.files import json_fields, publish_dir, staging_dir, write_json_atomic, write_text_atomic
 from core.matryoshka import validate_dims
 from core.models import (
@@ -120,7 +120,7 @@ def check_adapt_config(config: AdaptConfig) -> None:
     if config.eval_split and config.eval_split == config.train_split:
         raise ConfigError(f"training and evaluation split are both {config.train_split!r}")
     if config.output.exists() and not config.overwrite:
-        raise FileExistsError(f"{config.output} already exists (pass --overwrite to replace it)")
+        raise OutputExistsError(f"{config.output} already exists (pass --overwrite to replace it)")
 
 
 def adaptor_config(config: AdaptConfig, dims: list[int]) -> AdaptorConfig:

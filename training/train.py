@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from core.adapters import LoraAdapter, merge_lora
 from core.data import DataError, Pair, RetrievalDataset, load_beir, load_pairs
-from core.errors import ConfigError
+from core.errors import ConfigError, OutputExistsError
 from core.files import publish_dir, staging_dir, write_json_atomic, write_text_atomic
 from core.matryoshka import DimensionError, default_dims, validate_dims
 from core.models import (
@@ -501,7 +501,7 @@ def train(config: TrainConfig) -> TrainResult:
     per_device_batch(config.batch_size, launch)
     check_launch_options(launch, config.gradual_unfreeze)
     if config.output.exists() and not config.overwrite:
-        raise FileExistsError(f"{config.output} already exists (pass --overwrite to replace it)")
+        raise OutputExistsError(f"{config.output} already exists (pass --overwrite to replace it)")
     check_strategy_options(config)
     check_validation_options(config)
     check_tracking(config.report_to)
