@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import errno
+import logging
+import socket
 from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
+
+logger = logging.getLogger(__name__)
 
 # Flags whose value goes straight into ServiceSettings under the same name (None = not given).
 SETTING_FLAGS = (
@@ -41,6 +46,7 @@ SETTING_FLAGS = (
     "header_timeout_s",
     "keep_alive_s",
     "max_header_bytes",
+    "shutdown_timeout_s",
     "log_queries",
 )
 
@@ -102,6 +108,12 @@ def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-alive-s", type=float, default=None, help="idle keep-alive connections close after (5)")
     p.add_argument("--max-header-bytes", type=int, default=None, help="request line + headers, else 400 (64 KiB)")
     p.add_argument(
+        "--shutdown-timeout-s",
+        type=float,
+        default=None,
+        help="after SIGTERM, requests still running this long are answered 503 and the server exits (20)",
+    )
+    p.add_argument(
         "--log-queries", action="store_true", default=None, help="access log with query strings (they hold the text)"
     )
     p.set_defaults(handler=run_serve)
@@ -124,7 +136,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Load the index and model, then serve; a failure to load or to listen is one line and exit code 2.
+    """Load the index and model, listen, then serve; a failure to load or to listen is one line and exit code 2.
 
     Raises:
         ServeError: Settings, index, model or address that do not work.
@@ -158,10 +170,61 @@ async def _serve(settings: Any) -> None:
             await open_searcher(app)  # before listening, so that a bad index or model ends here in one line
         except (IndexFolderError, ModelError, ConfigurationError, DimensionError) as exc:
             raise ServeError(f"cannot serve: {exc}") from None
-    server = uvicorn.Server(uvicorn_config(app, settings))
-    await server.serve()
-    if not server.started:  # uvicorn has logged why (e.g. the port is taken)
-        raise ServeError(f"could not listen on {settings.host}:{settings.port}; the log above says why")
+    try:
+        sockets = listening_sockets(settings.host, settings.port)  # after loading: no connection waits on a load
+    except ServeError:
+        state = app.state.service  # the lifespan never runs now: release the encoder thread and index lease here
+        searcher, state.searcher = state.searcher, None
+        if searcher is not None:
+            await searcher.close()
+        raise
+    for sock in sockets:
+        logger.info("listening on %s", _url(sock.getsockname()))
+    await uvicorn.Server(uvicorn_config(app, settings)).serve(sockets=sockets)
+
+
+def listening_sockets(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:
+    """Sockets listening on ``host:port``, one per address the host resolves to, as uvicorn would bind them.
+
+    Bound here rather than by uvicorn, because uvicorn logs a port it cannot bind and calls
+    ``sys.exit(3)`` itself; here it is a :class:`ServeError`, one line and exit code 2.
+
+    Args:
+        host: A name or an IPv4 or IPv6 address; ``""`` is every interface.
+        port: The port; 0 lets the OS pick a free one.
+        backlog: Connections the OS queues before the server accepts them (uvicorn's default).
+
+    Raises:
+        ServeError: The host does not resolve, or an address cannot be bound (the port is taken, a
+            privileged port, an address this machine does not have).
+    """
+    try:
+        addresses = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ServeError(f"cannot serve: host {host!r} does not resolve ({exc.strerror})") from None
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(addresses):  # without repeats, in order
+            sock = socket.socket(family, kind, proto)
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a restart need not wait for TIME_WAIT
+            if family == socket.AF_INET6:  # as asyncio's create_server: an IPv4 address gets a socket of its own
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)  # here too: with SO_REUSEADDR, Linux may let a bind pass and fail only the listen
+    except OSError as exc:
+        for sock in sockets:
+            sock.close()
+        reason = exc.strerror or str(exc)
+        if exc.errno == errno.EADDRINUSE:
+            raise ServeError(f"cannot serve: port {port} on {host} is taken ({reason})") from None
+        raise ServeError(f"cannot serve: cannot listen on port {port} on {host} ({reason})") from None
+    return sockets
+
+
+def _url(address: tuple) -> str:
+    host, port = address[:2]
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def uvicorn_config(app: Any, settings: Any) -> Any:
@@ -181,5 +244,6 @@ def uvicorn_config(app: Any, settings: Any) -> Any:
         http=functools.partial(GuardedH11Protocol, header_timeout_s=settings.header_timeout_s),
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_keep_alive=settings.keep_alive_s,
+        timeout_graceful_shutdown=settings.shutdown_timeout_s,  # then service.edge answers what still runs 503
         lifespan="on",
     )

@@ -6,7 +6,8 @@ a ``receive`` that enforces the body limit and timeout as the body streams in. R
 happen before the body is read, so an unauthenticated or oversized request costs the
 server no memory. Every answer is timed and counted (``service.metrics``), logged without
 its query string unless ``log_queries`` is set, and an unexpected exception becomes the
-generic 500 body (the detail goes to the log only).
+generic 500 body (the detail goes to the log only). A request still running at the shutdown
+deadline, cancelled by uvicorn, is answered 503 ``not_ready`` with ``Retry-After``.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from service.errors import (
     INTERNAL,
     INTERNAL_MESSAGE,
     InvalidRequest,
+    NotReady,
     Overloaded,
     PayloadTooLarge,
     RequestTimeout,
@@ -40,6 +42,7 @@ access_logger = logging.getLogger("mrl.access")
 
 UNGUARDED_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # no API key, never refused as overloaded
 DOCS_PATHS = ("/docs", "/redoc", "/openapi.json")  # behind the key too, unless public_docs
+SHUTTING_DOWN_MESSAGE = "the server is shutting down and did not finish this request; retry it"
 
 
 def is_docs_path(path: str) -> bool:
@@ -124,7 +127,7 @@ class EdgeMiddleware:
 
         return bounded_receive
 
-    # --- the route, and the last-resort 500 ---------------------------------------------------
+    # --- the route, the last-resort 500, and the 503 at the shutdown deadline -----------------
     async def _call(self, scope: Scope, receive: Receive, send: Send, guarded: bool) -> int:
         status = INTERNAL.status
         started_response = False
@@ -139,6 +142,13 @@ class EdgeMiddleware:
         self.metrics.in_flight.inc(guarded)
         try:
             await self.app(scope, receive, send_and_note)
+        except asyncio.CancelledError:
+            if started_response:
+                raise
+            # uvicorn cancels what still runs at the shutdown deadline (shutdown_timeout_s) and would answer a
+            # plain 500 with an error log; the client is better told to retry, on a replica that stays up.
+            logger.warning("shutdown deadline: answering %s %s with 503", scope.get("method"), scope.get("path"))
+            status = await self._answer(scope, receive, send, NotReady(SHUTTING_DOWN_MESSAGE), {"Retry-After": "1"})
         except Exception as exc:
             kind = error_kind(exc)
             if kind is INTERNAL:

@@ -7,6 +7,12 @@ at a time, holds its connection open indefinitely. This protocol answers such re
 the documented JSON body, and closes a connection whose request head has not arrived
 within ``header_timeout_s`` of connecting (or of the previous response, plus the
 keep-alive time), with a 408.
+
+It also refuses a request that carries both ``Content-Length`` and ``Transfer-Encoding``.
+h11 lets ``Transfer-Encoding`` win; a proxy in front that trusts ``Content-Length`` would
+then see a different request boundary than the service, and whatever follows the chunked
+body would run as a request of its own (request smuggling). RFC 9112 section 6.1 lets a
+server reject such a request and requires it to close the connection: a 400, then close.
 """
 
 from __future__ import annotations
@@ -24,6 +30,26 @@ from service.errors import error_body
 logger = logging.getLogger(__name__)
 
 
+BOTH_FRAMINGS_MESSAGE = "a request may not carry both Content-Length and Transfer-Encoding"
+
+
+class SingleFramingConnection(h11.Connection):
+    """``h11.Connection`` that refuses a request whose body length is given twice (Content-Length and chunked)."""
+
+    def __init__(self, our_role: type[h11._util.Sentinel], max_incomplete_event_size: int) -> None:
+        super().__init__(our_role, max_incomplete_event_size=max_incomplete_event_size)
+        self.framing_refused = False
+
+    def next_event(self) -> Any:
+        event = super().next_event()
+        if isinstance(event, h11.Request):
+            names = {name for name, _ in event.headers}  # h11 lower-cases header names
+            if b"content-length" in names and b"transfer-encoding" in names:
+                self.framing_refused = True
+                raise h11.RemoteProtocolError(BOTH_FRAMINGS_MESSAGE, error_status_hint=400)
+        return event
+
+
 def raw_error_response(status: int, reason: str, error_type: str, message: str) -> bytes:
     """A complete HTTP/1.1 response carrying the error body, that closes the connection."""
     body = json.dumps(error_body(error_type, message)).encode()
@@ -35,10 +61,12 @@ def raw_error_response(status: int, reason: str, error_type: str, message: str) 
 
 
 class GuardedH11Protocol(H11Protocol):
-    """``H11Protocol`` with JSON 400s and a deadline for each request head."""
+    """``H11Protocol`` with JSON 400s, one body framing per request, and a deadline for each request head."""
 
     def __init__(self, *args: Any, header_timeout_s: float = 10.0, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        # uvicorn's own connection, but refusing double framing; the head size limit it was given is kept.
+        self.conn = SingleFramingConnection(h11.SERVER, self.conn._max_incomplete_event_size)
         self.header_timeout_s = header_timeout_s
         self._head_deadline: asyncio.TimerHandle | None = None
 
@@ -61,8 +89,11 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def send_400_response(self, msg: str) -> None:
-        limit = self.conn._max_incomplete_event_size  # h11 keeps it private; it is the configured limit
-        message = f"malformed HTTP request, or a request line plus headers over {limit} bytes"
+        if self.conn.framing_refused:
+            message = BOTH_FRAMINGS_MESSAGE
+        else:
+            limit = self.conn._max_incomplete_event_size  # h11 keeps it private; it is the configured limit
+            message = f"malformed HTTP request, or a request line plus headers over {limit} bytes"
         self.transport.write(raw_error_response(400, "Bad Request", "bad_request", message))
         self.transport.close()
 

@@ -22,7 +22,9 @@ IndexBackendSetting = Literal["faiss", "milvus"]
 class ServiceSettings(BaseSettings):
     """What ``mrl serve`` can be told; ``MRL_INDEX=runs/demo-index`` etc., or keyword arguments."""
 
-    model_config = SettingsConfigDict(env_prefix="MRL_", extra="ignore", frozen=True)
+    # hide_input_in_errors: a ValidationError would otherwise repeat the values given, secrets included
+    # (a password inside milvus_uri, api_key).
+    model_config = SettingsConfigDict(env_prefix="MRL_", extra="ignore", frozen=True, hide_input_in_errors=True)
 
     index: Path = Field(
         description="index root (serves its `current` version) or one version folder; with backend milvus, "
@@ -103,6 +105,12 @@ class ServiceSettings(BaseSettings):
     )
     log_queries: bool = Field(
         False, description="access log with query strings (they hold the search text: patient data in medical corpora)"
+    )
+    shutdown_timeout_s: float = Field(
+        20.0,
+        gt=0,
+        description="after SIGTERM, requests still running this many seconds later are answered 503 and the server "
+        "exits; keep it under the orchestrator's grace period (Kubernetes: 30 s)",
     )
     load_in_background: bool = Field(
         False, description="start answering at once (readyz 503 until loaded) instead of loading before listening"

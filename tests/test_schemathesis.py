@@ -18,8 +18,6 @@ Python's differ only by chance, so :func:`test_schema_and_service_agree_on_blank
 from __future__ import annotations
 
 import re
-import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,22 +27,19 @@ import httpx
 import jsonschema_rs
 import pytest
 import schemathesis
-import uvicorn
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import positive_data_acceptance
 from schemathesis.config import SchemathesisConfig
 from schemathesis.openapi.checks import RejectedPositiveData
 
-from service.app import create_app
-from service.cli import uvicorn_config
 from service.engine import BOTH_GIVEN, NO_QUALITY
 from service.settings import ServiceSettings
-from tests.service_fixtures import ServiceKeywordEncoder, build_keyword_index, keyword_loader, write_data
+from tests import harness
+from tests.service_fixtures import build_keyword_index, write_data
 
 API_KEY = "test-key"
 AUTH_HEADERS = ("x-api-key", "authorization")
 SEED = 20240611
-START_TIMEOUT_S = 30.0
 # Every character Python's `\s` or ECMA-262's `\s` (JSON Schema's regex dialect) calls whitespace.
 BLANK_CANDIDATES = sorted({chr(code) for code in range(0x3001) if chr(code).isspace()} | {"\ufeff"})
 RERANK_RULE = re.compile(r"rerank_dim must be larger than dim \((\d+)\), got (\d+)")
@@ -79,27 +74,12 @@ def schemathesis_config() -> SchemathesisConfig:
 
 @contextmanager
 def live_server(root: Path, api_key: str | None) -> Iterator[str]:
-    """Serve ``root`` with uvicorn, configured as ``mrl serve`` does, on a free loopback port; yields its URL."""
+    """Serve ``root`` as ``mrl serve`` does, on a free loopback port; yields its URL."""
     service_settings = ServiceSettings(
         index=root, device="cpu", api_key=api_key, host="127.0.0.1", port=0, log_level="warning"
     )
-    app = create_app(service_settings, encoder_loader=keyword_loader(ServiceKeywordEncoder()))
-    server = uvicorn.Server(uvicorn_config(app, service_settings))
-    thread = threading.Thread(target=server.run, name="schemathesis-server", daemon=True)
-    thread.start()
-    deadline = time.monotonic() + START_TIMEOUT_S
-    while not server.started:
-        if not thread.is_alive() or time.monotonic() > deadline:
-            server.should_exit = True
-            thread.join(timeout=5)
-            pytest.fail("the server did not start; its log above says why")
-        time.sleep(0.02)
-    host, port = server.servers[0].sockets[0].getsockname()[:2]  # port 0: the OS picked a free one
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=10)
+    with harness.live_server(service_settings) as server:
+        yield server.url
 
 
 @pytest.fixture(scope="module", autouse=True)
