@@ -44,14 +44,10 @@ import numpy as np
 from benchmarks import format_ms, machine_info, markdown_row, save_figure, utc_now, write_report
 from benchmarks.args import DEFAULT_OUT, add_server_limits, int_list_argument
 from benchmarks.latency import (
-    LOOPBACK,
     Cell,
     LatencyConfig,
-    ServerError,
-    free_port,
     measure_cells,
     read_query_texts,
-    running_process,
     server_command,
     server_environment,
     server_info,
@@ -63,6 +59,7 @@ from core.files import json_fields
 from core.matryoshka import truncate_normalize, validate_dims
 from core.metrics import exact_top_k, neighbour_recall
 from core.models import SentenceTransformerEncoder, load_model, model_dims, model_fingerprint
+from core.servers import LOOPBACK, ServerError, free_port, running_process
 from index.build import (
     PROBE_QUERIES,
     FolderWriter,

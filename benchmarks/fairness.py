@@ -24,9 +24,10 @@ import numpy as np
 
 from benchmarks import format_ms, machine_info, markdown_row, utc_now, write_report
 from benchmarks.args import DEFAULT_OUT, add_server_limits
-from benchmarks.latency import LOOPBACK, free_port, running_process, server_environment
+from benchmarks.latency import server_environment
 from core.cli_args import check_positive, config_fields
 from core.errors import ConfigError
+from core.servers import LOOPBACK, free_port, running_process
 from index.layout import resolve_version
 
 logger = logging.getLogger(__name__)

@@ -48,15 +48,11 @@ import numpy as np
 from benchmarks import format_ms, machine_info, markdown_row, save_figure, utc_now, write_report
 from benchmarks.latency import (
     ERROR_TEXT_CHARS,
-    LOOPBACK,
     Cell,
     CellResult,
     LatencyConfig,
     Outcome,
-    ServerError,
-    free_port,
     read_query_texts,
-    running_process,
     server_command,
     server_environment,
     time_cell,
@@ -71,6 +67,7 @@ from core.files import json_fields
 from core.matryoshka import DimensionError
 from core.metrics import score_rankings
 from core.models import ModelError, resolve_model
+from core.servers import LOOPBACK, ServerError, free_port, running_process
 from index.layout import DOCS_FILE, resolve_version
 from index.manifest import IndexManifest
 from index.store import DocumentStore

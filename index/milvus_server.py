@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -25,8 +24,8 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from core.errors import MrlError
+from core.servers import LOOPBACK, free_port
 
-LOOPBACK = "127.0.0.1"
 START_TIMEOUT_S = 120
 STOP_TIMEOUT_S = 3  # after a workload 2.3.5 may not finish a graceful stop; its data is thrown away
 # Each Milvus component registers this address in etcd; the default is the first non-loopback one.
@@ -35,12 +34,6 @@ COMPONENTS = ("rootCoord", "proxy", "queryCoord", "queryNode", "indexNode", "dat
 
 class MilvusServerError(MrlError, RuntimeError):
     """The server did not start; the message ends with the tail of its log."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((LOOPBACK, 0))
-        return sock.getsockname()[1]
 
 
 def _write_config(base: Path) -> dict[str, int]:

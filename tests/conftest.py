@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 
 # The Milvus fixtures (a real server for the session, Milvus Lite per module), for every test module.
-pytest_plugins = ["tests.milvus_server"]
+pytest_plugins = ["tests.helpers.milvus"]
 
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample_medical"
@@ -104,3 +104,62 @@ def _offline():
     """No hub in tests: every model comes from a local path."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+# --- built once per session (per xdist worker), as sentence-transformers' own conftest does ---------
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _index_builds_load_each_model_once():
+    """``mrl index build`` and ``add`` in this process load a given model once per worker.
+
+    The first load of each (model, prompts, sequence length) is the real one; later builds get
+    the same object (a build never changes its model). Tests that stand another encoder in for
+    the model patch ``index.build.load_model`` over this, as before.
+    """
+    import index.build as build_module
+
+    real = build_module.load_model
+    loaded: dict[tuple, object] = {}
+
+    def load_once(name_or_path, **options):
+        key = (str(name_or_path), tuple(sorted(options.items())))
+        if key not in loaded:
+            loaded[key] = real(name_or_path, **options)
+        return loaded[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(build_module, "load_model", load_once)
+        yield
+
+
+@pytest.fixture(scope="session")
+def encode_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An encode cache (``--cache-dir``) shared by the session's builds, across xdist workers too: a second
+    build of the same texts with the same model encodes nothing."""
+    base = tmp_path_factory.getbasetemp()
+    shared = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+    (shared / "encode-cache").mkdir(exist_ok=True)
+    return shared / "encode-cache"
+
+
+@pytest.fixture(scope="session")
+def sample_index(tmp_path_factory: pytest.TempPathFactory, encode_cache: Path) -> Path:
+    """The bundled sample indexed with the real default model, its plans scored on its judged queries.
+
+    Read-only: a test that damages, prunes, adds to or builds into an index works on
+    ``tests.helpers.sample.copy_index(sample_index, ...)``.
+    """
+    from tests.helpers.sample import build_sample
+
+    root = tmp_path_factory.mktemp("sample-index") / "index"
+    build_sample(root, encode_cache, eval_data=SAMPLE)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny randomly initialised BERT (width 64, dims 64 and 32) with MiniLM's tokenizer, for training mechanics."""
+    from tests.helpers.models import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny-model") / "tiny")

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO
+from tests.helpers.code import PACKAGES, project_modules
 
-PACKAGES = ("core", "training", "index", "service", "benchmarks", "mrl")
 # What each package may import of the others (itself always).
 ALLOWED = {
     "core": set(),
@@ -26,15 +26,6 @@ ALLOWED = {
     "benchmarks": {"core", "training", "index", "service"},
     "mrl": {"core", "training", "index", "service", "benchmarks"},
 }
-
-
-def module_name(path: Path) -> str:
-    parts = list(path.relative_to(REPO).with_suffix("").parts)
-    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-
-
-def project_modules() -> dict[str, Path]:
-    return {module_name(p): p for package in PACKAGES for p in (REPO / package).rglob("*.py")}
 
 
 def module_imports(path: Path, name: str, known: set[str]) -> set[str]:
@@ -138,3 +129,15 @@ def test_importing_the_service_app_imports_no_training_machinery():
     )
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_no_test_module_imports_another():
+    """What tests share lives in ``tests/helpers`` (or ``conftest.py``): a test module is never a library."""
+    wrong = []
+    for path in sorted((REPO / "tests").glob("test_*.py")):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+            wrong += [f"{path.name} imports {name}" for name in names if name.split(".")[:2][-1].startswith("test_")]
+    assert wrong == []

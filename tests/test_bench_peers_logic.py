@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks import peers
-from benchmarks.latency import CellResult, Outcome, ServerError
+from benchmarks.latency import CellResult, Outcome
 from benchmarks.peer_servers import infinity
 from benchmarks.peers import (
     APIS,
@@ -29,6 +29,7 @@ from benchmarks.peers import (
 )
 from core.errors import ConfigError
 from core.matryoshka import DimensionError
+from core.servers import ServerError
 
 MANIFEST = SimpleNamespace(dims=[384, 128, 64], model=SimpleNamespace(full_dim=384))
 

@@ -15,9 +15,10 @@ import httpx
 import pytest
 
 from benchmarks.cli import add_bench_parser
-from benchmarks.latency import Cell, LatencyConfig, Outcome, ServerError, plan_cells, run_latency, summarize
+from benchmarks.latency import Cell, LatencyConfig, Outcome, plan_cells, run_latency, summarize
 from benchmarks.latency import running_server as start_server
 from core.matryoshka import DimensionError
+from core.servers import ServerError
 from index.build import BuildConfig, build_index
 from tests.conftest import SAMPLE
 

@@ -107,11 +107,11 @@ def test_eval_encodes_through_a_pool_of_the_workers_asked_for(tiny_beir: Path, t
 
 
 def project_errors() -> list[BaseException]:
-    from benchmarks.latency import ServerError
     from core.data import DataError
     from core.errors import ConfigError, OutputExistsError
     from core.matryoshka import DimensionError
     from core.models import ModelError
+    from core.servers import ServerError
     from index.manifest import IndexFolderError
 
     return [
@@ -135,7 +135,7 @@ def test_every_error_of_the_project_has_the_one_base_the_cli_catches():
     import inspect
 
     from core.errors import MrlError
-    from tests.test_architecture import project_modules
+    from tests.helpers.code import project_modules
 
     stray = []
     for name in project_modules():

@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import ServiceSettings
 from tests.conftest import REPO
-from tests.deploy_config import (
+from tests.helpers.deploy import (
     DASHBOARD,
     DEBIAN_PROMETHEUS,
     DEPLOY,
@@ -34,7 +34,7 @@ from tests.deploy_config import (
     rules,
     template_queries,
 )
-from tests.service_fixtures import build_keyword_index, serve, write_data
+from tests.helpers.service import build_keyword_index, serve, write_data
 
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"

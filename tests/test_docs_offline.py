@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from service.docs import add_docs
-from tests.deploy_config import require_tool
+from tests.helpers.deploy import require_tool
 
 DEBIAN_CHROMIUM = "Debian's `chromium` package (apt-get install --no-install-recommends chromium; .ci/run does)"
 # (method, path) of the routes the test app documents; each must show up in the rendered pages.

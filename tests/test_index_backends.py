@@ -15,6 +15,7 @@ from core.matryoshka import truncate_normalize
 from core.metrics import neighbour_recall
 from index.backends import FaissIndex, backend_for, get_backend, gpu_count, registered_backends
 from index.params import IndexPlan
+from tests.helpers.vectors import brute_force, clustered_vectors
 
 N, D, NQ, K = 4000, 64, 100, 10
 
@@ -41,23 +42,9 @@ def backend_cases() -> list:
 CASES = backend_cases()
 
 
-def clustered_vectors(n: int, d: int, nq: int, seed: int = 42) -> tuple[np.ndarray, np.ndarray]:
-    """Seeded clustered documents and queries (as real embeddings are), unit length."""
-    rng = np.random.default_rng(seed)
-    centers = rng.normal(size=(20, d))
-    docs = centers[rng.integers(0, 20, n)] + 0.5 * rng.normal(size=(n, d))
-    queries = centers[rng.integers(0, 20, nq)] + 0.5 * rng.normal(size=(nq, d))
-    return truncate_normalize(docs, d), truncate_normalize(queries, d)
-
-
 @pytest.fixture(scope="module")
 def synthetic():
     return clustered_vectors(N, D, NQ)
-
-
-def brute_force(docs, queries, k):
-    scores = queries @ docs.T
-    return np.argsort(-scores, axis=1, kind="stable")[:, :k], np.sort(scores, axis=1)[:, ::-1][:, :k]
 
 
 @pytest.mark.parametrize(("backend", "plan_name"), CASES)

@@ -24,7 +24,7 @@ from index.layout import CURRENT, VERSIONS, WriterLock, new_version_name, publis
 from index.loaded import open_index
 from index.manifest import IndexManifest
 from mrl.cli import main
-from tests.service_fixtures import (
+from tests.helpers.service import (
     DIMS,
     MODEL_NAME,
     ServiceKeywordEncoder,

@@ -24,8 +24,8 @@ from core.metrics import neighbour_recall
 from index.manifest import IndexFolderError
 from index.milvus import MISSING_ROW, MISSING_SCORE, MilvusBackend, milvus_layout
 from index.params import HNSW_EF_CONSTRUCTION, IndexPlan
-from tests.milvus_server import require_module  # the Milvus fixtures come from tests.conftest's plugin
-from tests.test_index_backends import brute_force, clustered_vectors
+from tests.helpers.milvus import require_module  # the Milvus fixtures come from tests.conftest's plugin
+from tests.helpers.vectors import brute_force, clustered_vectors
 
 N, D, NQ, K = 2000, 32, 100, 10
 ADDED = 500  # rows that test_add_extends_the_index appends after the build

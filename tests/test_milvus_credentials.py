@@ -22,7 +22,7 @@ from index.params import IndexPlan
 from mrl.cli import main
 from service.app import create_app
 from service.settings import ServiceSettings
-from tests.milvus_server import free_port, require_module
+from tests.helpers.milvus import free_port, require_module
 
 SECRET = "pw"
 TIMEOUT_S = 0.5  # pymilvus gives up on a closed port after about this long

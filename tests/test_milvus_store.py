@@ -20,12 +20,12 @@ import pytest
 import index.build as build_module
 from core.errors import ConfigError
 from index.build import BuildConfig, build_index
-from index.loaded import open_index
 from index.manifest import IndexFolderError
 from index.milvus_store import BUILDING, LIVE, MilvusIndexStore, MilvusSource, version_tag
 from index.search import staged_search
 from tests.conftest import SAMPLE, KeywordEncoder
-from tests.service_fixtures import DIMS, FINGERPRINT, MODEL_NAME, VOCABULARY, write_data
+from tests.helpers.milvus import assert_same_hits_as_faiss
+from tests.helpers.service import DIMS, FINGERPRINT, MODEL_NAME, VOCABULARY, write_data
 
 pytestmark = pytest.mark.slow  # Milvus Lite: an engine per module, builds of several collections
 
@@ -217,31 +217,3 @@ def test_the_sample_gives_the_same_top_10_as_faiss_at_every_dim(milvus_lite_uri,
     assert_same_hits_as_faiss(store_for(backend, "sample"), manifest.version, tmp_path)
 
 
-def assert_same_hits_as_faiss(store: MilvusIndexStore, version: str, tmp_path: Path) -> None:
-    """The sample built with the real model into a FAISS folder gives the same hits as ``version`` in Milvus.
-
-    Both are exact (Flat): the same rows, best first, at every dim and in two-stage search.
-    """
-    from core.data import load_queries
-    from core.models import SentenceTransformerEncoder, load_model
-
-    folder, _ = build_index(BuildConfig(data=SAMPLE, output=tmp_path / "faiss", device="cpu", progress=False))
-    model = load_model(None)
-    queries = SentenceTransformerEncoder(model, "default", 32, False).encode_queries(
-        list(load_queries(SAMPLE / "queries.jsonl").values())
-    )
-    faiss, milvus = open_index(folder), store.open(version)
-    try:
-        assert faiss.dims == milvus.dims and len(faiss.dims) >= 4
-        assert all(entry.factory == "Flat" for entry in milvus.manifest.indexes.values())
-        plans = [(dim, None) for dim in faiss.dims] + [(min(faiss.dims), max(faiss.dims))]
-        for dim, rerank_dim in plans:
-            want = staged_search(faiss.indexes[dim], faiss.vectors, queries, dim, 10, rerank_dim)
-            got = staged_search(milvus.indexes[dim], milvus.vectors, queries, dim, 10, rerank_dim)
-            assert np.array_equal(got.rows, want.rows), (dim, rerank_dim)
-            np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
-            ids = [d.id for d in milvus.store.get(got.rows.ravel().tolist())]
-            assert ids == [d.id for d in faiss.store.get(want.rows.ravel().tolist())]
-    finally:
-        faiss.close()
-        milvus.close()

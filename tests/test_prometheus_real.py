@@ -21,9 +21,10 @@ from typing import Any
 import httpx
 import pytest
 
+from core.servers import free_port
 from index.build import BuildConfig, build_index
 from tests.conftest import REPO, SAMPLE
-from tests.deploy_config import (
+from tests.helpers.deploy import (
     DEBIAN_PROMETHEUS,
     RULES,
     dashboard_queries,
@@ -31,7 +32,8 @@ from tests.deploy_config import (
     rules,
     substitute_grafana_variables,
 )
-from tests.test_service_real import JUDGED, free_port, wait_for_ready
+from tests.helpers.sample import JUDGED
+from tests.helpers.servers import wait_for_ready
 
 pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
 

@@ -34,8 +34,8 @@ from schemathesis.openapi.checks import RejectedPositiveData
 
 from service.engine import BOTH_GIVEN, NO_QUALITY
 from service.settings import ServiceSettings
-from tests import harness
-from tests.service_fixtures import build_keyword_index, write_data
+from tests.helpers import servers as harness
+from tests.helpers.service import build_keyword_index, write_data
 
 API_KEY = "test-key"
 AUTH_HEADERS = ("x-api-key", "authorization")

@@ -18,18 +18,17 @@ from core.models import ModelError
 from index.manifest import IndexFolderError
 from index.plans import Plan
 from service.engine import ConfigurationError
-from tests.service_fixtures import (
+from tests.helpers.service import (
     DIMS,
     ServiceKeywordEncoder,
     add_evaluation,
     add_plans,
+    assert_error,
     build_keyword_index,
     keyword_loader,
     serve,
     write_data,
 )
-
-ERROR_KEYS = {"type", "message"}
 
 
 @pytest.fixture(scope="module")
@@ -44,16 +43,6 @@ def keyword_index(tmp_path_factory) -> Path:
 def client(keyword_index: Path):
     with serve(keyword_index) as client:
         yield client
-
-
-def assert_error(response, status: int, error_type: str, *fragments: str) -> str:
-    assert response.status_code == status, response.text
-    body = response.json()
-    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
-    assert body["error"]["type"] == error_type
-    for fragment in fragments:
-        assert fragment in body["error"]["message"], body["error"]["message"]
-    return body["error"]["message"]
 
 
 def top(response) -> list[tuple[str, float]]:

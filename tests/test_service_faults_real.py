@@ -25,10 +25,12 @@ import httpx
 import numpy as np
 import pytest
 
+from core.servers import free_port
 from index.build import BuildConfig, build_index
 from index.layout import VERSIONS, resolve_version
 from tests.conftest import REPO, SAMPLE, scramble
-from tests.test_service_real import JUDGED, free_port, wait_for_ready
+from tests.helpers.sample import JUDGED
+from tests.helpers.servers import wait_for_ready
 
 pytestmark = pytest.mark.slow
 

@@ -25,14 +25,14 @@ from service.app import create_app
 from service.limits import NON_BLANK_PATTERN
 from service.settings import ServiceSettings
 from tests.conftest import scramble, without_checksums
-from tests.service_fixtures import (
+from tests.helpers.service import (
     ServiceKeywordEncoder,
+    assert_error,
     build_keyword_index,
     keyword_loader,
     serve,
     write_data,
 )
-from tests.test_service_app import assert_error
 
 KEY = "s3cret"
 

@@ -22,13 +22,13 @@ from pathlib import Path
 import httpx
 import pytest
 
+from core.servers import free_port
 from index.build import BuildConfig, build_index
 from index.milvus import MilvusBackend
 from index.milvus_store import MilvusIndexStore, version_tag
 from tests.conftest import REPO, SAMPLE
-from tests.milvus_server import free_port
-from tests.test_milvus_store import assert_same_hits_as_faiss
-from tests.test_service_real import wait_for_ready
+from tests.helpers.milvus import assert_same_hits_as_faiss
+from tests.helpers.servers import wait_for_ready
 
 pytestmark = pytest.mark.slow
 

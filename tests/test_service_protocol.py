@@ -1,6 +1,6 @@
 """The service at the socket: binding its port, framing request bodies, and its shutdown deadline.
 
-Each test runs a real uvicorn server (``tests.harness``) or ``mrl serve`` itself over a keyword
+Each test runs a real uvicorn server (``tests.helpers.servers``) or ``mrl serve`` itself over a keyword
 index, and talks to it over real sockets: these are faults the in-process TestClient never sees.
 """
 
@@ -23,8 +23,8 @@ from core.errors import ConfigError
 from mrl.cli import build_parser, main
 from service.cli import ServeError, listening_sockets, settings_from_args, uvicorn_config
 from service.settings import ServiceSettings
-from tests.harness import LiveServer, live_server
-from tests.service_fixtures import ServiceKeywordEncoder, build_keyword_index, keyword_loader, write_data
+from tests.helpers.servers import LiveServer, live_server
+from tests.helpers.service import ServiceKeywordEncoder, build_keyword_index, keyword_loader, write_data
 
 SEARCH_BODY = b'{"query": "fever", "k": 1}'
 

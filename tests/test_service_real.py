@@ -9,10 +9,8 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -22,22 +20,18 @@ import torch
 from fastapi.testclient import TestClient
 
 from core.matryoshka import truncate_normalize
+from core.servers import free_port
 from index.build import BuildConfig, build_index
 from index.loaded import open_index
 from service.app import create_app
 from service.settings import ServiceSettings
 from tests.conftest import REPO, SAMPLE
+from tests.helpers.sample import JUDGED, QUERIES
+from tests.helpers.servers import wait_for_ready
 
 pytestmark = pytest.mark.slow
 
 DIMS = [384, 256, 128, 64, 32]
-# (query, the passage the sample's qrels mark relevant)
-JUDGED = [
-    ("how would I even know I have type 2 diabetes if I feel fine?", "d001"),
-    ("when is an asthma attack bad enough to call an ambulance?", None),
-    ("what do the top and bottom numbers on a blood pressure reading mean?", None),
-]
-QUERIES = [query for query, _ in JUDGED]
 
 
 @pytest.fixture(scope="module")
@@ -183,12 +177,6 @@ def test_onnx_keeps_sentence_transformers_around_a_layout_it_cannot_run_alone(tm
     assert cosines.min() > 0.9999
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_a_real_server_process_answers_over_http(sample_index: Path, tmp_path: Path):
     port = free_port()
     env = {
@@ -223,21 +211,6 @@ def test_a_real_server_process_answers_over_http(sample_index: Path, tmp_path: P
     output = (tmp_path / "server.log").read_text()
     # uvicorn shuts down gracefully, then re-raises SIGTERM, so -15 is a clean exit too.
     assert code in (0, -15) and "Application shutdown complete" in output, output
-
-
-def wait_for_ready(base: str, server: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
-    """Poll /readyz until the server has loaded; fail with its log if it exits first."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.poll() is not None:
-            pytest.fail(f"server exited with {server.returncode}:\n{log.read_text()}")
-        try:
-            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"server not ready after {timeout} s:\n{log.read_text()}")
 
 
 def test_sample_queries_file_is_what_the_judged_list_assumes():

@@ -31,6 +31,7 @@ VOCABULARY = ["fever", "cough", "rash", "pain", "sleep", "diet", "stress", "alle
 DIMS = [8, 4, 2]
 FINGERPRINT = "sha256:" + "ab" * 32
 MODEL_NAME = "keywords"
+ERROR_KEYS = {"type", "message"}
 
 
 class ServiceKeywordEncoder(KeywordEncoder):
@@ -136,3 +137,13 @@ def serve(root: Path, encoder: ServiceKeywordEncoder | None = None, loader=None,
     )
     with TestClient(app) as client:
         yield client
+
+
+def assert_error(response, status: int, error_type: str, *fragments: str) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and set(body["error"]) == ERROR_KEYS, body
+    assert body["error"]["type"] == error_type
+    for fragment in fragments:
+        assert fragment in body["error"]["message"], body["error"]["message"]
+    return body["error"]["message"]

@@ -8,10 +8,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
+from pathlib import Path
 
+import numpy as np
 import pytest
 
+from index.build import BuildConfig, build_index
+from index.loaded import open_index
 from index.milvus_server import LocalMilvusServer, free_port, running_milvus_server
+from index.milvus_store import MilvusIndexStore
+from index.search import staged_search
+from tests.conftest import SAMPLE
 
 __all__ = ["LocalMilvusServer", "free_port", "running_milvus_server"]  # for the tests that import them here
 
@@ -71,3 +78,33 @@ def milvus_lite_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     from milvus_lite.server_manager import server_manager_instance
 
     server_manager_instance.release_server(uri)
+
+
+def assert_same_hits_as_faiss(store: MilvusIndexStore, version: str, tmp_path: Path) -> None:
+    """The sample built with the real model into a FAISS folder gives the same hits as ``version`` in Milvus.
+
+    Both are exact (Flat): the same rows, best first, at every dim and in two-stage search.
+    """
+    from core.data import load_queries
+    from core.models import SentenceTransformerEncoder, load_model
+
+    folder, _ = build_index(BuildConfig(data=SAMPLE, output=tmp_path / "faiss", device="cpu", progress=False))
+    model = load_model(None)
+    queries = SentenceTransformerEncoder(model, "default", 32, False).encode_queries(
+        list(load_queries(SAMPLE / "queries.jsonl").values())
+    )
+    faiss, milvus = open_index(folder), store.open(version)
+    try:
+        assert faiss.dims == milvus.dims and len(faiss.dims) >= 4
+        assert all(entry.factory == "Flat" for entry in milvus.manifest.indexes.values())
+        plans = [(dim, None) for dim in faiss.dims] + [(min(faiss.dims), max(faiss.dims))]
+        for dim, rerank_dim in plans:
+            want = staged_search(faiss.indexes[dim], faiss.vectors, queries, dim, 10, rerank_dim)
+            got = staged_search(milvus.indexes[dim], milvus.vectors, queries, dim, 10, rerank_dim)
+            assert np.array_equal(got.rows, want.rows), (dim, rerank_dim)
+            np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
+            ids = [d.id for d in milvus.store.get(got.rows.ravel().tolist())]
+            assert ids == [d.id for d in faiss.store.get(want.rows.ravel().tolist())]
+    finally:
+        faiss.close()
+        milvus.close()

@@ -1,17 +1,20 @@
 """A live server for tests that need real sockets: the app under uvicorn in a thread, as ``mrl serve`` runs it.
 
 Same sockets (:func:`service.cli.listening_sockets`), same uvicorn settings and protocol
-(:func:`service.cli.uvicorn_config`), with the keyword encoder of ``tests.service_fixtures``.
+(:func:`service.cli.uvicorn_config`), with the keyword encoder of ``tests.helpers.service``.
 """
 
 from __future__ import annotations
 
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -19,7 +22,7 @@ from fastapi import FastAPI
 from service.app import create_app
 from service.cli import listening_sockets, uvicorn_config
 from service.settings import ServiceSettings
-from tests.service_fixtures import ServiceKeywordEncoder, keyword_loader
+from tests.helpers.service import ServiceKeywordEncoder, keyword_loader
 
 START_TIMEOUT_S = 30.0
 
@@ -61,3 +64,18 @@ def live_server(settings: ServiceSettings, encoder: ServiceKeywordEncoder | None
     finally:
         server.should_exit = True
         thread.join(timeout=10)
+
+
+def wait_for_ready(base: str, server: subprocess.Popen, log: Path, timeout: float = 180.0) -> None:
+    """Poll /readyz until the server has loaded; fail with its log if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.poll() is not None:
+            pytest.fail(f"server exited with {server.returncode}:\n{log.read_text()}")
+        try:
+            if httpx.get(f"{base}/readyz", timeout=2).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.2)
+    pytest.fail(f"server not ready after {timeout} s:\n{log.read_text()}")
