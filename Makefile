@@ -43,14 +43,16 @@ serve: $(STAMP)
 	@echo "  curl 'http://127.0.0.1:$(PORT)/dims'   # dims served, with their NDCG@10;  docs: http://127.0.0.1:$(PORT)/docs"
 	$(BIN)/mrl serve --index $(RUNS)/demo-index --port $(PORT)
 
-# Two pytest-xdist workers, one module each at a time (module fixtures are built once); tests/conftest.py
-# splits the cores between them. TEST_WORKERS=0 runs in one process.
+# Two pytest-xdist workers, one module each at a time (module fixtures are built once), the modules with
+# slow tests handed out first (tests/conftest.py orders them); conftest also splits the cores between the
+# workers. TEST_WORKERS=0 runs in one process.
 TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+	$(PYTEST)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -21,6 +21,17 @@ import pytest
 # The Milvus fixtures (a real server for the session, Milvus Lite per module), for every test module.
 pytest_plugins = ["tests.helpers.milvus"]
 
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Modules with ``slow`` tests first, the rest after, each group in file order.
+
+    ``make test`` hands whole modules to its two workers in collection order
+    (``--dist loadfile --no-loadscope-reorder``): the long modules start at once and the many
+    short ones fill the gaps, instead of a long module starting last and running alone.
+    """
+    heavy = {item.nodeid.split("::")[0] for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.nodeid.split("::")[0] not in heavy)
+
 REPO = Path(__file__).resolve().parent.parent
 SAMPLE = REPO / "data" / "sample_medical"
 
