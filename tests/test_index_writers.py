@@ -202,13 +202,18 @@ def assert_one_line_error(capsys, *fragments: str) -> str:
     return err[0]
 
 
-def test_a_full_disk_during_a_build_is_one_line_and_current_stays(tmp_path: Path, capsys):
-    data = write_data(tmp_path / "data")
+@contextmanager
+def index_on_tmpfs(tmp_path: Path, capsys) -> Iterator[tuple[Path, Path, Path]]:
+    """A keyword index built on a small tmpfs of its own: (the mount, the index root, its served version)."""
     with tmpfs(tmp_path / "disk", "1m") as disk:
         root = disk / "index"
-        assert build_cli(data, root) == 0
-        served = resolve_version(root)
+        assert build_cli(write_data(tmp_path / "data"), root) == 0
         capsys.readouterr()
+        yield disk, root, resolve_version(root)
+
+
+def test_a_full_disk_during_a_build_is_one_line_and_current_stays(tmp_path: Path, capsys):
+    with index_on_tmpfs(tmp_path, capsys) as (disk, root, served):
         fill(disk)
         assert build_cli(write_data(tmp_path / "data2", extra=3), root) == 2
         assert_one_line_error(capsys, "No space left on device", str(root))
@@ -218,12 +223,7 @@ def test_a_full_disk_during_a_build_is_one_line_and_current_stays(tmp_path: Path
 
 
 def test_a_read_only_root_is_one_line_for_build_and_add(tmp_path: Path, capsys):
-    data = write_data(tmp_path / "data")
-    with tmpfs(tmp_path / "disk", "1m") as disk:
-        root = disk / "index"
-        assert build_cli(data, root) == 0
-        served = resolve_version(root)
-        capsys.readouterr()
+    with index_on_tmpfs(tmp_path, capsys) as (disk, root, served):
         subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
         assert build_cli(write_data(tmp_path / "data2", extra=3), root) == 2
         assert_one_line_error(capsys, "Read-only file system", str(root))
