@@ -6,117 +6,67 @@ import argparse
 import errno
 import logging
 import socket
-from pathlib import Path
 from typing import Any
 
 from core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
-# Flags whose value goes straight into ServiceSettings under the same name (None = not given).
-SETTING_FLAGS = (
-    "index",
-    "backend",
-    "milvus_uri",
-    "milvus_timeout_s",
-    "model",
-    "host",
-    "port",
-    "default_dim",
-    "encoder",
-    "onnx_quantize",
-    "onnx_cache",
-    "encoder_threads",
-    "device",
-    "api_key",
-    "max_k",
-    "max_query_chars",
-    "max_batch_queries",
-    "max_in_flight",
-    "batch_max_size",
-    "batch_max_wait_ms",
-    "batch_max_tokens",
-    "query_cache_size",
-    "snippet_chars",
-    "load_in_background",
-    "log_level",
-    "public_docs",
-    "max_body_bytes",
-    "body_timeout_s",
-    "header_timeout_s",
-    "keep_alive_s",
-    "max_header_bytes",
-    "shutdown_timeout_s",
-    "log_queries",
-)
-
-
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "serve",
         help="serve an index over HTTP (search, embeddings, metrics)",
         description="Serve GET/POST /search, POST /v1/embeddings, /dims, /healthz, /readyz, /metrics. "
-        "Every flag can also be set as an MRL_* environment variable (e.g. MRL_INDEX, MRL_API_KEY); flags win.",
+        "Every flag is also an MRL_* environment variable (e.g. MRL_INDEX, MRL_API_KEY); flags win. "
+        "Milvus credentials come from the environment only (MRL_MILVUS_TOKEN, or MRL_MILVUS_USER and "
+        "MRL_MILVUS_PASSWORD).",
     )
-    p.add_argument(
-        "--index",
-        type=Path,
-        default=None,
-        help="index root (serves `current`) or version folder; with --backend milvus the index's name [MRL_INDEX]",
-    )
-    p.add_argument(
-        "--backend", choices=["faiss", "milvus"], default=None, help="where the index lives (default: faiss)"
-    )
-    p.add_argument(
-        "--milvus-uri",
-        default=None,
-        help="Milvus: a .db file or http://host:19530; credentials from MRL_MILVUS_TOKEN or "
-        "MRL_MILVUS_USER and MRL_MILVUS_PASSWORD [MRL_MILVUS_URI]",
-    )
-    p.add_argument("--milvus-timeout-s", type=float, default=None, help="Milvus: seconds per call, else 503 (5)")
-    p.add_argument("--model", default=None, help="model folder or hub name (default: the one in the manifest)")
-    p.add_argument("--host", default=None, help="address to bind (default: 127.0.0.1)")
-    p.add_argument("--port", type=int, default=None, help="port to bind (default: 8000)")
-    p.add_argument("--default-dim", type=int, default=None, help="dim of requests that name none (default: largest)")
-    p.add_argument("--encoder", choices=["torch", "onnx"], default=None, help="query encoder backend (default: torch)")
-    p.add_argument("--onnx-quantize", action="store_true", default=None, help="ONNX: int8 dynamic quantisation")
-    p.add_argument("--onnx-cache", type=Path, default=None, help="ONNX export folder (default: ~/.cache/mrl/onnx)")
-    p.add_argument("--encoder-threads", type=int, default=None, help="CPU threads for the encoder")
-    p.add_argument("--device", choices=["auto", "cpu", "gpu"], default=None, help="encoder and FAISS (default: auto)")
-    p.add_argument("--api-key", default=None, help="require X-API-Key (prefer MRL_API_KEY: flags show in `ps`)")
-    p.add_argument("--max-k", type=int, default=None, help="largest k a request may ask for (default: 100)")
-    p.add_argument("--max-query-chars", type=int, default=None, help="longest query in characters (default: 2000)")
-    p.add_argument("--max-batch-queries", type=int, default=None, help="most queries per request (default: 64)")
-    p.add_argument("--max-in-flight", type=int, default=None, help="requests in flight before 429 (default: 256)")
-    p.add_argument("--batch-max-size", type=int, default=None, help="texts per encoder micro-batch (default: 32)")
-    p.add_argument("--batch-max-wait-ms", type=float, default=None, help="micro-batch wait in ms (default: 0, none)")
-    p.add_argument("--query-cache-size", type=int, default=None, help="query embeddings cached (default: 0, no cache)")
-    p.add_argument(
-        "--batch-max-tokens", type=int, default=None, help="estimated tokens per encoder call (default: 2048)"
-    )
-    p.add_argument("--snippet-chars", type=int, default=None, help="cut hit texts to this length; 0: whole")
-    p.add_argument(
-        "--load-in-background", action="store_true", default=None, help="listen at once; readyz 503 until loaded"
-    )
-    p.add_argument("--log-level", choices=["critical", "error", "warning", "info", "debug"], default=None)
-    p.add_argument(
-        "--public-docs", action="store_true", default=None, help="with an API key: /docs and /openapi.json without it"
-    )
-    p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body, else 413 (default: 2 MiB)")
-    p.add_argument("--body-timeout-s", type=float, default=None, help="time to send a request body, else 408 (30)")
-    p.add_argument("--header-timeout-s", type=float, default=None, help="time to send a request head, else 408 (10)")
-    p.add_argument("--keep-alive-s", type=float, default=None, help="idle keep-alive connections close after (5)")
-    p.add_argument("--max-header-bytes", type=int, default=None, help="request line + headers, else 400 (64 KiB)")
-    p.add_argument(
-        "--shutdown-timeout-s",
-        type=float,
-        default=None,
-        help="after SIGTERM, requests still running this long are answered 503 and the server exits (20)",
-    )
-    p.add_argument(
-        "--log-queries", action="store_true", default=None, help="access log with query strings (they hold the text)"
-    )
+    add_setting_flags(p)
     p.set_defaults(handler=run_serve)
+
+
+def add_setting_flags(parser: argparse.ArgumentParser) -> list[str]:
+    """One flag per field of :class:`~service.settings.ServiceSettings`, generated from the field itself.
+
+    ``--max-k`` for ``max_k``: its type (choices for a Literal, on/off for a bool), its help from the
+    field's description, its default and its ``MRL_*`` variable from the model, so a new setting is one
+    field and its flag cannot drift from it. Fields marked ``cli=False`` (credentials) are environment only.
+    Every flag defaults to None (not given): the environment or the field's default applies.
+
+    Returns:
+        The names of the settings that have a flag.
+    """
+    from service.settings import ServiceSettings, setting_flag_types
+
+    names = []
+    for name, field in ServiceSettings.model_fields.items():
+        extra = field.json_schema_extra if isinstance(field.json_schema_extra, dict) else {}
+        if extra.get("cli") is False:
+            continue
+        kind, choices = setting_flag_types(field.annotation)
+        described = field.description or name
+        said = field.is_required() or "default" in described  # a description may say its default in words
+        default = "" if said else f" (default: {_shown(name, field.get_default())})"
+        help_text = f"{described}{default} [MRL_{name.upper()}]"
+        options: dict[str, Any] = {"default": None, "help": help_text}
+        if kind is bool:
+            options["action"] = argparse.BooleanOptionalAction
+        else:
+            options.update(type=kind, choices=choices, metavar=name.upper() if choices is None else None)
+        parser.add_argument(f"--{name.replace('_', '-')}", dest=name, **options)
+        names.append(name)
+    return names
+
+
+def _shown(name: str, value: Any) -> str:
+    """A default as the help text shows it: bytes in KiB or MiB, None as 'none', booleans as on/off."""
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    if name.endswith("_bytes") and value >= 1 << 10:
+        return f"{value >> 20} MiB" if value % (1 << 20) == 0 else f"{value >> 10} KiB"
+    return str(value)
 
 
 class ServeError(ConfigError):
@@ -129,9 +79,9 @@ def settings_from_args(args: argparse.Namespace) -> Any:
     Raises:
         ConfigError: For invalid or missing settings, in one line.
     """
-    from service.settings import load_settings
+    from service.settings import ServiceSettings, load_settings
 
-    given = {name: getattr(args, name) for name in SETTING_FLAGS if getattr(args, name, None) is not None}
+    given = {name: value for name in ServiceSettings.model_fields if (value := getattr(args, name, None)) is not None}
     return load_settings(**given)
 
 

@@ -6,8 +6,9 @@ tests construct as many differently configured apps as they like.
 
 from __future__ import annotations
 
+import types
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Union, get_args, get_origin
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -36,9 +37,16 @@ class ServiceSettings(BaseSettings):
     milvus_uri: str | None = Field(
         None, description="backend milvus: a Milvus Lite .db file, or http://host:19530 for a server or cluster"
     )
-    milvus_token: SecretStr | None = Field(None, description="backend milvus: API token, or user:password")
-    milvus_user: str = Field("", description="backend milvus: user name (with milvus_password)")
-    milvus_password: SecretStr | None = Field(None, description="backend milvus: password")
+    # Credentials: from the environment only (flags show in `ps`), so no flag is made for them.
+    milvus_token: SecretStr | None = Field(
+        None, description="backend milvus: API token, or user:password", json_schema_extra={"cli": False}
+    )
+    milvus_user: str = Field(
+        "", description="backend milvus: user name (with milvus_password)", json_schema_extra={"cli": False}
+    )
+    milvus_password: SecretStr | None = Field(
+        None, description="backend milvus: password", json_schema_extra={"cli": False}
+    )
     milvus_timeout_s: float = Field(
         5.0, gt=0, description="backend milvus: seconds each call to Milvus may take before the request gets 503"
     )
@@ -87,7 +95,8 @@ class ServiceSettings(BaseSettings):
 
     api_key: SecretStr | None = Field(
         None,
-        description="if set, every endpoint but healthz/readyz/metrics needs it, as X-API-Key or Authorization: Bearer",
+        description="if set, every endpoint but healthz/readyz/metrics needs it, as X-API-Key or Authorization: "
+        "Bearer (prefer MRL_API_KEY to the flag: flags show in `ps`)",
     )
     public_docs: bool = Field(False, description="with an API key: still serve /docs and /openapi.json without it")
     max_body_bytes: int = Field(
@@ -118,7 +127,7 @@ class ServiceSettings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="address uvicorn binds")
     port: int = Field(8000, ge=0, le=65535, description="port uvicorn binds")
-    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
 
     @field_validator("api_key", "milvus_token", "milvus_password", mode="before")
     @classmethod
@@ -135,6 +144,20 @@ class ServiceSettings(BaseSettings):
 
     def onnx_cache_dir(self) -> Path:
         return self.onnx_cache or Path("~/.cache/mrl/onnx").expanduser()
+
+
+def setting_flag_types(annotation: Any) -> tuple[type, list[str] | None]:
+    """How a setting's type reads from a command line: ``(parse function, choices)``.
+
+    ``X | None`` reads as ``X``, a ``Literal`` as its choices, a ``SecretStr`` as a string.
+    """
+    if get_origin(annotation) in (Union, types.UnionType):
+        (annotation,) = [arg for arg in get_args(annotation) if arg is not type(None)]
+    if get_origin(annotation) is Literal:
+        return str, [str(value) for value in get_args(annotation)]
+    if annotation is SecretStr:
+        return str, None
+    return annotation, None
 
 
 def load_settings(**overrides: object) -> ServiceSettings:

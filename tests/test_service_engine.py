@@ -407,6 +407,28 @@ def test_flags_override_environment_settings(monkeypatch, tmp_path: Path):
     assert settings_from_args(serve_args("--index", "elsewhere")).index == Path("elsewhere")
 
 
+def test_every_setting_is_a_flag_generated_from_its_field(monkeypatch, capsys):
+    """A setting is one field: its flag, type, help and default come from it (credentials: environment only)."""
+    flags = serve_args("--index", "x")
+    environment_only = {"milvus_token", "milvus_user", "milvus_password"}
+    assert set(ServiceSettings.model_fields) - set(vars(flags)) == environment_only
+    settings = settings_from_args(serve_args("--index", "x", "--rerank-candidates", "4", "--no-onnx-quantize"))
+    assert settings.rerank_candidates == 4 and settings.onnx_quantize is False  # rerank_candidates had no flag
+    monkeypatch.setenv("MRL_LOG_QUERIES", "true")
+    assert settings_from_args(serve_args("--index", "x")).log_queries is True  # a flag not given leaves the env
+    assert settings_from_args(serve_args("--index", "x", "--no-log-queries")).log_queries is False
+    with pytest.raises(SystemExit):
+        serve_args("--index", "x", "--encoder", "tensorflow")
+    assert "argument --encoder: invalid choice: 'tensorflow'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        serve_args("--help")
+    shown = " ".join(capsys.readouterr().out.split())
+    for name in set(ServiceSettings.model_fields) - environment_only:
+        assert f"[MRL_{name.upper()}]" in shown
+    assert "(default: 100) [MRL_MAX_K]" in shown and "(default: 64 KiB) [MRL_MAX_HEADER_BYTES]" in shown
+    assert "--milvus-password" not in shown
+
+
 def test_missing_or_invalid_settings_are_one_line(monkeypatch):
     monkeypatch.delenv("MRL_INDEX", raising=False)
     with pytest.raises(ValueError, match=r"invalid settings \(index: Field required\)"):
