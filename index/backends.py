@@ -19,8 +19,7 @@ from typing import Any, Literal, Protocol
 
 import numpy as np
 
-from core.errors import ConfigError
-from index.manifest import IndexFolderError
+from core.errors import ConfigError, MrlError
 from index.params import HNSW_EF_CONSTRUCTION, IndexPlan
 
 logger = logging.getLogger(__name__)
@@ -28,11 +27,12 @@ logger = logging.getLogger(__name__)
 Device = Literal["auto", "cpu", "gpu"]
 
 
-class EngineUnavailable(IndexFolderError):
+class EngineUnavailable(MrlError):
     """The engine that holds an index (a Milvus server) cannot be reached, or did not answer in time.
 
-    At start-up and on reload it refuses the index like any other :class:`IndexFolderError`; while
-    serving, the service answers 503 and reports not ready until the engine answers again.
+    Not an :class:`IndexFolderError`: the index may be perfectly good, and the same request may
+    work a moment later. At start-up it is one line and exit code 2; while serving, and on a
+    reload, the service answers 503 and reports not ready until the engine answers again.
     """
 
 

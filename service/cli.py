@@ -101,11 +101,8 @@ def run_serve(args: argparse.Namespace) -> int:
 async def _serve(settings: Any) -> None:
     import uvicorn
 
-    from core.matryoshka import DimensionError
-    from core.models import ModelError
-    from index.manifest import IndexFolderError
+    from core.errors import MrlError
     from service.app import create_app, open_searcher
-    from service.engine import ConfigurationError
     from service.sources import index_source
 
     app = create_app(settings)
@@ -113,12 +110,12 @@ async def _serve(settings: Any) -> None:
         try:
             source = index_source(settings)
             source.manifest(source.current())  # a wrong path still fails here, in one line
-        except IndexFolderError as exc:
+        except MrlError as exc:  # a missing index, or its engine does not answer
             raise ServeError(f"cannot serve: {exc}") from None
     else:
         try:
             await open_searcher(app)  # before listening, so that a bad index or model ends here in one line
-        except (IndexFolderError, ModelError, ConfigurationError, DimensionError) as exc:
+        except MrlError as exc:  # a bad index or model, an engine that does not answer, a wrong dimension
             raise ServeError(f"cannot serve: {exc}") from None
     try:
         sockets = listening_sockets(settings.host, settings.port)  # after loading: no connection waits on a load

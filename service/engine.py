@@ -424,6 +424,12 @@ class Searcher:
         return (vectors, counts) if counts is not None and len(counts) == len(texts) else vectors
 
     # --- reload -------------------------------------------------------------------------
+    def _unavailable(self, exc: EngineUnavailable) -> NotReady:
+        """A reload that could not reach the engine: counted, and a 503 to retry (the old version serves on)."""
+        logger.warning("reload: %s", exc)
+        self.metrics.reloads.labels(outcome="unavailable").inc()
+        return NotReady(ENGINE_DOWN)
+
     async def reload(self) -> ReloadOutcome:
         """Open the newest ``current`` version of the index root and swap it in atomically.
 
@@ -432,11 +438,14 @@ class Searcher:
         Raises:
             ReloadFailed: The new version is missing, corrupt, from another model, or lacks the default dim;
                 the old version keeps serving.
+            NotReady: The engine holding the index did not answer (try again); the old version keeps serving.
         """
         async with self._reload_lock:
             previous = self._slot.current
             try:
                 target = await asyncio.to_thread(self.source.current)
+            except EngineUnavailable as exc:  # nothing is wrong with the index: try again once the engine answers
+                raise self._unavailable(exc) from None
             except IndexFolderError as exc:
                 raise self._refused(previous, exc) from exc
             if target == previous.location:  # nothing new: nothing is loaded
@@ -444,6 +453,8 @@ class Searcher:
                 return ReloadOutcome(previous.manifest.version, previous.manifest.version, changed=False)
             try:
                 index = await asyncio.to_thread(self._open_index, target)
+            except EngineUnavailable as exc:
+                raise self._unavailable(exc) from None
             except IndexFolderError as exc:
                 raise self._refused(previous, exc) from exc
             except Exception as exc:  # not a known defect of the folder, but still no reason to stop serving

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
+from index.backends import EngineUnavailable
 from index.manifest import IndexFolderError
 from service.limits import NON_BLANK_PATTERN
 from service.sources import index_source
@@ -64,7 +65,7 @@ def _served_dims(state: ServiceState) -> tuple[list[int] | None, str | None]:
     try:  # still loading: the manifest says what will be served
         source = index_source(state.settings)
         manifest = source.manifest(source.current())
-    except IndexFolderError:
+    except (IndexFolderError, EngineUnavailable):
         return None, None
     return list(manifest.dims), manifest.version
 

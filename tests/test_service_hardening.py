@@ -331,6 +331,21 @@ def test_a_reload_with_nothing_new_opens_nothing(keyword_index: Path, monkeypatc
         assert metric(client, 'mrl_index_reloads_total{outcome="unchanged"}') == 1
 
 
+def test_a_reload_while_the_engine_does_not_answer_is_503_not_a_refused_index(keyword_index: Path, monkeypatch):
+    """An engine outage is its own error: the index is not at fault, so not 409 reload_failed but 503, retry later."""
+    from index.backends import EngineUnavailable
+
+    def down(*args, **kwargs):
+        raise EngineUnavailable("Milvus at http://db:19530: looking up 'idx_meta' failed (connection refused)")
+
+    with serve(keyword_index) as client:
+        monkeypatch.setattr(type(client.app.state.service.searcher.source), "current", down)
+        assert_error(client.post("/admin/reload"), 503, "not_ready", "the index engine did not answer")
+        assert metric(client, 'mrl_index_reloads_total{outcome="failed"}') == 0
+        assert metric(client, 'mrl_index_reloads_total{outcome="unavailable"}') == 1
+        assert client.get("/search", params={"q": "fever"}).status_code == 200  # the served version goes on
+
+
 # --- 10. a dead encoder worker is not ready, not a hang ----------------------------------------
 
 
