@@ -53,6 +53,7 @@ from index.layout import (
     staging_version,
     writing,
 )
+from index.locator import LOCATOR_FORMS, IndexLocator, parse_locator
 from index.manifest import (
     MANIFEST_FILE,
     DimIndex,
@@ -85,14 +86,16 @@ DEFAULT_CACHE = Path("~/.cache/mrl/encode-cache")
 class BuildConfig:
     """Everything ``mrl index build`` can be told.
 
-    ``backend="faiss"`` writes a version folder under ``output``; ``backend="milvus"`` writes the
-    index ``index_name`` into the Milvus deployment at ``milvus_uri`` (credentials from
-    ``MRL_MILVUS_TOKEN`` or ``MRL_MILVUS_USER`` and ``MRL_MILVUS_PASSWORD``). Vectors encoded so far
-    are cached by content (see :func:`encode_cache_root`).
+    ``index`` is the locator of the index that gets the new version (:mod:`index.locator`): a folder,
+    or an index in Milvus (credentials from ``MRL_MILVUS_TOKEN`` or ``MRL_MILVUS_USER`` and
+    ``MRL_MILVUS_PASSWORD``). The old spelling (``output``, or ``backend="milvus"`` with ``milvus_uri``
+    and ``index_name``) still works for one release. Vectors encoded so far are cached by content
+    (see :func:`encode_cache_root`).
     """
 
     data: Path
-    output: Path | None = None
+    index: str | None = None  # the locator: a folder, milvus://HOST:PORT/NAME or milvus-lite://FILE.db/NAME
+    output: Path | None = None  # the old spelling of a folder locator
     model: str | None = None
     dims: list[int] | None = None
     index_type: str | None = None
@@ -110,20 +113,32 @@ class BuildConfig:
     eval_split: str = "test"
     workers: int = 1  # processes that encode the corpus: one per GPU, or CPU processes
 
+    def locator(self) -> IndexLocator:
+        """Where the new version goes: ``index`` (a locator), or the old spelling (``output``; ``backend="milvus"``
+        with ``milvus_uri`` and ``index_name``).
+
+        Raises:
+            ConfigError: Unless the options name exactly one place to write to.
+        """
+        old_milvus = self.backend == "milvus" or self.milvus_uri or self.index_name
+        given = [name for name, value in (("--index", self.index), ("--output", self.output)) if value is not None]
+        if old_milvus:
+            if given:
+                raise ConfigError("name the index once: --index milvus://HOST:PORT/NAME (not with --output)")
+            if self.backend != "milvus" or not self.milvus_uri or not self.index_name:
+                raise ConfigError("--backend milvus needs --milvus-uri (a .db file or http://host:19530) and --index")
+            return IndexLocator.milvus(self.milvus_uri, self.index_name)
+        if self.backend not in ("faiss", "milvus"):
+            raise ConfigError(f"unknown backend {self.backend!r}; use faiss or milvus")
+        if len(given) != 1:
+            raise ConfigError(
+                f"--index is required: {LOCATOR_FORMS}" if not given else "name the index once: --index or --output"
+            )
+        return parse_locator(self.index) if self.index is not None else IndexLocator.folder(self.output)
+
     def check(self) -> None:
         """Raises ConfigError unless the options name one place to write to."""
-        if self.backend == "faiss":
-            if self.output is None:
-                raise ConfigError("--output is required with --backend faiss (the index root to write)")
-            if self.milvus_uri or self.index_name:
-                raise ConfigError("--milvus-uri and --index go with --backend milvus; --backend faiss writes --output")
-        elif self.backend == "milvus":
-            if not self.milvus_uri or not self.index_name:
-                raise ConfigError("--backend milvus needs --milvus-uri (a .db file or http://host:19530) and --index")
-            if self.output is not None:
-                raise ConfigError("--output is for --backend faiss; --backend milvus writes --index at --milvus-uri")
-        else:
-            raise ConfigError(f"unknown backend {self.backend!r}; use faiss or milvus")
+        self.locator()
 
 
 class VersionWriter(Protocol):
@@ -357,7 +372,7 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
         ModelError: Model cannot be loaded. DimensionError: Dims that do not fit the model.
         EngineUnavailable: Milvus cannot be reached.
     """
-    config.check()
+    locator = config.locator()
     documents, query_texts = read_documents(config.data)
     judged = read_judged_queries(config.eval_data, config.eval_split, documents) if config.eval_data else None
     model = load_model(config.model, max_seq_length=config.max_seq_length)
@@ -365,7 +380,7 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
     dims = validate_dims(config.dims, encoder.dimension) if config.dims else model_dims(model, config.model)
     fingerprint = model_fingerprint(model)
     version = new_version_name()
-    store = _milvus_store(config) if config.backend == "milvus" else None
+    store = _milvus_store(locator) if locator.engine == "milvus" else None
     if store is not None:
         store.ensure_meta()  # Milvus unreachable: fail before encoding
 
@@ -387,7 +402,7 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
         return choose_index(len(vectors), dim, budget)
 
     if store is None:
-        writer: VersionWriter = FolderWriter(config.output, backend_for(config.device), version, config.keep_versions)
+        writer: VersionWriter = FolderWriter(locator.path, backend_for(config.device), version, config.keep_versions)
     else:
         writer = store.begin(version, config.keep_versions)
     try:
@@ -438,7 +453,8 @@ def encode_cache_root(config: BuildConfig) -> Path:
     ``.encode-cache`` (FAISS) or ``~/.cache/mrl/encode-cache`` (Milvus), cleared after a successful build."""
     if config.cache_dir is not None:
         return config.cache_dir.expanduser()
-    return config.output / ".encode-cache" if config.backend == "faiss" else DEFAULT_CACHE.expanduser()
+    locator = config.locator()
+    return locator.path / ".encode-cache" if locator.engine == "faiss" else DEFAULT_CACHE.expanduser()
 
 
 def read_judged_queries(folder: Path, split: str, documents: list[Document]) -> JudgedQueries:
@@ -462,11 +478,11 @@ def read_judged_queries(folder: Path, split: str, documents: list[Document]) -> 
     return JudgedQueries(ids, [dataset.queries[qid] for qid in ids], qrels, f"{folder} ({split})")
 
 
-def _milvus_store(config: BuildConfig):
+def _milvus_store(locator: IndexLocator):
     from index.milvus import MilvusBackend, credentials_from_env
     from index.milvus_store import MilvusIndexStore
 
-    return MilvusIndexStore(MilvusBackend(config.milvus_uri, **credentials_from_env()), config.index_name)
+    return MilvusIndexStore(MilvusBackend(locator.uri, **credentials_from_env()), locator.name)
 
 
 def model_info(model: SentenceTransformer, name: str | None, fingerprint: str, full_dim: int) -> ModelInfo:

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from core.cli_args import check_positive, config_fields, dims_argument
+from core.errors import ConfigError
+from index.locator import LOCATOR_FORMS, IndexLocator, parse_locator
 
 
 def add_index_parser(commands: argparse._SubParsersAction) -> None:
@@ -16,18 +19,18 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
         "build",
         help="encode a corpus once, build one index per dimension",
         description="Encode a corpus once at full dimension; build one index per Matryoshka dimension; "
-        "publish it as a new version of OUTPUT (FAISS) or of the index NAME in Milvus (--backend milvus; "
-        "credentials from MRL_MILVUS_TOKEN, or MRL_MILVUS_USER and MRL_MILVUS_PASSWORD).",
+        "publish it as a new version of the index --index names: a folder (FAISS), milvus://HOST:PORT/NAME "
+        "or milvus-lite://PATH/FILE.db/NAME (Milvus credentials from MRL_MILVUS_TOKEN, or MRL_MILVUS_USER "
+        "and MRL_MILVUS_PASSWORD).",
     )
     build.add_argument("--data", type=Path, required=True, help="BEIR folder or corpus .jsonl (_id, title, text)")
-    build.add_argument("--output", type=Path, default=None, help="FAISS: index root; each build adds a version")
-    add_engine_arguments(build)
+    add_locator_arguments(build, deprecated_output=True)
     build.add_argument(
         "--cache-dir",
         type=Path,
         default=None,
         help="encode cache, kept: a rebuild of the same texts with the same model encodes nothing (default: "
-        "OUTPUT/.encode-cache, or ~/.cache/mrl/encode-cache for Milvus, cleared after a successful build)",
+        "INDEX/.encode-cache, or ~/.cache/mrl/encode-cache for Milvus, cleared after a successful build)",
     )
     build.add_argument("--model", default=None, help="model folder or hub name (default: all-MiniLM-L6-v2)")
     build.add_argument("--dims", type=dims_argument, default=None, help="default: the model's Matryoshka dims")
@@ -60,7 +63,7 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
     build.set_defaults(handler=run_build)
 
     add = actions.add_parser("add", help="append documents to an index without re-encoding the old ones")
-    add.add_argument("--index", type=Path, required=True, help="index root")
+    add.add_argument("--index", required=True, metavar="LOCATOR", help="the index: a folder (FAISS)")
     add.add_argument("--data", type=Path, required=True, help="BEIR folder or corpus .jsonl with new documents")
     add.add_argument("--model", default=None, help="default: the model named in the manifest")
     add.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
@@ -70,26 +73,62 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
     add.set_defaults(handler=run_add)
 
     info = actions.add_parser("info", help="print an index's manifest as a table")
-    info.add_argument("path", nargs="?", type=Path, default=None, help="FAISS: index root or version folder")
-    add_engine_arguments(info)
+    info.add_argument("path", nargs="?", type=Path, default=None, help=argparse.SUPPRESS)  # deprecated: --index
+    add_locator_arguments(info)
     info.add_argument("--check", action="store_true", help="also load every file and check it against the manifest")
     info.set_defaults(handler=run_info)
 
 
-def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--backend", choices=["faiss", "milvus"], default="faiss", help="where the index lives (default: %(default)s)"
-    )
-    parser.add_argument("--milvus-uri", default=None, help="Milvus: a .db file (Milvus Lite) or http://host:19530")
-    parser.add_argument("--index", dest="index_name", default=None, help="Milvus: the index's name (letters, _)")
+def add_locator_arguments(parser: argparse.ArgumentParser, *, deprecated_output: bool = False) -> None:
+    """``--index LOCATOR``, and the old spellings it replaces (kept for one release, with a notice)."""
+    parser.add_argument("--index", default=None, metavar="LOCATOR", help=f"the index: {LOCATOR_FORMS}")
+    if deprecated_output:
+        parser.add_argument("--output", type=Path, default=None, help="deprecated: --index PATH")
+    parser.add_argument("--backend", choices=["faiss", "milvus"], default=None, help="deprecated: say it in --index")
+    parser.add_argument("--milvus-uri", default=None, help="deprecated: --index milvus://HOST:PORT/NAME")
+
+
+def locator_from_args(args: argparse.Namespace) -> IndexLocator:
+    """The index the options name: ``--index LOCATOR``, or an old spelling (with a one-line notice on stderr).
+
+    Raises:
+        ConfigError: No index named, or named twice.
+    """
+    output = getattr(args, "output", None) or getattr(args, "path", None)
+    if args.backend == "milvus" or args.milvus_uri:
+        if output is not None:
+            raise ConfigError("name the index once: --index milvus://HOST:PORT/NAME")
+        if not args.milvus_uri or not args.index:
+            raise ConfigError("--backend milvus needs --milvus-uri and --index NAME; better: --index milvus://HOST:PORT/NAME")
+        locator = IndexLocator.milvus(args.milvus_uri, args.index)
+        _deprecated("--backend milvus --milvus-uri URI --index NAME", locator)
+        return locator
+    if output is not None:
+        if args.index is not None:
+            raise ConfigError("name the index once: --index LOCATOR")
+        locator = IndexLocator.folder(output)
+        _deprecated("--output PATH" if getattr(args, "output", None) else "a positional PATH", locator)
+        return locator
+    if args.index is None:
+        raise ConfigError(f"--index is required: {LOCATOR_FORMS}")
+    if args.backend == "faiss":
+        _deprecated("--backend faiss", parse_locator(args.index))
+    return parse_locator(args.index)
+
+
+def _deprecated(spelling: str, locator: IndexLocator) -> None:
+    notice = f"{spelling} is deprecated and goes in the next release; use --index {locator}"
+    print(f"mrl: warning: {notice}", file=sys.stderr)
 
 
 def run_build(args: argparse.Namespace) -> int:
     from index.build import BuildConfig, build_index
 
     check_positive(args, ("memory_budget_mb", "batch_size", "keep_versions", "workers"), ("max_seq_length",))
-    path, manifest = build_index(BuildConfig(**config_fields(args)))
-    print(info_table(manifest, path))
+    locator = locator_from_args(args)
+    fields = {k: v for k, v in config_fields(args).items() if k not in ("index", "output", "backend", "milvus_uri")}
+    path, manifest = build_index(BuildConfig(index=str(locator), **fields))
+    print(info_table(manifest, locator if locator.engine == "milvus" else path))
     return 0
 
 
@@ -97,8 +136,13 @@ def run_add(args: argparse.Namespace) -> int:
     from index.build import add_documents
 
     check_positive(args, ("batch_size", "keep_versions"))
+    locator = parse_locator(args.index)
+    if locator.engine != "faiss":
+        raise ConfigError(
+            f"mrl index add appends to a folder index; for {locator}, build a new version with mrl index build"
+        )
     path, manifest = add_documents(
-        args.index,
+        locator.path,
         args.data,
         args.model,
         batch_size=args.batch_size,
@@ -111,18 +155,14 @@ def run_add(args: argparse.Namespace) -> int:
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from core.errors import ConfigError
     from index.layout import resolve_version
     from index.loaded import open_index
     from index.manifest import IndexManifest
 
-    if args.backend == "milvus":
-        if not args.milvus_uri or not args.index_name or args.path is not None:
-            raise ConfigError("index info --backend milvus takes --milvus-uri and --index, not a path")
-        return _milvus_info(args)
-    if args.path is None:
-        raise ConfigError("index info needs an index root or version folder (or --backend milvus)")
-    folder = resolve_version(args.path)
+    locator = locator_from_args(args)
+    if locator.engine == "milvus":
+        return _milvus_info(locator, args.check)
+    folder = resolve_version(locator.path)
     manifest = IndexManifest.read(folder)
     if args.check:
         open_index(folder, device="cpu").close()
@@ -132,22 +172,22 @@ def run_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _milvus_info(args: argparse.Namespace) -> int:
+def _milvus_info(locator: IndexLocator, check: bool) -> int:
     from index.milvus import MilvusBackend, credentials_from_env
     from index.milvus_store import MilvusIndexStore
 
-    backend = MilvusBackend(args.milvus_uri, **credentials_from_env())
+    backend = MilvusBackend(locator.uri, **credentials_from_env())
     try:
-        store = MilvusIndexStore(backend, args.index_name)
+        store = MilvusIndexStore(backend, locator.name)
         version = store.current()
         manifest = store.manifest(version)
-        if args.check:
+        if check:
             store.open(version, lease=False).close()
-        print(info_table(manifest, Path(store.name) / version))
+        print(info_table(manifest, f"{IndexLocator('milvus', uri=backend.uri, name=locator.name)} (version {version})"))
         others = {v: state for v, state in store.versions().items() if v != version}
         for other, state in sorted(others.items()):
             print(f"version {other}: {state}")
-        if args.check:
+        if check:
             print("check: every collection is there and holds the rows the manifest says")
     finally:
         backend.close()
@@ -171,7 +211,7 @@ def _engines(manifest) -> str:
     return ", ".join(sorted({entry.backend for entry in manifest.indexes.values()}))
 
 
-def info_table(manifest, folder: Path) -> str:
+def info_table(manifest, folder: Path | IndexLocator | str) -> str:
     model = manifest.model
     ndcg = {}
     if manifest.evaluation:

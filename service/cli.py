@@ -6,6 +6,7 @@ import argparse
 import errno
 import logging
 import socket
+import sys
 from typing import Any
 
 from core.errors import ConfigError
@@ -94,6 +95,8 @@ def run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     settings = settings_from_args(args)
+    if settings.deprecated_spelling:
+        print(f"mrl: warning: {settings.deprecated_spelling}", file=sys.stderr)
     asyncio.run(_serve(settings))
     return 0
 

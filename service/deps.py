@@ -34,7 +34,7 @@ class ServiceState:
 
     def redact(self, message: str) -> str:
         """``message`` as a client may see it: paths relative to the index root, other paths by their name."""
-        return redact_paths(message, self.settings.index if self.settings.backend == "faiss" else None)
+        return redact_paths(message, self.settings.locator().path)
 
 
 # An absolute path of two or more parts (not a URL's //host): clients see only its last part.

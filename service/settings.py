@@ -14,6 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
+from index.locator import IndexLocator, parse_locator
 
 EncoderBackend = Literal["torch", "onnx"]
 DeviceSetting = Literal["auto", "cpu", "gpu"]
@@ -27,15 +28,15 @@ class ServiceSettings(BaseSettings):
     # (a password inside milvus_uri, api_key).
     model_config = SettingsConfigDict(env_prefix="MRL_", extra="ignore", frozen=True, hide_input_in_errors=True)
 
-    index: Path = Field(
-        description="index root (serves its `current` version) or one version folder; with backend milvus, "
-        "the index's name"
+    index: str = Field(
+        description="the index: a folder (an index root, serving its `current` version, or one version folder), "
+        "milvus://HOST:PORT/NAME (a Milvus server or cluster) or milvus-lite://PATH/FILE.db/NAME"
     )
-    backend: IndexBackendSetting = Field(
-        "faiss", description="where the index lives: FAISS files in a folder, or a Milvus deployment"
+    backend: IndexBackendSetting | None = Field(
+        None, description="deprecated: name the engine in `index` (milvus://HOST:PORT/NAME) instead"
     )
     milvus_uri: str | None = Field(
-        None, description="backend milvus: a Milvus Lite .db file, or http://host:19530 for a server or cluster"
+        None, description="deprecated: name the Milvus deployment in `index` (milvus://HOST:PORT/NAME) instead"
     )
     # Credentials: from the environment only (flags show in `ps`), so no flag is made for them.
     milvus_token: SecretStr | None = Field(
@@ -134,13 +135,43 @@ class ServiceSettings(BaseSettings):
     def _empty_key_is_no_key(cls, value: object) -> object:
         return None if value == "" else value
 
+    @field_validator("index", mode="before")
+    @classmethod
+    def _a_path_is_a_folder_locator(cls, value: object) -> object:
+        return str(value) if isinstance(value, Path) else value
+
     @model_validator(mode="after")
-    def _milvus_needs_a_uri(self) -> ServiceSettings:
+    def _index_is_a_locator(self) -> ServiceSettings:
         if self.backend == "milvus" and not self.milvus_uri:
-            raise ValueError("backend milvus needs milvus_uri (--milvus-uri or MRL_MILVUS_URI)")
+            raise ValueError("backend milvus needs milvus_uri; better: index milvus://HOST:PORT/NAME")
         if self.backend == "faiss" and self.milvus_uri:
-            raise ValueError("milvus_uri is set but backend is faiss; add --backend milvus")
+            raise ValueError("milvus_uri is set but backend is faiss; better: index milvus://HOST:PORT/NAME")
+        try:
+            self.locator()
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
         return self
+
+    def locator(self) -> IndexLocator:
+        """Where the served index is: ``index`` as a locator, or the deprecated ``backend`` + ``milvus_uri`` + name."""
+        if self.backend == "milvus" or self.milvus_uri:
+            return IndexLocator.milvus(self.milvus_uri or "", self.index)
+        return parse_locator(self.index)
+
+    @property
+    def deprecated_spelling(self) -> str | None:
+        """A one-line notice when the index is named the old way (``backend``/``milvus_uri``), else None."""
+        if self.backend is None and self.milvus_uri is None:
+            return None
+        return (
+            "--backend/MRL_BACKEND and --milvus-uri/MRL_MILVUS_URI are deprecated and go in the next release; "
+            f"name the index as one locator: --index {self.locator()}"
+        )
+
+    def milvus_credentials(self) -> dict[str, str]:
+        """``token``, ``user``, ``password`` for a Milvus index, from ``MRL_MILVUS_*``."""
+        secret = lambda value: value.get_secret_value() if value else ""  # noqa: E731
+        return {"token": secret(self.milvus_token), "user": self.milvus_user, "password": secret(self.milvus_password)}
 
     def onnx_cache_dir(self) -> Path:
         return self.onnx_cache or Path("~/.cache/mrl/onnx").expanduser()

@@ -209,9 +209,9 @@ def test_bad_training_options_are_one_line(tiny_beir: Path, tmp_path: Path, caps
 @pytest.mark.parametrize(
     "args",
     [
-        ["index", "build", "--data", "{data}", "--output", "{out}", "--memory-budget-mb", "0"],
-        ["index", "build", "--data", "{data}", "--output", "{out}", "--batch-size", "-1"],
-        ["index", "build", "--data", "{data}", "--output", "{out}", "--max-seq-length", "0"],
+        ["index", "build", "--data", "{data}", "--index", "{out}", "--memory-budget-mb", "0"],
+        ["index", "build", "--data", "{data}", "--index", "{out}", "--batch-size", "-1"],
+        ["index", "build", "--data", "{data}", "--index", "{out}", "--max-seq-length", "0"],
         ["index", "add", "--index", "{out}", "--data", "{data}", "--keep-versions", "0"],
         ["eval", "--data", "{data}", "--batch-size", "0"],
         ["eval", "--data", "{data}", "--workers", "0"],

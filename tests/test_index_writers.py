@@ -179,7 +179,7 @@ def tmpfs(where: Path, size: str) -> Iterator[Path]:
 def build_cli(data: Path, root: Path) -> int:
     with keyword_model():
         return main(
-            ["index", "build", "--data", str(data), "--output", str(root), "--model", MODEL_NAME, "--dims",
+            ["index", "build", "--data", str(data), "--index", str(root), "--model", MODEL_NAME, "--dims",
              ",".join(map(str, DIMS)), "--device", "cpu", "--no-progress"]
         )  # fmt: skip
 
@@ -249,7 +249,7 @@ def test_a_missing_index_for_add_is_named_and_not_created(tmp_path: Path, capsys
 def test_a_corpus_that_is_not_utf8_is_one_line_naming_file_and_line(tmp_path: Path, capsys):
     corpus = tmp_path / "corpus.jsonl"
     corpus.write_bytes(b'{"_id": "d1", "text": "fine"}\n{"_id": "d2", "text": "caf\xe9 au lait"}\n')
-    assert main(["index", "build", "--data", str(corpus), "--output", str(tmp_path / "index")]) == 2
+    assert main(["index", "build", "--data", str(corpus), "--index", str(tmp_path / "index")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [
         f"mrl: error: {corpus}:2: not valid UTF-8 (byte 0xe9 at column 27); save the file as UTF-8"

@@ -401,10 +401,10 @@ def test_flags_override_environment_settings(monkeypatch, tmp_path: Path):
     args = serve_args("--port", "9001", "--max-k", "9", "--encoder", "onnx", "--onnx-quantize")
     assert args.handler is run_serve
     settings = settings_from_args(args)
-    assert settings.index == tmp_path / "from-env" and settings.port == 9001 and settings.max_k == 9
+    assert settings.index == str(tmp_path / "from-env") and settings.port == 9001 and settings.max_k == 9
     assert settings.encoder == "onnx" and settings.onnx_quantize is True
     assert settings.api_key.get_secret_value() == "env-key" and "env-key" not in repr(settings)
-    assert settings_from_args(serve_args("--index", "elsewhere")).index == Path("elsewhere")
+    assert settings_from_args(serve_args("--index", "elsewhere")).locator().path == Path("elsewhere")
 
 
 def test_every_setting_is_a_flag_generated_from_its_field(monkeypatch, capsys):

@@ -1,0 +1,126 @@
+"""Where an index lives, in one string: the locator every command's ``--index`` (and ``MRL_INDEX``) takes.
+
+    runs/scifact-index                      a folder of FAISS versions (an index root), or one version folder
+    milvus://HOST:PORT/NAME                 the index NAME in a Milvus server or cluster (``milvus+https://`` for TLS)
+    milvus-lite://PATH/TO/FILE.db/NAME      the index NAME in a Milvus Lite file (the last path segment is the name)
+
+This module is the one place that tells the engines apart; credentials never come from a
+locator (``MRL_MILVUS_TOKEN``, or ``MRL_MILVUS_USER`` and ``MRL_MILVUS_PASSWORD``).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from core.errors import ConfigError
+
+if TYPE_CHECKING:
+    from index.loaded import IndexSource
+
+Engine = Literal["faiss", "milvus"]
+SCHEMES = {"milvus://": "http://", "milvus+https://": "https://", "milvus-lite://": ""}
+INDEX_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+LOCATOR_FORMS = (
+    "a folder (FAISS), milvus://HOST:PORT/NAME (a Milvus server or cluster) or milvus-lite://PATH/FILE.db/NAME"
+)
+
+
+@dataclass(frozen=True)
+class IndexLocator:
+    """A parsed locator: the engine, and where in it (a folder; or a Milvus URI and an index name)."""
+
+    engine: Engine
+    path: Path | None = None  # faiss: the index root or version folder
+    uri: str | None = None  # milvus: http(s)://host:port, or a Milvus Lite .db file
+    name: str | None = None  # milvus: the index's name
+
+    def __str__(self) -> str:
+        """The locator as written; a password from an old-style URI (``http://user:pw@host``) shows as ``***``."""
+        if self.engine == "faiss":
+            return str(self.path)
+        if self.uri is not None and self.uri.endswith(".db"):
+            return f"milvus-lite://{self.uri}/{self.name}"
+        from index.milvus import redact_uri
+
+        uri = redact_uri(self.uri or "")
+        scheme = "milvus+https://" if uri.startswith("https://") else "milvus://"
+        return f"{scheme}{uri.split('://', 1)[-1]}/{self.name}"
+
+    @classmethod
+    def folder(cls, path: Path | str) -> IndexLocator:
+        return cls("faiss", path=Path(path))
+
+    @classmethod
+    def milvus(cls, uri: str, name: str) -> IndexLocator:
+        """The index ``name`` at the Milvus ``uri`` (``http(s)://host:port`` or a ``.db`` file), as the old flags said.
+
+        Raises:
+            ConfigError: An index name Milvus would not accept, or an empty URI.
+        """
+        if not uri:
+            raise ConfigError("a Milvus index needs a URI: http://HOST:PORT, or a Milvus Lite .db file")
+        return cls("milvus", uri=uri, name=_index_name(name, f"{uri}/{name}"))
+
+
+def parse_locator(text: str | Path) -> IndexLocator:
+    """The locator ``text`` names; a string without a ``milvus`` scheme is a folder.
+
+    Raises:
+        ConfigError: A Milvus locator without a host, a file or an index name, or with credentials in it.
+    """
+    text = str(text)
+    if not text.strip():
+        raise ConfigError(f"--index is empty; give {LOCATOR_FORMS}")
+    scheme = next((s for s in sorted(SCHEMES, key=len, reverse=True) if text.startswith(s)), None)
+    if scheme is None:
+        if text.split("://", 1)[0].startswith("milvus") and "://" in text:
+            raise ConfigError(f"unknown index locator scheme in {text!r}; give {LOCATOR_FORMS}")
+        return IndexLocator.folder(text)
+    rest = text[len(scheme) :]
+    where, _, name = rest.rstrip("/").rpartition("/")
+    if not where or not name:
+        raise ConfigError(f"index locator {text!r} names no index; give {LOCATOR_FORMS}")
+    if scheme == "milvus-lite://":
+        if not where.endswith(".db"):
+            raise ConfigError(f"index locator {text!r}: Milvus Lite keeps an index in a .db file (PATH/FILE.db/NAME)")
+        return IndexLocator("milvus", uri=where, name=_index_name(name, text))
+    if "@" in where:
+        raise ConfigError(
+            f"index locator {scheme}…@…: credentials go in MRL_MILVUS_TOKEN, or MRL_MILVUS_USER and "
+            "MRL_MILVUS_PASSWORD, never in the locator"
+        )
+    if "/" in where or not where:
+        raise ConfigError(f"index locator {text!r}: expected {scheme}HOST:PORT/NAME")
+    return IndexLocator("milvus", uri=SCHEMES[scheme] + where, name=_index_name(name, text))
+
+
+def _index_name(name: str, text: str) -> str:
+    if not INDEX_NAME.fullmatch(name):
+        raise ConfigError(
+            f"index locator {text!r}: the index name {name!r} must be letters, digits and _, not starting with a digit"
+        )
+    return name
+
+
+def open_source(
+    locator: IndexLocator, *, timeout: float | None = None, credentials: dict[str, str] | None = None
+) -> IndexSource:
+    """The served index's :class:`~index.loaded.IndexSource` for ``locator``: the one place an engine is chosen.
+
+    Args:
+        locator: Where the index is.
+        timeout: Milvus: seconds each call may take.
+        credentials: Milvus: ``token``, ``user``, ``password`` (default: from ``MRL_MILVUS_*``).
+    """
+    from index.loaded import FolderSource
+
+    if locator.engine == "faiss":
+        return FolderSource(locator.path)
+    from index.milvus import MilvusBackend, credentials_from_env
+    from index.milvus_store import MilvusIndexStore, MilvusSource
+
+    backend = MilvusBackend(locator.uri, timeout=timeout, **(credentials or credentials_from_env()))
+    return MilvusSource(MilvusIndexStore(backend, locator.name))
