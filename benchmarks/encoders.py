@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, read_query_texts, utc_now, write_report
+from core.cli_args import add_output_argument
 from core.errors import ConfigError
 from core.files import json_fields
 from core.machine import usable_cpus
@@ -380,7 +381,7 @@ def add_encoders_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch and ONNX Runtime threads (default: usable CPUs)")
     p.add_argument("--device", choices=DEVICES, default="auto", help="default: %(default)s")
     p.add_argument("--onnx-cache", type=Path, default=None, help="ONNX export folder (default: the service's)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    add_output_argument(p, "report folder", default=DEFAULT_OUT)
     p.set_defaults(handler=run_encoders_command)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from benchmarks import format_ms, machine_info, markdown_row, utc_now, write_report
 from benchmarks.args import DEFAULT_OUT, add_server_limits
 from benchmarks.latency import server_environment
-from core.cli_args import check_positive, config_fields
+from core.cli_args import add_output_argument, check_positive, config_fields
 from core.errors import ConfigError
 from core.servers import LOOPBACK, free_port, running_process
 from index.layout import resolve_version
@@ -155,7 +155,7 @@ def add_fairness_parser(actions: argparse._SubParsersAction) -> None:
         "--server-arg", dest="server_args", action="append", default=None, help="an extra `mrl serve` flag (repeat)"
     )
     add_server_limits(p, time_limit_s=600.0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    add_output_argument(p, "report folder", default=DEFAULT_OUT)
     p.set_defaults(handler=run_fairness_command)
 
 

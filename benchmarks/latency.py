@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, read_query_texts, utc_now, write_report
 from benchmarks.args import DEFAULT_OUT, add_server_limits, int_list_argument, name_list_argument
-from core.cli_args import config_fields, dims_argument
+from core.cli_args import add_output_argument, config_fields, dims_argument
 from core.errors import ConfigError
 from core.files import json_fields
 from core.matryoshka import DimensionError
@@ -622,7 +622,7 @@ def add_latency_parser(actions: argparse._SubParsersAction) -> None:
         help="skip timing each encoder in the benchmark's own process (the p50 ÷ in-process column)",
     )
     add_server_limits(p, time_limit_s=900.0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    add_output_argument(p, "report folder", default=DEFAULT_OUT)
     p.set_defaults(handler=run_latency_command)
 
 

@@ -43,7 +43,7 @@ import numpy as np
 from benchmarks import machine_info, markdown_row, save_figure, utc_now, write_report
 from benchmarks.args import DEFAULT_OUT, int_list_argument, name_list_argument
 from benchmarks.search_quality import RankedRun, timed_per_query
-from core.cli_args import config_fields, dims_argument
+from core.cli_args import add_output_argument, config_fields, dims_argument
 from core.data import DataError, RetrievalDataset, load_beir
 from core.errors import ConfigError
 from core.files import json_fields
@@ -913,7 +913,7 @@ def add_quality_parser(actions: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--cache", type=Path, default=None, help="embedding cache (default: OUT/cache)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    add_output_argument(p, "report folder", default=DEFAULT_OUT)
     p.add_argument(
         "--workers", type=int, default=1, help="processes that encode each corpus: one per GPU, or CPU processes"
     )

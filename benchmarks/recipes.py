@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from benchmarks.quality import cached_encode, encode_corpus, load_scored_model
-from core.cli_args import check_positive, dims_argument
+from core.cli_args import add_output_argument, check_positive, dims_argument
 from core.data import DataError, load_beir
 from core.errors import ConfigError
 from core.files import write_json_atomic, write_text_atomic
@@ -284,7 +284,7 @@ def add_recipes_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--full-dim-tolerance", type=float, default=0.01, help="default: %(default)s")
     p.add_argument("--adaptor-steps", type=int, default=600, help="default: %(default)s")
     p.add_argument("--cache", type=Path, default=None, help="encoding cache (default: OUT/cache)")
-    p.add_argument("--out", type=Path, default=Path("runs/bench/recipes"), help="default: %(default)s")
+    add_output_argument(p, "report folder", default=Path("runs/bench/recipes"))
     p.add_argument("--workers", type=int, default=1, help="processes that encode each corpus")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     p.set_defaults(handler=_run)

@@ -577,7 +577,7 @@ def _by_dim(row: dict[str, Any]) -> int:
 def add_scaling_parser(actions: argparse._SubParsersAction) -> None:
     """Register ``mrl bench scaling`` on the ``mrl bench`` sub-parsers."""
     from benchmarks.args import DEFAULT_OUT, int_list_argument, name_list_argument
-    from core.cli_args import dims_argument
+    from core.cli_args import add_output_argument, dims_argument
 
     p = actions.add_parser(
         "scaling",
@@ -608,7 +608,7 @@ def add_scaling_parser(actions: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="FAISS threads (default: every usable CPU)")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed (default: %(default)s)")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    add_output_argument(p, "report folder", default=DEFAULT_OUT)
     p.set_defaults(handler=run_scaling_command)
 
 

@@ -29,7 +29,7 @@ import numpy as np
 
 from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now, write_report
 from benchmarks.args import DEFAULT_OUT
-from core.cli_args import config_fields
+from core.cli_args import add_output_argument, config_fields
 from core.data import DataError, Qrels, RetrievalDataset, load_beir
 from core.errors import ConfigError
 from core.files import json_fields
@@ -332,7 +332,7 @@ def add_two_stage_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--encoder", choices=ENCODERS, default="torch", help="query encoder backend (default: torch)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="default: %(default)s")
     p.add_argument("--max-queries", type=int, default=None, help="use only the first N judged queries")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    add_output_argument(p, "report folder", default=DEFAULT_OUT)
     p.set_defaults(handler=run_two_stage_command)
 
 

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import machine_info, markdown_row, save_figure, utc_now, write_report
+from core.cli_args import add_output_argument
 from core.data import DataError, RetrievalDataset, load_beir
 from core.errors import ConfigError
 from core.files import json_fields
@@ -521,7 +522,7 @@ def add_strategies_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--retrain", action="store_true", help="train every strategy again, replacing its folder")
     p.add_argument("--cache", type=Path, default=None, help="embedding cache (default: OUT/cache)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT / "strategies", help="report folder (default: %(default)s)")
+    add_output_argument(p, "report folder", default=DEFAULT_OUT / "strategies")
     p.set_defaults(handler=run_strategies_command)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from core.errors import ConfigError
 from core.matryoshka import DimensionError, parse_dims
@@ -39,3 +40,23 @@ def check_positive(args: argparse.Namespace, required: tuple[str, ...], optional
         value = getattr(args, name)
         if value <= 0:
             raise ConfigError(f"--{name.replace('_', '-')} must be positive, got {value}")
+
+
+def add_output_argument(
+    parser: argparse.ArgumentParser, help_text: str, *, dest: str = "out", default: Path | None = None
+) -> None:
+    """``--output`` (alias ``--out``): where a command writes, one spelling for every command.
+
+    Without ``default`` the option is required.
+    """
+    shown = f" (default: {default})" if default is not None else ""
+    parser.add_argument(
+        "--output",
+        "--out",
+        dest=dest,
+        type=Path,
+        metavar="FOLDER",
+        required=default is None,
+        default=default,
+        help=help_text + shown,
+    )

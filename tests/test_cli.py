@@ -234,3 +234,28 @@ def test_non_positive_options_are_one_line(tiny_beir: Path, tmp_path: Path, caps
     err = capsys.readouterr().err.splitlines()
     assert len(err) == 1 and err[0].startswith("mrl: error: --") and "must" in err[0]
     assert not out.exists()
+
+
+def test_every_command_that_writes_a_folder_spells_it_output_with_out_as_alias():
+    """One spelling across commands (--output; --out still works): found by walking the real parser."""
+    import argparse
+
+    from mrl.cli import build_parser
+
+    def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, (*path, name))
+        yield path, parser
+
+    writers = {}
+    for path, parser in commands(build_parser()):
+        spellings = {option: action for action in parser._actions for option in action.option_strings}
+        if "--out" in spellings or "--output" in spellings:
+            writers[" ".join(path)] = spellings
+    assert {"train", "adapt", "eval", "bench latency", "bench quality"} <= set(writers)
+    for command, spellings in writers.items():
+        if command in ("index build",):  # --output there is the deprecated spelling of --index
+            continue
+        assert spellings.get("--out") is spellings.get("--output") is not None, command

@@ -6,7 +6,7 @@ import argparse
 import time
 from pathlib import Path
 
-from core.cli_args import check_positive, config_fields, dims_argument, weights_argument
+from core.cli_args import add_output_argument, check_positive, config_fields, dims_argument, weights_argument
 from core.errors import ConfigError
 
 
@@ -23,7 +23,7 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         required=True,
         help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/) or a pairs .jsonl (query, positive[, negative])",
     )
-    p.add_argument("--output", type=Path, required=True, help="folder for the tuned model and its report")
+    add_output_argument(p, "folder for the tuned model and its report", dest="output")
     p.add_argument(
         "--model", default=None, help="base model: hub name or local path (default: all-MiniLM-L6-v2, shipped on PyPI)"
     )
@@ -252,7 +252,7 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--dims", type=dims_argument, default=None, help="comma-separated dims (default: the model's Matryoshka dims)"
     )
-    p.add_argument("--out", type=Path, default=Path("runs/eval"), help="report folder (default: %(default)s)")
+    add_output_argument(p, "report folder", default=Path("runs/eval"))
     p.add_argument("--query-prompt", default=None, help="override the model's saved query prompt")
     p.add_argument("--passage-prompt", default=None, help="override the model's saved passage prompt")
     p.add_argument("--batch-size", type=int, default=64, help="encoding batch size (default: %(default)s)")
@@ -312,7 +312,7 @@ def add_adapt_parser(commands: argparse._SubParsersAction) -> None:
         "rank well at every dim, and publish the model with the map appended as a Dense module.",
     )
     p.add_argument("--data", type=Path, required=True, help="BEIR folder (corpus.jsonl, queries.jsonl, qrels/)")
-    p.add_argument("--output", type=Path, required=True, help="folder for the adapted model and its report")
+    add_output_argument(p, "folder for the adapted model and its report", dest="output")
     p.add_argument("--model", default=None, help="input model: a tuned folder, a local path or hub name")
     p.add_argument(
         "--method",
