@@ -32,10 +32,10 @@ train: $(STAMP)
 
 eval: $(STAMP)
 	$(BIN)/mrl eval --data $(DATA) --model sentence-transformers/all-MiniLM-L6-v2 --model $(RUNS)/demo-model \
-		--out $(RUNS)/demo-eval
+		--output $(RUNS)/demo-eval
 
 index: $(STAMP)
-	$(BIN)/mrl index build --data $(DATA) --model $(RUNS)/demo-model --output $(RUNS)/demo-index
+	$(BIN)/mrl index build --data $(DATA) --model $(RUNS)/demo-model --index $(RUNS)/demo-index
 
 serve: $(STAMP)
 	@echo "Serving $(RUNS)/demo-index on http://127.0.0.1:$(PORT) (Ctrl-C stops). Try, in another terminal:"
@@ -68,7 +68,7 @@ $(MODELS)/piaf_fr/mrl.json: | $(STAMP)
 	$(BIN)/mrl train --data $(DATASETS)/piaf_fr --output $(MODELS)/piaf_fr --max-train-pairs 768 --epochs 2 \
 		--eval-split none --overwrite
 $(RUNS)/scifact-index/current: $(MODELS)/scifact/mrl.json
-	$(BIN)/mrl index build --data $(DATASETS)/scifact --model $(MODELS)/scifact --output $(RUNS)/scifact-index
+	$(BIN)/mrl index build --data $(DATASETS)/scifact --model $(MODELS)/scifact --index $(RUNS)/scifact-index
 
 bench-models: $(MODELS)/scifact/mrl.json $(MODELS)/medquad/mrl.json $(MODELS)/piaf_fr/mrl.json
 

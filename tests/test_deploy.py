@@ -246,15 +246,13 @@ def test_the_milvus_compose_runs_two_replicas_of_one_index_in_one_milvus():
     for replica in replicas:
         assert replica["build"]["target"] in dockerfile_stages()
         environment = replica["environment"]
-        assert environment["MRL_BACKEND"] == "milvus"
-        assert environment["MRL_MILVUS_URI"] == "http://milvus:19530" and environment["MRL_INDEX"] == "demo"
+        assert environment["MRL_INDEX"] == "milvus://milvus:19530/demo"  # one locator: the server and the name
+        assert "MRL_BACKEND" not in environment and "MRL_MILVUS_URI" not in environment
         assert replica["depends_on"]["milvus"]["condition"] == "service_healthy"
         assert not any(volume.endswith(":/index:ro") for volume in replica["volumes"])  # nothing but the model
     assert [r["ports"] for r in replicas] == [["127.0.0.1:8001:8000"], ["127.0.0.1:8002:8000"]]
     build = services["index-build"]["command"]
-    assert (
-        build[build.index("--milvus-uri") + 1] == "http://milvus:19530" and build[build.index("--index") + 1] == "demo"
-    )
+    assert build[build.index("--index") + 1] == "milvus://milvus:19530/demo" and "--milvus-uri" not in build
     assert services["milvus"]["image"] == "milvusdb/milvus:v2.3.5"  # the version the tests run (pyproject's milvus)
     assert {"etcd", "minio"} <= set(services["milvus"]["depends_on"])
     nginx = (DEPLOY / "nginx" / "mrl.conf").read_text()
