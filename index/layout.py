@@ -33,6 +33,7 @@ from pathlib import Path
 
 from core.files import fresh_dir
 from index.manifest import MANIFEST_FILE, IndexFolderError, IndexWriteError
+from index.versions import prune_old_versions
 
 logger = logging.getLogger(__name__)
 
@@ -171,16 +172,15 @@ def prune_versions(lock: WriterLock, keep: int) -> None:
         if time.time() - staging.stat().st_mtime > STALE_STAGING_SECONDS:
             shutil.rmtree(staging, ignore_errors=True)
     current = (root / CURRENT).resolve()
-    finished = sorted(p for p in (root / VERSIONS).iterdir() if p.is_dir() and not p.name.startswith("."))
-    candidates = [old for old in (finished[:-keep] if keep > 0 else []) if old.resolve() != current]
-    if not candidates:
-        return
-    held = held_versions(root)  # read after choosing, so a lease taken meanwhile still counts
-    for old in candidates:
-        if old.name in held:
-            logger.info("keeping %s: a running server still serves it", old.name)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+    finished = [p.name for p in (root / VERSIONS).iterdir() if p.is_dir() and not p.name.startswith(".")]
+    prune_old_versions(
+        finished,
+        keep,
+        current.name if current.parent == (root / VERSIONS).resolve() else None,
+        lambda: held_versions(root),
+        lambda name: shutil.rmtree(root / VERSIONS / name, ignore_errors=True),
+        str(root),
+    )
 
 
 # --- leases: which versions live processes have open -----------------------------------------

@@ -19,6 +19,7 @@ from index.layout import DOCS_FILE, PROBE_FILE, VECTORS_FILE, VersionLease, reso
 from index.manifest import IndexFolderError, IndexManifest, file_checksum
 from index.params import IndexPlan
 from index.store import DocumentStore
+from index.versions import check_openable
 
 
 class Lease(Protocol):
@@ -150,15 +151,7 @@ def open_index(
     """
     folder = resolve_version(path)
     manifest = IndexManifest.read(folder)
-    if expected_fingerprint and manifest.model.fingerprint != expected_fingerprint:
-        raise IndexFolderError(
-            f"{folder}: built with model {manifest.model.name!r} ({manifest.model.fingerprint[:19]}…), "
-            f"not the model being served ({expected_fingerprint[:19]}…); rebuild the index with this model"
-        )
-    wanted = dims or manifest.dims
-    unknown = sorted(set(wanted) - set(manifest.dims))
-    if unknown:
-        raise IndexFolderError(f"{folder}: no index for dims {unknown} (this index has {manifest.dims})")
+    wanted = check_openable(manifest, str(folder), expected_fingerprint, dims)
     held = VersionLease(folder) if lease else None  # before reading, so a build cannot prune it meanwhile
     try:
         _check_files(folder, manifest)

@@ -65,6 +65,7 @@ from index.milvus import (
     reloading,
 )
 from index.params import IndexPlan
+from index.versions import check_openable, prune_old_versions
 
 logger = logging.getLogger(__name__)
 
@@ -272,16 +273,7 @@ class MilvusIndexStore:
                 a manifest from another model, or dims it does not have.
         """
         manifest = self.manifest(version)
-        if expected_fingerprint and manifest.model.fingerprint != expected_fingerprint:
-            raise IndexFolderError(
-                f"{self.where}: version {version!r} was built with model {manifest.model.name!r} "
-                f"({manifest.model.fingerprint[:19]}…), not the model being served ({expected_fingerprint[:19]}…); "
-                "rebuild the index with this model"
-            )
-        wanted = dims or manifest.dims
-        unknown = sorted(set(wanted) - set(manifest.dims))
-        if unknown:
-            raise IndexFolderError(f"{self.where}: no index for dims {unknown} (this index has {manifest.dims})")
+        wanted = check_openable(manifest, f"{self.where}: version {version!r}", expected_fingerprint, dims)
         record = self._record(version) or {}
         needed = [self.docs_collection(version), *(manifest.indexes[dim].file for dim in wanted)]
         present = set(self.backend.all_collections())
@@ -403,19 +395,9 @@ class MilvusIndexStore:
         """Drop all but the newest ``keep`` live versions, never the current or a leased one; returns those dropped."""
         current = json.loads(self._get(CURRENT_KEY) or "{}").get("version")
         records = self._records()
-        live = sorted(v for v, r in records.items() if r["state"] == LIVE)
-        candidates = [v for v in (live[:-keep] if keep > 0 else []) if v != current]
-        if not candidates:
-            return []
-        held = self.held_versions()  # read after choosing, so a lease taken meanwhile still counts
-        dropped = []
-        for version in candidates:
-            if version in held:
-                logger.info("keeping %s of %s: a running server still serves it", version, self.where)
-            else:
-                self._drop_version(version, records[version])
-                dropped.append(version)
-        return dropped
+        live = [v for v, r in records.items() if r["state"] == LIVE]
+        drop = lambda version: self._drop_version(version, records[version])  # noqa: E731
+        return prune_old_versions(live, keep, current, self.held_versions, drop, self.where)
 
     def held_versions(self) -> set[str]:
         """Versions a live server holds a lease on; stale lease records are deleted."""
