@@ -65,12 +65,13 @@ from index.build import (
     FolderWriter,
     VersionWriter,
     build_dim_indexes,
+    encode_cache_key,
     encode_documents,
     library_versions,
     model_info,
     read_documents,
 )
-from index.layout import new_version_name
+from index.layout import new_version_name, writing
 from index.manifest import IndexManifest, ModelInfo
 from index.milvus import redact_uri
 from index.params import IndexPlan, choose_index, search_params_for
@@ -219,13 +220,21 @@ def encode_corpus_and_queries(
     queries: list[str],
     cache: Path | None,
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
-    """Full-dimension vectors of the documents and the queries, each encoded once (or read from ``cache``)."""
+    """Full-dimension vectors of the documents and the queries, each encoded once (or read from ``cache``).
+
+    The documents are also kept in chunks as ``mrl index build --cache-dir`` keeps them, so ``cache`` may be
+    a build's ``--cache-dir``: documents it has encoded with this model are not encoded again.
+    """
     from benchmarks.quality import cached_encode  # the same cache (weights + texts) as `mrl bench quality`
 
     started = time.perf_counter()
     logger.info("encoding %d documents and %d queries at full dimension", len(documents), len(queries))
+    chunks = cache / encode_cache_key(documents, fingerprint, encoder.model) if cache is not None else None
+    if chunks is not None:
+        with writing(chunks):
+            chunks.mkdir(parents=True, exist_ok=True)
     vectors, docs_cached = cached_encode(
-        lambda _: encode_documents(encoder, documents), [d.passage for d in documents], fingerprint, cache
+        lambda _: encode_documents(encoder, documents, chunks), [d.passage for d in documents], fingerprint, cache
     )
     query_vectors, queries_cached = cached_encode(encoder.encode_queries, queries, fingerprint, cache)
     seconds = round(time.perf_counter() - started, 2)

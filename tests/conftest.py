@@ -92,9 +92,8 @@ def without_checksums(version: Path) -> None:
 KEYWORDS = ["fever", "cough", "rash", "pain"]
 
 
-@pytest.fixture
-def tiny_beir(tmp_path: Path) -> Path:
-    """Four documents, each about one keyword; one query per keyword in each split."""
+def write_tiny_beir(root: Path) -> Path:
+    """Four documents, each about one keyword; one query per keyword in each split (``test`` and ``train``)."""
     corpus = [{"_id": f"d{i}", "title": "", "text": f"advice about {word} at home"} for i, word in enumerate(KEYWORDS)]
     queries = [{"_id": f"q{i}", "text": f"what helps with {word}"} for i, word in enumerate(KEYWORDS)]
     queries += [{"_id": f"t{i}", "text": f"{word} remedies"} for i, word in enumerate(KEYWORDS)]
@@ -102,7 +101,13 @@ def tiny_beir(tmp_path: Path) -> Path:
         "test": [(f"q{i}", f"d{i}", 1) for i in range(len(KEYWORDS))],
         "train": [(f"t{i}", f"d{i}", 1) for i in range(len(KEYWORDS))],
     }
-    return write_beir(tmp_path / "tiny", corpus, queries, qrels)
+    return write_beir(root, corpus, queries, qrels)
+
+
+@pytest.fixture
+def tiny_beir(tmp_path: Path) -> Path:
+    """Four documents, each about one keyword; one query per keyword in each split."""
+    return write_tiny_beir(tmp_path / "tiny")
 
 
 @pytest.fixture

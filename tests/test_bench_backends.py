@@ -1,7 +1,8 @@
 """``mrl bench backends``: the comparison arithmetic exactly, bad input in one line, and one tiny real run.
 
 The real run builds the bundled sample and 2,000 synthetic vectors on FAISS and on the session's real
-Milvus 2.3.5 server (``--milvus-uri``, so the benchmark starts no second one), serves each with
+Milvus 2.3.5 server (``--milvus-uri``, so the benchmark starts no second one), with the session's encode
+cache (``--cache``: the sample's documents are encoded once per session), serves each with
 ``mrl serve`` and checks the report's structure and sanity: exact indexes find the exact top 10 on
 both backends, latencies are positive and ordered, every ratio is the quotient of the report's own
 figures, and nothing is left running or stored. Never timings.
@@ -167,9 +168,10 @@ def test_dims_the_model_does_not_have_are_refused(tmp_path: Path, capsys):
 
 
 @pytest.mark.slow
-def test_faiss_and_milvus_side_by_side(milvus_server_uri: str, tmp_path: Path, capsys):
+def test_faiss_and_milvus_side_by_side(milvus_server_uri: str, encode_cache: Path, tmp_path: Path, capsys):
     argv = ["--data", str(SAMPLE), "--synthetic", str(SYNTHETIC), "--dims", ",".join(map(str, DIMS))]
     argv += ["--requests", str(REQUESTS), "--warmup", "2", "--milvus-uri", milvus_server_uri, "--out", str(tmp_path)]
+    argv += ["--cache", str(encode_cache)]  # the session's: the sample's documents, if a build encoded them already
     assert bench("backends", *argv) == 0
     report = json.loads((tmp_path / "backends.json").read_text())
     assert report["milvus"] == {**report["milvus"], "uri": milvus_server_uri, "started_by_benchmark": False}

@@ -1,7 +1,8 @@
 """``mrl bench encoders``: input checks and pure helpers without a model, then smoke runs of the real one.
 
 The smoke runs encode a few ``data/sample_medical`` queries with torch and ONNX (exported into
-a per-session cache): structure and sanity of the outputs, never timings.
+the session's ONNX cache, which ``tests/test_service_real.py`` shares): structure and sanity of the
+outputs, never timings. The index they read is built with the session's encode cache.
 """
 
 from __future__ import annotations
@@ -96,7 +97,10 @@ def test_bad_command_line_input_is_refused_before_a_model_loads(tmp_path: Path):
 
 @pytest.fixture(scope="module")
 def onnx_cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("onnx-cache")
+    """The session's ONNX exports (one per model and worker), as ``tests/test_service_real.py`` keeps them."""
+    cache = tmp_path_factory.getbasetemp() / "onnx-cache"
+    cache.mkdir(exist_ok=True)
+    return cache
 
 
 @pytest.mark.benchmark
@@ -131,12 +135,12 @@ def test_encoders_smoke_run(onnx_cache: Path, tmp_path: Path, capsys):
 
 @pytest.mark.benchmark
 @pytest.mark.slow
-def test_encoders_take_the_model_and_dims_from_an_index(tmp_path: Path):
+def test_encoders_take_the_model_and_dims_from_an_index(tmp_path: Path, encode_cache: Path):
     from benchmarks.encoders import run_encoders
-    from index.build import BuildConfig, build_index
+    from tests.helpers.sample import build_sample
 
     index = tmp_path / "index"
-    build_index(BuildConfig(data=SAMPLE, output=index, dims=[384, 64], device="cpu", progress=False))
+    build_sample(index, encode_cache, data=SAMPLE, dims=[384, 64])
     config = EncodersConfig(
         queries=SAMPLE / "queries.jsonl",
         index=index,

@@ -1,6 +1,7 @@
 """Smoke run of ``mrl bench peers`` on the bundled sample: real servers, structure and sanity, never timings.
 
-One index of ``data/sample_medical`` (dims 384 and 64) is built per module; the benchmark then runs once
+One index of ``data/sample_medical`` (dims 384 and 64) is built per module, from the session's encode
+cache when another build has encoded the sample already; the benchmark then runs once
 through the ``mrl bench`` argument parser with the sentence-transformers peer, and txtai when it is
 installed. Same model, same passages, exact search: at the full dim all three must rank alike, which
 checks that the peers are set up correctly (prompts, passages, normalisation, id mapping).
@@ -35,8 +36,8 @@ from benchmarks.peers import (
     run_peers,
 )
 from core.matryoshka import DimensionError
-from index.build import BuildConfig, build_index
 from tests.conftest import SAMPLE
+from tests.helpers.sample import build_sample
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.slow]
 
@@ -48,9 +49,10 @@ WITH_TXTAI = importlib.util.find_spec("txtai") is not None
 
 
 @pytest.fixture(scope="module")
-def sample_index(tmp_path_factory) -> Path:
+def sample_index(tmp_path_factory, encode_cache: Path) -> Path:
+    """The sample at ``DIMS`` (not the session's five): encoded once per session with the other builds of it."""
     root = tmp_path_factory.mktemp("peers") / "index"
-    build_index(BuildConfig(data=SAMPLE, output=root, dims=DIMS, device="cpu", progress=False))
+    build_sample(root, encode_cache, dims=DIMS)
     return root
 
 

@@ -1,8 +1,9 @@
 """Smoke runs of both benchmarks on the bundled sample: structure and sanity of the outputs, never timings.
 
-One index of ``data/sample_medical`` with one dim pair (384, 64) is built per module with
-``index.build.build_index``. The latency benchmark starts a real ``mrl serve`` process;
-the two-stage benchmark runs through the ``mrl bench`` argument parser.
+One index of ``data/sample_medical`` with one dim pair (384, 64) and no measured plans is built per
+module with ``index.build.build_index`` and the session's encode cache (no text is encoded twice in a
+session). The latency benchmark starts a real ``mrl serve`` process; the two-stage benchmark runs
+through the ``mrl bench`` argument parser.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from benchmarks.latency import Cell, LatencyConfig, Outcome, plan_cells, run_lat
 from benchmarks.latency import running_server as start_server
 from core.matryoshka import DimensionError
 from core.servers import ServerError
-from index.build import BuildConfig, build_index
 from tests.conftest import SAMPLE
+from tests.helpers.sample import build_sample
 
 pytestmark = [pytest.mark.benchmark, pytest.mark.slow]
 
@@ -29,9 +30,10 @@ QUALITY_METRICS = ("ndcg@10", "mrr@10", "recall@100")
 
 
 @pytest.fixture(scope="module")
-def sample_index(tmp_path_factory) -> Path:
+def bench_index(tmp_path_factory, encode_cache: Path) -> Path:
+    """The sample at dims 384 and 64 without plans (the session's ``sample_index`` has all five dims, and plans)."""
     root = tmp_path_factory.mktemp("bench") / "index"
-    build_index(BuildConfig(data=SAMPLE, output=root, dims=DIMS, device="cpu", progress=False))
+    build_sample(root, encode_cache, dims=DIMS)
     return root
 
 
@@ -64,9 +66,9 @@ def smoke_config(index: Path, out: Path, **overrides) -> LatencyConfig:
 # --- two-stage quality ----------------------------------------------------------------------
 
 
-def test_two_stage_quality_on_the_sample(sample_index: Path, tmp_path: Path, capsys):
+def test_two_stage_quality_on_the_sample(bench_index: Path, tmp_path: Path, capsys):
     # 12 candidates x k=10 = the whole 120-document corpus: re-scoring it at 384 must give exactly 384's ranking.
-    argv = ["--index", str(sample_index), "--data", str(SAMPLE), "--candidates", "12", "--device", "cpu"]
+    argv = ["--index", str(bench_index), "--data", str(SAMPLE), "--candidates", "12", "--device", "cpu"]
     assert bench("two-stage", *argv, "--out", str(tmp_path)) == 0
     report = json.loads((tmp_path / "two_stage.json").read_text())
     single, staged = report["single_stage"], report["two_stage"]
@@ -86,16 +88,16 @@ def test_two_stage_quality_on_the_sample(sample_index: Path, tmp_path: Path, cap
     assert (tmp_path / "two_stage.md").read_text() in printed
 
 
-def test_two_stage_refuses_an_index_without_the_judged_documents(sample_index: Path, tiny_beir: Path, tmp_path: Path):
+def test_two_stage_refuses_an_index_without_the_judged_documents(bench_index: Path, tiny_beir: Path, tmp_path: Path):
     with pytest.raises(ValueError, match="none of the judged documents"):
-        bench("two-stage", "--index", str(sample_index), "--data", str(tiny_beir), "--device", "cpu")
+        bench("two-stage", "--index", str(bench_index), "--data", str(tiny_beir), "--device", "cpu")
 
 
 # --- HTTP latency ---------------------------------------------------------------------------
 
 
-def test_latency_against_a_real_server(sample_index: Path, tmp_path: Path):
-    report = run_latency(smoke_config(sample_index, tmp_path, targets=["latency_budget_ms=10000"]))
+def test_latency_against_a_real_server(bench_index: Path, tmp_path: Path):
+    report = run_latency(smoke_config(bench_index, tmp_path, targets=["latency_budget_ms=10000"]))
     cells = [(r["dim"], r["rerank_dim"], r["concurrency"], r["target"]) for r in report["results"]]
     target = "latency_budget_ms=10000"
     assert cells == [(64, None, 1, None), (64, None, 2, None), (64, 384, 1, None), (64, 384, 2, None),
@@ -137,10 +139,10 @@ def test_latency_against_a_real_server(sample_index: Path, tmp_path: Path):
     ],
 )
 def test_latency_refuses_bad_settings_before_starting_a_server(
-    sample_index: Path, tmp_path: Path, overrides, error, message
+    bench_index: Path, tmp_path: Path, overrides, error, message
 ):
     with pytest.raises(error, match=message):
-        run_latency(smoke_config(sample_index, tmp_path, **overrides))
+        run_latency(smoke_config(bench_index, tmp_path, **overrides))
     assert not list(tmp_path.iterdir())  # no server log: nothing was started
 
 
@@ -163,9 +165,9 @@ def test_summary_counts_failures_apart_from_latencies():
     assert plan_cells([384, 64], [1, 16], rerank_dim=384)[-2:] == [Cell(64, 1, 384), Cell(64, 16, 384)]
 
 
-def test_fairness_against_a_real_server(sample_index: Path, tmp_path: Path, capsys):
+def test_fairness_against_a_real_server(bench_index: Path, tmp_path: Path, capsys):
     """`mrl bench fairness`: large embedding requests alone, then with searches meanwhile; figures from the run."""
-    assert bench("fairness", "--index", str(sample_index), "--large", "2", "--texts", "8", "--chars", "300",
+    assert bench("fairness", "--index", str(bench_index), "--large", "2", "--texts", "8", "--chars", "300",
                  "--out", str(tmp_path)) == 0  # fmt: skip
     report = json.loads((tmp_path / "fairness.json").read_text())
     assert len(report["large_alone_s"]) == len(report["large_with_searches_s"]) == 2

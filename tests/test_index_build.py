@@ -1,4 +1,10 @@
-"""Index folders built with the real default model: contents, atomicity, checks on load, add."""
+"""Index folders built with the real default model: contents, atomicity, checks on load, add.
+
+The sample is the session's ``sample_index`` (read-only); another build of it reuses the session's
+encode cache. The four-document index is built once per module and copied for each test that
+damages or grows it.
+Two encoding worker processes are checked against one on the tiny random model (``tiny_model``).
+"""
 
 from __future__ import annotations
 
@@ -18,22 +24,16 @@ from index.loaded import open_index
 from index.manifest import IndexFolderError, IndexManifest
 from index.plans import Plan
 from mrl.cli import main
-from tests.conftest import SAMPLE, scramble, without_checksums
+from tests.conftest import SAMPLE, scramble, without_checksums, write_tiny_beir
+from tests.helpers.models import TINY_DIMS
+from tests.helpers.sample import DIMS, build_sample, copy_index
 
 pytestmark = pytest.mark.slow
 
-DIMS = [384, 256, 128, 64, 32]
-
 
 def build(data: Path, output: Path, **overrides) -> tuple[Path, IndexManifest]:
+    """A build without the encode cache: every text is encoded."""
     return build_index(BuildConfig(data=data, output=output, device="cpu", progress=False, **overrides))
-
-
-@pytest.fixture(scope="module")
-def sample_index(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("sample") / "index"
-    build(SAMPLE, root)
-    return root
 
 
 def test_sample_index_contents_and_search(sample_index: Path):
@@ -58,7 +58,7 @@ def test_sample_index_contents_and_search(sample_index: Path):
 
 
 def test_info_command_prints_a_table(sample_index: Path, capsys):
-    assert main(["index", "info", str(sample_index), "--check"]) == 0
+    assert main(["index", "info", "--index", str(sample_index), "--check"]) == 0
     out = capsys.readouterr().out
     assert "| 64 | Flat | 0.03 MiB |" in out
     assert "check: all files load and match the manifest" in out
@@ -92,8 +92,8 @@ def test_new_build_becomes_current_and_old_versions_are_pruned(tmp_path: Path, t
     assert not (root / ".encode-cache").exists()
 
 
-def test_approximate_index_reports_recall(tmp_path: Path):
-    _, manifest = build(SAMPLE, tmp_path / "index", index_type="HNSW32,Flat", dims=[384, 64])
+def test_approximate_index_reports_recall(tmp_path: Path, encode_cache: Path):
+    _, manifest = build_sample(tmp_path / "index", encode_cache, index_type="HNSW32,Flat", dims=[384, 64])
     for dim in (384, 64):
         assert manifest.indexes[dim].factory == "HNSW32,Flat"
         assert manifest.indexes[dim].search_params == {"efSearch": 128}
@@ -101,11 +101,23 @@ def test_approximate_index_reports_recall(tmp_path: Path):
     assert "| 64 | HNSW32,Flat |" in info_table(manifest, tmp_path)
 
 
-@pytest.fixture
-def tiny_index(tmp_path: Path, tiny_beir: Path) -> Path:
-    root = tmp_path / "index"
-    build(tiny_beir, root, dims=[384, 64], eval_data=tiny_beir)
+@pytest.fixture(scope="module")
+def tiny_data(tmp_path_factory) -> Path:
+    return write_tiny_beir(tmp_path_factory.mktemp("tiny") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def built_tiny_index(tiny_data: Path, tmp_path_factory) -> Path:
+    """The four documents indexed at dims 384 and 64, plans scored on their judged queries; never changed."""
+    root = tmp_path_factory.mktemp("tiny-index") / "index"
+    build(tiny_data, root, dims=[384, 64], eval_data=tiny_data)
     return root
+
+
+@pytest.fixture
+def tiny_index(built_tiny_index: Path, tmp_path: Path) -> Path:
+    """This test's own copy of the four-document index, to damage or add to."""
+    return copy_index(built_tiny_index, tmp_path / "index")
 
 
 def test_other_model_is_refused(tiny_index: Path):
@@ -198,10 +210,10 @@ def test_add_appends_without_re_encoding_old_documents(tiny_index: Path, tmp_pat
         add_documents(tiny_index, new_docs, device="cpu", progress=False)
 
 
-def test_add_with_another_model_is_refused(tiny_index: Path, tiny_beir: Path, monkeypatch):
+def test_add_with_another_model_is_refused(tiny_index: Path, tiny_data: Path, monkeypatch):
     monkeypatch.setattr(build_module, "model_fingerprint", lambda model: "sha256:another")
     with pytest.raises(IndexFolderError, match="built with another model"):
-        add_documents(tiny_index, tiny_beir, device="cpu", progress=False)
+        add_documents(tiny_index, tiny_data, device="cpu", progress=False)
 
 
 def test_version_names_sort_in_build_order():
@@ -241,13 +253,17 @@ def test_each_dim_is_charged_its_own_build_and_store_time(monkeypatch):
     assert charged == {8: 1.5, 4: 1.5, 2: 1.5}
 
 
-def test_two_encoding_workers_give_the_vectors_and_the_index_of_one(sample_index: Path, tmp_path: Path):
-    folder, manifest = build(SAMPLE, tmp_path / "two", workers=2)
-    one, two = open_index(sample_index, device="cpu"), open_index(folder, device="cpu")
+def test_two_encoding_workers_give_the_vectors_and_the_index_of_one(tiny_model: Path, tmp_path: Path):
+    """The tiny random model: its vectors mean nothing, but each passage has its own, as with the real model."""
+    _, manifest_one = build(SAMPLE, tmp_path / "one", model=str(tiny_model))
+    folder, manifest = build(SAMPLE, tmp_path / "two", model=str(tiny_model), workers=2)
+    one, two = open_index(tmp_path / "one", device="cpu"), open_index(folder, device="cpu")
     try:
+        assert manifest.dims == manifest_one.dims == TINY_DIMS
+        assert len({row.tobytes() for row in np.asarray(one.vectors)}) == 120  # no two passages alike
         np.testing.assert_allclose(np.asarray(two.vectors), np.asarray(one.vectors), atol=1e-5)
         probes = one.probes()
-        for dim in DIMS:
+        for dim in manifest.dims:
             _, rows_one = one.indexes[dim].search(truncate_normalize(probes, dim), 10)
             _, rows_two = two.indexes[dim].search(truncate_normalize(probes, dim), 10)
             assert (rows_one == rows_two).mean() > 0.999, dim  # only exact ties may swap
@@ -258,5 +274,5 @@ def test_two_encoding_workers_give_the_vectors_and_the_index_of_one(sample_index
 
 
 def test_workers_must_be_positive(tmp_path: Path, capsys):
-    assert main(["index", "build", "--data", str(SAMPLE), "--output", str(tmp_path / "x"), "--workers", "0"]) == 2
+    assert main(["index", "build", "--data", str(SAMPLE), "--index", str(tmp_path / "x"), "--workers", "0"]) == 2
     assert "--workers must be positive, got 0" in capsys.readouterr().err

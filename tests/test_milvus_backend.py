@@ -6,13 +6,21 @@ than the index), run on both engines, plus what is particular to Milvus: the poi
 stands for a collection, FAISS's padding of missing hits, concurrent searches, and the mapping of
 FAISS factory strings onto Milvus index types. Skipped without the ``milvus`` extra, except in CI.
 
-Each build on the 2.3 server takes several seconds whatever its size (flush, index, load), so
-indexes are built once per engine and plan and shared by the tests that only read them.
+Each build on the 2.3 server takes several seconds whatever its size (flush, index, load), nearly
+all of it waiting on the server's own schedule, so the indexes are built once per engine, side by
+side: each plan's index of all the documents, shared by the tests that only read it, and each
+plan's index of all but the last ``ADDED``, which ``test_add_extends_the_index`` extends.
+
+The local server's port choice is tested without Milvus: a stand-in binary in its place.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -22,8 +30,10 @@ import pytest
 from core.errors import ConfigError
 from core.metrics import neighbour_recall
 from index.manifest import IndexFolderError
-from index.milvus import MISSING_ROW, MISSING_SCORE, MilvusBackend, milvus_layout
+from index.milvus import MISSING_ROW, MISSING_SCORE, MilvusBackend, MilvusIndex, milvus_layout
+from index.milvus_server import LocalMilvusServer, MilvusServerError
 from index.params import HNSW_EF_CONSTRUCTION, IndexPlan
+from tests.conftest import REPO
 from tests.helpers.milvus import require_module  # the Milvus fixtures come from tests.conftest's plugin
 from tests.helpers.vectors import brute_force, clustered_vectors
 
@@ -60,17 +70,35 @@ def backend(engine, request):
 
 
 @pytest.fixture(scope="module")
-def built(backend, synthetic):
-    """Build each plan's index of the synthetic documents once per engine, on first use."""
+def side_by_side(backend, synthetic):
+    """Per engine, the indexes the tests build, built side by side on first use: ``(plan, rows) -> index``.
+
+    Each is ``backend.build`` of the first ``rows`` synthetic documents (flushed, indexed and loaded
+    when it returns), all at once on the backend's one client. The ones of all but the last
+    ``ADDED`` rows that a test has not dropped are dropped afterwards.
+    """
     docs, _ = synthetic
-    indexes = {}
+    indexes: dict[tuple[str, int], MilvusIndex] = {}
 
-    def get(plan_name: str):
-        if plan_name not in indexes:
-            indexes[plan_name] = backend.build(docs, PLANS[plan_name])
-        return indexes[plan_name]
+    def get(plan_name: str, rows: int) -> MilvusIndex:
+        if not indexes:
+            jobs = [(name, count) for count in (N, N - ADDED) for name in PLANS]
+            assert backend.client is not None  # connected once, before the threads share it
+            with ThreadPoolExecutor(max_workers=len(jobs)) as pool:
+                built = pool.map(lambda job: backend.build(docs[: job[1]], PLANS[job[0]]), jobs)
+                indexes.update(dict(zip(jobs, built, strict=True)))
+        return indexes[(plan_name, rows)]
 
-    return get
+    yield get
+    for (_, rows), index in indexes.items():
+        if rows != N:
+            backend.drop(index.collection)
+
+
+@pytest.fixture(scope="module")
+def built(side_by_side):
+    """Each plan's index of all the synthetic documents, read (never changed) by several tests."""
+    return lambda plan_name: side_by_side(plan_name, N)
 
 
 def engine_params(params: dict) -> dict[str, str]:
@@ -114,9 +142,9 @@ def test_results_match_brute_force(backend, built, plan_name, synthetic, tmp_pat
 
 
 @pytest.mark.parametrize("plan_name", PLANS)
-def test_add_extends_the_index(backend, plan_name, synthetic):
+def test_add_extends_the_index(backend, side_by_side, plan_name, synthetic):
     docs, _ = synthetic
-    index = backend.build(docs[: N - ADDED], PLANS[plan_name])
+    index = side_by_side(plan_name, N - ADDED)  # backend.build(docs[: N - ADDED], plan), with the others
     index.add(docs[N - ADDED :])
     assert index.ntotal == N and backend.count(index.collection) == N
     _, ids = index.search(docs[N - 10 :], 1)
@@ -262,3 +290,121 @@ def test_a_collection_that_is_not_loaded_is_loaded_and_searched_again():
     assert reloading(Client(), "c", 2.0, search) == "hits" and loaded == ["c"] and len(calls) == 2
     with pytest.raises(MilvusException, match="other"):
         reloading(Client(), "c", 2.0, lambda: (_ for _ in ()).throw(MilvusException(message="other")))
+
+
+# --- the local server's ports: a stand-in binary, no Milvus started ------------------------------
+
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+# Stand-ins for `milvus run standalone`: running (and "healthy") until stopped, or exiting as Milvus
+# does when a port it binds was taken since it was chosen (the first time it runs in a folder).
+RUNS = 'touch "$READY/$METRICS_PORT"; exec sleep 60'
+FINDS_A_PORT_TAKEN_ONCE = (
+    'if [ ! -e first-metrics-port ]; then echo "$METRICS_PORT" > first-metrics-port; '
+    'echo "listen tcp :54325: bind: address already in use"; exit 1; fi; ' + RUNS
+)
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path, monkeypatch):
+    """Start ``LocalMilvusServer`` on a stand-in binary: ``stand_in(script)`` sets what it runs.
+
+    The temporary folder (binaries unpacked, port locks) is the test's own; a server is healthy once
+    its stand-in says so.
+    """
+    milvus = require_module("milvus", "the `milvus` extra: pip install -e '.[milvus]'")
+    import index.milvus_server as milvus_server
+
+    ready = tmp_path / "ready"
+    ready.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(tmp_path))
+    monkeypatch.setenv("READY", str(ready))
+    monkeypatch.setattr(milvus_server, "_healthy", lambda port: (ready / str(port)).exists())
+    monkeypatch.setattr(milvus_server, "_connects", lambda uri: True)
+
+    def use(script: str) -> None:
+        def unpack(base: str) -> None:
+            binary = Path(base) / "bin" / "milvus"
+            binary.parent.mkdir(parents=True, exist_ok=True)
+            binary.write_text(f"#!/bin/sh\n{script}\n")
+            binary.chmod(0o755)
+
+        monkeypatch.setattr(milvus, "_initialize_data_files", unpack)
+
+    return use
+
+
+@pytest.fixture
+def servers(tmp_path: Path):
+    """``servers(n)``: ``n`` local servers in folders of their own, stopped afterwards."""
+    made: list[LocalMilvusServer] = []
+
+    def make(count: int) -> list[LocalMilvusServer]:
+        made.extend(LocalMilvusServer(tmp_path / f"server-{len(made) + i}") for i in range(count))
+        return made[-count:]
+
+    yield make
+    for server in made:
+        server.stop(keep_binary=False)
+
+
+def test_ports_lie_outside_the_ephemeral_range_and_no_two_servers_share_one(stand_in, servers, monkeypatch):
+    """Ports the kernel hands out (``bind`` to port 0, every outgoing connection) can be taken between
+    their choice and Milvus's own bind; two servers starting side by side must not pick the same."""
+    if not EPHEMERAL_RANGE.is_file():
+        pytest.skip(f"no {EPHEMERAL_RANGE} on this system")
+    first, last = (int(port) for port in EPHEMERAL_RANGE.read_text().split())
+    stand_in(RUNS)
+    monkeypatch.setattr("random.randrange", lambda stop: 0)  # every server tries the same ports first
+    one, two = servers(2)
+    assert one.start() != two.start()
+    chosen = [set(one.ports.values()), set(two.ports.values())]
+    assert all(len(ports) == 12 for ports in chosen) and not chosen[0] & chosen[1]
+    assert not [port for port in chosen[0] | chosen[1] if first <= port <= last]
+    # and another process (another test worker), while these run:
+    script = "import random; random.randrange = lambda stop: 0; from index.milvus_server import reserve_ports; "
+    script += "print(*reserve_ports(12).ports)"
+    env = {**os.environ, "TMPDIR": tempfile.gettempdir(), "PYTHONPATH": str(REPO)}
+    other = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    chosen.append({int(port) for port in other.stdout.split()})
+    assert len(chosen[2]) == 12 and not chosen[2] & (chosen[0] | chosen[1])
+    assert not [port for port in set.union(*chosen) if first <= port <= last]
+
+
+def test_a_port_taken_before_the_package_checks_it_is_replaced(stand_in, servers, monkeypatch):
+    """The ``milvus`` package binds each port once before it writes the config: ``set query_node_port=54325,
+    but bind failed`` was two test workers' servers racing for a port."""
+    import milvus
+
+    stand_in(RUNS)
+    check = milvus.MilvusServerConfig.try_bind_port
+    refused = []
+
+    def taken_once(config, port: int):
+        if not refused:
+            refused.append(port)
+            return None
+        return check(config, port)
+
+    monkeypatch.setattr(milvus.MilvusServerConfig, "try_bind_port", taken_once)
+    (server,) = servers(1)
+    assert server.start() == server.uri and refused and refused[0] not in server.ports.values()
+
+
+def test_a_port_taken_before_milvus_binds_it_is_replaced(stand_in, servers):
+    stand_in(FINDS_A_PORT_TAKEN_ONCE)
+    (server,) = servers(1)
+    assert server.start() == server.uri and server.process.poll() is None
+    first = int((server.base / "first-metrics-port").read_text())  # the first start failed; the second runs
+    assert first != server.ports["metrics_port"]
+
+
+def test_ports_taken_at_every_start_are_one_clear_error(stand_in, servers, monkeypatch):
+    import milvus
+
+    stand_in(RUNS)
+    monkeypatch.setattr(milvus.MilvusServerConfig, "try_bind_port", lambda config, port: None)
+    (server,) = servers(1)
+    with pytest.raises(MilvusServerError, match=r"milvus found a port taken at each of 3 starts, each on fresh ports: "
+                       r"set \w+_port=\d+, but bind failed; set"):  # fmt: skip
+        server.start()
+    assert server.ports is None and server.process is None

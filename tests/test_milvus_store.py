@@ -2,9 +2,9 @@
 pruning, killed builds, refusals, and the same top-10 as the FAISS backend at every dim.
 
 The version logic runs with the keyword encoder behind the real ``build_index`` (exact, fast);
-one test builds the bundled sample with the real model into Milvus Lite and into a FAISS folder
-and compares their hits. The same index on the real Milvus server, served by two replicas, is in
-``tests/test_service_milvus_real.py``.
+one test builds the bundled sample with the real model (and the session's encode cache) into
+Milvus Lite and compares its hits with a FAISS index of the sample. The same index on the real
+Milvus server, served by two replicas, is in ``tests/test_service_milvus_real.py``.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from __future__ import annotations
 import subprocess
 import sys
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -25,7 +24,7 @@ from index.milvus_store import BUILDING, LIVE, MilvusIndexStore, MilvusSource, v
 from index.search import staged_search
 from tests.conftest import SAMPLE, KeywordEncoder
 from tests.helpers.milvus import assert_same_hits_as_faiss
-from tests.helpers.service import DIMS, FINGERPRINT, MODEL_NAME, VOCABULARY, write_data
+from tests.helpers.service import DIMS, FINGERPRINT, MODEL_NAME, VOCABULARY, keyword_model, write_data
 
 pytestmark = pytest.mark.slow  # Milvus Lite: an engine per module, builds of several collections
 
@@ -46,14 +45,9 @@ def backend(milvus_lite_uri):
 
 def keyword_build(data: Path, uri: str, name: str, tmp: Path, **overrides):
     """The real ``build_index`` into Milvus, with the keyword encoder standing in for the model."""
-    encoder = KeywordEncoder(VOCABULARY, name=MODEL_NAME)
     settings = {"model": MODEL_NAME, "dims": DIMS, "progress": False, "cache_dir": tmp / "cache", **overrides}
     config = BuildConfig(data=data, backend="milvus", milvus_uri=uri, index_name=name, **settings)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(build_module, "load_model", lambda *a, **k: SimpleNamespace(prompts={}, max_seq_length=None))
-        patch.setattr(build_module, "SentenceTransformerEncoder", lambda *a, **k: encoder)
-        patch.setattr(build_module, "model_fingerprint", lambda model: FINGERPRINT)
-        patch.setattr(build_module, "library_versions", lambda: {"mrl": "test"})
+    with keyword_model():
         return build_index(config)
 
 
@@ -201,19 +195,19 @@ def test_refusals_name_what_is_wrong(data, milvus_lite_uri, backend, tmp_path):
 def test_build_options_that_name_no_place_are_refused(data):
     with pytest.raises(ConfigError, match="--backend milvus needs --milvus-uri"):
         build_index(BuildConfig(data=data, backend="milvus", index_name="x"))
-    with pytest.raises(ConfigError, match="--output is required"):
+    with pytest.raises(ConfigError, match="--index is required: a folder"):
         build_index(BuildConfig(data=data))
-    with pytest.raises(ConfigError, match="--output is for --backend faiss"):
+    with pytest.raises(ConfigError, match="name the index once"):
         build_index(BuildConfig(data=data, output=Path("x"), backend="milvus", milvus_uri="a.db", index_name="x"))
+    with pytest.raises(ConfigError, match="name the index once"):
+        build_index(BuildConfig(data=data, index="x", output=Path("x")))
 
 
 # --- the real model: the same hits as FAISS ----------------------------------------------------
 
 
-def test_the_sample_gives_the_same_top_10_as_faiss_at_every_dim(milvus_lite_uri, backend, tmp_path):
-    milvus = {"backend": "milvus", "milvus_uri": milvus_lite_uri, "index_name": "sample", "cache_dir": tmp_path}
+def test_the_sample_gives_the_same_top_10_as_faiss_at_every_dim(milvus_lite_uri, backend, encode_cache, sample_index):
+    milvus = {"backend": "milvus", "milvus_uri": milvus_lite_uri, "index_name": "sample", "cache_dir": encode_cache}
     config = BuildConfig(data=SAMPLE, progress=False, **milvus)
     _, manifest = build_index(config)
-    assert_same_hits_as_faiss(store_for(backend, "sample"), manifest.version, tmp_path)
-
-
+    assert_same_hits_as_faiss(store_for(backend, "sample"), manifest.version, sample_index)

@@ -2,7 +2,9 @@
 
 Prometheus scrapes every second and evaluates deploy/prometheus/rules.yml; the test then asks
 its HTTP API what the dashboard and the alerts would ask. Skipped where the ``prometheus``
-binary is missing (Debian's ``prometheus`` package), except in CI, which installs it.
+binary is missing (Debian's ``prometheus`` package), except in CI, which installs it. The
+service serves the session's ``sample_index``; both processes run on the one harness
+(``core.servers``, ``tests.helpers.servers``).
 """
 
 from __future__ import annotations
@@ -10,8 +12,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -21,9 +21,7 @@ from typing import Any
 import httpx
 import pytest
 
-from core.servers import free_port
-from index.build import BuildConfig, build_index
-from tests.conftest import REPO, SAMPLE
+from core.servers import LOOPBACK, free_port, running_process
 from tests.helpers.deploy import (
     DEBIAN_PROMETHEUS,
     RULES,
@@ -33,7 +31,7 @@ from tests.helpers.deploy import (
     substitute_grafana_variables,
 )
 from tests.helpers.sample import JUDGED
-from tests.helpers.servers import wait_for_ready
+from tests.helpers.servers import serve_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
 
@@ -44,19 +42,18 @@ MEDIAN_BY_DIM = (
 )
 # Panels whose series only exist after events this test does not cause (a 5xx, an index reload).
 NO_DATA_EXPECTED = {"Server error ratio", "Index reloads"}
+PROMETHEUS_READY_TIMEOUT_S = 60.0
 
 
-def test_prometheus_scrapes_the_service_and_answers_dashboard_and_rule_queries(tmp_path: Path):
+def test_prometheus_scrapes_the_service_and_answers_dashboard_and_rule_queries(request, tmp_path: Path):
     prometheus_binary = require_tool("prometheus", DEBIAN_PROMETHEUS)
-    index = tmp_path / "index"
-    build_index(BuildConfig(data=SAMPLE, output=index, device="cpu", progress=False))
-    service_port, prometheus_port = free_port(), free_port()
-
+    sample_index = request.getfixturevalue("sample_index")  # after the check: no index is built only to skip
+    # query_cache_size: so that the cache panel has data
     with (
-        running_service(index, service_port, tmp_path) as base,
-        running_prometheus(prometheus_binary, service_port, prometheus_port, tmp_path) as prometheus,
+        serve_process(tmp_path / "service.log", index=sample_index, device="cpu", query_cache_size=64) as service,
+        running_prometheus(prometheus_binary, service.port, tmp_path) as prometheus,
     ):
-        with httpx.Client(base_url=base, timeout=30) as http:
+        with httpx.Client(base_url=service.base, timeout=30) as http:
             # Every series exists and is scraped before the load, so rate() sees the load as an increase.
             for dim in DIMS:
                 search(http, dim)
@@ -84,72 +81,31 @@ def test_prometheus_scrapes_the_service_and_answers_dashboard_and_rule_queries(t
             assert result or title in NO_DATA_EXPECTED, f"panel {title!r} has no data:\n{expr}"
 
 
-# --- the two processes --------------------------------------------------------------------------------
+# --- Prometheus --------------------------------------------------------------------------------------
 
 
 @contextmanager
-def running_service(index: Path, port: int, tmp_path: Path) -> Iterator[str]:
-    """``mrl serve`` on ``port`` until the block ends; yields its base URL once /readyz answers 200."""
-    env = {**os.environ, "MRL_INDEX": str(index), "MRL_PORT": str(port), "MRL_DEVICE": "cpu", "HF_HUB_OFFLINE": "1"}
-    env["MRL_QUERY_CACHE_SIZE"] = "64"  # so that the cache panel has data
-    log_path = tmp_path / "service.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mrl", "serve"], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_for_ready(base, server, log_path)
-            yield base
-        finally:
-            stop(server)
-
-
-@contextmanager
-def running_prometheus(binary: str, target_port: int, port: int, tmp_path: Path) -> Iterator[str]:
+def running_prometheus(binary: str, target_port: int, tmp_path: Path) -> Iterator[str]:
     """A Prometheus scraping ``target_port`` every second with rules.yml loaded; yields its base URL once ready."""
     config = {
         "global": {"scrape_interval": "1s", "evaluation_interval": "1s"},
         "rule_files": [str(RULES)],
         "scrape_configs": [
-            {"job_name": "mrl-retrieval", "static_configs": [{"targets": [f"127.0.0.1:{target_port}"]}]}
+            {"job_name": "mrl-retrieval", "static_configs": [{"targets": [f"{LOOPBACK}:{target_port}"]}]}
         ],
     }
     config_path = tmp_path / "prometheus.yml"
     config_path.write_text(json.dumps(config))  # JSON is YAML
+    port = free_port()
     command = [
         binary,
         f"--config.file={config_path}",
         f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-        f"--web.listen-address=127.0.0.1:{port}",
+        f"--web.listen-address={LOOPBACK}:{port}",
     ]
-    log_path = tmp_path / "prometheus.log"
-    with log_path.open("w") as log:
-        server = subprocess.Popen(command, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
-        try:
-            base = f"http://127.0.0.1:{port}"
-            wait_until(lambda: ready(base, server, log_path), "Prometheus to be ready")
-            yield base
-        finally:
-            stop(server)
-
-
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait(timeout=10)
-
-
-def ready(base: str, server: subprocess.Popen, log: Path) -> bool:
-    if server.poll() is not None:
-        pytest.fail(f"Prometheus exited with {server.returncode}:\n{log.read_text()}")
-    try:
-        return httpx.get(f"{base}/-/ready", timeout=2).status_code == 200
-    except httpx.TransportError:
-        return False
+    log = tmp_path / "prometheus.log"
+    with running_process(command, port, log, PROMETHEUS_READY_TIMEOUT_S, dict(os.environ), "/-/ready") as base:
+        yield base
 
 
 # --- asking the two of them ------------------------------------------------------------------------------

@@ -1,19 +1,27 @@
 """Faults that live in a server process: a real ``mrl serve`` with the real model over the bundled sample.
 
-Pruning under a live server, a corrupt version on reload, start-up failures, slow and
-oversized clients at the socket, the embeddings endpoint under concurrent load, and a
-bounded soak (64 in flight with a build and a reload in the middle) whose every answer is
-200 or the documented 429 and whose request counters equal what was sent.
+Pruning under a live server, a corrupt version on reload, slow and oversized clients at the
+socket, the embeddings endpoint under concurrent load, and a bounded soak (64 in flight with a
+build and a reload in the middle) whose every answer is 200 or the documented 429 and whose
+request counters equal what was sent. One server process serves a copy of the session's sample
+index (``sample_index``); builds into it reuse the session's encode cache, so they take about a
+second.
+
+Start-up failures run ``mrl serve`` in this process (one line, exit code 2, no traceback, no
+thread left behind), over a keyword index; an oversized unauthenticated body goes to the app
+under uvicorn in a thread with the keyword encoder (``tests.helpers.servers.live_server``): what
+they check is the edge and the files, not the model.
+
+The soak runs ``SOAK_SECONDS`` (20 s); ``MRL_SOAK_SECONDS=60`` lengthens it.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -25,78 +33,45 @@ import httpx
 import numpy as np
 import pytest
 
-from core.servers import free_port
-from index.build import BuildConfig, build_index
+import service.app
 from index.layout import VERSIONS, resolve_version
-from tests.conftest import REPO, SAMPLE, scramble
-from tests.helpers.sample import JUDGED
-from tests.helpers.servers import wait_for_ready
+from service.settings import ServiceSettings
+from tests.conftest import scramble
+from tests.helpers.sample import JUDGED, build_sample, copy_index
+from tests.helpers.servers import ServeProcess, assert_one_line_error, live_server, mrl_in_process, serve_process
+from tests.helpers.service import ServiceKeywordEncoder, build_keyword_index, keyword_loader, write_data
 
 pytestmark = pytest.mark.slow
 
 QUERY = JUDGED[0][0]
-SOAK_SECONDS = float(os.environ.get("MRL_SOAK_SECONDS", "60"))
+SOAK_SECONDS = float(os.environ.get("MRL_SOAK_SECONDS", "20"))
 SOAK_IN_FLIGHT = 64
-
-
-def build(root: Path, keep: int = 3) -> Path:
-    folder, _ = build_index(BuildConfig(data=SAMPLE, output=root, device="cpu", progress=False, keep_versions=keep))
-    return folder
-
-
-def serve_env(root: Path, port: int, **settings: str) -> dict[str, str]:
-    return {
-        **os.environ,
-        "MRL_INDEX": str(root),
-        "MRL_PORT": str(port),
-        "MRL_DEVICE": "cpu",
-        "HF_HUB_OFFLINE": "1",
-        **{f"MRL_{name.upper()}": value for name, value in settings.items()},
-    }
-
-
-class Server:
-    """``mrl serve`` in a subprocess, its log in a file."""
-
-    def __init__(self, root: Path, log: Path, **settings: str) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self._log_file = log.open("w")
-        command = [sys.executable, "-m", "mrl", "serve"]
-        self.process = subprocess.Popen(
-            command,
-            cwd=REPO,
-            env=serve_env(root, self.port, **settings),
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
-        wait_for_ready(self.base, self.process, log)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
-        self._log_file.close()
+EMBEDDING_LOAD_SECONDS = 6
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("faults") / "index"
-    build(root)
-    return root
+def root(sample_index: Path, tmp_path_factory) -> Path:
+    """A copy of the session's sample index: the tests build into it and prune it."""
+    return copy_index(sample_index, tmp_path_factory.mktemp("faults") / "index")
 
 
 @pytest.fixture(scope="module")
-def server(root: Path, tmp_path_factory) -> Iterator[Server]:
-    server = Server(
-        root,
-        tmp_path_factory.mktemp("log") / "server.log",
-        header_timeout_s="1",
-        keep_alive_s="1",
-        max_body_bytes="65536",
-    )
-    yield server
-    server.stop()
+def build(encode_cache: Path):
+    """``build(root, keep=3)``: the sample built again into ``root`` (the encode cache: about a second)."""
+
+    def build(root: Path, keep: int = 3) -> Path:
+        folder, _ = build_sample(root, encode_cache, keep_versions=keep)
+        return folder
+
+    return build
+
+
+@pytest.fixture(scope="module")
+def server(root: Path, tmp_path_factory) -> Iterator[ServeProcess]:
+    log = tmp_path_factory.mktemp("log") / "server.log"
+    settings = {"header_timeout_s": 1, "keep_alive_s": 1, "max_body_bytes": 65536}
+    with serve_process(log, index=root, device="cpu", **settings) as server:
+        yield server
 
 
 def search_statuses(base: str, requests: int, in_flight: int) -> Counter:
@@ -118,7 +93,7 @@ def metric_value(base: str, prefix: str) -> float:
 # --- 1. pruning never deletes what a live server serves ---------------------------------------
 
 
-def test_builds_do_not_prune_the_version_a_live_server_serves(server: Server, root: Path):
+def test_builds_do_not_prune_the_version_a_live_server_serves(server: ServeProcess, root: Path, build):
     served = httpx.get(f"{server.base}/readyz").json()["index_version"]
     for _ in range(2):  # two newer builds, each keeping only itself
         build(root, keep=1)
@@ -136,7 +111,7 @@ def test_builds_do_not_prune_the_version_a_live_server_serves(server: Server, ro
 # --- 2. a corrupt version is refused on reload, counted, and the old one serves on ------------
 
 
-def test_a_corrupt_new_version_is_a_counted_409(server: Server, root: Path):
+def test_a_corrupt_new_version_is_a_counted_409(server: ServeProcess, root: Path, build):
     before = httpx.get(f"{server.base}/readyz").json()["index_version"]
     failed = metric_value(server.base, 'mrl_index_reloads_total{outcome="failed"}')
     new = build(root)
@@ -154,21 +129,25 @@ def test_a_corrupt_new_version_is_a_counted_409(server: Server, root: Path):
 # --- 4. start-up failures are one line and exit code 2 -----------------------------------------
 
 
-def run_serve(root: Path, *flags: str) -> subprocess.CompletedProcess:
-    env = serve_env(root, free_port())
-    command = [sys.executable, "-m", "mrl", "serve", *flags]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-
-
-def copy_version(root: Path, target: Path) -> Path:
-    shutil.copytree(resolve_version(root), target)
-    return target
+@pytest.fixture(scope="module")
+def keyword_index(tmp_path_factory) -> Path:
+    """An index built by the real builder with the keyword encoder as its model (its manifest names ``keywords``)."""
+    folder = tmp_path_factory.mktemp("keywords")
+    return build_keyword_index(write_data(folder / "data"), folder / "index")
 
 
 @pytest.mark.parametrize("fault", ["corrupt store", "other model", "missing model"])
-def test_start_up_failures_are_one_line_and_exit_2(root: Path, tmp_path: Path, fault: str):
-    version = copy_version(root, tmp_path / "version")
+def test_start_up_failures_are_one_line_and_exit_2(
+    keyword_index: Path, tmp_path: Path, fault: str, capsys, caplog, monkeypatch
+):
+    version = shutil.copytree(keyword_index, tmp_path / "version")
     flags: list[str] = []
+    if fault == "missing model":  # the real model loader, told to load a folder that is not there
+        flags = ["--model", str(tmp_path / "no-such-model")]
+        expected = "no-such-model"
+    else:  # the keyword encoder is the model being served
+        loader = keyword_loader(ServiceKeywordEncoder())
+        monkeypatch.setattr(service.app, "create_app", functools.partial(service.app.create_app, encoder_loader=loader))
     if fault == "corrupt store":
         scramble(version / "docs.sqlite")
         expected = "docs.sqlite"
@@ -177,14 +156,8 @@ def test_start_up_failures_are_one_line_and_exit_2(root: Path, tmp_path: Path, f
         manifest["model"]["fingerprint"] = "sha256:" + "0" * 64
         (version / "manifest.json").write_text(json.dumps(manifest))
         expected = "not the model being served"
-    else:
-        flags = ["--model", str(tmp_path / "no-such-model")]
-        expected = "no-such-model"
-    result = run_serve(version, *flags)
-    errors = [line for line in result.stderr.splitlines() if line.startswith("mrl: error:")]
-    assert result.returncode == 2, result.stderr
-    assert len(errors) == 1 and expected in errors[0], result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
+    argv = ["serve", "--index", str(version), "--device", "cpu", *flags]
+    assert_one_line_error(mrl_in_process(argv, capsys, caplog, monkeypatch), expected)
 
 
 # --- 3, 7, 15. the socket: oversized requests, slow clients ------------------------------------
@@ -211,7 +184,7 @@ def json_error(raw: bytes) -> tuple[int, dict]:
     return int(head.split()[1]), json.loads(body)["error"]
 
 
-def test_a_huge_url_or_header_gets_the_json_error_body(server: Server):
+def test_a_huge_url_or_header_gets_the_json_error_body(server: ServeProcess):
     for request in (
         b"GET /search?q=" + b"a" * 1_000_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
         b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n",
@@ -221,13 +194,13 @@ def test_a_huge_url_or_header_gets_the_json_error_body(server: Server):
         assert (status, error["type"]) == (400, "bad_request") and "65536 bytes" in error["message"]
 
 
-def test_a_client_that_sends_nothing_is_closed_after_the_header_timeout(server: Server):
+def test_a_client_that_sends_nothing_is_closed_after_the_header_timeout(server: ServeProcess):
     raw, seconds = raw_exchange(server.port, b"")
     status, error = json_error(raw)
     assert (status, error["type"]) == (408, "request_timeout") and 0.8 < seconds < 5
 
 
-def test_a_client_that_sends_its_head_a_byte_at_a_time_is_closed(server: Server):
+def test_a_client_that_sends_its_head_a_byte_at_a_time_is_closed(server: ServeProcess):
     request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
     started = time.monotonic()
     closed_after = None
@@ -244,25 +217,23 @@ def test_a_client_that_sends_its_head_a_byte_at_a_time_is_closed(server: Server)
     assert closed_after is not None and closed_after < 5
 
 
-def test_an_oversized_unauthenticated_body_costs_nothing(root: Path, tmp_path: Path):
-    server = Server(root, tmp_path / "keyed.log", api_key="k", max_body_bytes="65536")
-    try:
+def test_an_oversized_unauthenticated_body_costs_nothing(keyword_index: Path):
+    local = {"device": "cpu", "host": "127.0.0.1", "port": 0, "log_level": "warning"}
+    with live_server(ServiceSettings(index=keyword_index, api_key="k", max_body_bytes=65536, **local)) as server:
         body = b'{"query": "' + b"a" * 50_000_000 + b'"}'
-        response = httpx.post(f"{server.base}/search", content=body, timeout=60)
+        response = httpx.post(f"{server.url}/search", content=body, timeout=60)
         assert response.status_code == 401 and response.json()["error"]["type"] == "unauthorized"
-        keyed = httpx.post(f"{server.base}/search", content=body, headers={"X-API-Key": "k"}, timeout=60)
+        keyed = httpx.post(f"{server.url}/search", content=body, headers={"X-API-Key": "k"}, timeout=60)
         assert keyed.status_code == 413 and keyed.json()["error"]["type"] == "payload_too_large"
-    finally:
-        server.stop()
 
 
 # --- 16. the embeddings endpoint under concurrent load -------------------------------------------
 
 
-def test_concurrent_embeddings_never_fail(server: Server):
+def test_concurrent_embeddings_never_fail(server: ServeProcess):
     texts = [("fever and cough " * n).strip() for n in (1, 3, 9, 27, 60)]
     failures: list[str] = []
-    deadline = time.monotonic() + 15
+    deadline = time.monotonic() + EMBEDDING_LOAD_SECONDS
     counts: Counter = Counter()
 
     def client(number: int) -> None:
@@ -285,8 +256,9 @@ def test_concurrent_embeddings_never_fail(server: Server):
 # --- the soak -------------------------------------------------------------------------------------
 
 
-def test_soak_with_a_build_and_a_reload_in_the_middle(server: Server, root: Path):
-    """60 s at 64 in flight; a build and a reload halfway; every answer 200 or 429; counters match."""
+def test_soak_with_a_build_and_a_reload_in_the_middle(server: ServeProcess, root: Path, build):
+    """``SOAK_SECONDS`` at 64 in flight; a build and a reload a third of the way; every answer 200 or 429;
+    counters match."""
     counted = metric_value(server.base, 'mrl_requests_total{endpoint="/search"')
     statuses: Counter = Counter()
     latencies: list[float] = []

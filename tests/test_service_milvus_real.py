@@ -5,12 +5,12 @@ their own ports. They answer identically, and as the FAISS backend does; a rebui
 load, then a reload of each replica, moves both to the new version without a failed request;
 a killed build is cleaned up by the next; the served version is not pruned until the replicas
 let go of it; a Milvus outage is a 503 (never a 500) with readyz false, and the replicas recover
-when Milvus returns. Start-up failures are one line and exit code 2.
+when Milvus returns. Start-up failures are one line and exit code 2 (``mrl`` run in this process).
+Builds use the session's encode cache: the sample is encoded at most once per session.
 """
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import threading
@@ -28,7 +28,7 @@ from index.milvus import MilvusBackend
 from index.milvus_store import MilvusIndexStore, version_tag
 from tests.conftest import REPO, SAMPLE
 from tests.helpers.milvus import assert_same_hits_as_faiss
-from tests.helpers.servers import wait_for_ready
+from tests.helpers.servers import ServeProcess, assert_one_line_error, mrl_in_process
 
 pytestmark = pytest.mark.slow
 
@@ -52,52 +52,19 @@ def build(uri: str, cache: Path) -> str:
     return manifest.version
 
 
-def serve_env(uri: str, port: int, index: str = NAME) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if not k.startswith("MRL_")},
-        "MRL_BACKEND": "milvus",
-        "MRL_MILVUS_URI": uri,
-        "MRL_INDEX": index,
-        "MRL_PORT": str(port),
-        "MRL_DEVICE": "cpu",
-        "MRL_MILVUS_TIMEOUT_S": "2",
-        "HF_HUB_OFFLINE": "1",
-    }
+def milvus_settings(uri: str, index: str = NAME) -> dict[str, object]:
+    """``mrl serve --backend milvus`` of ``index`` at ``uri``, as ``MRL_*`` settings."""
+    return {"backend": "milvus", "milvus_uri": uri, "index": index, "device": "cpu", "milvus_timeout_s": 2}
 
 
-class Replica:
-    """``mrl serve --backend milvus`` in a subprocess, its log in a file."""
-
-    def __init__(self, uri: str, log: Path) -> None:
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        self.log = log
-        self._log_file = log.open("w")
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mrl", "serve"],
-            cwd=REPO,
-            env=serve_env(uri, self.port),
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
-
-    def get(self, path: str, **params) -> httpx.Response:
-        return httpx.get(f"{self.base}{path}", params=params, timeout=30)
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=60)
-        self._log_file.close()
+def serve_flags(uri: str, index: str = NAME) -> list[str]:
+    """The same settings as ``mrl serve`` flags."""
+    return [f"--{name.replace('_', '-')}={value}" for name, value in milvus_settings(uri, index).items()]
 
 
 @pytest.fixture(scope="module")
-def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("encode-cache")
-
-
-@pytest.fixture(scope="module")
-def first_version(milvus_server_uri, cache) -> str:
-    return build(milvus_server_uri, cache)
+def first_version(milvus_server_uri, encode_cache: Path) -> str:
+    return build(milvus_server_uri, encode_cache)
 
 
 @pytest.fixture(scope="module")
@@ -108,12 +75,13 @@ def store(milvus_server_uri) -> Iterator[MilvusIndexStore]:
 
 
 @pytest.fixture(scope="module")
-def replicas(first_version, milvus_server_uri, tmp_path_factory) -> Iterator[list[Replica]]:
+def replicas(first_version, milvus_server_uri, tmp_path_factory) -> Iterator[list[ServeProcess]]:
     logs = tmp_path_factory.mktemp("replicas")
-    started = [Replica(milvus_server_uri, logs / f"replica{i}.log") for i in range(2)]  # load side by side
+    settings = milvus_settings(milvus_server_uri)
+    started = [ServeProcess(logs / f"replica{i}.log", **settings) for i in range(2)]  # load side by side
     try:
         for replica in started:
-            wait_for_ready(replica.base, replica.process, replica.log)
+            replica.wait_ready()
         yield started
     finally:
         for replica in started:
@@ -125,8 +93,8 @@ def hits(response: httpx.Response) -> list:
     return [[(h["id"], round(h["score"], 5)) for h in result["hits"]] for result in response.json()["results"]]
 
 
-def test_the_server_gives_the_same_top_10_as_faiss_at_every_dim(first_version, store, tmp_path):
-    assert_same_hits_as_faiss(store, first_version, tmp_path)
+def test_the_server_gives_the_same_top_10_as_faiss_at_every_dim(first_version, store, sample_index):
+    assert_same_hits_as_faiss(store, first_version, sample_index)
 
 
 def test_two_replicas_answer_identically_at_every_dim_and_two_stage(replicas, first_version):
@@ -172,7 +140,7 @@ def test_a_rebuild_and_a_reload_under_load_move_both_replicas_without_a_failure(
     first_version,
     store,
     milvus_server_uri,
-    cache,
+    encode_cache,
 ):
     killed = kill_a_build(milvus_server_uri)
     assert store.versions()[killed] == "building"
@@ -191,7 +159,7 @@ def test_a_rebuild_and_a_reload_under_load_move_both_replicas_without_a_failure(
     for thread in threads:
         thread.start()
     try:
-        second = build(milvus_server_uri, cache)
+        second = build(milvus_server_uri, encode_cache)
         assert store.current() == second
         assert set(store.versions()) == {first_version, second}  # killed build gone; first kept: both serve it
         assert not any(version_tag(killed) in c for c in store.backend.all_collections())
@@ -232,31 +200,21 @@ def test_a_milvus_outage_is_a_503_and_the_replicas_recover(replicas, milvus_serv
     for replica in replicas:
         # The restarted server loads its collections again one at a time; ready means all of them.
         while replica.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, replica.log.read_text()[-3000:]
+            assert time.monotonic() < deadline, replica.output()[-3000:]
             time.sleep(0.5)
         print(f"replica {replica.port}: ready {time.monotonic() - back:.1f} s after Milvus was back")
         answers = {dim: hits(replica.get("/search", q=QUERY, dim=dim)) for dim in (384, 256, 128, 64, 32)}
         assert answers[384][0][0][0] == "d022"
-    log = replicas[0].log.read_text()
+    log = replicas[0].output()
     assert "Traceback" not in log, log[-3000:]
 
 
-def run_mrl(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "mrl", *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+def test_start_up_failures_are_one_line_and_exit_2(first_version, milvus_server_uri, capsys, caplog, monkeypatch):
+    def mrl(*argv: str):
+        return mrl_in_process(list(argv), capsys, caplog, monkeypatch)
 
-
-def assert_one_line(result: subprocess.CompletedProcess, expected: str) -> None:
-    errors = [line for line in result.stderr.splitlines() if line.startswith("mrl: error:")]
-    assert result.returncode == 2, result.stderr
-    assert len(errors) == 1 and expected in errors[0], result.stderr
-    assert "Traceback" not in result.stderr, result.stderr
-
-
-def test_start_up_failures_are_one_line_and_exit_2(first_version, milvus_server_uri):
     down = f"http://127.0.0.1:{free_port()}"
-    assert_one_line(run_mrl("serve", env=serve_env(down, free_port())), f"Milvus at {down}: connecting failed")
-    unknown = serve_env(milvus_server_uri, free_port(), index="nothing_here")
-    assert_one_line(run_mrl("serve", env=unknown), "index 'nothing_here'")
+    assert_one_line_error(mrl("serve", *serve_flags(down)), f"Milvus at {down}: connecting failed")
+    assert_one_line_error(mrl("serve", *serve_flags(milvus_server_uri, "nothing_here")), "index 'nothing_here'")
     build_args = ["index", "build", "--data", str(SAMPLE), "--backend", "milvus", "--milvus-uri", down]
-    assert_one_line(run_mrl(*build_args, "--index", "x", env=serve_env(down, 0)), f"Milvus at {down}")
+    assert_one_line_error(mrl(*build_args, "--index", "x"), f"Milvus at {down}")

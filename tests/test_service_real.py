@@ -1,15 +1,13 @@
 """The service with the real default model over real indexes of the bundled sample (``slow``).
 
-One index of ``data/sample_medical`` is built per module with ``index.build.build_index``;
-the app runs through its real lifespan (torch, then ONNX Runtime), and one test starts a
-real uvicorn server process and queries it over HTTP.
+The index is the session's ``sample_index`` (``data/sample_medical`` built once with the real
+model, its plans scored); the app runs through its real lifespan (torch, then ONNX Runtime), and
+one test starts a real uvicorn server process and queries it over HTTP.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -20,25 +18,16 @@ import torch
 from fastapi.testclient import TestClient
 
 from core.matryoshka import truncate_normalize
-from core.servers import free_port
-from index.build import BuildConfig, build_index
 from index.loaded import open_index
 from service.app import create_app
 from service.settings import ServiceSettings
-from tests.conftest import REPO, SAMPLE
-from tests.helpers.sample import JUDGED, QUERIES
-from tests.helpers.servers import wait_for_ready
+from tests.conftest import SAMPLE
+from tests.helpers.sample import DIMS, JUDGED, QUERIES
+from tests.helpers.servers import serve_process
 
 pytestmark = pytest.mark.slow
 
-DIMS = [384, 256, 128, 64, 32]
-
-
-@pytest.fixture(scope="module")
-def sample_index(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("served") / "index"
-    build_index(BuildConfig(data=SAMPLE, output=root, device="cpu", progress=False, eval_data=SAMPLE))
-    return root
+UVICORN_FACTORY = (sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--port", "{port}")
 
 
 @pytest.fixture(scope="module")
@@ -178,22 +167,10 @@ def test_onnx_keeps_sentence_transformers_around_a_layout_it_cannot_run_alone(tm
 
 
 def test_a_real_server_process_answers_over_http(sample_index: Path, tmp_path: Path):
-    port = free_port()
-    env = {
-        **os.environ,
-        "MRL_INDEX": str(sample_index),
-        "MRL_DEVICE": "cpu",
-        "MRL_API_KEY": "test-key",
-        "HF_HUB_OFFLINE": "1",
-    }
-    command = [sys.executable, "-m", "uvicorn", "--factory", "service.app:create_app", "--port", str(port)]
-    log = (tmp_path / "server.log").open("w")
-    server = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        base = f"http://127.0.0.1:{port}"
-        wait_for_ready(base, server, tmp_path / "server.log")
+    settings = {"index": sample_index, "device": "cpu", "api_key": "test-key"}
+    with serve_process(tmp_path / "server.log", UVICORN_FACTORY, **settings) as server:
         headers = {"X-API-Key": "test-key"}
-        with httpx.Client(base_url=base, headers=headers, timeout=30) as http:
+        with httpx.Client(base_url=server.base, headers=headers, timeout=30) as http:
             found = http.get("/search", params={"q": JUDGED[0][0], "dim": 128, "k": 10})
             assert JUDGED[0][1] in hit_ids(found)
             batch = http.post("/search", json={"queries": QUERIES, "dim": 64, "k": 2}).json()
@@ -204,11 +181,8 @@ def test_a_real_server_process_answers_over_http(sample_index: Path, tmp_path: P
             metrics = http.get("/metrics").text
         assert 'mrl_request_duration_seconds_count{dim="128",endpoint="/search",status="2xx"} 1.0' in metrics
         assert 'mrl_index_vectors{dim="32"} 120.0' in metrics
-    finally:
-        server.terminate()
-        code = server.wait(timeout=60)
-        log.close()
-    output = (tmp_path / "server.log").read_text()
+        code = server.stop()
+    output = server.output()
     # uvicorn shuts down gracefully, then re-raises SIGTERM, so -15 is a clean exit too.
     assert code in (0, -15) and "Application shutdown complete" in output, output
 

@@ -13,7 +13,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from index.build import BuildConfig, build_index
 from index.loaded import open_index
 from index.milvus_server import LocalMilvusServer, free_port, running_milvus_server
 from index.milvus_store import MilvusIndexStore
@@ -80,20 +79,20 @@ def milvus_lite_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server_manager_instance.release_server(uri)
 
 
-def assert_same_hits_as_faiss(store: MilvusIndexStore, version: str, tmp_path: Path) -> None:
-    """The sample built with the real model into a FAISS folder gives the same hits as ``version`` in Milvus.
+def assert_same_hits_as_faiss(store: MilvusIndexStore, version: str, faiss_index: Path) -> None:
+    """``faiss_index`` (the bundled sample indexed with the real model in a FAISS folder: the session's
+    ``sample_index``) gives the same hits as ``version`` of the sample in Milvus.
 
     Both are exact (Flat): the same rows, best first, at every dim and in two-stage search.
     """
     from core.data import load_queries
     from core.models import SentenceTransformerEncoder, load_model
 
-    folder, _ = build_index(BuildConfig(data=SAMPLE, output=tmp_path / "faiss", device="cpu", progress=False))
     model = load_model(None)
     queries = SentenceTransformerEncoder(model, "default", 32, False).encode_queries(
         list(load_queries(SAMPLE / "queries.jsonl").values())
     )
-    faiss, milvus = open_index(folder), store.open(version)
+    faiss, milvus = open_index(faiss_index), store.open(version)
     try:
         assert faiss.dims == milvus.dims and len(faiss.dims) >= 4
         assert all(entry.factory == "Flat" for entry in milvus.manifest.indexes.values())
