@@ -52,7 +52,7 @@ from benchmarks.latency import (
     server_environment,
     server_info,
 )
-from core.cli_args import config_fields, dims_argument
+from core.cli_args import add_output_argument, config_fields, dims_argument
 from core.data import DataError, Document
 from core.errors import ConfigError
 from core.files import json_fields
@@ -801,7 +801,7 @@ def add_backends_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=0, help="synthetic corpus seed (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=None, help="embedding cache (default: OUT/cache)")
     add_server_limits(p, time_limit_s=3600.0)
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    add_output_argument(p, "report folder", default=DEFAULT_OUT)
     p.set_defaults(handler=run_backends_command)
 
 

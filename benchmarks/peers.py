@@ -61,6 +61,7 @@ from benchmarks.latency import (
     timed_post,
 )
 from benchmarks.peer_servers import infinity
+from core.cli_args import add_output_argument
 from core.data import DataError, Document, Qrels, load_beir
 from core.errors import ConfigError
 from core.files import json_fields
@@ -1246,7 +1247,7 @@ def add_peers_parser(actions: argparse._SubParsersAction) -> None:
         default=3600.0,
         help="seconds per peer's corpus indexing (3600)",
     )
-    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help="report folder (default: %(default)s)")
+    add_output_argument(p, "report folder", default=DEFAULT_OUT)
     p.set_defaults(handler=run_peers_command)
 
 
