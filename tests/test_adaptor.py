@@ -1,4 +1,5 @@
-"""The Matryoshka adaptor and the PCA rotation: exact properties on synthetic vectors, and one real model."""
+"""The Matryoshka adaptor and the PCA rotation: exact properties on synthetic vectors, then the plumbing of
+``mrl adapt`` on the tiny random model (``tiny_model``): what is fitted, published, reloaded and reported."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ from core.errors import ConfigError
 from core.matryoshka import truncate_normalize
 from mrl.cli import main
 from tests.conftest import SAMPLE
+from tests.helpers.models import TINY_DIM, TINY_DIMS
 from training.adaptor import (
     STARTS,
     AdaptorConfig,
@@ -124,25 +126,25 @@ def test_init_auto_keeps_the_start_that_validates_better():
         fit_adaptor(corpus, train, None, config)
 
 
-def test_appended_map_is_what_the_model_now_encodes(tmp_path: Path):
+def test_appended_map_is_what_the_model_now_encodes(tmp_path: Path, tiny_model: Path):
     from core.models import load_model
 
-    model = load_model(None)
+    model = load_model(str(tiny_model))
     rng = np.random.default_rng(2)
-    weight = np.linalg.qr(rng.normal(size=(384, 384)))[0].astype(np.float32)
+    weight = np.linalg.qr(rng.normal(size=(TINY_DIM, TINY_DIM)))[0].astype(np.float32)
     texts = ["gout attacks the big toe", "a fever with a rash"]
     base = model.encode_document(texts, convert_to_numpy=True)
     adapted = append_adaptor(model, weight)
     adapted.save(str(tmp_path / "m"))
     reloaded = load_model(str(tmp_path / "m"))
     got = reloaded.encode_document(texts, convert_to_numpy=True)
-    np.testing.assert_allclose(got, truncate_normalize(base @ weight.T, 384), atol=1e-5)
+    np.testing.assert_allclose(got, truncate_normalize(base @ weight.T, TINY_DIM), atol=1e-5)
 
 
-@pytest.mark.slow
-def test_mrl_adapt_publishes_a_model_the_index_builder_and_eval_load(tmp_path: Path, capsys):
+def test_mrl_adapt_publishes_a_model_the_index_builder_and_eval_load(tmp_path: Path, tiny_model: Path, capsys):
     out = tmp_path / "adapted"
-    argv = ["adapt", "--data", str(SAMPLE), "--output", str(out), "--steps", "30", "--no-progress"]
+    argv = ["adapt", "--data", str(SAMPLE), "--model", str(tiny_model), "--output", str(out), "--steps", "30"]
+    argv.append("--no-progress")
     assert main(argv) == 0
     assert "adaptor fitted in" in capsys.readouterr().out
     report = json.loads((out / "adaptor_report.json").read_text())
@@ -150,9 +152,9 @@ def test_mrl_adapt_publishes_a_model_the_index_builder_and_eval_load(tmp_path: P
     assert report["settings"]["init"] == "auto" and set(report["fit"]["starts"]) == {"pca", "identity"}
     assert report["fit"]["init"] == max(report["fit"]["starts"], key=report["fit"]["starts"].get)
     assert "chosen by --init auto" in (out / "adaptor_report.md").read_text()
-    assert report["before"]["by_dim"].keys() == report["after"]["by_dim"].keys() == {"384", "256", "128", "64", "32"}
+    assert report["before"]["by_dim"].keys() == report["after"]["by_dim"].keys() == {str(d) for d in TINY_DIMS}
     card = json.loads((out / "mrl.json").read_text())
-    assert card["dims"] == [384, 256, 128, 64, 32] and card["extra"]["adaptor"]["method"] == "adaptor"
+    assert card["dims"] == TINY_DIMS and card["extra"]["adaptor"]["method"] == "adaptor"
     assert not any(p.name.startswith(".") for p in tmp_path.iterdir())  # nothing half-written left
     assert main(argv) == 2  # the output exists: refused, not replaced
     assert "already exists" in capsys.readouterr().err
@@ -161,7 +163,7 @@ def test_mrl_adapt_publishes_a_model_the_index_builder_and_eval_load(tmp_path: P
     from training.evaluate import evaluate
 
     scored = evaluate(
-        SentenceTransformerEncoder(load_model(str(out)), "m", progress=False), load_beir(SAMPLE), "test", [384, 32]
+        SentenceTransformerEncoder(load_model(str(out)), "m", progress=False), load_beir(SAMPLE), "test", TINY_DIMS
     )
     assert scored.metric(32) == pytest.approx(report["after"]["by_dim"]["32"]["ndcg@10"], abs=1e-3)
 

@@ -1,8 +1,8 @@
 """``mrl bench quality``: exact checks of its search options and report logic, and a smoke run on the sample.
 
-The search options are checked against brute force on seeded vectors; the smoke run trains a
-tuned model for two steps on ``data/sample_medical``, measures it, then measures again from the
-embedding cache.
+The search options are checked against brute force on seeded vectors; the smoke run tunes the
+tiny random model (``tiny_model``, dims 64 and 32) for two steps on ``data/sample_medical``,
+measures it, then measures again from the embedding cache.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from core.data import DataError
 from core.matryoshka import truncate_normalize
 from index.search import rerank
 from tests.conftest import SAMPLE
+from tests.helpers.models import TINY_DIMS
 
 
 @pytest.fixture(scope="module")
@@ -192,13 +193,14 @@ def test_missing_datasets_are_named(tmp_path):
         dataset_folders(QualityBenchConfig(data=[tmp_path]))
 
 
-@pytest.mark.slow
 @pytest.mark.benchmark
-def test_smoke_run_trains_measures_and_reuses_the_cache(tmp_path):
+def test_smoke_run_trains_measures_and_reuses_the_cache(tmp_path, tiny_model):
+    full, small = TINY_DIMS
     config = QualityBenchConfig(
         data=[SAMPLE],
         models_dir=tmp_path / "models",
-        dims=[384, 64],
+        base_model=str(tiny_model),
+        dims=[full, small],
         shortlists=[30],
         max_queries=20,
         timing_queries=5,
@@ -215,13 +217,13 @@ def test_smoke_run_trains_measures_and_reuses_the_cache(tmp_path):
     assert dataset["training"] is not None and (tmp_path / "models" / SAMPLE.name / "mrl.json").is_file()
     assert set(dataset["models"]) == {"base", "tuned"}
     methods = {(row["model"], row["method"], row["dim"]) for row in dataset["rows"]}
-    assert ("base", "float32", 64) in methods and ("base", "int8", 64) not in methods
+    assert ("base", "float32", small) in methods and ("base", "int8", small) not in methods
     for method in ("float32", "int8", "binary", "binary+rescore"):
-        assert ("tuned", method, 384) in methods and ("tuned", method, 64) in methods
-    assert ("tuned", "two-stage", 64) in methods and ("tuned", "two-stage", 384) not in methods
-    assert ("tuned", "queries by onnx", 64) in methods and ("base", "queries by onnx", 64) not in methods
+        assert ("tuned", method, full) in methods and ("tuned", method, small) in methods
+    assert ("tuned", "two-stage", small) in methods and ("tuned", "two-stage", full) not in methods
+    assert ("tuned", "queries by onnx", small) in methods and ("base", "queries by onnx", small) not in methods
     exact = {(row["method"], row["dim"]): row for row in dataset["rows"] if row["model"] == "tuned"}
-    for dim in (384, 64):  # ONNX in float32 makes torch's query vectors, so the same rankings
+    for dim in (full, small):  # ONNX in float32 makes torch's query vectors, so the same rankings
         onnx = exact[("queries by onnx", dim)]
         assert onnx["cosine_to_torch"] > 0.9999
         assert onnx["ndcg@10"] == pytest.approx(exact[("float32", dim)]["ndcg@10"], abs=1e-3)

@@ -1,9 +1,10 @@
-"""``mrl bench strategies``: the pure helpers exactly, and one real run on the bundled sample.
+"""``mrl bench strategies``: the pure helpers exactly, and one whole run on the bundled sample.
 
-The run trains every strategy for two steps (each in its own ``mrl train`` process, as the
-benchmark does) and checks what the comparison promises: the parameter counts order as the
-strategies say, the LoRA artifact is a small adapter, the base row equals a direct evaluation,
-and a second run reuses the models while a changed recipe is refused.
+The run trains every strategy of the tiny random model (``tiny_model``: two layers, so one is
+frozen) for two steps, each in its own ``mrl train`` process as the benchmark does, and checks
+what the comparison promises: the parameter counts order as the strategies say, the LoRA artifact
+is a small adapter, the base row equals a direct evaluation, and a second run reuses the models
+while a changed recipe is refused.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from benchmarks.strategies import (
 from core.data import DataError, load_beir
 from mrl.cli import main
 from tests.conftest import SAMPLE
+from tests.helpers.models import TINY_DIMS
 
 
 def test_scored_subset_keeps_every_judged_document_and_fills_with_drawn_ones():
@@ -89,20 +91,23 @@ def test_cli_refuses_a_bad_learning_rate_in_one_line(tmp_path: Path, capsys):
 
 @pytest.mark.slow
 @pytest.mark.benchmark
-def test_every_strategy_trains_and_is_scored_in_and_out_of_domain(tiny_beir: Path, tmp_path: Path, capsys):
+def test_every_strategy_trains_and_is_scored_in_and_out_of_domain(
+    tiny_beir: Path, tmp_path: Path, tiny_model: Path, capsys
+):
     from core.models import SentenceTransformerEncoder, load_model
     from training.evaluate import evaluate
 
     out, models = tmp_path / "report", tmp_path / "models"
     argv = ["bench", "strategies", "--data", str(SAMPLE), "--ood", str(tiny_beir), "--out", str(out),
-            "--models-dir", str(models), "--strategies", "full,freeze,lora", "--epochs", "1",
-            "--batch-size", "16", "--max-train-pairs", "32", "--freeze-layers", "4", "--no-progress"]  # fmt: skip
+            "--models-dir", str(models), "--base-model", str(tiny_model), "--strategies", "full,freeze,lora",
+            "--epochs", "1", "--batch-size", "16", "--max-train-pairs", "32", "--freeze-layers", "1",
+            "--no-progress"]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((out / "strategies.json").read_text())
     rows = {row["strategy"]: row for row in report["strategies"]}
     assert list(rows) == ["base", "full", "freeze", "lora"]
     dims = report["dims"]
-    assert dims == [384, 256, 128, 64, 32]
+    assert dims == TINY_DIMS
     for row in rows.values():
         assert set(row["scores"]) == {"in_domain", "out_of_domain"}
         assert all(set(row["scores"][role]) == {str(d) for d in dims} for role in row["scores"])
@@ -119,8 +124,8 @@ def test_every_strategy_trains_and_is_scored_in_and_out_of_domain(tiny_beir: Pat
         assert (models / f"sample_medical-{name}" / "training_report.json").is_file()
 
     # The base row is exactly what a direct evaluation of the base model gives.
-    direct = evaluate(SentenceTransformerEncoder(load_model(None), "base", 64, False), load_beir(SAMPLE, ["test"]),
-                      "test", dims)  # fmt: skip
+    direct = evaluate(SentenceTransformerEncoder(load_model(str(tiny_model)), "base", 64, False),
+                      load_beir(SAMPLE, ["test"]), "test", dims)  # fmt: skip
     for dim in dims:
         assert rows["base"]["scores"]["in_domain"][str(dim)]["ndcg@10"] == round(direct.metric(dim), 4)
 

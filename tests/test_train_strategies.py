@@ -1,4 +1,9 @@
-"""Training strategies: full fine-tuning, frozen lower layers (with layer-wise lr decay) and merged LoRA."""
+"""Training strategies: full fine-tuning, frozen lower layers (with layer-wise lr decay) and merged LoRA.
+
+The runs train a tiny random model as deep as the real one (six layers of width 64, the fixture
+``six_layer_model``): which parameters train, at which rate and when, and what is published, are
+the same questions on it, answered in a fraction of the time.
+"""
 
 from __future__ import annotations
 
@@ -16,6 +21,8 @@ from safetensors.torch import load_file
 from core.models import load_model, read_model_card
 from mrl.cli import main
 from tests.conftest import SAMPLE
+from tests.helpers.models import TINY_DIM, TINY_DIMS
+from tests.helpers.training import encoder_weights, save_tiny_model_with_layers
 from training.strategies import ADAPTER_FOLDER, apply_strategy, check_strategy_options, layer_learning_rates
 from training.train import TrainConfig, build_trainer, load_training_data, train
 from training.unfreezing import unfreeze_steps
@@ -28,12 +35,10 @@ def small_config(output: Path, **overrides) -> TrainConfig:
     return TrainConfig(data=SAMPLE, output=output, **(settings | overrides))
 
 
-def base_weights() -> dict[str, torch.Tensor]:
-    return {k: v.clone() for k, v in load_model(None)[0].auto_model.state_dict().items()}
-
-
-def tuned_weights(output: Path) -> dict[str, torch.Tensor]:
-    return load_model(str(output))[0].auto_model.state_dict()
+@pytest.fixture(scope="module")
+def six_layer_model(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny model with the real model's six layers, so the layer arithmetic below is the real model's."""
+    return save_tiny_model_with_layers(tiny_model, tmp_path_factory.mktemp("six-layers") / "model", layers=6)
 
 
 def test_layer_learning_rates_decay_from_the_top_and_skip_frozen_parts():
@@ -78,9 +83,9 @@ def test_cli_rejects_bad_strategy_in_one_line(tiny_beir: Path, tmp_path: Path, c
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
-def test_cli_rejects_freezing_every_layer(tiny_beir: Path, tmp_path: Path, capsys):
-    assert main(["train", "--data", str(tiny_beir), "--output", str(tmp_path / "out"), "--freeze-layers", "6"]) == 2
+def test_cli_rejects_freezing_every_layer(tiny_beir: Path, tmp_path: Path, six_layer_model: Path, capsys):
+    args = ["--model", str(six_layer_model), "--freeze-layers", "6"]
+    assert main(["train", "--data", str(tiny_beir), "--output", str(tmp_path / "out"), *args]) == 2
     err = capsys.readouterr().err  # above the error: the library's weight-loading progress bar
     assert err.strip().splitlines()[-1] == (
         "mrl: error: --freeze-layers 6: the model has 6 transformer layers; freeze between 0 and 5"
@@ -89,12 +94,12 @@ def test_cli_rejects_freezing_every_layer(tiny_beir: Path, tmp_path: Path, capsy
     assert not (tmp_path / "out").exists()
 
 
-@pytest.mark.slow
-def test_optimizer_groups_carry_the_decayed_rates(tmp_path: Path):
-    config = small_config(tmp_path / "out", freeze_layers=2, layer_lr_decay=0.5, learning_rate=1e-3)
-    model = load_model(None)
+def test_optimizer_groups_carry_the_decayed_rates(tmp_path: Path, six_layer_model: Path):
+    rates = {"freeze_layers": 2, "layer_lr_decay": 0.5, "learning_rate": 1e-3}
+    config = small_config(tmp_path / "out", model=str(six_layer_model), **rates)
+    model = load_model(config.model)
     strategy, _ = apply_strategy(model, config, "base")
-    trainer = build_trainer(model, load_training_data(config).pairs, [384, 64], config, tmp_path / "ckpt", 1, 1e-3)
+    trainer = build_trainer(model, load_training_data(config).pairs, TINY_DIMS, config, tmp_path / "ckpt", 1, 1e-3)
     optimizer = trainer.create_optimizer()
 
     rate_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
@@ -109,12 +114,11 @@ def test_optimizer_groups_carry_the_decayed_rates(tmp_path: Path):
     assert trainable < strategy["total_parameters"]
 
 
-@pytest.mark.slow
-def test_frozen_layers_stay_bit_identical_while_the_top_moves(tmp_path: Path):
+def test_frozen_layers_stay_bit_identical_while_the_top_moves(tmp_path: Path, six_layer_model: Path):
     output = tmp_path / "model"
-    train(small_config(output, freeze_layers=2, layer_lr_decay=0.8))
+    train(small_config(output, model=str(six_layer_model), freeze_layers=2, layer_lr_decay=0.8))
 
-    before, after = base_weights(), tuned_weights(output)
+    before, after = encoder_weights(six_layer_model), encoder_weights(output)
     for name, weight in before.items():
         if name.startswith(("embeddings.", "encoder.layer.0.", "encoder.layer.1.")):
             assert torch.equal(weight, after[name]), name
@@ -129,10 +133,9 @@ def test_frozen_layers_stay_bit_identical_while_the_top_moves(tmp_path: Path):
     )
 
 
-@pytest.mark.slow
-def test_lora_publishes_a_merged_plain_model_and_its_adapter(tmp_path: Path):
+def test_lora_publishes_a_merged_plain_model_and_its_adapter(tmp_path: Path, six_layer_model: Path):
     output = tmp_path / "model"
-    train(small_config(output, lora=True, lora_rank=4, lora_alpha=8))
+    train(small_config(output, model=str(six_layer_model), lora=True, lora_rank=4, lora_alpha=8))
 
     adapter = output / ADAPTER_FOLDER
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
@@ -148,7 +151,7 @@ def test_lora_publishes_a_merged_plain_model_and_its_adapter(tmp_path: Path):
 
     merged = load_file(output / "model.safetensors")
     assert not any("lora" in k for k in merged)
-    before, after = base_weights(), tuned_weights(output)
+    before, after = encoder_weights(six_layer_model), encoder_weights(output)
     assert before.keys() == after.keys()
     # LoRA touched the targeted linear weights only; embeddings, LayerNorms and biases are untouched.
     changed = {name for name in before if not torch.equal(before[name], after[name])}
@@ -156,12 +159,12 @@ def test_lora_publishes_a_merged_plain_model_and_its_adapter(tmp_path: Path):
     assert all(name.endswith(".weight") and re.search(r"\.(query|key|value|dense)\.", name) for name in changed)
     tuned = load_model(str(output))
     vectors = tuned.encode(["fever and cough"], convert_to_numpy=True)
-    assert vectors.shape == (1, 384) and np.isfinite(vectors).all()
+    assert vectors.shape == (1, TINY_DIM) and np.isfinite(vectors).all()
 
     # The adapter is a standard PEFT folder: base model + adapter, merged, is the published model.
     from peft import PeftModel
 
-    rebuilt = load_model(None)
+    rebuilt = load_model(str(six_layer_model))
     rebuilt[0].auto_model = PeftModel.from_pretrained(rebuilt[0].auto_model, str(adapter)).merge_and_unload()
     np.testing.assert_allclose(rebuilt.encode(["fever and cough"], convert_to_numpy=True), vectors, atol=1e-5)
 
@@ -199,12 +202,11 @@ def test_lora_refuses_gradual_unfreezing(tmp_path: Path, overrides, message):
         check_strategy_options(small_config(tmp_path / "out", **overrides))
 
 
-@pytest.mark.slow
-def test_gradual_unfreezing_releases_the_top_first_and_the_embeddings_last(tmp_path: Path):
+def test_gradual_unfreezing_releases_the_top_first_and_the_embeddings_last(tmp_path: Path, six_layer_model: Path):
     from transformers import TrainerCallback
 
-    config = small_config(tmp_path / "out", gradual_unfreeze=True, max_steps=6)
-    model = load_model(None)
+    config = small_config(tmp_path / "out", model=str(six_layer_model), gradual_unfreeze=True, max_steps=6)
+    model = load_model(config.model)
     strategy, _ = apply_strategy(model, config, "base")
     assert strategy["name"] == "gradual" and strategy["gradual_unfreeze_units"] == 7  # 6 layers + embeddings
     embeddings = model[0].auto_model.embeddings
@@ -220,7 +222,7 @@ def test_gradual_unfreezing_releases_the_top_first_and_the_embeddings_last(tmp_p
             unchanged = torch.equal(embeddings.word_embeddings.weight, start["embeddings.word_embeddings.weight"])
             seen.append((state.global_step, trains, unchanged))
 
-    trainer = build_trainer(model, load_training_data(config).pairs, [384, 64], config, tmp_path / "ckpt", 1, 1e-3)
+    trainer = build_trainer(model, load_training_data(config).pairs, TINY_DIMS, config, tmp_path / "ckpt", 1, 1e-3)
     trainer.add_callback(Probe())
     trainer.train()
 
