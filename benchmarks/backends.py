@@ -4,7 +4,7 @@ For each corpus (a real BEIR corpus, encoded once with the model, and a seeded s
 clustered unit vectors at the model's full dim with placeholder documents) and each backend (a
 FAISS index folder; an index kept in a real Milvus server, which the benchmark starts on loopback
 unless ``--milvus-uri`` names one), the index is built through the builder's own pieces
-(:class:`~index.build.FolderWriter` or :meth:`MilvusIndexStore.begin` with
+(:meth:`~index.stores.IndexStore.begin` of the folder or the Milvus store, with
 :func:`~index.build.build_dim_indexes`), so both get the plan ``mrl index build`` would choose
 (or ``--index-type``) and a manifest with the model's fingerprint that ``mrl serve`` accepts. Then:
 
@@ -62,8 +62,6 @@ from core.models import SentenceTransformerEncoder, load_model, model_dims, mode
 from core.servers import LOOPBACK, ServerError, free_port, running_process
 from index.build import (
     PROBE_QUERIES,
-    FolderWriter,
-    VersionWriter,
     build_dim_indexes,
     encode_cache_key,
     encode_documents,
@@ -72,9 +70,11 @@ from index.build import (
     read_documents,
 )
 from index.layout import new_version_name, writing
+from index.locator import IndexLocator
 from index.manifest import IndexManifest, ModelInfo
 from index.milvus import redact_uri
 from index.params import IndexPlan, choose_index, search_params_for
+from index.stores import VersionWriter, open_store
 
 logger = logging.getLogger(__name__)
 
@@ -334,12 +334,12 @@ def serve(config: BackendsConfig, index: str, log: Path, milvus_uri: str | None 
     )
     port = free_port()
     command, env = server_command(settings, "torch", port), server_environment()
-    if milvus_uri is not None:
-        from index.milvus import CREDENTIAL_VARIABLES
+    if milvus_uri is not None:  # one locator, credentials in the environment (flags show in `ps`; a locator has none)
+        from index.milvus import CREDENTIAL_VARIABLES, credentials_from_env, split_credentials
 
-        command += ["--backend", "milvus"]  # the URI goes in the environment: it may hold credentials; flags show in ps
-        env |= {name: os.environ[name] for name in CREDENTIAL_VARIABLES.values() if name in os.environ}
-        env["MRL_MILVUS_URI"] = milvus_uri
+        address, credentials = split_credentials(milvus_uri, **credentials_from_env())
+        command[command.index("--index") + 1] = str(IndexLocator.milvus(address, index))
+        env |= {CREDENTIAL_VARIABLES[key]: value for key, value in credentials.items() if value}
     with running_process(command, port, log, config.ready_timeout_s, env) as base:
         yield base
 
@@ -393,16 +393,14 @@ class Run:
 
 def measure_faiss(run: Run, corpus: Corpus, exact: dict[int, np.ndarray], work: Path) -> tuple[dict, list[dict]]:
     """Build a FAISS index folder of ``corpus``, measure its recall in-process, then serve and time it."""
-    from index.backends import backend_for
-    from index.loaded import open_index
-
     config = run.config
-    writer = FolderWriter(work / FAISS / corpus.name, backend_for(config.device), new_version_name(), keep_versions=1)
+    store = open_store(IndexLocator.folder(work / FAISS / corpus.name))
+    writer = store.begin(new_version_name(), keep_versions=1, device=config.device)
     logger.info("%s faiss: building dims %s", corpus.name, run.dims)
     plan_for = plan_chooser(config, len(corpus.vectors))
     built = build_version(writer, corpus, run.probes, run.dims, plan_for, run.model)
     logger.info("%s faiss: built in %.2f s", corpus.name, built.total_s)
-    loaded = open_index(Path(built.location), device=config.device, lease=False)
+    loaded = store.open(built.manifest.version, device=config.device, lease=False)
     try:
         recall = recall_per_dim(loaded.indexes, run.query_vectors, exact)
     finally:
@@ -415,14 +413,11 @@ def measure_faiss(run: Run, corpus: Corpus, exact: dict[int, np.ndarray], work: 
 
 def measure_milvus(run: Run, corpus: Corpus, exact: dict[int, np.ndarray], uri: str) -> tuple[dict, list[dict]]:
     """The same on Milvus: an index of its own at ``uri``, dropped afterwards whatever happens."""
-    from index.milvus import MilvusBackend, credentials_from_env
-    from index.milvus_store import MilvusIndexStore
-
     config = run.config
     name = f"mrl_bench_{re.sub(r'[^A-Za-z0-9]', '_', corpus.name)}_{secrets.token_hex(3)}"
-    store = MilvusIndexStore(MilvusBackend(uri, **credentials_from_env()), name)
+    store = open_store(IndexLocator.milvus(uri, name))
     try:
-        writer = store.begin(new_version_name(), keep_versions=1)
+        writer = store.begin(new_version_name(), keep_versions=1, device=config.device)
         logger.info("%s milvus: building dims %s as index %r at %s", corpus.name, run.dims, name, redact_uri(uri))
         plan_for = plan_chooser(config, len(corpus.vectors))
         built = build_version(writer, corpus, run.probes, run.dims, plan_for, run.model)
@@ -449,7 +444,7 @@ def drop_index(store: Any) -> None:
             if collection == store.meta or collection.startswith(f"{store.name}_"):
                 store.backend.drop(collection)
     except EngineUnavailable as exc:
-        logger.warning("could not drop %s: %s", store.where, exc)
+        logger.warning("could not drop %s: %s", store.label, exc)
     finally:
         store.backend.close()
 

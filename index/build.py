@@ -21,13 +21,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
 from core.data import DataError, Document, load_beir, load_corpus, load_queries
 from core.errors import ConfigError
-from core.files import write_json_atomic
 from core.matryoshka import truncate_normalize, validate_dims
 from core.metrics import exact_top_k, neighbour_recall
 from core.models import (
@@ -40,31 +39,21 @@ from core.models import (
     model_fingerprint,
     read_model_card,
 )
-from index.backends import Device, IndexBackend, VectorIndex, backend_for
+from index.backends import Device, VectorIndex
 from index.layout import (
-    DOCS_FILE,
-    PROBE_FILE,
-    VECTORS_FILE,
-    WriterLock,
-    index_file,
     new_version_name,
-    publish_version,
-    resolve_version,
-    staging_version,
     writing,
 )
 from index.locator import LOCATOR_FORMS, IndexLocator, parse_locator
 from index.manifest import (
-    MANIFEST_FILE,
     DimIndex,
     IndexFolderError,
     IndexManifest,
     ModelInfo,
-    folder_files,
 )
 from index.params import IndexPlan, choose_index, search_params_for
 from index.plans import JudgedQueries, evaluate_plans, plans_from_report
-from index.store import write_documents
+from index.stores import IndexStore, VersionWriter, open_store
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -139,70 +128,6 @@ class BuildConfig:
     def check(self) -> None:
         """Raises ConfigError unless the options name one place to write to."""
         self.locator()
-
-
-class VersionWriter(Protocol):
-    """Where a new index version is written, and how it goes live: a folder, or an engine."""
-
-    version: str
-
-    def write_corpus(self, documents: list[Document], vectors: np.ndarray, probes: np.ndarray) -> None:
-        """The documents, their full vectors and the recall probes."""
-
-    def build(self, dim: int, vectors: np.ndarray, plan: IndexPlan) -> VectorIndex:
-        """Dim ``dim``'s index of ``vectors`` (truncated and normalised)."""
-
-    def keep(self, index: VectorIndex, dim: int) -> tuple[str, int]:
-        """Store ``index`` with the version: ``(what the manifest names it by, its size in bytes)``."""
-
-    def files(self) -> tuple[dict[str, int], dict[str, str]]:
-        """The version's files and their checksums, for the manifest (none for an engine)."""
-
-    def publish(self, manifest: IndexManifest) -> Path:
-        """Make the version live (one atomic step), prune old ones; returns where it is."""
-
-    def abort(self) -> None:
-        """Remove what this build wrote; nothing of it goes live."""
-
-
-class FolderWriter:
-    """A version folder of ``root``: staged in ``versions/.building-*``, renamed into place, ``current`` moved."""
-
-    def __init__(self, root: Path, backend: IndexBackend, version: str, keep_versions: int) -> None:
-        self.root, self.backend, self.version, self.keep_versions = root, backend, version, keep_versions
-        with writing(root):
-            self.staging = staging_version(root)
-
-    def write_corpus(self, documents: list[Document], vectors: np.ndarray, probes: np.ndarray) -> None:
-        with writing(self.staging):
-            np.save(self.staging / VECTORS_FILE, vectors)
-            np.save(self.staging / PROBE_FILE, probes)
-        with writing(self.staging / DOCS_FILE):
-            write_documents(self.staging / DOCS_FILE, documents)
-
-    def build(self, dim: int, vectors: np.ndarray, plan: IndexPlan) -> VectorIndex:
-        return self.backend.build(vectors, plan)
-
-    def keep(self, index: VectorIndex, dim: int) -> tuple[str, int]:
-        return save_to_folder(index, dim, self.staging)
-
-    def files(self) -> tuple[dict[str, int], dict[str, str]]:
-        return folder_files(self.staging)
-
-    def publish(self, manifest: IndexManifest) -> Path:
-        with writing(self.staging):
-            write_json_atomic(self.staging / MANIFEST_FILE, manifest.to_dict())
-        with WriterLock(self.root) as lock:
-            return publish_version(lock, self.staging, manifest.version, self.keep_versions)
-
-    def abort(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
-
-
-def save_to_folder(index: VectorIndex, dim: int, folder: Path) -> tuple[str, int]:
-    with writing(folder / index_file(dim)):
-        index.save(folder / index_file(dim))
-    return index_file(dim), (folder / index_file(dim)).stat().st_size
 
 
 def read_documents(path: Path) -> tuple[list[Document], list[str]]:
@@ -361,11 +286,11 @@ def library_versions() -> dict[str, str]:
     }
 
 
-def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
+def build_index(config: BuildConfig) -> tuple[Path | str, IndexManifest]:
     """Build a new index version where ``config`` says and make it live.
 
     Returns:
-        The version folder (FAISS), or ``NAME/VERSION`` (Milvus); and the manifest.
+        The version folder (FAISS), or the locator and the version (an engine); and the manifest.
 
     Raises:
         ConfigError: Options that name no place to write. DataError: Bad corpus file.
@@ -379,10 +304,27 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
     encoder = SentenceTransformerEncoder(model, config.model or "default", config.batch_size, config.progress)
     dims = validate_dims(config.dims, encoder.dimension) if config.dims else model_dims(model, config.model)
     fingerprint = model_fingerprint(model)
+    store = open_store(locator)
+    try:
+        return _build_into(store, config, documents, query_texts, judged, model, encoder, dims, fingerprint)
+    finally:
+        store.close()
+
+
+def _build_into(
+    store: IndexStore,
+    config: BuildConfig,
+    documents: list[Document],
+    query_texts: list[str],
+    judged: JudgedQueries | None,
+    model: SentenceTransformer,
+    encoder: SentenceTransformerEncoder,
+    dims: list[int],
+    fingerprint: str,
+) -> tuple[Path | str, IndexManifest]:
+    """``build_index`` once the store is open: encode (or read the cache), build every dim, publish."""
+    store.prepare()  # an engine that does not answer, or a read-only version folder: fail before encoding
     version = new_version_name()
-    store = _milvus_store(locator) if locator.engine == "milvus" else None
-    if store is not None:
-        store.ensure_meta()  # Milvus unreachable: fail before encoding
 
     key = encode_cache_key(documents, fingerprint, model)
     cache = encode_cache_root(config) / key
@@ -401,10 +343,7 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
             return IndexPlan(config.index_type, search_params_for(config.index_type))
         return choose_index(len(vectors), dim, budget)
 
-    if store is None:
-        writer: VersionWriter = FolderWriter(locator.path, backend_for(config.device), version, config.keep_versions)
-    else:
-        writer = store.begin(version, config.keep_versions)
+    writer = store.begin(version, config.keep_versions, device=config.device)
     try:
         writer.write_corpus(documents, vectors, probes)
         built: dict[int, VectorIndex] = {}
@@ -439,11 +378,8 @@ def build_index(config: BuildConfig) -> tuple[Path, IndexManifest]:
     except BaseException:
         writer.abort()
         raise
-    finally:
-        if store is not None:
-            store.backend.close()
     if config.cache_dir is None:  # the build's own cache has done its work; a cache named by the user is kept
-        shutil.rmtree(cache.parent if store is None else cache, ignore_errors=True)
+        shutil.rmtree(cache.parent if store.locator.engine == "faiss" else cache, ignore_errors=True)
     return final, manifest
 
 
@@ -478,13 +414,6 @@ def read_judged_queries(folder: Path, split: str, documents: list[Document]) -> 
     return JudgedQueries(ids, [dataset.queries[qid] for qid in ids], qrels, f"{folder} ({split})")
 
 
-def _milvus_store(locator: IndexLocator):
-    from index.milvus import MilvusBackend, credentials_from_env
-    from index.milvus_store import MilvusIndexStore
-
-    return MilvusIndexStore(MilvusBackend(locator.uri, **credentials_from_env()), locator.name)
-
-
 def model_info(model: SentenceTransformer, name: str | None, fingerprint: str, full_dim: int) -> ModelInfo:
     """What a manifest records of the model that encoded the corpus (``name`` as the builder was given it)."""
     return ModelInfo(
@@ -510,7 +439,7 @@ def _sample_rows(vectors: np.ndarray, count: int) -> np.ndarray:
 
 
 def add_documents(
-    root: Path,
+    index: IndexLocator | Path | str,
     data: Path,
     model_name: str | None = None,
     *,
@@ -518,35 +447,45 @@ def add_documents(
     device: Device = "auto",
     keep_versions: int = 3,
     progress: bool = True,
-) -> tuple[Path, IndexManifest]:
-    """Publish a new version with ``data``'s documents appended; old documents are not re-encoded.
+) -> tuple[Path | str, IndexManifest]:
+    """Publish a new version of ``index`` with ``data``'s documents appended; old documents are not re-encoded.
+
+    Works on every store: the new version holds the current one's documents and full vectors plus the
+    new ones, every dim rebuilt from them with the current version's index plans, and goes live through
+    the store's writer as a build does (the old version is pruned as after a build). A folder's writers
+    exclude each other from reading ``current`` to publishing, so a concurrent add or build waits.
+
+    Args:
+        index: A locator, or a folder path.
 
     Raises:
-        IndexFolderError: No index at ``root`` or a model other than the one that built it.
-        DataError: Bad documents, or ids that are already indexed.
+        IndexFolderError: No index there, or a model other than the one that built it.
+        DataError: Bad documents, or ids that are already indexed. EngineUnavailable: the engine does not answer.
     """
-    from index.loaded import open_index
-
-    resolve_version(root)  # no index there: say so before taking its lock
-    with WriterLock(root) as lock:  # held from reading `current` to publishing: a concurrent add or build waits
-        current = open_index(root, device=device)
-        try:
-            return _append_version(lock, current, data, model_name, batch_size, progress, keep_versions)
-        finally:
-            current.close()
+    locator = index if isinstance(index, IndexLocator) else parse_locator(str(index))
+    store = open_store(locator)
+    try:
+        with store.writing():
+            current = store.open(store.current(), device=device)
+            try:
+                return _append_version(store, current, data, model_name, batch_size, progress, keep_versions, device)
+            finally:
+                current.close()
+    finally:
+        store.close()
 
 
 def _append_version(
-    lock: WriterLock,
+    store: IndexStore,
     current: LoadedIndex,
     data: Path,
     model_name: str | None,
     batch_size: int,
     progress: bool,
     keep_versions: int,
-) -> tuple[Path, IndexManifest]:
-    """``add_documents`` once the root is locked and its current version open."""
-    root = lock.root
+    device: Device,
+) -> tuple[Path | str, IndexManifest]:
+    """``add_documents`` once the store's writers are excluded and its current version is open."""
     old = current.manifest
     model = load_model(
         model_name or old.model.name,
@@ -555,7 +494,8 @@ def _append_version(
         document_prompt=old.model.document_prompt,
     )
     if model_fingerprint(model) != old.model.fingerprint:
-        raise IndexFolderError(f"{current.path}: built with another model than {model_name or old.model.name!r}")
+        where = store.where(current.location)
+        raise IndexFolderError(f"{where}: built with another model than {model_name or old.model.name!r}")
     documents, _ = read_documents(data)
     existing = current.store.ids()
     clashes = [d.id for d in documents if d.id in existing]
@@ -565,41 +505,25 @@ def _append_version(
     started = time.perf_counter()
     added = encode_documents(encoder, documents)
     encode_seconds = time.perf_counter() - started
+    vectors = np.concatenate([np.asarray(current.vectors, dtype=np.float32), added])
+    everything = [*current.store.get(range(old.num_vectors)), *documents]
+    probes = current.probe_queries if current.probe_queries is not None else _sample_rows(vectors, PROBE_QUERIES)
+    plans = {dim: IndexPlan(old.indexes[dim].factory, old.indexes[dim].search_params) for dim in old.dims}
 
-    with writing(root):
-        staging = staging_version(root)
+    writer = store.begin(new_version_name(), keep_versions, device=device)
     try:
-        vectors = np.concatenate([np.asarray(current.vectors), added])
-        with writing(staging):
-            np.save(staging / VECTORS_FILE, vectors)
-            shutil.copy2(current.path / PROBE_FILE, staging / PROBE_FILE)
-            shutil.copy2(current.path / DOCS_FILE, staging / DOCS_FILE)
-            write_documents(staging / DOCS_FILE, documents, first_row=old.num_vectors)
-        probes = current.probes()
-        indexes = {}
-        for dim, index in current.indexes.items():
-            started = time.perf_counter()
-            index.add(truncate_normalize(added, dim))
-            seconds = old.indexes[dim].build_seconds + time.perf_counter() - started
-            stored = save_to_folder(index, dim, staging)
-            indexes[dim] = describe_index(index, dim, truncate_normalize(vectors, dim), probes, stored, seconds)
+        writer.write_corpus(everything, vectors, probes)
+        built: dict[int, VectorIndex] = {}
+        indexes = build_dim_indexes(vectors, probes, old.dims, plans.__getitem__, writer, built)
         manifest = IndexManifest.from_dict(old.to_dict())
-        manifest.version = new_version_name()
-        manifest.num_vectors = len(vectors)
-        manifest.indexes = indexes
+        manifest.version, manifest.num_vectors, manifest.indexes = writer.version, len(vectors), indexes
         if old.judged_queries:  # the plans' quality changes with the corpus: score them again
             judged = JudgedQueries.from_dict(old.judged_queries)
-
-            def ids(rows: list[int]) -> list[str]:  # the old documents from the store, the new ones from memory
-                first_new = old.num_vectors
-                stored = iter(current.store.get([row for row in rows if row < first_new]))
-                return [next(stored).id if row < first_new else documents[row - first_new].id for row in rows]
-
             per_vector = {dim: indexes[dim].bytes / len(vectors) for dim in indexes}
-            queries = encoder.encode_queries(judged.texts)
-            plans = evaluate_plans(current.indexes, vectors, ids, queries, judged, per_vector)
-            manifest.plans = [plan.to_dict() for plan in plans]
-        manifest.files, manifest.checksums = folder_files(staging)
+            ids = lambda rows: [everything[row].id for row in rows]  # noqa: E731
+            scored = evaluate_plans(built, vectors, ids, encoder.encode_queries(judged.texts), judged, per_vector)
+            manifest.plans = [plan.to_dict() for plan in scored]
+        manifest.files, manifest.checksums = writer.files()
         manifest.history.append(
             {
                 "added": len(documents),
@@ -609,10 +533,8 @@ def _append_version(
                 "from": old.version,
             }
         )
-        with writing(staging):
-            write_json_atomic(staging / MANIFEST_FILE, manifest.to_dict())
-        final = publish_version(lock, staging, manifest.version, keep_versions)
+        final = writer.publish(manifest)
     except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
+        writer.abort()
         raise
     return final, manifest

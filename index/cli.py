@@ -127,8 +127,8 @@ def run_build(args: argparse.Namespace) -> int:
     check_positive(args, ("memory_budget_mb", "batch_size", "keep_versions", "workers"), ("max_seq_length",))
     locator = locator_from_args(args)
     fields = {k: v for k, v in config_fields(args).items() if k not in ("index", "output", "backend", "milvus_uri")}
-    path, manifest = build_index(BuildConfig(index=str(locator), **fields))
-    print(info_table(manifest, locator if locator.engine == "milvus" else path))
+    where, manifest = build_index(BuildConfig(index=str(locator), **fields))
+    print(info_table(manifest, where))
     return 0
 
 
@@ -136,13 +136,8 @@ def run_add(args: argparse.Namespace) -> int:
     from index.build import add_documents
 
     check_positive(args, ("batch_size", "keep_versions"))
-    locator = parse_locator(args.index)
-    if locator.engine != "faiss":
-        raise ConfigError(
-            f"mrl index add appends to a folder index; for {locator}, build a new version with mrl index build"
-        )
-    path, manifest = add_documents(
-        locator.path,
+    where, manifest = add_documents(
+        parse_locator(args.index),
         args.data,
         args.model,
         batch_size=args.batch_size,
@@ -150,47 +145,27 @@ def run_add(args: argparse.Namespace) -> int:
         keep_versions=args.keep_versions,
         progress=args.progress,
     )
-    print(f"added {manifest.history[-1]['added']} documents -> {path} ({manifest.num_vectors} in all)")
+    print(f"added {manifest.history[-1]['added']} documents -> {where} ({manifest.num_vectors} in all)")
     return 0
 
 
 def run_info(args: argparse.Namespace) -> int:
-    from index.layout import resolve_version
-    from index.loaded import open_index
-    from index.manifest import IndexManifest
+    from index.stores import open_store
 
-    locator = locator_from_args(args)
-    if locator.engine == "milvus":
-        return _milvus_info(locator, args.check)
-    folder = resolve_version(locator.path)
-    manifest = IndexManifest.read(folder)
-    if args.check:
-        open_index(folder, device="cpu").close()
-    print(info_table(manifest, folder))
-    if args.check:
-        print("check: all files load and match the manifest")
-    return 0
-
-
-def _milvus_info(locator: IndexLocator, check: bool) -> int:
-    from index.milvus import MilvusBackend, credentials_from_env
-    from index.milvus_store import MilvusIndexStore
-
-    backend = MilvusBackend(locator.uri, **credentials_from_env())
+    store = open_store(locator_from_args(args))
     try:
-        store = MilvusIndexStore(backend, locator.name)
         version = store.current()
         manifest = store.manifest(version)
-        if check:
-            store.open(version, lease=False).close()
-        print(info_table(manifest, f"{IndexLocator('milvus', uri=backend.uri, name=locator.name)} (version {version})"))
-        others = {v: state for v, state in store.versions().items() if v != version}
-        for other, state in sorted(others.items()):
-            print(f"version {other}: {state}")
-        if check:
-            print("check: every collection is there and holds the rows the manifest says")
+        if args.check:
+            store.open(version, device="cpu", lease=False).close()
+        print(info_table(manifest, store.where(version)))
+        for other, state in sorted(store.versions().items()):
+            if other != version:
+                print(f"version {other}: {state}")
+        if args.check:
+            print("check: every part of the version loads and matches the manifest")
     finally:
-        backend.close()
+        store.close()
     return 0
 
 
@@ -211,7 +186,7 @@ def _engines(manifest) -> str:
     return ", ".join(sorted({entry.backend for entry in manifest.indexes.values()}))
 
 
-def info_table(manifest, folder: Path | IndexLocator | str) -> str:
+def info_table(manifest, folder: Path | str) -> str:
     model = manifest.model
     ndcg = {}
     if manifest.evaluation:

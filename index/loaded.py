@@ -39,19 +39,19 @@ class LoadedIndex:
     when the engine that holds the version cannot be reached.
     """
 
-    path: Path  # a version folder, or NAME/VERSION of an index kept in an engine
+    path: Path | None  # the version folder; None for a version kept in an engine
     manifest: IndexManifest
     vectors: Any  # (num_vectors, full_dim) full vectors: np.ndarray (memory-mapped) or an engine's reader
     store: DocumentStore | Any
     indexes: dict[int, VectorIndex]
     probe_queries: np.ndarray | None = None
     lease: Lease | None = None
-    location: str = ""  # what IndexSource.current() names this version by (a folder, an engine version)
+    location: str = ""  # the version's name, as its store's current() names it
     health: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
         if not self.location:
-            self.location = str(self.path.resolve())
+            self.location = self.manifest.version
 
     @property
     def dims(self) -> list[int]:
@@ -59,7 +59,7 @@ class LoadedIndex:
 
     def probes(self) -> np.ndarray:
         if self.probe_queries is None:
-            raise IndexFolderError(f"{self.path}: has no {PROBE_FILE}")
+            raise IndexFolderError(f"{self.path or self.location}: has no {PROBE_FILE}")
         return self.probe_queries
 
     def check_health(self) -> None:
@@ -73,39 +73,6 @@ class LoadedIndex:
             index.close()
         if self.lease is not None:
             self.lease.release()
-
-
-class IndexSource(Protocol):
-    """Where a served index lives: a folder of versions, or an engine. The service reaches it only through this."""
-
-    def current(self) -> str:
-        """The live version's location (what :attr:`LoadedIndex.location` of it will be).
-
-        Raises:
-            IndexFolderError: No index there, or it cannot be reached.
-        """
-
-    def manifest(self, location: str) -> IndexManifest:
-        """The manifest of the version at ``location``."""
-
-    def open(self, location: str, *, device: Device = "auto", expected_fingerprint: str | None = None) -> LoadedIndex:
-        """The version at ``location``, verified and ready to search (see :func:`open_index`)."""
-
-
-@dataclass
-class FolderSource:
-    """An index root (its ``current`` version) or one version folder on a file system."""
-
-    root: Path
-
-    def current(self) -> str:
-        return str(resolve_version(self.root).resolve())
-
-    def manifest(self, location: str) -> IndexManifest:
-        return IndexManifest.read(Path(location))
-
-    def open(self, location: str, *, device: Device = "auto", expected_fingerprint: str | None = None) -> LoadedIndex:
-        return open_index(Path(location), device=device, expected_fingerprint=expected_fingerprint)
 
 
 def _check_files(folder: Path, manifest: IndexManifest) -> None:

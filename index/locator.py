@@ -4,7 +4,7 @@
     milvus://HOST:PORT/NAME                 the index NAME in a Milvus server or cluster (``milvus+https://`` for TLS)
     milvus-lite://PATH/TO/FILE.db/NAME      the index NAME in a Milvus Lite file (the last path segment is the name)
 
-This module is the one place that tells the engines apart; credentials never come from a
+:func:`index.stores.open_store` chooses the engine from a parsed locator; credentials never come from a
 locator (``MRL_MILVUS_TOKEN``, or ``MRL_MILVUS_USER`` and ``MRL_MILVUS_PASSWORD``).
 """
 
@@ -13,12 +13,9 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
 from core.errors import ConfigError
-
-if TYPE_CHECKING:
-    from index.loaded import IndexSource
 
 Engine = Literal["faiss", "milvus"]
 SCHEMES = {"milvus://": "http://", "milvus+https://": "https://", "milvus-lite://": ""}
@@ -103,24 +100,3 @@ def _index_name(name: str, text: str) -> str:
             f"index locator {text!r}: the index name {name!r} must be letters, digits and _, not starting with a digit"
         )
     return name
-
-
-def open_source(
-    locator: IndexLocator, *, timeout: float | None = None, credentials: dict[str, str] | None = None
-) -> IndexSource:
-    """The served index's :class:`~index.loaded.IndexSource` for ``locator``: the one place an engine is chosen.
-
-    Args:
-        locator: Where the index is.
-        timeout: Milvus: seconds each call may take.
-        credentials: Milvus: ``token``, ``user``, ``password`` (default: from ``MRL_MILVUS_*``).
-    """
-    from index.loaded import FolderSource
-
-    if locator.engine == "faiss":
-        return FolderSource(locator.path)
-    from index.milvus import MilvusBackend, credentials_from_env
-    from index.milvus_store import MilvusIndexStore, MilvusSource
-
-    backend = MilvusBackend(locator.uri, timeout=timeout, **(credentials or credentials_from_env()))
-    return MilvusSource(MilvusIndexStore(backend, locator.name))

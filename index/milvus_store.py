@@ -31,6 +31,7 @@ build wrote, however little time passed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -42,7 +43,6 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -51,6 +51,7 @@ from core.data import Document
 from index.backends import Device, EngineUnavailable, VectorIndex
 from index.layout import STALE_STAGING_SECONDS, lease_holder_is_live
 from index.loaded import LoadedIndex
+from index.locator import IndexLocator
 from index.manifest import IndexFolderError, IndexManifest
 from index.milvus import (
     CONSISTENCY,
@@ -118,12 +119,34 @@ class MilvusIndexStore:
         self.name = check_collection_name(name)
         self.meta = check_collection_name(f"{name}_meta")
         self._meta_loaded = False
+        self.locator = IndexLocator("milvus", uri=backend.uri, name=self.name)  # the URI without its password
+
+    @classmethod
+    def at(
+        cls, locator: IndexLocator, timeout: float | None = None, credentials: dict[str, str] | None = None
+    ) -> MilvusIndexStore:
+        """The index ``locator`` names (credentials default to ``MRL_MILVUS_*``); nothing is connected yet."""
+        from index.milvus import credentials_from_env
+
+        backend = MilvusBackend(locator.uri, timeout=timeout, **(credentials or credentials_from_env()))
+        return cls(backend, locator.name)
+
+    def where(self, version: str) -> str:
+        return f"{self.locator} (version {version})"
+
+    def writing(self) -> contextlib.AbstractContextManager[None]:
+        """Writers of an index in Milvus do not exclude each other yet: each publishes its own complete version."""
+        return contextlib.nullcontext()
+
+    def close(self) -> None:
+        self.backend.close()
 
     def __repr__(self) -> str:
         return f"MilvusIndexStore({self.name!r} at {self.backend.uri})"
 
     @property
-    def where(self) -> str:
+    def label(self) -> str:
+        """The index in messages: ``index 'NAME' at URI``."""
         return f"index {self.name!r} at {self.backend.uri}"
 
     # --- collection names -----------------------------------------------------------------
@@ -156,6 +179,10 @@ class MilvusIndexStore:
                 self._meta_loaded = True
         return True
 
+    def prepare(self) -> None:
+        """Milvus answers, and the index's records exist (an unreachable server fails here, before encoding)."""
+        self.ensure_meta()
+
     def ensure_meta(self) -> None:
         """Create the meta collection if it is not there yet (two builds may race to create it)."""
         from pymilvus import DataType, MilvusClient
@@ -185,12 +212,12 @@ class MilvusIndexStore:
 
     def _put(self, records: dict[str, str]) -> None:
         rows = [{KEY_FIELD: k, VALUE_FIELD: v, VECTOR_FIELD: [0.0] * META_VECTOR_DIM} for k, v in records.items()]
-        with engine_errors(self.backend.uri, f"writing records of {self.where}"):
+        with engine_errors(self.backend.uri, f"writing records of {self.label}"):
             for start in range(0, len(rows), INSERT_ROWS):
                 self._client.upsert(self.meta, rows[start : start + INSERT_ROWS], timeout=self.backend.timeout)
 
     def _query(self, expression: str) -> dict[str, str]:
-        with engine_errors(self.backend.uri, f"reading records of {self.where}"):
+        with engine_errors(self.backend.uri, f"reading records of {self.label}"):
             rows = self._client.query(
                 self.meta,
                 filter=expression,
@@ -207,7 +234,7 @@ class MilvusIndexStore:
         return self._query(f"{KEY_FIELD} like {json.dumps(prefix + '%')}")
 
     def _delete(self, keys: Sequence[str]) -> None:
-        with engine_errors(self.backend.uri, f"deleting records of {self.where}"):
+        with engine_errors(self.backend.uri, f"deleting records of {self.label}"):
             for start in range(0, len(keys), FETCH_ROWS):
                 chunk = keys[start : start + FETCH_ROWS]
                 self._client.delete(self.meta, filter=f"{KEY_FIELD} in {_quoted(chunk)}", timeout=self.backend.timeout)
@@ -228,10 +255,10 @@ class MilvusIndexStore:
             IndexFolderError: No such index, or no version of it is live yet. EngineUnavailable: Milvus is down.
         """
         if not self.exists():
-            raise IndexFolderError(f"{self.where}: index not found (no collection {self.meta!r}); build it first")
+            raise IndexFolderError(f"{self.label}: index not found (no collection {self.meta!r}); build it first")
         raw = self._get(CURRENT_KEY)
         if raw is None:
-            raise IndexFolderError(f"{self.where}: no version is live yet (a build is running or was killed)")
+            raise IndexFolderError(f"{self.label}: no version is live yet (a build is running or was killed)")
         return json.loads(raw)["version"]
 
     def manifest(self, version: str) -> IndexManifest:
@@ -242,26 +269,27 @@ class MilvusIndexStore:
         """
         record = self._record(version)
         if record is None:
-            raise IndexFolderError(f"{self.where}: version {version!r} not found")
+            raise IndexFolderError(f"{self.label}: version {version!r} not found")
         if record["state"] != LIVE:
             raise IndexFolderError(
-                f"{self.where}: version {version!r} is {record['state']} (half-built or being pruned), not live"
+                f"{self.label}: version {version!r} is {record['state']} (half-built or being pruned), not live"
             )
         parts = self._scan(f"manifest/{version}/")
         if len(parts) != record["manifest_parts"]:
             raise IndexFolderError(
-                f"{self.where}: version {version!r} has {len(parts)} manifest parts, "
+                f"{self.label}: version {version!r} has {len(parts)} manifest parts, "
                 f"expected {record['manifest_parts']}"
             )
         try:
             return IndexManifest.from_dict(json.loads("".join(parts[key] for key in sorted(parts))))
         except (ValueError, TypeError, KeyError) as exc:
-            raise IndexFolderError(f"{self.where}: corrupt manifest of version {version!r} ({exc})") from None
+            raise IndexFolderError(f"{self.label}: corrupt manifest of version {version!r} ({exc})") from None
 
     def open(
         self,
         version: str,
         *,
+        device: Device = "auto",
         expected_fingerprint: str | None = None,
         dims: list[int] | None = None,
         lease: bool = True,
@@ -273,13 +301,13 @@ class MilvusIndexStore:
                 a manifest from another model, or dims it does not have.
         """
         manifest = self.manifest(version)
-        wanted = check_openable(manifest, f"{self.where}: version {version!r}", expected_fingerprint, dims)
+        wanted = check_openable(manifest, f"{self.label}: version {version!r}", expected_fingerprint, dims)
         record = self._record(version) or {}
         needed = [self.docs_collection(version), *(manifest.indexes[dim].file for dim in wanted)]
         present = set(self.backend.all_collections())
         missing = [c for c in needed if c not in present]
         if missing:
-            raise IndexFolderError(f"{self.where}: version {version!r} is incomplete: collections {missing} missing")
+            raise IndexFolderError(f"{self.label}: version {version!r} is incomplete: collections {missing} missing")
         held = MilvusLease(self, version) if lease else None  # before opening, so a build cannot prune it meanwhile
         try:
             documents = MilvusDocuments(
@@ -287,7 +315,7 @@ class MilvusIndexStore:
             )
             if documents.parts != record.get("doc_rows"):
                 raise IndexFolderError(
-                    f"{self.where}: collection {documents.collection!r} holds {documents.parts} document parts, "
+                    f"{self.label}: collection {documents.collection!r} holds {documents.parts} document parts, "
                     f"version {version!r} wrote {record.get('doc_rows')}"
                 )
             indexes: dict[int, VectorIndex] = {}
@@ -296,7 +324,7 @@ class MilvusIndexStore:
                 index = self.backend.open_collection(entry.file, IndexPlan(entry.factory, entry.search_params))
                 if (index.ntotal, index.dim) != (manifest.num_vectors, dim):
                     raise IndexFolderError(
-                        f"{self.where}: collection {entry.file!r} holds {index.ntotal} vectors of dim {index.dim}, "
+                        f"{self.label}: collection {entry.file!r} holds {index.ntotal} vectors of dim {index.dim}, "
                         f"expected {manifest.num_vectors} of dim {dim}"
                     )
                 indexes[dim] = index
@@ -305,7 +333,7 @@ class MilvusIndexStore:
                 held.release()
             raise
         return LoadedIndex(
-            Path(self.name) / version,
+            None,
             manifest,
             MilvusVectors(documents, manifest.num_vectors),
             documents,
@@ -337,7 +365,7 @@ class MilvusIndexStore:
                     )
 
     # --- writing ------------------------------------------------------------------------
-    def begin(self, version: str, keep_versions: int = 3) -> MilvusVersionWriter:
+    def begin(self, version: str, keep_versions: int = 3, *, device: Device = "auto") -> MilvusVersionWriter:
         """Start writing version ``version``: its record first (state ``building``), after cleaning up killed builds."""
         self.ensure_meta()
         self.remove_abandoned()
@@ -357,13 +385,13 @@ class MilvusIndexStore:
         removed = []
         for version, record in records.items():
             if record["state"] == PRUNING or (record["state"] == BUILDING and self._abandoned(record)):
-                logger.info("removing version %s of %s: its build was killed", version, self.where)
+                logger.info("removing version %s of %s: its build was killed", version, self.label)
                 self._drop_version(version, record)
                 removed.append(version)
         tags = {version_tag(v) for v in records if v not in removed}
         for orphan in collections:
             if self._version_of(orphan) not in tags:
-                logger.info("dropping %s: no version of %s names it", orphan, self.where)
+                logger.info("dropping %s: no version of %s names it", orphan, self.label)
                 self.backend.drop(orphan)
         return removed
 
@@ -397,7 +425,7 @@ class MilvusIndexStore:
         records = self._records()
         live = [v for v, r in records.items() if r["state"] == LIVE]
         drop = lambda version: self._drop_version(version, records[version])  # noqa: E731
-        return prune_old_versions(live, keep, current, self.held_versions, drop, self.where)
+        return prune_old_versions(live, keep, current, self.held_versions, drop, self.label)
 
     def held_versions(self) -> set[str]:
         """Versions a live server holds a lease on; stale lease records are deleted."""
@@ -505,12 +533,12 @@ class MilvusVersionWriter:
     def files(self) -> tuple[dict[str, int], dict[str, str]]:
         return {}, {}
 
-    def publish(self, manifest: IndexManifest) -> Path:
+    def publish(self, manifest: IndexManifest) -> str:
         for collection in list(self._sealing):
             self._sealed(collection)
         self._sealer.shutdown()
         self.store.publish(self.version, self.record, manifest, self.keep_versions)
-        return Path(self.store.name) / self.version
+        return self.store.where(self.version)
 
     def abort(self) -> None:
         """Remove what this build wrote (a build that failed; a killed one is removed by the next build)."""
@@ -518,7 +546,7 @@ class MilvusVersionWriter:
         try:
             self.store._drop_version(self.version, self.record)
         except EngineUnavailable as exc:
-            logger.warning("could not remove the failed build %s of %s: %s", self.version, self.store.where, exc)
+            logger.warning("could not remove the failed build %s of %s: %s", self.version, self.store.label, exc)
 
 
 def layout_bytes(plan: IndexPlan, count: int, dim: int) -> int:
@@ -647,7 +675,7 @@ class MilvusLease:
         try:
             self.store._put({self.key: json.dumps({"at": time.time()})})
         except EngineUnavailable as exc:
-            logger.warning("cannot refresh the lease on %s of %s: %s", self.version, self.store.where, exc)
+            logger.warning("cannot refresh the lease on %s of %s: %s", self.version, self.store.label, exc)
 
     def release(self) -> None:
         if self.key is None:
@@ -656,20 +684,4 @@ class MilvusLease:
         try:
             self.store._delete([key])
         except EngineUnavailable as exc:  # it goes stale and is removed by the next prune
-            logger.warning("cannot release the lease on %s of %s: %s", self.version, self.store.where, exc)
-
-
-@dataclass
-class MilvusSource:
-    """An index kept in Milvus (an :class:`~index.loaded.IndexSource`): versions are named, not folders."""
-
-    store: MilvusIndexStore
-
-    def current(self) -> str:
-        return self.store.current()
-
-    def manifest(self, location: str) -> IndexManifest:
-        return self.store.manifest(location)
-
-    def open(self, location: str, *, device: Device = "auto", expected_fingerprint: str | None = None) -> LoadedIndex:
-        return self.store.open(location, expected_fingerprint=expected_fingerprint)
+            logger.warning("cannot release the lease on %s of %s: %s", self.version, self.store.label, exc)

@@ -25,10 +25,11 @@ from core.errors import ConfigError
 from core.matryoshka import truncate_normalize
 from index.backends import EngineUnavailable
 from index.layout import LEASE_TTL_SECONDS
-from index.loaded import IndexSource, LoadedIndex
+from index.loaded import LoadedIndex
 from index.manifest import IndexFolderError, IndexManifest
 from index.plans import TRAINING_REPORT, JudgedQueries, Plan, evaluate_plans, plans_from_report
 from index.search import staged_search
+from index.stores import IndexStore
 from service.batching import MicroBatcher, TextKind
 from service.cache import QueryCache
 from service.encoders import LoadedEncoder, load_encoder
@@ -85,7 +86,7 @@ class Searcher:
         loaded_encoder: LoadedEncoder,
         index: LoadedIndex,
         metrics: ServiceMetrics,
-        source: IndexSource,
+        source: IndexStore,
         plans: ServedPlans | None = None,
     ) -> None:
         self.settings = settings
@@ -138,7 +139,7 @@ class Searcher:
         searcher._lease_refresher = asyncio.create_task(searcher._refresh_leases(), name="mrl-lease-refresher")
         logger.info(
             "serving %s (%d vectors, dims %s) with %s on %s",
-            index.path,
+            source.where(index.location),
             index.manifest.num_vectors,
             index.dims,
             loaded_encoder.encoder.name,
@@ -490,7 +491,7 @@ class Searcher:
 # --- helpers ------------------------------------------------------------------------------
 
 
-def _load(source: IndexSource, settings: ServiceSettings, load: EncoderLoader) -> tuple[LoadedEncoder, LoadedIndex]:
+def _load(source: IndexStore, settings: ServiceSettings, load: EncoderLoader) -> tuple[LoadedEncoder, LoadedIndex]:
     location = source.current()
     manifest = source.manifest(location)
     loaded_encoder = load(settings, manifest)

@@ -61,7 +61,7 @@ def test_info_command_prints_a_table(sample_index: Path, capsys):
     assert main(["index", "info", "--index", str(sample_index), "--check"]) == 0
     out = capsys.readouterr().out
     assert "| 64 | Flat | 0.03 MiB |" in out
-    assert "check: all files load and match the manifest" in out
+    assert "check: every part of the version loads and matches the manifest" in out
 
 
 def test_failed_build_leaves_current_version_untouched(tmp_path: Path, tiny_beir: Path, monkeypatch):

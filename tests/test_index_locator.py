@@ -66,18 +66,18 @@ def test_the_old_spelling_becomes_a_locator():
 
 
 def test_the_service_takes_a_locator_and_the_old_spelling_with_a_notice(tmp_path: Path):
-    from index.loaded import FolderSource
-    from index.locator import open_source
-    from index.milvus_store import MilvusSource
+    from index.folder_store import FolderStore
+    from index.milvus_store import MilvusIndexStore
+    from index.stores import open_store
     from service.settings import ServiceSettings
 
     folder = ServiceSettings(index=tmp_path / "idx")
     assert folder.locator() == IndexLocator.folder(tmp_path / "idx") and folder.deprecated_spelling is None
-    assert isinstance(open_source(folder.locator()), FolderSource)
+    assert isinstance(open_store(folder.locator()), FolderStore)
     lite = ServiceSettings(index=f"milvus-lite://{tmp_path}/m.db/medical")
     assert lite.locator() == IndexLocator("milvus", uri=f"{tmp_path}/m.db", name="medical")
-    source = open_source(lite.locator(), timeout=1.0)  # nothing is connected before it is used
-    assert isinstance(source, MilvusSource) and source.store.name == "medical"
+    store = open_store(lite.locator(), timeout=1.0)  # nothing is connected before it is used
+    assert isinstance(store, MilvusIndexStore) and store.name == "medical" and store.backend.timeout == 1.0
     old = ServiceSettings(index="medical", backend="milvus", milvus_uri="http://db:19530")
     assert old.locator() == parse_locator("milvus://db:19530/medical")
     assert "name the index as one locator: --index milvus://db:19530/medical" in old.deprecated_spelling
@@ -165,7 +165,6 @@ def test_the_old_spellings_still_work_and_say_the_new_one(tmp_path: Path, milvus
         (["index", "info"], "--index is required: a folder (FAISS), milvus://HOST:PORT/NAME"),
         (["index", "info", "x", "--index", "y"], "name the index once"),
         (["index", "info", "--index", "milvus://h:1/a/b"], "expected milvus://HOST:PORT/NAME"),
-        (["index", "add", "--index", "milvus://h:1/idx", "--data", "x"], "appends to a folder index"),
     ],
 )
 def test_a_missing_or_doubled_locator_is_one_line(argv: list[str], message: str, capsys):

@@ -135,7 +135,7 @@ def assert_redacted(message: str, uri: str) -> None:
 def test_every_failure_on_an_unreachable_server_names_it_without_the_password(closed_uri: str):
     backend = MilvusBackend(closed_uri, timeout=TIMEOUT_S)
     store = MilvusIndexStore(backend, "x")
-    assert SECRET not in f"{backend!r} {backend.uri} {store!r} {store.where}"
+    assert SECRET not in f"{backend!r} {backend.uri} {store!r} {store.label} {store.where('v')}"
     attempts = {
         "list": backend.all_collections,
         "open": lambda: backend.open_collection("x", IndexPlan("Flat")),

@@ -20,7 +20,7 @@ import index.build as build_module
 from core.errors import ConfigError
 from index.build import BuildConfig, build_index
 from index.manifest import IndexFolderError
-from index.milvus_store import BUILDING, LIVE, MilvusIndexStore, MilvusSource, version_tag
+from index.milvus_store import BUILDING, LIVE, MilvusIndexStore, version_tag
 from index.search import staged_search
 from tests.conftest import SAMPLE, KeywordEncoder
 from tests.helpers.milvus import assert_same_hits_as_faiss
@@ -62,14 +62,14 @@ def collections_of(backend, name: str) -> set[str]:
 def test_a_build_goes_live_with_every_dim_and_its_documents(data, milvus_lite_uri, backend, tmp_path):
     location, manifest = keyword_build(data, milvus_lite_uri, "live", tmp_path)
     store = store_for(backend, "live")
-    assert location == Path("live") / manifest.version
+    assert location == f"milvus-lite://{milvus_lite_uri}/live (version {manifest.version})"  # no made-up path
     assert store.current() == manifest.version
     assert store.versions() == {manifest.version: LIVE}
     assert collections_of(backend, "live") == {
         store.docs_collection(manifest.version),
         *(store.dim_collection(manifest.version, dim) for dim in DIMS),
     }
-    loaded = MilvusSource(store).open(manifest.version, expected_fingerprint=FINGERPRINT)
+    loaded = store.open(manifest.version, expected_fingerprint=FINGERPRINT)
     try:
         assert loaded.location == manifest.version and loaded.dims == DIMS
         assert loaded.manifest.to_dict() == manifest.to_dict()

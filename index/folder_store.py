@@ -1,0 +1,174 @@
+"""The folder store: an index's versions as folders of FAISS files (:mod:`index.layout`), one of them ``current``.
+
+:class:`FolderStore` is the :class:`~index.stores.IndexStore` of a folder locator: an index root
+(``current`` and ``versions/``), or one version folder on its own (read-only: it is its one version).
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+from core.data import Document
+from core.files import write_json_atomic
+from index.backends import Device, IndexBackend, VectorIndex, backend_for
+from index.layout import (
+    DOCS_FILE,
+    PROBE_FILE,
+    VECTORS_FILE,
+    VERSIONS,
+    WriterLock,
+    index_file,
+    prune_versions,
+    publish_version,
+    resolve_version,
+    staging_version,
+    writing,
+)
+from index.loaded import LoadedIndex, open_index
+from index.locator import IndexLocator
+from index.manifest import MANIFEST_FILE, IndexFolderError, IndexManifest, folder_files
+from index.params import IndexPlan
+from index.store import write_documents
+
+
+class FolderStore:
+    """The versions under an index root (or the one version a version folder is)."""
+
+    def __init__(self, locator: IndexLocator) -> None:
+        self.locator = locator
+        self.root = Path(locator.path)
+        self._held: WriterLock | None = None
+
+    @classmethod
+    def at(cls, locator: IndexLocator, timeout: float | None = None, credentials: dict | None = None) -> FolderStore:
+        return cls(locator)  # a folder has no timeout and no credentials
+
+    @property
+    def is_version_folder(self) -> bool:
+        return (self.root / MANIFEST_FILE).is_file()
+
+    def folder(self, version: str) -> Path:
+        """Where version ``version`` lives."""
+        return self.root if self.is_version_folder else self.root / VERSIONS / version
+
+    # --- reading -------------------------------------------------------------------------
+    def current(self) -> str:
+        return resolve_version(self.root).name
+
+    def manifest(self, version: str) -> IndexManifest:
+        return IndexManifest.read(self.folder(version))
+
+    def open(
+        self,
+        version: str,
+        *,
+        device: Device = "auto",
+        expected_fingerprint: str | None = None,
+        dims: list[int] | None = None,
+        lease: bool = True,
+    ) -> LoadedIndex:
+        loaded = open_index(
+            self.folder(version), device=device, expected_fingerprint=expected_fingerprint, dims=dims, lease=lease
+        )
+        loaded.location = version
+        return loaded
+
+    def versions(self) -> dict[str, str]:
+        if self.is_version_folder:
+            return {self.root.name: "live"}
+        folders = (self.root / VERSIONS).iterdir() if (self.root / VERSIONS).is_dir() else []
+        return {p.name: "building" if p.name.startswith(".") else "live" for p in folders if p.is_dir()}
+
+    def where(self, version: str) -> str:
+        return str(self.folder(version))
+
+    # --- writing -------------------------------------------------------------------------
+    def _writable(self) -> None:
+        if self.is_version_folder:
+            raise IndexFolderError(f"{self.root}: a version folder is read-only; write to its index root")
+
+    def prepare(self) -> None:
+        self._writable()
+
+    def begin(self, version: str, keep_versions: int, *, device: Device = "auto") -> FolderWriter:
+        self._writable()
+        return FolderWriter(self, backend_for(device), version, keep_versions)
+
+    @contextmanager
+    def writing(self) -> Iterator[WriterLock]:
+        """The root's :class:`~index.layout.WriterLock`, held until the block ends; a writer begun meanwhile
+        publishes under it."""
+        self._writable()
+        resolve_version(self.root)  # no index there: say so before creating its lock file
+        with WriterLock(self.root) as lock:
+            self._held = lock
+            try:
+                yield lock
+            finally:
+                self._held = None
+
+    @contextmanager
+    def locked(self) -> Iterator[WriterLock]:
+        """The lock held by :meth:`writing`, or the root's lock for just this block."""
+        if self._held is not None:
+            yield self._held
+            return
+        with WriterLock(self.root) as lock:
+            yield lock
+
+    def prune(self, keep: int) -> list[str]:
+        self._writable()
+        before = set(self.versions())
+        with self.locked() as lock:
+            prune_versions(lock, keep)
+        return sorted(before - set(self.versions()))
+
+    def close(self) -> None:
+        """Nothing to release: a folder has no connection."""
+
+
+class FolderWriter:
+    """A version folder of the store's root: staged in ``versions/.building-*``, renamed into place, ``current``
+    moved."""
+
+    def __init__(self, store: FolderStore, backend: IndexBackend, version: str, keep_versions: int) -> None:
+        self.store, self.backend, self.version, self.keep_versions = store, backend, version, keep_versions
+        with writing(store.root):
+            self.staging = staging_version(store.root)
+
+    def write_corpus(self, documents: list[Document], vectors: np.ndarray, probes: np.ndarray) -> None:
+        with writing(self.staging):
+            np.save(self.staging / VECTORS_FILE, vectors)
+            np.save(self.staging / PROBE_FILE, probes)
+        with writing(self.staging / DOCS_FILE):
+            write_documents(self.staging / DOCS_FILE, documents)
+
+    def build(self, dim: int, vectors: np.ndarray, plan: IndexPlan) -> VectorIndex:
+        return self.backend.build(vectors, plan)
+
+    def keep(self, index: VectorIndex, dim: int) -> tuple[str, int]:
+        return save_to_folder(index, dim, self.staging)
+
+    def files(self) -> tuple[dict[str, int], dict[str, str]]:
+        return folder_files(self.staging)
+
+    def publish(self, manifest: IndexManifest) -> Path:
+        """Write the manifest, then rename the version into place and point ``current`` at it; returns its folder."""
+        with writing(self.staging):
+            write_json_atomic(self.staging / MANIFEST_FILE, manifest.to_dict())
+        with self.store.locked() as lock:
+            return publish_version(lock, self.staging, manifest.version, self.keep_versions)
+
+    def abort(self) -> None:
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def save_to_folder(index: VectorIndex, dim: int, folder: Path) -> tuple[str, int]:
+    with writing(folder / index_file(dim)):
+        index.save(folder / index_file(dim))
+    return index_file(dim), (folder / index_file(dim)).stat().st_size

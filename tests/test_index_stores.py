@@ -1,0 +1,121 @@
+"""The index store contract, one test run over every registered store: a folder, Milvus Lite, a real Milvus server.
+
+Each store is reached through its locator only (``index.stores.open_store``), and the index is
+built and extended by the real builder with the keyword encoder standing in for the model, so
+every search can be checked against brute force exactly: build, current and manifest, open and
+search top-10 (every dim), add (a new version with the old documents and the new ones), a lease
+that keeps a version through a prune and its release, and refusals of another model's version and
+of a damaged one, each in one clear error.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from core.matryoshka import truncate_normalize
+from index.build import BuildConfig, add_documents, build_index
+from index.locator import IndexLocator, parse_locator
+from index.manifest import IndexFolderError
+from index.stores import STORES, IndexStore, open_store
+from tests.conftest import scramble
+from tests.helpers.service import DIMS, MODEL_NAME, VOCABULARY, keyword_model, write_data
+from tests.helpers.vectors import brute_force
+
+ENGINES = ["folder", "milvus-lite", "milvus-server"]
+
+
+@pytest.fixture(params=ENGINES)
+def locator(request, tmp_path: Path) -> IndexLocator:
+    name = f"contract_{secrets.token_hex(3)}"
+    if request.param == "folder":
+        return IndexLocator.folder(tmp_path / "index")
+    if request.param == "milvus-lite":
+        return parse_locator(f"milvus-lite://{request.getfixturevalue('milvus_lite_uri')}/{name}")
+    uri = request.getfixturevalue("milvus_server_uri")
+    return parse_locator(f"milvus://{uri.removeprefix('http://')}/{name}")
+
+
+def build(locator: IndexLocator, data: Path, cache: Path, keep: int = 3):
+    with keyword_model():
+        return build_index(
+            BuildConfig(
+                data=data, index=str(locator), model=MODEL_NAME, dims=DIMS, device="cpu", progress=False,
+                keep_versions=keep, cache_dir=cache,
+            )
+        )  # fmt: skip
+
+
+def damage(store: IndexStore, version: str) -> Callable[[], None]:
+    """Break one part of ``version`` as its engine keeps it: a file's bytes, or a collection dropped."""
+    if store.locator.engine == "faiss":
+        return lambda: scramble(Path(store.where(version)) / "docs.sqlite")
+    return lambda: store.backend.drop(store.dim_collection(version, DIMS[-1]))
+
+
+def test_every_engine_has_a_store_in_the_contract():
+    assert set(STORES) == {"faiss", "milvus"}  # each is tested below through a locator
+
+
+def test_the_store_contract(locator: IndexLocator, tmp_path: Path):
+    cache = tmp_path / "cache"
+    where, first = build(locator, write_data(tmp_path / "data"), cache)
+    store = open_store(locator)
+    try:
+        # current, manifest, open; every dim's top-10 is brute force's on the exact (Flat) indexes
+        assert store.current() == first.version and store.manifest(first.version).to_dict() == first.to_dict()
+        assert first.version in str(where)
+        loaded = store.open(first.version, device="cpu", expected_fingerprint=first.model.fingerprint)
+        try:
+            vectors = np.asarray(loaded.vectors, dtype=np.float32)
+            queries = np.eye(len(VOCABULARY), dtype=np.float32) + 0.1
+            for dim in DIMS:
+                reduced, asked = truncate_normalize(vectors, dim), truncate_normalize(queries, dim)
+                scores, rows = loaded.indexes[dim].search(asked, 10)
+                _, truth = brute_force(reduced, asked, len(vectors))
+                np.testing.assert_allclose(scores[:, : len(vectors)], truth, atol=1e-5)  # brute force's top scores
+                exact = np.take_along_axis(asked @ reduced.T, rows[:, : len(vectors)], axis=1)
+                np.testing.assert_allclose(exact, truth, atol=1e-5)  # and the rows that have them (ties in any order)
+            assert loaded.location == first.version and [d.id for d in loaded.store.get([0])] == ["d0"]
+        finally:
+            loaded.close()
+
+        # add: a new version holding the old documents and the new ones, published as the current one
+        extra = tmp_path / "extra.jsonl"
+        extra.write_text("".join(json.dumps({"_id": f"x{i}", "text": "fever and rash"}) + "\n" for i in range(2)))
+        with keyword_model():
+            _, added = add_documents(locator, extra, MODEL_NAME, device="cpu", progress=False, keep_versions=3)
+        assert store.current() == added.version != first.version and added.num_vectors == first.num_vectors + 2
+        grown = store.open(added.version, device="cpu")
+        try:
+            assert grown.store.ids() == {f"d{i}" for i in range(9)} | {"x0", "x1"}
+            _, rows = grown.indexes[DIMS[0]].search(truncate_normalize(np.eye(8, dtype=np.float32)[:1], DIMS[0]), 3)
+            assert {doc.id for doc in grown.store.get(rows[0].tolist())} <= {"d0", "d8", "x0", "x1"}
+        finally:
+            grown.close()
+
+        # a lease keeps a version through a prune; once released, it goes
+        held = store.open(first.version, device="cpu")  # takes a lease
+        try:
+            _, third = build(locator, write_data(tmp_path / "data3", extra=1), cache, keep=1)
+            assert store.current() == third.version
+            assert set(v for v, state in store.versions().items() if state == "live") == {first.version, third.version}
+        finally:
+            held.close()  # releases it
+        assert store.prune(1) == [first.version]
+        assert [v for v, state in store.versions().items() if state == "live"] == [third.version]
+
+        # refusals, in one line each: another model's version, a damaged one
+        with pytest.raises(IndexFolderError, match=r"built with model 'keywords' .*not the model being served"):
+            store.open(third.version, device="cpu", expected_fingerprint="sha256:" + "cd" * 32)
+        damage(store, third.version)()
+        with pytest.raises(IndexFolderError) as refused:
+            store.open(third.version, device="cpu")
+        assert len(str(refused.value).splitlines()) == 1
+    finally:
+        store.close()
