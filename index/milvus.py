@@ -26,7 +26,6 @@ URI without them, and every message names the URI as :func:`redact_uri` shows it
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import re
@@ -41,7 +40,6 @@ from urllib.parse import unquote
 import numpy as np
 
 from core.errors import ConfigError
-from core.files import write_json_atomic
 from index.backends import EngineUnavailable, describe_plan
 from index.manifest import IndexFolderError
 from index.params import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, IVF_NPROBE, IndexPlan
@@ -51,7 +49,6 @@ VECTOR_FIELD = "vector"
 METRIC = "IP"
 CONSISTENCY = "Strong"  # creating and counting
 SEARCH_CONSISTENCY = "Session"  # reads this client's own writes, without waiting for a time tick
-POINTER_FORMAT = 1
 # Rows per insert call: at most this many, and at most INSERT_BYTES of vectors (the server takes
 # 64 MiB per gRPC message by default).
 INSERT_ROWS = 10_000
@@ -350,20 +347,8 @@ class MilvusIndex:
         }
 
     def save(self, path: Path) -> None:
-        """Write a JSON pointer to the collection at ``path`` (the vectors stay in Milvus)."""
-        write_json_atomic(
-            Path(path),
-            {
-                "format": POINTER_FORMAT,
-                "backend": self.backend,
-                "collection": self.collection,
-                "dim": self._dim,
-                "ntotal": self._ntotal,
-                "factory": self.plan.factory,
-                "index_type": self.layout.index_type,
-                "index_params": dict(self.layout.build_params),
-            },
-        )
+        """Not a file: a collection stays in Milvus, kept by its store (:mod:`index.milvus_store`) by its name."""
+        raise NotImplementedError("a Milvus index is kept by its collection; reopen it with open_collection()")
 
     def close(self) -> None:
         """Stop using the collection; it stays loaded on the server.
@@ -497,23 +482,8 @@ class MilvusBackend:
             self.client.load_collection(collection)
 
     def open(self, path: Path, plan: IndexPlan) -> MilvusIndex:
-        """The collection named in the pointer :meth:`MilvusIndex.save` wrote at ``path``.
-
-        Raises:
-            IndexFolderError: If the pointer is unreadable, or its collection is missing or differs.
-        """
-        try:
-            pointer = json.loads(Path(path).read_text())
-            collection, dim, ntotal = pointer["collection"], int(pointer["dim"]), int(pointer["ntotal"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
-            raise IndexFolderError(f"{path}: not a Milvus index pointer ({exc})") from None
-        index = self.open_collection(collection, plan)
-        if (index.ntotal, index.dim) != (ntotal, dim):
-            raise IndexFolderError(
-                f"{path}: Milvus collection {collection!r} holds {index.ntotal} vectors of dim {index.dim}, "
-                f"the pointer says {ntotal} of dim {dim}"
-            )
-        return index
+        """Not a file: see :meth:`open_collection` (an index kept in Milvus is opened by its store)."""
+        raise NotImplementedError("a Milvus index is opened by its collection: open_collection(name, plan)")
 
     def open_collection(self, collection: str, plan: IndexPlan) -> MilvusIndex:
         """The existing collection ``collection``, loaded, with ``plan``'s search parameters.

@@ -2,8 +2,8 @@
 
 The cases of ``tests/test_index_backends.py`` (results match brute-force NumPy search; exact
 ``Flat`` to 1e-5 with recall 1.0, IVF and HNSW with recall ≥ 0.95; ``add`` extends; ``k`` larger
-than the index), run on both engines, plus what is particular to Milvus: the pointer file that
-stands for a collection, FAISS's padding of missing hits, concurrent searches, and the mapping of
+than the index), run on both engines, plus what is particular to Milvus: a collection reopened by
+its name (no file stands for it), FAISS's padding of missing hits, concurrent searches, and the mapping of
 FAISS factory strings onto Milvus index types. Skipped without the ``milvus`` extra, except in CI.
 
 Each build on the 2.3 server takes several seconds whatever its size (flush, index, load), nearly
@@ -16,7 +16,6 @@ The local server's port choice is tested without Milvus: a stand-in binary in it
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -129,10 +128,8 @@ def test_results_match_brute_force(backend, built, plan_name, synthetic, tmp_pat
     assert reported["index_type"] == index.layout.index_type and reported["metric_type"] == "IP"
     assert engine_params(reported.get("params", {})) == engine_params(index.layout.build_params)
 
-    # A pointer file stands for the collection; the backend opens it again: same answers.
-    index.save(tmp_path / "i.faiss")
-    assert json.loads((tmp_path / "i.faiss").read_text())["collection"] == index.collection
-    reloaded = backend.open(tmp_path / "i.faiss", plan)
+    # The collection is the index: the backend opens it again by name (as its store does), same answers.
+    reloaded = backend.open_collection(index.collection, plan)
     np.testing.assert_array_equal(reloaded.search(queries, K)[1], ids)
     description = reloaded.describe()
     assert description["backend"] == backend.name and description["factory"] == plan.factory
@@ -188,13 +185,14 @@ def test_concurrent_searches_give_the_serial_answers(built, synthetic):
         np.testing.assert_array_equal(got, expected)
 
 
-def test_open_names_a_missing_collection_or_a_bad_pointer(backend, tmp_path: Path):
-    (tmp_path / "gone.faiss").write_text(json.dumps({"collection": "mrl_gone", "dim": D, "ntotal": N}))
+def test_open_names_a_missing_collection_and_no_file_stands_for_one(backend, built, tmp_path: Path):
     with pytest.raises(IndexFolderError, match="collection 'mrl_gone' does not exist"):
-        backend.open(tmp_path / "gone.faiss", PLANS["flat"])
-    (tmp_path / "bad.faiss").write_bytes(b"\x00FAISS")
-    with pytest.raises(IndexFolderError, match="not a Milvus index pointer"):
-        backend.open(tmp_path / "bad.faiss", PLANS["flat"])
+        backend.open_collection("mrl_gone", PLANS["flat"])
+    index = built("flat")
+    with pytest.raises(NotImplementedError, match="kept by its collection"):
+        index.save(tmp_path / "i.faiss")  # no pointer files: the store keeps a version's collections by name
+    with pytest.raises(NotImplementedError, match="opened by its collection"):
+        backend.open(tmp_path / "i.faiss", PLANS["flat"])
 
 
 def test_build_refuses_a_collection_name_in_use(backend, built, synthetic):
