@@ -142,10 +142,9 @@ def open_encoder(settings: ServiceSettings, manifest: IndexManifest | None) -> L
 def _manifest(config: EncodersConfig) -> IndexManifest | None:
     if config.index is None:
         return None
-    from index.layout import resolve_version
-    from index.manifest import IndexManifest
+    from index.stores import current_manifest
 
-    return IndexManifest.read(resolve_version(config.index))
+    return current_manifest(config.index)
 
 
 # --- measuring ------------------------------------------------------------------------------
@@ -368,7 +367,9 @@ def add_encoders_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--model", default=None, help="model folder or hub name (default: the index's, else all-MiniLM-L6-v2)"
     )
-    p.add_argument("--index", type=Path, default=None, help="index root or version: use its model, prompts, dims")
+    p.add_argument(
+        "--index", default=None, metavar="LOCATOR", help="the index (a folder or Milvus): its model, prompts, dims"
+    )
     p.add_argument(
         "--encoders",
         type=name_list_argument,

@@ -28,7 +28,8 @@ from benchmarks.latency import server_environment
 from core.cli_args import add_output_argument, check_positive, config_fields
 from core.errors import ConfigError
 from core.servers import LOOPBACK, free_port, running_process
-from index.layout import resolve_version
+from index.locator import LOCATOR_FORMS
+from index.stores import current_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -89,7 +90,7 @@ def run_fairness(config: FairnessConfig) -> dict[str, Any]:
     Raises:
         ConfigError: An index that is not there, or a server that refuses the large requests.
     """
-    resolve_version(config.index)  # a wrong path fails here, in one line
+    current_manifest(config.index)  # no index there, or its engine does not answer: one line, here
     port = free_port()
     command = [sys.executable, "-m", "mrl", "serve", "--index", str(config.index), "--host", LOOPBACK]
     command += ["--port", str(port), "--device", config.device, "--log-level", "warning"]
@@ -145,7 +146,7 @@ def add_fairness_parser(actions: argparse._SubParsersAction) -> None:
         description="Time large POST /v1/embeddings requests alone, then again with one-query GET /search "
         "requests sent meanwhile; report the searches' p50/p95/max and the large requests' growth.",
     )
-    p.add_argument("--index", type=Path, required=True, help="index root or version folder")
+    p.add_argument("--index", required=True, metavar="LOCATOR", help=f"the index: {LOCATOR_FORMS}")
     p.add_argument("--large", type=int, default=4, help="concurrent large requests (default: %(default)s)")
     p.add_argument("--texts", type=int, default=64, help="texts per large request (default: %(default)s)")
     p.add_argument("--chars", type=int, default=1990, help="characters per text (default: %(default)s)")

@@ -35,8 +35,9 @@ from core.errors import ConfigError
 from core.files import json_fields
 from core.matryoshka import DimensionError
 from core.servers import LOOPBACK, free_port, running_process
-from index.layout import resolve_version
+from index.locator import LOCATOR_FORMS
 from index.manifest import IndexManifest
+from index.stores import current_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -443,7 +444,7 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
         IndexFolderError: No index at ``config.index``. DataError: Bad queries file.
         ConfigError, DimensionError: Invalid settings. ServerError: A server did not start.
     """
-    manifest = IndexManifest.read(resolve_version(config.index))
+    manifest = current_manifest(config.index)
     dims = check_config(config, manifest)
     queries = read_query_texts(config.queries)
     cells = plan_cells(dims, config.concurrency, manifest.model.full_dim if config.rerank else None, config.targets)
@@ -586,7 +587,7 @@ def add_latency_parser(actions: argparse._SubParsersAction) -> None:
         "GET /search requests per (dim, concurrency) after a warm-up, and report p50/p95/p99 latency, throughput, "
         "errors and the server's own stage timings.",
     )
-    p.add_argument("--index", type=Path, required=True, help="index root or version folder")
+    p.add_argument("--index", required=True, metavar="LOCATOR", help=f"the index: {LOCATOR_FORMS}")
     p.add_argument("--queries", type=Path, required=True, help="BEIR folder (its queries.jsonl) or a queries .jsonl")
     p.add_argument("--dims", type=dims_argument, default=None, help="dims to measure (default: every dim of the index)")
     p.add_argument(

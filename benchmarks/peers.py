@@ -70,6 +70,7 @@ from core.metrics import score_rankings
 from core.models import ModelError, resolve_model
 from core.servers import LOOPBACK, ServerError, free_port, running_process
 from index.layout import DOCS_FILE, resolve_version
+from index.locator import parse_locator
 from index.manifest import IndexManifest
 from index.store import DocumentStore
 from training.evaluate import TOP_K
@@ -872,7 +873,10 @@ def run_peers(config: PeersConfig) -> dict[str, Any]:
         ConfigError, DimensionError: Invalid settings, or infinity named but not installable.
         ServerError: Our server did not start.
     """
-    version = resolve_version(config.index)
+    locator = parse_locator(str(config.index))
+    if locator.engine != "faiss":
+        raise ConfigError(f"mrl bench peers reads the corpus of a folder index, not {locator}; build one: --index PATH")
+    version = resolve_version(locator.path)
     manifest = IndexManifest.read(version)
     plan = check_config(config, manifest)
     model = local_model_folder(manifest)
@@ -1208,7 +1212,7 @@ def add_peers_parser(actions: argparse._SubParsersAction) -> None:
         "concurrency with ratios to ours at the full dim, and the same for one-query embeddings requests (ours "
         "and infinity, whose vectors must first match ours). Writes peers.json, peers.md and peers.png.",
     )
-    p.add_argument("--index", type=Path, required=True, help="index root or version folder (corpus, model, prompts)")
+    p.add_argument("--index", required=True, metavar="PATH", help="a folder index: its corpus, model and prompts")
     p.add_argument("--data", type=Path, required=True, help="BEIR folder: judged queries and query texts")
     p.add_argument("--split", default="test", help="qrels split (default: %(default)s)")
     p.add_argument("--max-queries", type=int, default=None, help="use only the first N judged queries")

@@ -159,10 +159,9 @@ def _full_dim(config: ScalingConfig) -> tuple[int, list[int] | None]:
     """--index's full dim and dims, else --full-dim (384) and no dims."""
     if config.index is None:
         return config.full_dim or DEFAULT_FULL_DIM, None
-    from index.layout import resolve_version
-    from index.manifest import IndexManifest
+    from index.stores import current_manifest
 
-    manifest = IndexManifest.read(resolve_version(config.index))
+    manifest = current_manifest(config.index)
     full = manifest.model.full_dim
     if config.full_dim is not None and config.full_dim != full:
         raise ConfigError(f"--full-dim {config.full_dim} contradicts the index's full dimension {full}")
@@ -593,7 +592,9 @@ def add_scaling_parser(actions: argparse._SubParsersAction) -> None:
         "--dims", type=dims_argument, default=None, help="dims (default: the index's, else 384,256,128,64,32)"
     )
     p.add_argument("--full-dim", type=int, default=None, help="full dim (default: the index's, else 384)")
-    p.add_argument("--index", type=Path, default=None, help="index root or version: take its full dim and dims")
+    p.add_argument(
+        "--index", default=None, metavar="LOCATOR", help="the index (a folder or Milvus): its full dim and dims"
+    )
     p.add_argument(
         "--kinds", type=name_list_argument, default=list(KINDS), help="index kinds; flat is required (flat,ivf,hnsw)"
     )

@@ -34,10 +34,10 @@ from core.data import DataError, Qrels, RetrievalDataset, load_beir
 from core.errors import ConfigError
 from core.files import json_fields
 from core.metrics import score_rankings
-from index.layout import resolve_version
-from index.loaded import LoadedIndex, open_index
-from index.manifest import IndexManifest
+from index.loaded import LoadedIndex
+from index.locator import LOCATOR_FORMS
 from index.search import staged_search
+from index.stores import open_store
 from service.encoders import LoadedEncoder, load_encoder
 from service.settings import load_settings
 from training.evaluate import TOP_K
@@ -95,9 +95,13 @@ def open_engine(config: QualityConfig) -> tuple[LoadedEncoder, LoadedIndex]:
         encoder="torch" if config.encoder == "torch" else "onnx",
         onnx_quantize=config.encoder == "onnx-int8",
     )
-    manifest = IndexManifest.read(resolve_version(config.index))
-    loaded_encoder = load_encoder(settings, manifest)
-    index = open_index(config.index, device=config.device, expected_fingerprint=loaded_encoder.fingerprint)
+    store = open_store(settings.locator())
+    try:
+        version = store.current()
+        loaded_encoder = load_encoder(settings, store.manifest(version))
+        index = store.open(version, device=config.device, expected_fingerprint=loaded_encoder.fingerprint)
+    finally:
+        store.close()
     return loaded_encoder, index
 
 
@@ -172,7 +176,8 @@ def _check_coverage(index: LoadedIndex, qrels: Qrels, config: QualityConfig) -> 
     missing = len(judged - index.store.ids())
     if judged and missing == len(judged):
         raise DataError(
-            config.data, f"none of the judged documents of split {config.split!r} are in the index {index.path}"
+            config.data,
+            f"none of the judged documents of split {config.split!r} are in the index {index.path or config.index}",
         )
     if missing:
         logger.warning("%d of %d judged documents are not in the index; they count as not found", missing, len(judged))
@@ -247,7 +252,7 @@ def compare_stages(
 def _index_dict(index: LoadedIndex, encoder: str) -> dict[str, Any]:
     manifest = index.manifest
     return {
-        "path": str(index.path),
+        "path": str(index.path or index.location),
         "version": manifest.version,
         "model": manifest.model.name,
         "encoder": encoder,
@@ -323,7 +328,7 @@ def add_two_stage_parser(actions: argparse._SubParsersAction) -> None:
         "(single-stage) and shortlist k×candidates at every smaller dim re-scored at the full dim (two-stage); "
         "report NDCG@10, MRR@10, Recall@100 and search time per query.",
     )
-    p.add_argument("--index", type=Path, required=True, help="index root or version folder")
+    p.add_argument("--index", required=True, metavar="LOCATOR", help=f"the index: {LOCATOR_FORMS}")
     p.add_argument("--data", type=Path, required=True, help="BEIR folder the index was built from")
     p.add_argument("--split", default="test", help="qrels split (default: %(default)s)")
     p.add_argument("--candidates", type=int, default=10, help="shortlist = k × candidates (default: %(default)s)")

@@ -134,3 +134,18 @@ def open_store(
     for part in attribute.split("."):
         factory = getattr(factory, part)
     return factory(locator, timeout, credentials)
+
+
+def current_manifest(index: IndexLocator | Path | str) -> IndexManifest:
+    """The manifest of the live version of ``index`` (a locator, or its text; a path is a folder).
+
+    Raises:
+        IndexFolderError: No index there. EngineUnavailable: its engine does not answer.
+    """
+    from index.locator import parse_locator
+
+    store = open_store(index if isinstance(index, IndexLocator) else parse_locator(str(index)))
+    try:
+        return store.manifest(store.current())
+    finally:
+        store.close()

@@ -8,6 +8,7 @@ import pytest
 
 from core.errors import ConfigError
 from index.locator import IndexLocator, parse_locator
+from index.stores import current_manifest
 
 
 @pytest.mark.parametrize(
@@ -138,7 +139,30 @@ def test_build_info_and_serve_take_one_locator_for_a_folder_and_milvus_lite(tmp_
         with serve(locator) as client:
             hits = client.get("/search", params={"q": "fever", "dim": 8, "k": 1}).json()["results"][0]["hits"]
             assert hits[0]["id"] == "d0"
+            assert current_manifest(locator).version == client.get("/dims").json()["index_version"]  # what benches read
     assert f"index     milvus-lite://{milvus_lite_uri}/by_locator (version " in shown.out
+
+
+def test_every_command_that_takes_an_index_takes_a_locator_as_written():
+    """``--index`` is never a Path (which would fold ``milvus://`` into ``milvus:/``): one locator everywhere."""
+    import argparse
+
+    from mrl.cli import build_parser
+
+    def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for name, sub in action.choices.items():
+                    yield from commands(sub, (*path, name))
+        yield path, parser
+
+    taking = []
+    for path, parser in commands(build_parser()):
+        for action in parser._actions:
+            if "--index" in action.option_strings:
+                taking.append(" ".join(path))
+                assert action.type in (None, str), f"mrl {' '.join(path)} --index is parsed as {action.type}"
+    assert {"index build", "index info", "index add", "serve", "bench latency", "bench two-stage"} <= set(taking)
 
 
 def test_the_old_spellings_still_work_and_say_the_new_one(tmp_path: Path, milvus_lite_uri, capsys):
