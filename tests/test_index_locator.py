@@ -133,9 +133,13 @@ def test_build_info_and_serve_take_one_locator_for_a_folder_and_milvus_lite(tmp_
         assert index_cli("index", "build", "--data", data, "--index", locator, "--cache-dir", cache) == 0
         built = capsys.readouterr()
         assert "mrl: warning" not in built.err and "vectors   9," in built.out
+        extra = tmp_path / "extra.jsonl"
+        extra.write_text('{"_id": "x1", "text": "fever and cough"}\n')
+        assert index_cli("index", "add", "--index", locator, "--data", str(extra), "--model", "keywords") == 0
+        assert "added 1 documents -> " in capsys.readouterr().out
         assert index_cli("index", "info", "--index", locator, "--check") == 0
         shown = capsys.readouterr()
-        assert shown.err == "" and "check: " in shown.out
+        assert shown.err == "" and "check: " in shown.out and "vectors   10," in shown.out
         with serve(locator) as client:
             hits = client.get("/search", params={"q": "fever", "dim": 8, "k": 1}).json()["results"][0]["hits"]
             assert hits[0]["id"] == "d0"
