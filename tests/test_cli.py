@@ -238,19 +238,10 @@ def test_non_positive_options_are_one_line(tiny_beir: Path, tmp_path: Path, caps
 
 def test_every_command_that_writes_a_folder_spells_it_output_with_out_as_alias():
     """One spelling across commands (--output; --out still works): found by walking the real parser."""
-    import argparse
-
-    from mrl.cli import build_parser
-
-    def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    yield from commands(sub, (*path, name))
-        yield path, parser
+    from tests.helpers.code import cli_commands
 
     writers = {}
-    for path, parser in commands(build_parser()):
+    for path, parser in cli_commands():
         spellings = {option: action for action in parser._actions for option in action.option_strings}
         if "--out" in spellings or "--output" in spellings:
             writers[" ".join(path)] = spellings

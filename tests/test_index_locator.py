@@ -149,19 +149,10 @@ def test_build_info_and_serve_take_one_locator_for_a_folder_and_milvus_lite(tmp_
 
 def test_every_command_that_takes_an_index_takes_a_locator_as_written():
     """``--index`` is never a Path (which would fold ``milvus://`` into ``milvus:/``): one locator everywhere."""
-    import argparse
-
-    from mrl.cli import build_parser
-
-    def commands(parser: argparse.ArgumentParser, path: tuple[str, ...] = ()):
-        for action in parser._actions:
-            if isinstance(action, argparse._SubParsersAction):
-                for name, sub in action.choices.items():
-                    yield from commands(sub, (*path, name))
-        yield path, parser
+    from tests.helpers.code import cli_commands
 
     taking = []
-    for path, parser in commands(build_parser()):
+    for path, parser in cli_commands():
         for action in parser._actions:
             if "--index" in action.option_strings:
                 taking.append(" ".join(path))
