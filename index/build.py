@@ -185,6 +185,21 @@ def encode_documents(encoder: Encoder, documents: list[Document], cache: Path | 
     return np.concatenate(parts).astype(np.float32, copy=False)
 
 
+def encode_probes(encoder: Encoder, texts: list[str], cache: Path) -> np.ndarray:
+    """The recall probes (query texts) as vectors, kept in the build's encode cache beside the documents'
+    (the cache folder is already keyed by the model), so a rebuild encodes no probe either."""
+    digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
+    cached = cache / f"probes_{digest}.npy"
+    if cached.is_file():
+        return np.load(cached)
+    probes = encoder.encode_queries(texts)
+    partial = cached.with_name(f".{cached.stem}.{os.getpid()}.{secrets.token_hex(4)}.npy")
+    with writing(cached):
+        np.save(partial, probes)
+        partial.replace(cached)
+    return probes
+
+
 def measure_recall(index: VectorIndex, vectors: np.ndarray, probes: np.ndarray, k: int = RECALL_K) -> float:
     """Recall@k of an approximate index against exact search, over the probe queries."""
     _, found = index.search(probes, k)
@@ -333,7 +348,7 @@ def _build_into(
         cache.mkdir(parents=True, exist_ok=True)
     with encoder_pool(encoder, config.workers) as pooled:
         vectors = encode_documents(pooled, documents, cache)
-    probes = encoder.encode_queries(query_texts) if query_texts else _sample_rows(vectors, PROBE_QUERIES)
+    probes = encode_probes(encoder, query_texts, cache) if query_texts else _sample_rows(vectors, PROBE_QUERIES)
     encode_seconds = time.perf_counter() - started
 
     budget = config.memory_budget_mb << 20

@@ -28,12 +28,17 @@ class CountingEncoder(KeywordEncoder):
     def __init__(self, crash_on_call: int | None = None) -> None:
         super().__init__(KEYWORDS)
         self.batches: list[list[str]] = []
+        self.query_batches: list[list[str]] = []
         self.crash_on_call = crash_on_call
 
     def encode_documents(self, texts: list[str]) -> np.ndarray:
         if self.crash_on_call is not None and len(self.batches) + 1 == self.crash_on_call:
             raise KeyboardInterrupt  # as if the build were killed while encoding
         self.batches.append(list(texts))
+        return self._encode(texts)
+
+    def encode_queries(self, texts: list[str]) -> np.ndarray:
+        self.query_batches.append(list(texts))
         return self._encode(texts)
 
 
@@ -127,9 +132,10 @@ def test_a_named_cache_dir_is_kept_and_a_rebuild_encodes_nothing(keyword_build, 
     assert len(first.batches) == 1 and list(cache.rglob("chunk_*.npy"))
     again = CountingEncoder()
     keyword_build(tiny_beir, tmp_path / "two", again, cache)
-    assert again.batches == []  # every vector came from the cache
+    assert first.query_batches and again.batches == again.query_batches == []  # documents and probes: cached
     assert not (tmp_path / "two" / ".encode-cache").exists()
     one, two = open_index(tmp_path / "one", device="cpu"), open_index(tmp_path / "two", device="cpu")
     np.testing.assert_array_equal(np.asarray(one.vectors), np.asarray(two.vectors))
+    np.testing.assert_array_equal(one.probes(), two.probes())
     one.close()
     two.close()
