@@ -58,6 +58,9 @@ def create_app(settings: ServiceSettings | None = None, *, encoder_loader: Encod
         lifespan=_lifespan(state),
         docs_url=None,
         redoc_url=None,
+        # operationIds are the route functions' names (search_get, embeddings, list_models), not FastAPI's
+        # search_get_search_get: generated clients get readable method names.
+        generate_unique_id_function=lambda route: route.name,
     )
     app.state.service = state
     app.add_middleware(EdgeMiddleware, state=state, routes=app.router.routes)

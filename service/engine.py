@@ -114,6 +114,7 @@ class Searcher:
         size = settings.query_cache_size
         self._query_cache = QueryCache(size, metrics.query_cache) if size else None
         metrics.set_index(_index_sizes(index))
+        self._publish_serving(index)
         metrics.queued_texts.set_function(lambda: self._batcher.pending)
 
     # --- life cycle ---------------------------------------------------------------------
@@ -475,9 +476,14 @@ class Searcher:
             self._plans, self._live = plans, LiveLatency()
             self._slot.swap(index)
             self.metrics.set_index(_index_sizes(index))
+            self._publish_serving(index)
             self.metrics.reloads.labels(outcome="changed").inc()
             logger.info("reloaded: %s -> %s", previous.manifest.version, index.manifest.version)
             return ReloadOutcome(previous.manifest.version, index.manifest.version, changed=True)
+
+    def _publish_serving(self, index: LoadedIndex) -> None:
+        model = index.manifest.model
+        self.metrics.set_serving(self.model_name, model.fingerprint, str(self.settings.locator()), index.location)
 
     def _refused(self, previous: LoadedIndex, exc: Exception) -> ReloadFailed:
         self.metrics.reloads.labels(outcome="failed").inc()

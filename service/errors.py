@@ -30,6 +30,10 @@ class UnknownDimension(InvalidRequest):
         self.allowed = list(allowed)
 
 
+class NotFound(ServiceError):
+    """A path that names nothing served here (an unknown model)."""
+
+
 class Overloaded(ServiceError):
     """More requests in flight than the service accepts; the client should retry later."""
 
@@ -65,6 +69,7 @@ ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     UnknownDimension: ErrorKind(422, "unknown_dimension"),
     InvalidRequest: ErrorKind(422, "invalid_request"),
     Unauthorized: ErrorKind(401, "unauthorized"),
+    NotFound: ErrorKind(404, "not_found"),
     ReloadFailed: ErrorKind(409, "reload_failed"),
     PayloadTooLarge: ErrorKind(413, "payload_too_large"),
     RequestTimeout: ErrorKind(408, "request_timeout"),

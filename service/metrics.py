@@ -3,12 +3,22 @@
 A fresh :class:`ServiceMetrics` (with its own ``CollectorRegistry``) is made for each app,
 so tests can build many apps in one process. Label values are bounded: endpoints are
 route templates, dims are the index's dims, statuses are classes (``2xx``); query text
-never becomes a label.
+never becomes a label. The registry also carries the process's own metrics (CPU seconds,
+resident memory, open files) and ``mrl_serving_info``, which says which model and index
+version this replica serves; counters have no ``_created`` series (noise to every dashboard).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 PREFIX = "mrl"
@@ -22,8 +32,16 @@ class ServiceMetrics:
     """The metrics of one app instance."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # prometheus_client's switch is process-wide; this process serves one app
         self.registry = CollectorRegistry()
         reg = self.registry
+        ProcessCollector(registry=reg)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, …
+        self.serving = Gauge(
+            f"{PREFIX}_serving_info",
+            "1 for what this replica serves: the model, its fingerprint, the index locator and version",
+            ["model", "fingerprint", "index", "version"],
+            registry=reg,
+        )
         self.request_seconds = Histogram(
             f"{PREFIX}_request_duration_seconds",
             "Whole request, from arrival to response",
@@ -96,6 +114,11 @@ class ServiceMetrics:
         for dim, (vectors, size) in sizes.items():
             self.index_vectors.labels(dim=str(dim)).set(vectors)
             self.index_bytes.labels(dim=str(dim)).set(size)
+
+    def set_serving(self, model: str, fingerprint: str, index: str, version: str) -> None:
+        """Publish what is served now (one series: the previous version's goes)."""
+        self.serving.clear()
+        self.serving.labels(model=model, fingerprint=fingerprint, index=index, version=version).set(1)
 
     def observe_request(self, endpoint: str, dim: str, status: int, seconds: float) -> None:
         status_class = f"{status // 100}xx"

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Request, Response
 
 from service.deps import SearcherDep, StateDep
-from service.errors import NotReady
+from service.errors import NotFound, NotReady
 from service.metrics import CONTENT_TYPE
 from service.schemas import (
     BUDGET_DESCRIPTION,
@@ -20,6 +20,8 @@ from service.schemas import (
     EmbeddingResponse,
     ErrorResponse,
     HealthResponse,
+    ModelCard,
+    ModelsResponse,
     PlanModel,
     PlansResponse,
     ReadyResponse,
@@ -87,6 +89,26 @@ async def embeddings(request: Request, searcher: SearcherDep, body: EmbeddingReq
     result = await searcher.embed(body.texts(), body.dimensions, body.input_type)
     label_dim(request, result.dim)
     return EmbeddingResponse.of(result, body.encoding_format)
+
+
+@search_router.get("/v1/models", response_model=ModelsResponse, summary="Models (OpenAI-compatible)")
+async def list_models(searcher: SearcherDep) -> ModelsResponse:
+    """The one served model, with the Matryoshka dims it answers at, as OpenAI's clients list models."""
+    return ModelsResponse(data=[ModelCard.of(searcher.info())])
+
+
+@search_router.get(
+    "/v1/models/{model_id:path}",
+    response_model=ModelCard,
+    responses={404: {"model": ErrorResponse, "description": "no model of that name is served here"}},
+    summary="One model (OpenAI-compatible)",
+)
+async def get_model(model_id: str, searcher: SearcherDep) -> ModelCard:
+    """The served model, if `model_id` names it (404 otherwise)."""
+    card = ModelCard.of(searcher.info())
+    if model_id != card.id:
+        raise NotFound(f"model {model_id!r} is not served here; this server serves {card.id!r}")
+    return card
 
 
 @search_router.get("/dims", response_model=DimsResponse, summary="Dimensions served, their cost and quality")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+from datetime import datetime, timezone
 from typing import Any, Literal
 
 import numpy as np
@@ -257,6 +258,28 @@ class PlanModel(BaseModel):
 class PlansResponse(BaseModel):
     index_version: str
     plans: list[PlanModel]
+
+
+class ModelCard(BaseModel):
+    """One model, as OpenAI's ``GET /v1/models`` lists it, plus the Matryoshka dims it serves."""
+
+    id: str = Field(description="the served model's name (what `model` in an embeddings request may say)")
+    object: Literal["model"] = "model"
+    created: int = Field(description="when the served index was built (Unix seconds)")
+    owned_by: str = "mrl-retrieval"
+    dimensions: list[int] = Field(description="the Matryoshka dims `dimensions` may ask for, largest first")
+    default_dimensions: int = Field(description="the dim of a request that names none")
+
+    @classmethod
+    def of(cls, info: IndexInfo) -> ModelCard:
+        built = datetime.fromisoformat(info.built_at) if info.built_at else datetime.now(timezone.utc)
+        dims = sorted((dim.dim for dim in info.dims), reverse=True)
+        return cls(id=info.model, created=int(built.timestamp()), dimensions=dims, default_dimensions=info.default_dim)
+
+
+class ModelsResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
 
 
 class HealthResponse(BaseModel):
