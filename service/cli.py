@@ -95,6 +95,10 @@ def run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     settings = settings_from_args(args)
+    if settings.log_format == "json":
+        from service.logs import use_json_logs
+
+        use_json_logs()
     if settings.deprecated_spelling:
         print(f"mrl: warning: {settings.deprecated_spelling}", file=sys.stderr)
     asyncio.run(_serve(settings))
@@ -196,4 +200,6 @@ def uvicorn_config(app: Any, settings: Any) -> Any:
         timeout_keep_alive=settings.keep_alive_s,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,  # then service.edge answers what still runs 503
         lifespan="on",
+        # JSON logs: uvicorn's loggers are left to propagate to the root logger, whose handlers write JSON.
+        log_config=None if settings.log_format == "json" else uvicorn.config.LOGGING_CONFIG,
     )

@@ -35,6 +35,7 @@ from service.errors import (
     error_body,
     error_kind,
 )
+from service.logs import REQUEST_ID_HEADER, new_request_id, request_id
 from service.metrics import NO_DIM
 
 logger = logging.getLogger(__name__)
@@ -65,14 +66,19 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        guarded = scope["path"] not in UNGUARDED_PATHS
-        refusal = self._refusal(scope, guarded)
-        if refusal is not None:
-            exc, headers = refusal
-            status = await self._answer(scope, receive, send, exc, headers)
-        else:
-            status = await self._call(scope, self._bounded(receive), send, guarded)
-        self._observe(scope, status, started)
+        token = request_id.set(new_request_id(_headers(scope).get(REQUEST_ID_HEADER)))
+        try:
+            send = _with_request_id(send)
+            guarded = scope["path"] not in UNGUARDED_PATHS
+            refusal = self._refusal(scope, guarded)
+            if refusal is not None:
+                exc, headers = refusal
+                status = await self._answer(scope, receive, send, exc, headers)
+            else:
+                status = await self._call(scope, self._bounded(receive), send, guarded)
+            self._observe(scope, status, started)
+        finally:
+            request_id.reset(token)
 
     # --- before the route -----------------------------------------------------------------
     def _refusal(self, scope: Scope, guarded: bool) -> tuple[ServiceError, dict[str, str]] | None:
@@ -197,6 +203,20 @@ class EdgeMiddleware:
             if match is Match.FULL:
                 return route
         return None
+
+
+def _with_request_id(send: Send) -> Send:
+    """``send`` that adds the request's id to the response head (``X-Request-ID``)."""
+
+    async def send_with_id(message: Message) -> None:
+        if message["type"] == "http.response.start":
+            current = request_id.get()
+            if current is not None:
+                headers = [*message.get("headers", []), (REQUEST_ID_HEADER.encode(), current.encode())]
+                message = {**message, "headers": headers}
+        await send(message)
+
+    return send_with_id
 
 
 def _headers(scope: Scope) -> dict[str, str]:

@@ -129,6 +129,9 @@ class ServiceSettings(BaseSettings):
     host: str = Field("127.0.0.1", description="address uvicorn binds")
     port: int = Field(8000, ge=0, le=65535, description="port uvicorn binds")
     log_level: Literal["critical", "error", "warning", "info", "debug"] = Field("info", description="log level")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="log lines as text, or one JSON object per line (with the request id) for collectors"
+    )
 
     @field_validator("api_key", "milvus_token", "milvus_password", mode="before")
     @classmethod

@@ -60,3 +60,65 @@ def test_metrics_say_what_is_served_and_how_the_process_does_without_created_ser
         assert client.post("/admin/reload").json()["changed"] is True
         serving = [line for line in client.get("/metrics").text.splitlines() if line.startswith("mrl_serving_info{")]
         assert len(serving) == 1 and f'version="{second.name}"' in serving[0]  # one series: the old one went
+
+
+# --- request ids and JSON logs ---------------------------------------------------------------
+
+
+def test_every_answer_carries_a_request_id_the_caller_may_choose(keyword_index: Path):
+    with serve(keyword_index) as client:
+        chosen = client.get("/healthz", headers={"X-Request-ID": "trace-42:a.b"})
+        assert chosen.headers["x-request-id"] == "trace-42:a.b"
+        generated = client.get("/search", params={"q": "fever"}).headers["x-request-id"]
+        assert len(generated) == 16 and int(generated, 16) >= 0
+        refused = client.get("/healthz", headers={"X-Request-ID": "no spaces<script>"}).headers["x-request-id"]
+        assert refused != "no spaces<script>" and len(refused) == 16  # not echoed: a fresh one
+        error = client.get("/search", params={"q": "fever", "dim": 3}, headers={"X-Request-ID": "r1"})
+        assert error.status_code == 422 and error.headers["x-request-id"] == "r1"  # errors too
+
+
+def test_json_logs_are_one_object_per_line_with_the_request_id(keyword_index: Path):
+    import io
+    import json
+    import logging
+
+    from service.logs import JsonFormatter
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    handler.setFormatter(JsonFormatter())
+    access = logging.getLogger("mrl.access")
+    access.addHandler(handler)
+    level = access.level
+    access.setLevel(logging.INFO)
+    try:
+        with serve(keyword_index) as client:
+            client.get("/search", params={"q": "fever"}, headers={"X-Request-ID": "json-1"})
+    finally:
+        access.removeHandler(handler)
+        access.setLevel(level)
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    searched = [line for line in lines if "GET /search" in line["message"]]
+    assert len(searched) == 1 and searched[0]["request_id"] == "json-1"
+    assert searched[0]["level"] == "info" and searched[0]["logger"] == "mrl.access" and "T" in searched[0]["time"]
+    assert "fever" not in stream.getvalue()  # query strings stay out of the log, as in text
+
+
+def test_log_format_json_formats_the_whole_process_and_uvicorn_logs_through_it(keyword_index: Path):
+    import logging
+
+    from service.cli import uvicorn_config
+    from service.logs import JsonFormatter, use_json_logs
+    from service.settings import ServiceSettings
+
+    root = logging.getLogger()
+    saved = [(handler, handler.formatter) for handler in root.handlers]
+    try:
+        use_json_logs()
+        assert root.handlers and all(isinstance(handler.formatter, JsonFormatter) for handler in root.handlers)
+    finally:
+        for handler, formatter in saved:
+            handler.setFormatter(formatter)
+    json_settings = ServiceSettings(index=keyword_index, log_format="json")
+    assert uvicorn_config(None, json_settings).log_config is None  # uvicorn's loggers propagate to the root
+    assert uvicorn_config(None, ServiceSettings(index=keyword_index)).log_config is not None
