@@ -18,9 +18,9 @@ BENCH    ?= $(RUNS)/bench
 MODELS   := $(RUNS)/models
 FIGURES  := docs/figures
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,peers,tracking,milvus]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,peers,tracking,milvus]' -e ./client
 	touch $(STAMP)
 
 install: $(STAMP)

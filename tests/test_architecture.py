@@ -141,3 +141,15 @@ def test_no_test_module_imports_another():
                 names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
             wrong += [f"{path.name} imports {name}" for name in names if name.split(".")[:2][-1].startswith("test_")]
     assert wrong == []
+
+
+def test_the_client_package_stands_alone():
+    """``client/`` installs alone (httpx and pydantic): it imports nothing of the service or the project."""
+    standard = {"__future__", "base64", "struct", "collections", "dataclasses", "typing"}
+    allowed = standard | {"httpx", "pydantic", "mrl_client"}
+    for path in (REPO / "client" / "mrl_client").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or ""]
+            assert {name.split(".")[0] for name in names} <= allowed, f"{path.name} imports {names}"

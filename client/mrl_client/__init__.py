@@ -1,0 +1,37 @@
+"""The Python client of the mrl-retrieval service (``mrl serve``): sync and async, typed results."""
+
+from __future__ import annotations
+
+from mrl_client.client import AsyncMrlClient, MrlAPIError, MrlClient
+from mrl_client.models import (
+    Dim,
+    DimsResponse,
+    Hit,
+    ModelCard,
+    ModelsResponse,
+    Plan,
+    PlansResponse,
+    PlanUsed,
+    QueryHits,
+    ReloadResponse,
+    SearchResponse,
+    Timings,
+)
+
+__all__ = [
+    "AsyncMrlClient",
+    "Dim",
+    "DimsResponse",
+    "Hit",
+    "ModelCard",
+    "ModelsResponse",
+    "MrlAPIError",
+    "MrlClient",
+    "Plan",
+    "PlanUsed",
+    "PlansResponse",
+    "QueryHits",
+    "ReloadResponse",
+    "SearchResponse",
+    "Timings",
+]

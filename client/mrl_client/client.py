@@ -1,0 +1,195 @@
+"""``MrlClient`` and ``AsyncMrlClient``: one method per endpoint, the same arguments and results in both.
+
+Requests are built by :class:`_Requests` (pure: path, method, body) and answers read by
+:func:`_read`, so the two clients differ only in how they send.
+"""
+
+from __future__ import annotations
+
+import base64
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from mrl_client.models import DimsResponse, ModelsResponse, PlansResponse, ReloadResponse, SearchResponse
+
+DEFAULT_TIMEOUT_S = 30.0
+
+
+class MrlAPIError(Exception):
+    """An error answer of the server: its HTTP status and the error body's ``type`` and ``message``."""
+
+    def __init__(self, status: int, error_type: str, message: str) -> None:
+        super().__init__(f"{status} {error_type}: {message}")
+        self.status, self.type, self.message = status, error_type, message
+
+
+@dataclass(frozen=True)
+class _Call:
+    method: str
+    path: str
+    params: dict[str, Any] | None = None
+    body: dict[str, Any] | None = None
+
+
+def _search_call(
+    query: str | Sequence[str],
+    dim: int | None,
+    k: int,
+    rerank_dim: int | None,
+    min_quality: float | None,
+    latency_budget_ms: float | None,
+) -> _Call:
+    body: dict[str, Any] = {"query": query} if isinstance(query, str) else {"queries": list(query)}
+    options = {"dim": dim, "k": k, "rerank_dim": rerank_dim, "min_quality": min_quality}
+    options["latency_budget_ms"] = latency_budget_ms
+    body.update({key: value for key, value in options.items() if value is not None})
+    return _Call("POST", "/search", body=body)
+
+
+def _embed_call(texts: str | Sequence[str], dimensions: int | None, input_type: str) -> _Call:
+    body: dict[str, Any] = {"input": texts if isinstance(texts, str) else list(texts), "encoding_format": "base64"}
+    body["input_type"] = input_type
+    if dimensions is not None:
+        body["dimensions"] = dimensions
+    return _Call("POST", "/v1/embeddings", body=body)
+
+
+def _vectors(answer: dict[str, Any]) -> list[list[float]]:
+    """The embeddings of an answer in request order, from base64 little-endian float32."""
+    vectors = []
+    for item in sorted(answer["data"], key=lambda item: item["index"]):
+        raw = base64.b64decode(item["embedding"])
+        vectors.append(list(struct.unpack(f"<{len(raw) // 4}f", raw)))
+    return vectors
+
+
+def _read(response: httpx.Response) -> Any:
+    """The JSON of a success; an error answer raises :class:`MrlAPIError` with its body."""
+    if response.is_success:
+        return response.json()
+    try:
+        error = response.json()["error"]
+        raise MrlAPIError(response.status_code, error["type"], error["message"])
+    except (ValueError, KeyError, TypeError):
+        raise MrlAPIError(response.status_code, "http_error", response.text[:500]) from None
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+class MrlClient:
+    """A blocking client. Use it as a context manager, or call :meth:`close`.
+
+    Args:
+        base_url: The server, e.g. ``http://127.0.0.1:8000``.
+        api_key: The server's API key, if it has one (sent as ``Authorization: Bearer``).
+        timeout: Seconds per request.
+    """
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout)
+
+    def _send(self, call: _Call) -> Any:
+        return _read(self._http.request(call.method, call.path, params=call.params, json=call.body))
+
+    def search(
+        self,
+        query: str | Sequence[str],
+        *,
+        dim: int | None = None,
+        k: int = 10,
+        rerank_dim: int | None = None,
+        min_quality: float | None = None,
+        latency_budget_ms: float | None = None,
+    ) -> SearchResponse:
+        """The top ``k`` passages for one query (a string) or several (a list), at ``dim`` or by a target."""
+        call = _search_call(query, dim, k, rerank_dim, min_quality, latency_budget_ms)
+        return SearchResponse.model_validate(self._send(call))
+
+    def embed(
+        self, texts: str | Sequence[str], *, dimensions: int | None = None, input_type: str = "document"
+    ) -> list[list[float]]:
+        """Unit-length embeddings at ``dimensions`` (default: the full dim), one per text."""
+        return _vectors(self._send(_embed_call(texts, dimensions, input_type)))
+
+    def dims(self) -> DimsResponse:
+        return DimsResponse.model_validate(self._send(_Call("GET", "/dims")))
+
+    def plans(self) -> PlansResponse:
+        return PlansResponse.model_validate(self._send(_Call("GET", "/plans")))
+
+    def models(self) -> ModelsResponse:
+        return ModelsResponse.model_validate(self._send(_Call("GET", "/v1/models")))
+
+    def reload(self) -> ReloadResponse:
+        return ReloadResponse.model_validate(self._send(_Call("POST", "/admin/reload")))
+
+    def ready(self) -> bool:
+        """Whether the server has its index and model loaded (``/readyz`` answers 200)."""
+        return self._http.get("/readyz").status_code == 200
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> MrlClient:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class AsyncMrlClient:
+    """The same as :class:`MrlClient`, for asyncio: every method is awaited."""
+
+    def __init__(self, base_url: str, *, api_key: str | None = None, timeout: float = DEFAULT_TIMEOUT_S) -> None:
+        self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout)
+
+    async def _send(self, call: _Call) -> Any:
+        return _read(await self._http.request(call.method, call.path, params=call.params, json=call.body))
+
+    async def search(
+        self,
+        query: str | Sequence[str],
+        *,
+        dim: int | None = None,
+        k: int = 10,
+        rerank_dim: int | None = None,
+        min_quality: float | None = None,
+        latency_budget_ms: float | None = None,
+    ) -> SearchResponse:
+        call = _search_call(query, dim, k, rerank_dim, min_quality, latency_budget_ms)
+        return SearchResponse.model_validate(await self._send(call))
+
+    async def embed(
+        self, texts: str | Sequence[str], *, dimensions: int | None = None, input_type: str = "document"
+    ) -> list[list[float]]:
+        return _vectors(await self._send(_embed_call(texts, dimensions, input_type)))
+
+    async def dims(self) -> DimsResponse:
+        return DimsResponse.model_validate(await self._send(_Call("GET", "/dims")))
+
+    async def plans(self) -> PlansResponse:
+        return PlansResponse.model_validate(await self._send(_Call("GET", "/plans")))
+
+    async def models(self) -> ModelsResponse:
+        return ModelsResponse.model_validate(await self._send(_Call("GET", "/v1/models")))
+
+    async def reload(self) -> ReloadResponse:
+        return ReloadResponse.model_validate(await self._send(_Call("POST", "/admin/reload")))
+
+    async def ready(self) -> bool:
+        return (await self._http.get("/readyz")).status_code == 200
+
+    async def aclose(self) -> None:
+        await self._http.aclose()
+
+    async def __aenter__(self) -> AsyncMrlClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

@@ -1,0 +1,114 @@
+"""What the service answers, as typed models. Fields the server adds later are kept (``extra="allow"``)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class _Answer(BaseModel):
+    model_config = ConfigDict(extra="allow")
+
+
+class Hit(_Answer):
+    id: str
+    score: float
+    title: str = ""
+    text: str = ""
+    metadata: dict[str, Any] = Field(default_factory=dict)
+
+
+class QueryHits(_Answer):
+    query: str
+    hits: list[Hit]
+
+
+class Timings(_Answer):
+    encode_ms: float
+    search_ms: float
+    rerank_ms: float
+    total_ms: float
+
+
+class PlanUsed(_Answer):
+    key: str
+    dim: int
+    rerank_dim: int | None = None
+    candidates: int | None = None
+    expected_ndcg_at_10: float | None = None
+    expected_ratio: float | None = None
+    reason: str = ""
+    targets_missed: list[str] = Field(default_factory=list)
+
+
+class SearchResponse(_Answer):
+    dim: int
+    rerank_dim: int | None = None
+    k: int
+    index_version: str
+    results: list[QueryHits]
+    timings_ms: Timings
+    plan: PlanUsed | None = None
+
+    @property
+    def hits(self) -> list[Hit]:
+        """The hits of the first (or only) query."""
+        return self.results[0].hits
+
+
+class Dim(_Answer):
+    dim: int
+    ndcg_at_10: float | None = None
+    index_type: str
+    bytes: int
+    vectors: int
+    recall_at_10: float | None = None
+    search_ms: float | None = None
+    measured_ndcg_at_10: float | None = None
+
+
+class DimsResponse(_Answer):
+    model: str
+    index_version: str
+    encoder: str
+    full_dim: int
+    default_dim: int
+    num_vectors: int
+    built_at: str
+    dims: list[Dim]
+
+
+class Plan(_Answer):
+    key: str
+    dim: int
+    rerank_dim: int | None = None
+    candidates: int | None = None
+    ndcg_at_10: float | None = None
+    ratio: float | None = None
+    quality_source: str
+    p50_ms: float
+    p95_ms: float
+
+
+class PlansResponse(_Answer):
+    index_version: str
+    plans: list[Plan]
+
+
+class ModelCard(_Answer):
+    id: str
+    created: int
+    owned_by: str
+    dimensions: list[int]
+    default_dimensions: int
+
+
+class ModelsResponse(_Answer):
+    data: list[ModelCard]
+
+
+class ReloadResponse(_Answer):
+    previous_version: str
+    version: str
+    changed: bool

@@ -1,0 +1,89 @@
+"""The Python client (``client/``, package ``mrl_client``) against a real server: uvicorn on a socket, keyword encoder.
+
+Every method, sync and async, with typed results; the embeddings decoded from base64 equal the
+server's float answer; error answers raise ``MrlAPIError`` carrying the error body; the API key
+goes as a Bearer token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mrl_client import AsyncMrlClient, MrlAPIError, MrlClient
+
+from service.settings import ServiceSettings
+from tests.helpers.servers import live_server
+from tests.helpers.service import MODEL_NAME, build_keyword_index, write_data
+
+
+@pytest.fixture(scope="module")
+def keyword_index(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("client") / "index"
+    build_keyword_index(write_data(root.parent / "data"), root)
+    return root
+
+
+def settings(root: Path, **extra) -> ServiceSettings:
+    return ServiceSettings(index=root, device="cpu", host="127.0.0.1", port=0, log_level="warning", **extra)
+
+
+@pytest.fixture(scope="module")
+def server(keyword_index: Path):
+    with live_server(settings(keyword_index)) as running:
+        yield running
+
+
+def test_every_method_of_the_sync_client(server, keyword_index: Path):
+    with MrlClient(server.url) as client:
+        assert client.ready()
+        found = client.search("fever at night", dim=8, k=3)
+        assert found.dim == 8 and found.hits[0].id == "d0" and found.hits[0].title == "Leaflet 0"
+        assert found.hits[0].metadata == {"topic": "fever"} and found.timings_ms.total_ms >= 0
+        batch = client.search(["fever", "cough"], dim=4, k=2)
+        assert [result.query for result in batch.results] == ["fever", "cough"]
+        assert [result.hits[0].id for result in batch.results] == ["d0", "d1"]
+        vectors = np.array(client.embed(["fever", "cough rash"], dimensions=4))
+        assert vectors.shape == (2, 4) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-6)
+        floats = np.array([item["embedding"] for item in client._http.post(
+            "/v1/embeddings", json={"input": ["fever", "cough rash"], "dimensions": 4}
+        ).json()["data"]])  # fmt: skip
+        np.testing.assert_allclose(vectors, floats, atol=1e-7)  # base64 decoded exactly
+        dims = client.dims()
+        assert dims.model == MODEL_NAME and [d.dim for d in dims.dims] == [8, 4, 2] and dims.full_dim == 8
+        assert {plan.dim for plan in client.plans().plans} >= {8, 4, 2}
+        assert client.models().data[0].dimensions == [8, 4, 2]
+        assert client.reload().changed is False
+        with pytest.raises(MrlAPIError) as refused:
+            client.search("fever", dim=3)
+        assert refused.value.status == 422 and refused.value.type == "unknown_dimension"
+        assert "allowed: 8, 4, 2" in refused.value.message
+
+
+def test_the_async_client_answers_the_same(server):
+    async def run():
+        async with AsyncMrlClient(server.url) as client:
+            assert await client.ready()
+            found = await client.search("fever at night", dim=8, k=3)
+            vectors = await client.embed("fever", dimensions=8)
+            dims, plans, models = await client.dims(), await client.plans(), await client.models()
+            with pytest.raises(MrlAPIError, match="422 unknown_dimension"):
+                await client.embed("fever", dimensions=5)
+            return found, vectors, dims, plans, models, (await client.reload()).changed
+
+    found, vectors, dims, plans, models, changed = asyncio.run(run())
+    with MrlClient(server.url) as client:
+        assert found.results == client.search("fever at night", dim=8, k=3).results
+        assert np.allclose(vectors, client.embed("fever", dimensions=8))
+    assert dims.full_dim == 8 and plans.plans and models.data[0].id == MODEL_NAME and changed is False
+
+
+def test_the_api_key_goes_as_a_bearer_token(keyword_index: Path):
+    with live_server(settings(keyword_index, api_key="s3cret")) as keyed:
+        with MrlClient(keyed.url, api_key="s3cret") as client:
+            assert client.search("fever", dim=2, k=1).hits
+        with MrlClient(keyed.url) as anonymous, pytest.raises(MrlAPIError) as refused:
+            anonymous.dims()
+        assert refused.value.status == 401 and refused.value.type == "unauthorized"
