@@ -20,7 +20,7 @@ FIGURES  := docs/figures
 
 $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,peers,tracking,milvus]' -e ./client
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,peers,tracking,milvus]' -e './client[langchain,llamaindex]'
 	touch $(STAMP)
 
 install: $(STAMP)
