@@ -98,6 +98,7 @@ class Searcher:
         self._plans = plans or ServedPlans.of(index.manifest)
         self._live = LiveLatency()
         self._default_dim = _default_dim(settings.default_dim, index.manifest)
+        self._embeddings_dim = _default_dim(settings.embeddings_default_dim, index.manifest, "embeddings default dim")
         self._reload_lock = asyncio.Lock()
         self._search_lock = threading.Lock()  # for indexes that are not thread-safe (GPU)
         self._lease_refresher: asyncio.Task | None = None
@@ -226,6 +227,7 @@ class Searcher:
             encoder=self.encoder.backend,
             full_dim=manifest.model.full_dim,
             default_dim=self._default_dim,
+            embeddings_default_dim=self._embeddings_dim,
             num_vectors=manifest.num_vectors,
             built_at=manifest.built_at,
             dims=dims,
@@ -399,14 +401,15 @@ class Searcher:
     async def embed(
         self, texts: Sequence[str], dimensions: int | None = None, kind: TextKind = "document"
     ) -> EmbeddingResult:
-        """Unit-length embeddings of ``texts`` at ``dimensions`` (default: full), truncated then re-normalised.
+        """Unit-length embeddings of ``texts`` at ``dimensions`` (default: ``embeddings_default_dim``, else full),
+        truncated then re-normalised.
 
         Raises:
             InvalidRequest: Bad texts. UnknownDimension: ``dimensions`` is not a Matryoshka dim of the index.
         """
         self.limits.check_texts(texts, what="input")
         allowed = self.dims
-        dim = max(allowed) if dimensions is None else dimensions
+        dim = self._embeddings_dim if dimensions is None else dimensions
         if dim not in allowed:
             raise UnknownDimension(dim, allowed, what="dimensions")
         started = time.perf_counter()
@@ -464,6 +467,9 @@ class Searcher:
                 raise self._refused(previous, exc) from exc
             try:
                 default_dim = _default_dim(self.settings.default_dim, index.manifest)
+                embeddings_dim = _default_dim(
+                    self.settings.embeddings_default_dim, index.manifest, "embeddings default dim"
+                )
             except ConfigurationError as exc:
                 index.close()
                 raise self._refused(previous, exc) from exc
@@ -472,7 +478,7 @@ class Searcher:
             except Exception as exc:
                 index.close()
                 raise self._refused(previous, exc) from exc
-            self._default_dim = default_dim
+            self._default_dim, self._embeddings_dim = default_dim, embeddings_dim
             self._plans, self._live = plans, LiveLatency()
             self._slot.swap(index)
             self.metrics.set_index(_index_sizes(index))
@@ -511,11 +517,11 @@ def _load(source: IndexStore, settings: ServiceSettings, load: EncoderLoader) ->
     return loaded_encoder, index
 
 
-def _default_dim(configured: int | None, manifest: IndexManifest) -> int:
+def _default_dim(configured: int | None, manifest: IndexManifest, what: str = "default dim") -> int:
     if configured is None:
         return max(manifest.dims)
     if configured not in manifest.dims:
-        raise ConfigurationError(f"default dim {configured} is not served by this index (it has {manifest.dims})")
+        raise ConfigurationError(f"{what} {configured} is not served by this index (it has {manifest.dims})")
     return configured
 
 

@@ -119,6 +119,7 @@ class IndexInfo:
     num_vectors: int
     built_at: str
     dims: list[DimInfo] = field(default_factory=list)
+    embeddings_default_dim: int | None = None  # of /v1/embeddings without `dimensions` (None: the full dim)
     encoder_quality_loss: float | None = None  # largest NDCG@10 loss of the served encoder against the build's
     encoder_warning: str | None = None
 

@@ -268,13 +268,14 @@ class ModelCard(BaseModel):
     created: int = Field(description="when the served index was built (Unix seconds)")
     owned_by: str = "mrl-retrieval"
     dimensions: list[int] = Field(description="the Matryoshka dims `dimensions` may ask for, largest first")
-    default_dimensions: int = Field(description="the dim of a request that names none")
+    default_dimensions: int = Field(description="the dim of an embeddings request that names none")
 
     @classmethod
     def of(cls, info: IndexInfo) -> ModelCard:
         built = datetime.fromisoformat(info.built_at) if info.built_at else datetime.now(timezone.utc)
         dims = sorted((dim.dim for dim in info.dims), reverse=True)
-        return cls(id=info.model, created=int(built.timestamp()), dimensions=dims, default_dimensions=info.default_dim)
+        default = info.embeddings_default_dim or max(dims)
+        return cls(id=info.model, created=int(built.timestamp()), dimensions=dims, default_dimensions=default)
 
 
 class ModelsResponse(BaseModel):

@@ -55,6 +55,12 @@ class ServiceSettings(BaseSettings):
     default_dim: int | None = Field(
         None, gt=0, description="dimension used when a request names none (default: the largest)"
     )
+    embeddings_default_dim: int | None = Field(
+        None,
+        gt=0,
+        description="dimensions of an embeddings request that names none, for clients that cannot pass one "
+        "(default: the full dim)",
+    )
     max_k: int = Field(100, gt=0, description="largest number of hits a request may ask for")
     max_query_chars: int = Field(2000, gt=0, description="longest query or embedding input, in characters")
     max_batch_queries: int = Field(64, gt=0, description="most queries (or embedding inputs) in one request")

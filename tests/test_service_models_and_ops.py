@@ -122,3 +122,25 @@ def test_log_format_json_formats_the_whole_process_and_uvicorn_logs_through_it(k
     json_settings = ServiceSettings(index=keyword_index, log_format="json")
     assert uvicorn_config(None, json_settings).log_config is None  # uvicorn's loggers propagate to the root
     assert uvicorn_config(None, ServiceSettings(index=keyword_index)).log_config is not None
+
+
+# --- a server-side default for embeddings --------------------------------------------------
+
+
+def test_embeddings_without_dimensions_take_the_servers_default(keyword_index: Path):
+    with serve(keyword_index, embeddings_default_dim=4) as client:
+        vectors = client.post("/v1/embeddings", json={"input": ["fever", "cough"]}).json()["data"]
+        assert [len(item["embedding"]) for item in vectors] == [4, 4]
+        asked = client.post("/v1/embeddings", json={"input": "fever", "dimensions": 8}).json()["data"]
+        assert len(asked[0]["embedding"]) == 8  # a client that names one still gets it
+        assert client.get("/v1/models").json()["data"][0]["default_dimensions"] == 4
+    with serve(keyword_index) as client:
+        assert len(client.post("/v1/embeddings", json={"input": "fever"}).json()["data"][0]["embedding"]) == 8
+
+
+def test_an_embeddings_default_the_index_does_not_serve_is_refused_at_start(keyword_index: Path):
+    from service.engine import ConfigurationError
+
+    with pytest.raises(ConfigurationError, match=r"embeddings default dim 3 is not served by this index"):
+        with serve(keyword_index, embeddings_default_dim=3):
+            pass
