@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from core.errors import ConfigError
-from index.locator import IndexLocator
+from index.locator import IndexLocator, parse_locator
 
 if TYPE_CHECKING:
     import numpy as np
@@ -142,8 +142,6 @@ def current_manifest(index: IndexLocator | Path | str) -> IndexManifest:
     Raises:
         IndexFolderError: No index there. EngineUnavailable: its engine does not answer.
     """
-    from index.locator import parse_locator
-
     store = open_store(index if isinstance(index, IndexLocator) else parse_locator(str(index)))
     try:
         return store.manifest(store.current())

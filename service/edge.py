@@ -66,11 +66,12 @@ class EdgeMiddleware:
             await self.app(scope, receive, send)
             return
         started = time.perf_counter()
-        token = request_id.set(new_request_id(_headers(scope).get(REQUEST_ID_HEADER)))
+        headers = _headers(scope)  # read once: the request id and the refusals below both need them
+        token = request_id.set(new_request_id(headers.get(REQUEST_ID_HEADER)))
         try:
             send = _with_request_id(send)
             guarded = scope["path"] not in UNGUARDED_PATHS
-            refusal = self._refusal(scope, guarded)
+            refusal = self._refusal(scope, headers, guarded)
             if refusal is not None:
                 exc, headers = refusal
                 status = await self._answer(scope, receive, send, exc, headers)
@@ -81,8 +82,9 @@ class EdgeMiddleware:
             request_id.reset(token)
 
     # --- before the route -----------------------------------------------------------------
-    def _refusal(self, scope: Scope, guarded: bool) -> tuple[ServiceError, dict[str, str]] | None:
-        headers = _headers(scope)
+    def _refusal(
+        self, scope: Scope, headers: dict[str, str], guarded: bool
+    ) -> tuple[ServiceError, dict[str, str]] | None:
         if guarded and self._needs_key(scope["path"]) and not key_is_valid(self.settings.api_key, headers):
             return Unauthorized(UNAUTHORIZED_MESSAGE), {"WWW-Authenticate": "Bearer"}
         undecodable = _undecodable_part(scope)

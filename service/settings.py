@@ -179,8 +179,9 @@ class ServiceSettings(BaseSettings):
 
     def milvus_credentials(self) -> dict[str, str]:
         """``token``, ``user``, ``password`` for a Milvus index, from ``MRL_MILVUS_*``."""
-        secret = lambda value: value.get_secret_value() if value else ""  # noqa: E731
-        return {"token": secret(self.milvus_token), "user": self.milvus_user, "password": secret(self.milvus_password)}
+        secrets = (self.milvus_token, self.milvus_password)
+        token, password = (value.get_secret_value() if value else "" for value in secrets)
+        return {"token": token, "user": self.milvus_user, "password": password}
 
     def onnx_cache_dir(self) -> Path:
         return self.onnx_cache or Path("~/.cache/mrl/onnx").expanduser()

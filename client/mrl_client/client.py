@@ -31,7 +31,6 @@ class MrlAPIError(Exception):
 class _Call:
     method: str
     path: str
-    params: dict[str, Any] | None = None
     body: dict[str, Any] | None = None
 
 
@@ -44,8 +43,7 @@ def _search_call(
     latency_budget_ms: float | None,
 ) -> _Call:
     body: dict[str, Any] = {"query": query} if isinstance(query, str) else {"queries": list(query)}
-    options = {"dim": dim, "k": k, "rerank_dim": rerank_dim, "min_quality": min_quality}
-    options["latency_budget_ms"] = latency_budget_ms
+    options = dict(dim=dim, k=k, rerank_dim=rerank_dim, min_quality=min_quality, latency_budget_ms=latency_budget_ms)
     body.update({key: value for key, value in options.items() if value is not None})
     return _Call("POST", "/search", body=body)
 
@@ -95,7 +93,7 @@ class MrlClient:
         self._http = httpx.Client(base_url=base_url, headers=_headers(api_key), timeout=timeout)
 
     def _send(self, call: _Call) -> Any:
-        return _read(self._http.request(call.method, call.path, params=call.params, json=call.body))
+        return _read(self._http.request(call.method, call.path, json=call.body))
 
     def search(
         self,
@@ -150,7 +148,7 @@ class AsyncMrlClient:
         self._http = httpx.AsyncClient(base_url=base_url, headers=_headers(api_key), timeout=timeout)
 
     async def _send(self, call: _Call) -> Any:
-        return _read(await self._http.request(call.method, call.path, params=call.params, json=call.body))
+        return _read(await self._http.request(call.method, call.path, json=call.body))
 
     async def search(
         self,
