@@ -10,9 +10,9 @@ PORT   ?= 8000
 export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: bench-strategies install demo train eval index serve test test-fast lint clean bench bench-models image image-gpu
+.PHONY: bench-strategies install demo train eval index serve test test-fast lint docs docs-serve clean bench bench-models image image-gpu
 
-# `make bench`: every benchmark on the shared BEIR datasets, then the README's figures (benchmarks/README.md).
+# `make bench`: every benchmark on the shared BEIR datasets, then the figures of docs/results.md (docs/benchmarks.md).
 DATASETS ?= ../shared/datasets
 BENCH    ?= $(RUNS)/bench
 MODELS   := $(RUNS)/models
@@ -20,7 +20,7 @@ FIGURES  := docs/figures
 
 $(STAMP): pyproject.toml client/pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,peers,tracking,milvus]' -e './client[langchain,llamaindex]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[cpu,dev,docs,peers,tracking,milvus]' -e './client[langchain,llamaindex]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -56,6 +56,14 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# The docs site (MkDocs, Material theme) into site/, strictly: a broken link, anchor or missing page fails it.
+# docs/hooks.py writes the HTTP API and settings reference pages from the code. The tests build it too.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict  # not --quiet: mkdocs then stops counting the warnings
+
+docs-serve: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs serve --strict --dev-addr 127.0.0.1:8001
 
 # Tuned models, one per dataset; an existing one is kept. MedQuAD and PIAF train on a sample of
 # their train split to fit a 2-core CPU (see the README); drop --max-train-pairs on a GPU.
@@ -98,7 +106,7 @@ bench-strategies:
 	cp $(BENCH)/strategies-scifact/strategies.png $(FIGURES)/strategies_scifact.png
 	cp $(BENCH)/strategies-medquad/strategies.png $(FIGURES)/strategies_medquad.png
 
-# Container images (deploy/README.md): CPU, and GPU (CUDA torch, faiss-gpu, onnxruntime-gpu). Needs a Docker engine.
+# Container images (docs/deployment.md): CPU, and GPU (CUDA torch, faiss-gpu, onnxruntime-gpu). Needs a Docker engine.
 image:
 	docker build -t mrl-retrieval:cpu .
 
