@@ -1,8 +1,9 @@
 """``create_app(settings)``: the FastAPI app, its lifespan, error handlers and docs.
 
-The lifespan builds the :class:`~service.engine.Searcher` (model + index) and closes it
-on shutdown, unless ``mrl serve`` has already opened it (:func:`open_searcher`) so that a
-start-up failure ends in one line. Routes reach the searcher through dependencies. Every
+The lifespan builds the :class:`~service.engine.Searcher` (model + index), or without an
+index the :class:`~service.embedder.Embedder` alone (embeddings only), and closes it on
+shutdown, unless ``mrl serve`` has already opened it (:func:`open_searcher`) so that a
+start-up failure ends in one line. Routes reach them through dependencies. Every
 request passes the edge middleware first (API key, admission, body limits, metrics,
 access log); every error leaves in the one body shape of :mod:`service.errors`.
 """
@@ -25,6 +26,7 @@ from core import __version__
 from service.deps import ApiKeyDep, ServiceState
 from service.docs import add_docs
 from service.edge import EdgeMiddleware
+from service.embedder import Embedder
 from service.encoders import load_encoder
 from service.engine import EncoderLoader, Searcher
 from service.errors import (
@@ -76,7 +78,7 @@ def create_app(settings: ServiceSettings | None = None, *, encoder_loader: Encod
 
 
 async def open_searcher(app: FastAPI) -> None:
-    """Load the model and index of ``app`` now, before it serves; the lifespan then uses them.
+    """Load the model and index (or the model alone) of ``app`` now, before it serves; the lifespan then uses them.
 
     Raises:
         Whatever loading raises (IndexFolderError, ModelError, ConfigurationError, ...).
@@ -90,7 +92,7 @@ async def open_searcher(app: FastAPI) -> None:
 def _lifespan(state: ServiceState):
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        if state.searcher is not None:  # opened by open_searcher
+        if state.embedder is not None:  # opened by open_searcher
             yield
         elif state.settings.load_in_background:
             loading = asyncio.create_task(_load(state, reraise=False))
@@ -101,19 +103,24 @@ def _lifespan(state: ServiceState):
         else:
             await _load(state, reraise=True)
             yield
-        searcher, state.searcher = state.searcher, None  # readyz says 503 from here on
-        if searcher is not None:
-            await searcher.close()
+        await state.close()  # readyz says 503 from here on
 
     return lifespan
 
 
 async def _load(state: ServiceState, *, reraise: bool) -> None:
+    settings, loader = state.settings, state.encoder_loader or load_encoder
     try:
-        state.searcher = await Searcher.open(state.settings, state.metrics, state.encoder_loader)
+        if settings.serves_search:
+            state.searcher = await Searcher.open(settings, state.metrics, loader)
+            state.embedder = state.searcher.embedder
+        else:
+            state.embedder = await Embedder.open(settings, state.metrics, loader)
+            dims = state.embedder.served.dims
+            logger.info("serving %s for embeddings only (no index), dims %s", settings.model, dims)
     except Exception as exc:
         state.load_error = f"loading failed: {state.redact(str(exc))}"
-        logger.error("cannot serve %s: %s", state.settings.index, exc)
+        logger.error("cannot serve %s: %s", settings.index or settings.model, exc)
         if reraise:
             raise
 

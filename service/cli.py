@@ -13,11 +13,14 @@ from core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
+
 def add_serve_parser(commands: argparse._SubParsersAction) -> None:
     p = commands.add_parser(
         "serve",
-        help="serve an index over HTTP (search, embeddings, metrics)",
-        description="Serve GET/POST /search, POST /v1/embeddings, /dims, /healthz, /readyz, /metrics. "
+        help="serve an index over HTTP (search, embeddings, metrics), or a model alone (embeddings)",
+        description="Serve GET/POST /search, POST /v1/embeddings, /dims, /healthz, /readyz, /metrics over an "
+        "index (--index LOCATOR); or, with --model MODEL and no index, the model alone: /v1/embeddings and "
+        "/v1/models at its Matryoshka dims, no search. "
         "Every flag is also an MRL_* environment variable (e.g. MRL_INDEX, MRL_API_KEY); flags win. "
         "Milvus credentials come from the environment only (MRL_MILVUS_TOKEN, or MRL_MILVUS_USER and "
         "MRL_MILVUS_PASSWORD).",
@@ -87,7 +90,8 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 
 def run_serve(args: argparse.Namespace) -> int:
-    """Load the index and model, listen, then serve; a failure to load or to listen is one line and exit code 2.
+    """Load the index and model (or the model alone), listen, then serve; a failure to load or to listen is one
+    line and exit code 2.
 
     Raises:
         ServeError: Settings, index, model or address that do not work.
@@ -113,7 +117,7 @@ async def _serve(settings: Any) -> None:
     from service.sources import index_source
 
     app = create_app(settings)
-    if settings.load_in_background:
+    if settings.load_in_background and settings.serves_search:
         try:
             source = index_source(settings)
             source.manifest(source.current())  # a wrong path still fails here, in one line
@@ -127,10 +131,7 @@ async def _serve(settings: Any) -> None:
     try:
         sockets = listening_sockets(settings.host, settings.port)  # after loading: no connection waits on a load
     except ServeError:
-        state = app.state.service  # the lifespan never runs now: release the encoder thread and index lease here
-        searcher, state.searcher = state.searcher, None
-        if searcher is not None:
-            await searcher.close()
+        await app.state.service.close()  # the lifespan never runs now: release the encoder thread and index lease
         raise
     for sock in sockets:
         logger.info("listening on %s", _url(sock.getsockname()))
@@ -182,7 +183,7 @@ def _url(address: tuple) -> str:
 
 
 def uvicorn_config(app: Any, settings: Any) -> Any:
-    """uvicorn's settings for the service: its protocol and limits (deploy/README.md says what they do)."""
+    """uvicorn's settings for the service: its protocol and limits (docs/deployment.md says what they do)."""
     import functools
 
     import uvicorn

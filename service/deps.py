@@ -13,8 +13,9 @@ from fastapi import Depends, Request, Security
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from pydantic import SecretStr
 
+from service.embedder import Embedder
 from service.engine import EncoderLoader, Searcher
-from service.errors import NotReady, Unauthorized
+from service.errors import NoIndex, NotReady, Unauthorized
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 
@@ -22,19 +23,56 @@ API_KEY_HEADER = "X-API-Key"
 UNAUTHORIZED_MESSAGE = "missing or wrong API key: send it as X-API-Key or as Authorization: Bearer <key>"
 
 
+# No paths in it: the redaction of server paths in error messages would shorten them.
+NO_INDEX = (
+    "no index is served here: this server serves embeddings only (it was started with --model and no --index); "
+    "to search, serve an index: mrl serve --index LOCATOR"
+)
+
+
 @dataclass
 class ServiceState:
-    """What one app holds: its settings and metrics, and the searcher once the lifespan has built it."""
+    """What one app holds: its settings and metrics, and once the lifespan has loaded them, the embedder (the
+    model) and the searcher (the index; none when the app serves embeddings only)."""
 
     settings: ServiceSettings
     metrics: ServiceMetrics
     encoder_loader: EncoderLoader | None = None
     searcher: Searcher | None = None
+    embedder: Embedder | None = None
     load_error: str | None = None
+
+    @property
+    def loading_message(self) -> str:
+        what = "the index and model are" if self.settings.serves_search else "the model is"
+        return self.load_error or f"{what} still loading"
 
     def redact(self, message: str) -> str:
         """``message`` as a client may see it: paths relative to the index root, other paths by their name."""
-        return redact_paths(message, self.settings.locator().path)
+        root = self.settings.locator().path if self.settings.serves_search else None
+        return redact_paths(message, root)
+
+    async def check_ready(self) -> str | None:
+        """The served index version (None: embeddings only) if requests can be answered.
+
+        Raises:
+            NotReady: Still loading, a failed load, shutting down, or a stopped encoder or index engine.
+        """
+        if self.embedder is None:
+            raise NotReady(self.loading_message)
+        if self.searcher is None:
+            self.embedder.check_ready()
+            return None
+        await self.searcher.check_ready()
+        return self.searcher.index_version
+
+    async def close(self) -> None:
+        """Stop serving: from here on requests get 503; the model and the index are released."""
+        searcher, embedder, self.searcher, self.embedder = self.searcher, self.embedder, None, None
+        if searcher is not None:
+            await searcher.close()  # its embedder too
+        elif embedder is not None:
+            await embedder.close()
 
 
 # An absolute path of two or more parts (not a URL's //host): clients see only its last part.
@@ -63,13 +101,25 @@ StateDep = Annotated[ServiceState, Depends(get_state)]
 
 
 async def get_searcher(state: StateDep) -> Searcher:
-    """The loaded searcher; 503 while loading, after a failed load, or while shutting down."""
+    """The loaded searcher; 503 while loading, after a failed load, or while shutting down; 404 without an index."""
+    if not state.settings.serves_search:
+        raise NoIndex(NO_INDEX)
     if state.searcher is None:
-        raise NotReady(state.load_error or "the index and model are still loading")
+        raise NotReady(state.loading_message)
     return state.searcher
 
 
 SearcherDep = Annotated[Searcher, Depends(get_searcher)]
+
+
+async def get_embedder(state: StateDep) -> Embedder:
+    """The loaded model (with an index or without); 503 while loading, after a failed load, or while shutting down."""
+    if state.embedder is None:
+        raise NotReady(state.loading_message)
+    return state.embedder
+
+
+EmbedderDep = Annotated[Embedder, Depends(get_embedder)]
 
 _api_key_header = APIKeyHeader(name=API_KEY_HEADER, auto_error=False, description="the server's API key")
 _bearer = HTTPBearer(auto_error=False, description="the server's API key, as OpenAI's clients send it")

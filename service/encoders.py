@@ -30,7 +30,14 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from core.models import ModelError, SentenceTransformerEncoder, embedding_dimension, load_model, model_fingerprint
+from core.models import (
+    ModelError,
+    SentenceTransformerEncoder,
+    embedding_dimension,
+    load_model,
+    model_dims,
+    model_fingerprint,
+)
 from index.manifest import IndexManifest
 
 if TYPE_CHECKING:
@@ -50,10 +57,11 @@ class EncoderError(ModelError):
 
 
 class QueryEncoder(Protocol):
-    """What the service needs from an encoder: ``core.models.Encoder`` plus token counting."""
+    """What the service needs from an encoder: ``core.models.Encoder``, token counting, and its tokenizer's ids."""
 
     name: str
     dimension: int
+    vocab_size: int  # token ids 0 .. vocab_size - 1 are the tokenizer's (added tokens included)
 
     def encode_queries(self, texts: list[str]) -> np.ndarray: ...
 
@@ -61,14 +69,17 @@ class QueryEncoder(Protocol):
 
     def count_tokens(self, texts: list[str]) -> int: ...
 
+    def decode_tokens(self, token_ids: list[list[int]]) -> list[str]: ...
+
 
 @dataclass
 class LoadedEncoder:
-    """An encoder, the fingerprint of the weights it runs, and which backend it is."""
+    """An encoder, the fingerprint of the weights it runs, which backend it is, and the model's own dims."""
 
     encoder: QueryEncoder
     fingerprint: str
     backend: str
+    dims: list[int] | None = None  # its mrl.json's Matryoshka dims, else the defaults for its size; None: not read
 
 
 class ServingEncoder(SentenceTransformerEncoder):
@@ -120,19 +131,34 @@ class ServingEncoder(SentenceTransformerEncoder):
         encoded = tokenizer(texts, truncation=True, max_length=self.model.max_seq_length, add_special_tokens=True)
         return sum(len(ids) for ids in encoded["input_ids"])
 
+    @property
+    def max_seq_length(self) -> int | None:
+        return self.model.max_seq_length
 
-def load_encoder(settings: ServiceSettings, manifest: IndexManifest) -> LoadedEncoder:
+    @property
+    def vocab_size(self) -> int:
+        return len(self.model.tokenizer)
+
+    def decode_tokens(self, token_ids: list[list[int]]) -> list[str]:
+        """The texts of token id arrays, special tokens left out: encoding them tokenizes them back to the same ids."""
+        return self.model.tokenizer.batch_decode(token_ids, skip_special_tokens=True)
+
+
+def load_encoder(settings: ServiceSettings, manifest: IndexManifest | None) -> LoadedEncoder:
     """The encoder ``settings`` ask for, with the prompts and token limit the index was built with.
+
+    Without an index (``manifest`` None: embeddings only) the model keeps its own prompts and token limit.
 
     Raises:
         ModelError: If the model cannot be loaded. EncoderError: If the ONNX backend cannot run it.
     """
-    name = settings.model or manifest.model.name
+    built = manifest.model if manifest is not None else None
+    name = (settings.model or built.name) if built is not None else str(settings.model)  # settings have one
     model = load_model(
         name,
-        max_seq_length=manifest.model.max_seq_length,
-        query_prompt=manifest.model.query_prompt,
-        document_prompt=manifest.model.document_prompt,
+        max_seq_length=built.max_seq_length if built is not None else None,
+        query_prompt=built.query_prompt if built is not None else None,
+        document_prompt=built.document_prompt if built is not None else None,
         device=_torch_device(settings.device),
     )
     if settings.encoder_threads:
@@ -140,7 +166,8 @@ def load_encoder(settings: ServiceSettings, manifest: IndexManifest) -> LoadedEn
 
         torch.set_num_threads(settings.encoder_threads)
     fingerprint = model_fingerprint(model)
-    return LoadedEncoder(serving_encoder(model, name, fingerprint, settings), fingerprint, settings.encoder)
+    encoder = serving_encoder(model, name, fingerprint, settings)
+    return LoadedEncoder(encoder, fingerprint, settings.encoder, dims=model_dims(model, name))
 
 
 def serving_encoder(model: SentenceTransformer, name: str, fingerprint: str, settings: ServiceSettings) -> QueryEncoder:
@@ -350,6 +377,14 @@ class OnnxEncoder:
     def count_tokens(self, texts: list[str]) -> int:
         """Tokens the model sees for ``texts`` (special tokens included, after truncation), without a prompt."""
         return sum(len(encoding.ids) for encoding in self._tokenizer().encode_batch(list(texts)))
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer().get_vocab_size(with_added_tokens=True)
+
+    def decode_tokens(self, token_ids: list[list[int]]) -> list[str]:
+        """The texts of token id arrays, special tokens left out (as :class:`ServingEncoder` decodes them)."""
+        return self._tokenizer().decode_batch(token_ids, skip_special_tokens=True)
 
     def _tokenizer(self) -> Any:
         tokenizer = getattr(self._local, "tokenizer", None)

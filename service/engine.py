@@ -1,10 +1,10 @@
-"""The search engine behind the HTTP layer: one index, one query encoder, micro-batched encoding.
+"""The search engine behind the HTTP layer: one index, and the :class:`~service.embedder.Embedder` of its model.
 
 A :class:`Searcher` is built at start-up: it reads the index manifest, loads the model the
 index was built with, refuses the index if the model's fingerprint differs, and opens
 every dimension's FAISS index. Queries are encoded once at full dimension (in
-micro-batches, off the event loop); each dimension is derived with the project's only
-truncation function, ``core.matryoshka.truncate_normalize``.
+micro-batches, off the event loop, by the embedder); each dimension is derived with the
+project's only truncation function, ``core.matryoshka.truncate_normalize``.
 
 No FastAPI here: errors are the domain exceptions of :mod:`service.errors`.
 """
@@ -16,13 +16,10 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
+from collections.abc import Sequence
 
 import numpy as np
 
-from core.errors import ConfigError
-from core.matryoshka import truncate_normalize
 from index.backends import EngineUnavailable
 from index.layout import LEASE_TTL_SECONDS
 from index.loaded import LoadedIndex
@@ -30,8 +27,7 @@ from index.manifest import IndexFolderError, IndexManifest
 from index.plans import TRAINING_REPORT, JudgedQueries, Plan, evaluate_plans, plans_from_report
 from index.search import staged_search
 from index.stores import IndexStore
-from service.batching import MicroBatcher, TextKind
-from service.cache import QueryCache
+from service.embedder import WARM_UP_QUERY, ConfigurationError, Embedder, EncoderLoader, public_name, served_default
 from service.encoders import LoadedEncoder, load_encoder
 from service.errors import InvalidRequest, NotReady, ReloadFailed, UnknownDimension
 from service.limits import RequestLimits
@@ -39,13 +35,13 @@ from service.metrics import ServiceMetrics
 from service.planner import Choice, LiveLatency, choose
 from service.results import (
     DimInfo,
-    EmbeddingResult,
     Hit,
     IndexInfo,
     PlanInfo,
     PlanUsed,
     ReloadOutcome,
     SearchResult,
+    ServedModel,
     Timings,
 )
 from service.settings import ServiceSettings
@@ -54,10 +50,6 @@ from service.sources import index_source
 
 logger = logging.getLogger(__name__)
 
-EncoderLoader = Callable[[ServiceSettings, IndexManifest], LoadedEncoder]
-WARM_UP_QUERY = "warm-up query"
-CHARS_PER_TOKEN = 4  # about, for English with WordPiece or SentencePiece; texts are cut at the model's limit
-DEFAULT_MAX_TOKENS = 512
 ENGINE_DOWN = "the index engine did not answer; retry later (the server log has the details)"
 MAX_ENCODER_LOSS = 0.005  # /dims warns when the served query encoder loses more NDCG@10 than this at a dim
 BOTH_GIVEN = (
@@ -68,10 +60,6 @@ NO_QUALITY = (
     "this index has no measured quality, so min_quality cannot be met; rebuild it with "
     "`mrl index build --eval-data BEIR_FOLDER` (or from a model whose training report has NDCG per dim)"
 )
-
-
-class ConfigurationError(ConfigError):
-    """The settings do not fit the index (e.g. a default dimension it does not have)."""
 
 
 # --- the searcher -------------------------------------------------------------------------
@@ -98,25 +86,20 @@ class Searcher:
         self._plans = plans or ServedPlans.of(index.manifest)
         self._live = LiveLatency()
         self._default_dim = _default_dim(settings.default_dim, index.manifest)
-        self._embeddings_dim = _default_dim(settings.embeddings_default_dim, index.manifest, "embeddings default dim")
         self._reload_lock = asyncio.Lock()
         self._search_lock = threading.Lock()  # for indexes that are not thread-safe (GPU)
         self._lease_refresher: asyncio.Task | None = None
-        longest = index.manifest.model.max_seq_length or DEFAULT_MAX_TOKENS
-        self._batcher = MicroBatcher(
-            self._encode_batch,
-            max_batch=settings.batch_max_size,
-            max_wait_s=settings.batch_max_wait_ms / 1000,
-            on_batch=metrics.observe_batch,
-            max_tokens=settings.batch_max_tokens,
-            cost=lambda text: min(len(text) // CHARS_PER_TOKEN + 2, longest),  # before tokenizing: an estimate
+        model = index.manifest.model
+        self.embedder = Embedder(
+            settings,
+            loaded_encoder,
+            metrics,
+            _served_model(settings, loaded_encoder, index.manifest),
+            max_seq_length=model.max_seq_length,
+            query_prompt=model.query_prompt,  # the encoder was loaded with it
         )
-        self._query_prompt = index.manifest.model.query_prompt  # the encoder was loaded with it
-        size = settings.query_cache_size
-        self._query_cache = QueryCache(size, metrics.query_cache) if size else None
         metrics.set_index(_index_sizes(index))
         self._publish_serving(index)
-        metrics.queued_texts.set_function(lambda: self._batcher.pending)
 
     # --- life cycle ---------------------------------------------------------------------
     @classmethod
@@ -137,7 +120,7 @@ class Searcher:
         except BaseException:
             index.close()
             raise
-        await searcher._batcher.start()
+        await searcher.embedder.start()
         searcher._lease_refresher = asyncio.create_task(searcher._refresh_leases(), name="mrl-lease-refresher")
         logger.info(
             "serving %s (%d vectors, dims %s) with %s on %s",
@@ -155,14 +138,13 @@ class Searcher:
             self._lease_refresher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lease_refresher
-        await self._batcher.stop()
+        await self.embedder.close()
         self._slot.close()
 
     async def check_ready(self) -> None:
         """Raises NotReady if requests cannot be answered: the encoder's worker has stopped, or the engine
         that holds the index (Milvus) does not answer."""
-        if not self._batcher.alive:
-            raise NotReady("the encoder stopped; the server log says why; restart the service")
+        self.embedder.check_ready()
         try:
             await asyncio.to_thread(self._slot.current.check_health)
         except EngineUnavailable as exc:
@@ -193,8 +175,7 @@ class Searcher:
     @property
     def model_name(self) -> str:
         """The model's hub name, or a local model folder's own name (clients never see server paths)."""
-        name = self.encoder.encoder.name
-        return Path(name).name if Path(name).is_absolute() else name
+        return self.embedder.model_name
 
     def info(self) -> IndexInfo:
         """Dims served, with cost (index type, bytes, vectors) and measured quality (NDCG@10) of each."""
@@ -227,7 +208,6 @@ class Searcher:
             encoder=self.encoder.backend,
             full_dim=manifest.model.full_dim,
             default_dim=self._default_dim,
-            embeddings_default_dim=self._embeddings_dim,
             num_vectors=manifest.num_vectors,
             built_at=manifest.built_at,
             dims=dims,
@@ -262,7 +242,7 @@ class Searcher:
         choice = self._choose(dim, rerank_dim, min_quality, latency_budget_ms)
         dim, rerank_dim, candidates = choice.plan.dim, choice.plan.rerank_dim, choice.plan.candidates or 1
         dim = self._check_dims(self._slot.current, dim, rerank_dim)  # fail before encoding
-        vectors = await self._encode_queries(list(queries))
+        vectors = await self.embedder.encode_queries(list(queries))
         encoded = time.perf_counter()
         # The lease is taken and released in the worker thread, so a cancelled request cannot
         # release it while the thread still searches.
@@ -331,13 +311,6 @@ class Searcher:
             for plan in self._plans.plans
         ]
 
-    async def _encode_queries(self, texts: list[str]) -> np.ndarray:
-        if self._query_cache is None:
-            return await self._batcher.encode(texts, "query")
-        prompt = self._query_prompt
-        encode = lambda missing: self._batcher.encode(missing, "query")  # noqa: E731
-        return await self._query_cache.encode(texts, self.encoder.fingerprint, prompt, encode)
-
     def _check_dims(self, index: LoadedIndex, dim: int | None, rerank_dim: int | None) -> int:
         if dim is None:  # two-stage search shortlists at the smallest dim unless told otherwise
             dim = min(index.indexes) if rerank_dim is not None else self._default_dim
@@ -397,37 +370,6 @@ class Searcher:
         if rerank_dim:
             self.metrics.rerank_seconds.labels(dim=str(rerank_dim)).observe(rerank_s)
 
-    # --- embeddings ---------------------------------------------------------------------
-    async def embed(
-        self, texts: Sequence[str], dimensions: int | None = None, kind: TextKind = "document"
-    ) -> EmbeddingResult:
-        """Unit-length embeddings of ``texts`` at ``dimensions`` (default: ``embeddings_default_dim``, else full),
-        truncated then re-normalised.
-
-        Raises:
-            InvalidRequest: Bad texts. UnknownDimension: ``dimensions`` is not a Matryoshka dim of the index.
-        """
-        self.limits.check_texts(texts, what="input")
-        allowed = self.dims
-        dim = self._embeddings_dim if dimensions is None else dimensions
-        if dim not in allowed:
-            raise UnknownDimension(dim, allowed, what="dimensions")
-        started = time.perf_counter()
-        vectors, tokens = await self._batcher.encode_counted(list(texts), kind)
-        self.metrics.encode_seconds.labels(dim=str(dim)).observe(time.perf_counter() - started)
-        if tokens is None:  # an encoder that does not count as it tokenizes: a second pass
-            # On the encoder's thread: a fast tokenizer used from two threads at once can pad one call with the
-            # other's settings ("Unable to create tensor ... activate truncation and/or padding").
-            tokens = await self._batcher.run_on_encoder_thread(self.encoder.encoder.count_tokens, list(texts))
-        return EmbeddingResult(truncate_normalize(vectors, dim), dim, self.model_name, tokens)
-
-    def _encode_batch(self, texts: list[str], kind: TextKind) -> np.ndarray | tuple[np.ndarray, list[int]]:
-        """Vectors of ``texts``, with their token counts when the encoder noted them while tokenizing."""
-        encoder = self.encoder.encoder
-        vectors = encoder.encode_queries(texts) if kind == "query" else encoder.encode_documents(texts)
-        counts = getattr(encoder, "last_token_counts", None)
-        return (vectors, counts) if counts is not None and len(counts) == len(texts) else vectors
-
     # --- reload -------------------------------------------------------------------------
     def _unavailable(self, exc: EngineUnavailable) -> NotReady:
         """A reload that could not reach the engine: counted, and a 503 to retry (the old version serves on)."""
@@ -467,9 +409,7 @@ class Searcher:
                 raise self._refused(previous, exc) from exc
             try:
                 default_dim = _default_dim(self.settings.default_dim, index.manifest)
-                embeddings_dim = _default_dim(
-                    self.settings.embeddings_default_dim, index.manifest, "embeddings default dim"
-                )
+                served = _served_model(self.settings, self.encoder, index.manifest)
             except ConfigurationError as exc:
                 index.close()
                 raise self._refused(previous, exc) from exc
@@ -478,7 +418,7 @@ class Searcher:
             except Exception as exc:
                 index.close()
                 raise self._refused(previous, exc) from exc
-            self._default_dim, self._embeddings_dim = default_dim, embeddings_dim
+            self._default_dim, self.embedder.served = default_dim, served
             self._plans, self._live = plans, LiveLatency()
             self._slot.swap(index)
             self.metrics.set_index(_index_sizes(index))
@@ -518,11 +458,18 @@ def _load(source: IndexStore, settings: ServiceSettings, load: EncoderLoader) ->
 
 
 def _default_dim(configured: int | None, manifest: IndexManifest, what: str = "default dim") -> int:
-    if configured is None:
-        return max(manifest.dims)
-    if configured not in manifest.dims:
-        raise ConfigurationError(f"{what} {configured} is not served by this index (it has {manifest.dims})")
-    return configured
+    return served_default(configured, manifest.dims, what)
+
+
+def _served_model(settings: ServiceSettings, loaded_encoder: LoadedEncoder, manifest: IndexManifest) -> ServedModel:
+    """What the embeddings endpoints serve next to this index: its dims, from its model."""
+    return ServedModel(
+        model=public_name(loaded_encoder.encoder.name),
+        dims=sorted(manifest.dims, reverse=True),
+        default_dim=_default_dim(settings.embeddings_default_dim, manifest, "embeddings default dim"),
+        created=manifest.built_at,
+        index_version=manifest.version,
+    )
 
 
 def _ndcg_by_dim(manifest: IndexManifest) -> dict[int, float]:

@@ -34,6 +34,10 @@ class NotFound(ServiceError):
     """A path that names nothing served here (an unknown model)."""
 
 
+class NoIndex(NotFound):
+    """A search, index or admin endpoint of a server that serves embeddings only (no index)."""
+
+
 class Overloaded(ServiceError):
     """More requests in flight than the service accepts; the client should retry later."""
 
@@ -69,6 +73,7 @@ ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     UnknownDimension: ErrorKind(422, "unknown_dimension"),
     InvalidRequest: ErrorKind(422, "invalid_request"),
     Unauthorized: ErrorKind(401, "unauthorized"),
+    NoIndex: ErrorKind(404, "no_index"),
     NotFound: ErrorKind(404, "not_found"),
     ReloadFailed: ErrorKind(409, "reload_failed"),
     PayloadTooLarge: ErrorKind(413, "payload_too_large"),

@@ -42,6 +42,29 @@ class RequestLimits:
             except UnicodeEncodeError:
                 raise InvalidRequest(f"{where} holds an unpaired surrogate; send valid Unicode") from None
 
+    def check_token_ids(self, arrays: Sequence[Sequence[int]], vocab_size: int, *, nested: bool = True) -> None:
+        """Raises InvalidRequest for no arrays, too many, or an empty or over-long one, or an id not in the vocabulary.
+
+        A token array may hold as many ids as a text may hold characters (``max_query_chars``); as with a
+        text, the model reads its first ``max_seq_length`` tokens. ``nested`` False: one array was sent
+        (``input: [ids]``), and the messages point into it as ``input[j]``, else as ``input[i][j]``.
+        """
+        if not arrays:
+            raise InvalidRequest("at least one input is required")
+        if len(arrays) > self.max_batch_queries:
+            raise InvalidRequest(f"at most {self.max_batch_queries} input token arrays per request, got {len(arrays)}")
+        vocabulary = f"the model's vocabulary (0..{vocab_size - 1})"
+        for number, ids in enumerate(arrays):
+            where = f"input[{number}]" if nested else "input"
+            if not ids:
+                limit = self.max_query_chars
+                raise InvalidRequest(f"{where} is an empty token array; give 1-{limit} ids of {vocabulary}")
+            if len(ids) > self.max_query_chars:
+                raise InvalidRequest(f"{where} holds {len(ids)} token ids; at most {self.max_query_chars} are allowed")
+            for position, token in enumerate(ids):
+                if not 0 <= token < vocab_size:
+                    raise InvalidRequest(f"{where}[{position}]: token id {token} is outside {vocabulary}")
+
     def check_k(self, k: int) -> None:
         """Raises InvalidRequest unless ``1 <= k <= max_k``."""
         if not 1 <= k <= self.max_k:

@@ -25,6 +25,7 @@ PREFIX = "mrl"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 NO_DIM = "none"
+NO_INDEX = "none"  # the index and version of mrl_serving_info when the model is served for embeddings only
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 

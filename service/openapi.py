@@ -2,11 +2,12 @@
 
 FastAPI derives the schema from the route signatures and request models, which know
 neither the settings (``max_k``, ``max_query_chars``, ``max_batch_queries``) nor the dims of
-the served index. :func:`service_openapi` adds them, so that every request the schema
-calls valid is one the service accepts, with the exceptions the schema cannot state:
-``rerank_dim`` must be larger than ``dim``; a request gives dims or a target, not both; and a
-quality target needs an index with measured quality. The schema is rebuilt when a reload
-changes the served version.
+the served index, nor the served model's vocabulary (the token ids ``/v1/embeddings`` takes).
+:func:`service_openapi` adds them, so that every request the schema calls valid is one the
+service accepts, with the exceptions the schema cannot state: ``rerank_dim`` must be larger
+than ``dim``; a request gives dims or a target, not both; and a quality target needs an index
+with measured quality. The schema is rebuilt when a reload changes the served version. A server
+without an index (embeddings only) leaves the search, index and admin paths out.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from index.backends import EngineUnavailable
 from index.manifest import IndexFolderError
 from service.limits import NON_BLANK_PATTERN
+from service.routes import INDEX_PATHS
 from service.sources import index_source
 
 if TYPE_CHECKING:
@@ -26,22 +28,38 @@ if TYPE_CHECKING:
 
 
 def service_openapi(app: FastAPI, state: ServiceState) -> dict[str, Any]:
-    """The app's schema for its settings and served dims (cached per served index version)."""
+    """The app's schema for its settings, served dims and vocabulary (cached per served index version)."""
     dims, version = _served_dims(state)
+    vocab_size = state.embedder.encoder.encoder.vocab_size if state.embedder is not None else None
+    key = (version, tuple(dims or ()), vocab_size)
     cached = getattr(app.state, "openapi_cache", None)
-    if cached is not None and cached[0] == version:
+    if cached is not None and cached[0] == key:
         return cached[1]
-    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     settings = state.settings
-    describe_limits(schema, settings.max_query_chars, settings.max_k, settings.max_batch_queries, dims)
-    app.state.openapi_cache = (version, schema)
+    schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+    if not settings.serves_search:  # embeddings only: those paths answer 404 no_index
+        schema["paths"] = {path: item for path, item in schema["paths"].items() if path not in INDEX_PATHS}
+    describe_limits(schema, settings.max_query_chars, settings.max_k, settings.max_batch_queries, dims, vocab_size)
+    app.state.openapi_cache = (key, schema)
     return schema
 
 
-def describe_limits(schema: dict[str, Any], max_chars: int, max_k: int, max_texts: int, dims: list[int] | None) -> None:
-    """Write the request limits into ``schema`` in place: text lengths, k, batch sizes and dims."""
+def describe_limits(
+    schema: dict[str, Any],
+    max_chars: int,
+    max_k: int,
+    max_texts: int,
+    dims: list[int] | None,
+    vocab_size: int | None = None,
+) -> None:
+    """Write the request limits into ``schema`` in place: text lengths, k, batch sizes, dims and token ids."""
     text = {"type": "string", "minLength": 1, "maxLength": max_chars, "pattern": NON_BLANK_PATTERN}
     texts = {"type": "array", "items": text, "minItems": 1, "maxItems": max_texts}
+    token_id: dict[str, Any] = {"type": "integer", "minimum": 0}
+    if vocab_size is not None:
+        token_id["maximum"] = vocab_size - 1
+    token_ids = {"type": "array", "items": token_id, "minItems": 1, "maxItems": max_chars}  # ids: as many as chars
+    token_arrays = {"type": "array", "items": token_ids, "minItems": 1, "maxItems": max_texts}
     k = {"type": "integer", "minimum": 1, "maximum": max_k}
     dim = _dim_schema(dims, exclude_smallest=False)
     rerank_dim = _dim_schema(dims, exclude_smallest=True)  # re-scoring at the smallest dim cannot beat it
@@ -56,12 +74,17 @@ def describe_limits(schema: dict[str, Any], max_chars: int, max_k: int, max_text
         models.get("SearchRequest"),
         {"query": text, "queries": texts, "k": k, "dim": _nullable(dim), "rerank_dim": _nullable(rerank_dim)},
     )
-    _set_properties(models.get("EmbeddingRequest"), {"input": {"anyOf": [text, texts]}, "dimensions": _nullable(dim)})
+    embedding_input = {"anyOf": [text, texts, token_ids, token_arrays]}
+    _set_properties(models.get("EmbeddingRequest"), {"input": embedding_input, "dimensions": _nullable(dim)})
 
 
 def _served_dims(state: ServiceState) -> tuple[list[int] | None, str | None]:
     if state.searcher is not None:
         return state.searcher.dims, state.searcher.index_version
+    if state.embedder is not None:  # embeddings only
+        return state.embedder.served.dims, None
+    if not state.settings.serves_search:  # the model is still loading
+        return None, None
     try:  # still loading: the manifest says what will be served
         source = index_source(state.settings)
         manifest = source.manifest(source.current())

@@ -93,6 +93,17 @@ class EmbeddingResult:
     tokens: int
 
 
+@dataclass(frozen=True)
+class ServedModel:
+    """What ``/v1/embeddings`` and ``/v1/models`` answer with: the model, its dims, and the index they come from."""
+
+    model: str
+    dims: list[int]  # the index's dims; without an index, the model's Matryoshka dims
+    default_dim: int  # of an embeddings request that names no `dimensions`
+    created: str  # ISO 8601: when the served index was built, or (no index) when the model was loaded
+    index_version: str | None = None  # None: embeddings only, no index
+
+
 @dataclass
 class DimInfo:
     """What one served dimension costs and buys."""
@@ -119,7 +130,6 @@ class IndexInfo:
     num_vectors: int
     built_at: str
     dims: list[DimInfo] = field(default_factory=list)
-    embeddings_default_dim: int | None = None  # of /v1/embeddings without `dimensions` (None: the full dim)
     encoder_quality_loss: float | None = None  # largest NDCG@10 loss of the served encoder against the build's
     encoder_warning: str | None = None
 

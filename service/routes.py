@@ -6,8 +6,8 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 
-from service.deps import SearcherDep, StateDep
-from service.errors import NotFound, NotReady
+from service.deps import EmbedderDep, SearcherDep, StateDep
+from service.errors import NotFound
 from service.metrics import CONTENT_TYPE
 from service.schemas import (
     BUDGET_DESCRIPTION,
@@ -42,6 +42,8 @@ ERRORS = {
 }
 
 search_router = APIRouter(tags=["search"], responses=ERRORS)  # the app adds the key check
+# What a server without an index (embeddings only) answers 404 no_index, and leaves out of its OpenAPI schema.
+INDEX_PATHS = frozenset({"/search", "/dims", "/info", "/plans", "/admin/reload"})
 admin_router = APIRouter(tags=["admin"], responses=ERRORS)
 ops_router = APIRouter(tags=["operations"])
 
@@ -84,17 +86,22 @@ async def search_post(request: Request, searcher: SearcherDep, body: SearchReque
 
 
 @search_router.post("/v1/embeddings", response_model=EmbeddingResponse, summary="Embeddings (OpenAI-compatible)")
-async def embeddings(request: Request, searcher: SearcherDep, body: EmbeddingRequest) -> EmbeddingResponse:
-    """Unit-length embeddings at a Matryoshka dimension (`dimensions`, default full), like OpenAI's API."""
-    result = await searcher.embed(body.texts(), body.dimensions, body.input_type)
+async def embeddings(request: Request, embedder: EmbedderDep, body: EmbeddingRequest) -> EmbeddingResponse:
+    """Unit-length embeddings at a Matryoshka dimension (`dimensions`, default full), like OpenAI's API; texts,
+    or (as vLLM takes them) token ids of the served model's tokenizer."""
+    token_ids = body.token_ids()
+    if token_ids is not None:
+        result = await embedder.embed_tokens(token_ids, body.dimensions, body.input_type)
+    else:
+        result = await embedder.embed(body.texts(), body.dimensions, body.input_type)
     label_dim(request, result.dim)
     return EmbeddingResponse.of(result, body.encoding_format)
 
 
 @search_router.get("/v1/models", response_model=ModelsResponse, summary="Models (OpenAI-compatible)")
-async def list_models(searcher: SearcherDep) -> ModelsResponse:
+async def list_models(embedder: EmbedderDep) -> ModelsResponse:
     """The one served model, with the Matryoshka dims it answers at, as OpenAI's clients list models."""
-    return ModelsResponse(data=[ModelCard.of(searcher.info())])
+    return ModelsResponse(data=[ModelCard.of(embedder.served)])
 
 
 @search_router.get(
@@ -103,9 +110,9 @@ async def list_models(searcher: SearcherDep) -> ModelsResponse:
     responses={404: {"model": ErrorResponse, "description": "no model of that name is served here"}},
     summary="One model (OpenAI-compatible)",
 )
-async def get_model(model_id: str, searcher: SearcherDep) -> ModelCard:
+async def get_model(model_id: str, embedder: EmbedderDep) -> ModelCard:
     """The served model, if `model_id` names it (404 otherwise)."""
-    card = ModelCard.of(searcher.info())
+    card = ModelCard.of(embedder.served)
     if model_id != card.id:
         raise NotFound(f"model {model_id!r} is not served here; this server serves {card.id!r}")
     return card
@@ -146,11 +153,9 @@ async def healthz() -> HealthResponse:
 
 @ops_router.get("/readyz", response_model=ReadyResponse, responses={503: {"model": ErrorResponse}}, summary="Readiness")
 async def readyz(state: StateDep) -> ReadyResponse:
-    """200 once the index and model are loaded; 503 before, after a failed load, and while shutting down."""
-    if state.searcher is None:
-        raise NotReady(state.load_error or "the index and model are still loading")
-    await state.searcher.check_ready()
-    return ReadyResponse(index_version=state.searcher.index_version)
+    """200 once the index and model (or, for embeddings only, the model) are loaded; 503 before, after a failed
+    load, and while shutting down."""
+    return ReadyResponse(index_version=await state.check_ready())
 
 
 @ops_router.get("/metrics", summary="Prometheus metrics", response_class=Response)

@@ -9,7 +9,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from service.results import EmbeddingResult, IndexInfo, ReloadOutcome, SearchResult
+from service.results import EmbeddingResult, IndexInfo, ReloadOutcome, SearchResult, ServedModel
 
 DIM_DESCRIPTION = "Matryoshka dimension to search at; one of those listed by GET /dims (default: the largest)"
 RERANK_DESCRIPTION = (
@@ -141,6 +141,11 @@ class SearchResponse(BaseModel):
 
 # --- embeddings (OpenAI-compatible) ---------------------------------------------------------
 
+INPUT_SHAPES = (
+    "give a text, a list of texts, a list of token ids (integers of the served model's vocabulary) "
+    "or a list of lists of token ids"
+)
+
 
 class EmbeddingRequest(BaseModel):
     """OpenAI's embeddings request; ``dimensions`` must be one of the Matryoshka dims."""
@@ -150,7 +155,11 @@ class EmbeddingRequest(BaseModel):
         json_schema_extra={"examples": [{"input": ["fever in children", "knee pain"], "dimensions": 128}]},
     )
 
-    input: str | list[str] = Field(description="a text or a list of texts (token arrays are not accepted)")
+    input: str | list[str] | list[int] | list[list[int]] = Field(
+        description="a text, a list of texts, or (as vLLM takes them) one text or several as token ids of the served "
+        "model's own tokenizer: a list of ids, or a list of lists of ids; each id array holds at most as many ids "
+        "as a text may hold characters"
+    )
     model: str | None = Field(None, description="accepted for compatibility; the served model answers")
     dimensions: int | None = Field(
         None, description="Matryoshka dimension (see GET /dims); truncated, then re-normalised", examples=[256]
@@ -165,13 +174,56 @@ class EmbeddingRequest(BaseModel):
 
     @field_validator("input", mode="before")
     @classmethod
-    def _strings_only(cls, value: Any) -> Any:
-        if isinstance(value, str) or (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+    def _texts_or_token_ids(cls, value: Any) -> Any:
+        if isinstance(value, str):
             return value
-        raise ValueError("must be a string or a list of strings (token arrays are not accepted)")
+        if not isinstance(value, list):
+            raise ValueError(INPUT_SHAPES)
+        if not value:
+            raise ValueError(f"an empty list; {INPUT_SHAPES}")
+        kinds = [_input_kind(item) for item in value]
+        if None in kinds:
+            number = kinds.index(None)
+            raise ValueError(f"input[{number}] is {value[number]!r}; {INPUT_SHAPES}")
+        if len(set(kinds)) > 1:
+            raise ValueError(f"a list that mixes {' and '.join(sorted(set(kinds)))}; {INPUT_SHAPES}")
+        if kinds[0] == "token ids":
+            return [int(item) for item in value]
+        if kinds[0] == "lists":
+            for number, ids in enumerate(value):
+                wrong = [item for item in ids if not _is_token_id(item)]
+                if wrong:
+                    raise ValueError(f"input[{number}] holds {wrong[0]!r}, not a token id (an integer); {INPUT_SHAPES}")
+            return [[int(item) for item in ids] for ids in value]
+        return value
 
     def texts(self) -> list[str]:
-        return [self.input] if isinstance(self.input, str) else list(self.input)
+        """The texts of a request that sent texts (empty for one that sent token ids)."""
+        if isinstance(self.input, str):
+            return [self.input]
+        return [item for item in self.input if isinstance(item, str)]
+
+    def token_ids(self) -> list[int] | list[list[int]] | None:
+        """The token ids of a request that sent them: one array (``[ids]``) or several; None for texts."""
+        if isinstance(self.input, str) or not self.input or isinstance(self.input[0], str):
+            return None
+        return self.input  # type: ignore[return-value]
+
+
+def _is_token_id(value: Any) -> bool:
+    """An integer; as JSON Schema's ``integer`` (and pydantic) say, 2.0 is one too."""
+    if isinstance(value, float):
+        return value.is_integer()
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _input_kind(item: Any) -> str | None:
+    """What one item of a list ``input`` is: ``texts``, ``token ids`` or ``lists`` (of token ids); None: none."""
+    if isinstance(item, str):
+        return "texts"
+    if _is_token_id(item):
+        return "token ids"
+    return "lists" if isinstance(item, list) else None
 
 
 class EmbeddingData(BaseModel):
@@ -265,17 +317,26 @@ class ModelCard(BaseModel):
 
     id: str = Field(description="the served model's name (what `model` in an embeddings request may say)")
     object: Literal["model"] = "model"
-    created: int = Field(description="when the served index was built (Unix seconds)")
+    created: int = Field(
+        description="when the served index was built, or (embeddings only) when the model was loaded (Unix seconds)"
+    )
     owned_by: str = "mrl-retrieval"
     dimensions: list[int] = Field(description="the Matryoshka dims `dimensions` may ask for, largest first")
     default_dimensions: int = Field(description="the dim of an embeddings request that names none")
+    index_version: str | None = Field(
+        description="the served index version; null: this server serves embeddings only (no index, no search)"
+    )
 
     @classmethod
-    def of(cls, info: IndexInfo) -> ModelCard:
-        built = datetime.fromisoformat(info.built_at) if info.built_at else datetime.now(timezone.utc)
-        dims = sorted((dim.dim for dim in info.dims), reverse=True)
-        default = info.embeddings_default_dim or max(dims)
-        return cls(id=info.model, created=int(built.timestamp()), dimensions=dims, default_dimensions=default)
+    def of(cls, served: ServedModel) -> ModelCard:
+        created = datetime.fromisoformat(served.created) if served.created else datetime.now(timezone.utc)
+        return cls(
+            id=served.model,
+            created=int(created.timestamp()),
+            dimensions=sorted(served.dims, reverse=True),
+            default_dimensions=served.default_dim,
+            index_version=served.index_version,
+        )
 
 
 class ModelsResponse(BaseModel):
@@ -289,7 +350,7 @@ class HealthResponse(BaseModel):
 
 class ReadyResponse(BaseModel):
     status: Literal["ready"] = "ready"
-    index_version: str
+    index_version: str | None = Field(description="the served index version; null: embeddings only (no index)")
 
 
 class ReloadResponse(BaseModel):

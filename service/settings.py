@@ -19,6 +19,10 @@ from index.locator import IndexLocator, parse_locator
 EncoderBackend = Literal["torch", "onnx"]
 DeviceSetting = Literal["auto", "cpu", "gpu"]
 IndexBackendSetting = Literal["faiss", "milvus"]
+NOTHING_TO_SERVE = (
+    "nothing to serve: give --index LOCATOR to serve search and embeddings, or --model MODEL to serve embeddings "
+    "only (MRL_INDEX, MRL_MODEL)"
+)
 
 
 class ServiceSettings(BaseSettings):
@@ -28,9 +32,11 @@ class ServiceSettings(BaseSettings):
     # (a password inside milvus_uri, api_key).
     model_config = SettingsConfigDict(env_prefix="MRL_", extra="ignore", frozen=True, hide_input_in_errors=True)
 
-    index: str = Field(
+    index: str | None = Field(
+        None,
         description="the index: a folder (an index root, serving its `current` version, or one version folder), "
-        "milvus://HOST:PORT/NAME (a Milvus server or cluster) or milvus-lite://PATH/FILE.db/NAME"
+        "milvus://HOST:PORT/NAME (a Milvus server or cluster) or milvus-lite://PATH/FILE.db/NAME; by default none: "
+        "then `model` is served for /v1/embeddings only, without search",
     )
     backend: IndexBackendSetting | None = Field(
         None, description="deprecated: name the engine in `index` (milvus://HOST:PORT/NAME) instead"
@@ -51,7 +57,11 @@ class ServiceSettings(BaseSettings):
     milvus_timeout_s: float = Field(
         5.0, gt=0, description="backend milvus: seconds each call to Milvus may take before the request gets 503"
     )
-    model: str | None = Field(None, description="model folder or hub name (default: the model named in the manifest)")
+    model: str | None = Field(
+        None,
+        description="model folder or hub name (default: the model named in the manifest); without `index`, the "
+        "model served for embeddings only",
+    )
     default_dim: int | None = Field(
         None, gt=0, description="dimension used when a request names none (default: the largest)"
     )
@@ -151,6 +161,12 @@ class ServiceSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _index_is_a_locator(self) -> ServiceSettings:
+        if self.index is None:
+            if self.model is None:
+                raise ValueError(NOTHING_TO_SERVE)
+            if self.backend is not None or self.milvus_uri is not None:
+                raise ValueError("backend and milvus_uri name an index; give index milvus://HOST:PORT/NAME instead")
+            return self
         if self.backend == "milvus" and not self.milvus_uri:
             raise ValueError("backend milvus needs milvus_uri; better: index milvus://HOST:PORT/NAME")
         if self.backend == "faiss" and self.milvus_uri:
@@ -161,8 +177,19 @@ class ServiceSettings(BaseSettings):
             raise ValueError(str(exc)) from None
         return self
 
+    @property
+    def serves_search(self) -> bool:
+        """False when the service serves its model's embeddings only (``model`` without ``index``)."""
+        return self.index is not None
+
     def locator(self) -> IndexLocator:
-        """Where the served index is: ``index`` as a locator, or the deprecated ``backend`` + ``milvus_uri`` + name."""
+        """Where the served index is: ``index`` as a locator, or the deprecated ``backend`` + ``milvus_uri`` + name.
+
+        Raises:
+            ConfigError: Without an index (embeddings only).
+        """
+        if self.index is None:
+            raise ConfigError("no index is served (embeddings only)")
         if self.backend == "milvus" or self.milvus_uri:
             return IndexLocator.milvus(self.milvus_uri or "", self.index)
         return parse_locator(self.index)
@@ -210,7 +237,12 @@ def load_settings(**overrides: object) -> ServiceSettings:
     try:
         return ServiceSettings(**overrides)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in error['loc']) or 'settings'}: {error['msg']}" for error in exc.errors()
-        )
+        problems = "; ".join(_problem(error) for error in exc.errors())
         raise ConfigError(f"invalid settings ({problems}); use the flags or MRL_* variables") from None
+
+
+def _problem(error: Any) -> str:
+    """One validation error as ``field: message``; an error of the settings as a whole is its message alone."""
+    message = str(error["msg"]).removeprefix("Value error, ")
+    where = ".".join(str(part) for part in error["loc"])
+    return f"{where}: {message}" if where else message

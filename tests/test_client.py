@@ -55,6 +55,7 @@ def test_every_method_of_the_sync_client(server, keyword_index: Path):
         assert dims.model == MODEL_NAME and [d.dim for d in dims.dims] == [8, 4, 2] and dims.full_dim == 8
         assert {plan.dim for plan in client.plans().plans} >= {8, 4, 2}
         assert client.models().data[0].dimensions == [8, 4, 2]
+        assert client.models().data[0].index_version == dims.index_version
         assert client.reload().changed is False
         with pytest.raises(MrlAPIError) as refused:
             client.search("fever", dim=3)
@@ -87,3 +88,21 @@ def test_the_api_key_goes_as_a_bearer_token(keyword_index: Path):
         with MrlClient(keyed.url) as anonymous, pytest.raises(MrlAPIError) as refused:
             anonymous.dims()
         assert refused.value.status == 401 and refused.value.type == "unauthorized"
+
+
+def test_embed_takes_token_ids_sync_and_async(server):
+    # The keyword model's token id i is its i-th keyword: [0, 1] spells "fever cough".
+    with MrlClient(server.url) as client:
+        assert client.embed([0, 1]) == client.embed("fever cough")
+        assert client.embed([[0], (1, 2)], dimensions=4) == client.embed(["fever", "cough rash"], dimensions=4)
+        with pytest.raises(MrlAPIError) as refused:
+            client.embed([[0], [99]])
+        assert refused.value.status == 422 and refused.value.type == "invalid_request"
+        assert refused.value.message == "input[1][0]: token id 99 is outside the model's vocabulary (0..7)"
+        expected = client.embed(["rash", "pain"], dimensions=2, input_type="query")
+
+    async def run():
+        async with AsyncMrlClient(server.url) as client:
+            return await client.embed([[2], [3]], dimensions=2, input_type="query")
+
+    assert asyncio.run(run()) == expected

@@ -148,6 +148,23 @@ def test_embedding_usage_comes_from_the_encoding_not_a_second_tokenization(keywo
         assert response.json()["usage"] == {"prompt_tokens": 105 + 110, "total_tokens": 215}
 
 
+def test_token_ids_embed_exactly_as_the_texts_they_spell(client):
+    # The keyword encoder's token id i is VOCABULARY[i]: [0, 1, 2] spells "fever cough rash".
+    def embed(input, **options) -> dict:
+        response = client.post("/v1/embeddings", json={"input": input, **options})
+        assert response.status_code == 200, response.text
+        return response.json()
+
+    assert embed([0, 1, 2]) == embed("fever cough rash")
+    assert embed([[0], [1, 2, 1]], dimensions=4) == embed(["fever", "cough rash cough"], dimensions=4)
+    assert embed([[7, 3]], encoding_format="base64", input_type="query") == embed(
+        ["allergy pain"], encoding_format="base64", input_type="query"
+    )
+    assert embed([[0], [1, 2, 1]])["usage"] == {"prompt_tokens": 4, "total_tokens": 4}
+    refused = client.post("/v1/embeddings", json={"input": [0], "dimensions": 3})
+    assert_error(refused, 422, "unknown_dimension", "dimensions 3 is not served; allowed: 8, 4, 2")
+
+
 def test_embeddings_full_and_truncated_are_unit_length(client):
     response = client.post("/v1/embeddings", json={"input": "fever cough rash pain sleep", "model": "any"})
     assert response.status_code == 200
@@ -249,10 +266,20 @@ def test_malformed_json_is_422(client, content: bytes, fragment: str):
 @pytest.mark.parametrize(
     ("body", "fragment"),
     [
-        ({"input": []}, "at least one input is required"),
+        ({"input": []}, "body field 'input': an empty list; give a text, a list of texts, a list of token ids"),
         ({"input": ""}, "input is empty"),
-        ({"input": [1, 2, 3]}, "body field 'input': must be a string or a list of strings"),
-        ({"input": [[1, 2]]}, "token arrays are not accepted"),
+        ({"input": {"text": "fever"}}, "body field 'input': give a text, a list of texts, a list of token ids"),
+        ({"input": ["fever", 1]}, "body field 'input': a list that mixes texts and token ids; give a text"),
+        ({"input": [[1], "fever"]}, "a list that mixes lists and texts"),
+        ({"input": [[1, "a"]]}, "input[0] holds 'a', not a token id (an integer)"),
+        ({"input": [[0], [1, None]]}, "input[1] holds None, not a token id (an integer)"),
+        ({"input": [1.5]}, "input[0] is 1.5; give a text"),
+        ({"input": [True]}, "input[0] is True; give a text"),
+        ({"input": [[1, 2], []]}, "input[1] is an empty token array; give 1-2000 ids of the model's vocabulary (0..7)"),
+        ({"input": [[1, 2], [3, 8]]}, "input[1][1]: token id 8 is outside the model's vocabulary (0..7)"),
+        ({"input": [3, -1]}, "input[1]: token id -1 is outside the model's vocabulary (0..7)"),
+        ({"input": [0] * 2001}, "input holds 2001 token ids; at most 2000 are allowed"),
+        ({"input": [[0]] * 65}, "at most 64 input token arrays per request, got 65"),
         ({"input": "fever", "dimensions": "big"}, "body field 'dimensions': Input should be a valid integer"),
         ({"input": "fever", "encoding_format": "int8"}, "body field 'encoding_format'"),
         ({"input": ["fine", "x" * 2001]}, "input 1 is 2001 characters long"),

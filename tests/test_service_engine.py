@@ -431,7 +431,8 @@ def test_every_setting_is_a_flag_generated_from_its_field(monkeypatch, capsys):
 
 def test_missing_or_invalid_settings_are_one_line(monkeypatch):
     monkeypatch.delenv("MRL_INDEX", raising=False)
-    with pytest.raises(ValueError, match=r"invalid settings \(index: Field required\)"):
+    monkeypatch.delenv("MRL_MODEL", raising=False)
+    with pytest.raises(ValueError, match=r"invalid settings \(nothing to serve: give --index LOCATOR .* or --model"):
         settings_from_args(serve_args())
     with pytest.raises(ValueError, match="max_k: Input should be greater than 0"):
         settings_from_args(serve_args("--index", "x", "--max-k", "0"))

@@ -227,6 +227,11 @@ def test_schema_states_the_limits_of_these_settings_and_dims(keyword_index: Path
     assert request["properties"]["query"]["type"] == "string"  # not nullable
     embeddings = schema["components"]["schemas"]["EmbeddingRequest"]["properties"]
     assert embeddings["dimensions"]["anyOf"][0]["enum"] == [8, 4, 2]
+    text, texts, ids, arrays = embeddings["input"]["anyOf"]  # a text, texts, token ids, lists of token ids
+    assert (text["type"], texts["items"], texts["maxItems"]) == ("string", text, 3)
+    assert ids["items"] == {"type": "integer", "minimum": 0, "maximum": 7}  # the keyword encoder's 8 ids
+    assert (ids["type"], ids["minItems"], ids["maxItems"]) == ("array", 1, 50)  # as many ids as characters
+    assert (arrays["items"], arrays["minItems"], arrays["maxItems"]) == (ids, 1, 3)
     assert "securitySchemes" not in schema.get("components", {})  # no key configured: none required
 
 
@@ -359,7 +364,7 @@ def test_a_dead_encoder_worker_makes_readyz_fail_and_requests_503(keyword_index:
 
 
 async def _kill_worker(searcher) -> None:
-    searcher._batcher._worker.cancel()
+    searcher.embedder.batcher._worker.cancel()
     await asyncio.sleep(0)
 
 

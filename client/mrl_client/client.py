@@ -48,8 +48,19 @@ def _search_call(
     return _Call("POST", "/search", body=body)
 
 
-def _embed_call(texts: str | Sequence[str], dimensions: int | None, input_type: str) -> _Call:
-    body: dict[str, Any] = {"input": texts if isinstance(texts, str) else list(texts), "encoding_format": "base64"}
+# What the embeddings endpoint takes: a text, texts, or token ids of the served model's tokenizer (one text's
+# ids, or a list of them), as vLLM takes them.
+EmbeddingInput = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
+
+
+def _embed_input(texts: EmbeddingInput) -> str | list[Any]:
+    if isinstance(texts, str):
+        return texts
+    return [item if isinstance(item, (str, int)) else list(item) for item in texts]
+
+
+def _embed_call(texts: EmbeddingInput, dimensions: int | None, input_type: str) -> _Call:
+    body: dict[str, Any] = {"input": _embed_input(texts), "encoding_format": "base64"}
     body["input_type"] = input_type
     if dimensions is not None:
         body["dimensions"] = dimensions
@@ -110,9 +121,13 @@ class MrlClient:
         return SearchResponse.model_validate(self._send(call))
 
     def embed(
-        self, texts: str | Sequence[str], *, dimensions: int | None = None, input_type: str = "document"
+        self, texts: EmbeddingInput, *, dimensions: int | None = None, input_type: str = "document"
     ) -> list[list[float]]:
-        """Unit-length embeddings at ``dimensions`` (default: the full dim), one per text."""
+        """Unit-length embeddings at ``dimensions`` (default: the full dim), one per text.
+
+        ``texts``: a text, a list of texts, or texts as token ids of the served model's tokenizer: one list of
+        ids (one text) or a list of such lists.
+        """
         return _vectors(self._send(_embed_call(texts, dimensions, input_type)))
 
     def dims(self) -> DimsResponse:
@@ -164,7 +179,7 @@ class AsyncMrlClient:
         return SearchResponse.model_validate(await self._send(call))
 
     async def embed(
-        self, texts: str | Sequence[str], *, dimensions: int | None = None, input_type: str = "document"
+        self, texts: EmbeddingInput, *, dimensions: int | None = None, input_type: str = "document"
     ) -> list[list[float]]:
         return _vectors(await self._send(_embed_call(texts, dimensions, input_type)))
 

@@ -102,6 +102,7 @@ class ModelCard(_Answer):
     owned_by: str
     dimensions: list[int]
     default_dimensions: int
+    index_version: str | None = None  # None: the server serves embeddings only (mrl serve --model, no index)
 
 
 class ModelsResponse(_Answer):
