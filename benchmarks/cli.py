@@ -8,6 +8,7 @@ from benchmarks.backends import add_backends_parser
 from benchmarks.encoders import add_encoders_parser
 from benchmarks.fairness import add_fairness_parser
 from benchmarks.latency import add_latency_parser
+from benchmarks.passages import add_passages_parser
 from benchmarks.peers import add_peers_parser
 from benchmarks.quality import add_quality_parser
 from benchmarks.recipes import add_recipes_parser
@@ -31,3 +32,4 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     add_peers_parser(actions)
     add_strategies_parser(actions)
     add_backends_parser(actions)
+    add_passages_parser(actions)

@@ -28,17 +28,34 @@ class DataError(MrlError, ValueError):
 
 @dataclass(frozen=True)
 class Document:
-    """One passage of a corpus."""
+    """One document of a corpus, or one passage of a document (what an index row holds).
+
+    A passage cut from a longer document (:mod:`index.chunking`) has its own ``id``, the ``doc_id`` of its
+    document, and its character span ``[start, end)`` in that document's text, whose title and metadata it
+    shares. A whole document is its own passage: ``doc_id`` is its id and the span covers its text.
+    """
 
     id: str
     text: str
     title: str = ""
     metadata: dict[str, Any] = field(default_factory=dict)
+    parent: str | None = None  # the document a passage was cut from (None: this is the whole document)
+    start: int = 0  # the passage's span in its document's text
+    end: int | None = None
 
     @property
     def passage(self) -> str:
         """The text that gets encoded: title and body, as BEIR's dense baselines do."""
         return f"{self.title} {self.text}" if self.title else self.text
+
+    @property
+    def doc_id(self) -> str:
+        return self.parent if self.parent is not None else self.id
+
+    @property
+    def span(self) -> tuple[int, int]:
+        """``[start, end)`` of this passage in its document's text."""
+        return (self.start, self.end if self.end is not None else self.start + len(self.text))
 
 
 @dataclass(frozen=True)

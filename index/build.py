@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 
-from core.data import DataError, Document, load_beir, load_corpus, load_queries
+from core.data import DataError, Document, load_beir, load_queries
 from core.errors import ConfigError
 from core.matryoshka import truncate_normalize, validate_dims
 from core.metrics import exact_top_k, neighbour_recall
@@ -39,7 +39,9 @@ from core.models import (
     model_fingerprint,
     read_model_card,
 )
+from core.readers import FieldMap, read_corpus
 from index.backends import Device, VectorIndex
+from index.chunking import DEFAULT_OVERLAP, ChunkReport, ChunkSettings, chunk_documents, model_window
 from index.layout import (
     new_version_name,
     writing,
@@ -101,6 +103,9 @@ class BuildConfig:
     eval_data: Path | None = None  # BEIR folder whose judged queries score every plan (index.plans)
     eval_split: str = "test"
     workers: int = 1  # processes that encode the corpus: one per GPU, or CPU processes
+    chunk_size: int | None = None  # tokens per passage (index.chunking): None, the model's window; 0, off
+    chunk_overlap: int = DEFAULT_OVERLAP
+    fields: FieldMap | None = None  # which record fields are id, text, title, metadata (default: BEIR's)
 
     def locator(self) -> IndexLocator:
         """Where the new version goes: ``index`` (a locator), or the old spelling (``output``; ``backend="milvus"``
@@ -130,17 +135,14 @@ class BuildConfig:
         self.locator()
 
 
-def read_documents(path: Path) -> tuple[list[Document], list[str]]:
-    """Documents (and, from a BEIR folder, up to 1000 query texts used to measure recall)."""
-    if path.is_dir():
-        corpus = load_corpus(path / "corpus.jsonl")
-        queries = []
-        if (path / "queries.jsonl").is_file():
-            queries = list(load_queries(path / "queries.jsonl").values())[:PROBE_QUERIES]
-        return list(corpus.values()), queries
-    if not path.exists():
-        raise DataError(path, "not found (expected a BEIR folder or a corpus .jsonl file)")
-    return list(load_corpus(path).values()), []
+def read_documents(path: Path, fields: FieldMap | None = None) -> tuple[list[Document], list[str]]:
+    """Documents (:func:`core.readers.read_corpus`), and from a BEIR folder up to 1000 query texts used to
+    measure recall."""
+    documents = read_corpus(path, fields)
+    queries = []
+    if path.is_dir() and (path / "corpus.jsonl").is_file() and (path / "queries.jsonl").is_file():
+        queries = list(load_queries(path / "queries.jsonl").values())[:PROBE_QUERIES]
+    return documents, queries
 
 
 def encode_cache_key(documents: list[Document], fingerprint: str, model: SentenceTransformer) -> str:
@@ -313,23 +315,37 @@ def build_index(config: BuildConfig) -> tuple[Path | str, IndexManifest]:
         EngineUnavailable: Milvus cannot be reached.
     """
     locator = config.locator()
-    documents, query_texts = read_documents(config.data)
+    chunking = ChunkSettings(config.chunk_size, config.chunk_overlap)
+    documents, query_texts = read_documents(config.data, config.fields)
     judged = read_judged_queries(config.eval_data, config.eval_split, documents) if config.eval_data else None
     model = load_model(config.model, max_seq_length=config.max_seq_length)
     encoder = SentenceTransformerEncoder(model, config.model or "default", config.batch_size, config.progress)
     dims = validate_dims(config.dims, encoder.dimension) if config.dims else model_dims(model, config.model)
     fingerprint = model_fingerprint(model)
+    passages, report = split_for(model, documents, chunking)
     store = open_store(locator)
     try:
-        return _build_into(store, config, documents, query_texts, judged, model, encoder, dims, fingerprint)
+        return _build_into(store, config, passages, report, query_texts, judged, model, encoder, dims, fingerprint)
     finally:
         store.close()
+
+
+def split_for(model: SentenceTransformer, documents: list[Document], settings: ChunkSettings):
+    """``documents`` as the passages ``model`` reads whole (:mod:`index.chunking`), and the report of it."""
+    prompt = model.prompts.get("document", "")
+    return chunk_documents(documents, model.tokenizer, model_window(model), settings, prompt)
+
+
+def document_ids(passages: list[Document]) -> Callable[[list[int]], list[str]]:
+    """The document id of each row, for plans scored (and hits grouped) by document."""
+    return lambda rows: [passages[row].doc_id for row in rows]
 
 
 def _build_into(
     store: IndexStore,
     config: BuildConfig,
     documents: list[Document],
+    report: ChunkReport,
     query_texts: list[str],
     judged: JudgedQueries | None,
     model: SentenceTransformer,
@@ -368,8 +384,9 @@ def _build_into(
         per_vector = {dim: indexes[dim].bytes / max(1, len(vectors)) for dim in dims}
         if judged is not None:
             logger.info("scoring every plan on %d judged queries of %s", len(judged.ids), judged.source)
-            ids = lambda rows: [documents[row].id for row in rows]  # noqa: E731
-            plans = evaluate_plans(built, vectors, ids, encoder.encode_queries(judged.texts), judged, per_vector)
+            queries = encoder.encode_queries(judged.texts)
+            grouped = report.split_documents > 0
+            plans = evaluate_plans(built, vectors, document_ids(documents), queries, judged, per_vector, grouped)
         else:
             plans = plans_from_report(evaluation, dims, {d: indexes[d].search_ms for d in dims}, per_vector)
         files, checksums = writer.files()
@@ -388,14 +405,32 @@ def _build_into(
             evaluation=evaluation,
             plans=[plan.to_dict() for plan in plans],
             judged_queries=judged.to_dict() if judged is not None else None,
+            chunking=report.to_dict(),
         )
         final = writer.publish(manifest)
     except BaseException:
         writer.abort()
         raise
+    if report.over_window:
+        logger.warning("%s", report.describe())
     if config.cache_dir is None:  # the build's own cache has done its work; a cache named by the user is kept
         shutil.rmtree(cache.parent if store.locator.engine == "faiss" else cache, ignore_errors=True)
     return final, manifest
+
+
+def _grown(was: ChunkReport | None, added: ChunkReport) -> ChunkReport:
+    """The chunking report of a version that holds ``was``'s documents and ``added``'s."""
+    if was is None:
+        return added
+    return ChunkReport(
+        size=was.size,
+        overlap=was.overlap,
+        window=was.window,
+        documents=was.documents + added.documents,
+        passages=was.passages + added.passages,
+        split_documents=was.split_documents + added.split_documents,
+        over_window=was.over_window + added.over_window,
+    )
 
 
 def encode_cache_root(config: BuildConfig) -> Path:
@@ -462,6 +497,7 @@ def add_documents(
     device: Device = "auto",
     keep_versions: int = 3,
     progress: bool = True,
+    fields: FieldMap | None = None,
 ) -> tuple[Path | str, IndexManifest]:
     """Publish a new version of ``index`` with ``data``'s documents appended; old documents are not re-encoded.
 
@@ -472,6 +508,7 @@ def add_documents(
 
     Args:
         index: A locator, or a folder path.
+        fields: Which record fields of ``data`` are id, text, title and metadata (default: BEIR's).
 
     Raises:
         IndexFolderError: No index there, or a model other than the one that built it.
@@ -483,7 +520,9 @@ def add_documents(
         with store.writing():
             current = store.open(store.current(), device=device)
             try:
-                return _append_version(store, current, data, model_name, batch_size, progress, keep_versions, device)
+                return _append_version(
+                    store, current, data, fields, model_name, batch_size, progress, keep_versions, device
+                )
             finally:
                 current.close()
     finally:
@@ -494,6 +533,7 @@ def _append_version(
     store: IndexStore,
     current: LoadedIndex,
     data: Path,
+    fields: FieldMap | None,
     model_name: str | None,
     batch_size: int,
     progress: bool,
@@ -511,11 +551,13 @@ def _append_version(
     if model_fingerprint(model) != old.model.fingerprint:
         where = store.where(current.location)
         raise IndexFolderError(f"{where}: built with another model than {model_name or old.model.name!r}")
-    documents, _ = read_documents(data)
+    documents, _ = read_documents(data, fields)
     existing = current.store.ids()
     clashes = [d.id for d in documents if d.id in existing]
     if clashes:
         raise DataError(data, f"{len(clashes)} document ids are already indexed (first: {clashes[0]!r})")
+    was = ChunkReport.from_dict(old.chunking) if old.chunking else None
+    documents, report = split_for(model, documents, ChunkSettings(was.size if was else 0, was.overlap if was else 0))
     encoder = SentenceTransformerEncoder(model, old.model.name, batch_size, progress)
     started = time.perf_counter()
     added = encode_documents(encoder, documents)
@@ -535,9 +577,11 @@ def _append_version(
         if old.judged_queries:  # the plans' quality changes with the corpus: score them again
             judged = JudgedQueries.from_dict(old.judged_queries)
             per_vector = {dim: indexes[dim].bytes / len(vectors) for dim in indexes}
-            ids = lambda rows: [everything[row].id for row in rows]  # noqa: E731
-            scored = evaluate_plans(built, vectors, ids, encoder.encode_queries(judged.texts), judged, per_vector)
+            queries = encoder.encode_queries(judged.texts)
+            grouped = any(passage.parent is not None for passage in everything)
+            scored = evaluate_plans(built, vectors, document_ids(everything), queries, judged, per_vector, grouped)
             manifest.plans = [plan.to_dict() for plan in scored]
+        manifest.chunking = _grown(was, report).to_dict()
         manifest.files, manifest.checksums = writer.files()
         manifest.history.append(
             {

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from core.cli_args import check_positive, config_fields, dims_argument
 from core.errors import ConfigError
+from core.readers import FieldMap
 from index.locator import LOCATOR_FORMS, IndexLocator, parse_locator
 
 
@@ -23,7 +24,8 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
         "or milvus-lite://PATH/FILE.db/NAME (Milvus credentials from MRL_MILVUS_TOKEN, or MRL_MILVUS_USER "
         "and MRL_MILVUS_PASSWORD).",
     )
-    build.add_argument("--data", type=Path, required=True, help="BEIR folder or corpus .jsonl (_id, title, text)")
+    build.add_argument("--data", type=Path, required=True, help=DATA_HELP)
+    add_field_arguments(build)
     add_locator_arguments(build, deprecated_output=True)
     build.add_argument(
         "--cache-dir",
@@ -50,6 +52,17 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
         help="processes that encode the corpus: one per GPU, or CPU processes sharing the cores (default: 1)",
     )
     build.add_argument("--max-seq-length", type=int, default=None, help="token limit (default: the model's)")
+    build.add_argument(
+        "--chunk-size",
+        type=int,
+        default=None,
+        help="split documents longer than this many tokens (title included) into passages, each returned with "
+        "its place in the document (default: the model's window, 254 tokens for all-MiniLM-L6-v2; 0: never split, "
+        "and documents longer than the window are counted and reported)",
+    )
+    build.add_argument(
+        "--chunk-overlap", type=int, default=32, help="tokens each passage repeats of the one before (default: 32)"
+    )
     build.add_argument("--keep-versions", type=int, default=3, help="finished versions to keep (default: %(default)s)")
     build.add_argument(
         "--eval-data",
@@ -64,7 +77,8 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
 
     add = actions.add_parser("add", help="append documents to an index without re-encoding the old ones")
     add.add_argument("--index", required=True, metavar="LOCATOR", help="the index: a folder (FAISS)")
-    add.add_argument("--data", type=Path, required=True, help="BEIR folder or corpus .jsonl with new documents")
+    add.add_argument("--data", type=Path, required=True, help=f"the new documents: {DATA_HELP}")
+    add_field_arguments(add)
     add.add_argument("--model", default=None, help="default: the model named in the manifest")
     add.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto")
     add.add_argument("--batch-size", type=int, default=64)
@@ -77,6 +91,45 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
     add_locator_arguments(info)
     info.add_argument("--check", action="store_true", help="also load every file and check it against the manifest")
     info.set_defaults(handler=run_info)
+
+
+DATA_HELP = "a BEIR folder, a .jsonl/.csv/.parquet file, or a folder of .txt/.md/.html/.pdf files"
+
+
+def add_field_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--id-field``, ``--text-field``, ``--title-field``, ``--metadata-fields``: which fields of a .jsonl,
+    .csv or .parquet record are what (a folder of files ignores them)."""
+    fields = parser.add_argument_group(
+        "record fields", "which JSON keys or columns of --data's records to read (ignored for a folder of files)"
+    )
+    fields.add_argument("--id-field", default="_id", help="the document id, unique (default: %(default)s)")
+    fields.add_argument("--text-field", default="text", help="the text to encode and return (default: %(default)s)")
+    fields.add_argument(
+        "--title-field",
+        default="title",
+        help="the title, encoded with the text and returned (default: %(default)s, optional; a field named here "
+        "must exist)",
+    )
+    fields.add_argument(
+        "--metadata-fields",
+        type=_names_argument,
+        default=None,
+        metavar="A,B,C",
+        help="fields kept as each document's metadata, returned with hits (default: a JSON record's 'metadata' "
+        "object; none for CSV and Parquet)",
+    )
+
+
+def _names_argument(text: str) -> tuple[str, ...]:
+    names = tuple(name.strip() for name in text.split(",") if name.strip())
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated field names, got {text!r}")
+    return names
+
+
+def field_map(args: argparse.Namespace) -> FieldMap:
+    """The :class:`FieldMap` the record-field options name."""
+    return FieldMap(args.id_field, args.text_field, args.title_field, args.metadata_fields)
 
 
 def add_locator_arguments(parser: argparse.ArgumentParser, *, deprecated_output: bool = False) -> None:
@@ -99,7 +152,9 @@ def locator_from_args(args: argparse.Namespace) -> IndexLocator:
         if output is not None:
             raise ConfigError("name the index once: --index milvus://HOST:PORT/NAME")
         if not args.milvus_uri or not args.index:
-            raise ConfigError("--backend milvus needs --milvus-uri and --index NAME; better: --index milvus://HOST:PORT/NAME")
+            raise ConfigError(
+                "--backend milvus needs --milvus-uri and --index NAME; better: --index milvus://HOST:PORT/NAME"
+            )
         locator = IndexLocator.milvus(args.milvus_uri, args.index)
         _deprecated("--backend milvus --milvus-uri URI --index NAME", locator)
         return locator
@@ -126,8 +181,9 @@ def run_build(args: argparse.Namespace) -> int:
 
     check_positive(args, ("memory_budget_mb", "batch_size", "keep_versions", "workers"), ("max_seq_length",))
     locator = locator_from_args(args)
-    fields = {k: v for k, v in config_fields(args).items() if k not in ("index", "output", "backend", "milvus_uri")}
-    where, manifest = build_index(BuildConfig(index=str(locator), **fields))
+    skip = ("index", "output", "backend", "milvus_uri", "id_field", "text_field", "title_field", "metadata_fields")
+    options = {k: v for k, v in config_fields(args).items() if k not in skip}
+    where, manifest = build_index(BuildConfig(index=str(locator), fields=field_map(args), **options))
     print(info_table(manifest, where))
     return 0
 
@@ -144,6 +200,7 @@ def run_add(args: argparse.Namespace) -> int:
         device=args.device,
         keep_versions=args.keep_versions,
         progress=args.progress,
+        fields=field_map(args),
     )
     print(f"added {manifest.history[-1]['added']} documents -> {where} ({manifest.num_vectors} in all)")
     return 0
@@ -182,6 +239,14 @@ def _storage_line(manifest) -> str:
     )
 
 
+def _chunking_line(manifest) -> str:
+    if not manifest.chunking:
+        return "one per document (built before passages were recorded)"
+    from index.chunking import ChunkReport
+
+    return ChunkReport.from_dict(manifest.chunking).describe()
+
+
 def _engines(manifest) -> str:
     return ", ".join(sorted({entry.backend for entry in manifest.indexes.values()}))
 
@@ -197,6 +262,7 @@ def info_table(manifest, folder: Path | str) -> str:
         f"model     {model.name}  {model.fingerprint[:23]}…  full dim {model.full_dim}",
         f"prompts   query {model.query_prompt!r}, document {model.document_prompt!r}",
         f"vectors   {manifest.num_vectors}, {manifest.normalization}, {manifest.metric}",
+        f"passages  {_chunking_line(manifest)}",
         _storage_line(manifest),
         "",
         "| dim | index | size | build s | search ms/query | recall@10 | NDCG@10 |",

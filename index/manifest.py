@@ -71,6 +71,8 @@ class IndexManifest:
     checksums: dict[str, str] = field(default_factory=dict)  # file name -> "sha256:..." (empty: older builds)
     plans: list[dict[str, Any]] = field(default_factory=list)  # index.plans.Plan.to_dict() of every plan measured
     judged_queries: dict[str, Any] | None = None  # index.plans.JudgedQueries the plans were measured on
+    # index.chunking.ChunkReport: how documents became passages (None: built before passages existed)
+    chunking: dict[str, Any] | None = None
     normalization: str = NORMALIZATION
     metric: str = "inner_product"
     format: int = FORMAT_VERSION

@@ -19,7 +19,8 @@ is dropped too). Old versions are pruned like folders (:mod:`index.layout`): all
 ``keep`` live versions, never the current one, never one that a live server holds a lease on
 (a ``lease/<V>/<host>~<pid>~<tag>`` record, refreshed while it serves).
 
-Documents. A document is stored as the JSON array ``[id, title, text, metadata]``, cut into parts
+Documents. A row (a document, or a passage of one) is stored as the JSON array ``[id, title, text, metadata]``
+(a passage cut from a longer document adds ``parent, start, end``), cut into parts
 of at most ``PART_CHARS`` characters (a Milvus VARCHAR holds at most 65,535 bytes; the server
 counts bytes, Milvus Lite characters); part ``p`` of row ``r`` has primary key
 ``r * MAX_PARTS + p``. Every part carries the document's full vector, which two-stage search
@@ -491,7 +492,9 @@ class MilvusVersionWriter:
             client.create_collection(collection, schema=schema, consistency_level=CONSISTENCY)
         rows, count = [], 0
         for row, (document, vector) in enumerate(zip(documents, np.asarray(vectors, dtype=np.float32), strict=True)):
-            parts = _parts(json.dumps([document.id, document.title, document.text, document.metadata]))
+            passage = [document.id, document.title, document.text, document.metadata]
+            passage += [document.parent, document.start, document.end] if document.parent is not None else []
+            parts = _parts(json.dumps(passage))
             if len(parts) > MAX_PARTS:
                 raise IndexFolderError(f"document {document.id!r} is longer than {MAX_PARTS * PART_CHARS} characters")
             rows.extend(
@@ -607,8 +610,8 @@ class MilvusDocuments:
                 pieces.setdefault(int(hit[DOC_ROW_FIELD]), []).append((int(hit[KEY_FIELD]), hit[DOC_FIELD]))
         found = {}
         for row, parts in pieces.items():
-            doc_id, title, text, metadata = json.loads("".join(part for _, part in sorted(parts)))
-            found[row] = Document(doc_id, text, title, metadata)
+            doc_id, title, text, metadata, *place = json.loads("".join(part for _, part in sorted(parts)))
+            found[row] = Document(doc_id, text, title, metadata, *place)  # place: a passage's parent, start, end
         return [found.get(int(r)) for r in rows]
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
@@ -628,7 +631,7 @@ class MilvusDocuments:
         return self.count
 
     def ids(self) -> set[str]:
-        return {doc.id for doc in self.get(range(len(self))) if doc is not None}
+        return {doc.doc_id for doc in self.get(range(len(self))) if doc is not None}
 
     def check_integrity(self) -> None:
         """Milvus checks its own storage; the part count is checked on open."""

@@ -83,8 +83,12 @@ def evaluate_plans(
     queries: np.ndarray,
     judged: JudgedQueries,
     bytes_by_dim: Mapping[int, float],
+    grouped: bool = False,
 ) -> list[Plan]:
     """Every single-stage and two-stage plan of ``indexes``, scored with ``queries`` (full-dim, one row per judged id).
+
+    With ``grouped`` (an index of passages, some cut from one document), a ranking is of documents: each
+    document's best passage, as ``group_by=document`` searches answer, so judgements of documents apply.
 
     Args:
         indexes: The index of each dim.
@@ -93,13 +97,15 @@ def evaluate_plans(
         queries: The judged queries' full-dimension vectors, in ``judged.ids`` order.
         judged: Query ids and graded relevance.
         bytes_by_dim: Index bytes per document vector of each dim.
+        grouped: Rank documents by their best passage.
     """
     dims = sorted(indexes, reverse=True)
     full = dims[0]
     known: dict[int, str] = {}
 
     def score(dim: int, rerank_dim: int | None = None, candidates: int = 1) -> dict[str, float]:
-        found = staged_search(indexes[dim], full_vectors, queries, dim, K, rerank_dim, candidates)
+        group = doc_ids if grouped else None
+        found = staged_search(indexes[dim], full_vectors, queries, dim, K, rerank_dim, candidates, group=group)
         new = sorted({int(row) for row in found.rows.ravel() if row >= 0} - known.keys())
         known.update(zip(new, doc_ids(new), strict=True))
         rankings = {
@@ -109,10 +115,12 @@ def evaluate_plans(
 
     def timed(dim: int, rerank_dim: int | None = None, candidates: int = 1) -> float:
         sample = queries[:TIMED_QUERIES]
+        group = (lambda rows: [known.get(row) or doc_ids([row])[0] for row in rows]) if grouped else None
         seconds = []
         for number in range(len(sample)):
             started = time.perf_counter()
-            staged_search(indexes[dim], full_vectors, sample[number : number + 1], dim, K, rerank_dim, candidates)
+            query = sample[number : number + 1]
+            staged_search(indexes[dim], full_vectors, query, dim, K, rerank_dim, candidates, group=group)
             seconds.append(time.perf_counter() - started)
         return round(1000 * float(np.median(seconds)), 4) if seconds else 0.0
 

@@ -9,6 +9,7 @@ what a benchmark measures is the code path the service runs.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
@@ -16,6 +17,8 @@ import numpy as np
 
 from core.matryoshka import truncate_normalize
 from index.backends import VectorIndex
+
+GROUP_FETCH = 4  # passages fetched per document wanted, at first, when hits are grouped by document
 
 
 @dataclass
@@ -37,8 +40,14 @@ def staged_search(
     rerank_dim: int | None = None,
     candidates: int = 10,
     search_lock: AbstractContextManager | None = None,
+    group: Callable[[list[int]], list[str]] | None = None,
 ) -> StagedHits:
     """Top ``k`` per query at ``dim``; with ``rerank_dim``, shortlist ``k * candidates`` there and re-score.
+
+    With ``group`` (the document id of each of a list of rows), the hits are the best passage of each of
+    ``k`` distinct documents: passages are fetched ``GROUP_FETCH`` times over, and again four times as
+    many while a query has fewer than ``k`` documents and more passages are left, then the best passage
+    of each document is kept, in score order. In two-stage search the shortlist grows with the fetch.
 
     Args:
         index: The index of dimension ``dim``.
@@ -50,6 +59,33 @@ def staged_search(
         candidates: The shortlist holds ``k * candidates`` rows.
         search_lock: Held around the index search, for indexes that are not thread-safe.
     """
+    if group is None:
+        return _staged(index, full_vectors, queries, dim, k, rerank_dim, candidates, search_lock)
+    fetch, known = k * GROUP_FETCH, {}
+    search_seconds = rerank_seconds = 0.0
+    while True:
+        fetch = min(fetch, index.ntotal)
+        found = _staged(index, full_vectors, queries, dim, fetch, rerank_dim, candidates, search_lock)
+        search_seconds += found.search_seconds
+        rerank_seconds += found.rerank_seconds
+        new = sorted({int(row) for row in found.rows.ravel() if row >= 0} - known.keys())
+        known.update(zip(new, group(new), strict=True))
+        scores, rows, short = _best_per_group(found, known, k)
+        if not short or fetch >= index.ntotal:
+            return StagedHits(scores, rows, search_seconds, rerank_seconds)
+        fetch *= 4
+
+
+def _staged(
+    index: VectorIndex,
+    full_vectors: np.ndarray,
+    queries: np.ndarray,
+    dim: int,
+    k: int,
+    rerank_dim: int | None,
+    candidates: int,
+    search_lock: AbstractContextManager | None,
+) -> StagedHits:
     started = time.perf_counter()
     fetch = k * candidates if rerank_dim else k
     with search_lock or nullcontext():
@@ -59,6 +95,25 @@ def staged_search(
         scores, rows = rerank(full_vectors, queries, rows, rerank_dim, k)
     finished = time.perf_counter()
     return StagedHits(scores, rows, searched - started, finished - searched if rerank_dim else 0.0)
+
+
+def _best_per_group(found: StagedHits, group_of: dict[int, str], k: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    """The first (best) row of each group per query, ``k`` groups at most; and whether a query got fewer
+    than ``k`` although every row fetched for it was a hit (so that fetching more could find more)."""
+    scores = np.full((len(found.rows), k), -np.inf, dtype=np.float32)
+    rows = np.full((len(found.rows), k), -1, dtype=np.int64)
+    short = False
+    for number, (row_scores, row_ids) in enumerate(zip(found.scores, found.rows, strict=True)):
+        seen: set[str] = set()
+        for score, row in zip(row_scores, row_ids, strict=True):
+            if row < 0 or len(seen) == k:
+                break
+            name = group_of[int(row)]
+            if name not in seen:
+                scores[number, len(seen)], rows[number, len(seen)] = score, row
+                seen.add(name)
+        short = short or (len(seen) < k and bool(row_ids[-1] >= 0))
+    return scores, rows, short
 
 
 def rerank(

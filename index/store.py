@@ -17,15 +17,23 @@ from pathlib import Path
 from core.data import Document
 from index.manifest import IndexFolderError
 
+# A row is a passage: a whole document (parent NULL), or a passage cut from document ``parent`` at the
+# character span [start, end) of its text (index.chunking). Stores written before passages had no
+# parent/start/end columns; they read as whole documents.
 SCHEMA = """
 CREATE TABLE documents (
     row INTEGER PRIMARY KEY,
     id TEXT NOT NULL UNIQUE,
     title TEXT NOT NULL,
     text TEXT NOT NULL,
-    metadata TEXT NOT NULL
+    metadata TEXT NOT NULL,
+    parent TEXT,
+    start INTEGER NOT NULL DEFAULT 0,
+    "end" INTEGER
 )
 """
+COLUMNS = 'row, id, title, text, metadata, parent, start, "end"'
+OLD_COLUMNS = "row, id, title, text, metadata, NULL, 0, NULL"
 
 
 class DocumentStore:
@@ -44,13 +52,16 @@ class DocumentStore:
         self.path = path
         self._pool: queue.LifoQueue[sqlite3.Connection] = queue.LifoQueue()
         self._opened: list[sqlite3.Connection] = []
+        self._columns = COLUMNS
         try:
             for _ in range(connections):
                 connection = sqlite3.connect(f"file:{path}?mode=ro", uri=True, check_same_thread=False)
                 self._opened.append(connection)
                 self._pool.put(connection)
             with self._borrow() as connection:
-                connection.execute("SELECT row, id, title, text, metadata FROM documents LIMIT 1").fetchall()
+                names = {column[1] for column in connection.execute("PRAGMA table_info(documents)")}
+                self._columns = COLUMNS if "parent" in names else OLD_COLUMNS
+                connection.execute(f"SELECT {self._columns} FROM documents LIMIT 1").fetchall()
         except sqlite3.Error as exc:
             self.close()
             raise IndexFolderError(f"{path.name}: not a readable document store ({exc})") from None
@@ -91,14 +102,16 @@ class DocumentStore:
             for start in range(0, len(wanted), 500):  # SQLite's bound-parameter limit
                 chunk = wanted[start : start + 500]
                 marks = ",".join("?" * len(chunk))
-                query = f"SELECT row, id, title, text, metadata FROM documents WHERE row IN ({marks})"
-                for row, doc_id, title, text, metadata in connection.execute(query, chunk):
-                    found[row] = Document(doc_id, text, title, json.loads(metadata))
+                query = f"SELECT {self._columns} FROM documents WHERE row IN ({marks})"
+                for row, doc_id, title, text, metadata, parent, start, end in connection.execute(query, chunk):
+                    found[row] = Document(doc_id, text, title, json.loads(metadata), parent, start, end)
         return [found.get(int(r)) for r in rows]
 
     def ids(self) -> set[str]:
+        """The ids of the documents held (a split document's id once, not its passages')."""
+        parent = "parent" if self._columns == COLUMNS else "NULL"
         with self._borrow() as connection:
-            return {doc_id for (doc_id,) in connection.execute("SELECT id FROM documents")}
+            return {doc_id for (doc_id,) in connection.execute(f"SELECT COALESCE({parent}, id) FROM documents")}
 
     def close(self) -> None:
         """Close every connection (callers make sure no read is still running)."""
@@ -114,11 +127,11 @@ def write_documents(path: Path, documents: Iterable[Document], first_row: int = 
         if first_row == 0:
             connection.execute(SCHEMA)
         rows = (
-            (first_row + i, d.id, d.title, d.text, json.dumps(d.metadata, ensure_ascii=False))
+            (first_row + i, d.id, d.title, d.text, json.dumps(d.metadata, ensure_ascii=False), d.parent, d.start, d.end)
             for i, d in enumerate(documents)
         )
         with connection:
-            cursor = connection.executemany("INSERT INTO documents VALUES (?, ?, ?, ?, ?)", rows)
+            cursor = connection.executemany("INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
         return cursor.rowcount
     finally:
         connection.close()

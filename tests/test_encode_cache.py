@@ -18,6 +18,7 @@ from core.data import Document
 from index.build import BuildConfig, build_index, encode_cache_key
 from index.loaded import open_index
 from tests.conftest import KEYWORDS, KeywordEncoder
+from tests.helpers.service import stand_in_model
 
 FINGERPRINT = "sha256:" + "cd" * 32
 
@@ -45,7 +46,7 @@ class CountingEncoder(KeywordEncoder):
 @pytest.fixture
 def keyword_build(monkeypatch):
     """``build(data, root, encoder)``: the real ``build_index`` with only its model seams faked."""
-    model = SimpleNamespace(prompts={}, max_seq_length=None)
+    model = stand_in_model()
     monkeypatch.setattr(build_module, "load_model", lambda *a, **k: model)
     monkeypatch.setattr(build_module, "model_fingerprint", lambda m: FINGERPRINT)
     monkeypatch.setattr(build_module, "library_versions", lambda: {"mrl": "test"})

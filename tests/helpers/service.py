@@ -7,6 +7,7 @@ so every score in the service tests can be worked out by hand.
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Iterator
@@ -35,7 +36,8 @@ ERROR_KEYS = {"type", "message"}
 
 
 class ServiceKeywordEncoder(KeywordEncoder):
-    """The keyword encoder plus what the service needs (token counts), a way to hold one call, and a crash word."""
+    """The keyword encoder plus what the service needs (token counts, token ids: one per keyword), a way to hold
+    one call, and a crash word."""
 
     def __init__(self) -> None:
         super().__init__(VOCABULARY, name=MODEL_NAME)
@@ -66,6 +68,14 @@ class ServiceKeywordEncoder(KeywordEncoder):
     def count_tokens(self, texts: list[str]) -> int:
         return sum(len(text.split()) for text in texts)
 
+    @property
+    def vocab_size(self) -> int:
+        """Token id ``i`` is the keyword ``VOCABULARY[i]``."""
+        return len(self.vocabulary)
+
+    def decode_tokens(self, token_ids: list[list[int]]) -> list[str]:
+        return [" ".join(self.vocabulary[token] for token in ids) for ids in token_ids]
+
 
 def corpus(extra: int = 0) -> list[dict]:
     """One document per keyword, one about three keywords, then ``extra`` more about allergy and rash."""
@@ -84,12 +94,28 @@ def write_data(folder: Path, extra: int = 0) -> Path:
     return write_beir(folder, corpus(extra), queries, qrels)
 
 
+@functools.cache
+def minilm_tokenizer():
+    """The default model's fast tokenizer alone (a fraction of a second to load, no weights)."""
+    from transformers import AutoTokenizer
+
+    from core.models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(None))
+
+
+def stand_in_model(max_seq_length: int = 256) -> SimpleNamespace:
+    """What the index builder reads of a model besides its encoder: prompts, window and tokenizer (which
+    splits long documents into passages), for builds whose encoder is the keyword encoder."""
+    return SimpleNamespace(prompts={}, max_seq_length=max_seq_length, tokenizer=minilm_tokenizer())
+
+
 @contextmanager
 def keyword_model(encoder: KeywordEncoder | None = None) -> Iterator[KeywordEncoder]:
     """While open, ``mrl index build`` and ``add`` (in this process) load the keyword encoder as their model."""
     encoder = encoder or KeywordEncoder(VOCABULARY, name=MODEL_NAME)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(build_module, "load_model", lambda *a, **k: SimpleNamespace(prompts={}, max_seq_length=None))
+        patch.setattr(build_module, "load_model", lambda *a, **k: stand_in_model())
         patch.setattr(build_module, "SentenceTransformerEncoder", lambda *a, **k: encoder)
         patch.setattr(build_module, "model_fingerprint", lambda model: FINGERPRINT)
         patch.setattr(build_module, "library_versions", lambda: {"mrl": "test"})
