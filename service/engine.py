@@ -16,7 +16,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -225,8 +225,11 @@ class Searcher:
         *,
         min_quality: float | None = None,
         latency_budget_ms: float | None = None,
+        group_by: str | None = None,
     ) -> SearchResult:
         """Top ``k`` documents per query at ``dim``; with ``rerank_dim``, two-stage adaptive retrieval.
+
+        With ``group_by="document"``, the best passage of each of ``k`` distinct documents.
 
         Two-stage: shortlist ``k * rerank_candidates`` documents with the (small, fast) ``dim``
         index, then re-score them exactly with their full vectors truncated to ``rerank_dim``.
@@ -248,7 +251,7 @@ class Searcher:
         # release it while the thread still searches.
         try:
             version, hits, search_s, rerank_s = await asyncio.to_thread(
-                self._search_sync, vectors, dim, k, rerank_dim, candidates
+                self._search_sync, vectors, dim, k, rerank_dim, candidates, group_by
             )
         except EngineUnavailable as exc:  # Milvus down or slow: 503, and the requests after it too, until it answers
             logger.warning("search failed: %s", exc)
@@ -324,7 +327,7 @@ class Searcher:
         return dim
 
     def _search_sync(
-        self, vectors: np.ndarray, dim: int, k: int, rerank_dim: int | None, candidates: int
+        self, vectors: np.ndarray, dim: int, k: int, rerank_dim: int | None, candidates: int, group_by: str | None
     ) -> tuple[str, list[list[Hit]], float, float]:
         with self._slot.acquire() as index:
             self._check_dims(index, dim, rerank_dim)  # a reload may have changed the dims meanwhile
@@ -338,6 +341,7 @@ class Searcher:
                 rerank_dim,
                 candidates,
                 search_lock=None if dim_index.thread_safe else self._search_lock,
+                group=_documents_of(index) if group_by == "document" else None,
             )
             hits = self._hits(index, found.scores, found.rows)
             return index.manifest.version, hits, found.search_seconds, found.rerank_seconds
@@ -350,7 +354,15 @@ class Searcher:
             docs = documents[number * per_query : (number + 1) * per_query]
             result.append(
                 [
-                    Hit(doc.id, float(score), doc.title, self._snippet(doc.text), dict(doc.metadata))
+                    Hit(
+                        doc.id,
+                        float(score),
+                        doc.title,
+                        self._snippet(doc.text),
+                        dict(doc.metadata),
+                        doc.doc_id,
+                        *doc.span,
+                    )  # fmt: skip
                     for score, doc in zip(query_scores, docs, strict=True)
                     if doc is not None
                 ]
@@ -558,6 +570,15 @@ def _latency_fields(latency) -> dict:
 
 def _index_sizes(index: LoadedIndex) -> dict[int, tuple[int, int]]:
     return {dim: (index.indexes[dim].ntotal, index.manifest.indexes[dim].bytes) for dim in index.indexes}
+
+
+def _documents_of(index: LoadedIndex) -> Callable[[list[int]], list[str]]:
+    """The document id of each of a list of rows of ``index`` (a passage's, its document's)."""
+
+    def documents(rows: list[int]) -> list[str]:
+        return [doc.doc_id if doc is not None else "" for doc in index.store.get(rows)]
+
+    return documents
 
 
 def _ms(seconds: float) -> float:

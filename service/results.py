@@ -13,13 +13,16 @@ import numpy as np
 
 @dataclass
 class Hit:
-    """One search result: the document and its cosine similarity to the query."""
+    """One search result: a passage, its cosine similarity to the query, and its place in its document."""
 
     id: str
     score: float
     title: str
     text: str
     metadata: dict[str, Any]
+    doc_id: str = ""
+    start: int = 0
+    end: int = 0
 
 
 @dataclass

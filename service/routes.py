@@ -12,6 +12,7 @@ from service.metrics import CONTENT_TYPE
 from service.schemas import (
     BUDGET_DESCRIPTION,
     DIM_DESCRIPTION,
+    GROUP_BY_DESCRIPTION,
     K_DESCRIPTION,
     MIN_QUALITY_DESCRIPTION,
     RERANK_DESCRIPTION,
@@ -19,6 +20,7 @@ from service.schemas import (
     EmbeddingRequest,
     EmbeddingResponse,
     ErrorResponse,
+    GroupBy,
     HealthResponse,
     ModelCard,
     ModelsResponse,
@@ -65,10 +67,11 @@ async def search_get(
         float | None, Query(gt=0, le=1, description=MIN_QUALITY_DESCRIPTION, examples=[0.98])
     ] = None,
     latency_budget_ms: Annotated[float | None, Query(gt=0, description=BUDGET_DESCRIPTION, examples=[20])] = None,
+    group_by: Annotated[GroupBy | None, Query(description=GROUP_BY_DESCRIPTION, examples=["document"])] = None,
 ) -> SearchResponse:
     """The top `k` passages for `q`, by cosine similarity at dimension `dim` (or the plan a target chose)."""
     result = await searcher.search(
-        [q], dim, k, rerank_dim, min_quality=min_quality, latency_budget_ms=latency_budget_ms
+        [q], dim, k, rerank_dim, min_quality=min_quality, latency_budget_ms=latency_budget_ms, group_by=group_by
     )
     label_dim(request, result.dim)
     return SearchResponse.of(result, [q])
@@ -79,7 +82,13 @@ async def search_post(request: Request, searcher: SearcherDep, body: SearchReque
     """`query` or a batch of `queries`, encoded together and searched at `dim`."""
     texts = body.texts()
     result = await searcher.search(
-        texts, body.dim, body.k, body.rerank_dim, min_quality=body.min_quality, latency_budget_ms=body.latency_budget_ms
+        texts,
+        body.dim,
+        body.k,
+        body.rerank_dim,
+        min_quality=body.min_quality,
+        latency_budget_ms=body.latency_budget_ms,
+        group_by=body.group_by,
     )
     label_dim(request, result.dim)
     return SearchResponse.of(result, texts)

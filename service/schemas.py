@@ -21,6 +21,11 @@ MIN_QUALITY_DESCRIPTION = (
     "instead of dim: the least NDCG@10 wanted, as a fraction of the full dim's (0.98 = 98%); the service answers "
     "with the fastest plan measured to reach it (see GET /plans)"
 )
+GROUP_BY_DESCRIPTION = (
+    "`document`: the best passage of each of k distinct documents (a long document is indexed as several "
+    "passages; without it, several hits may be passages of one document)"
+)
+GroupBy = Literal["document"]
 BUDGET_DESCRIPTION = (
     "instead of dim: the whole request's time budget in ms; the service answers with the best-measured plan whose "
     "live p95 fits it, or with the fastest plan (and says so) when none does"
@@ -65,6 +70,7 @@ class SearchRequest(BaseModel):
     rerank_dim: int | None = Field(None, description=RERANK_DESCRIPTION, examples=[384])
     min_quality: float | None = Field(None, gt=0, le=1, description=MIN_QUALITY_DESCRIPTION, examples=[0.98])
     latency_budget_ms: float | None = Field(None, gt=0, description=BUDGET_DESCRIPTION, examples=[20])
+    group_by: GroupBy | None = Field(None, description=GROUP_BY_DESCRIPTION, examples=["document"])
 
     @model_validator(mode="after")
     def _one_of_query_or_queries(self) -> SearchRequest:
@@ -78,11 +84,14 @@ class SearchRequest(BaseModel):
 
 
 class HitModel(BaseModel):
-    id: str = Field(description="document id from the corpus")
+    id: str = Field(description="the passage's id: its document's id, or DOCUMENT#N for passage N of a split document")
     score: float = Field(description="cosine similarity at the dimension that ranked it (rerank_dim if given)")
-    title: str
+    title: str = Field(description="the document's title")
     text: str = Field(description="the passage, cut to the server's snippet length")
-    metadata: dict[str, Any] = Field(default_factory=dict)
+    metadata: dict[str, Any] = Field(default_factory=dict, description="the document's metadata")
+    doc_id: str = Field(description="the id of the document the passage comes from")
+    start: int = Field(description="where the passage starts in its document's text (a character offset)")
+    end: int = Field(description="where it ends (exclusive): the passage is the document's text[start:end]")
 
 
 class QueryHits(BaseModel):

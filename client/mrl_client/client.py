@@ -41,9 +41,11 @@ def _search_call(
     rerank_dim: int | None,
     min_quality: float | None,
     latency_budget_ms: float | None,
+    group_by: str | None = None,
 ) -> _Call:
     body: dict[str, Any] = {"query": query} if isinstance(query, str) else {"queries": list(query)}
     options = dict(dim=dim, k=k, rerank_dim=rerank_dim, min_quality=min_quality, latency_budget_ms=latency_budget_ms)
+    options["group_by"] = group_by
     body.update({key: value for key, value in options.items() if value is not None})
     return _Call("POST", "/search", body=body)
 
@@ -115,9 +117,13 @@ class MrlClient:
         rerank_dim: int | None = None,
         min_quality: float | None = None,
         latency_budget_ms: float | None = None,
+        group_by: str | None = None,
     ) -> SearchResponse:
-        """The top ``k`` passages for one query (a string) or several (a list), at ``dim`` or by a target."""
-        call = _search_call(query, dim, k, rerank_dim, min_quality, latency_budget_ms)
+        """The top ``k`` passages for one query (a string) or several (a list), at ``dim`` or by a target.
+
+        ``group_by="document"``: the best passage of each of ``k`` distinct documents.
+        """
+        call = _search_call(query, dim, k, rerank_dim, min_quality, latency_budget_ms, group_by)
         return SearchResponse.model_validate(self._send(call))
 
     def embed(
@@ -174,8 +180,9 @@ class AsyncMrlClient:
         rerank_dim: int | None = None,
         min_quality: float | None = None,
         latency_budget_ms: float | None = None,
+        group_by: str | None = None,
     ) -> SearchResponse:
-        call = _search_call(query, dim, k, rerank_dim, min_quality, latency_budget_ms)
+        call = _search_call(query, dim, k, rerank_dim, min_quality, latency_budget_ms, group_by)
         return SearchResponse.model_validate(await self._send(call))
 
     async def embed(

@@ -28,6 +28,7 @@ class MrlRetriever(BaseRetriever):
     rerank_dim: int | None = None
     min_quality: float | None = None
     latency_budget_ms: float | None = None
+    group_by: str | None = None  # "document": one passage per document
     timeout: float = DEFAULT_TIMEOUT_S
 
     def _options(self) -> dict:
@@ -37,6 +38,7 @@ class MrlRetriever(BaseRetriever):
             "rerank_dim": self.rerank_dim,
             "min_quality": self.min_quality,
             "latency_budget_ms": self.latency_budget_ms,
+            "group_by": self.group_by,
         }
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:
@@ -56,4 +58,5 @@ def _documents(response: SearchResponse) -> list[Document]:
 
 def _document(hit: Hit) -> Document:
     metadata = {**hit.metadata, "id": hit.id, "title": hit.title, "score": hit.score}
+    metadata.update(doc_id=hit.doc_id, start=hit.start, end=hit.end)  # the passage's place in its document
     return Document(id=hit.id, page_content=hit.text, metadata=metadata)

@@ -30,6 +30,7 @@ class MrlLlamaIndexRetriever(BaseRetriever):
         rerank_dim: int | None = None,
         min_quality: float | None = None,
         latency_budget_ms: float | None = None,
+        group_by: str | None = None,
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         super().__init__()
@@ -40,6 +41,7 @@ class MrlLlamaIndexRetriever(BaseRetriever):
             "rerank_dim": rerank_dim,
             "min_quality": min_quality,
             "latency_budget_ms": latency_budget_ms,
+            "group_by": group_by,
         }
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:
@@ -55,7 +57,11 @@ class MrlLlamaIndexRetriever(BaseRetriever):
 
 def _nodes(response: SearchResponse) -> list[NodeWithScore]:
     return [
-        NodeWithScore(node=TextNode(id_=hit.id, text=hit.text, metadata={**hit.metadata, "title": hit.title}),
-                      score=hit.score)
+        NodeWithScore(node=TextNode(id_=hit.id, text=hit.text, metadata=_metadata(hit)), score=hit.score)
         for hit in response.hits
     ]  # fmt: skip
+
+
+def _metadata(hit) -> dict:
+    """The document's metadata, its title, and the passage's place in it."""
+    return {**hit.metadata, "title": hit.title, "doc_id": hit.doc_id, "start": hit.start, "end": hit.end}

@@ -12,11 +12,16 @@ class _Answer(BaseModel):
 
 
 class Hit(_Answer):
+    """A passage: ``id`` is the passage's, ``doc_id`` its document's, ``text`` is ``document.text[start:end]``."""
+
     id: str
     score: float
     title: str = ""
     text: str = ""
     metadata: dict[str, Any] = Field(default_factory=dict)
+    doc_id: str = ""  # empty from servers older than passages
+    start: int = 0
+    end: int = 0
 
 
 class QueryHits(_Answer):
