@@ -20,11 +20,13 @@ from typing import Any, Literal, Protocol
 import numpy as np
 
 from core.errors import ConfigError, MrlError
+from index.filters import SearchFilter
 from index.params import HNSW_EF_CONSTRUCTION, IndexPlan
 
 logger = logging.getLogger(__name__)
 
 Device = Literal["auto", "cpu", "gpu"]
+MISSING_SCORE = np.finfo(np.float32).min  # what FAISS puts in the places of missing hits (inner product), row id -1
 
 
 class EngineUnavailable(MrlError):
@@ -51,8 +53,11 @@ class VectorIndex(Protocol):
     def add(self, vectors: np.ndarray) -> None:
         """Append rows; their ids continue from ``ntotal``."""
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``k`` by inner product for each query row: ``(scores, row ids)``, best first; -1 pads."""
+    def search(self, queries: np.ndarray, k: int, where: SearchFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` by inner product for each query row: ``(scores, row ids)``, best first; -1 pads.
+
+        With ``where``, only the rows it allows are searched (before the scan, not dropped after it).
+        """
 
     def save(self, path: Path) -> None:
         """Write the index to one file that :meth:`IndexBackend.open` reads back."""
@@ -161,6 +166,7 @@ class FaissIndex:
     def close(self) -> None:
         self._index = None
         self._resources = None
+        self._cpu_copy = None
 
     # --- use ----------------------------------------------------------------------
     @property
@@ -179,10 +185,25 @@ class FaissIndex:
     def add(self, vectors: np.ndarray) -> None:
         self._index.add(np.ascontiguousarray(vectors, dtype=np.float32))
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top ``k`` by inner product: ``(scores, row ids)``, each ``(n_queries, k)``; -1 pads missing hits."""
+    def search(self, queries: np.ndarray, k: int, where: SearchFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top ``k`` by inner product: ``(scores, row ids)``, each ``(n_queries, k)``; -1 pads missing hits.
+
+        With ``where``, FAISS skips every row it does not allow while it scans (an ``IDSelector``, with the
+        index's own nprobe or efSearch); no allowed row at all answers without searching. An approximate
+        index finds allowed rows only among those it visits: under a very selective filter, IVF and HNSW
+        can return fewer than ``k`` hits although more rows are allowed.
+        """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        return self._index.search(queries, min(k, max(self.ntotal, 1)))
+        k = min(k, max(self.ntotal, 1))
+        if where is None:
+            return self._index.search(queries, k)
+        rows = where.allowed(self.ntotal)
+        if not len(rows):
+            return np.full((len(queries), k), MISSING_SCORE, dtype=np.float32), np.full((len(queries), k), -1)
+        return self._filtered_search(queries, k, rows)
+
+    def _filtered_search(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return selected_search(self._index, queries, k, rows)
 
     # --- placement hooks ----------------------------------------------------------
     def _place(self, cpu_index):
@@ -203,11 +224,56 @@ class FaissIndex:
             space.set_index_parameter(self._index, name, value)
 
 
+def selected_search(index, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``index.search`` (a CPU ``faiss.Index``) over the sorted ``rows`` only: a bitmap ``IDSelector``, passed
+    in the search parameters of the index's type with its own nprobe (IVF) or efSearch (HNSW)."""
+    import faiss
+
+    ntotal = int(index.ntotal)
+    allowed = np.zeros(ntotal, dtype=bool)
+    allowed[rows] = True
+    bitmap = np.packbits(allowed, bitorder="little")  # FAISS reads bit (i % 8) of byte i // 8
+    selector = faiss.IDSelectorBitmap(ntotal, faiss.swig_ptr(bitmap))
+    ivf = faiss.try_extract_index_ivf(index)
+    inner = faiss.downcast_index(index.index if isinstance(index, faiss.IndexPreTransform) else index)
+    if ivf is not None:
+        params = faiss.SearchParametersIVF(sel=selector, nprobe=ivf.nprobe, max_codes=ivf.max_codes)
+    elif isinstance(inner, faiss.IndexHNSW):
+        params = faiss.SearchParametersHNSW(sel=selector, efSearch=inner.hnsw.efSearch)
+    else:
+        params = faiss.SearchParameters(sel=selector)
+    scores, found = index.search(queries, k, params=params)
+    del bitmap  # the selector reads it until here
+    return scores, found
+
+
 class FaissGpuIndex(FaissIndex):
-    """The same index moved to GPU 0; types FAISS cannot run there (HNSW) stay on the CPU."""
+    """The same index moved to GPU 0; types FAISS cannot run there (HNSW) stay on the CPU.
+
+    FAISS's GPU indexes take no ``IDSelector``: a filtered search runs on a CPU copy of the index (made at
+    the first filtered search, with the same search parameters, and again after an ``add``), so it gives
+    exactly the CPU backend's answer; unfiltered searches stay on the GPU.
+    """
 
     backend = "faiss-gpu"
     device = "gpu"
+    _cpu_copy = None
+
+    def add(self, vectors: np.ndarray) -> None:
+        super().add(vectors)
+        self._cpu_copy = None
+
+    def _filtered_search(self, queries: np.ndarray, k: int, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        if self.device != "gpu":
+            return super()._filtered_search(queries, k, rows)
+        if self._cpu_copy is None:
+            import faiss
+
+            copy = self._to_cpu()
+            for name, value in self.plan.search_params.items():
+                faiss.ParameterSpace().set_index_parameter(copy, name, value)
+            self._cpu_copy = copy
+        return selected_search(self._cpu_copy, queries, k, rows)
 
     def _place(self, cpu_index):
         import faiss

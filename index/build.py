@@ -42,6 +42,7 @@ from core.models import (
 from core.readers import FieldMap, read_corpus
 from index.backends import Device, VectorIndex
 from index.chunking import DEFAULT_OVERLAP, ChunkReport, ChunkSettings, chunk_documents, model_window
+from index.filters import metadata_fields
 from index.layout import (
     new_version_name,
     writing,
@@ -406,6 +407,7 @@ def _build_into(
             plans=[plan.to_dict() for plan in plans],
             judged_queries=judged.to_dict() if judged is not None else None,
             chunking=report.to_dict(),
+            metadata_fields=metadata_fields(document.metadata for document in documents),
         )
         final = writer.publish(manifest)
     except BaseException:
@@ -582,6 +584,7 @@ def _append_version(
             scored = evaluate_plans(built, vectors, document_ids(everything), queries, judged, per_vector, grouped)
             manifest.plans = [plan.to_dict() for plan in scored]
         manifest.chunking = _grown(was, report).to_dict()
+        manifest.metadata_fields = metadata_fields(document.metadata for document in everything)
         manifest.files, manifest.checksums = writer.files()
         manifest.history.append(
             {

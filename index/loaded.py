@@ -15,6 +15,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from index.backends import Device, VectorIndex, backend_for, get_backend
+from index.filters import MetadataTable, SearchFilter, parse_filter
 from index.layout import DOCS_FILE, PROBE_FILE, VECTORS_FILE, VersionLease, resolve_version
 from index.manifest import IndexFolderError, IndexManifest, file_checksum
 from index.params import IndexPlan
@@ -36,7 +37,8 @@ class LoadedIndex:
 
     ``vectors`` and ``store`` are a folder's memory-mapped ``vectors.npy`` and SQLite documents, or
     an engine's equivalents (indexed by row arrays, ``get(rows)``); ``health``, where set, raises
-    when the engine that holds the version cannot be reached.
+    when the engine that holds the version cannot be reached. ``metadata`` is every row's filterable
+    metadata, for the indexes that filter by row id (FAISS); an engine that filters itself has none.
     """
 
     path: Path | None  # the version folder; None for a version kept in an engine
@@ -48,6 +50,7 @@ class LoadedIndex:
     lease: Lease | None = None
     location: str = ""  # the version's name, as its store's current() names it
     health: Callable[[], None] | None = None
+    metadata: MetadataTable | None = None
 
     def __post_init__(self) -> None:
         if not self.location:
@@ -56,6 +59,24 @@ class LoadedIndex:
     @property
     def dims(self) -> list[int]:
         return list(self.manifest.dims)
+
+    @property
+    def metadata_fields(self) -> dict[str, str]:
+        """Each metadata field's type (:func:`index.filters.metadata_fields`): the manifest's, or for a folder
+        built before filters, read from its documents."""
+        if self.manifest.metadata_fields or self.metadata is None:
+            return dict(self.manifest.metadata_fields)
+        return dict(self.metadata.fields)
+
+    def search_filter(self, raw: Any) -> SearchFilter | None:
+        """A request's filter, checked against this version's fields, ready for ``search(..., where=)``
+        (for FAISS with the rows it allows); None for no filter.
+
+        Raises:
+            FilterError: Naming where in the filter the problem is.
+        """
+        parsed = parse_filter(raw, self.metadata_fields)
+        return None if parsed is None else SearchFilter.over(parsed, self.metadata)
 
     def probes(self) -> np.ndarray:
         if self.probe_queries is None:
@@ -126,11 +147,12 @@ def open_index(
         indexes = {dim: _open_dim(folder, manifest, dim, device) for dim in wanted}
         probes = np.load(folder / PROBE_FILE) if (folder / PROBE_FILE).is_file() else None
         store = _open_store(folder, manifest)
+        metadata = _read_metadata(folder, store, manifest)
     except BaseException:
         if held is not None:
             held.release()
         raise
-    return LoadedIndex(folder, manifest, vectors, store, indexes, probes, held)
+    return LoadedIndex(folder, manifest, vectors, store, indexes, probes, held, metadata=metadata)
 
 
 def _open_vectors(folder: Path, manifest: IndexManifest) -> np.ndarray:
@@ -160,6 +182,18 @@ def _open_dim(folder: Path, manifest: IndexManifest, dim: int, device: Device) -
             f"expected {manifest.num_vectors} of dim {dim}"
         )
     return index
+
+
+def _read_metadata(folder: Path, store: DocumentStore, manifest: IndexManifest) -> MetadataTable:
+    """Every row's filterable metadata as a table, read once at open (the store is closed if that fails)."""
+    try:
+        return MetadataTable.build(store.metadatas(), manifest.metadata_fields or None)
+    except ValueError as exc:
+        store.close()
+        raise IndexFolderError(f"{folder}/{DOCS_FILE}: unreadable metadata ({exc})") from None
+    except BaseException:
+        store.close()
+        raise
 
 
 def _open_store(folder: Path, manifest: IndexManifest) -> DocumentStore:

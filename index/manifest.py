@@ -73,6 +73,8 @@ class IndexManifest:
     judged_queries: dict[str, Any] | None = None  # index.plans.JudgedQueries the plans were measured on
     # index.chunking.ChunkReport: how documents became passages (None: built before passages existed)
     chunking: dict[str, Any] | None = None
+    # index.filters.metadata_fields of the documents: each metadata key's type (empty: built before filters)
+    metadata_fields: dict[str, str] = field(default_factory=dict)
     normalization: str = NORMALIZATION
     metric: str = "inner_product"
     format: int = FORMAT_VERSION

@@ -2,9 +2,12 @@
 
 The same client (``pymilvus``) talks to Milvus Lite (``uri`` a ``.db`` path), to a standalone
 server and to a cluster (``http://host:19530``); only the URI changes. Each
-:class:`MilvusIndex` is one collection with two fields, an int64 primary key ``row`` (the row
-id, as FAISS numbers rows) and one ``FLOAT_VECTOR`` field, searched by inner product. One
-collection per dimension because Milvus 2.3 refuses a second vector field in a collection.
+:class:`MilvusIndex` is one collection with three fields, an int64 primary key ``row`` (the row
+id, as FAISS numbers rows), one ``FLOAT_VECTOR`` field, searched by inner product, and the JSON
+field ``metadata``: the row's metadata a filter can test (:func:`index.filters.filterable_metadata`),
+which a filtered search hands to Milvus as a boolean expression (:meth:`Filter.milvus_expr`), so
+that Milvus searches only the rows it allows. One collection per dimension because Milvus 2.3
+refuses a second vector field in a collection (the metadata is therefore kept once per dim).
 
 Consistency: collections are created at ``Strong`` and rows are counted at ``Strong`` (at the
 default level a count right after an insert can miss the new rows). Searches run at ``Session``:
@@ -26,12 +29,13 @@ URI without them, and every message names the URI as :func:`redact_uri` shows it
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -41,11 +45,13 @@ import numpy as np
 
 from core.errors import ConfigError
 from index.backends import EngineUnavailable, describe_plan
+from index.filters import FilterError, SearchFilter, filterable_metadata
 from index.manifest import IndexFolderError
 from index.params import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, IVF_NPROBE, IndexPlan
 
 ROW_FIELD = "row"
 VECTOR_FIELD = "vector"
+METADATA_FIELD = "metadata"  # JSON: the row's filterable metadata (collections built before filters lack it)
 METRIC = "IP"
 CONSISTENCY = "Strong"  # creating and counting
 SEARCH_CONSISTENCY = "Session"  # reads this client's own writes, without waiting for a time tick
@@ -262,8 +268,10 @@ class MilvusIndex:
         ntotal: int,
         uri: str,
         timeout: float | None = None,
+        has_metadata: bool = True,
     ) -> None:
         self._client = client  # pymilvus.MilvusClient, shared with the backend that made it
+        self.has_metadata = has_metadata  # whether its rows carry METADATA_FIELD (so that it can be filtered)
         self.collection = collection
         self.plan = plan
         self.layout = milvus_layout(plan)
@@ -281,33 +289,45 @@ class MilvusIndex:
     def dim(self) -> int:
         return self._dim
 
-    def add(self, vectors: np.ndarray) -> None:
-        """Append rows; their ids continue from :attr:`ntotal`."""
+    def add(self, vectors: np.ndarray, metadata: Sequence[dict[str, Any]] | None = None) -> None:
+        """Append rows; their ids continue from :attr:`ntotal`. ``metadata``: each row's (none: ``{}``)."""
         vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         if vectors.shape[1] != self._dim:
             raise ValueError(f"vectors of dim {vectors.shape[1]} added to {self.collection!r} of dim {self._dim}")
-        batch = max(1, min(INSERT_ROWS, INSERT_BYTES // (4 * self._dim)))
+        if metadata is not None and len(metadata) != len(vectors):
+            raise ValueError(f"{len(metadata)} metadata for {len(vectors)} vectors added to {self.collection!r}")
+        kept = [filterable_metadata(m) for m in metadata] if metadata is not None else [{}] * len(vectors)
+        row_bytes = 4 * self._dim + max((len(json.dumps(m)) for m in kept), default=0)
+        batch = max(1, min(INSERT_ROWS, INSERT_BYTES // row_bytes))
         for start in range(0, len(vectors), batch):
             chunk = vectors[start : start + batch]
             rows = [{ROW_FIELD: self._ntotal + i, VECTOR_FIELD: vector} for i, vector in enumerate(chunk)]
+            if self.has_metadata:
+                for row, values in zip(rows, kept[start : start + batch], strict=True):
+                    row[METADATA_FIELD] = values
             with engine_errors(self.uri, f"inserting into {self.collection!r}"):
                 self._client.insert(self.collection, rows, timeout=self.timeout)
             self._ntotal += len(chunk)
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(self, queries: np.ndarray, k: int, where: SearchFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` by inner product: ``(scores, row ids)``, each ``(n_queries, min(k, ntotal))``, best first.
 
         As with FAISS, ``k`` is cut to the row count (at least 1), and a query with fewer hits is
-        padded with score -FLT_MAX and row id -1.
+        padded with score -FLT_MAX and row id -1. With ``where``, Milvus searches only the rows whose
+        metadata its filter allows (the filter's expression over ``METADATA_FIELD``).
 
         Raises:
             ConfigError: If ``k`` exceeds Milvus's limit of ``MAX_TOP_K`` results per query.
+            FilterError: A filter on a collection built without metadata.
             EngineUnavailable: Milvus did not answer (within the timeout).
         """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
         k = min(k, max(self._ntotal, 1))
         if k > MAX_TOP_K:
             raise ConfigError(f"k={k} is above Milvus's limit of {MAX_TOP_K} results per query")
+        if where is not None and not self.has_metadata:
+            raise FilterError(f"filter: collection {self.collection!r} was built without metadata; rebuild to filter")
+        expression = "" if where is None else where.filter.milvus_expr(METADATA_FIELD)
         scores = np.full((len(queries), k), MISSING_SCORE, dtype=np.float32)
         rows = np.full((len(queries), k), MISSING_ROW, dtype=np.int64)
         search_params = {"metric_type": METRIC, "params": self.layout.search_params_for(k)}
@@ -323,6 +343,7 @@ class MilvusIndex:
                     lambda batch=batch: self._client.search(
                         self.collection,
                         data=list(batch),
+                        filter=expression,
                         limit=k,
                         search_params=search_params,
                         anns_field=VECTOR_FIELD,
@@ -431,12 +452,19 @@ class MilvusBackend:
 
     # --- the contract ----------------------------------------------------------------
     def build(
-        self, vectors: np.ndarray, plan: IndexPlan, *, collection: str | None = None, seal: bool = True
+        self,
+        vectors: np.ndarray,
+        plan: IndexPlan,
+        *,
+        collection: str | None = None,
+        seal: bool = True,
+        metadata: Sequence[dict[str, Any]] | None = None,
     ) -> MilvusIndex:
         """A new collection of ``vectors`` (unit length) indexed as ``plan`` says, flushed and indexed.
 
         Args:
             vectors: ``(n, dim)`` float vectors; row ``i`` gets primary key ``i``.
+            metadata: Row ``i``'s metadata (what filters test), or None for none.
             plan: Index type and search parameters (see :func:`milvus_layout`).
             collection: Its name; a new ``{collection_prefix}_{random hex}`` if ``None``.
             seal: Flush, index and load it before returning; with ``False`` the caller calls
@@ -463,13 +491,14 @@ class MilvusBackend:
             schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
             schema.add_field(ROW_FIELD, DataType.INT64, is_primary=True)
             schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=dim)
+            schema.add_field(METADATA_FIELD, DataType.JSON)
             # Written, sealed and indexed before it is loaded: a collection loaded earlier goes on being
             # searched by brute force over the rows as they arrived (the server until its next handoff,
             # Milvus Lite until a reload), not through the index the plan asks for.
             self.client.create_collection(name, schema=schema, consistency_level=CONSISTENCY)
             self.client.create_index(name, _index_params(layout))
         index = MilvusIndex(self.client, name, plan, dim=dim, ntotal=0, uri=self.uri, timeout=self.timeout)
-        index.add(vectors)
+        index.add(vectors, metadata)
         if seal:
             self.seal(name)
         return index
@@ -503,8 +532,10 @@ class MilvusBackend:
                 )
             self.client.load_collection(collection)
             ntotal = self.count(collection)
-        dim = int(vector["params"]["dim"])
-        return MilvusIndex(self.client, collection, plan, dim=dim, ntotal=ntotal, uri=self.uri, timeout=self.timeout)
+        dim, has_metadata = int(vector["params"]["dim"]), METADATA_FIELD in fields
+        return MilvusIndex(
+            self.client, collection, plan, dim, ntotal, self.uri, timeout=self.timeout, has_metadata=has_metadata
+        )
 
     # --- housekeeping ------------------------------------------------------------------
     def count(self, collection: str) -> int:

@@ -4,7 +4,8 @@ An index ``NAME`` at one Milvus URI is a set of collections:
 
     NAME_meta             records, one row each: current, version/<V>, manifest/<V>/<part>, lease/<V>/<holder>
     NAME_<tag>_docs       version V's documents and full vectors: one row per document part
-    NAME_<tag>_d<dim>     version V's index at one Matryoshka dim (a :class:`~index.milvus.MilvusIndex`)
+    NAME_<tag>_d<dim>     version V's index at one Matryoshka dim (a :class:`~index.milvus.MilvusIndex`),
+                          with each row's filterable metadata (what filtered searches test)
 
 ``<tag>`` is the version name in the characters Milvus allows. Every Milvus 2.3 collection needs
 a vector field, so the meta collection carries a two-dimensional zero vector it never searches.
@@ -461,6 +462,7 @@ class MilvusVersionWriter:
         # A server seals (flushes, indexes, loads) each collection in seconds whatever its size: side by side.
         self._sealer = ThreadPoolExecutor(SEALING_THREADS, thread_name_prefix="mrl-milvus-seal")
         self._sealing: dict[str, Future] = {}
+        self._metadata: list[dict[str, Any]] | None = None  # each row's, from write_corpus, for every dim
 
     def _seal_later(self, collection: str, seal: Callable[[], None]) -> None:
         self._sealing[collection] = self._sealer.submit(seal)
@@ -482,6 +484,7 @@ class MilvusVersionWriter:
 
         collection = self.store.docs_collection(self.version)
         self._claim(collection)
+        self._metadata = [document.metadata for document in documents]
         client, uri = self.store._client, self.store.backend.uri
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         schema.add_field(KEY_FIELD, DataType.INT64, is_primary=True)
@@ -521,10 +524,11 @@ class MilvusVersionWriter:
         return len(rows)
 
     def build(self, dim: int, vectors: np.ndarray, plan: IndexPlan) -> MilvusIndex:
-        """Dim ``dim``'s collection of ``vectors`` (truncated and normalised), indexed as ``plan`` says."""
+        """Dim ``dim``'s collection of ``vectors`` (truncated and normalised), indexed as ``plan`` says, with the
+        metadata of the documents :meth:`write_corpus` wrote."""
         collection = self.store.dim_collection(self.version, dim)
         self._claim(collection)
-        index = self.store.backend.build(vectors, plan, collection=collection, seal=False)
+        index = self.store.backend.build(vectors, plan, collection=collection, seal=False, metadata=self._metadata)
         self._seal_later(collection, lambda: self.store.backend.seal(collection))
         return index
 

@@ -17,6 +17,7 @@ import numpy as np
 
 from core.matryoshka import truncate_normalize
 from index.backends import VectorIndex
+from index.filters import SearchFilter
 
 GROUP_FETCH = 4  # passages fetched per document wanted, at first, when hits are grouped by document
 
@@ -41,6 +42,7 @@ def staged_search(
     candidates: int = 10,
     search_lock: AbstractContextManager | None = None,
     group: Callable[[list[int]], list[str]] | None = None,
+    where: SearchFilter | None = None,
 ) -> StagedHits:
     """Top ``k`` per query at ``dim``; with ``rerank_dim``, shortlist ``k * candidates`` there and re-score.
 
@@ -58,14 +60,15 @@ def staged_search(
         rerank_dim: Re-scoring dimension (larger than ``dim``), or None for single-stage search.
         candidates: The shortlist holds ``k * candidates`` rows.
         search_lock: Held around the index search, for indexes that are not thread-safe.
+        where: Search only the rows this filter allows (in the first stage: re-scoring sees only those).
     """
     if group is None:
-        return _staged(index, full_vectors, queries, dim, k, rerank_dim, candidates, search_lock)
+        return _staged(index, full_vectors, queries, dim, k, rerank_dim, candidates, search_lock, where)
     fetch, known = k * GROUP_FETCH, {}
     search_seconds = rerank_seconds = 0.0
     while True:
         fetch = min(fetch, index.ntotal)
-        found = _staged(index, full_vectors, queries, dim, fetch, rerank_dim, candidates, search_lock)
+        found = _staged(index, full_vectors, queries, dim, fetch, rerank_dim, candidates, search_lock, where)
         search_seconds += found.search_seconds
         rerank_seconds += found.rerank_seconds
         new = sorted({int(row) for row in found.rows.ravel() if row >= 0} - known.keys())
@@ -85,11 +88,13 @@ def _staged(
     rerank_dim: int | None,
     candidates: int,
     search_lock: AbstractContextManager | None,
+    where: SearchFilter | None = None,
 ) -> StagedHits:
     started = time.perf_counter()
     fetch = k * candidates if rerank_dim else k
     with search_lock or nullcontext():
-        scores, rows = index.search(truncate_normalize(queries, dim), fetch)
+        reduced = truncate_normalize(queries, dim)
+        scores, rows = index.search(reduced, fetch) if where is None else index.search(reduced, fetch, where=where)
     searched = time.perf_counter()
     if rerank_dim:
         scores, rows = rerank(full_vectors, queries, rows, rerank_dim, k)

@@ -107,6 +107,14 @@ class DocumentStore:
                     found[row] = Document(doc_id, text, title, json.loads(metadata), parent, start, end)
         return [found.get(int(r)) for r in rows]
 
+    def metadatas(self) -> list[dict]:
+        """Every row's metadata, in row order (one query; what a filter's table is built from)."""
+        with self._borrow() as connection:
+            return [
+                json.loads(metadata)
+                for (metadata,) in connection.execute("SELECT metadata FROM documents ORDER BY row")
+            ]
+
     def ids(self) -> set[str]:
         """The ids of the documents held (a split document's id once, not its passages')."""
         parent = "parent" if self._columns == COLUMNS else "NULL"

@@ -17,10 +17,12 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from index.backends import EngineUnavailable
+from index.filters import FilterError, SearchFilter, parse_filter
 from index.layout import LEASE_TTL_SECONDS
 from index.loaded import LoadedIndex
 from index.manifest import IndexFolderError, IndexManifest
@@ -213,6 +215,8 @@ class Searcher:
             dims=dims,
             encoder_quality_loss=loss,
             encoder_warning=warning,
+            metadata_fields=dict(self._slot.current.metadata_fields),
+            passages=manifest.chunking,
         )
 
     # --- search -------------------------------------------------------------------------
@@ -226,10 +230,12 @@ class Searcher:
         min_quality: float | None = None,
         latency_budget_ms: float | None = None,
         group_by: str | None = None,
+        filter: dict[str, Any] | None = None,  # noqa: A002 (the API's name for it)
     ) -> SearchResult:
         """Top ``k`` documents per query at ``dim``; with ``rerank_dim``, two-stage adaptive retrieval.
 
-        With ``group_by="document"``, the best passage of each of ``k`` distinct documents.
+        With ``group_by="document"``, the best passage of each of ``k`` distinct documents. With ``filter``
+        (:mod:`index.filters`), only passages whose document metadata match it, selected before the scan.
 
         Two-stage: shortlist ``k * rerank_candidates`` documents with the (small, fast) ``dim``
         index, then re-score them exactly with their full vectors truncated to ``rerank_dim``.
@@ -245,13 +251,14 @@ class Searcher:
         choice = self._choose(dim, rerank_dim, min_quality, latency_budget_ms)
         dim, rerank_dim, candidates = choice.plan.dim, choice.plan.rerank_dim, choice.plan.candidates or 1
         dim = self._check_dims(self._slot.current, dim, rerank_dim)  # fail before encoding
+        _checked_filter(self._slot.current, filter)  # and on a bad filter
         vectors = await self.embedder.encode_queries(list(queries))
         encoded = time.perf_counter()
         # The lease is taken and released in the worker thread, so a cancelled request cannot
         # release it while the thread still searches.
         try:
             version, hits, search_s, rerank_s = await asyncio.to_thread(
-                self._search_sync, vectors, dim, k, rerank_dim, candidates, group_by
+                self._search_sync, vectors, dim, k, rerank_dim, candidates, group_by, filter
             )
         except EngineUnavailable as exc:  # Milvus down or slow: 503, and the requests after it too, until it answers
             logger.warning("search failed: %s", exc)
@@ -327,10 +334,18 @@ class Searcher:
         return dim
 
     def _search_sync(
-        self, vectors: np.ndarray, dim: int, k: int, rerank_dim: int | None, candidates: int, group_by: str | None
+        self,
+        vectors: np.ndarray,
+        dim: int,
+        k: int,
+        rerank_dim: int | None,
+        candidates: int,
+        group_by: str | None,
+        filter: dict[str, Any] | None,  # noqa: A002
     ) -> tuple[str, list[list[Hit]], float, float]:
         with self._slot.acquire() as index:
             self._check_dims(index, dim, rerank_dim)  # a reload may have changed the dims meanwhile
+            where = _checked_filter(index, filter, rows=True)  # and the fields: parsed for the version searched
             dim_index = index.indexes[dim]
             found = staged_search(
                 dim_index,
@@ -342,6 +357,7 @@ class Searcher:
                 candidates,
                 search_lock=None if dim_index.thread_safe else self._search_lock,
                 group=_documents_of(index) if group_by == "document" else None,
+                where=where,
             )
             hits = self._hits(index, found.scores, found.rows)
             return index.manifest.version, hits, found.search_seconds, found.rerank_seconds
@@ -570,6 +586,23 @@ def _latency_fields(latency) -> dict:
 
 def _index_sizes(index: LoadedIndex) -> dict[int, tuple[int, int]]:
     return {dim: (index.indexes[dim].ntotal, index.manifest.indexes[dim].bytes) for dim in index.indexes}
+
+
+def _checked_filter(index: LoadedIndex, raw: dict[str, Any] | None, rows: bool = False) -> SearchFilter | None:
+    """``raw`` checked against ``index``'s metadata fields (``rows``: with the rows it allows, for searching).
+
+    Raises:
+        InvalidRequest: What is wrong with the filter and what is allowed (422).
+    """
+    if not raw:
+        return None
+    try:
+        if rows:
+            return index.search_filter(raw)
+        parse_filter(raw, index.metadata_fields)
+        return None
+    except FilterError as exc:
+        raise InvalidRequest(str(exc)) from None
 
 
 def _documents_of(index: LoadedIndex) -> Callable[[list[int]], list[str]]:

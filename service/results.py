@@ -135,6 +135,8 @@ class IndexInfo:
     dims: list[DimInfo] = field(default_factory=list)
     encoder_quality_loss: float | None = None  # largest NDCG@10 loss of the served encoder against the build's
     encoder_warning: str | None = None
+    metadata_fields: dict[str, str] = field(default_factory=dict)  # filterable metadata: name -> type
+    passages: dict[str, Any] | None = None  # index.chunking.ChunkReport of the version (None: not recorded)
 
 
 @dataclass

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import json
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
 from service.deps import EmbedderDep, SearcherDep, StateDep
-from service.errors import NotFound
+from service.errors import InvalidRequest, NotFound
 from service.metrics import CONTENT_TYPE
 from service.schemas import (
     BUDGET_DESCRIPTION,
     DIM_DESCRIPTION,
+    FILTER_DESCRIPTION,
     GROUP_BY_DESCRIPTION,
     K_DESCRIPTION,
     MIN_QUALITY_DESCRIPTION,
@@ -55,6 +57,26 @@ def label_dim(request: Request, dim: int | None) -> None:
     request.state.metric_dim = str(dim) if dim is not None else None
 
 
+EXAMPLE_FILTER = '{"topic": "Gout"}'
+
+
+def filter_from_query(text: str | None) -> dict[str, Any] | None:
+    """``GET /search``'s ``filter``: a JSON object as text.
+
+    Raises:
+        InvalidRequest: If it is not a JSON object (422).
+    """
+    if text is None:
+        return None
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidRequest(f"filter must be a JSON object, e.g. {EXAMPLE_FILTER}; not JSON: {exc.msg}") from None
+    if not isinstance(parsed, dict):
+        raise InvalidRequest(f"filter must be a JSON object, e.g. {EXAMPLE_FILTER}")
+    return parsed
+
+
 @search_router.get("/search", response_model=SearchResponse, summary="Search with one query")
 async def search_get(
     request: Request,
@@ -68,10 +90,20 @@ async def search_get(
     ] = None,
     latency_budget_ms: Annotated[float | None, Query(gt=0, description=BUDGET_DESCRIPTION, examples=[20])] = None,
     group_by: Annotated[GroupBy | None, Query(description=GROUP_BY_DESCRIPTION, examples=["document"])] = None,
+    filter: Annotated[  # noqa: A002 (the API's name for it)
+        str | None, Query(description=f"as JSON text: {FILTER_DESCRIPTION}", examples=['{"topic": "Gout"}'])
+    ] = None,
 ) -> SearchResponse:
     """The top `k` passages for `q`, by cosine similarity at dimension `dim` (or the plan a target chose)."""
     result = await searcher.search(
-        [q], dim, k, rerank_dim, min_quality=min_quality, latency_budget_ms=latency_budget_ms, group_by=group_by
+        [q],
+        dim,
+        k,
+        rerank_dim,
+        min_quality=min_quality,
+        latency_budget_ms=latency_budget_ms,
+        group_by=group_by,
+        filter=filter_from_query(filter),
     )
     label_dim(request, result.dim)
     return SearchResponse.of(result, [q])
@@ -89,6 +121,7 @@ async def search_post(request: Request, searcher: SearcherDep, body: SearchReque
         min_quality=body.min_quality,
         latency_budget_ms=body.latency_budget_ms,
         group_by=body.group_by,
+        filter=body.filter,
     )
     label_dim(request, result.dim)
     return SearchResponse.of(result, texts)

@@ -26,6 +26,29 @@ GROUP_BY_DESCRIPTION = (
     "passages; without it, several hits may be passages of one document)"
 )
 GroupBy = Literal["document"]
+FILTER_DESCRIPTION = (
+    'only passages whose document metadata match, selected before the scan: {"topic": "Gout"} (equals), '
+    '{"year": {"$gte": 2020}}, operators $eq $ne $in $nin $gt $gte $lt $lte (ranges on numbers), '
+    '{"$and": [...]} / {"$or": [...]} (several keys: all of them); a field a document lacks matches only '
+    "$ne and $nin; the fields are those of GET /dims (metadata_fields)"
+)
+_SCALAR = {"anyOf": [{"type": "string"}, {"type": "number"}, {"type": "boolean"}]}
+_OPERATORS = {
+    "type": "object",
+    "properties": {
+        **{op: _SCALAR for op in ("$eq", "$ne")},
+        **{op: {"type": "number"} for op in ("$gt", "$gte", "$lt", "$lte")},
+        **{op: {"type": "array", "items": _SCALAR, "minItems": 1, "maxItems": 1000} for op in ("$in", "$nin")},
+    },
+    "additionalProperties": False,
+}
+FILTER_SCHEMA = {
+    "type": "object",
+    "description": FILTER_DESCRIPTION,
+    "properties": {op: {"type": "array", "items": {"type": "object"}, "minItems": 1} for op in ("$and", "$or")},
+    "additionalProperties": {"anyOf": [_SCALAR, _OPERATORS]},
+    "examples": [{"topic": "Gout"}, {"$or": [{"topic": {"$in": ["Gout", "Asthma"]}}, {"year": {"$gte": 2020}}]}],
+}
 BUDGET_DESCRIPTION = (
     "instead of dim: the whole request's time budget in ms; the service answers with the best-measured plan whose "
     "live p95 fits it, or with the fastest plan (and says so) when none does"
@@ -71,6 +94,7 @@ class SearchRequest(BaseModel):
     min_quality: float | None = Field(None, gt=0, le=1, description=MIN_QUALITY_DESCRIPTION, examples=[0.98])
     latency_budget_ms: float | None = Field(None, gt=0, description=BUDGET_DESCRIPTION, examples=[20])
     group_by: GroupBy | None = Field(None, description=GROUP_BY_DESCRIPTION, examples=["document"])
+    filter: dict[str, Any] | None = Field(None, description=FILTER_DESCRIPTION, json_schema_extra=FILTER_SCHEMA)
 
     @model_validator(mode="after")
     def _one_of_query_or_queries(self) -> SearchRequest:
@@ -293,6 +317,14 @@ class DimsResponse(BaseModel):
         None, description="largest NDCG@10 loss of the served query encoder against the build's, at any dim"
     )
     encoder_warning: str | None = Field(None, description="set when that loss is over 0.5%")
+    metadata_fields: dict[str, str] = Field(
+        default_factory=dict,
+        description="the document metadata a filter may name, with its type (string, number, bool; list, object "
+        "and mixed fields cannot be filtered)",
+    )
+    passages: dict[str, Any] | None = Field(
+        None, description="how documents became passages: size, overlap, documents, passages, split, over_window"
+    )
 
     @classmethod
     def of(cls, info: IndexInfo) -> DimsResponse:

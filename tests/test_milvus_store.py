@@ -89,6 +89,28 @@ def test_a_build_goes_live_with_every_dim_and_its_documents(data, milvus_lite_ur
     assert not store._scan("lease/")  # closed: its lease is gone
 
 
+def test_a_version_in_milvus_is_searched_through_its_filter(data, milvus_lite_uri, backend, tmp_path):
+    """The manifest records the metadata's fields; every dim's collection carries each row's metadata, and Milvus
+    searches only the rows a filter allows (a row without the field matches $nin)."""
+    _, manifest = keyword_build(data, milvus_lite_uri, "filtered", tmp_path)
+    assert manifest.metadata_fields == {"topic": "string"}
+    loaded = store_for(backend, "filtered").open(manifest.version)
+    try:
+        assert loaded.metadata is None and loaded.metadata_fields == {"topic": "string"}
+        where = loaded.search_filter({"topic": {"$nin": ["fever", "rash"]}})
+        assert where is not None and where.rows is None  # Milvus evaluates the filter itself
+        query = KeywordEncoder(VOCABULARY).encode_queries(["fever cough rash"])
+        allowed = {"d1", "d3", "d4", "d5", "d6", "d7", "d8"}
+        for dim in DIMS:
+            rows = staged_search(loaded.indexes[dim], loaded.vectors, query, dim, 9, where=where).rows[0]
+            assert {d.id for d in loaded.store.get(rows[rows >= 0].tolist())} == allowed
+        low, high = min(DIMS), max(DIMS)
+        two_stage = staged_search(loaded.indexes[low], loaded.vectors, query, low, 3, high, 2, where=where)
+        assert [d.id for d in loaded.store.get(two_stage.rows[0][:2].tolist())] == ["d8", "d1"]
+    finally:
+        loaded.close()
+
+
 def test_long_documents_are_stored_in_parts_and_read_back_whole(data, milvus_lite_uri, backend, tmp_path):
     from tests.conftest import write_beir
 

@@ -11,6 +11,7 @@ Builds use the session's encode cache: the sample is encoded at most once per se
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import threading
@@ -93,8 +94,26 @@ def hits(response: httpx.Response) -> list:
     return [[(h["id"], round(h["score"], 5)) for h in result["hits"]] for result in response.json()["results"]]
 
 
+FILTERS = [{"topic": {"$in": ["Gout", "Asthma", "Migraine"]}}, {"topic": {"$ne": "Gout"}}, {"topic": "Gout"}]
+
+
 def test_the_server_gives_the_same_top_10_as_faiss_at_every_dim(first_version, store, sample_index):
-    assert_same_hits_as_faiss(store, first_version, sample_index)
+    assert_same_hits_as_faiss(store, first_version, sample_index, filters=FILTERS)
+
+
+def test_a_replica_filters_in_milvus(replicas):
+    one, _ = replicas
+    for where in FILTERS:
+        response = one.get("/search", q=QUERY, k=10, dim=64, filter=json.dumps(where), group_by="document")
+        assert response.status_code == 200, response.text
+        topics = [hit["metadata"]["topic"] for hit in response.json()["results"][0]["hits"]]
+        allowed = {"$in": set(where["topic"].get("$in", [])) if isinstance(where["topic"], dict) else {"Gout"}}
+        if isinstance(where["topic"], dict) and "$ne" in where["topic"]:
+            assert topics and "Gout" not in topics
+        else:
+            assert topics and set(topics) <= allowed["$in"]
+    refused = one.get("/search", q=QUERY, filter=json.dumps({"colour": "red"}))
+    assert refused.status_code == 422 and "unknown field 'colour'" in refused.text
 
 
 def test_two_replicas_answer_identically_at_every_dim_and_two_stage(replicas, first_version):

@@ -42,10 +42,11 @@ def _search_call(
     min_quality: float | None,
     latency_budget_ms: float | None,
     group_by: str | None = None,
+    filter: dict[str, Any] | None = None,  # noqa: A002 (the API's name for it)
 ) -> _Call:
     body: dict[str, Any] = {"query": query} if isinstance(query, str) else {"queries": list(query)}
     options = dict(dim=dim, k=k, rerank_dim=rerank_dim, min_quality=min_quality, latency_budget_ms=latency_budget_ms)
-    options["group_by"] = group_by
+    options.update(group_by=group_by, filter=filter)
     body.update({key: value for key, value in options.items() if value is not None})
     return _Call("POST", "/search", body=body)
 
@@ -118,12 +119,14 @@ class MrlClient:
         min_quality: float | None = None,
         latency_budget_ms: float | None = None,
         group_by: str | None = None,
+        filter: dict[str, Any] | None = None,  # noqa: A002
     ) -> SearchResponse:
         """The top ``k`` passages for one query (a string) or several (a list), at ``dim`` or by a target.
 
-        ``group_by="document"``: the best passage of each of ``k`` distinct documents.
+        ``group_by="document"``: the best passage of each of ``k`` distinct documents. ``filter``: only passages
+        whose document metadata match, e.g. ``{"topic": "Gout"}`` or ``{"year": {"$gte": 2020}}``.
         """
-        call = _search_call(query, dim, k, rerank_dim, min_quality, latency_budget_ms, group_by)
+        call = _search_call(query, dim, k, rerank_dim, min_quality, latency_budget_ms, group_by, filter)
         return SearchResponse.model_validate(self._send(call))
 
     def embed(
@@ -181,8 +184,9 @@ class AsyncMrlClient:
         min_quality: float | None = None,
         latency_budget_ms: float | None = None,
         group_by: str | None = None,
+        filter: dict[str, Any] | None = None,  # noqa: A002
     ) -> SearchResponse:
-        call = _search_call(query, dim, k, rerank_dim, min_quality, latency_budget_ms, group_by)
+        call = _search_call(query, dim, k, rerank_dim, min_quality, latency_budget_ms, group_by, filter)
         return SearchResponse.model_validate(await self._send(call))
 
     async def embed(

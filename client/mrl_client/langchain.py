@@ -29,6 +29,7 @@ class MrlRetriever(BaseRetriever):
     min_quality: float | None = None
     latency_budget_ms: float | None = None
     group_by: str | None = None  # "document": one passage per document
+    filter: dict | None = None  # only documents whose metadata match, e.g. {"topic": "Gout"}
     timeout: float = DEFAULT_TIMEOUT_S
 
     def _options(self) -> dict:
@@ -39,6 +40,7 @@ class MrlRetriever(BaseRetriever):
             "min_quality": self.min_quality,
             "latency_budget_ms": self.latency_budget_ms,
             "group_by": self.group_by,
+            "filter": self.filter,
         }
 
     def _get_relevant_documents(self, query: str, *, run_manager: CallbackManagerForRetrieverRun) -> list[Document]:

@@ -31,6 +31,7 @@ class MrlLlamaIndexRetriever(BaseRetriever):
         min_quality: float | None = None,
         latency_budget_ms: float | None = None,
         group_by: str | None = None,
+        filter: dict | None = None,  # noqa: A002 (the API's name for it)
         timeout: float = DEFAULT_TIMEOUT_S,
     ) -> None:
         super().__init__()
@@ -42,6 +43,7 @@ class MrlLlamaIndexRetriever(BaseRetriever):
             "min_quality": min_quality,
             "latency_budget_ms": latency_budget_ms,
             "group_by": group_by,
+            "filter": filter,
         }
 
     def _retrieve(self, query_bundle: QueryBundle) -> list[NodeWithScore]:

@@ -82,6 +82,7 @@ class DimsResponse(_Answer):
     num_vectors: int
     built_at: str
     dims: list[Dim]
+    metadata_fields: dict[str, str] = Field(default_factory=dict)  # what a filter may name
 
 
 class Plan(_Answer):

@@ -79,11 +79,14 @@ def milvus_lite_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server_manager_instance.release_server(uri)
 
 
-def assert_same_hits_as_faiss(store: MilvusIndexStore, version: str, faiss_index: Path) -> None:
+def assert_same_hits_as_faiss(
+    store: MilvusIndexStore, version: str, faiss_index: Path, filters: list[dict] | None = None
+) -> None:
     """``faiss_index`` (the bundled sample indexed with the real model in a FAISS folder: the session's
     ``sample_index``) gives the same hits as ``version`` of the sample in Milvus.
 
-    Both are exact (Flat): the same rows, best first, at every dim and in two-stage search.
+    Both are exact (Flat): the same rows, best first, at every dim and in two-stage search; and the same
+    again under each of ``filters`` (FAISS selects the rows, Milvus evaluates the expression).
     """
     from core.data import load_queries
     from core.models import SentenceTransformerEncoder, load_model
@@ -97,13 +100,15 @@ def assert_same_hits_as_faiss(store: MilvusIndexStore, version: str, faiss_index
         assert faiss.dims == milvus.dims and len(faiss.dims) >= 4
         assert all(entry.factory == "Flat" for entry in milvus.manifest.indexes.values())
         plans = [(dim, None) for dim in faiss.dims] + [(min(faiss.dims), max(faiss.dims))]
-        for dim, rerank_dim in plans:
-            want = staged_search(faiss.indexes[dim], faiss.vectors, queries, dim, 10, rerank_dim)
-            got = staged_search(milvus.indexes[dim], milvus.vectors, queries, dim, 10, rerank_dim)
+        for raw, (dim, rerank_dim) in [(None, plan) for plan in plans] + [(f, plans[-2]) for f in filters or []]:
+            where_faiss, where_milvus = faiss.search_filter(raw), milvus.search_filter(raw)
+            want = staged_search(faiss.indexes[dim], faiss.vectors, queries, dim, 10, rerank_dim, where=where_faiss)
+            got = staged_search(milvus.indexes[dim], milvus.vectors, queries, dim, 10, rerank_dim, where=where_milvus)
             assert np.array_equal(got.rows, want.rows), (dim, rerank_dim)
             np.testing.assert_allclose(got.scores, want.scores, atol=1e-5)
-            ids = [d.id for d in milvus.store.get(got.rows.ravel().tolist())]
-            assert ids == [d.id for d in faiss.store.get(want.rows.ravel().tolist())]
+            ids = [d and d.id for d in milvus.store.get(got.rows.ravel().tolist())]  # None: a padded row (-1)
+            assert ids == [d and d.id for d in faiss.store.get(want.rows.ravel().tolist())]
+            assert raw is None or (got.rows >= 0).sum() > 0, raw  # the filter leaves something to compare
     finally:
         faiss.close()
         milvus.close()
