@@ -89,9 +89,11 @@ bench: bench-models $(RUNS)/scifact-index/current
 	$(BIN)/mrl bench scaling --out $(BENCH)
 	$(BIN)/mrl bench peers --index $(RUNS)/scifact-index --data $(DATASETS)/scifact --out $(BENCH)
 	$(BIN)/mrl bench backends --data $(DATASETS)/scifact --out $(BENCH)
+	$(BIN)/mrl bench passages --data $(DATASETS)/medquad_pages --out $(BENCH)
 	$(MAKE) bench-strategies
 	mkdir -p $(FIGURES)
-	cp $(BENCH)/quality_vs_dim.png $(BENCH)/quality_vs_latency.png $(BENCH)/scaling.png $(BENCH)/backends.png $(BENCH)/peers.png $(FIGURES)/
+	cp $(BENCH)/quality_vs_dim.png $(BENCH)/quality_vs_latency.png $(BENCH)/scaling.png $(BENCH)/backends.png $(BENCH)/peers.png \
+		$(BENCH)/passages.png $(FIGURES)/
 
 # Full fine-tuning vs frozen lower layers vs LoRA, each direction with the other dataset as the forgetting
 # check. 2 epochs on SciFact's 919 pairs / 384 of MedQuAD's; both test splits scored on 1,000 queries and

@@ -230,6 +230,9 @@ def plot_passages(report: dict[str, Any], path: Path) -> Path:
         axes[0].plot(dims, answer5, marker="o", label=label)
         axes[1].plot([row["index_bytes"] / 2**20 for row in single], answer5, marker="o", label=label)
     axes[0].set(xscale="log", xlabel="dimension", ylabel="answer-in-context@5", title="Answer in the top 5 passages")
+    dims = sorted({row["dim"] for setting in report["chunk_settings"] for row in setting["results"]})
+    axes[0].set_xticks(dims, [str(dim) for dim in dims])
+    axes[0].minorticks_off()
     axes[1].set(xscale="log", xlabel="index size (MiB)", ylabel="answer-in-context@5", title="…against index size")
     for ax in axes:
         ax.grid(alpha=0.3)
