@@ -77,6 +77,8 @@ class ChunkReport:
                 f"chunking off: {self.over_window} of {self.documents} documents are longer than the model's window "
                 f"({self.window} tokens) and are cut there; index with --chunk-size to split them"
             )
+        if not self.split_documents:
+            return f"{self.documents} documents, each one passage (none longer than {self.size} tokens)"
         return (
             f"{self.documents} documents → {self.passages} passages of at most {self.size} tokens "
             f"({self.overlap} overlapping); {self.split_documents} documents split"

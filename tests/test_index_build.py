@@ -24,9 +24,10 @@ from index.loaded import open_index
 from index.manifest import IndexFolderError, IndexManifest
 from index.plans import Plan
 from mrl.cli import main
-from tests.conftest import SAMPLE, scramble, without_checksums, write_tiny_beir
+from tests.conftest import SAMPLE, scramble, without_checksums, write_beir, write_tiny_beir
 from tests.helpers.models import TINY_DIMS
 from tests.helpers.sample import DIMS, build_sample, copy_index
+from tests.helpers.service import keyword_model
 
 pytestmark = pytest.mark.slow
 
@@ -62,6 +63,18 @@ def test_info_command_prints_a_table(sample_index: Path, capsys):
     out = capsys.readouterr().out
     assert "| 64 | Flat | 0.03 MiB |" in out
     assert "check: every part of the version loads and matches the manifest" in out
+    assert "passages  120 documents, each one passage (none longer than 254 tokens)" in out
+
+
+def test_info_reports_documents_cut_by_the_window_when_chunking_is_off(tmp_path: Path, capsys):
+    long = " ".join(["Gout causes sudden pain in the big toe at night."] * 60)
+    data = write_beir(tmp_path / "data", [{"_id": "long", "text": long}, {"_id": "short", "text": "gout"}],
+                      [{"_id": "q", "text": "gout"}], {"test": [("q", "long", 1)]})  # fmt: skip
+    with keyword_model():
+        assert main(["index", "build", "--data", str(data), "--index", str(tmp_path / "i"), "--chunk-size", "0",
+                     "--dims", "8,4", "--device", "cpu", "--no-progress"]) == 0  # fmt: skip
+    assert main(["index", "info", "--index", str(tmp_path / "i")]) == 0
+    assert "chunking off: 1 of 2 documents are longer than the model's window (254 tokens)" in capsys.readouterr().out
 
 
 def test_failed_build_leaves_current_version_untouched(tmp_path: Path, tiny_beir: Path, monkeypatch):
