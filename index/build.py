@@ -57,6 +57,7 @@ from index.manifest import (
 from index.params import IndexPlan, choose_index, search_params_for
 from index.plans import JudgedQueries, evaluate_plans, plans_from_report
 from index.stores import IndexStore, VersionWriter, open_store
+from index.wal import check_not_live
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -355,6 +356,8 @@ def _build_into(
     fingerprint: str,
 ) -> tuple[Path | str, IndexManifest]:
     """``build_index`` once the store is open: encode (or read the cache), build every dim, publish."""
+    if store.locator.engine == "faiss":
+        check_not_live(store.locator.path)  # a writable server owns the index: its writes go through its API
     store.prepare()  # an engine that does not answer, or a read-only version folder: fail before encoding
     version = new_version_name()
 
@@ -520,6 +523,8 @@ def add_documents(
     store = open_store(locator)
     try:
         with store.writing():
+            if locator.engine == "faiss":
+                check_not_live(locator.path)
             current = store.open(store.current(), device=device)
             try:
                 return _append_version(

@@ -1,4 +1,4 @@
-"""``mrl index build|add|info``: argument parsing and printing; the work is in build.py and loaded.py."""
+"""``mrl index build|add|info|compact``: argument parsing and printing; the work is in build.py and loaded.py."""
 
 from __future__ import annotations
 
@@ -85,6 +85,17 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
     add.add_argument("--keep-versions", type=int, default=3)
     add.add_argument("--no-progress", dest="progress", action="store_false")
     add.set_defaults(handler=run_add)
+
+    compact = actions.add_parser(
+        "compact",
+        help="merge an index's write-ahead log (upserts and deletes) into a new version",
+        description="Replay the write-ahead log of a FAISS folder index and publish its live documents as a new "
+        "version. Refused while a writable server owns the index (it compacts on its own).",
+    )
+    compact.add_argument("--index", required=True, metavar="FOLDER", help="the index root (a FAISS folder)")
+    compact.add_argument("--device", choices=["auto", "cpu", "gpu"], default="cpu", help="default: %(default)s")
+    compact.add_argument("--keep-versions", type=int, default=3, help="finished versions to keep (default: 3)")
+    compact.set_defaults(handler=run_compact)
 
     info = actions.add_parser("info", help="print an index's manifest as a table")
     info.add_argument("path", nargs="?", type=Path, default=None, help=argparse.SUPPRESS)  # deprecated: --index
@@ -206,6 +217,17 @@ def run_add(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_compact(args: argparse.Namespace) -> int:
+    from index.live import compact_index, describe_compaction
+
+    check_positive(args, ("keep_versions",))
+    locator = parse_locator(args.index)
+    if locator.engine != "faiss":
+        raise ConfigError(f"mrl index compact works on FAISS folder indexes, not {locator}")
+    print(describe_compaction(*compact_index(locator.path, args.device, args.keep_versions)))
+    return 0
+
+
 def run_info(args: argparse.Namespace) -> int:
     from index.stores import open_store
 
@@ -278,7 +300,10 @@ def info_table(manifest, folder: Path | str) -> str:
             f"| {quality} |"
         )
     for event in manifest.history:
-        lines.append(f"added {event['added']} documents at {event['at']} from {event['source']}")
+        if "compacted" in event:  # index.compaction: a live index's writes merged
+            lines.append(f"compacted {event['compacted']} passages at {event['at']} (log seq {event['wal_seq']})")
+        else:
+            lines.append(f"added {event['added']} documents at {event['at']} from {event['source']}")
     return "\n".join(lines + plans_table(manifest))
 
 
