@@ -114,6 +114,11 @@ class LiveIndex:
 
     # --- reading --------------------------------------------------------------------------
     @property
+    def base(self) -> LoadedIndex:
+        """The base version as it is now (for what it serves: dims, manifest; search through :meth:`view`)."""
+        return self._hold.loaded
+
+    @property
     def manifest(self) -> IndexManifest:
         """The base version's manifest."""
         return self._hold.loaded.manifest

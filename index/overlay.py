@@ -241,6 +241,12 @@ class LiveView:
         rows = np.concatenate([np.flatnonzero(base_ok), np.flatnonzero(delta_ok) + self.base_rows])
         return SearchFilter(parsed, rows.astype(np.int64))
 
+    def matching_documents(self, parsed: Filter) -> list[str]:
+        """The ids of the live documents whose metadata match ``parsed`` (a delete by filter), sorted."""
+        allowed = self._allowed(parsed)
+        rows = [] if allowed is None or allowed.rows is None else [int(row) for row in allowed.rows]
+        return sorted(set(self.doc_ids(rows)))
+
     def doc_ids(self, rows: list[int]) -> list[str]:
         """The document id of each row (for grouping hits by document)."""
         passages = self.overlay.buffers.passages

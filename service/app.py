@@ -38,7 +38,7 @@ from service.errors import (
 )
 from service.metrics import ServiceMetrics
 from service.openapi import service_openapi
-from service.routes import admin_router, ops_router, search_router
+from service.routes import admin_router, documents_router, ops_router, search_router
 from service.settings import ServiceSettings
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def create_app(settings: ServiceSettings | None = None, *, encoder_loader: Encod
     guarded = [ApiKeyDep] if settings.api_key is not None else []
     app.include_router(search_router, dependencies=guarded)
     app.include_router(admin_router, dependencies=guarded)
+    app.include_router(documents_router, dependencies=guarded)
     app.include_router(ops_router)
     add_docs(app)
     app.openapi = lambda: service_openapi(app, state)  # type: ignore[method-assign]

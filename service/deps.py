@@ -15,9 +15,10 @@ from pydantic import SecretStr
 
 from service.embedder import Embedder
 from service.engine import EncoderLoader, Searcher
-from service.errors import NoIndex, NotReady, Unauthorized
+from service.errors import Forbidden, NoIndex, NotReady, Unauthorized
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
+from service.writes import DocumentWriter
 
 API_KEY_HEADER = "X-API-Key"
 UNAUTHORIZED_MESSAGE = "missing or wrong API key: send it as X-API-Key or as Authorization: Bearer <key>"
@@ -111,6 +112,30 @@ async def get_searcher(state: StateDep) -> Searcher:
 
 SearcherDep = Annotated[Searcher, Depends(get_searcher)]
 
+NOT_WRITABLE = "this server takes no writes: start it with --writable (MRL_WRITABLE=true) over a folder index"
+READ_KEY_ONLY = "this key may search, not write: writes need the write key (MRL_WRITE_KEY)"
+
+
+async def get_writer(request: Request, state: StateDep) -> DocumentWriter:
+    """The write path; 403 when writes are off or the request carries the read key only, 401 without a key."""
+    settings = state.settings
+    if not settings.serves_search:
+        raise NoIndex(NO_INDEX)
+    if not settings.writable:
+        raise Forbidden(NOT_WRITABLE)
+    if settings.write_key is not None:
+        headers = {name.lower(): value for name, value in request.headers.items()}
+        if not key_is_valid(settings.write_key, headers):
+            if settings.api_key is not None and key_is_valid(settings.api_key, headers):
+                raise Forbidden(READ_KEY_ONLY)
+            raise Unauthorized(UNAUTHORIZED_MESSAGE)
+    if state.searcher is None or state.searcher.writer is None:
+        raise NotReady(state.loading_message)
+    return state.searcher.writer
+
+
+WriterDep = Annotated[DocumentWriter, Depends(get_writer)]
+
 
 async def get_embedder(state: StateDep) -> Embedder:
     """The loaded model (with an index or without); 503 while loading, after a failed load, or while shutting down."""
@@ -142,6 +167,13 @@ def key_is_valid(expected: SecretStr | None, headers: Mapping[str, str]) -> bool
     return key is not None and secrets.compare_digest(key.encode(), expected.get_secret_value().encode())
 
 
+def any_key_is_valid(settings: ServiceSettings, headers: Mapping[str, str]) -> bool:
+    """True if the request carries the read key (``api_key``) or the write key, which may search too."""
+    if key_is_valid(settings.api_key, headers):
+        return True
+    return settings.write_key is not None and key_is_valid(settings.write_key, headers)
+
+
 async def require_api_key(
     request: Request,
     state: StateDep,
@@ -154,7 +186,7 @@ async def require_api_key(
     the app adds this dependency only when a key is configured.
     """
     headers = {name.lower(): value for name, value in request.headers.items()}
-    if not key_is_valid(state.settings.api_key, headers):
+    if not any_key_is_valid(state.settings, headers):
         raise Unauthorized(UNAUTHORIZED_MESSAGE)
 
 

@@ -21,7 +21,7 @@ from fastapi.responses import JSONResponse
 from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from service.deps import UNAUTHORIZED_MESSAGE, ServiceState, key_is_valid
+from service.deps import UNAUTHORIZED_MESSAGE, ServiceState, any_key_is_valid
 from service.errors import (
     INTERNAL,
     INTERNAL_MESSAGE,
@@ -85,7 +85,7 @@ class EdgeMiddleware:
     def _refusal(
         self, scope: Scope, headers: dict[str, str], guarded: bool
     ) -> tuple[ServiceError, dict[str, str]] | None:
-        if guarded and self._needs_key(scope["path"]) and not key_is_valid(self.settings.api_key, headers):
+        if guarded and self._needs_key(scope["path"]) and not any_key_is_valid(self.settings, headers):
             return Unauthorized(UNAUTHORIZED_MESSAGE), {"WWW-Authenticate": "Bearer"}
         undecodable = _undecodable_part(scope)
         if undecodable:

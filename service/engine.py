@@ -24,6 +24,7 @@ import numpy as np
 from index.backends import EngineUnavailable
 from index.filters import FilterError, SearchFilter, parse_filter
 from index.layout import LEASE_TTL_SECONDS
+from index.live import open_live
 from index.loaded import LoadedIndex
 from index.manifest import IndexFolderError, IndexManifest
 from index.plans import TRAINING_REPORT, JudgedQueries, Plan, evaluate_plans, plans_from_report
@@ -49,10 +50,12 @@ from service.results import (
 from service.settings import ServiceSettings
 from service.slot import IndexSlot
 from service.sources import index_source
+from service.writes import DocumentWriter
 
 logger = logging.getLogger(__name__)
 
 ENGINE_DOWN = "the index engine did not answer; retry later (the server log has the details)"
+WRITABLE_KEEP_VERSIONS = 3  # versions a writable server's compactions keep
 MAX_ENCODER_LOSS = 0.005  # /dims warns when the served query encoder loses more NDCG@10 than this at a dim
 BOTH_GIVEN = (
     "give either dim (and rerank_dim) or a target (min_quality, latency_budget_ms), not both: the service "
@@ -78,9 +81,11 @@ class Searcher:
         metrics: ServiceMetrics,
         source: IndexStore,
         plans: ServedPlans | None = None,
+        writer: DocumentWriter | None = None,
     ) -> None:
         self.settings = settings
         self.source = source
+        self.writer = writer  # a writable server's write path; searches then go through its live index
         self.limits = RequestLimits(settings.max_k, settings.max_query_chars, settings.max_batch_queries)
         self.encoder = loaded_encoder
         self.metrics = metrics
@@ -115,14 +120,23 @@ class Searcher:
             ModelError: The model cannot be loaded. ConfigurationError: Settings that do not fit the index.
         """
         source = index_source(settings)
-        loaded_encoder, index = await asyncio.to_thread(_load, source, settings, load)
+        writer = None
+        if settings.writable:
+            loaded_encoder, writer = await asyncio.to_thread(_load_writable, source, settings, load, metrics)
+            index = Borrowed(writer.live.base)
+        else:
+            loaded_encoder, index = await asyncio.to_thread(_load, source, settings, load)
         try:
             plans = await asyncio.to_thread(served_plans, index, loaded_encoder)
-            searcher = cls(settings, loaded_encoder, index, metrics, source, plans)
+            searcher = cls(settings, loaded_encoder, index, metrics, source, plans, writer)
         except BaseException:
             index.close()
+            if writer is not None:
+                await asyncio.to_thread(writer.live.close)
             raise
         await searcher.embedder.start()
+        if writer is not None:
+            writer.start(searcher._compacted)
         searcher._lease_refresher = asyncio.create_task(searcher._refresh_leases(), name="mrl-lease-refresher")
         logger.info(
             "serving %s (%d vectors, dims %s) with %s on %s",
@@ -141,6 +155,8 @@ class Searcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lease_refresher
         await self.embedder.close()
+        if self.writer is not None:
+            await self.writer.close()  # the live index, its base and its lock
         self._slot.close()
 
     async def check_ready(self) -> None:
@@ -165,6 +181,14 @@ class Searcher:
     @property
     def dims(self) -> list[int]:
         return self._slot.current.dims
+
+    @property
+    def metadata_fields(self) -> dict[str, str]:
+        """What a filter may name now: the version's fields, and on a writable server those written since."""
+        if self.writer is not None:
+            with self.writer.live.view() as view:
+                return view.metadata_fields
+        return self._slot.current.metadata_fields
 
     @property
     def default_dim(self) -> int:
@@ -215,7 +239,7 @@ class Searcher:
             dims=dims,
             encoder_quality_loss=loss,
             encoder_warning=warning,
-            metadata_fields=dict(self._slot.current.metadata_fields),
+            metadata_fields=dict(self.metadata_fields),
             passages=manifest.chunking,
         )
 
@@ -251,7 +275,8 @@ class Searcher:
         choice = self._choose(dim, rerank_dim, min_quality, latency_budget_ms)
         dim, rerank_dim, candidates = choice.plan.dim, choice.plan.rerank_dim, choice.plan.candidates or 1
         dim = self._check_dims(self._slot.current, dim, rerank_dim)  # fail before encoding
-        _checked_filter(self._slot.current, filter)  # and on a bad filter
+        if self.writer is None:
+            _checked_filter(self._slot.current, filter)  # and on a bad filter (written fields: checked at search)
         vectors = await self.embedder.encode_queries(list(queries))
         encoded = time.perf_counter()
         # The lease is taken and released in the worker thread, so a cancelled request cannot
@@ -343,6 +368,8 @@ class Searcher:
         group_by: str | None,
         filter: dict[str, Any] | None,  # noqa: A002
     ) -> tuple[str, list[list[Hit]], float, float]:
+        if self.writer is not None:
+            return self._search_live(vectors, dim, k, rerank_dim, candidates, group_by, filter)
         with self._slot.acquire() as index:
             self._check_dims(index, dim, rerank_dim)  # a reload may have changed the dims meanwhile
             where = _checked_filter(index, filter, rows=True)  # and the fields: parsed for the version searched
@@ -362,8 +389,42 @@ class Searcher:
             hits = self._hits(index, found.scores, found.rows)
             return index.manifest.version, hits, found.search_seconds, found.rerank_seconds
 
+    def _search_live(
+        self,
+        vectors: np.ndarray,
+        dim: int,
+        k: int,
+        rerank_dim: int | None,
+        candidates: int,
+        group_by: str | None,
+        filter: dict[str, Any] | None,  # noqa: A002
+    ) -> tuple[str, list[list[Hit]], float, float]:
+        """A writable server's search: the base version and every logged write, as one consistent view."""
+        assert self.writer is not None
+        with self.writer.live.view() as view:
+            try:
+                where = view.parse_filter(filter) if filter else None
+            except FilterError as exc:
+                raise InvalidRequest(str(exc)) from None
+            found = view.search(vectors, dim, k, rerank_dim, candidates, where, group_by == "document")
+            documents = view.documents(found.rows.ravel().tolist())
+            hits = self._hits_of(documents, found.scores, found.rows)
+            return view.base.manifest.version, hits, found.search_seconds, found.rerank_seconds
+
+    def _compacted(self, version: str) -> None:
+        """After a compaction: serve the new base's manifest (dims, plans, sizes) from the slot."""
+        base = self.writer.live.base if self.writer is not None else None
+        if base is None or base.manifest.version != version:
+            return
+        self._slot.swap(Borrowed(base))
+        self._plans = ServedPlans.of(base.manifest)
+        self.metrics.set_index(_index_sizes(base))
+        self._publish_serving(base)
+
     def _hits(self, index: LoadedIndex, scores: np.ndarray, rows: np.ndarray) -> list[list[Hit]]:
-        documents = index.store.get(rows.ravel().tolist())
+        return self._hits_of(index.store.get(rows.ravel().tolist()), scores, rows)
+
+    def _hits_of(self, documents: list, scores: np.ndarray, rows: np.ndarray) -> list[list[Hit]]:
         per_query = len(rows[0]) if len(rows) else 0
         result = []
         for number, query_scores in enumerate(scores):
@@ -483,6 +544,45 @@ def _load(source: IndexStore, settings: ServiceSettings, load: EncoderLoader) ->
         index.close()
         raise
     return loaded_encoder, index
+
+
+def _load_writable(
+    source: IndexStore, settings: ServiceSettings, load: EncoderLoader, metrics: ServiceMetrics
+) -> tuple[LoadedEncoder, DocumentWriter]:
+    """A writable server's start: the live index (its lock, its base, its log replayed), the query encoder
+    and the build's document encoder.
+
+    Raises:
+        LiveLockHeld: Another process writes the index. IndexFolderError: Not a folder index root, or another model.
+    """
+    locator = settings.locator()
+    if locator.engine != "faiss":
+        raise ConfigurationError(f"writable serves a folder index; {locator} is kept in {locator.engine}")
+    live = open_live(locator.path, device=settings.device, keep_versions=WRITABLE_KEEP_VERSIONS)
+    try:
+        loaded_encoder = load(settings, live.manifest)
+        if loaded_encoder.fingerprint != live.manifest.model.fingerprint:
+            raise IndexFolderError(f"{locator.path}: built with another model than the one served")
+        _default_dim(settings.default_dim, live.manifest)
+        loaded_encoder.encoder.encode_queries([WARM_UP_QUERY])
+        writer = DocumentWriter.load(live, settings, metrics)
+    except BaseException:
+        live.close()
+        raise
+    return loaded_encoder, writer
+
+
+class Borrowed:
+    """A live index's base as the slot holds it: read for what is served; closing it is the live index's job."""
+
+    def __init__(self, loaded: LoadedIndex) -> None:
+        self._loaded = loaded
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loaded, name)
+
+    def close(self) -> None:
+        """The live index closes its bases (after their last search)."""
 
 
 def _default_dim(configured: int | None, manifest: IndexManifest, what: str = "default dim") -> int:

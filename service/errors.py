@@ -50,6 +50,14 @@ class Unauthorized(ServiceError):
     """A missing or wrong API key."""
 
 
+class Forbidden(ServiceError):
+    """A key that may search but not write, or a write to a server that takes none."""
+
+
+class WriteFailed(ServiceError):
+    """A write that could not be made durable (the log could not be written); nothing of it is applied."""
+
+
 class ReloadFailed(ServiceError):
     """A new index version could not be loaded; the previous one keeps serving."""
 
@@ -73,6 +81,8 @@ ERROR_TABLE: dict[type[Exception], ErrorKind] = {
     UnknownDimension: ErrorKind(422, "unknown_dimension"),
     InvalidRequest: ErrorKind(422, "invalid_request"),
     Unauthorized: ErrorKind(401, "unauthorized"),
+    Forbidden: ErrorKind(403, "forbidden"),
+    WriteFailed: ErrorKind(507, "write_failed"),
     NoIndex: ErrorKind(404, "no_index"),
     NotFound: ErrorKind(404, "not_found"),
     ReloadFailed: ErrorKind(409, "reload_failed"),

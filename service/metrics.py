@@ -107,6 +107,31 @@ class ServiceMetrics:
         self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "Requests being answered now", registry=reg)
         self.index_vectors = Gauge(f"{PREFIX}_index_vectors", "Vectors in the served index", ["dim"], registry=reg)
         self.index_bytes = Gauge(f"{PREFIX}_index_bytes", "Size of the served index file", ["dim"], registry=reg)
+        # the write path (a writable server only)
+        self.writes = Counter(
+            f"{PREFIX}_document_writes",
+            "Document write requests, by operation (upsert, delete) and outcome (written, refused, failed)",
+            ["operation", "outcome"],
+            registry=reg,
+        )
+        self.write_seconds = Histogram(
+            f"{PREFIX}_document_write_duration_seconds",
+            "One write request: chunking, encoding, the logged write",
+            ["operation"],
+            buckets=LATENCY_BUCKETS,
+            registry=reg,
+        )
+        self.unmerged_passages = Gauge(
+            f"{PREFIX}_unmerged_passages", "Written passages not yet compacted into a version", registry=reg
+        )
+        self.wal_bytes = Gauge(f"{PREFIX}_write_log_bytes", "Size of the index's write-ahead log", registry=reg)
+        self.compactions = Counter(f"{PREFIX}_compactions", "Compactions, by outcome", ["outcome"], registry=reg)
+        self.compaction_seconds = Histogram(
+            f"{PREFIX}_compaction_duration_seconds",
+            "One compaction of the write log into a new version",
+            buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800),
+            registry=reg,
+        )
 
     def set_index(self, sizes: dict[int, tuple[int, int]]) -> None:
         """Publish the served index: ``{dim: (vectors, bytes)}``; dims no longer served are dropped."""

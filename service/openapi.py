@@ -20,7 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from index.backends import EngineUnavailable
 from index.manifest import IndexFolderError
 from service.limits import NON_BLANK_PATTERN
-from service.routes import INDEX_PATHS
+from service.routes import INDEX_PATHS, WRITE_PATHS
 from service.sources import index_source
 
 if TYPE_CHECKING:
@@ -31,7 +31,7 @@ def service_openapi(app: FastAPI, state: ServiceState) -> dict[str, Any]:
     """The app's schema for its settings, served dims and vocabulary (cached per served index version)."""
     dims, version = _served_dims(state)
     vocab_size = state.embedder.encoder.encoder.vocab_size if state.embedder is not None else None
-    key = (version, tuple(dims or ()), vocab_size)
+    key = (version, tuple(dims or ()), vocab_size, tuple(sorted(_served_fields(state).items())))
     cached = getattr(app.state, "openapi_cache", None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -39,7 +39,10 @@ def service_openapi(app: FastAPI, state: ServiceState) -> dict[str, Any]:
     schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
     if not settings.serves_search:  # embeddings only: those paths answer 404 no_index
         schema["paths"] = {path: item for path, item in schema["paths"].items() if path not in INDEX_PATHS}
+    if not (settings.serves_search and settings.writable):  # writes answer 403 (or 404) here
+        schema["paths"] = {path: item for path, item in schema["paths"].items() if path not in WRITE_PATHS}
     describe_limits(schema, settings.max_query_chars, settings.max_k, settings.max_batch_queries, dims, vocab_size)
+    describe_filters(schema, _served_fields(state))
     app.state.openapi_cache = (key, schema)
     return schema
 
@@ -76,6 +79,50 @@ def describe_limits(
     )
     embedding_input = {"anyOf": [text, texts, token_ids, token_arrays]}
     _set_properties(models.get("EmbeddingRequest"), {"input": embedding_input, "dimensions": _nullable(dim)})
+
+
+FILTER_LEVELS = 8  # $and / $or nest this deep at most (index.filters), so the schema unrolls that many levels
+VALUE_TYPES = {"string": {"type": "string"}, "number": {"type": "number"}, "bool": {"type": "boolean"}}
+
+
+def describe_filters(schema: dict[str, Any], fields: dict[str, str]) -> None:
+    """The ``filter`` of ``POST /search`` and ``POST /documents/delete`` for the served metadata fields: each
+    field with the operators its type takes, ``$and`` / ``$or`` unrolled to the nesting the service allows."""
+    models = schema.get("components", {}).get("schemas", {})
+    if not models:
+        return
+    for level in range(FILTER_LEVELS + 1):
+        properties: dict[str, Any] = {
+            name: _condition_schema(kind) for name, kind in sorted(fields.items()) if kind in VALUE_TYPES
+        }
+        if level < FILTER_LEVELS:
+            inner = {"$ref": f"#/components/schemas/MetadataFilter{level + 1}"}
+            listed = {"type": "array", "items": inner, "minItems": 1, "maxItems": 16}
+            properties.update({"$and": listed, "$or": listed})
+        models[f"MetadataFilter{level}" if level else "MetadataFilter"] = {
+            "type": "object",
+            "properties": properties,
+            "additionalProperties": False,
+            "description": "" if level else "a metadata filter over the fields the served documents have (GET /dims)",
+        }
+    for name in ("SearchRequest", "DeleteRequest"):
+        _set_properties(models.get(name), {"filter": _nullable({"$ref": "#/components/schemas/MetadataFilter"})})
+
+
+def _condition_schema(kind: str) -> dict[str, Any]:
+    value = VALUE_TYPES[kind]
+    values = {"type": "array", "items": value, "minItems": 1, "maxItems": 1000}
+    operators = {"$eq": value, "$ne": value, "$in": values, "$nin": values}
+    if kind == "number":
+        operators.update({op: value for op in ("$gt", "$gte", "$lt", "$lte")})
+    condition = {"type": "object", "properties": operators, "additionalProperties": False, "minProperties": 1}
+    return {"anyOf": [value, condition]}
+
+
+def _served_fields(state: ServiceState) -> dict[str, str]:
+    if state.searcher is None:
+        return {}
+    return dict(state.searcher.metadata_fields)
 
 
 def _served_dims(state: ServiceState) -> tuple[list[int] | None, str | None]:

@@ -7,7 +7,8 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 
-from service.deps import EmbedderDep, SearcherDep, StateDep
+from core.data import Document
+from service.deps import EmbedderDep, SearcherDep, StateDep, WriterDep
 from service.errors import InvalidRequest, NotFound
 from service.metrics import CONTENT_TYPE
 from service.schemas import (
@@ -18,7 +19,9 @@ from service.schemas import (
     K_DESCRIPTION,
     MIN_QUALITY_DESCRIPTION,
     RERANK_DESCRIPTION,
+    DeleteRequest,
     DimsResponse,
+    DocumentIn,
     EmbeddingRequest,
     EmbeddingResponse,
     ErrorResponse,
@@ -32,7 +35,10 @@ from service.schemas import (
     ReloadResponse,
     SearchRequest,
     SearchResponse,
+    UpsertRequest,
+    WriteResponse,
 )
+from service.settings import ServiceSettings
 
 ERRORS = {
     400: {"model": ErrorResponse, "description": "malformed HTTP, or a request line or headers over the limit"},
@@ -47,9 +53,11 @@ ERRORS = {
 
 search_router = APIRouter(tags=["search"], responses=ERRORS)  # the app adds the key check
 # What a server without an index (embeddings only) answers 404 no_index, and leaves out of its OpenAPI schema.
-INDEX_PATHS = frozenset({"/search", "/dims", "/info", "/plans", "/admin/reload"})
+WRITE_PATHS = frozenset({"/documents", "/documents/{doc_id}", "/documents/delete"})
+INDEX_PATHS = frozenset({"/search", "/dims", "/info", "/plans", "/admin/reload"}) | WRITE_PATHS
 admin_router = APIRouter(tags=["admin"], responses=ERRORS)
 ops_router = APIRouter(tags=["operations"])
+documents_router = APIRouter(tags=["documents"], responses=ERRORS)
 
 
 def label_dim(request: Request, dim: int | None) -> None:
@@ -204,3 +212,62 @@ async def readyz(state: StateDep) -> ReadyResponse:
 async def metrics(state: StateDep) -> Response:
     """All `mrl_*` metrics of this process in the Prometheus text format."""
     return Response(state.metrics.exposition(), media_type=CONTENT_TYPE)
+
+
+# --- documents: a writable server ------------------------------------------------------------
+
+DELETE_IDS_PER_DOCUMENT = 16  # a delete by ids carries no text: it may name 16 times max_write_documents ids
+WRITE_ERRORS = {
+    403: {"model": ErrorResponse, "description": "writes are off, or the key may search but not write"},
+    507: {"model": ErrorResponse, "description": "the write could not be logged (a full disk); nothing was applied"},
+}
+
+
+def check_documents(documents: list[DocumentIn], settings: ServiceSettings) -> list[Document]:
+    """The request's documents as the index reads them; 422 beyond the server's limits or for a repeated id."""
+    if len(documents) > settings.max_write_documents:
+        raise InvalidRequest(f"{len(documents)} documents in one write; at most {settings.max_write_documents}")
+    seen: set[str] = set()
+    for number, document in enumerate(documents):
+        if len(document.text) > settings.max_document_chars:
+            raise InvalidRequest(
+                f"documents[{number}] ({document.id!r}): {len(document.text)} characters of text; "
+                f"at most {settings.max_document_chars}"
+            )
+        if not document.text.strip():
+            raise InvalidRequest(f"documents[{number}] ({document.id!r}): the text is blank")
+        if document.id in seen:
+            raise InvalidRequest(f"documents[{number}]: the id {document.id!r} is given twice in this write")
+        seen.add(document.id)
+    return [Document(d.id, d.text, d.title, dict(d.metadata)) for d in documents]
+
+
+@documents_router.post(
+    "/documents", response_model=WriteResponse, responses=WRITE_ERRORS, summary="Add or replace documents"
+)
+async def upsert_documents(state: StateDep, writer: WriterDep, body: UpsertRequest) -> WriteResponse:
+    """Chunk, encode and write `documents`; a known id replaces that document and all its passages. Answered once
+    the write is in the write-ahead log on disk, and searchable on this server from then on."""
+    documents = check_documents(body.documents, state.settings)
+    return WriteResponse.of(await writer.upsert(documents))
+
+
+@documents_router.delete(
+    "/documents/{doc_id:path}", response_model=WriteResponse, responses=WRITE_ERRORS, summary="Delete a document"
+)
+async def delete_document(writer: WriterDep, doc_id: str) -> WriteResponse:
+    """Delete one document and all its passages (an unknown id is reported in `not_found`)."""
+    return WriteResponse.of(await writer.delete([doc_id]))
+
+
+@documents_router.post(
+    "/documents/delete", response_model=WriteResponse, responses=WRITE_ERRORS, summary="Delete documents"
+)
+async def delete_documents(state: StateDep, writer: WriterDep, body: DeleteRequest) -> WriteResponse:
+    """Delete documents by `ids`, or every document whose metadata match `filter`."""
+    if body.ids is not None:
+        most = state.settings.max_write_documents * DELETE_IDS_PER_DOCUMENT
+        if len(body.ids) > most:
+            raise InvalidRequest(f"{len(body.ids)} ids in one delete; at most {most}")
+        return WriteResponse.of(await writer.delete(list(dict.fromkeys(body.ids))))
+    return WriteResponse.of(await writer.delete_where(body.filter or {}))

@@ -402,3 +402,81 @@ class ReloadResponse(BaseModel):
     @classmethod
     def of(cls, outcome: ReloadOutcome) -> ReloadResponse:
         return cls.model_validate(outcome, from_attributes=True)
+
+
+# --- documents (a writable server) ------------------------------------------------------------
+
+
+class DocumentIn(BaseModel):
+    """One document to write: chunked and encoded as ``mrl index build`` would."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=512, description="the document's id; a known id is replaced")
+    text: str = Field(min_length=1, description="the document's text (the server's max_document_chars at most)")
+    title: str = Field("", max_length=2000, description="encoded in front of every passage, returned with hits")
+    metadata: dict[str, Any] = Field(default_factory=dict, description="returned with hits; filters can name it")
+
+
+class UpsertRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={
+            "examples": [
+                {
+                    "documents": [
+                        {
+                            "id": "leaflet-17",
+                            "title": "Gout",
+                            "text": "Gout causes sudden pain…",
+                            "metadata": {"topic": "Gout"},
+                        }
+                    ]
+                }
+            ]  # fmt: skip
+        },
+    )
+
+    documents: list[DocumentIn] = Field(
+        min_length=1, description="the documents to add or replace (the server's max_write_documents at most)"
+    )
+
+
+class DeleteRequest(BaseModel):
+    """The documents to delete: by id, or every document a filter matches."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"examples": [{"ids": ["leaflet-17"]}]})
+
+    ids: list[str] | None = Field(None, min_length=1, description="document ids (unknown ones are reported)")
+    filter: dict[str, Any] | None = Field(None, description=FILTER_DESCRIPTION, json_schema_extra=FILTER_SCHEMA)
+
+    @model_validator(mode="after")
+    def _one_of_ids_or_filter(self) -> DeleteRequest:
+        if (self.ids is None) == (self.filter is None):
+            raise ValueError("give exactly one of 'ids' (a list of document ids) or 'filter' (a metadata filter)")
+        return self
+
+
+class WriteResponse(BaseModel):
+    """What a write did; it is in the write-ahead log and searchable on this server when this is answered."""
+
+    seq: int | None = Field(description="the write's place in the log (null: nothing changed)")
+    documents: list[str] = Field(description="the documents written or deleted")
+    passages: int = Field(description="passages written (upsert) or removed (delete)")
+    replaced: list[str] = Field(description="documents an upsert replaced")
+    not_found: list[str] = Field(description="ids a delete did not find")
+    index_version: str = Field(description="the version the writes are on top of")
+    unmerged_passages: int = Field(description="written passages not yet compacted into a version")
+
+    @classmethod
+    def of(cls, written: Any) -> WriteResponse:
+        result = written.result
+        return cls(
+            seq=result.seq,
+            documents=list(result.documents),
+            passages=result.passages,
+            replaced=list(result.replaced),
+            not_found=list(result.not_found),
+            index_version=written.version,
+            unmerged_passages=written.unmerged_passages,
+        )

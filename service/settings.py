@@ -116,6 +116,24 @@ class ServiceSettings(BaseSettings):
         "Bearer (prefer MRL_API_KEY to the flag: flags show in `ps`)",
     )
     public_docs: bool = Field(False, description="with an API key: still serve /docs and /openapi.json without it")
+    writable: bool = Field(
+        False,
+        description="take document writes over HTTP (POST /documents, DELETE /documents/{id}, POST "
+        "/documents/delete); one writable server per folder index",
+    )
+    write_key: SecretStr | None = Field(
+        None,
+        description="the key writes need (X-API-Key or Authorization: Bearer) when keys are used; it also searches",
+        json_schema_extra={"cli": False},
+    )
+    max_write_documents: int = Field(64, gt=0, description="most documents in one write request")
+    max_document_chars: int = Field(200_000, gt=0, description="longest document text a write may carry, in characters")
+    compact_max_unmerged: int = Field(
+        20_000, gt=0, description="compact a written folder index once this many passages are not yet in a version"
+    )
+    compact_max_age_s: float = Field(
+        900.0, gt=0, description="or once its oldest unmerged write is this many seconds old"
+    )
     max_body_bytes: int = Field(
         2 * 1024 * 1024, gt=0, description="largest request body; larger ones get 413 before they are read"
     )
@@ -175,6 +193,8 @@ class ServiceSettings(BaseSettings):
             self.locator()
         except ConfigError as exc:
             raise ValueError(str(exc)) from None
+        if self.writable and self.api_key is not None and self.write_key is None:
+            raise ValueError("writable with an api_key needs a write_key (MRL_WRITE_KEY): writes take their own key")
         return self
 
     @property

@@ -69,6 +69,9 @@ def test_get_search_at_every_dim(client, dim: int):
         "title": "Leaflet 0",
         "text": "advice about fever at home",
         "metadata": {"topic": "fever"},
+        "doc_id": "d0",
+        "start": 0,
+        "end": 26,
     }
 
 
