@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
@@ -136,6 +137,7 @@ class Searcher:
             raise
         await searcher.embedder.start()
         if writer is not None:
+            writer.on_compacted = searcher._compacted
             writer.start(searcher._compacted)
         searcher._lease_refresher = asyncio.create_task(searcher._refresh_leases(), name="mrl-lease-refresher")
         logger.info(
@@ -241,7 +243,15 @@ class Searcher:
             encoder_warning=warning,
             metadata_fields=dict(self.metadata_fields),
             passages=manifest.chunking,
+            writes=self._write_counts(),
         )
+
+    def _write_counts(self) -> dict[str, Any] | None:
+        if self.writer is None:
+            return None
+        counts = dataclasses.asdict(self.writer.live.counts())
+        counts.pop("version", None)
+        return counts
 
     # --- search -------------------------------------------------------------------------
     async def search(

@@ -137,6 +137,7 @@ class IndexInfo:
     encoder_warning: str | None = None
     metadata_fields: dict[str, str] = field(default_factory=dict)  # filterable metadata: name -> type
     passages: dict[str, Any] | None = None  # index.chunking.ChunkReport of the version (None: not recorded)
+    writes: dict[str, Any] | None = None  # a writable server's index.live.LiveCounts
 
 
 @dataclass

@@ -9,7 +9,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from core.data import Document
 from service.deps import EmbedderDep, SearcherDep, StateDep, WriterDep
-from service.errors import InvalidRequest, NotFound
+from service.errors import InvalidRequest, NotFound, WriteFailed
 from service.metrics import CONTENT_TYPE
 from service.schemas import (
     BUDGET_DESCRIPTION,
@@ -19,6 +19,7 @@ from service.schemas import (
     K_DESCRIPTION,
     MIN_QUALITY_DESCRIPTION,
     RERANK_DESCRIPTION,
+    CompactResponse,
     DeleteRequest,
     DimsResponse,
     DocumentIn,
@@ -53,7 +54,7 @@ ERRORS = {
 
 search_router = APIRouter(tags=["search"], responses=ERRORS)  # the app adds the key check
 # What a server without an index (embeddings only) answers 404 no_index, and leaves out of its OpenAPI schema.
-WRITE_PATHS = frozenset({"/documents", "/documents/{doc_id}", "/documents/delete"})
+WRITE_PATHS = frozenset({"/documents", "/documents/{doc_id}", "/documents/delete", "/admin/compact"})
 INDEX_PATHS = frozenset({"/search", "/dims", "/info", "/plans", "/admin/reload"}) | WRITE_PATHS
 admin_router = APIRouter(tags=["admin"], responses=ERRORS)
 ops_router = APIRouter(tags=["operations"])
@@ -271,3 +272,17 @@ async def delete_documents(state: StateDep, writer: WriterDep, body: DeleteReque
             raise InvalidRequest(f"{len(body.ids)} ids in one delete; at most {most}")
         return WriteResponse.of(await writer.delete(list(dict.fromkeys(body.ids))))
     return WriteResponse.of(await writer.delete_where(body.filter or {}))
+
+
+@documents_router.post(
+    "/admin/compact", response_model=CompactResponse, responses=WRITE_ERRORS, summary="Compact the written documents"
+)
+async def compact(writer: WriterDep) -> CompactResponse:
+    """Fold the write-ahead log into a new index version now (the server also does it on its own, past
+    `compact_max_unmerged` passages or `compact_max_age_s`); writes and searches go on meanwhile."""
+    before = writer.live.manifest.version
+    version = await writer.compact(writer.on_compacted)
+    if version is None:
+        raise WriteFailed("the compaction failed (the server log says why); every write is still in the log")
+    unmerged = writer.live.counts().unmerged_passages
+    return CompactResponse(previous_version=before, version=version, unmerged_passages=unmerged)

@@ -325,6 +325,11 @@ class DimsResponse(BaseModel):
     passages: dict[str, Any] | None = Field(
         None, description="how documents became passages: size, overlap, documents, passages, split, over_window"
     )
+    writes: dict[str, Any] | None = Field(
+        None,
+        description="a writable server's live corpus: documents, passages, unmerged_passages, tombstones, "
+        "wal_bytes, last_seq (null when the server takes no writes)",
+    )
 
     @classmethod
     def of(cls, info: IndexInfo) -> DimsResponse:
@@ -480,3 +485,9 @@ class WriteResponse(BaseModel):
             index_version=written.version,
             unmerged_passages=written.unmerged_passages,
         )
+
+
+class CompactResponse(BaseModel):
+    previous_version: str
+    version: str = Field(description="the version that now holds every write (the same when there was nothing to fold)")
+    unmerged_passages: int = Field(description="passages written while it ran, not yet in a version")

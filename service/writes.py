@@ -60,6 +60,7 @@ class DocumentWriter:
         self.chunking = ChunkSettings(report.size if report else None, report.overlap if report else 32)
         self.window = model_window(model)
         self._lock = asyncio.Lock()
+        self.on_compacted = None  # what the searcher does after a compaction (set once it serves)
         self._compactor: asyncio.Task | None = None
         self._failed_at: float | None = None
 
