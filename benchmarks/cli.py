@@ -15,6 +15,7 @@ from benchmarks.recipes import add_recipes_parser
 from benchmarks.scaling import add_scaling_parser
 from benchmarks.search_quality import add_two_stage_parser
 from benchmarks.strategies import add_strategies_parser
+from benchmarks.writes import add_writes_parser
 
 
 def add_bench_parser(commands: argparse._SubParsersAction) -> None:
@@ -33,3 +34,4 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     add_strategies_parser(actions)
     add_backends_parser(actions)
     add_passages_parser(actions)
+    add_writes_parser(actions)

@@ -18,6 +18,7 @@ import pytest
 from service.app import create_app
 from service.settings import ServiceSettings
 from tests.helpers.docs import ROOT, examples
+from tests.helpers.sample import copy_index
 from tests.helpers.servers import serve_process
 
 MKDOCS = [sys.executable, "-m", "mkdocs", "build", "--strict"]  # not --quiet: it hides the warnings --strict counts
@@ -80,8 +81,10 @@ def test_there_are_examples_to_run():
 
 @pytest.fixture(scope="module")
 def demo_server(sample_index: Path, tmp_path_factory: pytest.TempPathFactory):
-    log = tmp_path_factory.mktemp("docs-server") / "server.log"
-    with serve_process(log, index=sample_index, device="cpu") as server:
+    """The demo: the bundled sample, served writable (the writing examples write into a copy of it)."""
+    folder = tmp_path_factory.mktemp("docs-server")
+    root = copy_index(sample_index, folder / "index")
+    with serve_process(folder / "server.log", index=root, device="cpu", writable=True) as server:
         yield server
 
 

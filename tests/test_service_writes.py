@@ -165,3 +165,29 @@ def test_the_schema_has_the_documents_endpoints(root: Path):
         schema = httpx.get(f"{server.url}/openapi.json").json()
     assert {"/documents", "/documents/{doc_id}", "/documents/delete"} <= set(schema["paths"])
     assert schema["paths"]["/documents"]["post"]["operationId"] == "upsert_documents"
+
+
+def test_the_client_writes_deletes_and_compacts(root: Path):
+    from mrl_client import AsyncMrlClient, MrlAPIError, MrlClient
+
+    with live_server(settings(root, write_key="w")) as server:
+        with MrlClient(server.url, api_key="w") as client:
+            written = client.upsert([{"id": "c1", "text": "allergy and stress", "metadata": {"topic": "new"}}])
+            assert written.documents == ["c1"] and written.seq == 1
+            assert client.search("allergy stress", dim=8, k=1).hits[0].doc_id == "c1"
+            assert client.dims().model_extra["writes"]["unmerged_passages"] == 1
+            assert client.delete(filter={"topic": "new"}).documents == ["c1"]
+            compacted = client.compact()
+            assert compacted.version != compacted.previous_version and compacted.unmerged_passages == 0
+        with MrlClient(server.url) as anonymous, pytest.raises(MrlAPIError) as refused:
+            anonymous.upsert([{"id": "c2", "text": "fever"}])
+        assert refused.value.status == 401
+
+        async def asynchronous() -> list[str]:
+            async with AsyncMrlClient(server.url, api_key="w") as client:
+                await client.upsert([{"id": "c3", "text": "sleep and diet"}])
+                return (await client.delete(["c3", "nope"])).not_found
+
+        import asyncio
+
+        assert asyncio.run(asynchronous()) == ["nope"]

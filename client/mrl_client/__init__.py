@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from mrl_client.client import AsyncMrlClient, MrlAPIError, MrlClient
 from mrl_client.models import (
+    CompactResponse,
     Dim,
     DimsResponse,
     Hit,
@@ -16,10 +17,12 @@ from mrl_client.models import (
     ReloadResponse,
     SearchResponse,
     Timings,
+    WriteResponse,
 )
 
 __all__ = [
     "AsyncMrlClient",
+    "CompactResponse",
     "Dim",
     "DimsResponse",
     "Hit",
@@ -34,4 +37,5 @@ __all__ = [
     "ReloadResponse",
     "SearchResponse",
     "Timings",
+    "WriteResponse",
 ]

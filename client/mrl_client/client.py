@@ -8,13 +8,21 @@ from __future__ import annotations
 
 import base64
 import struct
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from mrl_client.models import DimsResponse, ModelsResponse, PlansResponse, ReloadResponse, SearchResponse
+from mrl_client.models import (
+    CompactResponse,
+    DimsResponse,
+    ModelsResponse,
+    PlansResponse,
+    ReloadResponse,
+    SearchResponse,
+    WriteResponse,
+)
 
 DEFAULT_TIMEOUT_S = 30.0
 
@@ -54,6 +62,16 @@ def _search_call(
 # What the embeddings endpoint takes: a text, texts, or token ids of the served model's tokenizer (one text's
 # ids, or a list of them), as vLLM takes them.
 EmbeddingInput = str | Sequence[str] | Sequence[int] | Sequence[Sequence[int]]
+
+
+def _upsert_call(documents: Sequence[Mapping[str, Any]]) -> _Call:
+    return _Call("POST", "/documents", body={"documents": [dict(document) for document in documents]})
+
+
+def _delete_call(ids: Sequence[str] | None, filter: Mapping[str, Any] | None) -> _Call:  # noqa: A002
+    if (ids is None) == (filter is None):
+        raise ValueError("give ids or filter, not both")
+    return _Call("POST", "/documents/delete", body={"ids": list(ids)} if ids is not None else {"filter": dict(filter)})
 
 
 def _embed_input(texts: EmbeddingInput) -> str | list[Any]:
@@ -139,6 +157,19 @@ class MrlClient:
         """
         return _vectors(self._send(_embed_call(texts, dimensions, input_type)))
 
+    def upsert(self, documents: Sequence[Mapping[str, Any]]) -> WriteResponse:
+        """Add or replace documents (``{"id", "text", "title"?, "metadata"?}``) on a writable server; durable and
+        searchable there once this returns. Needs the write key when the server uses keys."""
+        return WriteResponse.model_validate(self._send(_upsert_call(documents)))
+
+    def delete(self, ids: Sequence[str] | None = None, *, filter: Mapping[str, Any] | None = None) -> WriteResponse:  # noqa: A002
+        """Delete documents by id, or every document whose metadata match ``filter``."""
+        return WriteResponse.model_validate(self._send(_delete_call(ids, filter)))
+
+    def compact(self) -> CompactResponse:
+        """Fold the server's written documents into a new index version now."""
+        return CompactResponse.model_validate(self._send(_Call("POST", "/admin/compact")))
+
     def dims(self) -> DimsResponse:
         return DimsResponse.model_validate(self._send(_Call("GET", "/dims")))
 
@@ -193,6 +224,20 @@ class AsyncMrlClient:
         self, texts: EmbeddingInput, *, dimensions: int | None = None, input_type: str = "document"
     ) -> list[list[float]]:
         return _vectors(await self._send(_embed_call(texts, dimensions, input_type)))
+
+    async def upsert(self, documents: Sequence[Mapping[str, Any]]) -> WriteResponse:
+        return WriteResponse.model_validate(await self._send(_upsert_call(documents)))
+
+    async def delete(
+        self,
+        ids: Sequence[str] | None = None,
+        *,
+        filter: Mapping[str, Any] | None = None,  # noqa: A002
+    ) -> WriteResponse:
+        return WriteResponse.model_validate(await self._send(_delete_call(ids, filter)))
+
+    async def compact(self) -> CompactResponse:
+        return CompactResponse.model_validate(await self._send(_Call("POST", "/admin/compact")))
 
     async def dims(self) -> DimsResponse:
         return DimsResponse.model_validate(await self._send(_Call("GET", "/dims")))

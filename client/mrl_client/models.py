@@ -119,3 +119,21 @@ class ReloadResponse(_Answer):
     previous_version: str
     version: str
     changed: bool
+
+
+class WriteResponse(_Answer):
+    """What a write did; it is durable (in the server's write-ahead log) and searchable there when returned."""
+
+    seq: int | None = None
+    documents: list[str] = Field(default_factory=list)
+    passages: int = 0
+    replaced: list[str] = Field(default_factory=list)
+    not_found: list[str] = Field(default_factory=list)
+    index_version: str = ""
+    unmerged_passages: int = 0
+
+
+class CompactResponse(_Answer):
+    previous_version: str
+    version: str
+    unmerged_passages: int = 0
