@@ -238,6 +238,8 @@ def run_info(args: argparse.Namespace) -> int:
         if args.check:
             store.open(version, device="cpu", lease=False).close()
         print(info_table(manifest, store.where(version)))
+        if store.locator.engine == "faiss" and not store.is_version_folder:
+            print(unmerged_line(store.locator.path, manifest))
         for other, state in sorted(store.versions().items()):
             if other != version:
                 print(f"version {other}: {state}")
@@ -246,6 +248,24 @@ def run_info(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
+
+
+def unmerged_line(root: Path, manifest) -> str:
+    """What a writable server wrote that is not yet in ``manifest``'s version: its log above the version's seq."""
+    from index.compaction import applied_seq
+    from index.wal import WriteAheadLog
+
+    applied = applied_seq(manifest)
+    wal = WriteAheadLog(root, floor_seq=applied)
+    pending = [record for record in wal.records(applied)]
+    if not pending:
+        return "writes    none unmerged (the write-ahead log holds nothing above this version)"
+    passages = sum(len(record.passages) for record in pending if record.op == "upsert")
+    deletes = sum(len(record.doc_ids) for record in pending if record.op == "delete")
+    return (
+        f"writes    {len(pending)} logged writes not yet compacted ({passages} passages written, {deletes} deletes; "
+        f"log {_mib(wal.size_bytes)}): mrl index compact, or the writable server, folds them in"
+    )
 
 
 def _mib(size: int) -> str:

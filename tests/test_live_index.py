@@ -433,6 +433,8 @@ def test_mrl_index_compact_merges_the_log(root: Path, capsys):
     live = open_live(root)
     expected = written(root, live)
     live.close()
+    assert main(["index", "info", "--index", str(root)]) == 0
+    assert "writes    5 logged writes not yet compacted (" in capsys.readouterr().out
     assert main(["index", "compact", "--index", str(root)]) == 0
     out = capsys.readouterr().out
     assert out.startswith("merged 5 passages and dropped 3 dead rows (write-ahead log up to seq 5) -> ")
@@ -440,7 +442,8 @@ def test_mrl_index_compact_merges_the_log(root: Path, capsys):
     assert main(["index", "compact", "--index", str(root)]) == 0
     assert capsys.readouterr().out.startswith("nothing to compact")
     assert main(["index", "info", "--index", str(root)]) == 0
-    assert "compacted 5 passages at " in capsys.readouterr().out
+    info = capsys.readouterr().out
+    assert "compacted 5 passages at " in info and "writes    none unmerged" in info
 
 
 # --- crashes during compaction --------------------------------------------------------------------
