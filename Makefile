@@ -90,6 +90,7 @@ bench: bench-models $(RUNS)/scifact-index/current
 	$(BIN)/mrl bench peers --index $(RUNS)/scifact-index --data $(DATASETS)/scifact --out $(BENCH)
 	$(BIN)/mrl bench backends --data $(DATASETS)/scifact --out $(BENCH)
 	$(BIN)/mrl bench passages --data $(DATASETS)/medquad_pages --out $(BENCH)
+	$(BIN)/mrl bench writes --index $(RUNS)/scifact-index --data $(DATASETS)/medquad --out $(BENCH)
 	$(MAKE) bench-strategies
 	mkdir -p $(FIGURES)
 	cp $(BENCH)/quality_vs_dim.png $(BENCH)/quality_vs_latency.png $(BENCH)/scaling.png $(BENCH)/backends.png $(BENCH)/peers.png \
