@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import shutil
 import sys
 import tempfile
@@ -29,6 +28,7 @@ import httpx
 import numpy as np
 
 from benchmarks import format_ms, machine_info, markdown_row, utc_now, write_report
+from benchmarks.latency import server_environment
 from core.errors import ConfigError
 from core.files import json_fields
 from core.servers import LOOPBACK, free_port, running_process
@@ -81,7 +81,7 @@ def run_writes(config: WritesConfig) -> dict[str, Any]:
         command = [sys.executable, "-m", "mrl", "serve", "--index", str(root), "--host", LOOPBACK, "--port",
                    str(port), "--writable", "--log-level", "warning", "--compact-max-unmerged", "1000000"]  # fmt: skip
         log = (config.out or Path(scratch)) / "writes-server.log"
-        with running_process(command, port, log, config.ready_timeout_s, _environment()) as base:
+        with running_process(command, port, log, config.ready_timeout_s, server_environment()) as base:
             with httpx.Client(base_url=base, timeout=120, trust_env=False) as client:
                 time_searches(client, queries[:20], config.dim)  # warm-up
                 ingestion = ingest_documents(client, ingest, config.batch, "a")
@@ -143,12 +143,6 @@ def _wire(document, prefix: str) -> dict[str, Any]:
             "metadata": document.metadata}  # fmt: skip
 
 
-def _environment() -> dict[str, str]:
-    env = {name: value for name, value in os.environ.items() if not name.startswith("MRL_")}
-    env.setdefault("TOKENIZERS_PARALLELISM", "false")
-    return env
-
-
 def writes_markdown(report: dict[str, Any]) -> str:
     ingestion, searches = report["ingestion"], report["searches"]
     idle, busy = searches["idle"], searches["under_writes"]
@@ -185,7 +179,9 @@ def add_writes_parser(actions: argparse._SubParsersAction) -> None:
         description="Serve a copy of a folder index writable, ingest documents through POST /documents, then time "
         "searches idle and while a writer streams upserts (one run, side by side).",
     )
-    p.add_argument("--index", type=Path, required=True, help="a folder index (copied: the original is not written)")
+    p.add_argument(
+        "--index", required=True, metavar="LOCATOR", help="a folder index (copied: the original is never written)"
+    )
     p.add_argument("--data", type=Path, required=True, help="documents to write (any format mrl index build reads)")
     p.add_argument("--documents", type=int, default=256, help="documents ingested, and streamed (default: 256)")
     p.add_argument("--batch", type=int, default=16, help="documents per write (default: 16)")
@@ -197,8 +193,12 @@ def add_writes_parser(actions: argparse._SubParsersAction) -> None:
 
 def run_writes_command(args: argparse.Namespace) -> int:
     from core.cli_args import config_fields
+    from index.locator import parse_locator
 
-    config = WritesConfig(**config_fields(args))
+    locator = parse_locator(args.index)
+    if locator.engine != "faiss":
+        raise ConfigError(f"--index: writes are benchmarked on a folder index; {locator} is in {locator.engine}")
+    config = WritesConfig(**{**config_fields(args), "index": locator.path})
     report = run_writes(config)
     write_report(report, config.out, "writes", writes_markdown)
     print(writes_markdown(report), end="")

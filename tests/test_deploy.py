@@ -15,7 +15,9 @@ import pytest
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+import service.engine as engine_module
 from service.settings import ServiceSettings
+from service.writes import DocumentWriter
 from tests.conftest import REPO
 from tests.helpers.deploy import (
     DASHBOARD,
@@ -34,7 +36,7 @@ from tests.helpers.deploy import (
     rules,
     template_queries,
 )
-from tests.helpers.service import build_keyword_index, serve, write_data
+from tests.helpers.service import ServiceKeywordEncoder, build_keyword_index, serve, stand_in_model, write_data
 
 DOCKERFILE = REPO / "Dockerfile"
 COMPOSE = DEPLOY / "docker-compose.yml"
@@ -45,20 +47,29 @@ MRL_VARIABLE = re.compile(r"\bMRL_([A-Z_]+)\b")
 # --- what the service exposes -------------------------------------------------------------------------
 
 
+def keyword_writer(live, settings, metrics) -> DocumentWriter:
+    """A writable server's document encoder: the keyword encoder (MiniLM's tokenizer chunks)."""
+    return DocumentWriter(live, settings, metrics, stand_in_model(), ServiceKeywordEncoder())
+
+
 @pytest.fixture(scope="module")
 def exposed(tmp_path_factory) -> dict[str, set[str]]:
     """Every series name of a live app's /metrics with its label names, after requests that touch every metric."""
     root = tmp_path_factory.mktemp("deploy") / "index"
     build_keyword_index(write_data(root.parent / "data"), root)
-    with serve(root, query_cache_size=4) as client:
-        for dim in (8, 4):
-            assert client.get("/search", params={"q": "fever", "dim": dim}).status_code == 200
-        assert client.get("/search", params={"q": "fever", "latency_budget_ms": 0.001}).status_code == 200
-        assert client.get("/search", params={"q": "rash", "dim": 2, "rerank_dim": 8}).status_code == 200
-        assert client.post("/v1/embeddings", json={"input": "cough", "dimensions": 4}).status_code == 200
-        assert client.get("/search", params={"q": "fever", "dim": 3}).status_code == 422
-        assert client.post("/admin/reload").status_code == 200
-        text = client.get("/metrics").text
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(engine_module.DocumentWriter, "load", staticmethod(keyword_writer))
+        with serve(root, query_cache_size=4, writable=True) as client:
+            assert client.post("/documents", json={"documents": [{"id": "n", "text": "allergy"}]}).status_code == 200
+            assert client.post("/admin/compact").status_code == 200
+            for dim in (8, 4):
+                assert client.get("/search", params={"q": "fever", "dim": dim}).status_code == 200
+            assert client.get("/search", params={"q": "fever", "latency_budget_ms": 0.001}).status_code == 200
+            assert client.get("/search", params={"q": "rash", "dim": 2, "rerank_dim": 8}).status_code == 200
+            assert client.post("/v1/embeddings", json={"input": "cough", "dimensions": 4}).status_code == 200
+            assert client.get("/search", params={"q": "fever", "dim": 3}).status_code == 422
+            assert client.post("/admin/reload").status_code == 200
+            text = client.get("/metrics").text
     families = list(text_string_to_metric_families(text))
     silent = [family.name for family in families if not family.samples]
     assert not silent, f"no samples for {silent}: make the requests above exercise them too"

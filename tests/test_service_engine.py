@@ -410,7 +410,7 @@ def test_flags_override_environment_settings(monkeypatch, tmp_path: Path):
 def test_every_setting_is_a_flag_generated_from_its_field(monkeypatch, capsys):
     """A setting is one field: its flag, type, help and default come from it (credentials: environment only)."""
     flags = serve_args("--index", "x")
-    environment_only = {"milvus_token", "milvus_user", "milvus_password"}
+    environment_only = {"milvus_token", "milvus_user", "milvus_password", "write_key"}
     assert set(ServiceSettings.model_fields) - set(vars(flags)) == environment_only
     settings = settings_from_args(serve_args("--index", "x", "--rerank-candidates", "4", "--no-onnx-quantize"))
     assert settings.rerank_candidates == 4 and settings.onnx_quantize is False  # rerank_candidates had no flag
