@@ -559,7 +559,9 @@ def _append_version(
         where = store.where(current.location)
         raise IndexFolderError(f"{where}: built with another model than {model_name or old.model.name!r}")
     documents, _ = read_documents(data, fields)
-    existing = current.store.ids()
+    rows = current.rows()  # not only 0 .. num_vectors - 1: a version in Milvus may have taken live writes
+    kept = current.store.get(rows)
+    existing = {document.doc_id for document in kept}
     clashes = [d.id for d in documents if d.id in existing]
     if clashes:
         raise DataError(data, f"{len(clashes)} document ids are already indexed (first: {clashes[0]!r})")
@@ -569,8 +571,8 @@ def _append_version(
     started = time.perf_counter()
     added = encode_documents(encoder, documents)
     encode_seconds = time.perf_counter() - started
-    vectors = np.concatenate([np.asarray(current.vectors, dtype=np.float32), added])
-    everything = [*current.store.get(range(old.num_vectors)), *documents]
+    vectors = np.concatenate([np.asarray(current.vectors[rows], dtype=np.float32), added])
+    everything = [*kept, *documents]
     probes = current.probe_queries if current.probe_queries is not None else _sample_rows(vectors, PROBE_QUERIES)
     plans = {dim: IndexPlan(old.indexes[dim].factory, old.indexes[dim].search_params) for dim in old.dims}
 

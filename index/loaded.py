@@ -39,6 +39,9 @@ class LoadedIndex:
     an engine's equivalents (indexed by row arrays, ``get(rows)``); ``health``, where set, raises
     when the engine that holds the version cannot be reached. ``metadata`` is every row's filterable
     metadata, for the indexes that filter by row id (FAISS); an engine that filters itself has none.
+    ``fields_source`` and ``rows_source``, where set, give the metadata fields and the rows as they are now,
+    for a version that live writes change in place (Milvus, :mod:`index.milvus_live`); a None field: the
+    manifest's.
     """
 
     path: Path | None  # the version folder; None for a version kept in an engine
@@ -51,6 +54,8 @@ class LoadedIndex:
     location: str = ""  # the version's name, as its store's current() names it
     health: Callable[[], None] | None = None
     metadata: MetadataTable | None = None
+    fields_source: Callable[[], dict[str, str] | None] | None = None
+    rows_source: Callable[[], np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         if not self.location:
@@ -63,10 +68,20 @@ class LoadedIndex:
     @property
     def metadata_fields(self) -> dict[str, str]:
         """Each metadata field's type (:func:`index.filters.metadata_fields`): the manifest's, or for a folder
-        built before filters, read from its documents."""
+        built before filters, read from its documents; for a version written in place, as writes left them."""
+        fields = self.fields_source() if self.fields_source is not None else None
+        if fields is not None:
+            return dict(fields)
         if self.manifest.metadata_fields or self.metadata is None:
             return dict(self.manifest.metadata_fields)
         return dict(self.metadata.fields)
+
+    def rows(self) -> np.ndarray:
+        """Every row the version holds, sorted: ``0 .. num_vectors - 1``, or those a version written live holds now
+        (what ``mrl index add`` carries into the next version)."""
+        if self.rows_source is not None:
+            return self.rows_source()
+        return np.arange(self.manifest.num_vectors)
 
     def search_filter(self, raw: Any) -> SearchFilter | None:
         """A request's filter, checked against this version's fields, ready for ``search(..., where=)``

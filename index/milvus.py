@@ -35,7 +35,7 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
@@ -45,7 +45,7 @@ import numpy as np
 
 from core.errors import ConfigError
 from index.backends import EngineUnavailable, describe_plan
-from index.filters import FilterError, SearchFilter, filterable_metadata
+from index.filters import Filter, FilterError, SearchFilter, filterable_metadata
 from index.manifest import IndexFolderError
 from index.params import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, IVF_NPROBE, IndexPlan
 
@@ -59,6 +59,7 @@ SEARCH_CONSISTENCY = "Session"  # reads this client's own writes, without waitin
 # 64 MiB per gRPC message by default).
 INSERT_ROWS = 10_000
 INSERT_BYTES = 16 * 2**20
+DELETE_ROWS = 1000  # row ids per delete expression
 # Milvus's limits on one search request: queries (nq) and results per query (topk).
 MAX_QUERIES_PER_REQUEST = 1024
 MAX_TOP_K = 16_384
@@ -155,6 +156,23 @@ def reloading(client, collection: str, timeout: float | None, call: Callable[[],
             raise
         client.load_collection(collection, timeout=timeout)
         return call()
+
+
+def session_after(client, source: str, collections: Iterable[str]) -> None:
+    """Make this process's ``Session`` reads of ``collections`` wait for its last write to ``source``.
+
+    pymilvus keeps, per collection, the timestamp of this process's last write there, and a ``Session`` read
+    waits until the server has applied everything up to it. A 2.3.5 server answers a delete without a
+    timestamp, so a read right after a delete could still return the deleted rows (for a time tick, 200 ms).
+    A write to ``source`` made after the deletes returned has a later timestamp from the same clock; recorded
+    for ``collections`` (in pymilvus's own bookkeeping), their ``Session`` reads include the deletes too.
+    """
+    from pymilvus.client import ts_utils
+
+    endpoint = client._get_connection().server_address
+    stamp = ts_utils.get_collection_ts(source, endpoint)
+    for collection in collections if stamp else ():
+        ts_utils.update_collection_ts(collection, stamp, endpoint)
 
 
 def _quiet_client_logs() -> None:
@@ -279,11 +297,12 @@ class MilvusIndex:
         self.timeout = timeout  # seconds per call (None: pymilvus's own)
         self._dim = dim
         self._ntotal = ntotal
+        self._bound: Callable[[], int] | None = None  # see grows_with
 
     # --- use ----------------------------------------------------------------------
     @property
     def ntotal(self) -> int:
-        return self._ntotal
+        return self._ntotal if self._bound is None else max(self._ntotal, self._bound())
 
     @property
     def dim(self) -> int:
@@ -292,6 +311,20 @@ class MilvusIndex:
     def add(self, vectors: np.ndarray, metadata: Sequence[dict[str, Any]] | None = None) -> None:
         """Append rows; their ids continue from :attr:`ntotal`. ``metadata``: each row's (none: ``{}``)."""
         vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
+        self.put(range(self._ntotal, self._ntotal + len(vectors)), vectors, metadata)
+        self._ntotal += len(vectors)
+
+    def put(
+        self,
+        rows: Sequence[int],
+        vectors: np.ndarray,
+        metadata: Sequence[dict[str, Any]] | None = None,
+        *,
+        replace: bool = False,
+    ) -> None:
+        """Write ``vectors`` (already of this dim) as rows ``rows``: inserted, or with ``replace`` upserted (a row
+        id already there is overwritten, so writing the same rows twice leaves them once)."""
+        vectors = np.ascontiguousarray(np.atleast_2d(vectors), dtype=np.float32)
         if vectors.shape[1] != self._dim:
             raise ValueError(f"vectors of dim {vectors.shape[1]} added to {self.collection!r} of dim {self._dim}")
         if metadata is not None and len(metadata) != len(vectors):
@@ -299,22 +332,63 @@ class MilvusIndex:
         kept = [filterable_metadata(m) for m in metadata] if metadata is not None else [{}] * len(vectors)
         row_bytes = 4 * self._dim + max((len(json.dumps(m)) for m in kept), default=0)
         batch = max(1, min(INSERT_ROWS, INSERT_BYTES // row_bytes))
+        write = self._client.upsert if replace else self._client.insert
         for start in range(0, len(vectors), batch):
             chunk = vectors[start : start + batch]
-            rows = [{ROW_FIELD: self._ntotal + i, VECTOR_FIELD: vector} for i, vector in enumerate(chunk)]
+            ids = rows[start : start + batch]
+            entities = [{ROW_FIELD: int(row), VECTOR_FIELD: vector} for row, vector in zip(ids, chunk, strict=True)]
             if self.has_metadata:
-                for row, values in zip(rows, kept[start : start + batch], strict=True):
-                    row[METADATA_FIELD] = values
+                for entity, values in zip(entities, kept[start : start + batch], strict=True):
+                    entity[METADATA_FIELD] = values
             with engine_errors(self.uri, f"inserting into {self.collection!r}"):
-                self._client.insert(self.collection, rows, timeout=self.timeout)
-            self._ntotal += len(chunk)
+                write(self.collection, entities, timeout=self.timeout)
+
+    def remove(self, rows: Sequence[int]) -> None:
+        """Delete rows ``rows`` (ids not there are no error)."""
+        rows = [int(row) for row in rows]
+        for start in range(0, len(rows), DELETE_ROWS):
+            with engine_errors(self.uri, f"deleting from {self.collection!r}"):
+                chunk = rows[start : start + DELETE_ROWS]
+                self._client.delete(self.collection, filter=f"{ROW_FIELD} in {chunk}", timeout=self.timeout)
+
+    def grows_with(self, bound: Callable[[], int]) -> None:
+        """The collection takes live writes (:mod:`index.milvus_live`): ``bound()`` is above every row id written.
+
+        :attr:`ntotal` is then at least ``bound()`` (an upper bound on the rows, not a count), and a search
+        asks Milvus for ``k`` hits whatever the count was at open (rows written since count too).
+        """
+        self._bound = bound
+
+    def matching_rows(self, where: Filter, below: int, consistency: str = SEARCH_CONSISTENCY) -> list[int]:
+        """Every row id under ``below`` whose metadata ``where`` allows, sorted (in ranges of ``MAX_TOP_K`` rows,
+        the most one query returns)."""
+        found: list[int] = []
+        expression = where.milvus_expr(METADATA_FIELD)
+        for start in range(0, below, MAX_TOP_K):
+            ranged = f"({expression}) and ({ROW_FIELD} >= {start}) and ({ROW_FIELD} < {start + MAX_TOP_K})"
+            with engine_errors(self.uri, f"filtering {self.collection!r}"):
+                hits = reloading(
+                    self._client,
+                    self.collection,
+                    self.timeout,
+                    lambda ranged=ranged: self._client.query(
+                        self.collection,
+                        filter=ranged,
+                        output_fields=[ROW_FIELD],
+                        consistency_level=consistency,
+                        timeout=self.timeout,
+                    ),
+                )
+            found.extend(int(hit[ROW_FIELD]) for hit in hits)
+        return sorted(found)
 
     def search(self, queries: np.ndarray, k: int, where: SearchFilter | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` by inner product: ``(scores, row ids)``, each ``(n_queries, min(k, ntotal))``, best first.
 
-        As with FAISS, ``k`` is cut to the row count (at least 1), and a query with fewer hits is
-        padded with score -FLT_MAX and row id -1. With ``where``, Milvus searches only the rows whose
-        metadata its filter allows (the filter's expression over ``METADATA_FIELD``).
+        As with FAISS, ``k`` is cut to the row count (at least 1; not for a collection that takes live
+        writes, see :meth:`grows_with`), and a query with fewer hits is padded with score -FLT_MAX and
+        row id -1. With ``where``, Milvus searches only the rows whose metadata its filter allows (the
+        filter's expression over ``METADATA_FIELD``).
 
         Raises:
             ConfigError: If ``k`` exceeds Milvus's limit of ``MAX_TOP_K`` results per query.
@@ -322,7 +396,8 @@ class MilvusIndex:
             EngineUnavailable: Milvus did not answer (within the timeout).
         """
         queries = np.ascontiguousarray(np.atleast_2d(queries), dtype=np.float32)
-        k = min(k, max(self._ntotal, 1))
+        if self._bound is None:
+            k = min(k, max(self._ntotal, 1))
         if k > MAX_TOP_K:
             raise ConfigError(f"k={k} is above Milvus's limit of {MAX_TOP_K} results per query")
         if where is not None and not self.has_metadata:

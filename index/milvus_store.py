@@ -20,15 +20,12 @@ is dropped too). Old versions are pruned like folders (:mod:`index.layout`): all
 ``keep`` live versions, never the current one, never one that a live server holds a lease on
 (a ``lease/<V>/<host>~<pid>~<tag>`` record, refreshed while it serves).
 
-Documents. A row (a document, or a passage of one) is stored as the JSON array ``[id, title, text, metadata]``
-(a passage cut from a longer document adds ``parent, start, end``), cut into parts
-of at most ``PART_CHARS`` characters (a Milvus VARCHAR holds at most 65,535 bytes; the server
-counts bytes, Milvus Lite characters); part ``p`` of row ``r`` has primary key
-``r * MAX_PARTS + p``. Every part carries the document's full vector, which two-stage search
-fetches by primary key ``r * MAX_PARTS``.
+Documents: :mod:`index.milvus_docs`. Live writes into the current version: :mod:`index.milvus_live`
+(one writer per index, a ``writer`` record; see :class:`WriterRecord`).
 
 Reads of records are at ``Strong`` consistency: a replica that reloads sees the ``current`` the
-build wrote, however little time passed.
+build wrote, however little time passed. (A served version's own record, which live writes change, is
+re-read at ``Session`` every ``RECORD_TTL_S`` seconds: :class:`VersionWatch`.)
 """
 
 from __future__ import annotations
@@ -45,11 +42,13 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from core.data import Document
+from core.errors import MrlError
 from index.backends import Device, EngineUnavailable, VectorIndex
 from index.layout import STALE_STAGING_SECONDS, lease_holder_is_live
 from index.loaded import LoadedIndex
@@ -65,25 +64,33 @@ from index.milvus import (
     check_collection_name,
     engine_errors,
     milvus_layout,
-    reloading,
+)
+from index.milvus_docs import (
+    FETCH_ROWS,
+    KEY_FIELD,
+    MAX_PARTS,
+    MAX_VARCHAR,
+    PART_CHARS,
+    MilvusDocuments,
+    MilvusVectors,
+    docs_schema,
+    part_rows,
+    passage_parts,
+    text_parts,
 )
 from index.params import IndexPlan
 from index.versions import check_openable, prune_old_versions
 
 logger = logging.getLogger(__name__)
 
-KEY_FIELD = "key"
 VALUE_FIELD = "value"
-DOC_FIELD = "doc"
-DOC_ROW_FIELD = "row"
 META_VECTOR_DIM = 2  # Milvus 2.3 needs a vector field in every collection; this one is never searched
-MAX_VARCHAR = 65_535  # bytes (server) or characters (Milvus Lite)
-PART_CHARS = 16_383  # characters per record or document part: at most 4 bytes each in UTF-8, under MAX_VARCHAR
-MAX_PARTS = 4096  # parts per document (about 64 MiB of text)
 INSERT_ROWS = 1000
-FETCH_ROWS = 1000  # primary keys per query expression
 BUILDING, LIVE, PRUNING = "building", "live", "pruning"
 CURRENT_KEY = "current"
+WRITER_KEY = "writer"  # the one process writing into the current version (index.milvus_live)
+WRITER_TTL_S = 60.0  # a writer on another host counts as gone this long after its last heartbeat
+RECORD_TTL_S = 2.0  # a served version re-reads its record (fields, next row) at most this often
 SEALING_THREADS = 8
 PING_TIMEOUT_S = 2.0  # readiness probes of load balancers give up after a few seconds
 
@@ -97,12 +104,68 @@ def _quoted(values: Iterable[str]) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
 
 
-def _parts(text: str) -> list[str]:
-    return [text[start : start + PART_CHARS] for start in range(0, len(text), PART_CHARS)] or [""]
-
-
 def _holder() -> str:
     return f"{socket.gethostname()}~{os.getpid()}~{secrets.token_hex(4)}"
+
+
+class MilvusWriterHeld(MrlError):
+    """Another process writes into this index in Milvus (a writable server); the message names it."""
+
+
+@dataclass(frozen=True)
+class WriterRecord:
+    """The ``writer`` record: who writes into the index's current version (``host~pid~tag``, and when that
+    process started), as what, and its last heartbeat.
+
+    It is gone when its process is (same host: no such pid, or a pid of a process started at another time,
+    as after a container restarts), or ``WRITER_TTL_S`` after its last heartbeat (another host).
+    """
+
+    holder: str
+    version: str
+    role: str
+    at: float
+    started: str | None = None  # the holder's start time (Linux: clock ticks after boot), to tell a reused pid
+
+    @classmethod
+    def mine(cls, version: str, role: str) -> WriterRecord:
+        """This process's record (a new tag each time)."""
+        return cls(_holder(), version, role, time.time(), process_started(os.getpid()))
+
+    @classmethod
+    def parse(cls, raw: str | None) -> WriterRecord | None:
+        if raw is None:
+            return None
+        fields = json.loads(raw)
+        role, started = fields.get("role", "writer"), fields.get("started")
+        return cls(fields["holder"], fields["version"], role, float(fields["at"]), started)
+
+    def to_json(self) -> str:
+        fields = {"holder": self.holder, "version": self.version, "role": self.role, "at": self.at}
+        return json.dumps({**fields, "started": self.started})
+
+    def is_live(self) -> bool:
+        host, pid, _ = self.holder.split("~", 2)
+        if host == socket.gethostname() and pid.isdigit():
+            started = process_started(int(pid))
+            return lease_holder_is_live(host, pid, self.at) and (self.started is None or started == self.started)
+        return time.time() - self.at < WRITER_TTL_S
+
+    def held_message(self, label: str) -> str:
+        """One line: who holds the index's writes, and what to do."""
+        host, pid, _ = self.holder.split("~", 2)
+        return (
+            f"{label}: a {self.role} on {host} (pid {pid}) writes into it (version {self.version}): "
+            "write through its API, or stop it first"
+        )
+
+
+def process_started(pid: int) -> str | None:
+    """When process ``pid`` started (field 22 of ``/proc/PID/stat``); None where that cannot be read."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
 
 
 class MilvusIndexStore:
@@ -137,8 +200,19 @@ class MilvusIndexStore:
         return f"{self.locator} (version {version})"
 
     def writing(self) -> contextlib.AbstractContextManager[None]:
-        """Writers of an index in Milvus do not exclude each other yet: each publishes its own complete version."""
+        """Builds of an index in Milvus do not exclude each other (each publishes its own complete version), but a
+        live writer (:mod:`index.milvus_live`) excludes them all.
+
+        Raises:
+            MilvusWriterHeld: A live writer writes into the current version.
+        """
+        self._check_no_writer()
         return contextlib.nullcontext()
+
+    def _check_no_writer(self) -> None:
+        writer = self.writer()
+        if writer is not None:  # it writes into the current version: a new one would leave its writes behind
+            raise MilvusWriterHeld(writer.held_message(self.label))
 
     def close(self) -> None:
         self.backend.close()
@@ -182,8 +256,10 @@ class MilvusIndexStore:
         return True
 
     def prepare(self) -> None:
-        """Milvus answers, and the index's records exist (an unreachable server fails here, before encoding)."""
+        """Milvus answers, the index's records exist and no live writer holds it (an unreachable server, or a
+        writable server of the index, fails here, before encoding)."""
         self.ensure_meta()
+        self._check_no_writer()
 
     def ensure_meta(self) -> None:
         """Create the meta collection if it is not there yet (two builds may race to create it)."""
@@ -218,19 +294,19 @@ class MilvusIndexStore:
             for start in range(0, len(rows), INSERT_ROWS):
                 self._client.upsert(self.meta, rows[start : start + INSERT_ROWS], timeout=self.backend.timeout)
 
-    def _query(self, expression: str) -> dict[str, str]:
+    def _query(self, expression: str, consistency: str = CONSISTENCY) -> dict[str, str]:
         with engine_errors(self.backend.uri, f"reading records of {self.label}"):
             rows = self._client.query(
                 self.meta,
                 filter=expression,
                 output_fields=[KEY_FIELD, VALUE_FIELD],
-                consistency_level=CONSISTENCY,
+                consistency_level=consistency,
                 timeout=self.backend.timeout,
             )
         return {row[KEY_FIELD]: row[VALUE_FIELD] for row in rows}
 
-    def _get(self, key: str) -> str | None:
-        return self._query(f"{KEY_FIELD} == {json.dumps(key)}").get(key)
+    def _get(self, key: str, consistency: str = CONSISTENCY) -> str | None:
+        return self._query(f"{KEY_FIELD} == {json.dumps(key)}", consistency).get(key)
 
     def _scan(self, prefix: str) -> dict[str, str]:
         return self._query(f"{KEY_FIELD} like {json.dumps(prefix + '%')}")
@@ -245,9 +321,17 @@ class MilvusIndexStore:
         """Every version's record, by version name."""
         return {key.split("/", 1)[1]: json.loads(value) for key, value in self._scan("version/").items()}
 
-    def _record(self, version: str) -> dict[str, Any] | None:
-        raw = self._get(f"version/{version}")
+    def _record(self, version: str, consistency: str = CONSISTENCY) -> dict[str, Any] | None:
+        raw = self._get(f"version/{version}", consistency)
         return None if raw is None else json.loads(raw)
+
+    def writer(self) -> WriterRecord | None:
+        """Who writes into the index now (:mod:`index.milvus_live`), if anyone: a record whose writer is gone
+        counts as no one."""
+        if not self.exists():
+            return None
+        record = WriterRecord.parse(self._get(WRITER_KEY))
+        return record if record is not None and record.is_live() else None
 
     # --- reading ------------------------------------------------------------------------
     def current(self) -> str:
@@ -313,22 +397,29 @@ class MilvusIndexStore:
         held = MilvusLease(self, version) if lease else None  # before opening, so a build cannot prune it meanwhile
         try:
             documents = MilvusDocuments(
-                self, self.docs_collection(version), manifest.model.full_dim, manifest.num_vectors
+                self.backend, self.docs_collection(version), manifest.model.full_dim, manifest.num_vectors
             )
-            if documents.parts != record.get("doc_rows"):
-                raise IndexFolderError(
-                    f"{self.label}: collection {documents.collection!r} holds {documents.parts} document parts, "
-                    f"version {version!r} wrote {record.get('doc_rows')}"
-                )
+            written = _written(record)  # live writes change its row counts: nothing to check them against
+            if not written and documents.parts != record.get("doc_rows"):
+                record = self._record(version) or {}  # unless the first live write began since it was read
+                written = _written(record)
+                if not written:
+                    raise IndexFolderError(
+                        f"{self.label}: collection {documents.collection!r} holds {documents.parts} document "
+                        f"parts, version {version!r} wrote {record.get('doc_rows')}"
+                    )
+            watch = VersionWatch(self, version, record) if documents.writable else None
             indexes: dict[int, VectorIndex] = {}
             for dim in wanted:
                 entry = manifest.indexes[dim]
                 index = self.backend.open_collection(entry.file, IndexPlan(entry.factory, entry.search_params))
-                if (index.ntotal, index.dim) != (manifest.num_vectors, dim):
+                if index.dim != dim or (not written and index.ntotal != manifest.num_vectors):
                     raise IndexFolderError(
                         f"{self.label}: collection {entry.file!r} holds {index.ntotal} vectors of dim {index.dim}, "
                         f"expected {manifest.num_vectors} of dim {dim}"
                     )
+                if watch is not None:
+                    index.grows_with(watch.next_row)
                 indexes[dim] = index
         except BaseException:
             if held is not None:
@@ -344,7 +435,16 @@ class MilvusIndexStore:
             held,
             location=version,
             health=partial(self.check_loaded, needed),
+            fields_source=watch.metadata_fields if watch is not None else None,
+            rows_source=partial(self._stored_rows, version, documents) if watch is not None else None,
         )
+
+    def _stored_rows(self, version: str, documents: MilvusDocuments) -> np.ndarray:
+        """The rows version ``version`` holds now (all it was built with, until live writes change it)."""
+        record = self._record(version) or {}
+        if not _written(record):
+            return np.arange(documents.count)
+        return documents.stored_rows(int(record["next_row"]))
 
     def check_loaded(self, collections: Sequence[str]) -> None:
         """A served version's health: raises :class:`EngineUnavailable` unless Milvus answers within
@@ -370,6 +470,7 @@ class MilvusIndexStore:
     def begin(self, version: str, keep_versions: int = 3, *, device: Device = "auto") -> MilvusVersionWriter:
         """Start writing version ``version``: its record first (state ``building``), after cleaning up killed builds."""
         self.ensure_meta()
+        self._check_no_writer()
         self.remove_abandoned()
         now = time.time()
         record = {"state": BUILDING, "holder": _holder(), "started": now, "heartbeat": now, "collections": []}
@@ -414,7 +515,7 @@ class MilvusIndexStore:
 
     def publish(self, version: str, record: dict[str, Any], manifest: IndexManifest, keep: int) -> None:
         """Write the manifest, mark ``version`` live, make it ``current``, then prune old versions."""
-        parts = _parts(json.dumps(manifest.to_dict()))
+        parts = text_parts(json.dumps(manifest.to_dict()))
         self._put({f"manifest/{version}/{number:05d}": part for number, part in enumerate(parts)})
         record.update(state=LIVE, manifest_parts=len(parts), heartbeat=time.time())
         self._put({f"version/{version}": json.dumps(record)})
@@ -480,30 +581,21 @@ class MilvusVersionWriter:
 
     def write_corpus(self, documents: Sequence[Document], vectors: np.ndarray, probes: np.ndarray) -> None:
         """The documents and their full vectors, into ``NAME_<tag>_docs`` (the probes are not kept)."""
-        from pymilvus import DataType, MilvusClient
-
         collection = self.store.docs_collection(self.version)
         self._claim(collection)
         self._metadata = [document.metadata for document in documents]
         client, uri = self.store._client, self.store.backend.uri
-        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        schema.add_field(KEY_FIELD, DataType.INT64, is_primary=True)
-        schema.add_field(DOC_ROW_FIELD, DataType.INT64)
-        schema.add_field(DOC_FIELD, DataType.VARCHAR, max_length=MAX_VARCHAR)
-        schema.add_field(VECTOR_FIELD, DataType.FLOAT_VECTOR, dim=int(vectors.shape[1]))
         with engine_errors(uri, f"creating {collection!r}"):
-            client.create_collection(collection, schema=schema, consistency_level=CONSISTENCY)
-        rows, count = [], 0
+            client.create_collection(
+                collection, schema=docs_schema(int(vectors.shape[1])), consistency_level=CONSISTENCY
+            )
+        rows, count, seen = [], 0, set()
         for row, (document, vector) in enumerate(zip(documents, np.asarray(vectors, dtype=np.float32), strict=True)):
-            passage = [document.id, document.title, document.text, document.metadata]
-            passage += [document.parent, document.start, document.end] if document.parent is not None else []
-            parts = _parts(json.dumps(passage))
+            parts = passage_parts(document)
             if len(parts) > MAX_PARTS:
                 raise IndexFolderError(f"document {document.id!r} is longer than {MAX_PARTS * PART_CHARS} characters")
-            rows.extend(
-                {KEY_FIELD: row * MAX_PARTS + p, DOC_ROW_FIELD: row, DOC_FIELD: part, VECTOR_FIELD: vector}
-                for p, part in enumerate(parts)
-            )
+            rows.extend(part_rows(row, document, parts, vector, first=document.doc_id not in seen))
+            seen.add(document.doc_id)
             if len(rows) >= INSERT_ROWS:
                 count += self._insert(collection, rows)
                 rows = []
@@ -566,105 +658,39 @@ def layout_bytes(plan: IndexPlan, count: int, dim: int) -> int:
     return count * 4 * dim
 
 
-# --- what a loaded version reads -------------------------------------------------------------
+# --- what a served version holds -------------------------------------------------------------
 
 
-class MilvusDocuments:
-    """A version's documents in ``NAME_<tag>_docs``, read by row (the :class:`~index.store.DocumentStore` interface)."""
-
-    def __init__(self, store: MilvusIndexStore, collection: str, full_dim: int, count: int) -> None:
-        self.store = store
-        self.collection = collection
-        self.full_dim = full_dim
-        self.count = count
-        backend = store.backend
-        with engine_errors(backend.uri, f"opening {collection!r}"):
-            if not store._client.has_collection(collection):
-                raise IndexFolderError(f"Milvus collection {collection!r} does not exist at {backend.uri}")
-            store._client.load_collection(collection)
-        self.parts = backend.count(collection)
-        self._closed = False
-
-    def _query(self, expression: str, fields: list[str], what: str) -> list[dict]:
-        if self._closed:
-            raise IndexFolderError(f"{self.collection}: the document store is closed")
-        backend = self.store.backend
-        client = self.store._client
-        with engine_errors(backend.uri, f"{what} in {self.collection!r}"):
-            return reloading(
-                client,
-                self.collection,
-                backend.timeout,
-                lambda: client.query(
-                    self.collection,
-                    filter=expression,
-                    output_fields=fields,
-                    consistency_level=SEARCH_CONSISTENCY,
-                    timeout=backend.timeout,
-                ),
-            )
-
-    def get(self, rows: Sequence[int]) -> list[Document | None]:
-        """Documents at ``rows``, in the same order; ``None`` for a row that does not exist."""
-        wanted = sorted({int(r) for r in rows if r >= 0})
-        pieces: dict[int, list[tuple[int, str]]] = {}
-        for start in range(0, len(wanted), FETCH_ROWS):
-            chunk = wanted[start : start + FETCH_ROWS]
-            for hit in self._query(f"{DOC_ROW_FIELD} in {chunk}", [KEY_FIELD, DOC_ROW_FIELD, DOC_FIELD], "reading"):
-                pieces.setdefault(int(hit[DOC_ROW_FIELD]), []).append((int(hit[KEY_FIELD]), hit[DOC_FIELD]))
-        found = {}
-        for row, parts in pieces.items():
-            doc_id, title, text, metadata, *place = json.loads("".join(part for _, part in sorted(parts)))
-            found[row] = Document(doc_id, text, title, metadata, *place)  # place: a passage's parent, start, end
-        return [found.get(int(r)) for r in rows]
-
-    def vectors(self, rows: np.ndarray) -> np.ndarray:
-        """Full vectors of ``rows`` (each row at most once, any order), in the order given."""
-        keys = [int(r) * MAX_PARTS for r in rows]
-        found: dict[int, Any] = {}
-        for start in range(0, len(keys), FETCH_ROWS):
-            chunk = keys[start : start + FETCH_ROWS]
-            for hit in self._query(f"{KEY_FIELD} in {chunk}", [KEY_FIELD, VECTOR_FIELD], "fetching vectors"):
-                found[int(hit[KEY_FIELD])] = hit[VECTOR_FIELD]
-        missing = [k // MAX_PARTS for k in keys if k not in found]
-        if missing:
-            raise IndexFolderError(f"{self.collection}: no vectors for rows {missing[:5]}")
-        return np.asarray([found[k] for k in keys], dtype=np.float32).reshape(len(keys), self.full_dim)
-
-    def __len__(self) -> int:
-        return self.count
-
-    def ids(self) -> set[str]:
-        return {doc.doc_id for doc in self.get(range(len(self))) if doc is not None}
-
-    def check_integrity(self) -> None:
-        """Milvus checks its own storage; the part count is checked on open."""
-
-    def close(self) -> None:
-        self._closed = True
+def _written(record: dict[str, Any]) -> bool:
+    """Whether live writes have changed the version (its first one records the next free row)."""
+    return "next_row" in record
 
 
-@dataclass
-class MilvusVectors:
-    """The full vectors of a version, read from Milvus row by row (what two-stage search re-scores with)."""
+class VersionWatch:
+    """A served version's record as it changes under live writes, re-read at most every ``RECORD_TTL_S``
+    seconds (at ``Session``: no wait): the metadata fields written documents brought, and the next free row,
+    reach every replica without a reload."""
 
-    documents: MilvusDocuments
-    count: int
+    def __init__(self, store: MilvusIndexStore, version: str, record: dict[str, Any]) -> None:
+        self.store, self.version, self._record = store, version, record
+        self._read_at = time.monotonic()
 
-    @property
-    def shape(self) -> tuple[int, int]:
-        return (self.count, self.documents.full_dim)
+    def record(self) -> dict[str, Any]:
+        if time.monotonic() - self._read_at >= RECORD_TTL_S:
+            self._read_at = time.monotonic()
+            try:
+                self._record = self.store._record(self.version, SEARCH_CONSISTENCY) or self._record
+            except EngineUnavailable as exc:  # searches say so themselves; keep what was read last
+                logger.warning("cannot re-read the record of %s: %s", self.version, exc)
+        return self._record
 
-    def __len__(self) -> int:
-        return self.count
+    def metadata_fields(self) -> dict[str, str] | None:
+        """The version's fields with those of written documents (None: no write brought any)."""
+        return self.record().get("metadata_fields")
 
-    def __getitem__(self, rows: Any) -> np.ndarray:
-        rows = np.atleast_1d(np.asarray(rows, dtype=np.int64))
-        return self.documents.vectors(rows)
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        vectors = self.documents.vectors(np.arange(self.count))
-        return vectors if dtype is None else vectors.astype(dtype)
+    def next_row(self) -> int:
+        """Above every row id written so far (0 before the first write)."""
+        return int(self.record().get("next_row", 0))
 
 
 class MilvusLease:
