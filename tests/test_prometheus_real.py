@@ -30,7 +30,7 @@ from tests.helpers.deploy import (
     rules,
     substitute_grafana_variables,
 )
-from tests.helpers.sample import JUDGED
+from tests.helpers.sample import JUDGED, copy_index
 from tests.helpers.servers import serve_process
 
 pytestmark = [pytest.mark.slow, pytest.mark.prometheus]
@@ -48,9 +48,12 @@ PROMETHEUS_READY_TIMEOUT_S = 60.0
 def test_prometheus_scrapes_the_service_and_answers_dashboard_and_rule_queries(request, tmp_path: Path):
     prometheus_binary = require_tool("prometheus", DEBIAN_PROMETHEUS)
     sample_index = request.getfixturevalue("sample_index")  # after the check: no index is built only to skip
-    # query_cache_size: so that the cache panel has data
+    # query_cache_size: so that the cache panel has data; writable (over a copy): so that the writes row has
+    root = copy_index(sample_index, tmp_path / "index")
     with (
-        serve_process(tmp_path / "service.log", index=sample_index, device="cpu", query_cache_size=64) as service,
+        serve_process(
+            tmp_path / "service.log", index=root, device="cpu", query_cache_size=64, writable=True
+        ) as service,
         running_prometheus(prometheus_binary, service.port, tmp_path) as prometheus,
     ):
         with httpx.Client(base_url=service.base, timeout=30) as http:
@@ -61,10 +64,14 @@ def test_prometheus_scrapes_the_service_and_answers_dashboard_and_rule_queries(r
             missed_budget(http)
             assert http.get("/search", params={"q": "x", "dim": 3}).status_code == 422
             wait_until(lambda: scraped_dims(prometheus) >= set(DIMS), "Prometheus to scrape both dims")
-            for _ in range(SEARCHES_PER_DIM):
+            for number in range(SEARCHES_PER_DIM):
                 for dim in DIMS:
                     search(http, dim)
                 missed_budget(http)
+                if number % 10 == 0:
+                    document = {"id": f"note-{number}", "text": f"A note on gout number {number}."}
+                    assert http.post("/documents", json={"documents": [document]}).status_code == 200
+            assert http.post("/admin/compact").status_code == 200
 
         medians = wait_until(lambda: finite_by_dim(query(prometheus, MEDIAN_BY_DIM)), "a median per dim")
         assert all(0 < seconds < 10 for seconds in medians.values()), medians
