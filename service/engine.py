@@ -28,6 +28,7 @@ from index.layout import LEASE_TTL_SECONDS
 from index.live import open_live
 from index.loaded import LoadedIndex
 from index.manifest import IndexFolderError, IndexManifest
+from index.milvus_live import open_milvus_live
 from index.plans import TRAINING_REPORT, JudgedQueries, Plan, evaluate_plans, plans_from_report
 from index.search import staged_search
 from index.stores import IndexStore
@@ -566,9 +567,15 @@ def _load_writable(
         LiveLockHeld: Another process writes the index. IndexFolderError: Not a folder index root, or another model.
     """
     locator = settings.locator()
-    if locator.engine != "faiss":
-        raise ConfigurationError(f"writable serves a folder index; {locator} is kept in {locator.engine}")
-    live = open_live(locator.path, device=settings.device, keep_versions=WRITABLE_KEEP_VERSIONS)
+    if locator.engine == "faiss":
+        live = open_live(locator.path, device=settings.device, keep_versions=WRITABLE_KEEP_VERSIONS)
+    else:  # Milvus: writes go into the live version's collections, where every replica sees them
+        loaded = source.open(source.current(), device=settings.device)
+        try:
+            live = open_milvus_live(source, loaded)
+        except BaseException:
+            loaded.close()
+            raise
     try:
         loaded_encoder = load(settings, live.manifest)
         if loaded_encoder.fingerprint != live.manifest.model.fingerprint:

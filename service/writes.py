@@ -20,11 +20,12 @@ from typing import Any
 from core.data import Document
 from core.errors import MrlError
 from core.models import Encoder, SentenceTransformerEncoder, load_model, model_fingerprint
+from index.backends import EngineUnavailable
 from index.chunking import ChunkReport, ChunkSettings, chunk_documents, model_window
 from index.filters import FilterError
 from index.live import InvalidWrite, LiveIndex, WriteResult
 from index.manifest import IndexFolderError, IndexWriteError
-from service.errors import InvalidRequest, WriteFailed
+from service.errors import InvalidRequest, NotReady, WriteFailed
 from service.metrics import ServiceMetrics
 from service.settings import ServiceSettings
 
@@ -32,6 +33,7 @@ logger = logging.getLogger(__name__)
 
 COMPACT_CHECK_S = 5.0  # how often the background task asks whether to compact
 COMPACT_BACKOFF_S = 60.0  # after a failed compaction
+ENGINE_WRITE_DOWN = "the index engine did not answer; retry the write (it is applied whole or not at all)"
 
 
 @dataclass(frozen=True)
@@ -47,7 +49,7 @@ class DocumentWriter:
     """The write path of one writable server: the live index, the document encoder, compaction."""
 
     def __init__(
-        self, live: LiveIndex, settings: ServiceSettings, metrics: ServiceMetrics, model: Any, encoder: Encoder
+        self, live: LiveIndex | Any, settings: ServiceSettings, metrics: ServiceMetrics, model: Any, encoder: Encoder
     ) -> None:
         """``model``: what chunking reads of the model (tokenizer, window, prompts); ``encoder``: its documents."""
         self.live = live
@@ -124,6 +126,10 @@ class DocumentWriter:
                 self.metrics.writes.labels(operation=operation, outcome="failed").inc()
                 logger.error("write not logged: %s", exc)
                 raise WriteFailed(f"the write could not be logged ({exc}); nothing of it was applied") from None
+            except EngineUnavailable as exc:  # Milvus did not answer: the writer finishes or undoes it next time
+                self.metrics.writes.labels(operation=operation, outcome="failed").inc()
+                logger.warning("write failed: %s", exc)
+                raise NotReady(ENGINE_WRITE_DOWN) from None
             self.metrics.writes.labels(operation=operation, outcome="written").inc()
             self.metrics.write_seconds.labels(operation=operation).observe(time.perf_counter() - started)
             return Written(result, self.live.manifest.version, self._observe_counts())

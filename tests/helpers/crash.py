@@ -25,7 +25,9 @@ def unique_text(rng: random.Random, number: int) -> str:
     return f"note {number}: " + " ".join(rng.choice(words) for _ in range(12)) + f" marker{number}x{rng.random()}"
 
 
-def kill_while_writing(server: ServeProcess, rng: random.Random, state: WriteState) -> None:
+def kill_while_writing(
+    server: ServeProcess, rng: random.Random, state: WriteState, within_s: tuple[float, float] = (0.2, 1.2)
+) -> None:
     """Write until a timer kills ``server`` with SIGKILL at a random moment (often mid-request)."""
     stop = threading.Event()
 
@@ -33,7 +35,7 @@ def kill_while_writing(server: ServeProcess, rng: random.Random, state: WriteSta
         stop.set()
         os.kill(server.process.pid, signal.SIGKILL)
 
-    killer = threading.Timer(rng.uniform(0.2, 1.2), kill)
+    killer = threading.Timer(rng.uniform(*within_s), kill)
     killer.start()
     while not stop.is_set():
         state.write(server, rng)
