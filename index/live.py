@@ -18,9 +18,10 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -88,7 +89,34 @@ class _Writes:
     delta_passage: dict[str, int] = field(default_factory=dict)  # live delta row per passage id
 
 
-class LiveIndex:
+class ViewSearches:
+    """One-call searches over a live index's :meth:`view` (a folder's :class:`LiveIndex`, Milvus's ``MilvusLive``)."""
+
+    def view(self) -> AbstractContextManager[Any]:
+        raise NotImplementedError
+
+    def search(
+        self,
+        queries: np.ndarray,
+        dim: int,
+        k: int,
+        rerank_dim: int | None = None,
+        candidates: int = 10,
+        where: Filter | SearchFilter | None = None,
+        group: bool = False,
+    ) -> tuple[StagedHits, list[list[Document | None]]]:
+        """The view's ``search`` on the current state, with each query's hits as passages."""
+        with self.view() as view:
+            hits = view.search(queries, dim, k, rerank_dim, candidates, where, group)
+            return hits, [view.documents(rows) for rows in hits.rows]
+
+    def documents(self, rows: Sequence[int]) -> list[Document | None]:
+        """The passages at ``rows`` of the current state (see :meth:`view` for rows of an earlier search)."""
+        with self.view() as view:
+            return view.documents(rows)
+
+
+class LiveIndex(ViewSearches):
     """A base version plus an overlay of logged writes; searches see one consistent state, writes are serialised.
 
     Build it with :func:`open_live`. Search and resolve rows within one :meth:`view` (row numbers change
@@ -140,26 +168,6 @@ class LiveIndex:
             yield LiveView(hold.loaded, overlay, catalog, None if thread_safe else self._search_lock)
         finally:
             self._release(hold)
-
-    def search(
-        self,
-        queries: np.ndarray,
-        dim: int,
-        k: int,
-        rerank_dim: int | None = None,
-        candidates: int = 10,
-        where: Filter | SearchFilter | None = None,
-        group: bool = False,
-    ) -> tuple[StagedHits, list[list[Document | None]]]:
-        """:meth:`LiveView.search` on the current state, with each query's hits as passages."""
-        with self.view() as view:
-            hits = view.search(queries, dim, k, rerank_dim, candidates, where, group)
-            return hits, [view.documents(rows) for rows in hits.rows]
-
-    def documents(self, rows: Sequence[int]) -> list[Document | None]:
-        """The passages at ``rows`` of the current state (see :meth:`view` for rows of an earlier search)."""
-        with self.view() as view:
-            return view.documents(rows)
 
     def counts(self) -> LiveCounts:
         with self._write_lock:

@@ -70,8 +70,8 @@ from core.data import Document
 from core.errors import ConfigError
 from core.matryoshka import truncate_normalize
 from index.backends import EngineUnavailable
-from index.filters import Filter, SearchFilter, metadata_fields, milvus_string, parse_filter
-from index.live import InvalidWrite, LiveCounts, WriteResult
+from index.filters import Filter, metadata_fields, milvus_string, parse_filter
+from index.live import InvalidWrite, LiveCounts, ViewSearches, WriteResult
 from index.loaded import LoadedIndex
 from index.manifest import IndexFolderError, IndexManifest
 from index.milvus import (
@@ -103,7 +103,6 @@ from index.milvus_store import BUILDING, WRITER_KEY, MilvusIndexStore, MilvusWri
 from index.milvus_view import MilvusLiveView
 from index.overlay import merged_fields
 from index.params import IndexPlan
-from index.search import StagedHits
 from index.wal import SERVER_ROLE
 
 logger = logging.getLogger(__name__)
@@ -127,7 +126,7 @@ class _Found:
         return sorted(key for keys in self.keys.values() for key in keys)
 
 
-class MilvusLive:
+class MilvusLive(ViewSearches):
     """The one writer of an index in Milvus, writing into its current version; searches see every write.
 
     Build it with :func:`open_milvus_live`; it owns the loaded version from then on (:meth:`close` closes it).
@@ -186,25 +185,6 @@ class MilvusLive:
             raise IndexFolderError(f"{self.store.label}: the live index is closed")
         smallest = self._dims[min(self.loaded.indexes)].collection
         yield MilvusLiveView(self.loaded, dict(self._fields), self._next_row, self._consistency(smallest))
-
-    def search(
-        self,
-        queries: np.ndarray,
-        dim: int,
-        k: int,
-        rerank_dim: int | None = None,
-        candidates: int = 10,
-        where: Filter | SearchFilter | None = None,
-        group: bool = False,
-    ) -> tuple[StagedHits, list[list[Document | None]]]:
-        """:meth:`MilvusLiveView.search`, with each query's hits as passages."""
-        with self.view() as view:
-            hits = view.search(queries, dim, k, rerank_dim, candidates, where, group)
-            return hits, [view.documents(rows) for rows in hits.rows]
-
-    def documents(self, rows: Sequence[int]) -> list[Document | None]:
-        with self.view() as view:
-            return view.documents(rows)
 
     def counts(self) -> LiveCounts:
         """Live documents and passages, counted at ``Strong``; nothing is ever unmerged, tombstoned or logged here."""
