@@ -89,6 +89,26 @@ class _Writes:
     delta_passage: dict[str, int] = field(default_factory=dict)  # live delta row per passage id
 
 
+def checked_upsert(passages: list[Document], vectors: np.ndarray, full_dim: int) -> np.ndarray:
+    """``vectors`` as float32, if ``passages`` and they make an upsert any live index can take.
+
+    Raises:
+        InvalidWrite: No passages, vectors of another shape or not finite, passage ids empty or repeated.
+    """
+    if not passages or not all(isinstance(passage, Document) for passage in passages):
+        raise InvalidWrite("an upsert takes a non-empty list of passages (Document objects)")
+    vectors = np.asarray(vectors, dtype=np.float32)
+    expected = (len(passages), full_dim)
+    if vectors.shape != expected:
+        raise InvalidWrite(f"{len(passages)} passages need vectors of shape {expected}, got {vectors.shape}")
+    if not np.isfinite(vectors).all():
+        raise InvalidWrite("vectors hold NaN or infinite values")
+    ids = [passage.id for passage in passages]
+    if len(set(ids)) != len(ids) or not all(isinstance(i, str) and i for i in ids):
+        raise InvalidWrite("passage ids must be non-empty strings, each used once")
+    return vectors
+
+
 class ViewSearches:
     """One-call searches over a live index's :meth:`view` (a folder's :class:`LiveIndex`, Milvus's ``MilvusLive``)."""
 
@@ -185,6 +205,11 @@ class LiveIndex(ViewSearches):
                 applied_seq=self._applied,
             )
 
+    def unmerged(self) -> tuple[int, int]:
+        """Live passages not yet in a version, and the log's size in bytes: cheap, for every write's answer."""
+        overlay = self._overlay
+        return overlay.count - int(overlay.delta_dead.sum()), self.wal.size_bytes
+
     def should_compact(self, max_unmerged: int, max_age_s: float) -> bool:
         """Whether enough is waiting: ``max_unmerged`` delta rows and tombstoned base rows, or a write older than
         ``max_age_s`` seconds not yet in a version."""
@@ -235,17 +260,7 @@ class LiveIndex(ViewSearches):
             return WriteResult(seq, found, removed, not_found=missing)
 
     def _check_upsert(self, passages: list[Document], vectors: np.ndarray) -> np.ndarray:
-        if not passages or not all(isinstance(passage, Document) for passage in passages):
-            raise InvalidWrite("an upsert takes a non-empty list of passages (Document objects)")
-        vectors = np.asarray(vectors, dtype=np.float32)
-        expected = (len(passages), self.manifest.model.full_dim)
-        if vectors.shape != expected:
-            raise InvalidWrite(f"{len(passages)} passages need vectors of shape {expected}, got {vectors.shape}")
-        if not np.isfinite(vectors).all():
-            raise InvalidWrite("vectors hold NaN or infinite values")
-        ids = [passage.id for passage in passages]
-        if len(set(ids)) != len(ids) or not all(isinstance(i, str) and i for i in ids):
-            raise InvalidWrite("passage ids must be non-empty strings, each used once")
+        vectors = checked_upsert(passages, vectors, self.manifest.model.full_dim)
         try:
             json.dumps([[passage.title, passage.text, passage.metadata] for passage in passages])
         except (TypeError, ValueError) as exc:

@@ -71,7 +71,7 @@ from core.errors import ConfigError
 from core.matryoshka import truncate_normalize
 from index.backends import EngineUnavailable
 from index.filters import Filter, metadata_fields, milvus_string, parse_filter
-from index.live import InvalidWrite, LiveCounts, ViewSearches, WriteResult
+from index.live import InvalidWrite, LiveCounts, ViewSearches, WriteResult, checked_upsert
 from index.loaded import LoadedIndex
 from index.manifest import IndexFolderError, IndexManifest
 from index.milvus import (
@@ -186,6 +186,10 @@ class MilvusLive(ViewSearches):
         smallest = self._dims[min(self.loaded.indexes)].collection
         yield MilvusLiveView(self.loaded, dict(self._fields), self._next_row, self._consistency(smallest))
 
+    def unmerged(self) -> tuple[int, int]:
+        """Nothing waits for a compaction in Milvus, and there is no log of our own: ``(0, 0)``."""
+        return 0, 0
+
     def counts(self) -> LiveCounts:
         """Live documents and passages, counted at ``Strong``; nothing is ever unmerged, tombstoned or logged here."""
         hits = self._docs.query(f"{FIRST_FIELD} == true", ["count(*)"], "counting documents", CONSISTENCY)
@@ -267,17 +271,8 @@ class MilvusLive(ViewSearches):
 
     def _checked(self, passages: list[Document], vectors: np.ndarray) -> tuple[np.ndarray, list[list[str]]]:
         """``vectors`` as float32 and each passage's stored parts, if the upsert can be written."""
-        if not passages or not all(isinstance(passage, Document) for passage in passages):
-            raise InvalidWrite("an upsert takes a non-empty list of passages (Document objects)")
-        vectors = np.asarray(vectors, dtype=np.float32)
-        expected = (len(passages), self.manifest.model.full_dim)
-        if vectors.shape != expected:
-            raise InvalidWrite(f"{len(passages)} passages need vectors of shape {expected}, got {vectors.shape}")
-        if not np.isfinite(vectors).all():
-            raise InvalidWrite("vectors hold NaN or infinite values")
+        vectors = checked_upsert(passages, vectors, self.manifest.model.full_dim)
         ids = [passage.id for passage in passages]
-        if len(set(ids)) != len(ids) or not all(isinstance(i, str) and i for i in ids):
-            raise InvalidWrite("passage ids must be non-empty strings, each used once")
         if not all(isinstance(p.doc_id, str) and p.doc_id and len(p.doc_id) <= MAX_ID_CHARS for p in passages):
             raise InvalidWrite(f"document ids must be non-empty strings of at most {MAX_ID_CHARS} characters")
         if any(len(i) > MAX_ID_CHARS for i in ids):

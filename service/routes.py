@@ -284,5 +284,5 @@ async def compact(writer: WriterDep) -> CompactResponse:
     version = await writer.compact(writer.on_compacted)
     if version is None:
         raise WriteFailed("the compaction failed (the server log says why); every write is still in the log")
-    unmerged = writer.live.counts().unmerged_passages
+    unmerged, _ = writer.live.unmerged()
     return CompactResponse(previous_version=before, version=version, unmerged_passages=unmerged)

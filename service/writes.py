@@ -135,10 +135,11 @@ class DocumentWriter:
             return Written(result, self.live.manifest.version, self._observe_counts())
 
     def _observe_counts(self) -> int:
-        counts = self.live.counts()
-        self.metrics.unmerged_passages.set(counts.unmerged_passages)
-        self.metrics.wal_bytes.set(counts.wal_bytes)
-        return counts.unmerged_passages
+        """The unmerged passages and the log's size, into the gauges (cheap: no count of the whole corpus)."""
+        unmerged, log_bytes = self.live.unmerged()
+        self.metrics.unmerged_passages.set(unmerged)
+        self.metrics.wal_bytes.set(log_bytes)
+        return unmerged
 
     # --- compaction -----------------------------------------------------------------------
     def start(self, on_compacted) -> None:
