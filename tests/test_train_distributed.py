@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -118,15 +119,54 @@ def test_two_gloo_processes_match_one_process_with_the_same_global_batch(tmp_pat
 
 
 def complete_checkpoints(folder: Path) -> list[Path]:
-    """The checkpoints whose trainer state, the last file the trainer writes into one, is whole."""
+    """The checkpoints whose trainer state (rank 0's last file) is whole and both ranks' RNG files are there."""
     complete = []
     for state in folder.glob("checkpoint-*/trainer_state.json"):
         try:
             json.loads(state.read_text())
         except (OSError, json.JSONDecodeError):
             continue
-        complete.append(state.parent)
-    return sorted(complete)
+        if all((state.parent / f"rng_state_{rank}.pth").is_file() for rank in (0, 1)):
+            complete.append(state.parent)
+    return sorted(complete, key=lambda path: int(path.name.split("-")[1]))
+
+
+def write_checkpoint(folder: Path, ranks: int, cut: str | None = None) -> Path:
+    """A checkpoint folder as the trainer leaves it (trainer state, one RNG file per rank), ``cut`` half written."""
+    import random
+
+    import numpy as np
+    import torch
+
+    folder.mkdir(parents=True)
+    (folder / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "cpu": torch.random.get_rng_state()}
+    for name in [f"rng_state_{rank}.pth" for rank in range(ranks)] if ranks > 1 else ["rng_state.pth"]:
+        torch.save(state, folder / name)
+        if name == cut:
+            data = (folder / name).read_bytes()
+            (folder / name).write_bytes(data[: len(data) // 2])
+    return folder
+
+
+def test_resume_skips_a_checkpoint_the_interruption_cut_short(tmp_path: Path, caplog):
+    from training.train import last_complete_checkpoint
+
+    folder = tmp_path / "stage1"
+    assert last_complete_checkpoint(folder, 2) is None
+    whole = write_checkpoint(folder / "checkpoint-3", ranks=2)
+    write_checkpoint(folder / "checkpoint-6", ranks=2, cut="rng_state_1.pth")  # rank 1 killed mid-write
+    write_checkpoint(folder / "checkpoint-9", ranks=1)  # a one-process run's files: rank 1's is missing
+    (folder / "checkpoint-12").mkdir()  # killed before the trainer state was written
+    (folder / "checkpoint-x").mkdir()  # not a checkpoint name
+    with caplog.at_level("WARNING", logger="training.train"):
+        assert last_complete_checkpoint(folder, 2) == str(whole)
+    assert [message for message in caplog.messages if message.startswith("skipping")] == [
+        "skipping checkpoint-12: trainer_state.json is missing or incomplete (cut short by the interruption)",
+        "skipping checkpoint-9: rng_state_0.pth is missing or incomplete (cut short by the interruption)",
+        "skipping checkpoint-6: rng_state_1.pth is missing or incomplete (cut short by the interruption)",
+    ]
+    assert last_complete_checkpoint(folder, 1) == str(folder / "checkpoint-9")
 
 
 @pytest.mark.slow
@@ -164,13 +204,25 @@ def test_a_killed_two_process_run_resumes_from_its_last_checkpoint(tmp_path: Pat
         run.wait()
     assert running_when_stopped, "the run finished before it could be killed"
     assert not output.exists()
-    first = sorted(checkpoints.glob("checkpoint-*"))
+    first = complete_checkpoints(checkpoints)
     assert first, "no checkpoint was written before the kill"
+    # A later checkpoint the kill cut short, as a kill lands while rank 1 still writes its RNG file after
+    # rank 0 has finished the trainer state: resuming from it failed on rank 1 alone.
+    step = int(first[-1].name.split("-")[1])
+    for later in checkpoints.glob("checkpoint-*"):
+        if int(later.name.split("-")[1]) > step:
+            shutil.rmtree(later)
+    cut = checkpoints / f"checkpoint-{step + 1}"
+    shutil.copytree(first[-1], cut)
+    rng = cut / "rng_state_1.pth"
+    rng.write_bytes(rng.read_bytes()[: rng.stat().st_size // 2])
 
     resumed = subprocess.run(
         [*command, "--resume"], cwd=REPO, env=environment(), capture_output=True, text=True, timeout=600
     )
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    failed = [line for line in resumed.stderr.splitlines() if "[rank1]" in line or "Error" in line]
+    assert resumed.returncode == 0, "\n".join([*failed[-30:], resumed.stderr[-2000:]])
+    assert f"skipping {cut.name}: rng_state_1.pth is missing or incomplete" in resumed.stderr
     assert f"resuming from {first[-1]}" in resumed.stderr
     report = json.loads((output / "training_report.json").read_text())
     assert report["distributed"]["world_size"] == 2

@@ -9,9 +9,11 @@ memory, by embedding mini-batches without graphs first and back-propagating per 
 from __future__ import annotations
 
 import importlib.util
+import json
 import logging
 import platform
 import random
+import re
 import shutil
 import sys
 import time
@@ -185,10 +187,8 @@ def _fit(
         With an evaluator, the validation record of the stage (history, best step), else None; and the
         logged training loss per step (averaged over all processes by the trainer).
     """
-    from transformers.trainer_utils import get_last_checkpoint
-
     trainer = build_trainer(model, pairs, dims, config, checkpoints, epochs, learning_rate, evaluator, launch)
-    last = get_last_checkpoint(str(checkpoints)) if config.resume and checkpoints.is_dir() else None
+    last = last_complete_checkpoint(checkpoints, (launch or Launch()).world_size) if config.resume else None
     if last:
         logger.info("resuming from %s", last)
     trainer.train(resume_from_checkpoint=last)
@@ -207,6 +207,49 @@ def _fit(
         "max_steps": state.max_steps,
         "stopped_early": state.global_step < state.max_steps,
     }, losses
+
+
+def last_complete_checkpoint(folder: Path, world_size: int = 1) -> str | None:
+    """The newest checkpoint an interrupted run wrote whole, skipping any the interruption cut short.
+
+    The trainer writes a checkpoint's files in turn: the model, then (rank 0) the optimizer and scheduler,
+    every rank its own RNG state, and rank 0 the trainer state last. Nothing waits for the other ranks'
+    RNG files, so a kill can leave rank 0's trainer state whole beside another rank's RNG file half
+    written, and resuming from it fails on that rank. A checkpoint counts only when its trainer state
+    parses and every rank's RNG file loads.
+    """
+    if not folder.is_dir():
+        return None
+    numbered = []
+    for path in folder.iterdir():
+        match = re.fullmatch(r"checkpoint-(\d+)", path.name)
+        if match and path.is_dir():
+            numbered.append((int(match.group(1)), path))
+    rng_files = [f"rng_state_{rank}.pth" for rank in range(world_size)] if world_size > 1 else ["rng_state.pth"]
+    for _, path in sorted(numbered, reverse=True):
+        gap = _checkpoint_gap(path, rng_files)
+        if gap is None:
+            return str(path)
+        logger.warning("skipping %s: %s (cut short by the interruption)", path.name, gap)
+    return None
+
+
+def _checkpoint_gap(path: Path, rng_files: list[str]) -> str | None:
+    """What is missing or half written in one checkpoint folder, or None when it is whole."""
+    import torch
+    from transformers.trainer_pt_utils import safe_globals
+
+    try:
+        json.loads((path / "trainer_state.json").read_text())
+    except (OSError, ValueError):
+        return "trainer_state.json is missing or incomplete"
+    for name in rng_files:
+        try:
+            with safe_globals():  # read as the trainer reads it on resume
+                torch.load(path / name, weights_only=True)
+        except Exception:  # noqa: BLE001 - a truncated pickle raises any of several errors
+            return f"{name} is missing or incomplete"
+    return None
 
 
 def _validation_arguments(config: TrainConfig, evaluator: MatryoshkaValidationEvaluator | None) -> dict[str, Any]:
