@@ -41,6 +41,7 @@ from core.models import (
 )
 from core.readers import FieldMap, read_corpus
 from index.backends import Device, VectorIndex
+from index.calibration import DEFAULT_KIND, DEFAULT_QUERIES, KINDS, PseudoQueries, draw_pseudo_queries
 from index.chunking import DEFAULT_OVERLAP, ChunkReport, ChunkSettings, chunk_documents, model_window
 from index.filters import metadata_fields
 from index.layout import (
@@ -55,7 +56,7 @@ from index.manifest import (
     ModelInfo,
 )
 from index.params import IndexPlan, choose_index, search_params_for
-from index.plans import JudgedQueries, evaluate_plans, plans_from_report
+from index.plans import JudgedQueries, plans_from_report, score_plans
 from index.stores import IndexStore, VersionWriter, open_store
 from index.wal import check_not_live
 
@@ -104,6 +105,8 @@ class BuildConfig:
     cache_dir: Path | None = None
     eval_data: Path | None = None  # BEIR folder whose judged queries score every plan (index.plans)
     eval_split: str = "test"
+    calibration: str = DEFAULT_KIND  # pseudo-queries for label-free agreement (index.calibration); "none": skip
+    calibration_queries: int = DEFAULT_QUERIES
     workers: int = 1  # processes that encode the corpus: one per GPU, or CPU processes
     chunk_size: int | None = None  # tokens per passage (index.chunking): None, the model's window; 0, off
     chunk_overlap: int = DEFAULT_OVERLAP
@@ -133,8 +136,12 @@ class BuildConfig:
         return parse_locator(self.index) if self.index is not None else IndexLocator.folder(self.output)
 
     def check(self) -> None:
-        """Raises ConfigError unless the options name one place to write to."""
+        """Raises ConfigError unless the options name one place to write to and a known calibration."""
         self.locator()
+        if self.calibration not in (*KINDS, "none"):
+            raise ConfigError(f"--calibration {self.calibration!r} is not one of {', '.join((*KINDS, 'none'))}")
+        if self.calibration_queries < 1:
+            raise ConfigError(f"--calibration-queries must be at least 1, got {self.calibration_queries}")
 
 
 def read_documents(path: Path, fields: FieldMap | None = None) -> tuple[list[Document], list[str]]:
@@ -190,8 +197,8 @@ def encode_documents(encoder: Encoder, documents: list[Document], cache: Path | 
 
 
 def encode_probes(encoder: Encoder, texts: list[str], cache: Path) -> np.ndarray:
-    """The recall probes (query texts) as vectors, kept in the build's encode cache beside the documents'
-    (the cache folder is already keyed by the model), so a rebuild encodes no probe either."""
+    """Query texts (the recall probes, judged and pseudo-queries) as vectors, kept in the build's encode cache
+    beside the documents' (the cache folder is already keyed by the model), so a rebuild encodes none again."""
     digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
     cached = cache / f"probes_{digest}.npy"
     if cached.is_file():
@@ -316,6 +323,7 @@ def build_index(config: BuildConfig) -> tuple[Path | str, IndexManifest]:
         ModelError: Model cannot be loaded. DimensionError: Dims that do not fit the model.
         EngineUnavailable: Milvus cannot be reached.
     """
+    config.check()
     locator = config.locator()
     chunking = ChunkSettings(config.chunk_size, config.chunk_overlap)
     documents, query_texts = read_documents(config.data, config.fields)
@@ -386,12 +394,15 @@ def _build_into(
         card = read_model_card(config.model) if config.model and Path(config.model).is_dir() else None
         evaluation = (card.extra or {}).get("evaluation") if card else None
         per_vector = {dim: indexes[dim].bytes / max(1, len(vectors)) for dim in dims}
-        if judged is not None:
-            logger.info("scoring every plan on %d judged queries of %s", len(judged.ids), judged.source)
-            queries = encoder.encode_queries(judged.texts)
-            grouped = report.split_documents > 0
-            plans = evaluate_plans(built, vectors, document_ids(documents), queries, judged, per_vector, grouped)
-        else:
+        pseudo = (
+            draw_pseudo_queries(documents, config.calibration_queries, config.calibration)
+            if config.calibration != "none"
+            else None
+        )
+        ids, grouped = document_ids(documents), report.split_documents > 0
+        queries_of = lambda texts: encode_probes(encoder, texts, cache)  # noqa: E731 - cached: a rebuild encodes none
+        plans = score_plans(built, vectors, ids, queries_of, judged, pseudo, per_vector, grouped)
+        if not plans:
             plans = plans_from_report(evaluation, dims, {d: indexes[d].search_ms for d in dims}, per_vector)
         files, checksums = writer.files()
         manifest = IndexManifest(
@@ -409,6 +420,7 @@ def _build_into(
             evaluation=evaluation,
             plans=[plan.to_dict() for plan in plans],
             judged_queries=judged.to_dict() if judged is not None else None,
+            calibration_queries=pseudo.to_dict() if pseudo is not None and pseudo.ids else None,
             chunking=report.to_dict(),
             metadata_fields=metadata_fields(document.metadata for document in documents),
         )
@@ -583,12 +595,17 @@ def _append_version(
         indexes = build_dim_indexes(vectors, probes, old.dims, plans.__getitem__, writer, built)
         manifest = IndexManifest.from_dict(old.to_dict())
         manifest.version, manifest.num_vectors, manifest.indexes = writer.version, len(vectors), indexes
-        if old.judged_queries:  # the plans' quality changes with the corpus: score them again
-            judged = JudgedQueries.from_dict(old.judged_queries)
+        if old.judged_queries or old.calibration_queries:  # the plans' quality changes with the corpus: score again
+            judged = JudgedQueries.from_dict(old.judged_queries) if old.judged_queries else None
+            pseudo = None
+            if old.calibration_queries:  # drawn again, the same way, from the grown corpus
+                drawn = PseudoQueries.from_dict(old.calibration_queries)
+                pseudo = draw_pseudo_queries(everything, len(drawn.ids), drawn.kind, drawn.held_out)
+                manifest.calibration_queries = pseudo.to_dict()
             per_vector = {dim: indexes[dim].bytes / len(vectors) for dim in indexes}
-            queries = encoder.encode_queries(judged.texts)
             grouped = any(passage.parent is not None for passage in everything)
-            scored = evaluate_plans(built, vectors, document_ids(everything), queries, judged, per_vector, grouped)
+            ids = document_ids(everything)
+            scored = score_plans(built, vectors, ids, encoder.encode_queries, judged, pseudo, per_vector, grouped)
             manifest.plans = [plan.to_dict() for plan in scored]
         manifest.chunking = _grown(was, report).to_dict()
         manifest.metadata_fields = metadata_fields(document.metadata for document in everything)

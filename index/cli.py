@@ -69,9 +69,20 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
         type=Path,
         default=None,
         help="BEIR folder whose judged queries score every plan (dim, two-stage) on the new index, for "
-        "quality targets (default: the model's training-report NDCG per dim, single-stage only)",
+        "quality targets (default: label-free agreement with the full dim, see --calibration)",
     )
     build.add_argument("--eval-split", default="test", help="qrels split of --eval-data (default: %(default)s)")
+    build.add_argument(
+        "--calibration",
+        default="random",
+        metavar="KIND",
+        help="without labels, score every plan by its agreement with the full dim on pseudo-queries drawn from "
+        "the corpus: random (a random sentence of a sampled passage), first (its first sentence), title (its "
+        "title); none: skip (default: %(default)s; with --eval-data the agreement is recorded beside NDCG@10)",
+    )
+    build.add_argument(
+        "--calibration-queries", type=int, default=200, help="pseudo-queries to draw (default: %(default)s)"
+    )
     build.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     build.set_defaults(handler=run_build)
 
@@ -190,7 +201,9 @@ def _deprecated(spelling: str, locator: IndexLocator) -> None:
 def run_build(args: argparse.Namespace) -> int:
     from index.build import BuildConfig, build_index
 
-    check_positive(args, ("memory_budget_mb", "batch_size", "keep_versions", "workers"), ("max_seq_length",))
+    check_positive(
+        args, ("memory_budget_mb", "batch_size", "keep_versions", "workers", "calibration_queries"), ("max_seq_length",)
+    )
     locator = locator_from_args(args)
     skip = ("index", "output", "backend", "milvus_uri", "id_field", "text_field", "title_field", "metadata_fields")
     options = {k: v for k, v in config_fields(args).items() if k not in skip}
@@ -307,7 +320,7 @@ def info_table(manifest, folder: Path | str) -> str:
         f"passages  {_chunking_line(manifest)}",
         _storage_line(manifest),
         "",
-        "| dim | index | size | build s | search ms/query | recall@10 | NDCG@10 |",
+        "| dim | index | size | build s | search ms/query | recall@10 | NDCG@10 (training report) |",
         "| ---: | --- | ---: | ---: | ---: | ---: | ---: |",
     ]
     for dim in manifest.dims:
@@ -319,6 +332,10 @@ def info_table(manifest, folder: Path | str) -> str:
             f"| {dim} | {entry.factory} | {_mib(entry.bytes)} | {entry.build_seconds:.2f} | {search} | {recall} "
             f"| {quality} |"
         )
+    if ndcg:
+        from index.plans import report_source
+
+        lines.append(f"NDCG@10 per dim: {report_source(manifest.evaluation)}")
     for event in manifest.history:
         if "compacted" in event:  # index.compaction: a live index's writes merged
             lines.append(f"compacted {event['compacted']} passages at {event['at']} (log seq {event['wal_seq']})")
@@ -328,22 +345,25 @@ def info_table(manifest, folder: Path | str) -> str:
 
 
 def plans_table(manifest) -> list[str]:
-    """The manifest's plans as Markdown rows (none: no lines)."""
-    from index.plans import Plan
+    """The manifest's plans as Markdown rows, under where their quality comes from (none: no lines)."""
+    from index.plans import Plan, quality_source
 
     plans = [Plan.from_dict(raw) for raw in manifest.plans]
     if not plans:
         return []
-    judged = manifest.judged_queries
-    source = f"{len(judged['ids'])} judged queries of {judged['source']}" if judged else "the training report"
-    lines = ["", f"plans, measured on {source}:", ""]
-    lines += ["| plan | dim | re-score | candidates | NDCG@10 | % of full | Recall@10 | search ms | bytes/vector |"]
-    lines += ["| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    _, source = quality_source(manifest, plans)
+    lines = ["", f"plans, quality from {source}:", ""]
+    lines += [
+        "| plan | dim | re-score | candidates | NDCG@10 | agreement@10 | overlap@10 | min_quality figure | search ms "
+        "| bytes/vector |"
+    ]
+    lines += ["| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     for plan in plans:
         lines.append(
             f"| {plan.key} | {plan.dim} | {plan.rerank_dim or '–'} | "
             f"{f'{plan.candidates}× k' if plan.candidates else '–'} | {_value(plan.ndcg_at_10)} | "
-            f"{'–' if plan.ratio is None else f'{100 * plan.ratio:.1f}%'} | {_value(plan.recall_at_10)} | "
+            f"{_value(plan.agreement_at_10)} | {_value(plan.overlap_at_10)} | "
+            f"{'–' if plan.ratio is None else f'{100 * plan.ratio:.1f}%'} | "
             f"{_value(plan.search_ms)} | {plan.bytes_per_vector:g} |"
         )
     return lines

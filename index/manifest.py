@@ -71,6 +71,7 @@ class IndexManifest:
     checksums: dict[str, str] = field(default_factory=dict)  # file name -> "sha256:..." (empty: older builds)
     plans: list[dict[str, Any]] = field(default_factory=list)  # index.plans.Plan.to_dict() of every plan measured
     judged_queries: dict[str, Any] | None = None  # index.plans.JudgedQueries the plans were measured on
+    calibration_queries: dict[str, Any] | None = None  # index.calibration.PseudoQueries of the plans' agreement
     # index.chunking.ChunkReport: how documents became passages (None: built before passages existed)
     chunking: dict[str, Any] | None = None
     # index.filters.metadata_fields of the documents: each metadata key's type (empty: built before filters)

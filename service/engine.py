@@ -23,13 +23,24 @@ from typing import Any
 import numpy as np
 
 from index.backends import EngineUnavailable
+from index.calibration import K, PseudoQueries
 from index.filters import FilterError, SearchFilter, parse_filter
 from index.layout import LEASE_TTL_SECONDS
 from index.live import open_live
 from index.loaded import LoadedIndex
 from index.manifest import IndexFolderError, IndexManifest
 from index.milvus_live import open_milvus_live
-from index.plans import TRAINING_REPORT, JudgedQueries, Plan, evaluate_plans, plans_from_report
+from index.plans import (
+    JUDGED,
+    NOT_MEASURED,
+    TRAINING_REPORT,
+    JudgedQueries,
+    Plan,
+    plans_from_report,
+    quality_source,
+    report_source,
+    score_plans,
+)
 from index.search import staged_search
 from index.stores import IndexStore
 from service.embedder import WARM_UP_QUERY, ConfigurationError, Embedder, EncoderLoader, public_name, served_default
@@ -50,6 +61,7 @@ from service.results import (
     Timings,
 )
 from service.settings import ServiceSettings
+from service.shadow import Sample, ShadowSampler
 from service.slot import IndexSlot
 from service.sources import index_source
 from service.writes import DocumentWriter
@@ -64,8 +76,8 @@ BOTH_GIVEN = (
     "chooses dim, rerank_dim and the candidates for a target"
 )
 NO_QUALITY = (
-    "this index has no measured quality, so min_quality cannot be met; rebuild it with "
-    "`mrl index build --eval-data BEIR_FOLDER` (or from a model whose training report has NDCG per dim)"
+    "this index has no measured quality, so min_quality cannot be met; rebuild it with `mrl index build` (its "
+    "plans are then calibrated on the corpus), or with `--eval-data BEIR_FOLDER` to measure NDCG@10 on judged queries"
 )
 
 
@@ -92,8 +104,8 @@ class Searcher:
         self.encoder = loaded_encoder
         self.metrics = metrics
         self._slot = IndexSlot(index)
-        self._plans = plans or ServedPlans.of(index.manifest)
-        self._live = LiveLatency()
+        self.shadow = ShadowSampler(settings.shadow_fraction, settings.shadow_cpu_budget, self._search_full, metrics)
+        self._set_plans(plans or ServedPlans.of(index.manifest))
         self._default_dim = _default_dim(settings.default_dim, index.manifest)
         self._reload_lock = asyncio.Lock()
         self._search_lock = threading.Lock()  # for indexes that are not thread-safe (GPU)
@@ -137,6 +149,7 @@ class Searcher:
                 await asyncio.to_thread(writer.live.close)
             raise
         await searcher.embedder.start()
+        searcher.shadow.start()
         if writer is not None:
             writer.on_compacted = searcher._compacted
             writer.start(searcher._compacted)
@@ -158,6 +171,7 @@ class Searcher:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._lease_refresher
         await self.embedder.close()
+        await asyncio.to_thread(self.shadow.close)
         if self.writer is not None:
             await self.writer.close()  # the live index, its base and its lock
         self._slot.close()
@@ -210,7 +224,8 @@ class Searcher:
         """Dims served, with cost (index type, bytes, vectors) and measured quality (NDCG@10) of each."""
         manifest = self._slot.current.manifest
         ndcg = _ndcg_by_dim(manifest)
-        measured = {plan.dim: plan.ndcg_at_10 for plan in self._plans.plans if plan.rerank_dim is None}
+        single = {plan.dim: plan for plan in self._plans.plans if plan.rerank_dim is None}
+        judged = {dim: plan.ndcg_at_10 for dim, plan in single.items() if plan.source == JUDGED}
         dims = [
             DimInfo(
                 dim=dim,
@@ -218,9 +233,11 @@ class Searcher:
                 bytes=manifest.indexes[dim].bytes,
                 vectors=manifest.num_vectors,
                 ndcg_at_10=ndcg.get(dim),
+                ndcg_source=report_source(manifest.evaluation) if ndcg.get(dim) is not None else None,
                 recall_at_10=manifest.indexes[dim].recall_at_10,
                 search_ms=manifest.indexes[dim].search_ms,
-                measured_ndcg_at_10=measured.get(dim),
+                measured_ndcg_at_10=judged.get(dim),
+                agreement_at_10=single[dim].agreement_at_10 if dim in single else None,
             )
             for dim in manifest.dims
         ]
@@ -228,7 +245,8 @@ class Searcher:
         warning = None
         if loss is not None and loss > MAX_ENCODER_LOSS:
             warning = (
-                f"the {self.encoder.backend} query encoder loses {100 * loss:.2f}% NDCG@10 at some dim against the "
+                f"the {self.encoder.backend} query encoder loses {100 * loss:.2f}% "
+                f"{'NDCG@10' if self._plans.kind == JUDGED else 'agreement@10'} at some dim against the "
                 f"build's encoder (more than {100 * MAX_ENCODER_LOSS:g}%); /plans has its figures per plan"
             )
         return IndexInfo(
@@ -242,6 +260,8 @@ class Searcher:
             dims=dims,
             encoder_quality_loss=loss,
             encoder_warning=warning,
+            quality_kind=self._plans.kind,
+            quality_source=self._plans.source,
             metadata_fields=dict(self.metadata_fields),
             passages=manifest.chunking,
             writes=self._write_counts(),
@@ -307,7 +327,10 @@ class Searcher:
         )
         self._observe_stages(dim, rerank_dim, encoded - started, search_s, rerank_s)
         self._observe_plan(choice, time.perf_counter() - started, search_s + rerank_s)
-        return SearchResult(dim, rerank_dim, k, version, hits, timings, _plan_used(choice))
+        if self._plans.has(choice.plan.key) and (rerank_dim is not None or dim < max(self.dims)):
+            served = lambda: [[hit.id for hit in query] for query in hits]  # noqa: E731
+            self.shadow.offer(lambda: Sample(choice.plan.key, version, vectors, k, group_by, filter, served()))
+        return SearchResult(dim, rerank_dim, k, version, hits, timings, _plan_used(choice, self._plans))
 
     def _choose(
         self, dim: int | None, rerank_dim: int | None, min_quality: float | None, latency_budget_ms: float | None
@@ -342,20 +365,41 @@ class Searcher:
             self.metrics.plan_requests.labels(plan=key).inc()
 
     def plans(self) -> list[PlanInfo]:
-        """Every plan of the served index with its measured quality and its live latency."""
-        return [
-            PlanInfo(
-                **_plan_fields(plan),
-                ndcg_at_10=plan.ndcg_at_10,
-                recall_at_10=plan.recall_at_10,
-                ratio=plan.ratio,
-                quality_source=self._plans.source,
-                bytes_per_vector=plan.bytes_per_vector,
-                build_search_ms=plan.search_ms,
-                **_latency_fields(self._live.of(plan)),
+        """Every plan of the served index with its quality (and its source), live agreement and live latency."""
+        result = []
+        for plan in self._plans.plans:
+            live, samples = self.shadow.live(plan.key)
+            result.append(
+                PlanInfo(
+                    **_plan_fields(plan),
+                    ndcg_at_10=plan.ndcg_at_10,
+                    recall_at_10=plan.recall_at_10,
+                    ratio=plan.ratio,
+                    quality_kind=self._plans.kind,
+                    quality_source=self._plans.source,
+                    agreement_at_10=plan.agreement_at_10,
+                    overlap_at_10=plan.overlap_at_10,
+                    live_agreement=live,
+                    live_agreement_samples=samples,
+                    bytes_per_vector=plan.bytes_per_vector,
+                    build_search_ms=plan.search_ms,
+                    **_latency_fields(self._live.of(plan)),
+                )
             )
-            for plan in self._plans.plans
-        ]
+        return result
+
+    def _set_plans(self, plans: ServedPlans) -> None:
+        """Serve ``plans``: fresh live latency and live agreement, and their build-time agreement published."""
+        self._plans, self._live = plans, LiveLatency()
+        self.shadow.reset()
+        self.metrics.set_plans({p.key: p.agreement_at_10 for p in plans.plans if p.agreement_at_10 is not None})
+
+    def _search_full(self, sample: Sample) -> tuple[str, list[list[str]]]:
+        """The shadow's reference: the sample's queries searched at the full dim, single-stage, as a request would."""
+        full = max(self.dims)
+        version, hits, _, _ = self._search_sync(sample.vectors, full, min(sample.k, K), None, 1, sample.group_by,
+                                                sample.filter)  # fmt: skip
+        return version, [[hit.id for hit in query] for query in hits]
 
     def _check_dims(self, index: LoadedIndex, dim: int | None, rerank_dim: int | None) -> int:
         if dim is None:  # two-stage search shortlists at the smallest dim unless told otherwise
@@ -428,7 +472,7 @@ class Searcher:
         if base is None or base.manifest.version != version:
             return
         self._slot.swap(Borrowed(base))
-        self._plans = ServedPlans.of(base.manifest)
+        self._set_plans(ServedPlans.of(base.manifest))
         self.metrics.set_index(_index_sizes(base))
         self._publish_serving(base)
 
@@ -519,7 +563,7 @@ class Searcher:
                 index.close()
                 raise self._refused(previous, exc) from exc
             self._default_dim, self.embedder.served = default_dim, served
-            self._plans, self._live = plans, LiveLatency()
+            self._set_plans(plans)
             self._slot.swap(index)
             self.metrics.set_index(_index_sizes(index))
             self._publish_serving(index)
@@ -630,10 +674,11 @@ def _ndcg_by_dim(manifest: IndexManifest) -> dict[int, float]:
 class ServedPlans:
     """The plans of the served index, scored for the served query encoder where it is not the build's."""
 
-    def __init__(self, plans: list[Plan], source: str, encoder_loss: float | None = None) -> None:
+    def __init__(self, plans: list[Plan], kind: str, source: str, encoder_loss: float | None = None) -> None:
         self.plans = plans
-        self.source = source  # how their quality was measured
-        self.encoder_loss = encoder_loss  # the served encoder's largest NDCG@10 loss against the build's, if scored
+        self.kind = kind  # index.plans.SOURCES: judged, agreement, training report, not measured
+        self.source = source  # where their quality comes from, in words
+        self.encoder_loss = encoder_loss  # the served encoder's largest quality loss against the build's, if scored
         self._keys = {plan.key for plan in plans}
 
     def has(self, key: str) -> bool:
@@ -641,48 +686,58 @@ class ServedPlans:
 
     @classmethod
     def of(cls, manifest: IndexManifest) -> ServedPlans:
-        """The manifest's plans; without any, one unmeasured single-stage plan per dim."""
+        """The manifest's plans; without any, the training report's, or one unmeasured plan per dim."""
         plans = [Plan.from_dict(raw) for raw in manifest.plans]
-        if plans:
-            judged = manifest.judged_queries
-            on = f" on {len(judged['ids'])} judged queries of {judged['source']}" if judged else ""
-            source = plans[0].source + on
-            return cls(plans, source)
-        per_vector = {dim: entry.bytes / max(1, manifest.num_vectors) for dim, entry in manifest.indexes.items()}
-        search_ms = {dim: entry.search_ms for dim, entry in manifest.indexes.items()}
-        reported = plans_from_report(manifest.evaluation, manifest.dims, search_ms, per_vector)
-        if reported:  # built before plans were measured, from a model with a training report
-            return cls(reported, TRAINING_REPORT)
-        unmeasured = [Plan(dim, search_ms=manifest.indexes[dim].search_ms, bytes_per_vector=round(per_vector[dim], 2))
-                      for dim in sorted(manifest.dims, reverse=True)]  # fmt: skip
-        return cls(unmeasured, "not measured")
+        if not plans:
+            per_vector = {dim: entry.bytes / max(1, manifest.num_vectors) for dim, entry in manifest.indexes.items()}
+            search_ms = {dim: entry.search_ms for dim, entry in manifest.indexes.items()}
+            plans = plans_from_report(manifest.evaluation, manifest.dims, search_ms, per_vector) or [
+                Plan(dim, search_ms=search_ms[dim], bytes_per_vector=round(per_vector[dim], 2), source=NOT_MEASURED)
+                for dim in sorted(manifest.dims, reverse=True)
+            ]
+        return cls(plans, *quality_source(manifest, plans))
 
 
 def served_plans(index: LoadedIndex, loaded_encoder: LoadedEncoder) -> ServedPlans:
-    """The index's plans; with judged queries and a query encoder other than torch, scored again with its vectors."""
+    """The index's plans; with judged or pseudo-queries and a query encoder other than torch, scored again with
+    its vectors (the served encoder's quality, not the build's)."""
     built = ServedPlans.of(index.manifest)
-    raw = index.manifest.judged_queries
-    if loaded_encoder.backend == "torch" or raw is None:
+    manifest = index.manifest
+    if loaded_encoder.backend == "torch" or not (manifest.judged_queries or manifest.calibration_queries):
         return built
-    judged = JudgedQueries.from_dict(raw)
-    queries = loaded_encoder.encoder.encode_queries(judged.texts)
-    ids = lambda rows: [doc.id if doc is not None else "" for doc in index.store.get(rows)]  # noqa: E731
+    judged = JudgedQueries.from_dict(manifest.judged_queries) if manifest.judged_queries else None
+    pseudo = PseudoQueries.from_dict(manifest.calibration_queries) if manifest.calibration_queries else None
+    ids = lambda rows: [doc.doc_id if doc is not None else "" for doc in index.store.get(rows)]  # noqa: E731
     per_vector = {plan.dim: plan.bytes_per_vector for plan in built.plans if plan.rerank_dim is None}
-    plans = evaluate_plans(index.indexes, index.vectors, ids, queries, judged, per_vector)
-    by_key = {plan.key: plan for plan in built.plans if plan.rerank_dim is None and plan.ndcg_at_10}
-    losses = [1 - p.ndcg_at_10 / by_key[p.key].ndcg_at_10 for p in plans if p.key in by_key and p.ndcg_at_10]
+    grouped = bool((manifest.chunking or {}).get("split_documents"))
+    plans = score_plans(
+        index.indexes, index.vectors, ids, loaded_encoder.encoder.encode_queries, judged, pseudo, per_vector, grouped
+    )
+    by_key = {plan.key: _quality(plan) for plan in built.plans if plan.rerank_dim is None and _quality(plan)}
+    losses = [1 - _quality(p) / by_key[p.key] for p in plans if p.key in by_key and _quality(p) is not None]
     loss = round(max(losses), 5) if losses else None
-    logger.info("plans scored again with the %s query encoder: largest NDCG@10 loss %s", loaded_encoder.backend, loss)
-    return ServedPlans(plans, f"measured with the {loaded_encoder.backend} query encoder on {judged.source}", loss)
+    logger.info("plans scored again with the %s query encoder: largest quality loss %s", loaded_encoder.backend, loss)
+    kind, source = quality_source(manifest, plans)
+    return ServedPlans(plans, kind, f"{source}, queries encoded by the served {loaded_encoder.backend} encoder", loss)
 
 
-def _plan_used(choice: Choice) -> PlanUsed:
+def _quality(plan: Plan) -> float | None:
+    """A plan's own quality figure: NDCG@10 where judged, else its agreement."""
+    return plan.ndcg_at_10 if plan.ndcg_at_10 is not None else plan.agreement_at_10
+
+
+def _plan_used(choice: Choice, plans: ServedPlans) -> PlanUsed:
     plan = choice.plan
+    reason = choice.reason
+    if plans.kind == TRAINING_REPORT and "quality" in reason:  # a quality figure from another dataset
+        reason += f"; its quality is from {plans.source}"
     return PlanUsed(
         **_plan_fields(plan),
         expected_ndcg_at_10=plan.ndcg_at_10,
         expected_ratio=plan.ratio,
-        reason=choice.reason,
+        quality_kind=plans.kind,
+        quality_source=plans.source,
+        reason=reason,
         targets_missed=list(choice.missed),
         **(_latency_fields(choice.latency) if choice.latency else {}),
     )

@@ -24,6 +24,7 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST
 PREFIX = "mrl"
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+AGREEMENT_BUCKETS = (0.3, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95, 0.98, 0.999)
 NO_DIM = "none"
 NO_INDEX = "none"  # the index and version of mrl_serving_info when the model is served for embeddings only
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -102,6 +103,26 @@ class ServiceMetrics:
             ["target"],
             registry=reg,
         )
+        self.plan_agreement = Histogram(
+            f"{PREFIX}_plan_agreement",
+            "Live agreement@10 of a reduced plan's hits with a full-dim search of the same sampled query (1: same "
+            "hits in the same order)",
+            ["plan"],
+            buckets=AGREEMENT_BUCKETS,
+            registry=reg,
+        )
+        self.plan_build_agreement = Gauge(
+            f"{PREFIX}_plan_build_agreement",
+            "A plan's agreement@10 with the full dim measured at build time (pseudo-queries from the corpus)",
+            ["plan"],
+            registry=reg,
+        )
+        self.shadow_samples = Counter(
+            f"{PREFIX}_shadow_samples",
+            "Sampled searches by outcome: compared, dropped_queue, dropped_budget, dropped_reloaded, failed",
+            ["outcome"],
+            registry=reg,
+        )
         self.reloads = Counter(f"{PREFIX}_index_reloads", "Index reloads, by outcome", ["outcome"], registry=reg)
         self.queued_texts = Gauge(f"{PREFIX}_encode_queue_texts", "Texts waiting for the encoder", registry=reg)
         self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "Requests being answered now", registry=reg)
@@ -140,6 +161,12 @@ class ServiceMetrics:
         for dim, (vectors, size) in sizes.items():
             self.index_vectors.labels(dim=str(dim)).set(vectors)
             self.index_bytes.labels(dim=str(dim)).set(size)
+
+    def set_plans(self, build_agreement: dict[str, float]) -> None:
+        """Publish the served plans' build-time agreement (plans without one have no series)."""
+        self.plan_build_agreement.clear()
+        for plan, value in build_agreement.items():
+            self.plan_build_agreement.labels(plan=plan).set(value)
 
     def set_serving(self, model: str, fingerprint: str, index: str, version: str) -> None:
         """Publish what is served now (one series: the previous version's goes)."""

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from index.plans import Plan
+from index.plans import AGREEMENT, Plan
 
 WINDOW = 200  # recent requests per plan whose latency is kept
 MIN_SAMPLES = 20  # requests of a plan before its live latency replaces the estimate
@@ -126,5 +126,8 @@ def _pct(ratio: float | None) -> str:
 
 
 def _of(plan: Plan) -> str:
-    measured = f"{_pct(plan.ratio)} of full" if plan.ratio is not None else "quality not measured"
-    return f"plan {plan.key}: {measured}"
+    if plan.ratio is None:
+        return f"plan {plan.key}: quality not measured"
+    if plan.source == AGREEMENT:
+        return f"plan {plan.key}: agreement@10 {_pct(plan.ratio)} with the full dim"
+    return f"plan {plan.key}: {_pct(plan.ratio)} of full"

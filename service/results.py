@@ -45,6 +45,8 @@ class PlanUsed:
     candidates: int | None
     expected_ndcg_at_10: float | None
     expected_ratio: float | None
+    quality_kind: str
+    quality_source: str
     reason: str
     targets_missed: list[str] = field(default_factory=list)
     p50_ms: float | None = None
@@ -64,7 +66,12 @@ class PlanInfo:
     ndcg_at_10: float | None
     recall_at_10: float | None
     ratio: float | None
+    quality_kind: str
     quality_source: str
+    agreement_at_10: float | None
+    overlap_at_10: float | None
+    live_agreement: float | None
+    live_agreement_samples: int
     bytes_per_vector: float
     build_search_ms: float | None
     p50_ms: float
@@ -118,7 +125,9 @@ class DimInfo:
     ndcg_at_10: float | None
     recall_at_10: float | None
     search_ms: float | None
-    measured_ndcg_at_10: float | None = None  # the single-stage plan's, for the served query encoder
+    measured_ndcg_at_10: float | None = None  # the single-stage plan's on judged queries, for the served encoder
+    ndcg_source: str | None = None  # where ndcg_at_10 comes from (the model's training report)
+    agreement_at_10: float | None = None  # the single-stage plan's agreement with the full dim
 
 
 @dataclass
@@ -135,6 +144,8 @@ class IndexInfo:
     dims: list[DimInfo] = field(default_factory=list)
     encoder_quality_loss: float | None = None  # largest NDCG@10 loss of the served encoder against the build's
     encoder_warning: str | None = None
+    quality_kind: str = "not measured"  # index.plans.SOURCES
+    quality_source: str = "not measured"  # in words
     metadata_fields: dict[str, str] = field(default_factory=dict)  # filterable metadata: name -> type
     passages: dict[str, Any] | None = None  # index.chunking.ChunkReport of the version (None: not recorded)
     writes: dict[str, Any] | None = None  # a writable server's index.live.LiveCounts

@@ -18,8 +18,16 @@ RERANK_DESCRIPTION = (
 )
 K_DESCRIPTION = "number of hits per query (1 to the server's max_k, 100 by default)"
 MIN_QUALITY_DESCRIPTION = (
-    "instead of dim: the least NDCG@10 wanted, as a fraction of the full dim's (0.98 = 98%); the service answers "
-    "with the fastest plan measured to reach it (see GET /plans)"
+    "instead of dim: the least quality wanted, 0 to 1; the service answers with the fastest plan measured to reach "
+    "it. What a plan's figure means depends on the index's quality_kind (GET /plans): judged, NDCG@10 on judged "
+    "queries as a fraction of the full dim's (0.98 = 98%); agreement (an index built without judged queries), "
+    "agreement@10 with the full dim's exact ranking on pseudo-queries drawn from the corpus (0.98: nearly the "
+    "same top 10 in the same order); training report, the model's NDCG@10 ratio measured on another dataset"
+)
+QUALITY_KIND_DESCRIPTION = (
+    "where the quality figures come from: judged (NDCG@10 on judged queries, on this index), agreement (label-free: "
+    "agreement@10 with the full dim on pseudo-queries from this corpus), training report (the model's NDCG@10 on "
+    "its own evaluation data, not this index), not measured"
 )
 GROUP_BY_DESCRIPTION = (
     "`document`: the best passage of each of k distinct documents (a long document is indexed as several "
@@ -136,7 +144,12 @@ class PlanUsedModel(BaseModel):
     rerank_dim: int | None
     candidates: int | None = Field(description="two-stage: the shortlist holds k times this many documents")
     expected_ndcg_at_10: float | None = Field(description="measured for this plan (null if not measured)")
-    expected_ratio: float | None = Field(description="that NDCG@10 as a fraction of the full dim's")
+    expected_ratio: float | None = Field(
+        description="the figure min_quality is compared with: NDCG@10 as a fraction of the full dim's, or agreement@10 "
+        "(quality_kind says which)"
+    )
+    quality_kind: str = Field(description=QUALITY_KIND_DESCRIPTION)
+    quality_source: str = Field(description="the same in words: which queries, which dataset")
     reason: str = Field(description="why this plan answered")
     targets_missed: list[str] = Field(description="targets no plan could meet: quality, latency")
     p50_ms: float | None = Field(None, description="the plan's expected whole-request p50")
@@ -293,7 +306,10 @@ def _encode_vector(row: np.ndarray, encoding: str) -> list[float] | str:
 
 class DimModel(BaseModel):
     dim: int
-    ndcg_at_10: float | None = Field(description="NDCG@10 measured for the model at this dim (null if not measured)")
+    ndcg_at_10: float | None = Field(
+        description="NDCG@10 of the model at this dim from its training report, on its own evaluation data "
+        "(ndcg_source; null if none)"
+    )
     index_type: str = Field(description="FAISS factory string", examples=["Flat"])
     bytes: int = Field(description="size of this dim's index file")
     vectors: int
@@ -301,6 +317,10 @@ class DimModel(BaseModel):
     search_ms: float | None = Field(description="one query, k=10, measured at build time")
     measured_ndcg_at_10: float | None = Field(
         None, description="NDCG@10 of this dim's plan on the index's judged queries, with the served query encoder"
+    )
+    ndcg_source: str | None = Field(None, description="where ndcg_at_10 comes from: the model's training report")
+    agreement_at_10: float | None = Field(
+        None, description="this dim's agreement@10 with the full dim on pseudo-queries from the corpus"
     )
 
 
@@ -317,6 +337,8 @@ class DimsResponse(BaseModel):
         None, description="largest NDCG@10 loss of the served query encoder against the build's, at any dim"
     )
     encoder_warning: str | None = Field(None, description="set when that loss is over 0.5%")
+    quality_kind: str = Field("not measured", description=QUALITY_KIND_DESCRIPTION)
+    quality_source: str = Field("not measured", description="the plans' quality source in words")
     metadata_fields: dict[str, str] = Field(
         default_factory=dict,
         description="the document metadata a filter may name, with its type (string, number, bool; list, object "
@@ -343,8 +365,22 @@ class PlanModel(BaseModel):
     candidates: int | None
     ndcg_at_10: float | None
     recall_at_10: float | None
-    ratio: float | None = Field(description="NDCG@10 as a fraction of the full dim's")
-    quality_source: str
+    ratio: float | None = Field(
+        description="the figure min_quality is compared with: NDCG@10 as a fraction of the full dim's (judged, "
+        "training report), or agreement@10 (agreement)"
+    )
+    quality_kind: str = Field(description=QUALITY_KIND_DESCRIPTION)
+    quality_source: str = Field(description="the same in words: which queries, which dataset")
+    agreement_at_10: float | None = Field(
+        description="build time: rank-aware agreement of the plan's top 10 with the full dim's exact top 10 on "
+        "pseudo-queries drawn from the corpus (1: same hits, same order)"
+    )
+    overlap_at_10: float | None = Field(description="build time: share of the full dim's exact top 10 in the plan's")
+    live_agreement: float | None = Field(
+        description="the same agreement on sampled live searches (shadow_fraction), against a full-dim search of the "
+        "same query; mean of the recent samples, null before any"
+    )
+    live_agreement_samples: int = Field(description="recent live samples behind live_agreement")
     bytes_per_vector: float
     build_search_ms: float | None = Field(description="one query's search (and re-scoring) at build time")
     p50_ms: float = Field(description="whole-request p50: live, or estimated (latency_source)")

@@ -108,6 +108,17 @@ class ServiceSettings(BaseSettings):
         ge=0,
         description="query embeddings kept (least recently used out, ~1.5 KB each at 384 dims); 0: no cache",
     )
+    shadow_fraction: float = Field(
+        0.02,
+        ge=0,
+        le=1,
+        description="share of searches answered by a reduced plan (a dim below full, or two-stage) whose hits are "
+        "compared, off the request path, with a full-dim search of the same query: live agreement per plan in "
+        "/plans and /metrics; 0 turns it off",
+    )
+    shadow_cpu_budget: float = Field(
+        0.1, gt=0, le=1, description="most of one CPU core the live comparisons may take; samples beyond are dropped"
+    )
     max_in_flight: int = Field(256, gt=0, description="concurrent requests accepted; beyond it requests get 429")
 
     api_key: SecretStr | None = Field(

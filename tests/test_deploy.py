@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
@@ -56,10 +57,10 @@ def keyword_writer(live, settings, metrics) -> DocumentWriter:
 def exposed(tmp_path_factory) -> dict[str, set[str]]:
     """Every series name of a live app's /metrics with its label names, after requests that touch every metric."""
     root = tmp_path_factory.mktemp("deploy") / "index"
-    build_keyword_index(write_data(root.parent / "data"), root)
+    build_keyword_index(write_data(root.parent / "data"), root, calibration="random")  # plans with agreement
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(engine_module.DocumentWriter, "load", staticmethod(keyword_writer))
-        with serve(root, query_cache_size=4, writable=True) as client:
+        with serve(root, query_cache_size=4, writable=True, shadow_fraction=1.0) as client:
             assert client.post("/documents", json={"documents": [{"id": "n", "text": "allergy"}]}).status_code == 200
             assert client.post("/admin/compact").status_code == 200
             for dim in (8, 4):
@@ -69,6 +70,10 @@ def exposed(tmp_path_factory) -> dict[str, set[str]]:
             assert client.post("/v1/embeddings", json={"input": "cough", "dimensions": 4}).status_code == 200
             assert client.get("/search", params={"q": "fever", "dim": 3}).status_code == 422
             assert client.post("/admin/reload").status_code == 200
+            deadline = time.monotonic() + 10
+            while 'mrl_shadow_samples_total{outcome="compared"}' not in client.get("/metrics").text:
+                assert time.monotonic() < deadline, "no sampled search was compared with the full dim"
+                time.sleep(0.05)
             text = client.get("/metrics").text
     families = list(text_string_to_metric_families(text))
     silent = [family.name for family in families if not family.samples]

@@ -48,11 +48,12 @@ PROMETHEUS_READY_TIMEOUT_S = 60.0
 def test_prometheus_scrapes_the_service_and_answers_dashboard_and_rule_queries(request, tmp_path: Path):
     prometheus_binary = require_tool("prometheus", DEBIAN_PROMETHEUS)
     sample_index = request.getfixturevalue("sample_index")  # after the check: no index is built only to skip
-    # query_cache_size: so that the cache panel has data; writable (over a copy): so that the writes row has
+    # query_cache_size: so that the cache panel has data; writable (over a copy): so that the writes row has;
+    # every reduced search sampled: so that the live-quality row has
     root = copy_index(sample_index, tmp_path / "index")
     with (
         serve_process(
-            tmp_path / "service.log", index=root, device="cpu", query_cache_size=64, writable=True
+            tmp_path / "service.log", index=root, device="cpu", query_cache_size=64, writable=True, shadow_fraction=1
         ) as service,
         running_prometheus(prometheus_binary, service.port, tmp_path) as prometheus,
     ):

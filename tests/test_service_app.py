@@ -638,7 +638,7 @@ def test_plans_lists_every_plan_with_its_quality_and_latency(planned: Path):
     assert [plan["key"] for plan in body["plans"]] == ["8", "4", "2", "2>8x3"]
     first = body["plans"][0]
     assert first["ndcg_at_10"] == 0.9 and first["ratio"] == 1.0 and first["bytes_per_vector"] == 32
-    assert first["build_search_ms"] == 30.0 and first["quality_source"] == "measured"
+    assert first["build_search_ms"] == 30.0 and first["quality_kind"] == "judged"
 
 
 def test_target_errors_say_what_to_do(planned: Path, tmp_path: Path):
@@ -655,17 +655,22 @@ def test_target_errors_say_what_to_do(planned: Path, tmp_path: Path):
     build_keyword_index(write_data(tmp_path / "data"), bare)
     with serve(bare) as client:
         assert_error(client.get("/search", params={"q": "fever", "min_quality": 0.9}), 422, "invalid_request",
-                     "no measured quality", "mrl index build --eval-data")  # fmt: skip
+                     "no measured quality", "`mrl index build`", "--eval-data BEIR_FOLDER")  # fmt: skip
         assert search_plan(client, latency_budget_ms=1000)["plan"]["key"] == "8"  # unmeasured: the largest that fits
 
 
 def test_training_report_figures_make_single_stage_plans(keyword_index: Path):
     with serve(keyword_index) as client:  # its manifest has a training report's NDCG: 8 → 0.9, 4 → 0.75
         plans = client.get("/plans").json()["plans"]
-        assert [(p["key"], p["ratio"], p["quality_source"]) for p in plans] == [
+        assert [(p["key"], p["ratio"], p["quality_kind"]) for p in plans] == [
             ("8", 1.0, "training report"),
             ("4", 0.8333, "training report"),
         ]
-        assert search_plan(client, min_quality=0.9)["plan"]["key"] == "8"
+        source = "the model's training report: NDCG@10 on its evaluation data, not on this index's documents"
+        assert {p["quality_source"] for p in plans} == {source}
+        chosen = search_plan(client, min_quality=0.9)["plan"]
+        assert chosen["key"] == "8" and chosen["reason"].endswith(f"; its quality is from {source}")
+        dims = client.get("/dims").json()
+        assert dims["quality_kind"] == "training report" and dims["dims"][0]["ndcg_source"].startswith(source[:30])
         either = search_plan(client, min_quality=0.8)["plan"]  # both meet it: the one estimated faster answers
         assert either["key"] in ("8", "4") and either["expected_ratio"] >= 0.8

@@ -105,7 +105,8 @@ def test_onnx_encoder_agrees_with_torch(client, sample_index: Path, tmp_path_fac
         loss = dims["encoder_quality_loss"]
         assert loss is not None and (loss <= 0.001 if not quantize else loss < 0.1)
         assert (dims["encoder_warning"] is not None) == (loss > 0.005)
-        assert onnx.get("/plans").json()["plans"][0]["quality_source"].startswith("measured with the onnx")
+        source = onnx.get("/plans").json()["plans"][0]["quality_source"]
+        assert source.startswith("NDCG@10 on 120 judged queries") and source.endswith("by the served onnx encoder")
         assert type(onnx.app.state.service.searcher.encoder.encoder).__name__ == "OnnxEncoder"  # no torch per query
         onnx_vectors = embed(onnx, texts, input_type="query")
         onnx_usage = onnx.post("/v1/embeddings", json={"input": texts}).json()["usage"]
@@ -124,7 +125,8 @@ def test_targets_choose_measured_plans_on_the_real_model(client, sample_index: P
 
     plans = {plan["key"]: plan for plan in client.get("/plans").json()["plans"]}
     assert {"384", "64", "64>384x2"} <= set(plans) or {"384", "64"} <= set(plans)
-    assert all(plan["quality_source"].startswith("measured on 120 judged queries") for plan in plans.values())
+    assert all(plan["quality_source"].startswith("NDCG@10 on 120 judged queries") for plan in plans.values())
+    assert all(plan["quality_kind"] == "judged" and plan["agreement_at_10"] is not None for plan in plans.values())
     full = client.get("/search", params={"q": QUERIES[0], "min_quality": 1.0}).json()["plan"]
     meeting = [plan for plan in plans.values() if plan["ratio"] >= 1.0]
     assert full["expected_ratio"] >= 1.0 and full["p50_ms"] == min(plan["p50_ms"] for plan in meeting)

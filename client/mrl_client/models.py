@@ -42,7 +42,9 @@ class PlanUsed(_Answer):
     rerank_dim: int | None = None
     candidates: int | None = None
     expected_ndcg_at_10: float | None = None
-    expected_ratio: float | None = None
+    expected_ratio: float | None = None  # what min_quality was compared with; quality_kind says what it means
+    quality_kind: str = "not measured"  # judged, agreement, training report, not measured
+    quality_source: str = ""  # the same in words: which queries, which dataset
     reason: str = ""
     targets_missed: list[str] = Field(default_factory=list)
 
@@ -71,6 +73,8 @@ class Dim(_Answer):
     recall_at_10: float | None = None
     search_ms: float | None = None
     measured_ndcg_at_10: float | None = None
+    ndcg_source: str | None = None  # where ndcg_at_10 comes from (the model's training report)
+    agreement_at_10: float | None = None
 
 
 class DimsResponse(_Answer):
@@ -82,6 +86,8 @@ class DimsResponse(_Answer):
     num_vectors: int
     built_at: str
     dims: list[Dim]
+    quality_kind: str = "not measured"
+    quality_source: str = "not measured"
     metadata_fields: dict[str, str] = Field(default_factory=dict)  # what a filter may name
 
 
@@ -91,8 +97,13 @@ class Plan(_Answer):
     rerank_dim: int | None = None
     candidates: int | None = None
     ndcg_at_10: float | None = None
-    ratio: float | None = None
+    ratio: float | None = None  # what min_quality is compared with: NDCG@10 ratio (judged) or agreement@10
+    quality_kind: str = "not measured"  # judged, agreement, training report, not measured
     quality_source: str
+    agreement_at_10: float | None = None  # build time, against the full dim's exact ranking
+    overlap_at_10: float | None = None
+    live_agreement: float | None = None  # the same on sampled live searches (None before any sample)
+    live_agreement_samples: int = 0
     p50_ms: float
     p95_ms: float
 

@@ -122,11 +122,18 @@ def keyword_model(encoder: KeywordEncoder | None = None) -> Iterator[KeywordEnco
         yield encoder
 
 
-def build_keyword_index(data: Path, root: Path) -> Path:
-    """``build_index`` for real, with the keyword encoder standing in for the model; returns the version folder."""
+def build_keyword_index(data: Path, root: Path, calibration: str = "none") -> Path:
+    """``build_index`` for real, with the keyword encoder standing in for the model; returns the version folder.
+
+    Its plans are not calibrated unless ``calibration`` names a pseudo-query kind (``index.calibration``): the
+    tests of hand-made plans and training reports want none.
+    """
     with keyword_model():
         folder, _ = build_index(
-            BuildConfig(data=data, output=root, model=MODEL_NAME, dims=DIMS, device="cpu", progress=False)
+            BuildConfig(
+                data=data, output=root, model=MODEL_NAME, dims=DIMS, device="cpu", progress=False,
+                calibration=calibration,
+            )  # fmt: skip
         )
     return folder
 
@@ -144,6 +151,7 @@ def add_plans(root: Path, plans: list) -> None:
     folder = resolve_version(root)
     manifest = IndexManifest.read(folder)
     manifest.plans = [plan.to_dict() for plan in plans]
+    manifest.calibration_queries = None  # else a server whose encoder is not the build's would score them again
     (folder / "manifest.json").write_text(json.dumps(manifest.to_dict()))
 
 
