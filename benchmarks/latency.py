@@ -63,6 +63,7 @@ class LatencyConfig:
     encoder_threads: int | None = None
     onnx_cache: Path | None = None
     batch_max_wait_ms: float | None = None  # the server's micro-batch wait (default: the server's)
+    shadow_fractions: list[float] | None = None  # a server per fraction (MRL_SHADOW_FRACTION); None: its default
     in_process: bool = True  # also time the same encoder in this process, one query per call (the overhead goal)
     time_limit_s: float = 900.0  # no request is sent after this; later cells are recorded as cut short
     ready_timeout_s: float = 300.0  # per server start (an ONNX export happens on first use)
@@ -194,9 +195,11 @@ def target_params(target: str) -> dict[str, float]:
 # --- the server process -------------------------------------------------------------------
 
 
-def server_command(config: LatencyConfig, encoder: str, port: int) -> list[str]:
+def server_command(config: LatencyConfig, encoder: str, port: int, shadow_fraction: float | None = None) -> list[str]:
     """``python -m mrl serve`` for ``encoder``, bound to the loopback interface only."""
     command = [sys.executable, "-m", "mrl", "serve", "--index", str(config.index), "--host", LOOPBACK]
+    if shadow_fraction is not None:
+        command += ["--shadow-fraction", f"{shadow_fraction:g}"]
     command += ["--port", str(port), "--encoder", "torch" if encoder == "torch" else "onnx"]
     command += ["--device", config.device, "--log-level", "warning"]  # no access log: it would cost CPU
     if encoder == "onnx-int8":
@@ -218,14 +221,16 @@ def server_environment() -> dict[str, str]:
 
 
 @contextmanager
-def running_server(config: LatencyConfig, encoder: str, log_path: Path) -> Iterator[str]:
+def running_server(
+    config: LatencyConfig, encoder: str, log_path: Path, shadow_fraction: float | None = None
+) -> Iterator[str]:
     """Start ``mrl serve`` for ``encoder``, wait until it is ready, yield its base URL; always stop it.
 
     Raises:
         ServerError: The server exited or was not ready within ``config.ready_timeout_s``.
     """
     port = free_port()
-    command = server_command(config, encoder, port)
+    command = server_command(config, encoder, port, shadow_fraction)
     with running_process(command, port, log_path, config.ready_timeout_s, server_environment()) as base:
         yield base
 
@@ -460,10 +465,13 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
             continue
         if config.in_process:  # before its server starts: nothing else runs meanwhile
             in_process[encoder] = in_process_timing(config, encoder, manifest, queries)
-        with running_server(config, encoder, logs / f"latency-server-{encoder}.log") as base:
-            servers[encoder] = {"url": base, **server_info(base, config.request_timeout_s)}
-            servers[encoder]["healthz_p50_ms"] = asyncio.run(http_floor(base, config))
-            results += asyncio.run(measure_cells(base, encoder, cells, queries, config, deadline))
+        for fraction in config.shadow_fractions or [None]:  # live-quality sampling on and off, side by side
+            label = encoder if fraction is None else f"{encoder} shadow={fraction:g}"
+            log = logs / f"latency-server-{label.replace(' ', '-')}.log"
+            with running_server(config, encoder, log, fraction) as base:
+                servers[label] = {"url": base, **server_info(base, config.request_timeout_s)}
+                servers[label]["healthz_p50_ms"] = asyncio.run(http_floor(base, config))
+                results += asyncio.run(measure_cells(base, label, cells, queries, config, deadline))
     report = {
         "benchmark": "latency",
         "started_at": started_at,
@@ -536,7 +544,7 @@ def latency_markdown(report: dict[str, Any]) -> str:
     lines = [markdown_row(header), markdown_row(["---", *["---:"] * (len(header) - 1)])]
     in_process = report.get("in_process") or {}
     for row in report["results"]:
-        reference = (in_process.get(row["encoder"]) or {}).get("p50_ms")
+        reference = (in_process.get(row["encoder"].split(" ")[0]) or {}).get("p50_ms")
         single = reference and row["p50_ms"] and row["concurrency"] == 1
         overhead = f"{row['p50_ms'] / reference:.2f}×" if single else "–"
         requests = f"{row['sent']} of {row['requested']}" if row["cut_short"] else str(row["sent"])
@@ -561,7 +569,9 @@ def latency_markdown(report: dict[str, Any]) -> str:
             )
         )
     for encoder, timing in in_process.items():
-        floor = (report["servers"].get(encoder) or {}).get("healthz_p50_ms")
+        floors = [server.get("healthz_p50_ms") for name, server in report["servers"].items()
+                  if name.split(" ")[0] == encoder]  # fmt: skip
+        floor = floors[0] if floors else None
         lines.append("")
         lines.append(
             f"- {encoder}: in this process, one query per call, p50 {format_ms(timing['p50_ms'])} ms "
@@ -610,6 +620,12 @@ def add_latency_parser(actions: argparse._SubParsersAction) -> None:
         "by + (the index needs measured plans: mrl index build --eval-data)",
     )
     p.add_argument("--k", type=int, default=10, help="hits per request (default: %(default)s)")
+    p.add_argument(
+        "--shadow-fractions",
+        type=lambda text: [float(part) for part in text.split(",") if part],
+        default=None,
+        help="a server per live-quality sampling fraction, side by side, e.g. 0,0.02 (default: the server's)",
+    )
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="server device (default: auto)")
     p.add_argument("--encoder-threads", type=int, default=None, help="server's encoder CPU threads")
     p.add_argument("--onnx-cache", type=Path, default=None, help="ONNX export folder (default: the server's)")
