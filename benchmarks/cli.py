@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 
+from benchmarks.agreement import add_agreement_parser
 from benchmarks.backends import add_backends_parser
+from benchmarks.curves import add_curves_parser
 from benchmarks.encoders import add_encoders_parser
 from benchmarks.fairness import add_fairness_parser
 from benchmarks.latency import add_latency_parser
@@ -35,3 +37,5 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     add_backends_parser(actions)
     add_passages_parser(actions)
     add_writes_parser(actions)
+    add_agreement_parser(actions)
+    add_curves_parser(actions)

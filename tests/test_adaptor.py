@@ -89,6 +89,8 @@ def test_adaptor_moves_the_signal_into_the_leading_dims():
         eval_every=10,
         similarity_weight=0,
         reconstruction_weight=0,
+        tolerance=1.0,  # the mechanics: any dim may be traded for the smallest one
+        select_dim=8,
     )
     before = score_mapped(None, corpus, valid, config.dims, "ndcg@10")
     fit = fit_adaptor(corpus, train, valid, config)
@@ -96,8 +98,46 @@ def test_adaptor_moves_the_signal_into_the_leading_dims():
     assert before[64]["ndcg@10"] > 0.9 and before[8]["ndcg@10"] < 0.1
     assert after[8]["ndcg@10"] > before[8]["ndcg@10"] + 0.4
     assert after[64]["ndcg@10"] > 0.8
-    assert fit.best_metric == pytest.approx(after[8]["ndcg@10"], abs=1e-4)  # the kept step is the best validated
+    gain = after[8]["ndcg@10"] - before[8]["ndcg@10"]
+    assert fit.best_metric == pytest.approx(gain, abs=1e-4)  # the kept step is the best validated
     assert fit.history[0]["step"] == 0 and fit.best_step > 0
+
+
+def test_the_never_worse_rule_refuses_to_trade_a_dim_for_another():
+    corpus, train, valid = hidden_signal(docs=200, queries=160)
+    config = AdaptorConfig(dims=[64, 32, 16, 8], init="identity", steps=60, learning_rate=1e-2, eval_every=10,
+                           similarity_weight=0, reconstruction_weight=0)  # fmt: skip
+    before = score_mapped(None, corpus, valid, config.dims, "ndcg@10")
+    fit = fit_adaptor(corpus, train, valid, config)  # the default tolerance, 0.005
+    after = score_mapped(fit.weight, corpus, valid, config.dims, "ndcg@10")
+    for dim in config.dims:  # on the data it was chosen on, no dim is worse than the input's by more than 0.005
+        assert after[dim]["ndcg@10"] >= before[dim]["ndcg@10"] - 0.005
+    assert fit.input_scores == {dim: before[dim]["ndcg@10"] for dim in config.dims}
+    if fit.kept_input:  # no step qualified: the published map is the identity, the input model unchanged
+        np.testing.assert_array_equal(fit.weight, np.eye(corpus.shape[1], dtype=np.float32))
+        assert fit.best_metric == 0.0 and fit.to_dict()["kept_input"]
+    else:
+        assert fit.best_metric == pytest.approx(np.mean([after[d]["ndcg@10"] - before[d]["ndcg@10"]
+                                                         for d in config.dims]), abs=1e-4)  # fmt: skip
+    assert set(fit.to_dict()["validation_by_dim"]) == {"64", "32", "16", "8"}
+
+
+def test_cross_validation_chooses_on_every_training_query_and_states_the_spread():
+    corpus, train, _ = hidden_signal(docs=200, queries=160)
+    config = AdaptorConfig(dims=[64, 32, 16, 8], init="auto", steps=40, learning_rate=1e-2, eval_every=10,
+                           folds=4)  # fmt: skip
+    fit = fit_adaptor(corpus, train, None, config)  # no held-out split: the folds are the validation
+    cross = fit.folds
+    assert cross["folds"] == 4 and cross["queries"] == len(train.relevant)
+    assert set(fit.starts) == {"pca", "identity"}
+    if not fit.kept_input:
+        assert cross["start"] == fit.init and cross["step"] == fit.best_step
+        assert len(cross["gain_by_fold"]) == 4 and cross["gain_std"] >= 0
+        assert cross["gain_mean"] == pytest.approx(np.mean(cross["gain_by_fold"]), abs=1e-3)
+        assert all(fit.chosen_scores[d] >= fit.input_scores[d] - config.tolerance for d in config.dims)
+    assert fit_adaptor(corpus, train, None, config).weight.tobytes() == fit.weight.tobytes()  # reproducible
+    with pytest.raises(ConfigError, match="--folds must be at least 2"):
+        fit_adaptor(corpus, train, None, AdaptorConfig(dims=[64, 8], folds=1))
 
 
 def test_adaptor_fit_is_reproducible_and_checks_its_options():
@@ -144,7 +184,7 @@ def test_appended_map_is_what_the_model_now_encodes(tmp_path: Path, tiny_model: 
 def test_mrl_adapt_publishes_a_model_the_index_builder_and_eval_load(tmp_path: Path, tiny_model: Path, capsys):
     out = tmp_path / "adapted"
     argv = ["adapt", "--data", str(SAMPLE), "--model", str(tiny_model), "--output", str(out), "--steps", "30"]
-    argv.append("--no-progress")
+    argv += ["--no-progress", "--folds", "0"]  # the held-out tenth chooses (cross-validation: the next test)
     assert main(argv) == 0
     assert "adaptor fitted in" in capsys.readouterr().out
     report = json.loads((out / "adaptor_report.json").read_text())
@@ -166,6 +206,34 @@ def test_mrl_adapt_publishes_a_model_the_index_builder_and_eval_load(tmp_path: P
         SentenceTransformerEncoder(load_model(str(out)), "m", progress=False), load_beir(SAMPLE), "test", TINY_DIMS
     )
     assert scored.metric(32) == pytest.approx(report["after"]["by_dim"]["32"]["ndcg@10"], abs=1e-3)
+
+
+def test_mrl_adapt_cross_validates_a_small_training_split_and_says_what_it_kept(
+    tmp_path: Path, tiny_model: Path, capsys
+):
+    out = tmp_path / "adapted"
+    argv = ["adapt", "--data", str(SAMPLE), "--model", str(tiny_model), "--output", str(out), "--steps", "20"]
+    assert main([*argv, "--no-progress"]) == 0  # 120 training questions: under 1,000, so 5 folds choose
+    report = json.loads((out / "adaptor_report.json").read_text())
+    assert report["training_queries"] == 120 and report["validation_queries"] == 0  # every question trains
+    assert report["rule"] == {
+        "tolerance": 0.005,
+        "chosen_by": "cross-validation",
+        "kept_input": report["fit"]["kept_input"],
+    }
+    cross = report["fit"]["cross_validation"]
+    assert cross["folds"] == 5 and cross["queries"] == 120
+    by_dim = report["fit"]["validation_by_dim"]
+    assert set(by_dim) == {str(d) for d in TINY_DIMS}
+    assert all(v["chosen"] >= v["input"] - 0.005 for v in by_dim.values())  # never worse on the folds
+    markdown = (out / "adaptor_report.md").read_text()
+    assert "mean of 5 cross-validation folds over the 120 training queries" in markdown
+    printed = capsys.readouterr().out
+    if report["fit"]["kept_input"]:
+        assert "mrl adapt: kept the input model: no step of the adaptor kept every dim within 0.005" in printed
+        assert "**The input model was kept:**" in markdown
+    assert main([*argv, "--overwrite", "--folds", "-1"]) == 2
+    assert "--folds must be 0 (never) or at least 2, got -1" in capsys.readouterr().err
 
 
 def test_adapt_refuses_an_unknown_method_in_one_line(tmp_path: Path, capsys):

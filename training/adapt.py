@@ -57,8 +57,13 @@ FIT_OPTIONS = (
     "similarity_weight",
     "reconstruction_weight",
     "patience",
+    "tolerance",
+    "folds",
     "seed",
 )
+CROSS_VALIDATE_BELOW = 1000  # training queries: fewer, and the start and step are chosen by k-fold cross-validation
+AUTO_FOLDS = 5
+MIN_QUESTIONS = 50  # fewer training queries: a warning (the choice is mostly noise; the input is usually kept)
 
 
 def default_fit() -> AdaptorConfig:
@@ -127,8 +132,9 @@ def adaptor_config(config: AdaptConfig, dims: list[int]) -> AdaptorConfig:
     return replace(config.fit, dims=dims)
 
 
-def adapt(config: AdaptConfig) -> dict[str, Any]:
-    """Fit and publish; returns the report.
+def adapt(config: AdaptConfig, cross_validate: bool = True) -> dict[str, Any]:
+    """Fit and publish; returns the report. With ``cross_validate``, fewer than :data:`CROSS_VALIDATE_BELOW`
+    training queries (and no ``folds`` given) choose by :data:`AUTO_FOLDS`-fold cross-validation.
 
     Raises:
         ConfigError, DataError, DimensionError, ModelError, FileExistsError: with one readable line.
@@ -138,7 +144,19 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
     dataset = load_beir(config.data, splits)
     training_qrels = dataset.split(config.train_split)
     validation_qrels: Qrels | None = None
-    if config.validation_fraction is not None:
+    judged_count = sum(1 for docs in training_qrels.values() if any(g > 0 for g in docs.values()))
+    auto = cross_validate and config.fit.folds is None and config.validation_fraction is not None
+    if config.method == "adaptor" and auto:
+        if judged_count < CROSS_VALIDATE_BELOW:  # a held-out tenth of a few hundred questions is noise
+            config = replace(config, fit=replace(config.fit, folds=AUTO_FOLDS))
+    if config.method == "adaptor" and judged_count < MIN_QUESTIONS:
+        logger.warning(
+            "only %d training questions: the adaptor is chosen on very few, so expect little or no gain; the "
+            "never-worse rule keeps the input model unless every dim holds (label %d or more questions to gain)",
+            judged_count,
+            MIN_QUESTIONS,
+        )
+    if config.validation_fraction is not None and not config.fit.folds:
         held = split_validation(dataset, config.train_split, config.validation_fraction, config.fit.seed)
         training_qrels, validation_qrels = held.training_qrels, held.dataset.split(VALIDATION_SPLIT)
     if not any(any(g > 0 for g in docs.values()) for docs in training_qrels.values()):
@@ -169,6 +187,11 @@ def adapt(config: AdaptConfig) -> dict[str, Any]:
         "fit": fit.to_dict(),
         "training_queries": len(training_qrels),
         "validation_queries": len(validation_qrels or {}),
+        "rule": {
+            "tolerance": fit_config.tolerance,
+            "chosen_by": "cross-validation" if fit.folds else ("validation" if validation is not None else "none"),
+            "kept_input": fit.kept_input,
+        },
     }
     if validation is not None:
         report["validation"] = {
@@ -227,11 +250,17 @@ def _publish(
         raise
 
 
+KEPT_INPUT = (
+    "no step of the adaptor kept every dim within {tolerance} of the input model on validation, so the published "
+    "map is the identity (the input model's vectors, unchanged)"
+)
+
+
 def _start(fit: dict[str, Any]) -> str:
     if not fit.get("starts"):
         return fit["init"]
-    tried = ", ".join(f"{start} {metric:.4f}" for start, metric in fit["starts"].items())
-    return f"{fit['init']} (chosen by --init auto on validation NDCG@10: {tried})"
+    tried = ", ".join(f"{start} {gain:+.4f}" for start, gain in fit["starts"].items())
+    return f"{fit['init']} (chosen by --init auto on the validation gain: {tried})"
 
 
 def adaptor_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str:
@@ -245,16 +274,38 @@ def adaptor_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str:
         f"{settings['learning_rate']}, similarity weight {settings['similarity_weight']}, reconstruction weight "
         f"{settings['reconstruction_weight']}",
     ]
-    if "validation" in report:
-        before, after = report["validation"]["before"], report["validation"]["after"]
+    rule = report.get("rule") or {}
+    if rule.get("kept_input"):
+        lines += ["", f"**The input model was kept:** {KEPT_INPUT.format(tolerance=rule['tolerance'])}"]
+    by_dim = fit.get("validation_by_dim") or {}
+    if by_dim:
+        cross = fit.get("cross_validation")
+        where = (
+            f"mean of {cross['folds']} cross-validation folds over the {cross['queries']} training queries"
+            if cross
+            else f"{report['validation_queries']} held-out training queries"
+        )
         lines += [
             "",
-            f"## Validation NDCG@10 ({report['validation_queries']} held-out training queries)",
+            f"## Validation NDCG@10 at the chosen step ({where})",
             "",
-            "| dim | input | after |",
-            "|---:|---:|---:|",
-            *(f"| {dim} | {before[dim]['ndcg@10']:.4f} | {after[dim]['ndcg@10']:.4f} |" for dim in before),
+            f"Chosen by the never-worse rule: the largest mean gain over the dims with no dim more than "
+            f"{rule.get('tolerance', 0.005)} below the input model.",
+            "",
+            "| dim | input | chosen | change |",
+            "|---:|---:|---:|---:|",
+            *(
+                f"| {dim} | {v['input']:.4f} | {v['chosen']:.4f} | {v['chosen'] - v['input']:+.4f} |"
+                for dim, v in by_dim.items()
+            ),
         ]
+        if cross and "gain_std" in cross:
+            lines += [
+                "",
+                f"Spread over the folds: mean gain {cross['gain_mean']:+.4f} ± {cross['gain_std']:.4f} "
+                f"(per fold {', '.join(f'{g:+.4f}' for g in cross['gain_by_fold'])}); the worst fold's change per "
+                f"dim: {', '.join(f'{d}d {v:+.4f}' for d, v in cross['worst_fold_change_by_dim'].items())}.",
+            ]
     if compared:
         lines += ["", f"## NDCG@10 on split `{compared[0].split}`", "", comparison_table(compared)]
     return "\n".join(lines) + "\n"

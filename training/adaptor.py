@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 STARTS = ("pca", "identity")  # in this order, so that a tie on validation keeps the PCA start
 INITS = (*STARTS, "auto")  # auto: fit from each start, keep the better on validation
 NEIGHBOURS = 10
+TOLERANCE = 0.005  # the never-worse rule: a step qualifies only if no dim loses more than this on validation
 
 
 @dataclass
@@ -58,7 +59,9 @@ class AdaptorConfig:
     eval_every: int = 25
     patience: int = 6
     metric: str = "ndcg@10"
-    select_dim: int | None = None
+    select_dim: int | None = None  # maximise the gain at this dim alone (default: the mean gain over the dims)
+    tolerance: float = TOLERANCE  # no dim's validation metric may fall more than this below the input model's
+    folds: int | None = None  # choose the start and step by k-fold cross-validation over the training queries
     seed: int = 42
 
     def check(self) -> None:
@@ -75,12 +78,17 @@ class AdaptorConfig:
             raise ConfigError(f"--dim-weights has {len(self.weights)} values for the {len(self.dims)} dims {self.dims}")
         if self.select_dim is not None and self.select_dim not in self.dims:
             raise ConfigError(f"--select-dim {self.select_dim} is not one of the dims {self.dims}")
+        if self.tolerance < 0:
+            raise ConfigError(f"--tolerance must be zero or more, got {self.tolerance}")
+        if self.folds is not None and self.folds < 2:
+            raise ConfigError(f"--folds must be at least 2, got {self.folds}")
 
     def check_validation(self, has_validation: bool) -> None:
         """Raises: ConfigError if ``--init auto`` has no validation queries to choose the start on."""
-        if self.init == "auto" and not has_validation:
+        if self.init == "auto" and not has_validation and not self.folds:
             raise ConfigError(
-                "--init auto picks the start on validation queries: pass --validation-fraction, or --init pca|identity"
+                "--init auto picks the start on validation queries: pass --validation-fraction or --folds, or "
+                "--init pca|identity"
             )
 
 
@@ -101,7 +109,16 @@ class AdaptorFit:
     best_metric: float | None = None
     seconds: float = 0.0
     steps_run: int = 0
-    starts: dict[str, float] = field(default_factory=dict)  # with init auto: best validation metric per start
+    starts: dict[str, float] = field(default_factory=dict)  # with init auto: best validation gain per start
+    input_scores: dict[int, float] = field(default_factory=dict)  # the input model's validation metric per dim
+    chosen_scores: dict[int, float] = field(default_factory=dict)  # the kept map's, per dim
+    kept_input: bool = False  # no step kept every dim within the tolerance: the map is the identity
+    folds: dict[str, Any] | None = None  # with cross-validation: folds, queries, the spread of the chosen gain
+
+    @property
+    def gain(self) -> float | None:
+        """The kept map's validation gain (the rule's objective), or None without validation."""
+        return self.best_metric
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,10 +126,29 @@ class AdaptorFit:
             **({"starts": {k: round(v, 4) for k, v in self.starts.items()}} if self.starts else {}),
             "best_step": self.best_step,
             "best_metric": None if self.best_metric is None else round(self.best_metric, 4),
+            "kept_input": self.kept_input,
+            "validation_by_dim": {
+                str(dim): {"input": round(self.input_scores[dim], 4), "chosen": round(self.chosen_scores[dim], 4)}
+                for dim in self.input_scores
+                if dim in self.chosen_scores
+            },
+            **({"cross_validation": self.folds} if self.folds else {}),
             "steps_run": self.steps_run,
             "seconds": round(self.seconds, 1),
             "history": self.history,
         }
+
+
+def rule_gain(
+    scores: dict[int, float], input_scores: dict[int, float], tolerance: float, select_dim: int | None = None
+) -> float | None:
+    """The never-worse rule's objective for a map with validation ``scores`` per dim: the mean gain over the
+    input model's (or the gain at ``select_dim``), or None when any dim falls more than ``tolerance`` below it."""
+    if any(scores[dim] < input_scores[dim] - tolerance for dim in input_scores):
+        return None
+    if select_dim is not None:
+        return scores[select_dim] - input_scores[select_dim]
+    return float(np.mean([scores[dim] - input_scores[dim] for dim in input_scores]))
 
 
 def pca_rotation(corpus: np.ndarray) -> np.ndarray:
@@ -164,6 +200,8 @@ def fit_adaptor(
     """
     config.check()
     config.check_validation(validation is not None)
+    if config.folds:
+        return fit_cross_validated(corpus, training, config, progress)
     if config.init == "auto":
         return better_start(fit_each_start(corpus, training, validation, config, progress))
     return _fit_from(corpus, training, validation, config, progress)
@@ -185,13 +223,133 @@ def fit_each_start(
 
 
 def better_start(fits: list[AdaptorFit]) -> AdaptorFit:
-    """What ``init="auto"`` keeps of :func:`fit_each_start`'s fits: the best validation metric, the
-    first of equals (PCA); its ``starts`` name each start's metric, its ``seconds`` count every fit."""
-    best = replace(max(fits, key=lambda fit: fit.best_metric or -1.0))
-    best.starts = {fit.init: fit.best_metric or 0.0 for fit in fits}
+    """What ``init="auto"`` keeps of :func:`fit_each_start`'s fits: the larger validation gain under the
+    never-worse rule, the first of equals (PCA); its ``starts`` name each start's gain, its ``seconds``
+    count every fit. When neither start gained, the input model is kept (the identity map)."""
+    best = replace(max(fits, key=lambda fit: -1.0 if fit.kept_input else (fit.best_metric or 0.0)))
+    best.starts = {fit.init: 0.0 if fit.kept_input else (fit.best_metric or 0.0) for fit in fits}
     best.seconds = sum(fit.seconds for fit in fits)
-    logger.info("adaptor: kept the %s start (validation %s)", best.init, best.starts)
+    logger.info("adaptor: kept %s (validation gain per start %s)", _kept(best), best.starts)
     return best
+
+
+def _kept(fit: AdaptorFit) -> str:
+    return (
+        "the input model (no step kept every dim within the tolerance)" if fit.kept_input else f"the {fit.init} start"
+    )
+
+
+def _holds_across_folds(
+    folds: list[dict[int, dict[int, float]]],
+    inputs: list[dict[int, float]],
+    step: int,
+    dims: list[int],
+    tolerance: float,
+) -> bool:
+    """The rule with the folds' noise counted: at every dim the mean change over the folds, less its standard
+    error, stays above ``-tolerance``, and the mean gain over the dims, less its standard error, is above 0.
+
+    A mean over five folds of a few dozen questions each moves by hundredths; a step that only looks better
+    by less than that is not kept.
+    """
+    k = len(folds)
+    if k < 2:
+        return True
+    for dim in dims:
+        changes = np.array([fold[step][dim] - inputs[i][dim] for i, fold in enumerate(folds)])
+        if changes.mean() - changes.std(ddof=1) / np.sqrt(k) < -tolerance:
+            return False
+    gains = np.array([np.mean([fold[step][d] - inputs[i][d] for d in dims]) for i, fold in enumerate(folds)])
+    return bool(gains.mean() - gains.std(ddof=1) / np.sqrt(k) > 0)
+
+
+def _subset(judged: Judged, rows: np.ndarray) -> Judged:
+    return Judged(judged.vectors[rows], [judged.relevant[row] for row in rows])
+
+
+def fit_cross_validated(
+    corpus: np.ndarray,
+    training: Judged,
+    config: AdaptorConfig,
+    progress: Callable[[int, dict[str, Any]], None] | None = None,
+) -> AdaptorFit:
+    """Choose the start and the number of steps by k-fold cross-validation over the training queries, then
+    fit on all of them.
+
+    Every fold fits each start on the other folds and scores its own queries every ``eval_every`` steps,
+    stopping early as a single fit does; the steps every fold of a start reached are compared. The fold
+    means, per start, step and dim, are judged by the never-worse rule against the input model's fold
+    means; the best (start, step) is then fitted on every training query. The spread of the chosen gain
+    over the folds is kept in ``folds``; none qualifying keeps the input model.
+    """
+    started = time.perf_counter()
+    count = len(training.relevant)
+    k = min(config.folds or 5, count)
+    order = np.random.default_rng(config.seed).permutation(count)
+    parts = [order[i::k] for i in range(k)]
+    dims = sorted(config.dims, reverse=True)
+    starts = [config.init] if config.init in STARTS else list(STARTS)
+    per_start: dict[str, list[dict[int, dict[int, float]]]] = {start: [] for start in starts}  # fold -> step -> dim
+    inputs = []
+    for number, held in enumerate(parts):
+        rest = np.concatenate([part for i, part in enumerate(parts) if i != number])
+        fold_config = replace(config, folds=None)
+        for start in starts:
+            logger.info("adaptor: fold %d of %d, %s start", number + 1, k, start)
+            fit = _fit_from(
+                corpus, _subset(training, rest), _subset(training, held), replace(fold_config, init=start), None
+            )
+            per_start[start].append({e["step"]: {int(d): v for d, v in e[config.metric].items()} for e in fit.history})
+        inputs.append(fit.input_scores)
+    mean_input = {dim: float(np.mean([scores[dim] for scores in inputs])) for dim in dims}
+    best: tuple[float, str, int] | None = None
+    gains: dict[str, float] = {}
+    for start, folds in per_start.items():
+        for step in sorted(set.intersection(*(set(fold) for fold in folds))):  # the steps every fold reached
+            mean = {dim: float(np.mean([fold[step][dim] for fold in folds])) for dim in dims}
+            gain = rule_gain(mean, mean_input, config.tolerance, config.select_dim)
+            if gain is not None and not _holds_across_folds(folds, inputs, step, dims, config.tolerance):
+                gain = None
+            if gain is not None and gain > 0 and gain > gains.get(start, 0.0):
+                gains[start] = gain
+            if gain is not None and gain > 0 and (best is None or gain > best[0]):
+                best = (gain, start, step)
+            if progress:
+                progress(step, {"step": step, "loss": 0.0, f"{start} mean {config.metric}": mean})
+    summary: dict[str, Any] = {
+        "folds": k,
+        "queries": count,
+        "input": {str(d): round(v, 4) for d, v in mean_input.items()},
+    }
+    if best is None:
+        kept = AdaptorFit(weight=np.eye(corpus.shape[1], dtype=np.float32), init="identity", kept_input=True)
+        kept.input_scores = kept.chosen_scores = mean_input
+        kept.best_metric, kept.best_step = 0.0, 0
+    else:
+        gain, start, step = best
+        folds = per_start[start]
+        fold_gains = [float(np.mean([fold[step][d] - inputs[i][d] for d in dims])) for i, fold in enumerate(folds)]
+        worst = {str(d): round(min(fold[step][d] - inputs[i][d] for i, fold in enumerate(folds)), 4) for d in dims}
+        summary |= {"start": start, "step": step, "gain_mean": round(gain, 4),
+                    "gain_std": round(float(np.std(fold_gains)), 4), "gain_by_fold": [round(g, 4) for g in fold_gains],
+                    "worst_fold_change_by_dim": worst}  # fmt: skip
+        logger.info("adaptor: cross-validation chose the %s start at step %d (mean gain %.4f ± %.4f over %d folds)",
+                    start, step, gain, summary["gain_std"], k)  # fmt: skip
+        kept = (
+            _fit_from(corpus, training, None, replace(config, init=start, steps=step, folds=None), None)
+            if step
+            else None
+        )
+        if kept is None:  # the start itself (step 0): PCA with no step
+            kept = AdaptorFit(weight=pca_rotation(corpus) if start == "pca" else np.eye(corpus.shape[1],
+                              dtype=np.float32), init=start)  # fmt: skip
+        kept.input_scores = mean_input
+        kept.chosen_scores = {dim: float(np.mean([fold[step][dim] for fold in folds])) for dim in dims}
+        kept.best_metric, kept.best_step = gain, step
+    kept.starts = {start: gains.get(start, 0.0) for start in starts}
+    kept.folds = summary
+    kept.seconds = time.perf_counter() - started
+    return kept
 
 
 def _fit_from(
@@ -209,7 +367,6 @@ def _fit_from(
     rng = np.random.default_rng(config.seed)
     dims = sorted(config.dims, reverse=True)
     weights = config.weights or [1.0] * len(dims)
-    select_dim = config.select_dim or min(dims)
     d = corpus.shape[1]
     start = pca_rotation(corpus) if config.init == "pca" else np.eye(d, dtype=np.float32)
     weight = torch.nn.Parameter(torch.from_numpy(start.copy()))
@@ -227,10 +384,13 @@ def _fit_from(
         return {dim: v[config.metric] for dim, v in score_mapped(w, corpus, validation, dims, config.metric).items()}
 
     fit = AdaptorFit(weight=start, init=config.init)
-    if validation is not None:
+    if validation is not None:  # the never-worse rule: the input model (the identity) until a step beats it
+        fit.input_scores = evaluate(np.eye(d, dtype=np.float32))
+        fit.weight, fit.kept_input, fit.chosen_scores = np.eye(d, dtype=np.float32), True, dict(fit.input_scores)
+        fit.best_metric, fit.best_step = 0.0, 0
         scores = evaluate(start)
         fit.history.append({"step": 0, config.metric: {str(k): round(v, 4) for k, v in scores.items()}})
-        fit.best_metric, fit.best_step = scores[select_dim], 0
+        _consider(fit, 0, start, scores, config)
     stale = 0
     for step in range(1, config.steps + 1):
         batch = rng.choice(len(pairs), size=min(config.batch_size, len(pairs)), replace=False)
@@ -283,8 +443,8 @@ def _fit_from(
         fit.history.append(entry)
         if progress:
             progress(step, entry)
-        if scores[select_dim] > (fit.best_metric or -1.0):
-            fit.best_metric, fit.best_step, fit.weight, stale = scores[select_dim], step, current, 0
+        if _consider(fit, step, current, scores, config):
+            stale = 0
         else:
             stale += 1
             if stale >= config.patience:
@@ -293,6 +453,16 @@ def _fit_from(
         fit.weight, fit.best_step = weight.detach().numpy().copy(), fit.steps_run
     fit.seconds = time.perf_counter() - started
     return fit
+
+
+def _consider(fit: AdaptorFit, step: int, weight: np.ndarray, scores: dict[int, float], config: AdaptorConfig) -> bool:
+    """Keep ``weight`` if it beats the fit's kept map under the never-worse rule; True when kept."""
+    gain = rule_gain(scores, fit.input_scores, config.tolerance, config.select_dim)
+    if gain is None or gain <= (fit.best_metric or 0.0):
+        return False
+    fit.best_metric, fit.best_step, fit.weight, fit.kept_input = gain, step, weight, False
+    fit.chosen_scores = dict(scores)
+    return True
 
 
 def append_adaptor(model: Any, weight: np.ndarray) -> Any:

@@ -362,6 +362,20 @@ def add_adapt_parser(commands: argparse._SubParsersAction) -> None:
         default=fit.patience,
         help="validations without gain before stopping (default: %(default)s)",
     )
+    p.add_argument(
+        "--tolerance",
+        type=float,
+        default=fit.tolerance,
+        help="the never-worse rule: a step is kept only if no dim's validation NDCG@10 falls more than this below "
+        "the input model's; none qualifying keeps the input (default: %(default)s)",
+    )
+    p.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        help="choose the start and step by k-fold cross-validation over the training queries, then fit on all "
+        "of them (default: 5 folds below 1,000 training queries, else --validation-fraction; 0: never)",
+    )
     p.add_argument("--seed", type=int, default=fit.seed, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="encoding batch (default: %(default)s)")
     p.add_argument("--workers", type=int, default=defaults.workers, help="processes that encode the corpus")
@@ -371,7 +385,9 @@ def add_adapt_parser(commands: argparse._SubParsersAction) -> None:
 
 
 def run_adapt(args: argparse.Namespace) -> int:
-    from training.adapt import FIT_OPTIONS, AdaptConfig, adapt
+    from dataclasses import replace
+
+    from training.adapt import FIT_OPTIONS, KEPT_INPUT, AdaptConfig, adapt
     from training.adaptor import AdaptorConfig
 
     check_positive(args, ("steps", "learning_rate", "negatives", "patience", "batch_size", "workers"))
@@ -379,7 +395,12 @@ def run_adapt(args: argparse.Namespace) -> int:
     if str(fields["eval_split"]).lower() == "none":
         fields["eval_split"] = None
     fit = AdaptorConfig(dims=[], weights=fields.pop("dim_weights"), **{name: fields.pop(name) for name in FIT_OPTIONS})
-    report = adapt(AdaptConfig(**fields, fit=fit))
+    never = fit.folds == 0  # never cross-validate: the held-out --validation-fraction chooses
+    if fit.folds is not None and fit.folds < 0:
+        raise ConfigError(f"--folds must be 0 (never) or at least 2, got {fit.folds}")
+    report = adapt(AdaptConfig(**fields, fit=replace(fit, folds=None) if never else fit), cross_validate=not never)
+    if report.get("rule", {}).get("kept_input"):
+        print(f"mrl adapt: kept the input model: {KEPT_INPUT.format(tolerance=report['rule']['tolerance'])}")
     summary = f"{report['method']} fitted in {report['fit']['seconds']:.1f} s -> {args.output}"
     if "after" in report:
         before, after = report["before"]["by_dim"], report["after"]["by_dim"]

@@ -1,0 +1,360 @@
+"""``mrl bench curves``: how much labelled data a recipe needs, and whether it ever costs a dimension.
+
+For each dataset, one sample is drawn and kept for every row: test questions (``--max-test-queries``,
+split into the **clean** view, whose relevant documents are not training positives, and the
+**shared** view, whose are: :func:`core.data.shared_positives`), the first ``max(--sizes)`` training
+questions of a seeded order, and a corpus of their judged documents plus random others up to
+``--max-docs``. Then, for each number of training questions N (the first N of that order):
+
+- **adaptor**: ``mrl adapt``'s fit on the base model's vectors (its defaults: both starts, the
+  never-worse rule, 5-fold cross-validation below 1,000 questions);
+- **fine-tune** (N up to ``--max-finetune``): ``mrl train`` on the N questions (``--epochs``), then the
+  tuned model as it is;
+- **both**: the adaptor fitted on the fine-tuned model's vectors.
+
+Every row is NDCG@10 at every dim on both test views, its change against the base model at each dim,
+and retention (each dim over the row's own full dim). The test questions are never used to choose.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from benchmarks import machine_info, markdown_row, save_figure, utc_now, write_report
+from core.data import RetrievalDataset, load_beir, shared_positives
+
+logger = logging.getLogger(__name__)
+
+SIZES = [50, 100, 200, 500, 1000]
+VIEWS = ("clean", "shared")
+
+
+@dataclass
+class CurvesConfig:
+    data: list[Path]
+    model: str | None = None  # the base model (default: all-MiniLM-L6-v2)
+    sizes: list[int] = field(default_factory=lambda: list(SIZES))
+    max_finetune: int = 200  # fine-tune (and both) only up to this many questions: CPU hours beyond
+    epochs: float = 5
+    max_test_queries: int = 300
+    max_docs: int = 4000
+    seed: int = 0
+    adaptor_steps: int = 600
+    cache: Path | None = None
+    out: Path = Path("runs/bench/curves")
+    progress: bool = True
+
+
+def draw_sample(dataset: RetrievalDataset, config: CurvesConfig) -> dict[str, Any]:
+    """The test questions of both views, the training questions in their seeded order, and the corpus ids."""
+    rng = random.Random(config.seed)
+    train = {q: d for q, d in dataset.split("train").items() if any(g > 0 for g in d.values())}
+    test = {q: d for q, d in dataset.split("test").items() if any(g > 0 for g in d.values())}
+    shared = shared_positives(train, test)
+    views = {}
+    for view, ids in (("clean", sorted(set(test) - shared)), ("shared", sorted(shared))):
+        views[view] = sorted(rng.sample(ids, min(config.max_test_queries, len(ids))))
+    order = sorted(train)
+    rng.shuffle(order)
+    order = order[: max(config.sizes)]
+    needed = {doc for q in order for doc in train[q]} | {doc for ids in views.values() for q in ids for doc in test[q]}
+    needed &= set(dataset.corpus)
+    others = sorted(set(dataset.corpus) - needed)
+    extra = rng.sample(others, max(0, min(len(others), config.max_docs - len(needed))))
+    return {"views": views, "order": order, "docs": sorted(needed | set(extra)), "train": train, "test": test,
+            "shared_in_test": len(shared), "test_questions": len(test)}  # fmt: skip
+
+
+def write_training_folder(dataset: RetrievalDataset, sample: dict[str, Any], size: int, folder: Path) -> Path:
+    """A BEIR folder whose train split is the first ``size`` questions of the order (for ``mrl train``)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "qrels").mkdir(exist_ok=True)
+    docs = set(sample["docs"])
+    questions = sample["order"][:size]
+    with (folder / "corpus.jsonl").open("w", encoding="utf-8") as out:
+        for doc_id in sample["docs"]:
+            doc = dataset.corpus[doc_id]
+            out.write(json.dumps({"_id": doc_id, "title": doc.title, "text": doc.text}) + "\n")
+    with (folder / "queries.jsonl").open("w", encoding="utf-8") as out:
+        for q in questions:
+            out.write(json.dumps({"_id": q, "text": dataset.queries[q]}) + "\n")
+    with (folder / "qrels" / "train.tsv").open("w", encoding="utf-8") as out:
+        out.write("query-id\tcorpus-id\tscore\n")
+        for q in questions:
+            for doc, grade in sample["train"][q].items():
+                if doc in docs:
+                    out.write(f"{q}\t{doc}\t{grade}\n")
+    return folder
+
+
+class Encoded:
+    """One model's full-dim vectors of the sample's corpus and of every question it needs."""
+
+    def __init__(self, model_path: str | None, dataset: RetrievalDataset, sample: dict[str, Any], cache: Path | None,
+                 progress: bool) -> None:  # fmt: skip
+        from benchmarks.quality import cached_encode, encode_corpus, load_scored_model
+
+        model, fingerprint = load_scored_model(model_path)
+        self.dims = sorted(_dims(model, model_path), reverse=True)
+        texts = [dataset.corpus[d].passage for d in sample["docs"]]
+        self.docs, _ = cached_encode(lambda t: encode_corpus(model, t, 1, progress), texts, fingerprint, cache)
+        self.doc_row = {d: i for i, d in enumerate(sample["docs"])}
+        questions = [*sample["order"], *(q for ids in sample["views"].values() for q in ids)]
+        queries = [dataset.queries[q] for q in questions]
+        from core.models import SentenceTransformerEncoder
+
+        encoder = SentenceTransformerEncoder(model, "bench", 64, False)
+        self.queries, _ = cached_encode(encoder.encode_queries, queries, fingerprint + ":q", cache)
+        self.query_row = {q: i for i, q in enumerate(questions)}
+
+    def judged(self, qrels: dict[str, dict[str, int]], ids: list[str]):
+        from training.adaptor import Judged
+
+        relevant = [{self.doc_row[d]: g for d, g in qrels[q].items() if d in self.doc_row} for q in ids]
+        return Judged(self.queries[[self.query_row[q] for q in ids]], relevant)
+
+
+def _dims(model: Any, path: str | None) -> list[int]:
+    from core.models import model_dims
+
+    return model_dims(model, path)
+
+
+def score_views(weight: np.ndarray | None, encoded: Encoded, sample: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """NDCG@10 at every dim on each test view, after ``weight`` (None: the vectors as they are)."""
+    from training.adaptor import score_mapped
+
+    views = {}
+    for view, ids in sample["views"].items():
+        if ids:
+            scores = score_mapped(weight, encoded.docs, encoded.judged(sample["test"], ids), encoded.dims, "ndcg@10")
+            views[view] = {str(dim): round(v["ndcg@10"], 4) for dim, v in scores.items()}
+    return views
+
+
+def fit_adaptor_row(encoded: Encoded, sample: dict[str, Any], size: int, config: CurvesConfig) -> dict[str, Any]:
+    """``mrl adapt``'s default fit on the first ``size`` questions; its choice and its test scores."""
+    from training.adapt import AUTO_FOLDS, CROSS_VALIDATE_BELOW
+    from training.adaptor import AdaptorConfig, fit_adaptor
+    from training.validation import VALIDATION_SPLIT, split_validation
+
+    questions = sample["order"][:size]
+    fit_config = AdaptorConfig(dims=encoded.dims, steps=config.adaptor_steps)
+    started = time.perf_counter()
+    if size < CROSS_VALIDATE_BELOW:
+        fit = fit_adaptor(encoded.docs, encoded.judged(sample["train"], questions), None,
+                          replace(fit_config, folds=AUTO_FOLDS))  # fmt: skip
+    else:  # a held-out tenth, as mrl adapt carves it
+        texts = RetrievalDataset(Path("."), {}, {q: q for q in questions}, {"train": {q: sample["train"][q]
+                                                                                     for q in questions}})  # fmt: skip
+        held = split_validation(texts, "train", 0.1, fit_config.seed)
+        validation = sorted(held.dataset.split(VALIDATION_SPLIT))
+        training = sorted(held.training_qrels)
+        fit = fit_adaptor(encoded.docs, encoded.judged(sample["train"], training),
+                          encoded.judged(sample["train"], validation), fit_config)  # fmt: skip
+    return {"weight": fit.weight, "kept_input": fit.kept_input, "init": fit.init, "step": fit.best_step,
+            "validation_gain": round(fit.best_metric or 0.0, 4), "seconds": round(time.perf_counter() - started, 1),
+            "cross_validation": fit.folds}  # fmt: skip
+
+
+def finetune(folder: Path, output: Path, config: CurvesConfig) -> Path:
+    from training.config import TrainConfig
+    from training.train import train
+
+    if (output / "mrl.json").is_file():
+        return output
+    train(TrainConfig(data=folder, output=output, model=config.model, eval_split=None, epochs=config.epochs,
+                      progress=config.progress, overwrite=True))  # fmt: skip
+    return output
+
+
+def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
+    dataset = load_beir(folder, ["train", "test"])
+    sample = draw_sample(dataset, config)
+    cache = config.cache or config.out / "cache"
+    work = config.out / "work" / folder.name
+    base = Encoded(config.model, dataset, sample, cache, config.progress)
+    rows = [{"recipe": "base", "questions": 0, "scores": score_views(None, base, sample)}]
+    sizes = [size for size in config.sizes if size <= len(sample["order"])]
+    for size in sizes:
+        logger.info("%s: %d training questions", folder.name, size)
+        fitted = fit_adaptor_row(base, sample, size, config)
+        rows.append({"recipe": "adaptor", "questions": size, **_public(fitted),
+                     "scores": score_views(fitted["weight"], base, sample)})  # fmt: skip
+        if size > config.max_finetune:
+            continue
+        tuned_path = finetune(write_training_folder(dataset, sample, size, work / f"train-{size}"),
+                              work / f"model-{size}", config)  # fmt: skip
+        tuned = Encoded(str(tuned_path), dataset, sample, cache, config.progress)
+        rows.append({"recipe": "fine-tune", "questions": size, "scores": score_views(None, tuned, sample)})
+        both = fit_adaptor_row(tuned, sample, size, config)
+        rows.append({"recipe": "fine-tune + adaptor", "questions": size, **_public(both),
+                     "scores": score_views(both["weight"], tuned, sample)})  # fmt: skip
+    return {
+        "dataset": folder.name,
+        "dims": base.dims,
+        "test_questions": sample["test_questions"],
+        "shared_in_test": sample["shared_in_test"],
+        "views": {view: len(ids) for view, ids in sample["views"].items()},
+        "documents": len(sample["docs"]),
+        "training_questions": len(sample["order"]),
+        "rows": rows,
+    }
+
+
+def _public(fitted: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in fitted.items() if key != "weight"}
+
+
+def run_curves(config: CurvesConfig) -> dict[str, Any]:
+    started = time.perf_counter()
+    datasets = [measure_dataset(folder, config) for folder in config.data]
+    return {
+        "benchmark": "curves",
+        "at": utc_now(),
+        "machine": machine_info(),
+        "seconds": round(time.perf_counter() - started, 1),
+        "config": {
+            "sizes": config.sizes,
+            "max_finetune": config.max_finetune,
+            "epochs": config.epochs,
+            "max_test_queries": config.max_test_queries,
+            "max_docs": config.max_docs,
+            "seed": config.seed,
+            "adaptor_steps": config.adaptor_steps,
+        },  # fmt: skip
+        "datasets": datasets,
+    }
+
+
+def never_worse(row: dict[str, Any], base: dict[str, Any], view: str, tolerance: float = 0.005) -> bool:
+    """Whether ``row`` is within ``tolerance`` of the base model or better at every dim of ``view``."""
+    return all(row["scores"][view][dim] >= base["scores"][view][dim] - tolerance for dim in base["scores"][view])
+
+
+def curves_markdown(report: dict[str, Any]) -> str:
+    config = report["config"]
+    lines = [
+        "# Learning curves: NDCG@10 per dim against the number of training questions",
+        "",
+        f"Test questions per view: up to {config['max_test_queries']}; corpus: their judged documents, the training "
+        f"questions' and others up to {config['max_docs']}; fine-tuning {config['epochs']:g} epochs, up to "
+        f"{config['max_finetune']} questions. *clean*: test questions whose relevant documents are no training "
+        "positive; change against the base model at each dim; ✓: within 0.005 of the base model or better at every "
+        "dim.",
+    ]
+    for data in report["datasets"]:
+        dims = [str(d) for d in data["dims"]]
+        base = data["rows"][0]
+        for view in VIEWS:
+            if view not in base["scores"]:
+                continue
+            lines += [
+                "",
+                f"## {data['dataset']}, {view} view ({data['views'][view]} test questions; {data['shared_in_test']} of "
+                f"{data['test_questions']} test questions share a positive with training; {data['documents']} "
+                "documents)",
+                "",
+                markdown_row(
+                    [
+                        "recipe",
+                        "questions",
+                        *[f"{d}" for d in dims],
+                        "never worse",
+                        f"retention at {dims[-2] if len(dims) > 1 else dims[0]}",
+                    ]
+                ),  # fmt: skip
+                markdown_row(["---", "---:", *["---:"] * len(dims), "---", "---:"]),
+            ]
+            for row in data["rows"]:
+                scores = row["scores"][view]
+                cells = []
+                for dim in dims:
+                    change = scores[dim] - base["scores"][view][dim]
+                    cells.append(f"{scores[dim]:.3f}" if row is base else f"{scores[dim]:.3f} ({change:+.3f})")
+                small = dims[-2] if len(dims) > 1 else dims[0]
+                kept = " (input kept)" if row.get("kept_input") else ""
+                lines.append(markdown_row([
+                    row["recipe"] + kept, str(row["questions"]), *cells,
+                    "–" if row is base else ("✓" if never_worse(row, base, view) else "✗"),
+                    f"{100 * scores[small] / scores[dims[0]]:.1f}%" if scores[dims[0]] else "–",
+                ]))  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(report: dict[str, Any], path: Path, view: str = "clean") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    datasets = report["datasets"]
+    figure, axes = plt.subplots(1, len(datasets), figsize=(5 * len(datasets), 4), squeeze=False)
+    for axis, data in zip(axes[0], datasets, strict=True):
+        dims = [str(d) for d in data["dims"]]
+        base = data["rows"][0]["scores"].get(view)
+        if base is None:
+            continue
+        for recipe, style in (("adaptor", "-o"), ("fine-tune", "-s"), ("fine-tune + adaptor", "-^")):
+            rows = [r for r in data["rows"] if r["recipe"] == recipe]
+            for dim, colour in ((dims[0], "tab:blue"), (dims[-2] if len(dims) > 1 else dims[0], "tab:orange")):
+                if rows:
+                    axis.plot([r["questions"] for r in rows], [r["scores"][view][dim] for r in rows], style,
+                              color=colour, alpha=0.8, label=f"{recipe}, {dim}d")  # fmt: skip
+        for dim, colour in ((dims[0], "tab:blue"), (dims[-2] if len(dims) > 1 else dims[0], "tab:orange")):
+            axis.axhline(base[dim], color=colour, linestyle=":", linewidth=1, label=f"base, {dim}d")
+        axis.set_xscale("log")
+        axis.set_xlabel("training questions")
+        axis.set_ylabel(f"NDCG@10 ({view} test view)")
+        axis.set_title(data["dataset"])
+        axis.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=6)
+    return save_figure(figure, path)
+
+
+def add_curves_parser(actions: argparse._SubParsersAction) -> None:
+    from benchmarks.args import int_list_argument
+    from core.cli_args import add_output_argument
+
+    p = actions.add_parser(
+        "curves",
+        help="learning curves: NDCG@10 per dim against training questions for the adaptor, fine-tuning and both",
+        description="For each dataset, draw one sample (clean and shared test views, a training order, a corpus) "
+        "and score the adaptor, fine-tuning and both at each number of training questions.",
+    )
+    p.add_argument("--data", type=Path, nargs="+", required=True, help="BEIR folders with train and test splits")
+    p.add_argument("--model", default=None, help="the base model (default: all-MiniLM-L6-v2)")
+    p.add_argument("--sizes", type=int_list_argument, default=list(SIZES), help="training questions (default: "
+                   f"{','.join(map(str, SIZES))})")  # fmt: skip
+    p.add_argument("--max-finetune", type=int, default=200, help="fine-tune up to this many questions (default: 200)")
+    p.add_argument("--epochs", type=float, default=5, help="fine-tuning epochs (default: 5, mrl train's)")
+    p.add_argument("--max-test-queries", type=int, default=300, help="test questions per view (default: 300)")
+    p.add_argument("--max-docs", type=int, default=4000, help="corpus sample size (default: 4000)")
+    p.add_argument("--adaptor-steps", type=int, default=600, help="most adaptor steps (default: 600)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cache", type=Path, default=None, help="encoding cache (default: OUT/cache)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    add_output_argument(p, "report folder", default=Path("runs/bench/curves"))
+    p.set_defaults(handler=run_curves_command)
+
+
+def run_curves_command(args: argparse.Namespace) -> int:
+    from core.cli_args import check_positive, config_fields
+
+    check_positive(args, ("max_test_queries", "max_docs", "adaptor_steps", "epochs"))
+    config = CurvesConfig(**config_fields(args))
+    report = run_curves(config)
+    paths = write_report(report, config.out, "curves", curves_markdown)
+    paths.append(plot_curves(report, config.out / "curves.png"))
+    print(curves_markdown(report), end="")
+    print("wrote " + ", ".join(str(path) for path in paths))
+    return 0

@@ -1,0 +1,46 @@
+"""``mrl bench curves`` on the bundled sample with the tiny random model: the measurement, not the figures.
+
+Checked: one sample for every row (the clean and shared test views split by training positives), the
+adaptor, fine-tuning and both at each size, each row's scores at every dim, the never-worse mark, the
+report and the plot.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from benchmarks.curves import CurvesConfig, curves_markdown, draw_sample, never_worse, plot_curves, run_curves
+from core.data import load_beir, shared_positives
+from tests.conftest import SAMPLE
+from tests.helpers.models import TINY_DIMS
+
+
+def test_the_sample_splits_test_questions_by_shared_training_positives():
+    dataset = load_beir(SAMPLE, ["train", "test"])
+    sample = draw_sample(dataset, CurvesConfig([SAMPLE], sizes=[10, 30], max_test_queries=200, max_docs=50))
+    shared = shared_positives(dataset.split("train"), dataset.split("test"))
+    assert set(sample["views"]["shared"]) == shared and not set(sample["views"]["clean"]) & shared
+    assert len(sample["order"]) == 30 and len(set(sample["order"])) == 30
+    judged = {doc for q in sample["order"] for doc in dataset.split("train")[q]}
+    assert judged <= set(sample["docs"])  # every training positive is in the corpus, whatever the cap
+    assert draw_sample(dataset, CurvesConfig([SAMPLE], sizes=[10, 30], max_docs=50))["order"] == sample["order"]
+
+
+def test_curves_on_the_sample_with_the_tiny_model(tmp_path: Path, tiny_model: Path):
+    config = CurvesConfig([SAMPLE], model=str(tiny_model), sizes=[12, 24], max_finetune=12, epochs=1,
+                          max_test_queries=40, max_docs=80, adaptor_steps=20, out=tmp_path, progress=False)  # fmt: skip
+    report = run_curves(config)
+    [data] = report["datasets"]
+    assert data["dims"] == TINY_DIMS and data["documents"] == 80
+    recipes = [(row["recipe"], row["questions"]) for row in data["rows"]]
+    assert recipes == [("base", 0), ("adaptor", 12), ("fine-tune", 12), ("fine-tune + adaptor", 12), ("adaptor", 24)]
+    base = data["rows"][0]
+    for row in data["rows"]:
+        for view, scores in row["scores"].items():
+            assert set(scores) == {str(d) for d in TINY_DIMS} and all(0 <= v <= 1 for v in scores.values())
+            assert never_worse(row, base, view) == all(scores[d] >= base["scores"][view][d] - 0.005 for d in scores)
+        if row["recipe"] != "base" and "adaptor" in row["recipe"]:
+            assert row["cross_validation"]["folds"] == 5  # under 1,000 questions: mrl adapt's default
+    table = curves_markdown(report)
+    assert table.startswith("# Learning curves") and "| adaptor" in table and "| fine-tune | 12 |" in table
+    assert plot_curves(report, tmp_path / "curves.png").stat().st_size > 0
