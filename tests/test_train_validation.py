@@ -28,7 +28,7 @@ from training.train import (
     load_training_data,
     train,
 )
-from training.validation import VALIDATION_SPLIT, split_validation
+from training.validation import VALIDATION_SPLIT, rule_objective, split_validation
 
 
 def small_config(output: Path, **overrides) -> TrainConfig:
@@ -90,26 +90,47 @@ def test_early_stopping_publishes_the_best_checkpoint(tmp_path: Path, tiny_model
     report = train(config).report
 
     validation = report["validation"]
-    assert validation["queries"] == 12 and validation["metric"] == "ndcg@10" and validation["dim"] == 32
+    assert validation["queries"] == 12 and validation["metric"] == "ndcg@10" and validation["dim"] is None
     assert report["data"]["training_queries"] == 108
     record = validation["stages"]["stage1"]
     assert record["stopped_early"] and record["steps_run"] < 8
     history = record["history"]
     assert [entry["step"] for entry in history] == list(range(1, record["steps_run"] + 1))
     assert all(entry["ndcg@10"].keys() == {str(dim) for dim in TINY_DIMS} for entry in history)
-    best = max(history, key=lambda entry: entry["ndcg@10"]["32"])
-    assert record["best_step"] == best["step"] and record["best_metric"] == pytest.approx(best["ndcg@10"]["32"])
+    # The never-worse rule, recomputed from the history and the input model's validation scores.
+    baseline = {int(d): v for d, v in validation["input"].items()}
+
+    def objective(entry: dict) -> float:
+        return rule_objective({int(d): v for d, v in entry["ndcg@10"].items()}, baseline, 0.005)
+
+    best = max(history, key=objective)
+    assert record["best_step"] == best["step"] and record["best_metric"] == pytest.approx(objective(best), abs=1e-3)
     # Patience 1: the run ends at the first evaluation that did not beat the best, so the last is not the best.
-    assert history[-1]["ndcg@10"]["32"] <= record["best_metric"] and record["best_step"] < record["steps_run"]
+    assert objective(history[-1]) <= record["best_metric"] + 1e-3 and record["best_step"] < record["steps_run"]
+    assert validation["kept_input"] == (record["best_metric"] <= 0)
 
     checkpoint = tmp_path / ".model.checkpoints" / "stage1" / record["best_checkpoint"]
     assert record["best_checkpoint"] == f"checkpoint-{record['best_step']}"
+    if validation["kept_input"]:  # the input model is what was published
+        checkpoint = tiny_model
     published, best_weights = load_file(output / "model.safetensors"), load_file(checkpoint / "model.safetensors")
     assert published.keys() == best_weights.keys()
     assert all(torch.equal(published[k], best_weights[k]) for k in published)
     markdown = (output / "training_report.md").read_text()
     assert "## Validation (12 training queries held out, 10%)" in markdown
     assert re.search(rf"### stage1: best step {record['best_step']} ", markdown)
+
+
+def test_a_run_that_loses_a_dim_on_validation_publishes_its_input(tmp_path: Path, tiny_model: Path):
+    output = tmp_path / "model"
+    # A learning rate that wrecks the tiny model at the first step: no checkpoint keeps every dim.
+    config = small_config(output, model=str(tiny_model), max_steps=2, learning_rate=5.0, warmup_ratio=0.0,
+                          validation_fraction=0.1, eval_steps=1)  # fmt: skip
+    validation = train(config).report["validation"]
+    assert validation["kept_input"] and validation["stages"]["stage1"]["best_metric"] < 0
+    published, original = load_file(output / "model.safetensors"), load_file(tiny_model / "model.safetensors")
+    assert published.keys() == original.keys() and all(torch.equal(published[k], original[k]) for k in published)
+    assert "**The input model was published:**" in (output / "training_report.md").read_text()
 
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorboard") is None, reason="tensorboard is not installed")

@@ -35,6 +35,7 @@ from core.models import (
     embedding_dimension,
     load_model,
 )
+from training.adaptor import TOLERANCE
 from training.config import TrainConfig
 from training.distributed import (
     GROUP_TIMEOUT,
@@ -420,22 +421,30 @@ def _validation_evaluator(
 
     if data.validation is None:
         return None
-    dim = config.early_stopping_dim or min(dims)
-    if dim not in dims:
+    dim = config.early_stopping_dim
+    if dim is not None and dim not in dims:
         raise DimensionError(f"--early-stopping-dim {dim} is not one of the training dims {dims}")
     metric, batch = config.early_stopping_metric, config.eval_batch_size
     return MatryoshkaValidationEvaluator(data.validation, dims, metric, dim, batch)
 
 
 def _validation_report(
-    data: TrainingData, config: TrainConfig, dims: list[int], stages: dict[str, dict[str, Any] | None]
+    data: TrainingData,
+    config: TrainConfig,
+    dims: list[int],
+    stages: dict[str, dict[str, Any] | None],
+    baseline: dict[int, float] | None = None,
+    kept_input: bool = False,
 ) -> dict[str, Any]:
     assert data.validation is not None
     return {
         "queries": len(data.validation.queries),
         "fraction": config.validation_fraction,
         "metric": config.early_stopping_metric,
-        "dim": config.early_stopping_dim or min(dims),
+        "dim": config.early_stopping_dim,  # None: the mean gain over the dims
+        "tolerance": TOLERANCE,
+        "input": {str(dim): round(value, 4) for dim, value in (baseline or {}).items()},
+        "kept_input": kept_input,
         "patience": config.early_stopping_patience,
         "eval_steps": config.eval_steps,
         "stages": stages,
@@ -564,6 +573,7 @@ def train(config: TrainConfig) -> TrainResult:
     # Fresh LoRA layers add exactly zero, so the "before" scores are still the base model's.
     strategy, lora = apply_strategy(model, config, config.model or DEFAULT_MODEL)
     main = launch.is_main
+    baseline = evaluator.set_baseline(model) if evaluator is not None else None  # what every checkpoint must keep
 
     started = time.perf_counter()
     before = _evaluate(model, "base", data, config, dims) if main else None
@@ -617,6 +627,14 @@ def train(config: TrainConfig) -> TrainResult:
     if not main:
         barrier(launch)  # released once rank 0 has published (or the launcher stops the job if it fails)
         return TrainResult(config.output, dims, None, None, seconds, {}, published=False)
+    last = [record for record in validation.values() if record]
+    kept_input = bool(last) and (last[-1]["best_metric"] or 0.0) <= 0.0  # no checkpoint kept every dim and gained
+    if kept_input:  # the never-worse rule: publish the input model, unchanged
+        logger.warning("no checkpoint kept every dim within %s of the input model and gained: publishing the input",
+                       TOLERANCE)  # fmt: skip
+        model = load_model(config.model, max_seq_length=config.max_seq_length, query_prompt=config.query_prompt,
+                           document_prompt=config.passage_prompt)  # fmt: skip
+        lora = None
     adapter = merge_lora(model, lora) if lora is not None else None  # score and publish the merged model
     started = time.perf_counter()
     after = _evaluate(model, "tuned", data, config, dims)
@@ -662,7 +680,7 @@ def train(config: TrainConfig) -> TrainResult:
         "before": before.to_dict() if before else None,
         "stage1": stage1.to_dict() if stage1 else None,
         "after": after.to_dict() if after else None,
-        "validation": _validation_report(data, config, dims, validation) if evaluator else None,
+        "validation": _validation_report(data, config, dims, validation, baseline, kept_input) if evaluator else None,
         "forgetting": forgetting_report(forgetting_before, forgetting_after, before, after)
         if forgetting_before and forgetting_after
         else None,
@@ -769,20 +787,28 @@ def validation_markdown(validation: dict[str, Any]) -> list[str]:
     """The validation section: size, selection rule and, per stage, the metric history and the best step."""
     metric, dim, patience = validation["metric"], validation["dim"], validation["patience"]
     stopping = f", early stopping after {patience} evaluations without gain" if patience else ""
+    objective = f"the gain in {metric} at {dim} dims" if dim else f"the mean gain in {metric} over the dims"
+    tolerance = validation.get("tolerance", 0.005)
     lines = [
         "",
         f"## Validation ({validation['queries']} training queries held out, {validation['fraction']:.0%})",
         "",
-        f"Best checkpoint chosen by {metric} at {dim} dims{stopping}; the published model is the best "
-        "checkpoint, not the last.",
+        f"Best checkpoint chosen by the never-worse rule: {objective}, among the checkpoints where no dim falls "
+        f"more than {tolerance} below the input model{stopping}; the published model is the best checkpoint, not "
+        "the last.",
     ]
+    if validation.get("input"):
+        lines += ["", "Input model: " + ", ".join(f"{d}d {v:.4f}" for d, v in validation["input"].items())]
+    if validation.get("kept_input"):
+        lines += ["", f"**The input model was published:** no checkpoint kept every dim within {tolerance} of it "
+                  "and gained."]  # fmt: skip
     for stage, record in validation["stages"].items():
         if not record:
             continue
         dims = list(record["history"][0][metric]) if record["history"] else []
         lines += [
             "",
-            f"### {stage}: best step {record['best_step']} ({metric} {record['best_metric']} at {dim}d), "
+            f"### {stage}: best step {record['best_step']} (rule objective {record['best_metric']}), "
             f"{record['steps_run']} of {record['max_steps']} steps run"
             + (" (stopped early)" if record["stopped_early"] else ""),
             "",

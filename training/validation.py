@@ -22,6 +22,26 @@ if TYPE_CHECKING:
 
 VALIDATION_SPLIT = "validation"
 METRIC_PREFIX = "eval_"
+RULE_KEY = "never_worse_gain"  # the best checkpoint's criterion (rule_objective), logged with every evaluation
+
+
+def rule_objective(
+    scores: dict[int, float], baseline: dict[int, float], tolerance: float, select_dim: int | None = None
+) -> float:
+    """The never-worse rule as one number the trainer maximises: the mean gain over the input model's
+    validation scores (or the gain at ``select_dim``) when no dim falls more than ``tolerance`` below the
+    input's, else below -1 (``-2`` plus the mean gain), so that any checkpoint that keeps every dim beats
+    any that does not. A checkpoint improves on the input only when it is above 0.
+    """
+    import math
+
+    if not baseline:
+        return 0.0
+    mean_gain = sum(scores[dim] - baseline[dim] for dim in baseline) / len(baseline)
+    broken = any(not math.isfinite(scores[dim]) or scores[dim] < baseline[dim] - tolerance for dim in baseline)
+    if broken:
+        return -2.0 + (mean_gain if math.isfinite(mean_gain) else -1.0)
+    return scores[select_dim] - baseline[select_dim] if select_dim is not None else mean_gain
 
 
 @dataclass

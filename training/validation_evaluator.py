@@ -12,8 +12,9 @@ from typing import TYPE_CHECKING, Any
 from sentence_transformers.base.evaluation.evaluator import BaseEvaluator
 
 from core.models import SentenceTransformerEncoder
+from training.adaptor import TOLERANCE
 from training.evaluate import evaluate
-from training.validation import VALIDATION_SPLIT, ValidationSet, metric_key
+from training.validation import RULE_KEY, VALIDATION_SPLIT, ValidationSet, metric_key, rule_objective
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -26,19 +27,42 @@ class MatryoshkaValidationEvaluator(BaseEvaluator):
     (and in TensorBoard when enabled); ``primary_metric`` drives best-checkpoint selection.
     """
 
-    def __init__(self, validation: ValidationSet, dims: list[int], metric: str, dim: int, batch_size: int) -> None:
+    def __init__(
+        self,
+        validation: ValidationSet,
+        dims: list[int],
+        metric: str,
+        dim: int | None,
+        batch_size: int,
+        tolerance: float = TOLERANCE,
+    ) -> None:
         super().__init__()
         self.validation = validation
         self.dims = dims
+        self.metric = metric
+        self.select_dim = dim  # None: the mean gain over the dims
+        self.tolerance = tolerance
         self.batch_size = batch_size
-        self.primary_metric = metric_key(dim, metric)
+        self.baseline: dict[int, float] | None = None  # the input model's metric per dim (set_baseline)
+        self.primary_metric = RULE_KEY
+
+    def scores(self, model: SentenceTransformer) -> dict[int, dict[str, float]]:
+        encoder = SentenceTransformerEncoder(model, "validation", self.batch_size, progress=False)
+        return evaluate(encoder, self.validation.dataset, VALIDATION_SPLIT, self.dims).by_dim
+
+    def set_baseline(self, model: SentenceTransformer) -> dict[int, float]:
+        """Score the input model, which every checkpoint is then judged against."""
+        self.baseline = {dim: values[self.metric] for dim, values in self.scores(model).items()}
+        return self.baseline
 
     def __call__(
         self, model: SentenceTransformer, output_path: str | None = None, epoch: int = -1, steps: int = -1
     ) -> dict[str, float]:
-        encoder = SentenceTransformerEncoder(model, "validation", self.batch_size, progress=False)
-        result = evaluate(encoder, self.validation.dataset, VALIDATION_SPLIT, self.dims)
-        return {metric_key(dim, name): value for dim, values in result.by_dim.items() for name, value in values.items()}
+        by_dim = self.scores(model)
+        metrics = {metric_key(dim, name): value for dim, values in by_dim.items() for name, value in values.items()}
+        metrics[RULE_KEY] = rule_objective({d: v[self.metric] for d, v in by_dim.items()}, self.baseline or {},
+                                           self.tolerance, self.select_dim)  # fmt: skip
+        return metrics
 
     @property
     def description(self) -> str:
