@@ -9,6 +9,7 @@ from benchmarks.backends import add_backends_parser
 from benchmarks.curves import add_curves_parser
 from benchmarks.encoders import add_encoders_parser
 from benchmarks.fairness import add_fairness_parser
+from benchmarks.formats import add_formats_parser
 from benchmarks.latency import add_latency_parser
 from benchmarks.passages import add_passages_parser
 from benchmarks.peers import add_peers_parser
@@ -39,3 +40,4 @@ def add_bench_parser(commands: argparse._SubParsersAction) -> None:
     add_writes_parser(actions)
     add_agreement_parser(actions)
     add_curves_parser(actions)
+    add_formats_parser(actions)

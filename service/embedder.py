@@ -27,7 +27,7 @@ from index.manifest import IndexManifest
 from service.batching import MicroBatcher, TextKind
 from service.cache import QueryCache
 from service.encoders import LoadedEncoder, load_encoder
-from service.errors import NotReady, UnknownDimension
+from service.errors import InvalidRequest, NotReady, UnknownDimension
 from service.limits import RequestLimits
 from service.metrics import NO_INDEX, ServiceMetrics
 from service.results import EmbeddingResult, ServedModel
@@ -79,6 +79,8 @@ class Embedder:
             cost=lambda text: min(len(text) // CHARS_PER_TOKEN + 2, longest),  # before tokenizing: an estimate
         )
         self._query_prompt = query_prompt
+        # The int8 ranges of a dim, from the served index's corpus (the Searcher sets it; None: embeddings only).
+        self.calibration: Callable[[int], np.ndarray] | None = None
         size = settings.query_cache_size
         self._query_cache = QueryCache(size, metrics.query_cache) if size else None
         metrics.queued_texts.set_function(lambda: self.batcher.pending)
@@ -161,6 +163,19 @@ class Embedder:
         # On the encoder's thread, as token counting: a tokenizer is not to be used from two threads at once.
         texts = await self.batcher.run_on_encoder_thread(encoder.decode_tokens, arrays)
         return await self._embed(texts, dim, kind)
+
+    def int8_ranges(self, dim: int) -> np.ndarray:
+        """The int8 calibration of ``dim``: each coordinate's range over the served corpus (computed once a dim).
+
+        Raises:
+            InvalidRequest: No index is served, so there is no corpus to calibrate on.
+        """
+        if self.calibration is None:
+            raise InvalidRequest(
+                "encoding_format int8 maps each coordinate from its range over the served index's corpus, and this "
+                "server serves embeddings only (no index): use float, base64 or ubinary, or serve an index"
+            )
+        return self.calibration(dim)
 
     def _dim(self, dimensions: int | None) -> int:
         served = self.served

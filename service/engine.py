@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from core.quantization import int8_ranges
 from index.backends import EngineUnavailable
 from index.calibration import K, PseudoQueries
 from index.filters import FilterError, SearchFilter, parse_filter
@@ -119,6 +120,8 @@ class Searcher:
             max_seq_length=model.max_seq_length,
             query_prompt=model.query_prompt,  # the encoder was loaded with it
         )
+        self.embedder.calibration = self._int8_ranges
+        self._ranges: dict[tuple[str, int], np.ndarray] = {}
         metrics.set_index(_index_sizes(index))
         self._publish_serving(index)
 
@@ -393,6 +396,15 @@ class Searcher:
         self._plans, self._live = plans, LiveLatency()
         self.shadow.reset()
         self.metrics.set_plans({p.key: p.agreement_at_10 for p in plans.plans if p.agreement_at_10 is not None})
+
+    def _int8_ranges(self, dim: int) -> np.ndarray:
+        """Each coordinate's range at ``dim`` over the served version's corpus (a sample), computed once a version."""
+        with self._slot.acquire() as index:
+            key = (index.manifest.version, dim)
+            if key not in self._ranges:
+                self._ranges = {k: v for k, v in self._ranges.items() if k[0] == key[0]}  # an older version's: gone
+                self._ranges[key] = int8_ranges(index.vectors, dim, count=index.manifest.num_vectors)
+            return self._ranges[key]
 
     def _search_full(self, sample: Sample) -> tuple[str, list[list[str]]]:
         """The shadow's reference: the sample's queries searched at the full dim, single-stage, as a request would."""

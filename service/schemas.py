@@ -9,6 +9,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from core.quantization import QUANTISED, quantize
 from service.results import EmbeddingResult, IndexInfo, ReloadOutcome, SearchResult, ServedModel
 
 DIM_DESCRIPTION = "Matryoshka dimension to search at; one of those listed by GET /dims (default: the largest)"
@@ -210,8 +211,12 @@ class EmbeddingRequest(BaseModel):
     dimensions: int | None = Field(
         None, description="Matryoshka dimension (see GET /dims); truncated, then re-normalised", examples=[256]
     )
-    encoding_format: Literal["float", "base64"] = Field(
-        "float", description="`base64`: little-endian float32 bytes, as OpenAI's clients request by default"
+    encoding_format: Literal["float", "base64", "int8", "ubinary"] = Field(
+        "float",
+        description="`base64`: little-endian float32 bytes, as OpenAI's clients request by default; `int8`: each "
+        "coordinate of the vector at `dimensions` mapped from its range over the served index's corpus onto -128 to "
+        "127 (needs an index); `ubinary`: one sign bit per coordinate, packed eight to a byte (`dimensions` / 8 "
+        "integers 0 to 255; compare with the Hamming distance)",
     )
     input_type: Literal["query", "document"] = Field(
         "document", description="extension: encode with the model's query or document prompt"
@@ -275,7 +280,9 @@ def _input_kind(item: Any) -> str | None:
 class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str = Field(description="unit-length vector, or its base64 float32 bytes")
+    embedding: list[float] | list[int] | str = Field(
+        description="unit-length vector, its base64 float32 bytes, or its int8 / packed-bit quantisation"
+    )
 
 
 class Usage(BaseModel):
@@ -290,12 +297,17 @@ class EmbeddingResponse(BaseModel):
     usage: Usage
 
     @classmethod
-    def of(cls, result: EmbeddingResult, encoding: str) -> EmbeddingResponse:
-        data = [EmbeddingData(index=i, embedding=_encode_vector(row, encoding)) for i, row in enumerate(result.vectors)]
+    def of(cls, result: EmbeddingResult, encoding: str, ranges: np.ndarray | None = None) -> EmbeddingResponse:
+        vectors = result.vectors
+        if encoding in QUANTISED:
+            vectors = quantize(vectors, encoding, ranges)
+        data = [EmbeddingData(index=i, embedding=_encode_vector(row, encoding)) for i, row in enumerate(vectors)]
         return cls(data=data, model=result.model, usage=Usage(prompt_tokens=result.tokens, total_tokens=result.tokens))
 
 
-def _encode_vector(row: np.ndarray, encoding: str) -> list[float] | str:
+def _encode_vector(row: np.ndarray, encoding: str) -> list[float] | list[int] | str:
+    if encoding in QUANTISED:
+        return row.astype(int).tolist()
     if encoding == "base64":
         return base64.b64encode(np.asarray(row, dtype="<f4").tobytes()).decode("ascii")
     return row.astype(float).tolist()

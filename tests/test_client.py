@@ -100,9 +100,15 @@ def test_embed_takes_token_ids_sync_and_async(server):
         assert refused.value.status == 422 and refused.value.type == "invalid_request"
         assert refused.value.message == "input[1][0]: token id 99 is outside the model's vocabulary (0..7)"
         expected = client.embed(["rash", "pain"], dimensions=2, input_type="query")
+        assert client.embed(["fever", "cough rash"], dimensions=8, encoding_format="ubinary") == [[128], [96]]
+        codes = client.embed(["fever"], dimensions=8, encoding_format="int8")
+        assert len(codes[0]) == 8 and all(-128 <= c <= 127 and isinstance(c, int) for c in codes[0])
+        with pytest.raises(ValueError, match="use float, int8 or ubinary"):
+            client.embed("fever", encoding_format="binary")
 
     async def run():
         async with AsyncMrlClient(server.url) as client:
-            return await client.embed([[2], [3]], dimensions=2, input_type="query")
+            bits = await client.embed(["fever"], dimensions=8, encoding_format="ubinary")
+            return await client.embed([[2], [3]], dimensions=2, input_type="query"), bits
 
-    assert asyncio.run(run()) == expected
+    assert asyncio.run(run()) == (expected, [[128]])

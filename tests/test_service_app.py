@@ -198,6 +198,27 @@ def test_embeddings_list_input_base64_and_query_prompt(client):
     np.testing.assert_array_equal(vectors[1], np.eye(8)[5])
 
 
+def test_embeddings_quantised_to_int8_with_the_corpus_ranges_and_to_packed_bits(client, keyword_index: Path):
+    from core.quantization import int8_ranges
+    from index.loaded import open_index
+
+    texts = ["fever and rash", "sleep", "allergy pain pain"]
+    floats = np.array([d["embedding"] for d in client.post("/v1/embeddings", json={"input": texts}).json()["data"]])
+    index = open_index(keyword_index, device="cpu", lease=False)
+    ranges = int8_ranges(index.vectors, 8)
+    index.close()
+    body = client.post("/v1/embeddings", json={"input": texts, "dimensions": 8, "encoding_format": "int8"}).json()
+    codes = np.array([d["embedding"] for d in body["data"]])
+    low, high = ranges
+    expected = ((np.clip(floats, low, high) - low) / ((high - low) / 255) - 128).astype(np.int8)
+    np.testing.assert_allclose(codes, expected, atol=1)  # each coordinate mapped from its corpus range (± rounding)
+    assert codes.min() >= -128 and codes.max() <= 127
+    bits = client.post("/v1/embeddings", json={"input": texts, "dimensions": 8, "encoding_format": "ubinary"}).json()
+    packed = np.array([d["embedding"] for d in bits["data"]])
+    assert packed.shape == (3, 1)  # 8 coordinates, one byte
+    np.testing.assert_array_equal(packed, np.packbits(floats > 0, axis=1))
+
+
 def test_embeddings_dimensions_are_validated(client):
     assert_error(
         client.post("/v1/embeddings", json={"input": "fever", "dimensions": 3}),
@@ -284,7 +305,8 @@ def test_malformed_json_is_422(client, content: bytes, fragment: str):
         ({"input": [0] * 2001}, "input holds 2001 token ids; at most 2000 are allowed"),
         ({"input": [[0]] * 65}, "at most 64 input token arrays per request, got 65"),
         ({"input": "fever", "dimensions": "big"}, "body field 'dimensions': Input should be a valid integer"),
-        ({"input": "fever", "encoding_format": "int8"}, "body field 'encoding_format'"),
+        ({"input": "fever", "encoding_format": "int4"}, "body field 'encoding_format'"),
+        ({"input": "fever", "dimensions": 4, "encoding_format": "ubinary"}, "dimensions 4 is not a multiple of 8"),
         ({"input": ["fine", "x" * 2001]}, "input 1 is 2001 characters long"),
         ({}, "body field 'input': Field required"),
     ],

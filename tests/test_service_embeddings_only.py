@@ -48,6 +48,10 @@ def test_a_model_alone_serves_embeddings_and_models_and_refuses_search(tmp_path:
         found = vectors(client.post("/v1/embeddings", json={"input": ["fever", "cough rash"], "dimensions": 4}))
         np.testing.assert_allclose(found, [[1, 0, 0, 0], [0, 1 / np.sqrt(2), 1 / np.sqrt(2), 0]], atol=1e-7)
         assert (vectors(client.post("/v1/embeddings", json={"input": [[0], [1, 2]], "dimensions": 4})) == found).all()
+        bits = client.post("/v1/embeddings", json={"input": ["fever"], "dimensions": 8, "encoding_format": "ubinary"})
+        assert bits.json()["data"][0]["embedding"] == [128]  # the first coordinate alone is positive
+        assert_error(client.post("/v1/embeddings", json={"input": "fever", "encoding_format": "int8"}), 422,
+                     "invalid_request", "serves embeddings only (no index): use float, base64 or ubinary")  # fmt: skip
         (card,) = client.get("/v1/models").json()["data"]
         assert (card["id"], card["dimensions"], card["default_dimensions"]) == (MODEL_NAME, [8, 4, 2], 8)
         assert card["index_version"] is None and client.get(f"/v1/models/{MODEL_NAME}").json() == card

@@ -80,18 +80,30 @@ def _embed_input(texts: EmbeddingInput) -> str | list[Any]:
     return [item if isinstance(item, (str, int)) else list(item) for item in texts]
 
 
-def _embed_call(texts: EmbeddingInput, dimensions: int | None, input_type: str) -> _Call:
-    body: dict[str, Any] = {"input": _embed_input(texts), "encoding_format": "base64"}
+QUANTISED = ("int8", "ubinary")
+
+
+def _embed_call(texts: EmbeddingInput, dimensions: int | None, input_type: str, encoding: str = "float") -> _Call:
+    if encoding not in ("float", *QUANTISED):
+        raise ValueError(f"encoding_format {encoding!r}: use float, int8 or ubinary")
+    body: dict[str, Any] = {
+        "input": _embed_input(texts),
+        "encoding_format": "base64" if encoding == "float" else encoding,
+    }
     body["input_type"] = input_type
     if dimensions is not None:
         body["dimensions"] = dimensions
     return _Call("POST", "/v1/embeddings", body=body)
 
 
-def _vectors(answer: dict[str, Any]) -> list[list[float]]:
-    """The embeddings of an answer in request order, from base64 little-endian float32."""
+def _vectors(answer: dict[str, Any]) -> list[list[float]] | list[list[int]]:
+    """The embeddings of an answer in request order, from base64 little-endian float32 (or as sent: int8 codes,
+    packed bits)."""
     vectors = []
     for item in sorted(answer["data"], key=lambda item: item["index"]):
+        if isinstance(item["embedding"], list):
+            vectors.append(item["embedding"])
+            continue
         raw = base64.b64decode(item["embedding"])
         vectors.append(list(struct.unpack(f"<{len(raw) // 4}f", raw)))
     return vectors
@@ -148,14 +160,21 @@ class MrlClient:
         return SearchResponse.model_validate(self._send(call))
 
     def embed(
-        self, texts: EmbeddingInput, *, dimensions: int | None = None, input_type: str = "document"
-    ) -> list[list[float]]:
+        self,
+        texts: EmbeddingInput,
+        *,
+        dimensions: int | None = None,
+        input_type: str = "document",
+        encoding_format: str = "float",
+    ) -> list[list[float]] | list[list[int]]:
         """Unit-length embeddings at ``dimensions`` (default: the full dim), one per text.
 
         ``texts``: a text, a list of texts, or texts as token ids of the served model's tokenizer: one list of
-        ids (one text) or a list of such lists.
+        ids (one text) or a list of such lists. ``encoding_format``: ``float``, or ``int8`` (codes -128..127,
+        each coordinate mapped from its range over the served corpus) or ``ubinary`` (sign bits packed eight
+        to an integer 0..255).
         """
-        return _vectors(self._send(_embed_call(texts, dimensions, input_type)))
+        return _vectors(self._send(_embed_call(texts, dimensions, input_type, encoding_format)))
 
     def upsert(self, documents: Sequence[Mapping[str, Any]]) -> WriteResponse:
         """Add or replace documents (``{"id", "text", "title"?, "metadata"?}``) on a writable server; durable and
@@ -221,9 +240,14 @@ class AsyncMrlClient:
         return SearchResponse.model_validate(await self._send(call))
 
     async def embed(
-        self, texts: EmbeddingInput, *, dimensions: int | None = None, input_type: str = "document"
-    ) -> list[list[float]]:
-        return _vectors(await self._send(_embed_call(texts, dimensions, input_type)))
+        self,
+        texts: EmbeddingInput,
+        *,
+        dimensions: int | None = None,
+        input_type: str = "document",
+        encoding_format: str = "float",
+    ) -> list[list[float]] | list[list[int]]:
+        return _vectors(await self._send(_embed_call(texts, dimensions, input_type, encoding_format)))
 
     async def upsert(self, documents: Sequence[Mapping[str, Any]]) -> WriteResponse:
         return WriteResponse.model_validate(await self._send(_upsert_call(documents)))
