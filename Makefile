@@ -91,10 +91,16 @@ bench: bench-models $(RUNS)/scifact-index/current
 	$(BIN)/mrl bench backends --data $(DATASETS)/scifact --out $(BENCH)
 	$(BIN)/mrl bench passages --data $(DATASETS)/medquad_pages --out $(BENCH)
 	$(BIN)/mrl bench writes --index $(RUNS)/scifact-index --data $(DATASETS)/medquad --out $(BENCH)
+	$(BIN)/mrl bench agreement --datasets-root $(DATASETS) --models base,$(MODELS)/medquad --out $(BENCH)
+	$(BIN)/mrl bench latency --index $(RUNS)/scifact-index --queries $(DATASETS)/scifact --dims 64 --encoders onnx \
+		--concurrency 1,16 --requests 1000 --warmup 50 --shadow-fractions 0,0.02,1,0 --no-in-process --out $(BENCH)/shadow
+	$(BIN)/mrl bench formats --data $(DATASETS)/scifact --out $(BENCH)
+	$(BIN)/mrl bench curves --data $(DATASETS)/medquad $(DATASETS)/scifact $(DATASETS)/medquad_pages \
+		--sizes 50,200,1000 --max-finetune 50 --max-docs 2000 --adaptor-steps 200 --out $(BENCH)/curves
 	$(MAKE) bench-strategies
 	mkdir -p $(FIGURES)
 	cp $(BENCH)/quality_vs_dim.png $(BENCH)/quality_vs_latency.png $(BENCH)/scaling.png $(BENCH)/backends.png $(BENCH)/peers.png \
-		$(BENCH)/passages.png $(FIGURES)/
+		$(BENCH)/passages.png $(BENCH)/agreement.png $(BENCH)/curves/curves.png $(FIGURES)/
 
 # Full fine-tuning vs frozen lower layers vs LoRA, each direction with the other dataset as the forgetting
 # check. 2 epochs on SciFact's 919 pairs / 384 of MedQuAD's; both test splits scored on 1,000 queries and
