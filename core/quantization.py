@@ -7,8 +7,9 @@ quantising itself is that library's.
 
 - ``int8``: each coordinate mapped linearly from its corpus range onto -128 … 127 (values outside it
   are clipped), so that coordinates with a narrow range keep their resolution;
-- ``ubinary``: one bit per coordinate, 1 when it is above 0, packed eight to a byte (``dim / 8``
-  values 0 … 255, the first coordinate in the highest bit); compare with the Hamming distance.
+- ``ubinary``: one bit per coordinate, 1 when it is above 0, packed eight to a byte (``ceil(dim / 8)``
+  values 0 … 255, the first coordinate in the highest bit, the last byte's unused bits 0); compare
+  with the Hamming distance.
 """
 
 from __future__ import annotations

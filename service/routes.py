@@ -148,9 +148,6 @@ async def embeddings(request: Request, embedder: EmbedderDep, body: EmbeddingReq
         result = await embedder.embed(body.texts(), body.dimensions, body.input_type)
     label_dim(request, result.dim)
     ranges = None
-    if body.encoding_format == "ubinary" and result.dim % 8:
-        raise InvalidRequest(f"encoding_format ubinary packs 8 coordinates to a byte: dimensions {result.dim} is not a "
-                             "multiple of 8; ask for another dim (GET /v1/models) or another format")  # fmt: skip
     if body.encoding_format == "int8":
         ranges = await asyncio.to_thread(embedder.int8_ranges, result.dim)
     return EmbeddingResponse.of(result, body.encoding_format, ranges)

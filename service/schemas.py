@@ -215,8 +215,8 @@ class EmbeddingRequest(BaseModel):
         "float",
         description="`base64`: little-endian float32 bytes, as OpenAI's clients request by default; `int8`: each "
         "coordinate of the vector at `dimensions` mapped from its range over the served index's corpus onto -128 to "
-        "127 (needs an index); `ubinary`: one sign bit per coordinate, packed eight to a byte (`dimensions` / 8 "
-        "integers 0 to 255; compare with the Hamming distance)",
+        "127 (needs an index); `ubinary`: one sign bit per coordinate, packed eight to a byte (ceil(`dimensions` / 8) "
+        "integers 0 to 255, unused bits of the last 0; compare with the Hamming distance)",
     )
     input_type: Literal["query", "document"] = Field(
         "document", description="extension: encode with the model's query or document prompt"
