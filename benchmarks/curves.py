@@ -282,7 +282,8 @@ def curves_markdown(report: dict[str, Any]) -> str:
                     change = scores[dim] - base["scores"][view][dim]
                     cells.append(f"{scores[dim]:.3f}" if row is base else f"{scores[dim]:.3f} ({change:+.3f})")
                 small = dims[-2] if len(dims) > 1 else dims[0]
-                kept = " (input kept)" if row.get("kept_input") else ""
+                unchanged = row.get("kept_input") or (row.get("init") == "identity" and row.get("step") == 0)
+                kept = " (input kept)" if unchanged else ""
                 lines.append(markdown_row([
                     row["recipe"] + kept, str(row["questions"]), *cells,
                     "–" if row is base else ("✓" if never_worse(row, base, view) else "✗"),

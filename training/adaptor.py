@@ -38,6 +38,7 @@ STARTS = ("pca", "identity")  # in this order, so that a tie on validation keeps
 INITS = (*STARTS, "auto")  # auto: fit from each start, keep the better on validation
 NEIGHBOURS = 10
 TOLERANCE = 0.005  # the never-worse rule: a step qualifies only if no dim loses more than this on validation
+MIN_GAIN = 0.001  # a mean gain smaller than this is no gain (validation figures are rounded to 4 places)
 
 
 @dataclass
@@ -310,9 +311,9 @@ def fit_cross_validated(
             gain = rule_gain(mean, mean_input, config.tolerance, config.select_dim)
             if gain is not None and not _holds_across_folds(folds, inputs, step, dims, config.tolerance):
                 gain = None
-            if gain is not None and gain > 0 and gain > gains.get(start, 0.0):
+            if gain is not None and gain >= MIN_GAIN and gain > gains.get(start, 0.0):
                 gains[start] = gain
-            if gain is not None and gain > 0 and (best is None or gain > best[0]):
+            if gain is not None and gain >= MIN_GAIN and (best is None or gain > best[0]):
                 best = (gain, start, step)
             if progress:
                 progress(step, {"step": step, "loss": 0.0, f"{start} mean {config.metric}": mean})
@@ -458,7 +459,7 @@ def _fit_from(
 def _consider(fit: AdaptorFit, step: int, weight: np.ndarray, scores: dict[int, float], config: AdaptorConfig) -> bool:
     """Keep ``weight`` if it beats the fit's kept map under the never-worse rule; True when kept."""
     gain = rule_gain(scores, fit.input_scores, config.tolerance, config.select_dim)
-    if gain is None or gain <= (fit.best_metric or 0.0):
+    if gain is None or gain < MIN_GAIN or gain <= (fit.best_metric or 0.0):
         return False
     fit.best_metric, fit.best_step, fit.weight, fit.kept_input = gain, step, weight, False
     fit.chosen_scores = dict(scores)
