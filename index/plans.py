@@ -122,11 +122,11 @@ def evaluate_plans(
     """
     dims = sorted(indexes, reverse=True)
     full = dims[0]
-    score = _scorer(indexes, full_vectors, doc_ids, queries, judged, grouped, exclude)
+    score, known = _scorer(indexes, full_vectors, doc_ids, queries, judged, grouped, exclude)
 
     def timed(dim: int, rerank_dim: int | None = None, candidates: int = 1) -> float:
         sample = queries[:TIMED_QUERIES]
-        group = doc_ids if grouped else None
+        group = (lambda rows: [known.get(row) or doc_ids([row])[0] for row in rows]) if grouped else None
         seconds = []
         for number in range(len(sample)):
             started = time.perf_counter()
@@ -157,8 +157,9 @@ def _scorer(
     judged: JudgedQueries,
     grouped: bool,
     exclude: Mapping[str, str] | None,
-) -> Callable[..., dict[str, float]]:
-    """``score(dim, rerank_dim=None, candidates=1)``: a plan's metrics over the judged queries."""
+) -> tuple[Callable[..., dict[str, float]], dict[int, str]]:
+    """``score(dim, rerank_dim=None, candidates=1)``: a plan's metrics over the judged queries; and the document
+    ids of the rows scored so far (row -> id), which the timing reuses."""
     known: dict[int, str] = {}
     k = K + (1 if grouped else EXCLUDE_SLACK) if exclude else K
 
@@ -173,7 +174,15 @@ def _scorer(
             rankings[qid] = [known[int(row)] for row in rows if row >= 0 and known[int(row)] != left_out][:K]
         return score_rankings(rankings, judged.qrels)
 
-    return score
+    return score, known
+
+
+def _agreement_targets(
+    pseudo: PseudoQueries, full_vectors: np.ndarray, queries: np.ndarray, doc_ids: Callable[[list[int]], list[str]]
+) -> tuple[JudgedQueries, dict[str, str] | None]:
+    """The pseudo-queries judged by the full dim's exact ranking, and each one's own document to leave out."""
+    judged = JudgedQueries(pseudo.ids, pseudo.texts, agreement_judgements(pseudo, full_vectors, queries, doc_ids))
+    return judged, dict(zip(pseudo.ids, pseudo.sources, strict=True)) if pseudo.held_out else None
 
 
 def calibrate_plans(
@@ -190,8 +199,7 @@ def calibrate_plans(
     ``queries`` are the pseudo-queries' full-dim vectors. A plan's ``ratio`` (what ``min_quality``
     compares) is its agreement@10 with the exact full-dim ranking, not a fraction of the full dim's plan.
     """
-    judged = JudgedQueries(pseudo.ids, pseudo.texts, agreement_judgements(pseudo, full_vectors, queries, doc_ids))
-    exclude = dict(zip(pseudo.ids, pseudo.sources, strict=True)) if pseudo.held_out else None
+    judged, exclude = _agreement_targets(pseudo, full_vectors, queries, doc_ids)
     plans = evaluate_plans(indexes, full_vectors, doc_ids, queries, judged, bytes_by_dim, grouped, exclude)
     return [
         replace(
@@ -217,9 +225,8 @@ def with_agreement(
     grouped: bool = False,
 ) -> list[Plan]:
     """``plans`` (measured otherwise) with each one's agreement with the full dim on ``pseudo`` queries added."""
-    judged = JudgedQueries(pseudo.ids, pseudo.texts, agreement_judgements(pseudo, full_vectors, queries, doc_ids))
-    exclude = dict(zip(pseudo.ids, pseudo.sources, strict=True)) if pseudo.held_out else None
-    score = _scorer(indexes, full_vectors, doc_ids, queries, judged, grouped, exclude)
+    judged, exclude = _agreement_targets(pseudo, full_vectors, queries, doc_ids)
+    score, _ = _scorer(indexes, full_vectors, doc_ids, queries, judged, grouped, exclude)
     scored = []
     for plan in plans:
         metrics = score(plan.dim, plan.rerank_dim, plan.candidates or 1)
