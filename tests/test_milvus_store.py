@@ -127,6 +127,43 @@ def test_long_documents_are_stored_in_parts_and_read_back_whole(data, milvus_lit
         loaded.close()
 
 
+def test_passages_come_back_from_milvus_with_their_document_and_span(milvus_lite_uri, backend, tmp_path):
+    """A long document is split into passages at build time; every hit read back from Milvus names its
+    document and its character span, and the span cut from the document is the passage's text."""
+    from tests.conftest import write_beir
+    from tests.helpers.service import corpus
+
+    paragraph = (
+        "A fever is common in children and usually passes within a few days. Give fluids, let them rest, and "
+        "watch for a rash or a stiff neck, which need a doctor at once. A fever with cough can mean a chest "
+        "infection; a fever after travel needs a doctor too."
+    )
+    text = "\n\n".join(f"Part {number}. {paragraph}" for number in range(12))
+    documents = [*corpus(), {"_id": "long", "title": "The long leaflet", "text": text, "metadata": {"topic": "x"}}]
+    data = write_beir(tmp_path / "data", documents, [{"_id": "q", "text": "fever"}], {})
+    _, manifest = keyword_build(data, milvus_lite_uri, "passages", tmp_path)
+    loaded = store_for(backend, "passages").open(manifest.version)
+    try:
+        query = KeywordEncoder(VOCABULARY).encode_queries(["fever"])
+        low, high = min(DIMS), max(DIMS)
+        for dim, rerank_dim in [*((dim, None) for dim in DIMS), (low, high)]:
+            rows = staged_search(loaded.indexes[dim], loaded.vectors, query, dim, 12, rerank_dim, 2).rows[0]
+            hits = loaded.store.get(rows[rows >= 0].tolist())
+            passages = [hit for hit in hits if hit.doc_id == "long"]
+            assert len(passages) >= 2, (dim, rerank_dim)  # several passages of the long document outscore d0
+            for hit in passages:
+                assert hit.id.startswith("long#") and hit.parent == "long"
+                assert (hit.title, hit.metadata) == ("The long leaflet", {"topic": "x"})
+                start, end = hit.span
+                assert 0 <= start < end <= len(text) and text[start:end] == hit.text
+        row = {document.id: row for row, document in enumerate(loaded.store.get(list(range(40)))) if document}
+        assert sum(1 for id in row if id.startswith("long#")) > 2  # split into several passages
+        whole = loaded.store.get([row["d0"]])[0]
+        assert (whole.parent, whole.doc_id, whole.span) == (None, "d0", (0, len(whole.text)))
+    finally:
+        loaded.close()
+
+
 def test_old_versions_are_pruned_but_never_a_leased_one(data, milvus_lite_uri, backend, tmp_path):
     _, first = keyword_build(data, milvus_lite_uri, "pruned", tmp_path, keep_versions=1)
     store = store_for(backend, "pruned")
