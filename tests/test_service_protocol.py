@@ -42,9 +42,11 @@ def local_settings(root: Path, **overrides: object) -> ServiceSettings:
     return ServiceSettings(**{**values, **overrides})
 
 
-@pytest.fixture(scope="module")
-def server(keyword_index: Path):
-    with live_server(local_settings(keyword_index, keep_alive_s=1)) as running:
+@pytest.fixture(scope="module", params=["httptools", "h11"])
+def server(keyword_index: Path, request: pytest.FixtureRequest):
+    """A server with each HTTP protocol: every socket-level test below runs on both parsers."""
+    settings = local_settings(keyword_index, keep_alive_s=1, header_timeout_s=1, max_header_bytes=8192, http=request.param)
+    with live_server(settings) as running:
         yield running
 
 
@@ -198,6 +200,98 @@ def test_other_malformed_requests_keep_the_generic_400(server: LiveServer):
     assert status == 400
     assert body["error"]["type"] == "bad_request"
     assert body["error"]["message"].startswith("malformed HTTP request")
+
+
+def test_a_huge_url_or_header_is_400_in_the_json_body(server: LiveServer):
+    for request in (
+        # h11 checks its limit only while a head is incomplete: a whole head read at once passes it, so these
+        # are larger than a read (asyncio reads up to 256 KiB); httptools counts every head it parses
+        b"GET /search?q=" + b"a" * 1_000_000 + b" HTTP/1.1\r\nHost: x\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"a" * 1_000_000 + b"\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: x\r\n" + b"X-Many: a\r\n" * 100_000 + b"\r\n",  # many small ones
+    ):
+        status, body = status_and_json(exchange(server, request))
+        assert (status, body["error"]["type"]) == (400, "bad_request")
+        assert "8192 bytes" in body["error"]["message"]
+
+
+def test_a_head_just_within_the_limit_is_answered(server: LiveServer):
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Fill: " + b"a" * 7_000 + b"\r\nConnection: close\r\n\r\n"
+    assert exchange(server, request).startswith(b"HTTP/1.1 200 ")
+
+
+def test_an_endless_header_is_refused_before_it_ends(server: LiveServer):
+    """Without a blank line the head never completes: it is refused once more than the limit has arrived."""
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:
+        sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Endless: ")
+        try:
+            for _ in range(20):
+                sock.sendall(b"a" * 1024)
+                time.sleep(0.01)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        received = b""
+        try:
+            while chunk := sock.recv(65536):
+                received += chunk
+        except ConnectionResetError:
+            pass
+    if received:  # the answer can be lost to a reset when the client is still sending
+        status, body = status_and_json(received)
+        assert (status, body["error"]["type"]) == (400, "bad_request")
+
+
+def test_a_client_that_sends_nothing_gets_408_after_the_head_deadline(server: LiveServer):
+    started = time.monotonic()
+    status, body = status_and_json(exchange(server, b""))
+    assert (status, body["error"]["type"]) == (408, "request_timeout")
+    assert 0.8 < time.monotonic() - started < 5
+
+
+def test_a_head_sent_a_byte_at_a_time_is_closed_at_the_deadline(server: LiveServer):
+    request = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    started = time.monotonic()
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        try:
+            for byte in request[:-4]:  # never the blank line that ends the head
+                sock.sendall(bytes([byte]))
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        answer = sock.recv(65536)
+    assert time.monotonic() - started < 5
+    assert answer.startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_kept_alive_connection_serves_again_then_times_out_its_next_head(server: LiveServer):
+    with socket.create_connection((server.host, server.port), timeout=10) as sock:
+        for _ in range(3):
+            sock.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            answer = b""
+            while not answer.endswith(b"}"):  # the head and the body may come in separate reads
+                answer += sock.recv(65536)
+            assert answer.startswith(b"HTTP/1.1 200 ")
+        started = time.monotonic()
+        received = b""
+        while chunk := sock.recv(65536):
+            received += chunk
+    # keep-alive (1 s) then the head deadline (1 s): uvicorn's keep-alive timer closes it quietly first
+    assert time.monotonic() - started < 5
+    assert received in (b"",) or received.startswith(b"HTTP/1.1 408 ")
+
+
+def test_pipelined_requests_are_answered_in_order(server: LiveServer):
+    one = b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"
+    last = b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    response = exchange(server, one + one + last)
+    assert response.count(b"HTTP/1.1 200 ") == 3
+
+
+def test_auto_is_httptools_and_h11_can_be_asked_for():
+    from service.protocol import GuardedH11Protocol, GuardedHttpToolsProtocol, protocol_class
+
+    assert protocol_class("auto", 1.0, 8192).func is GuardedHttpToolsProtocol
+    assert protocol_class("h11", 1.0, 8192).func is GuardedH11Protocol
 
 
 # --- the shutdown deadline ------------------------------------------------------------------
