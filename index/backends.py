@@ -120,6 +120,7 @@ class FaissIndex:
 
     backend = "faiss-cpu"
     device = "cpu"
+    _mapped = False  # loaded memory-mapped from a file
 
     def __init__(self, index, plan: IndexPlan) -> None:  # index: faiss.Index
         self.plan = plan
@@ -147,9 +148,17 @@ class FaissIndex:
 
     @classmethod
     def load(cls, path: Path, plan: IndexPlan) -> FaissIndex:
+        """Open a saved index, memory-mapped read-only: its vectors (or codes) stay in the page cache, shared
+        by every process that opens the same file (``mrl serve --workers``) instead of copied into each.
+
+        FAISS maps the codes of flat, SQ and PQ indexes, the storage of HNSW and the lists of IVF indexes;
+        an HNSW graph and IVF centroids are read into memory. A mapped index takes no more vectors.
+        """
         import faiss
 
-        return cls(faiss.read_index(str(path)), plan)
+        loaded = cls(faiss.read_index(str(path), faiss.IO_FLAG_MMAP_IFC), plan)
+        loaded._mapped = loaded.device == "cpu"  # a GPU copy is its own
+        return loaded
 
     def save(self, path: Path) -> None:
         """Write the index file through Python's I/O, so a full disk or a read-only folder is an ``OSError``
@@ -183,6 +192,8 @@ class FaissIndex:
         return int(self._index.d)
 
     def add(self, vectors: np.ndarray) -> None:
+        if self._mapped:  # FAISS would abort the whole process on a mapped vector's resize
+            raise TypeError("a memory-mapped index is read-only: build a new one to add vectors")
         self._index.add(np.ascontiguousarray(vectors, dtype=np.float32))
 
     def search(self, queries: np.ndarray, k: int, where: SearchFilter | None = None) -> tuple[np.ndarray, np.ndarray]:

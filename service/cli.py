@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import errno
 import logging
+import signal
 import socket
 import sys
+from collections.abc import Callable
 from typing import Any
 
 from core.errors import ConfigError
@@ -91,7 +94,7 @@ def settings_from_args(args: argparse.Namespace) -> Any:
 
 def run_serve(args: argparse.Namespace) -> int:
     """Load the index and model (or the model alone), listen, then serve; a failure to load or to listen is one
-    line and exit code 2.
+    line and exit code 2. With ``--workers N`` (N > 1), N processes serve on one port (:mod:`service.workers`).
 
     Raises:
         ServeError: Settings, index, model or address that do not work.
@@ -105,11 +108,29 @@ def run_serve(args: argparse.Namespace) -> int:
         use_json_logs()
     if settings.deprecated_spelling:
         print(f"mrl: warning: {settings.deprecated_spelling}", file=sys.stderr)
-    asyncio.run(_serve(settings))
+    if settings.workers > 1:
+        from service.workers import serve_workers
+
+        logging.basicConfig(level=settings.log_level.upper(), format="%(levelname)s:     %(message)s")
+        return serve_workers(settings, listening_sockets, serve)
+    asyncio.run(serve(settings))
     return 0
 
 
-async def _serve(settings: Any) -> None:
+async def serve(
+    settings: Any, sockets: list[socket.socket] | None = None, on_ready: Callable[[], None] | None = None
+) -> None:
+    """Load, then serve ``settings`` until a signal to stop.
+
+    Args:
+        settings: The service settings.
+        sockets: Listening sockets to serve on (a worker's, inherited); ``None`` binds the settings' address
+            once the index and model are loaded.
+        on_ready: Called once the server answers (a worker tells its supervisor).
+
+    Raises:
+        ServeError: The index or model cannot be loaded, or the address cannot be bound.
+    """
     import uvicorn
 
     from core.errors import MrlError
@@ -128,14 +149,53 @@ async def _serve(settings: Any) -> None:
             await open_searcher(app)  # before listening, so that a bad index or model ends here in one line
         except MrlError as exc:  # a bad index or model, an engine that does not answer, a wrong dimension
             raise ServeError(f"cannot serve: {exc}") from None
+    if sockets is None:
+        try:
+            sockets = listening_sockets(settings.host, settings.port)  # after loading: no connection waits on it
+        except ServeError:
+            await app.state.service.close()  # the lifespan never runs now: release the encoder and index lease
+            raise
+        for sock in sockets:
+            logger.info("listening on %s", _url(sock.getsockname()))
+    server = uvicorn.Server(uvicorn_config(app, settings))
+    watchers = [asyncio.create_task(_reload_on_sighup(app))]
+    if on_ready is not None:
+        watchers.append(asyncio.create_task(_when_started(server, on_ready)))
     try:
-        sockets = listening_sockets(settings.host, settings.port)  # after loading: no connection waits on a load
-    except ServeError:
-        await app.state.service.close()  # the lifespan never runs now: release the encoder thread and index lease
-        raise
-    for sock in sockets:
-        logger.info("listening on %s", _url(sock.getsockname()))
-    await uvicorn.Server(uvicorn_config(app, settings)).serve(sockets=sockets)
+        await server.serve(sockets=sockets)
+    finally:
+        for task in watchers:
+            task.cancel()
+
+
+async def _when_started(server: Any, on_ready: Callable[[], None]) -> None:
+    while not server.started:
+        await asyncio.sleep(0.02)
+    on_ready()
+
+
+async def _reload_on_sighup(app: Any) -> None:
+    """SIGHUP reloads the index, as POST /admin/reload does (the supervisor of --workers sends it to all)."""
+    loop = asyncio.get_running_loop()
+    wake = asyncio.Event()
+    try:
+        loop.add_signal_handler(signal.SIGHUP, wake.set)
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread (tests), or no signals here
+        return
+    try:
+        while True:
+            await wake.wait()
+            wake.clear()
+            searcher = app.state.service.searcher
+            if searcher is None:
+                continue
+            try:
+                outcome = await searcher.reload()
+                logger.info("SIGHUP: reload %s", "changed the version" if outcome.changed else "found nothing new")
+            except Exception as exc:  # the old version serves on; the reload metrics count it
+                logger.warning("SIGHUP: reload failed: %s", exc)
+    finally:
+        loop.remove_signal_handler(signal.SIGHUP)
 
 
 def listening_sockets(host: str, port: int, backlog: int = 2048) -> list[socket.socket]:
@@ -184,19 +244,21 @@ def _url(address: tuple) -> str:
 
 def uvicorn_config(app: Any, settings: Any) -> Any:
     """uvicorn's settings for the service: its protocol and limits (docs/deployment.md says what they do)."""
-    import functools
-
     import uvicorn
 
-    from service.protocol import GuardedH11Protocol
+    from service.protocol import protocol_class
 
+    try:
+        http = protocol_class(settings.http, settings.header_timeout_s, settings.max_header_bytes)
+    except ValueError as exc:
+        raise ServeError(f"cannot serve: {exc}") from None
     return uvicorn.Config(
         app,
         host=settings.host,
         port=settings.port,
         log_level=settings.log_level,
         access_log=False,  # the service writes its own, without query strings (service.edge)
-        http=functools.partial(GuardedH11Protocol, header_timeout_s=settings.header_timeout_s),
+        http=http,
         h11_max_incomplete_event_size=settings.max_header_bytes,
         timeout_keep_alive=settings.keep_alive_s,
         timeout_graceful_shutdown=settings.shutdown_timeout_s,  # then service.edge answers what still runs 503

@@ -6,9 +6,16 @@ route templates, dims are the index's dims, statuses are classes (``2xx``); quer
 never becomes a label. The registry also carries the process's own metrics (CPU seconds,
 resident memory, open files) and ``mrl_serving_info``, which says which model and index
 version this replica serves; counters have no ``_created`` series (noise to every dashboard).
+
+Under ``mrl serve --workers N`` (``PROMETHEUS_MULTIPROC_DIR`` set), every worker writes its samples to
+files in that folder and ``/metrics`` reports them added up across the workers: counters and histograms
+summed, gauges as their ``multiprocess_mode`` says (live workers only). prometheus-client has no
+process metrics in that mode; ``mrl_serving_info`` then carries a ``pid`` label per worker.
 """
 
 from __future__ import annotations
+
+import os
 
 from prometheus_client import (
     CollectorRegistry,
@@ -18,6 +25,7 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
     generate_latest,
+    multiprocess,
 )
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -37,12 +45,16 @@ class ServiceMetrics:
         disable_created_metrics()  # prometheus_client's switch is process-wide; this process serves one app
         self.registry = CollectorRegistry()
         reg = self.registry
-        ProcessCollector(registry=reg)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, …
+        self.multiprocess = bool(os.environ.get("PROMETHEUS_MULTIPROC_DIR"))
+        self._serving: tuple[str, str, str, str] | None = None
+        if not self.multiprocess:
+            ProcessCollector(registry=reg)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, …
         self.serving = Gauge(
             f"{PREFIX}_serving_info",
             "1 for what this replica serves: the model, its fingerprint, the index locator and version",
             ["model", "fingerprint", "index", "version"],
             registry=reg,
+            multiprocess_mode="liveall",
         )
         self.request_seconds = Histogram(
             f"{PREFIX}_request_duration_seconds",
@@ -116,6 +128,7 @@ class ServiceMetrics:
             "A plan's agreement@10 with the full dim measured at build time (pseudo-queries from the corpus)",
             ["plan"],
             registry=reg,
+            multiprocess_mode="livemax",
         )
         self.shadow_samples = Counter(
             f"{PREFIX}_shadow_samples",
@@ -124,10 +137,15 @@ class ServiceMetrics:
             registry=reg,
         )
         self.reloads = Counter(f"{PREFIX}_index_reloads", "Index reloads, by outcome", ["outcome"], registry=reg)
-        self.queued_texts = Gauge(f"{PREFIX}_encode_queue_texts", "Texts waiting for the encoder", registry=reg)
-        self.in_flight = Gauge(f"{PREFIX}_requests_in_flight", "Requests being answered now", registry=reg)
-        self.index_vectors = Gauge(f"{PREFIX}_index_vectors", "Vectors in the served index", ["dim"], registry=reg)
-        self.index_bytes = Gauge(f"{PREFIX}_index_bytes", "Size of the served index file", ["dim"], registry=reg)
+        self.queued_texts = Gauge(
+            f"{PREFIX}_encode_queue_texts", "Texts waiting for the encoder", registry=reg, multiprocess_mode="livesum"
+        )
+        self.in_flight = Gauge(
+            f"{PREFIX}_requests_in_flight", "Requests being answered now", registry=reg, multiprocess_mode="livesum"
+        )
+        live_max = {"registry": reg, "multiprocess_mode": "livemax"}
+        self.index_vectors = Gauge(f"{PREFIX}_index_vectors", "Vectors in the served index", ["dim"], **live_max)
+        self.index_bytes = Gauge(f"{PREFIX}_index_bytes", "Size of the served index file", ["dim"], **live_max)
         # the write path (a writable server only)
         self.writes = Counter(
             f"{PREFIX}_document_writes",
@@ -143,9 +161,9 @@ class ServiceMetrics:
             registry=reg,
         )
         self.unmerged_passages = Gauge(
-            f"{PREFIX}_unmerged_passages", "Written passages not yet compacted into a version", registry=reg
+            f"{PREFIX}_unmerged_passages", "Written passages not yet compacted into a version", **live_max
         )
-        self.wal_bytes = Gauge(f"{PREFIX}_write_log_bytes", "Size of the index's write-ahead log", registry=reg)
+        self.wal_bytes = Gauge(f"{PREFIX}_write_log_bytes", "Size of the index's write-ahead log", **live_max)
         self.compactions = Counter(f"{PREFIX}_compactions", "Compactions, by outcome", ["outcome"], registry=reg)
         self.compaction_seconds = Histogram(
             f"{PREFIX}_compaction_duration_seconds",
@@ -169,9 +187,13 @@ class ServiceMetrics:
             self.plan_build_agreement.labels(plan=plan).set(value)
 
     def set_serving(self, model: str, fingerprint: str, index: str, version: str) -> None:
-        """Publish what is served now (one series: the previous version's goes)."""
+        """Publish what is served now (one series: the previous version's goes; across workers, it stays at 0,
+        since a worker's samples cannot be removed from its metric file)."""
+        if self._serving is not None:
+            self.serving.labels(*self._serving).set(0)
         self.serving.clear()
-        self.serving.labels(model=model, fingerprint=fingerprint, index=index, version=version).set(1)
+        self._serving = (model, fingerprint, index, version)
+        self.serving.labels(*self._serving).set(1)
 
     def observe_request(self, endpoint: str, dim: str, status: int, seconds: float) -> None:
         status_class = f"{status // 100}xx"
@@ -183,5 +205,9 @@ class ServiceMetrics:
         self.batch_seconds.observe(seconds)
 
     def exposition(self) -> bytes:
-        """The Prometheus text format of every metric of this app."""
+        """The Prometheus text format of every metric of this app (of every worker's, added up, under --workers)."""
+        if self.multiprocess:
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            return generate_latest(registry)
         return generate_latest(self.registry)

@@ -120,6 +120,13 @@ class ServiceSettings(BaseSettings):
         0.1, gt=0, le=1, description="most of one CPU core the live comparisons may take; samples beyond are dropped"
     )
     max_in_flight: int = Field(256, gt=0, description="concurrent requests accepted; beyond it requests get 429")
+    workers: int = Field(
+        1,
+        ge=1,
+        le=64,
+        description="server processes on one port, each with its own encoder; they share the memory-mapped index "
+        "and add up their metrics (not with --writable)",
+    )
 
     api_key: SecretStr | None = Field(
         None,
@@ -153,6 +160,11 @@ class ServiceSettings(BaseSettings):
     )
     header_timeout_s: float = Field(
         10.0, gt=0, description="a connection that has not sent a whole request head within this many seconds is closed"
+    )
+    http: Literal["auto", "httptools", "h11"] = Field(
+        "auto",
+        description="HTTP parser: httptools (in C; auto picks it where it is installed) or h11 (pure Python); "
+        "both keep the JSON errors, head deadline and limits",
     )
     keep_alive_s: float = Field(5.0, gt=0, description="idle keep-alive connections are closed after this many seconds")
     max_header_bytes: int = Field(

@@ -138,3 +138,20 @@ def test_a_plan_without_a_milvus_equivalent_is_refused_by_name():
 
     with pytest.raises(ValueError, match="'OPQ16,IVF64,PQ16' has no Milvus equivalent"):
         milvus_layout(IndexPlan("OPQ16,IVF64,PQ16"))
+
+
+@pytest.mark.parametrize("plan_name", ["flat", "hnsw", "ivf"])
+def test_a_loaded_cpu_index_is_memory_mapped_and_read_only(synthetic, tmp_path: Path, plan_name: str):
+    """Workers of one server share a loaded index through the page cache, not a copy each."""
+    vectors, queries = synthetic[0], synthetic[1]
+    built = FaissIndex.build(vectors, PLANS[plan_name])
+    path = tmp_path / f"{plan_name}.faiss"
+    built.save(path)
+
+    loaded = FaissIndex.load(path, PLANS[plan_name])
+
+    assert str(path) in Path("/proc/self/maps").read_text()
+    np.testing.assert_array_equal(loaded.search(queries, K)[1], built.search(queries, K)[1])
+    with pytest.raises(TypeError, match="read-only"):
+        loaded.add(vectors[:1])
+    loaded.close()
