@@ -112,3 +112,71 @@ def test_embed_takes_token_ids_sync_and_async(server):
             return await client.embed([[2], [3]], dimensions=2, input_type="query"), bits
 
     assert asyncio.run(run()) == (expected, [[128]])
+
+
+def test_model_health_and_the_index_sync_and_async(server):
+    with MrlClient(server.url) as client:
+        card = client.model(MODEL_NAME)
+        assert card == client.models().data[0] and card.dimensions == [8, 4, 2]
+        with pytest.raises(MrlAPIError) as unknown:
+            client.model("sentence-transformers/all-MiniLM-L6-v2")  # a hub name: its slash is kept in the path
+        assert unknown.value.status == 404 and "'sentence-transformers/all-MiniLM-L6-v2' is not served" in str(
+            unknown.value
+        )
+        assert client.health().status == "ok"
+        dims = client.dims()
+        assert dims.index == client._http.get("/dims").json().get("index")  # where the index is, on servers that say
+
+    async def run():
+        async with AsyncMrlClient(server.url) as client:
+            return await client.model(MODEL_NAME), await client.health()
+
+    card_async, health = asyncio.run(run())
+    assert card_async == card and health.status == "ok"
+
+
+def test_the_dims_answer_reads_the_index_it_names():
+    from mrl_client import DimsResponse
+
+    answer = {"model": "m", "index_version": "v", "encoder": "torch", "full_dim": 8, "default_dim": 8}
+    answer |= {"num_vectors": 9, "built_at": "now", "dims": []}
+    assert DimsResponse.model_validate(answer).index is None  # a server that does not say
+    assert DimsResponse.model_validate({**answer, "index": "milvus://m:19530/docs"}).index == "milvus://m:19530/docs"
+
+
+@pytest.fixture
+def writable(keyword_index: Path, tmp_path: Path, monkeypatch):
+    """A writable server over a copy of the index; its writer encodes with the keyword encoder."""
+    import shutil
+
+    import service.engine as engine_module
+    from service.writes import DocumentWriter
+    from tests.helpers.service import ServiceKeywordEncoder, stand_in_model
+
+    def load(live, settings, metrics):
+        return DocumentWriter(live, settings, metrics, stand_in_model(), ServiceKeywordEncoder())
+
+    monkeypatch.setattr(engine_module.DocumentWriter, "load", staticmethod(load))
+    root = tmp_path / "index"
+    shutil.copytree(keyword_index, root, symlinks=True)
+    with live_server(settings(root, writable=True)) as running:
+        yield running
+
+
+def test_delete_document_removes_one_document_by_its_id_sync_and_async(writable, server):
+    with MrlClient(writable.url) as client:
+        client.upsert([{"id": "notes/a b#1.md", "text": "allergy allergy stress"}])  # a file's path as its id
+        assert client.search("allergy stress", dim=8, k=1).hits[0].doc_id == "notes/a b#1.md"
+        deleted = client.delete_document("notes/a b#1.md")
+        assert deleted.documents == ["notes/a b#1.md"] and deleted.not_found == []
+        assert "notes/a b#1.md" not in {hit.doc_id for hit in client.search("allergy stress", dim=8, k=9).hits}
+        assert client.delete_document("d3").documents == ["d3"]  # a document of the built index
+
+    async def run():
+        async with AsyncMrlClient(writable.url) as client:
+            return (await client.delete_document("nope")).not_found
+
+    assert asyncio.run(run()) == ["nope"]
+    with MrlClient(server.url) as read_only, pytest.raises(MrlAPIError) as refused:
+        read_only.delete_document("d0")
+    assert refused.value.status == 403

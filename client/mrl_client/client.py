@@ -17,6 +17,8 @@ import httpx
 from mrl_client.models import (
     CompactResponse,
     DimsResponse,
+    HealthResponse,
+    ModelCard,
     ModelsResponse,
     PlansResponse,
     ReloadResponse,
@@ -72,6 +74,20 @@ def _delete_call(ids: Sequence[str] | None, filter: Mapping[str, Any] | None) ->
     if (ids is None) == (filter is None):
         raise ValueError("give ids or filter, not both")
     return _Call("POST", "/documents/delete", body={"ids": list(ids)} if ids is not None else {"filter": dict(filter)})
+
+
+def _delete_document_call(doc_id: str) -> _Call:
+    return _Call("DELETE", f"/documents/{_path_part(doc_id)}")
+
+
+# What a path may hold as it is (RFC 3986's unreserved characters, and "/"); the rest is percent-encoded. The
+# same as urllib.parse.quote(name, safe="/"), written here so the package imports no more of the standard library.
+_PATH_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~/")
+
+
+def _path_part(name: str) -> str:
+    """``name`` as the last part of a path; its slashes kept (a model's hub name, a file's path as document id)."""
+    return "".join(c if c in _PATH_SAFE else "".join(f"%{byte:02X}" for byte in c.encode()) for c in name)
 
 
 def _embed_input(texts: EmbeddingInput) -> str | list[Any]:
@@ -185,6 +201,11 @@ class MrlClient:
         """Delete documents by id, or every document whose metadata match ``filter``."""
         return WriteResponse.model_validate(self._send(_delete_call(ids, filter)))
 
+    def delete_document(self, doc_id: str) -> WriteResponse:
+        """Delete one document and all its passages (``DELETE /documents/{doc_id}``); an unknown id comes back in
+        ``not_found``."""
+        return WriteResponse.model_validate(self._send(_delete_document_call(doc_id)))
+
     def compact(self) -> CompactResponse:
         """Fold the server's written documents into a new index version now."""
         return CompactResponse.model_validate(self._send(_Call("POST", "/admin/compact")))
@@ -198,8 +219,17 @@ class MrlClient:
     def models(self) -> ModelsResponse:
         return ModelsResponse.model_validate(self._send(_Call("GET", "/v1/models")))
 
+    def model(self, model_id: str) -> ModelCard:
+        """The served model's card if ``model_id`` names it (``GET /v1/models/{id}``); any other name raises a 404
+        :class:`MrlAPIError`."""
+        return ModelCard.model_validate(self._send(_Call("GET", f"/v1/models/{_path_part(model_id)}")))
+
     def reload(self) -> ReloadResponse:
         return ReloadResponse.model_validate(self._send(_Call("POST", "/admin/reload")))
+
+    def health(self) -> HealthResponse:
+        """Liveness (``/healthz``): answers while the process runs, loaded or not."""
+        return HealthResponse.model_validate(self._send(_Call("GET", "/healthz")))
 
     def ready(self) -> bool:
         """Whether the server has its index and model loaded (``/readyz`` answers 200)."""
@@ -260,6 +290,9 @@ class AsyncMrlClient:
     ) -> WriteResponse:
         return WriteResponse.model_validate(await self._send(_delete_call(ids, filter)))
 
+    async def delete_document(self, doc_id: str) -> WriteResponse:
+        return WriteResponse.model_validate(await self._send(_delete_document_call(doc_id)))
+
     async def compact(self) -> CompactResponse:
         return CompactResponse.model_validate(await self._send(_Call("POST", "/admin/compact")))
 
@@ -272,8 +305,14 @@ class AsyncMrlClient:
     async def models(self) -> ModelsResponse:
         return ModelsResponse.model_validate(await self._send(_Call("GET", "/v1/models")))
 
+    async def model(self, model_id: str) -> ModelCard:
+        return ModelCard.model_validate(await self._send(_Call("GET", f"/v1/models/{_path_part(model_id)}")))
+
     async def reload(self) -> ReloadResponse:
         return ReloadResponse.model_validate(await self._send(_Call("POST", "/admin/reload")))
+
+    async def health(self) -> HealthResponse:
+        return HealthResponse.model_validate(await self._send(_Call("GET", "/healthz")))
 
     async def ready(self) -> bool:
         return (await self._http.get("/readyz")).status_code == 200

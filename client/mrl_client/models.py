@@ -89,6 +89,7 @@ class DimsResponse(_Answer):
     quality_kind: str = "not measured"
     quality_source: str = "not measured"
     metadata_fields: dict[str, str] = Field(default_factory=dict)  # what a filter may name
+    index: str | None = None  # where the served index is (a folder or a milvus:// locator); None from older servers
 
 
 class Plan(_Answer):
@@ -124,6 +125,12 @@ class ModelCard(_Answer):
 
 class ModelsResponse(_Answer):
     data: list[ModelCard]
+
+
+class HealthResponse(_Answer):
+    """``/healthz``: the process answers (``status`` is ``"ok"``), loaded or not."""
+
+    status: str
 
 
 class ReloadResponse(_Answer):
