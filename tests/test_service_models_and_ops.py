@@ -44,6 +44,24 @@ def test_operation_ids_are_the_route_names(keyword_index: Path):
     )  # FastAPI's own would be search_get_search_get, reload_admin_reload_post, ...
 
 
+# The HTTP API reference (docs/hooks.py) has one section per tag; an untagged route would land under "other".
+TAGS = {"search", "admin", "documents", "operations"}
+
+
+@pytest.mark.parametrize("writable", [False, True])
+def test_every_operation_has_exactly_one_of_the_documented_tags(writable: bool):
+    from service.app import create_app
+    from service.settings import ServiceSettings
+
+    schema = create_app(ServiceSettings(index="unused", writable=writable)).openapi()  # as the reference reads it
+    tags = {f"{method.upper()} {path}": operation.get("tags", []) for path, item in schema["paths"].items()
+            for method, operation in item.items()}  # fmt: skip
+    wrong = {operation: found for operation, found in tags.items() if len(found) != 1 or found[0] not in TAGS}
+    assert not wrong, f"each operation needs one tag of {sorted(TAGS)}"
+    used = {found[0] for found in tags.values()}
+    assert used == (TAGS if writable else TAGS - {"documents"})  # write paths only where writes are on
+
+
 def test_metrics_say_what_is_served_and_how_the_process_does_without_created_series(tmp_path: Path):
     root = tmp_path / "index"
     first = build_keyword_index(write_data(tmp_path / "data"), root)
