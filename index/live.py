@@ -1,6 +1,7 @@
 """A living corpus over a FAISS folder index: upserts and deletes served at once, compacted into versions later.
 
-:func:`open_live` takes the root's :class:`~index.wal.LiveLock` (one writable process per root), opens
+:func:`open_live` takes the root's :class:`~index.wal.LiveLock` (one writable process per root), refuses
+while another process writes a version of the root (it holds the :class:`~index.layout.WriterLock`), opens
 ``current`` as the base and replays the write-ahead log above the ``seq`` the base holds. Every write is
 logged (and synced) before it is applied to the in-memory overlay (:mod:`index.overlay`): an upsert
 tombstones every passage its documents had, in the base or the delta, and appends the new ones; a delete
@@ -12,8 +13,10 @@ old one and the whole log are there; after, the log above its ``seq``.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -31,15 +34,28 @@ from index.backends import Device
 from index.compaction import applied_seq, write_compacted
 from index.filters import Filter, SearchFilter
 from index.folder_store import FolderStore
-from index.layout import DOCS_FILE
+from index.layout import DOCS_FILE, WRITER_LOCK
 from index.loaded import LoadedIndex
 from index.locator import IndexLocator
 from index.manifest import IndexFolderError, IndexManifest
 from index.overlay import BaseCatalog, LiveView, Overlay
 from index.search import StagedHits
-from index.wal import SERVER_ROLE, LiveLock, WalRecord, WriteAheadLog, delete_record, upsert_record
+from index.wal import (
+    SERVER_ROLE,
+    LiveLock,
+    LiveLockHeld,
+    WalRecord,
+    WriteAheadLog,
+    delete_record,
+    upsert_record,
+)
 
 logger = logging.getLogger(__name__)
+
+
+class VersionBeingWritten(LiveLockHeld):
+    """Another process is writing a new version of the root (``mrl index add``, or a build or compaction
+    publishing): writes taken over the version it replaces would be lost when it goes live."""
 
 
 class InvalidWrite(MrlError, ValueError):
@@ -427,14 +443,16 @@ def open_live(
     trimmed now. Close the result to release the lock.
 
     Raises:
-        LiveLockHeld: Another process writes this root. IndexFolderError: no index root there (a version folder
-            is read-only), a corrupt version or log line. IndexWriteError: a read-only root.
+        LiveLockHeld: Another process writes this root. VersionBeingWritten: another process is writing a new
+            version of it (``mrl index add``, a build publishing). IndexFolderError: no index root there (a version
+            folder is read-only), a corrupt version or log line. IndexWriteError: a read-only root.
     """
     store = FolderStore(IndexLocator.folder(root))
     if store.is_version_folder:
         raise IndexFolderError(f"{root}: a version folder is read-only; open its index root for writes")
     lock = LiveLock(root, role).acquire()
     try:
+        check_no_version_writer(root)  # after the live lock: a writer that checks for it next is refused
         base = store.open(store.current(), device=device, expected_fingerprint=expected_fingerprint)
     except BaseException:
         lock.release()
@@ -451,6 +469,10 @@ def open_live(
         first = wal.first_seq
         if first is not None and first <= applied:
             wal.trim(applied)  # a compaction was killed after publishing, before trimming: finish it
+        if store.current() != base.location:  # a version went live while this one was opened
+            raise VersionBeingWritten(
+                f"{root}: a new version went live while the writable server opened {base.location}; start it again"
+            )
     except BaseException:
         base.close()
         wal.close()
@@ -459,6 +481,62 @@ def open_live(
     if replayed:
         logger.info("%s: replayed %d writes above seq %d", root, replayed, applied)
     return live
+
+
+def check_no_version_writer(root: Path) -> None:
+    """Refuse to take writes over ``root`` while another process holds its :class:`~index.layout.WriterLock`.
+
+    ``mrl index add`` holds it from reading ``current`` to publishing, a build while it publishes: a writable
+    server that opened ``current`` now would take writes over a version about to be replaced, and those the
+    version's publication left out would be lost at the next restart. Called with the live lock held, so a
+    writer that checks for it under the writer lock (:func:`index.wal.check_not_live`) is refused in turn.
+
+    Raises:
+        VersionBeingWritten: The writer lock is held; the message names the holder where the system tells it.
+    """
+    try:
+        fd = os.open(root / WRITER_LOCK, os.O_RDONLY)
+    except OSError:  # no lock file: nothing has ever published here under the lock
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(os.fstat(fd))
+        raise VersionBeingWritten(
+            f"{root}: {holder} is writing a new version of this index (it holds {WRITER_LOCK}): start the writable "
+            "server once it has finished"
+        ) from None
+    finally:
+        os.close(fd)  # a probe: released at once (closing the only descriptor drops the lock)
+
+
+def _lock_holder(stat: os.stat_result) -> str:
+    """Who holds a ``flock`` on the file of ``stat``, as Linux's ``/proc/locks`` tells it: the ``mrl index``
+    command and its pid, a pid, or "another process" where the system does not say."""
+    device = (os.major(stat.st_dev), os.minor(stat.st_dev))
+    try:
+        lines = Path("/proc/locks").read_text().splitlines()
+    except OSError:
+        return "another process"
+    for line in lines:  # "1: FLOCK  ADVISORY  WRITE 4242 fe:00:2148177 0 EOF" ("->" lines wait for it)
+        fields = line.split()
+        if len(fields) < 6 or fields[1] != "FLOCK" or not fields[4].isdigit():
+            continue
+        major, minor, inode = fields[5].split(":") if fields[5].count(":") == 2 else ("", "", "")
+        if inode.isdigit() and int(inode) == stat.st_ino and (int(major, 16), int(minor, 16)) == device:
+            return _command_of(int(fields[4]))
+    return "another process"
+
+
+def _command_of(pid: int) -> str:
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return f"a process (pid {pid})"
+    for start in range(len(argv) - 1):
+        if argv[start] == "index" and argv[start + 1] in ("build", "add", "compact"):
+            return f"mrl index {argv[start + 1]} (pid {pid})"
+    return f"a process (pid {pid})"
 
 
 def compact_index(root: Path, device: Device = "cpu", keep_versions: int = 3) -> tuple[str, dict | None]:

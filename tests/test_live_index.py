@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import signal
 import subprocess
@@ -22,15 +23,16 @@ import pytest
 
 from core.data import Document
 from core.matryoshka import truncate_normalize
-from index.build import BuildConfig, build_index
+from index.build import BuildConfig, add_documents, build_index
+from index.folder_store import FolderStore
 from index.layout import resolve_version
-from index.live import InvalidWrite, LiveIndex, open_live
+from index.live import InvalidWrite, LiveIndex, VersionBeingWritten, open_live
 from index.loaded import open_index
 from index.manifest import IndexManifest
 from index.wal import LiveLockHeld, check_not_live
 from mrl.cli import main
 from tests.conftest import REPO, KeywordEncoder, write_beir
-from tests.helpers.service import DIMS, MODEL_NAME, VOCABULARY, corpus, keyword_model
+from tests.helpers.service import DIMS, MODEL_NAME, VOCABULARY, ServiceKeywordEncoder, corpus, keyword_model
 
 ENCODER = KeywordEncoder(VOCABULARY)
 LONG_TEXT = " ".join(["fever cough"] * 90 + ["rash pain"] * 90 + ["sleep"] * 60)  # two passages
@@ -427,6 +429,66 @@ def test_one_writer_per_root(root: Path, live: LiveIndex, capsys):
         ):
             assert main(argv) == 2, argv  # fmt: skip
             assert "a writable server (pid" in capsys.readouterr().err.splitlines()[-1]
+
+
+def test_a_writable_server_is_refused_while_a_version_is_being_written(root: Path, tmp_path: Path):
+    """``mrl index add`` holds the writer lock from reading ``current`` to publishing. A writable server opened
+    meanwhile would take writes over the version the add replaces: they would be lost once it publishes."""
+    data = tmp_path / "more"
+    write_beir(
+        data, [{"_id": "x1", "text": "fever again"}], [{"_id": "q", "text": "fever"}], {"test": [("q", "x1", 1)]}
+    )
+    encoder = ServiceKeywordEncoder()
+    encoder.hold_next_call()  # the add waits inside its encoding, the writer lock held
+    errors: list[BaseException] = []
+
+    def add() -> None:
+        try:
+            add_documents(root, data, MODEL_NAME, device="cpu", progress=False)
+        except BaseException as exc:  # reported to the test thread below
+            errors.append(exc)
+
+    with keyword_model(encoder):
+        adding = threading.Thread(target=add)
+        adding.start()
+        try:
+            assert encoder.entered.wait(30), "the add never started encoding"
+            with pytest.raises(VersionBeingWritten) as refused:
+                open_live(root)
+        finally:
+            encoder.release.set()
+            adding.join(timeout=60)
+    assert not errors
+    message = str(refused.value)
+    assert message.startswith(f"{root}: ") and "\n" not in message
+    assert "is writing a new version of this index (it holds .writer.lock)" in message
+    if Path("/proc/locks").is_file():  # Linux names the holder
+        assert f"(pid {os.getpid()})" in message
+    check_not_live(root)  # the refusal let the live lock go
+    live = open_live(root)  # the add has published: the server takes writes over its version
+    try:
+        assert "x1" in found(live, "fever", 8, 100)
+    finally:
+        live.close()
+
+
+def test_a_version_published_while_the_server_opens_is_refused(root: Path, monkeypatch):
+    """A version that goes live between the server reading ``current`` and serving it would replace the one it
+    serves behind its back (every compaction would then fail). The server refuses to start instead."""
+    real_open = FolderStore.open
+
+    def open_then_publish(self, version, **kwargs):
+        loaded = real_open(self, version, **kwargs)
+        shutil.copytree(root / "versions" / version, root / "versions" / "published-meanwhile")
+        (root / "current.new").symlink_to(Path("versions") / "published-meanwhile")
+        (root / "current.new").replace(root / "current")
+        return loaded
+
+    monkeypatch.setattr(FolderStore, "open", open_then_publish)
+    with pytest.raises(VersionBeingWritten, match="a new version went live while the writable server opened"):
+        open_live(root)
+    assert not list((root / "leases").glob("*"))  # the version it opened is closed
+    check_not_live(root)  # and the live lock let go
 
 
 def test_mrl_index_compact_merges_the_log(root: Path, capsys):
