@@ -86,6 +86,7 @@ class ScalingConfig:
     hnsw_max_size: int = HNSW_MAX_SIZE
     threads: int | None = None  # default: every CPU this process may use
     seed: int = 0
+    device: str = "cpu"  # gpu: the faiss-gpu backend (HNSW stays on the CPU, as in the service)
     out: Path | None = None
     bandwidth_bytes: int = BANDWIDTH_BYTES
 
@@ -147,6 +148,10 @@ def check_config(config: ScalingConfig) -> tuple[int, list[int]]:
         raise ConfigError(f"unknown index kinds {unknown} (choose from {', '.join(KINDS)})")
     if "flat" not in config.kinds:
         raise ConfigError("--kinds must include flat: it is the exact reference for recall")
+    if config.device not in ("cpu", "gpu"):
+        raise ConfigError(f"unknown device {config.device!r} (choose from cpu, gpu)")
+    if config.device == "gpu" and not get_backend("faiss-gpu").available():
+        raise ConfigError("--device gpu: FAISS sees no GPU here (install faiss-gpu on a machine with one)")
     full_dim, index_dims = _full_dim(config)
     dims = sorted(set(config.dims or index_dims or default_dims(full_dim)), reverse=True)
     bad = [dim for dim in dims if not 1 <= dim <= full_dim]
@@ -282,9 +287,15 @@ def ivf_training_sample(corpus: np.ndarray, dim: int, rng: np.random.Generator) 
 
 
 def build_index(
-    kind: str, corpus: np.ndarray, dim: int, params: dict[str, int], rng: np.random.Generator
+    kind: str,
+    corpus: np.ndarray,
+    dim: int,
+    params: dict[str, int],
+    rng: np.random.Generator,
+    backend: str = "faiss-cpu",
 ) -> tuple[VectorIndex, float, float | None]:
-    """A ``faiss-cpu`` inner-product index of ``corpus`` truncated to ``dim``; also its build and training seconds.
+    """A ``backend`` (faiss-cpu or faiss-gpu) inner-product index of ``corpus`` truncated to ``dim``; also its
+    build and training seconds.
 
     An IVF index is trained on a seeded sample of IVF_TRAIN_PER_LIST points per list, for
     IVF_KMEANS_ITERATIONS rounds. Vectors are then truncated and added a chunk at a time, so no
@@ -296,7 +307,7 @@ def build_index(
     started = time.perf_counter()
     sample = ivf_training_sample(corpus, dim, rng) if kind == "ivf" else None
     # Built empty (trained on the sample if IVF), then filled a chunk at a time.
-    index = get_backend("faiss-cpu").build(np.empty((0, dim), dtype=np.float32), plan, train_vectors=sample)
+    index = get_backend(backend).build(np.empty((0, dim), dtype=np.float32), plan, train_vectors=sample)
     train_s = round(time.perf_counter() - started, 3) if kind == "ivf" else None
     for start, stop in _chunks(size):
         index.add(truncate_normalize(corpus[start:stop], dim))
@@ -321,7 +332,8 @@ def measure_cell(
     size = len(corpus)
     factory = factory_for(kind, size)
     params = search_params(kind, factory, size, config.nprobe)
-    index, build_s, train_s = build_index(kind, corpus, dim, params, rng)
+    backend = "faiss-gpu" if config.device == "gpu" else "faiss-cpu"
+    index, build_s, train_s = build_index(kind, corpus, dim, params, rng, backend)
     timing = time_searches(index, queries, config.k, config.single_queries)
     index.close()
     recall = 1.0 if exact_ids is None else round(neighbour_recall(timing.ids, exact_ids), 4)
@@ -609,6 +621,9 @@ def add_scaling_parser(actions: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--threads", type=int, default=None, help="FAISS threads (default: every usable CPU)")
     p.add_argument("--seed", type=int, default=0, help="synthetic data seed (default: %(default)s)")
+    p.add_argument(
+        "--device", choices=("cpu", "gpu"), default="cpu", help="where FAISS searches (default: %(default)s)"
+    )
     add_output_argument(p, "report folder", default=DEFAULT_OUT)
     p.set_defaults(handler=run_scaling_command)
 
