@@ -20,7 +20,7 @@ from fastapi.openapi.utils import get_openapi
 from index.backends import EngineUnavailable
 from index.manifest import IndexFolderError
 from service.limits import NON_BLANK_PATTERN
-from service.routes import INDEX_PATHS, WRITE_PATHS
+from service.routes import DELETE_IDS_PER_DOCUMENT, INDEX_PATHS, WRITE_PATHS
 from service.sources import index_source
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ def service_openapi(app: FastAPI, state: ServiceState) -> dict[str, Any]:
     if not (settings.serves_search and settings.writable):  # writes answer 403 (or 404) here
         schema["paths"] = {path: item for path, item in schema["paths"].items() if path not in WRITE_PATHS}
     describe_limits(schema, settings.max_query_chars, settings.max_k, settings.max_batch_queries, dims, vocab_size)
+    describe_write_limits(schema, settings.max_write_documents, settings.max_document_chars, settings.max_body_bytes)
     describe_filters(schema, _served_fields(state))
     app.state.openapi_cache = (key, schema)
     return schema
@@ -79,6 +80,30 @@ def describe_limits(
     )
     embedding_input = {"anyOf": [text, texts, token_ids, token_arrays]}
     _set_properties(models.get("EmbeddingRequest"), {"input": embedding_input, "dimensions": _nullable(dim)})
+
+
+def describe_write_limits(
+    schema: dict[str, Any], max_documents: int, max_document_chars: int, max_body_bytes: int
+) -> None:
+    """Write the limits of ``/documents`` into ``schema`` in place: documents per write, characters per text, ids
+    per delete (``DELETE_IDS_PER_DOCUMENT`` times the documents), and every 413's body limit in bytes.
+
+    A request beyond them gets a 422 (413 for the body) in the documented error body.
+    """
+    models = schema.get("components", {}).get("schemas", {})
+    text = {"type": "string", "minLength": 1, "maxLength": max_document_chars, "pattern": NON_BLANK_PATTERN}
+    _set_properties(models.get("DocumentIn"), {"text": text})
+    documents = {"type": "array", "items": {"$ref": "#/components/schemas/DocumentIn"}, "minItems": 1}
+    _set_properties(models.get("UpsertRequest"), {"documents": {**documents, "maxItems": max_documents}})
+    ids = {"type": "array", "items": {"type": "string"}, "minItems": 1}
+    _set_properties(
+        models.get("DeleteRequest"), {"ids": _nullable({**ids, "maxItems": max_documents * DELETE_IDS_PER_DOCUMENT})}
+    )
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            too_large = operation.get("responses", {}).get("413")
+            if too_large is not None:
+                too_large["description"] = f"the request body is over the server's limit of {max_body_bytes} bytes"
 
 
 # The schema describes filters nested 2 deep, $and / $or of 4 filters and $in lists of 16 values: a subset of what

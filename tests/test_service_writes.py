@@ -8,6 +8,7 @@ in ``tests/test_service_writes_crash.py``.
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from pathlib import Path
 
@@ -17,10 +18,17 @@ import pytest
 import service.engine as engine_module
 import service.writes as writes_module
 from core.errors import ConfigError
+from service.routes import DELETE_IDS_PER_DOCUMENT
 from service.settings import ServiceSettings, load_settings
 from service.writes import DocumentWriter
 from tests.helpers.servers import live_server
-from tests.helpers.service import ServiceKeywordEncoder, build_keyword_index, stand_in_model, write_data
+from tests.helpers.service import (
+    ServiceKeywordEncoder,
+    assert_error,
+    build_keyword_index,
+    stand_in_model,
+    write_data,
+)
 
 LONG = "\n\n".join(f"Part {n}. A rash with fever needs a doctor; a rash alone often passes. " * 4 for n in range(10))
 
@@ -161,10 +169,74 @@ def test_writes_survive_a_restart_and_a_compaction(root: Path):
 
 
 def test_the_schema_has_the_documents_endpoints(root: Path):
-    with live_server(settings(root)) as server:
+    limits = {"max_write_documents": 4, "max_document_chars": 500, "max_body_bytes": 4096}
+    with live_server(settings(root, **limits)) as server:
         schema = httpx.get(f"{server.url}/openapi.json").json()
     assert {"/documents", "/documents/{doc_id}", "/documents/delete"} <= set(schema["paths"])
     assert schema["paths"]["/documents"]["post"]["operationId"] == "upsert_documents"
+    models = schema["components"]["schemas"]
+    documents = models["UpsertRequest"]["properties"]["documents"]
+    assert (documents["minItems"], documents["maxItems"]) == (1, 4)  # the settings' values, not their names
+    text = models["DocumentIn"]["properties"]["text"]
+    assert (text["minLength"], text["maxLength"]) == (1, 500) and "pattern" in text  # a blank text is a 422
+    assert "max_document_chars" in text["description"]  # the field's own words are kept
+    ids = models["DeleteRequest"]["properties"]["ids"]["anyOf"]
+    assert ids[0]["maxItems"] == 4 * DELETE_IDS_PER_DOCUMENT and ids[1] == {"type": "null"}
+    too_large = schema["paths"]["/documents"]["post"]["responses"]["413"]
+    assert too_large["description"].endswith("limit of 4096 bytes")
+    assert too_large["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}
+
+
+def test_a_write_body_over_the_limit_is_a_413_and_writes_nothing(root: Path):
+    with live_server(settings(root, max_body_bytes=2048)) as server:
+        declared = upsert(server, {"id": "big", "text": "fever " * 500})  # 3,000 characters: within the text limit
+        assert_error(declared, 413, "payload_too_large", "over the limit of 2048 bytes")
+        body = b'{"documents": [{"id": "big", "text": "' + b"rash " * 600 + b'"}]}'
+        streamed = httpx.post(
+            f"{server.url}/documents",
+            content=iter([body[:1024], body[1024:]]),  # chunked: no content-length to refuse it by
+            headers={"content-type": "application/json"},
+        )
+        assert_error(streamed, 413, "payload_too_large", "over the limit of 2048 bytes")
+        deleted = httpx.post(f"{server.url}/documents/delete", json={"ids": [f"d{n}" for n in range(400)]})
+        assert_error(deleted, 413, "payload_too_large")
+        dims = httpx.get(f"{server.url}/dims").json()
+        assert dims["num_vectors"] == 9 and dims["writes"]["last_seq"] == 0  # nothing was written
+
+
+def test_writes_during_reloads_are_kept(root: Path):
+    """On a writable server only the server itself publishes versions (by compacting): a reload finds nothing
+    new and leaves the writes alone, or loads the version a compaction just published. Every write is kept."""
+    with live_server(settings(root, compact_max_unmerged=4)) as server:
+        before = httpx.get(f"{server.url}/dims").json()["index_version"]
+        reloads: list[httpx.Response] = []
+        stop = threading.Event()
+
+        def reload() -> None:
+            with httpx.Client(base_url=server.url, timeout=30) as client:
+                while not stop.is_set():
+                    reloads.append(client.post("/admin/reload"))
+
+        reloading = threading.Thread(target=reload)
+        reloading.start()
+        try:
+            for n in range(24):
+                written = upsert(server, {"id": f"r{n}", "text": "allergy stress", "metadata": {"batch": "reload"}})
+                assert written.status_code == 200, written.text
+                time.sleep(0.02)
+        finally:
+            stop.set()
+            reloading.join(timeout=30)
+        assert len(reloads) > 5 and all(r.status_code == 200 for r in reloads), [r.text for r in reloads[-3:]]
+        final = httpx.post(f"{server.url}/admin/reload").json()
+        dims = httpx.get(f"{server.url}/dims").json()
+        assert final["changed"] is False and final["version"] == dims["index_version"] != before  # compacted
+        assert dims["writes"]["documents"] == 9 + 24
+        response = httpx.get(
+            f"{server.url}/search", params={"q": "allergy stress", "dim": 8, "k": 50, "filter": '{"batch": "reload"}'}
+        )
+        assert response.status_code == 200, response.text
+        assert {hit["doc_id"] for hit in response.json()["results"][0]["hits"]} == {f"r{n}" for n in range(24)}
 
 
 def test_the_client_writes_deletes_and_compacts(root: Path):
