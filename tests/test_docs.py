@@ -1,12 +1,16 @@
 """The user's docs: the site builds strictly, the README stays a README, and every example runs.
 
-The examples are extracted from README.md and docs/ (``tests.helpers.docs``), never copied here, and run
-against a real ``mrl serve`` of the bundled sample with the real default model: a renamed endpoint, a
-changed client method or an option that no longer exists fails the page that shows it.
+The examples are extracted from README.md, client/README.md and docs/ (``tests.helpers.docs``), never
+copied here, and run against a real ``mrl serve`` of the bundled sample with the real default model: a
+renamed endpoint, a changed client method or an option that no longer exists fails the page that shows
+it. Every ``mrl`` command line of those pages is parsed by the real command line (not run: most need
+data sets, models or hours), and the READMEs' links, which the site's strict build never sees, are
+resolved here.
 """
 
 from __future__ import annotations
 
+import argparse
 import os
 import shutil
 import subprocess
@@ -17,7 +21,8 @@ import pytest
 
 from service.app import create_app
 from service.settings import ServiceSettings
-from tests.helpers.docs import ROOT, examples
+from tests.helpers.code import cli_commands
+from tests.helpers.docs import ROOT, Command, broken_link, examples, mrl_commands, readme_links
 from tests.helpers.sample import copy_index
 from tests.helpers.servers import serve_process
 
@@ -74,9 +79,68 @@ def test_the_readme_is_a_readme():
 def test_there_are_examples_to_run():
     found = examples()
     sources = {example.source.split(":")[0] for example in found}
-    assert {"README.md", "docs/getting-started.md", "docs/client.md", "docs/service.md"} <= sources
+    assert {"README.md", "client/README.md", "docs/getting-started.md", "docs/client.md", "docs/service.md"} <= sources
     assert sum(example.language == "python" for example in found) >= 5
     assert sum(example.language == "bash" for example in found) >= 10
+
+
+class CommandLineError(Exception):
+    pass
+
+
+def parse_failures(commands: list[Command]) -> list[str]:
+    """Each command that the real ``mrl`` command line refuses (an unknown command or flag, a bad value, a
+    missing required option), with its file and line and argparse's message."""
+    paths = list(cli_commands())
+    for _, parser in paths:
+
+        def refuse(message: str, parser: argparse.ArgumentParser = parser) -> None:
+            raise CommandLineError(f"{parser.prog}: {message}")
+
+        parser.error = refuse  # type: ignore[method-assign]  # raise instead of printing and exiting
+    top = paths[0][1]
+    failures = []
+    for command in commands:
+        try:
+            top.parse_args(command.argv())
+        except (CommandLineError, SystemExit, ValueError) as exc:  # SystemExit: --help or --version
+            failures.append(f"{command.source}: {command.text}\n    {exc}")
+    return failures
+
+
+def test_every_mrl_command_of_the_docs_parses_with_the_real_command_line():
+    commands = mrl_commands()
+    sources = {command.source.split(":")[0] for command in commands}
+    assert {"README.md", "docs/getting-started.md", "docs/indexes.md", "docs/training.md"} <= sources
+    assert len(commands) >= 40
+    failures = parse_failures(commands)
+    assert not failures, "mrl commands in the docs that the command line refuses:\n" + "\n".join(failures)
+
+
+def test_a_renamed_flag_in_a_docs_command_fails_with_its_file_and_line(tmp_path: Path):
+    page = tmp_path / "page.md"
+    page.write_text(
+        "Build it:\n\n```bash\nmrl index build --data my_docs/ \\\n    --indx runs/x   # a typo\n"
+        "MRL_API_KEY=k mrl serve --index runs/x\n```\n",
+        encoding="utf-8",
+    )
+    commands = mrl_commands([page])
+    assert [command.argv() for command in commands] == [
+        ["index", "build", "--data", "my_docs/", "--indx", "runs/x"], ["serve", "--index", "runs/x"]
+    ]  # fmt: skip
+    [failure] = parse_failures(commands)
+    assert failure.startswith(f"{page}:4: mrl index build") and "unrecognized arguments: --indx runs/x" in failure
+
+
+def test_the_readmes_links_and_anchors_lead_somewhere():
+    links = readme_links()
+    assert len([source for source, _ in links if source == "README.md"]) >= 10
+    assert any("#" in target for _, target in links)  # at least one anchor is checked
+    broken = [why for source, target in links if (why := broken_link(source, target))]
+    assert not broken, "\n".join(broken)
+    assert "no such file" in broken_link("README.md", "docs/tuning.md")
+    assert "no heading with id 'plans'" in broken_link("README.md", "docs/indexes.md#plans")
+    assert broken_link("README.md", "#which-dimension-to-pick") is None  # an anchor of the README itself
 
 
 @pytest.fixture(scope="module")
