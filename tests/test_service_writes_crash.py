@@ -6,6 +6,9 @@ once while a compaction runs, and restarts it each time. At the end every acknow
 its exact text as the top hit at every dim, every acknowledged delete is gone, and the document count is
 the acknowledged one. A write whose answer the kill cut off may or may not have happened: both outcomes
 are accepted for that document, nothing else.
+
+It kills ``MRL_CRASH_KILLS`` times (10); its one-line figures are printed and, with ``MRL_CRASH_REPORT=FILE``,
+appended to that file.
 """
 
 from __future__ import annotations
@@ -20,13 +23,13 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.helpers.crash import WriteState, kill_while_writing
+from tests.helpers.crash import WriteState, kill_while_writing, report
 from tests.helpers.sample import build_sample
 from tests.helpers.servers import ServeProcess
 
 pytestmark = pytest.mark.slow
 
-KILLS = 10
+KILLS = int(os.environ.get("MRL_CRASH_KILLS", "10"))
 SAMPLE_DOCUMENTS = 120
 
 
@@ -55,11 +58,12 @@ def test_kills_at_random_moments_lose_no_acknowledged_write(root: Path, tmp_path
                 kill_while_writing(server, rng, state)
             server.process.wait(timeout=30)
             server = start(root, tmp_path / f"server-{kill + 1}.log")
-        state.check(server, SAMPLE_DOCUMENTS)
+        recovered = state.check(server, SAMPLE_DOCUMENTS)
     finally:
         server.stop()
-    print(f"crash test: {KILLS} kills, {state.sent} writes sent, {state.acknowledged} acknowledged, "
-          f"{state.cut} cut off by a kill, {len(state.history)} documents checked at every dim")  # fmt: skip
+    report(f"crash test: {KILLS} kills, {state.sent} writes sent, {state.acknowledged} acknowledged, "
+           f"{state.cut} cut off by a kill, {len(state.history)} documents checked at every dim; "
+           f"{recovered.describe()}")  # fmt: skip
     assert state.acknowledged > 50 and compaction_cut
 
 
