@@ -58,7 +58,6 @@ from index.manifest import (
 from index.params import IndexPlan, choose_index, search_params_for
 from index.plans import JudgedQueries, plans_from_report, score_plans
 from index.stores import IndexStore, VersionWriter, open_store
-from index.wal import check_not_live
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -88,7 +87,9 @@ class BuildConfig:
     """
 
     data: Path
-    index: str | None = None  # the locator: a folder, milvus://HOST:PORT/NAME or milvus-lite://FILE.db/NAME
+    # the locator: a folder, milvus://HOST:PORT/NAME or milvus-lite://FILE.db/NAME; or one already parsed (which may
+    # hold what its text may not: the credentials or path of an old-style Milvus URI)
+    index: IndexLocator | str | None = None
     output: Path | None = None  # the old spelling of a folder locator
     model: str | None = None
     dims: list[int] | None = None
@@ -133,6 +134,8 @@ class BuildConfig:
             raise ConfigError(
                 f"--index is required: {LOCATOR_FORMS}" if not given else "name the index once: --index or --output"
             )
+        if isinstance(self.index, IndexLocator):
+            return self.index
         return parse_locator(self.index) if self.index is not None else IndexLocator.folder(self.output)
 
     def check(self) -> None:
@@ -364,13 +367,12 @@ def _build_into(
     fingerprint: str,
 ) -> tuple[Path | str, IndexManifest]:
     """``build_index`` once the store is open: encode (or read the cache), build every dim, publish."""
-    if store.locator.engine == "faiss":
-        check_not_live(store.locator.path)  # a writable server owns the index: its writes go through its API
+    store.check_no_live_writer()  # a writable server owns the index: its writes go through its API
     store.prepare()  # an engine that does not answer, or a read-only version folder: fail before encoding
     version = new_version_name()
 
     key = encode_cache_key(documents, fingerprint, model)
-    cache = encode_cache_root(config) / key
+    cache = encode_cache_root(config, store) / key
     started = time.perf_counter()
     with writing(cache):
         cache.mkdir(parents=True, exist_ok=True)
@@ -431,7 +433,7 @@ def _build_into(
     if report.over_window:
         logger.warning("%s", report.describe())
     if config.cache_dir is None:  # the build's own cache has done its work; a cache named by the user is kept
-        shutil.rmtree(cache.parent if store.locator.engine == "faiss" else cache, ignore_errors=True)
+        shutil.rmtree(store.cache_dir() or cache, ignore_errors=True)  # the index's own whole, else our entry
     return final, manifest
 
 
@@ -450,14 +452,14 @@ def _grown(was: ChunkReport | None, added: ChunkReport) -> ChunkReport:
     )
 
 
-def encode_cache_root(config: BuildConfig) -> Path:
+def encode_cache_root(config: BuildConfig, store: IndexStore) -> Path:
     """Where a build keeps the vectors it has encoded, by content key: ``--cache-dir`` if given (kept, so a
-    rebuild of the same texts with the same model encodes nothing), else the index root's
-    ``.encode-cache`` (FAISS) or ``~/.cache/mrl/encode-cache`` (Milvus), cleared after a successful build."""
+    rebuild of the same texts with the same model encodes nothing), else the index's own cache
+    (:meth:`~index.stores.IndexStore.cache_dir`: a folder's ``.encode-cache``) or, for an index with no
+    folder, ``~/.cache/mrl/encode-cache``; cleared after a successful build."""
     if config.cache_dir is not None:
         return config.cache_dir.expanduser()
-    locator = config.locator()
-    return locator.path / ".encode-cache" if locator.engine == "faiss" else DEFAULT_CACHE.expanduser()
+    return store.cache_dir() or DEFAULT_CACHE.expanduser()
 
 
 def read_judged_queries(folder: Path, split: str, documents: list[Document]) -> JudgedQueries:
@@ -535,8 +537,7 @@ def add_documents(
     store = open_store(locator)
     try:
         with store.writing():
-            if locator.engine == "faiss":
-                check_not_live(locator.path)
+            store.check_no_live_writer()
             current = store.open(store.current(), device=device)
             try:
                 return _append_version(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from pathlib import Path
 
@@ -87,7 +88,7 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
     build.set_defaults(handler=run_build)
 
     add = actions.add_parser("add", help="append documents to an index without re-encoding the old ones")
-    add.add_argument("--index", required=True, metavar="LOCATOR", help="the index: a folder (FAISS)")
+    add.add_argument("--index", required=True, metavar="LOCATOR", help=f"the index: {LOCATOR_FORMS}")
     add.add_argument("--data", type=Path, required=True, help=f"the new documents: {DATA_HELP}")
     add_field_arguments(add)
     add.add_argument("--model", default=None, help="default: the model named in the manifest")
@@ -101,9 +102,10 @@ def add_index_parser(commands: argparse._SubParsersAction) -> None:
         "compact",
         help="merge an index's write-ahead log (upserts and deletes) into a new version",
         description="Replay the write-ahead log of a FAISS folder index and publish its live documents as a new "
-        "version. Refused while a writable server owns the index (it compacts on its own).",
+        "version. Refused while a writable server owns the index (it compacts on its own). An index in Milvus "
+        "takes its writes into its version: there is nothing to compact.",
     )
-    compact.add_argument("--index", required=True, metavar="FOLDER", help="the index root (a FAISS folder)")
+    compact.add_argument("--index", required=True, metavar="LOCATOR", help=f"the index: {LOCATOR_FORMS}")
     compact.add_argument("--device", choices=["auto", "cpu", "gpu"], default="cpu", help="default: %(default)s")
     compact.add_argument("--keep-versions", type=int, default=3, help="finished versions to keep (default: 3)")
     compact.set_defaults(handler=run_compact)
@@ -194,7 +196,18 @@ def locator_from_args(args: argparse.Namespace) -> IndexLocator:
 
 
 def _deprecated(spelling: str, locator: IndexLocator) -> None:
-    notice = f"{spelling} is deprecated and goes in the next release; use --index {locator}"
+    """One line on stderr saying what to write instead, as it works when copied: credentials never go in a
+    locator, so those of an old-style URI move to the environment."""
+    shown = str(locator)  # a password in an old-style URI shows as ***
+    without = re.sub(r"^([a-z+-]+://)[^/@]*@", r"\1", shown)
+    try:
+        parse_locator(without)
+    except ConfigError:  # e.g. https://host:443/db1: a locator has no place for the URI's path
+        notice = f"{spelling} is deprecated, but no --index locator can name this URI yet ({LOCATOR_FORMS}): keep it"
+    else:
+        notice = f"{spelling} is deprecated and goes in the next release; use --index {without}"
+        if without != shown:
+            notice += " with the credentials in MRL_MILVUS_USER and MRL_MILVUS_PASSWORD (or MRL_MILVUS_TOKEN)"
     print(f"mrl: warning: {notice}", file=sys.stderr)
 
 
@@ -207,7 +220,8 @@ def run_build(args: argparse.Namespace) -> int:
     locator = locator_from_args(args)
     skip = ("index", "output", "backend", "milvus_uri", "id_field", "text_field", "title_field", "metadata_fields")
     options = {k: v for k, v in config_fields(args).items() if k not in skip}
-    where, manifest = build_index(BuildConfig(index=str(locator), fields=field_map(args), **options))
+    # The locator itself, not its text: the text has no room for an old-style URI's credentials or path.
+    where, manifest = build_index(BuildConfig(index=locator, fields=field_map(args), **options))
     print(info_table(manifest, where))
     return 0
 
@@ -231,13 +245,15 @@ def run_add(args: argparse.Namespace) -> int:
 
 
 def run_compact(args: argparse.Namespace) -> int:
-    from index.live import compact_index, describe_compaction
+    from index.live import describe_compaction
+    from index.stores import compact, open_store
 
     check_positive(args, ("keep_versions",))
-    locator = parse_locator(args.index)
-    if locator.engine != "faiss":
-        raise ConfigError(f"mrl index compact works on FAISS folder indexes, not {locator}")
-    print(describe_compaction(*compact_index(locator.path, args.device, args.keep_versions)))
+    store = open_store(parse_locator(args.index))
+    try:
+        print(describe_compaction(*compact(store, device=args.device, keep_versions=args.keep_versions)))
+    finally:
+        store.close()
     return 0
 
 
@@ -251,8 +267,8 @@ def run_info(args: argparse.Namespace) -> int:
         if args.check:
             store.open(version, device="cpu", lease=False).close()
         print(info_table(manifest, store.where(version)))
-        if store.locator.engine == "faiss" and not store.is_version_folder:
-            print(unmerged_line(store.locator.path, manifest))
+        for line in store.info_lines(manifest):
+            print(line)
         for other, state in sorted(store.versions().items()):
             if other != version:
                 print(f"version {other}: {state}")
@@ -261,24 +277,6 @@ def run_info(args: argparse.Namespace) -> int:
     finally:
         store.close()
     return 0
-
-
-def unmerged_line(root: Path, manifest) -> str:
-    """What a writable server wrote that is not yet in ``manifest``'s version: its log above the version's seq."""
-    from index.compaction import applied_seq
-    from index.wal import WriteAheadLog
-
-    applied = applied_seq(manifest)
-    wal = WriteAheadLog(root, floor_seq=applied)
-    pending = [record for record in wal.records(applied)]
-    if not pending:
-        return "writes    none unmerged (the write-ahead log holds nothing above this version)"
-    passages = sum(len(record.passages) for record in pending if record.op == "upsert")
-    deletes = sum(len(record.doc_ids) for record in pending if record.op == "delete")
-    return (
-        f"writes    {len(pending)} logged writes not yet compacted ({passages} passages written, {deletes} deletes; "
-        f"log {_mib(wal.size_bytes)}): mrl index compact, or the writable server, folds them in"
-    )
 
 
 def _mib(size: int) -> str:

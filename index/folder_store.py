@@ -7,9 +7,10 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,6 +35,7 @@ from index.locator import IndexLocator
 from index.manifest import MANIFEST_FILE, IndexFolderError, IndexManifest, folder_files
 from index.params import IndexPlan
 from index.store import write_documents
+from index.wal import WriteAheadLog, check_not_live
 
 
 class FolderStore:
@@ -131,6 +133,25 @@ class FolderStore:
     def close(self) -> None:
         """Nothing to release: a folder has no connection."""
 
+    # --- what differs from other engines (index.stores) -----------------------------------
+    def check_no_live_writer(self) -> None:
+        """Refuse while a writable server holds the root: a version published under it is lost at its next
+        compaction (:func:`index.wal.check_not_live`)."""
+        check_not_live(self.root)
+
+    def cache_dir(self) -> Path:
+        """``ROOT/.encode-cache``: the index's own, removed whole after a build."""
+        return self.root / ".encode-cache"
+
+    def open_live(self, opener: Callable[..., Any], *, device: Device, keep_versions: int, role: str) -> Any:
+        """The root opened for writes (``opener`` is :func:`index.live.open_live`): its live lock taken, the log
+        replayed."""
+        return opener(self.root, device, keep_versions=keep_versions, role=role)
+
+    def info_lines(self, manifest: IndexManifest) -> list[str]:
+        """The writes a writable server logged above ``manifest``'s version (none for a version folder)."""
+        return [] if self.is_version_folder else [unmerged_line(self.root, manifest)]
+
 
 class FolderWriter:
     """A version folder of the store's root: staged in ``versions/.building-*``, renamed into place, ``current``
@@ -172,3 +193,20 @@ def save_to_folder(index: VectorIndex, dim: int, folder: Path) -> tuple[str, int
     with writing(folder / index_file(dim)):
         index.save(folder / index_file(dim))
     return index_file(dim), (folder / index_file(dim)).stat().st_size
+
+
+def unmerged_line(root: Path, manifest: IndexManifest) -> str:
+    """What a writable server wrote that is not yet in ``manifest``'s version: its log above the version's seq."""
+    from index.compaction import applied_seq
+
+    applied = applied_seq(manifest)
+    wal = WriteAheadLog(root, floor_seq=applied)  # only read: no file is kept open
+    pending = list(wal.records(applied))
+    if not pending:
+        return "writes    none unmerged (the write-ahead log holds nothing above this version)"
+    passages = sum(len(record.passages) for record in pending if record.op == "upsert")
+    deletes = sum(len(record.doc_ids) for record in pending if record.op == "delete")
+    return (
+        f"writes    {len(pending)} logged writes not yet compacted ({passages} passages written, {deletes} deletes; "
+        f"log {wal.size_bytes / (1 << 20):.2f} MiB): mrl index compact, or the writable server, folds them in"
+    )

@@ -548,6 +548,39 @@ class MilvusIndexStore:
         """Every version's state, by name."""
         return {version: record["state"] for version, record in self._records().items()}
 
+    # --- what differs from other engines (index.stores) -----------------------------------
+    def check_no_live_writer(self) -> None:
+        """Refuse while a live writer (:mod:`index.milvus_live`) writes into the current version.
+
+        Raises:
+            MilvusWriterHeld: One line naming the index and the writer.
+        """
+        self._check_no_writer()
+
+    def cache_dir(self) -> None:
+        """None: an index in Milvus has no folder; builds share ``~/.cache/mrl/encode-cache``."""
+        return None
+
+    def open_live(self, opener: Callable[..., Any], *, device: Device, keep_versions: int, role: str) -> Any:
+        """The current version, claimed for writes by ``opener`` (:func:`index.milvus_live.open_milvus_live`).
+
+        ``keep_versions`` is unused: writes go into the version, and no compaction makes another.
+        """
+        loaded = self.open(self.current(), device=device)
+        try:
+            return opener(self, loaded, role)
+        except BaseException:
+            loaded.close()
+            raise
+
+    def info_lines(self, manifest: IndexManifest) -> list[str]:
+        """Who writes into the index now, if anyone (its writes are in the version, nothing waits to be merged)."""
+        writer = self.writer()
+        if writer is None:
+            return []
+        host, pid, _ = writer.holder.split("~", 2)
+        return [f"writes    a {writer.role} on {host} (pid {pid}) writes into version {writer.version}"]
+
 
 class MilvusVersionWriter:
     """Writes one version's collections (documents, then one per dim); :meth:`publish` makes it live.

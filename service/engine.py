@@ -27,10 +27,8 @@ from index.backends import EngineUnavailable
 from index.calibration import K, PseudoQueries
 from index.filters import FilterError, SearchFilter, parse_filter
 from index.layout import LEASE_TTL_SECONDS
-from index.live import open_live
 from index.loaded import LoadedIndex
 from index.manifest import IndexFolderError, IndexManifest
-from index.milvus_live import open_milvus_live
 from index.plans import (
     JUDGED,
     NOT_MEASURED,
@@ -43,7 +41,7 @@ from index.plans import (
     score_plans,
 )
 from index.search import staged_search
-from index.stores import IndexStore
+from index.stores import IndexStore, open_live
 from service.embedder import WARM_UP_QUERY, ConfigurationError, Embedder, EncoderLoader, public_name, served_default
 from service.encoders import LoadedEncoder, load_encoder
 from service.errors import InvalidRequest, NotReady, ReloadFailed, UnknownDimension
@@ -260,6 +258,7 @@ class Searcher:
             default_dim=self._default_dim,
             num_vectors=manifest.num_vectors,
             built_at=manifest.built_at,
+            index=str(self.settings.locator()),
             dims=dims,
             encoder_quality_loss=loss,
             encoder_warning=warning,
@@ -616,26 +615,19 @@ def _load(source: IndexStore, settings: ServiceSettings, load: EncoderLoader) ->
 def _load_writable(
     source: IndexStore, settings: ServiceSettings, load: EncoderLoader, metrics: ServiceMetrics
 ) -> tuple[LoadedEncoder, DocumentWriter]:
-    """A writable server's start: the live index (its lock, its base, its log replayed), the query encoder
-    and the build's document encoder.
+    """A writable server's start: the index opened for writes by this process (:func:`index.stores.open_live`),
+    the query encoder and the build's document encoder.
 
     Raises:
-        LiveLockHeld: Another process writes the index. IndexFolderError: Not a folder index root, or another model.
+        MrlError: Another process writes the index, or it takes no writes (a version folder).
+        IndexFolderError: Built with another model.
     """
-    locator = settings.locator()
-    if locator.engine == "faiss":
-        live = open_live(locator.path, device=settings.device, keep_versions=WRITABLE_KEEP_VERSIONS)
-    else:  # Milvus: writes go into the live version's collections, where every replica sees them
-        loaded = source.open(source.current(), device=settings.device)
-        try:
-            live = open_milvus_live(source, loaded)
-        except BaseException:
-            loaded.close()
-            raise
+    live = open_live(source, device=settings.device, keep_versions=WRITABLE_KEEP_VERSIONS)
     try:
         loaded_encoder = load(settings, live.manifest)
         if loaded_encoder.fingerprint != live.manifest.model.fingerprint:
-            raise IndexFolderError(f"{locator.path}: built with another model than the one served")
+            where = source.where(live.manifest.version)
+            raise IndexFolderError(f"{where}: built with another model than the one served")
         _default_dim(settings.default_dim, live.manifest)
         loaded_encoder.encoder.encode_queries([WARM_UP_QUERY])
         writer = DocumentWriter.load(live, settings, metrics)

@@ -141,6 +141,7 @@ class IndexInfo:
     default_dim: int
     num_vectors: int
     built_at: str
+    index: str  # the locator, as mrl index info shows it (a password in an old-style Milvus URI as ***)
     dims: list[DimInfo] = field(default_factory=list)
     encoder_quality_loss: float | None = None  # largest NDCG@10 loss of the served encoder against the build's
     encoder_warning: str | None = None

@@ -338,6 +338,10 @@ class DimModel(BaseModel):
 
 class DimsResponse(BaseModel):
     model: str
+    index: str = Field(
+        description="the index's locator, as `mrl index info` shows it: a folder, milvus://HOST:PORT/NAME or "
+        "milvus-lite://PATH/FILE.db/NAME (a password in an old-style Milvus URI shows as ***)"
+    )
     index_version: str
     encoder: str = Field(description="torch or onnx")
     full_dim: int

@@ -153,3 +153,76 @@ def test_the_client_package_stands_alone():
             if isinstance(node, ast.ImportFrom):
                 names = [node.module or ""]
             assert {name.split(".")[0] for name in names} <= allowed, f"{path.name} imports {names}"
+
+
+# --- the engine is chosen in one place ------------------------------------------------------------
+
+# Where an index's engine may be named: the store contract (the registry), the locator (which parses it), and each
+# engine's own modules. Everyone else asks the store (index.stores.IndexStore) and never which engine it is.
+ENGINE_MODULES = {
+    "index.stores",
+    "index.locator",
+    *("index.folder_store", "index.layout", "index.live", "index.compaction", "index.wal"),  # FAISS folders
+}
+ENGINE_PREFIXES = ("index.milvus",)  # index/milvus*.py: Milvus
+# Modules that name an engine for a reason of their own.
+ENGINE_EXCEPTIONS = {
+    "benchmarks.backends": "measures FAISS against Milvus: it builds both and starts a Milvus server",
+    "benchmarks.peers": "reads the corpus files of a folder index, and says so for another engine",
+    "benchmarks.writes": "measures the write path of a folder index, and says so for another engine",
+}
+
+
+def engine_namings(path: Path) -> list[str]:
+    """Where ``path`` compares an ``.engine`` (``==``, ``!=``, ``in``, ``not in``, ``match``) or imports a Milvus
+    module, as ``line: what``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Compare):
+            sides = [node.left, *node.comparators]
+            if any(isinstance(side, ast.Attribute) and side.attr == "engine" for side in sides):
+                found.append((node.lineno, "compares .engine"))
+        elif isinstance(node, ast.Match):
+            if isinstance(node.subject, ast.Attribute) and node.subject.attr == "engine":
+                found.append((node.lineno, "matches .engine"))
+        elif isinstance(node, ast.Import | ast.ImportFrom):
+            names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
+            if isinstance(node, ast.ImportFrom):
+                names = [node.module or "", *(f"{node.module}.{alias.name}" for alias in node.names)]
+            milvus = [name for name in names if name.startswith(ENGINE_PREFIXES)]
+            if milvus:
+                found.append((node.lineno, f"imports {milvus[0]}"))
+    return [f"{line}: {what}" for line, what in sorted(found)]
+
+
+def test_engine_namings_are_found(tmp_path: Path):
+    module = tmp_path / "m.py"
+    module.write_text(
+        "def f(locator, store):\n"
+        "    from index.milvus_live import open_milvus_live\n"
+        "    if locator.engine == 'faiss' or store.locator.engine in ('milvus',):\n"
+        "        match locator.engine:\n"
+        "            case _:\n"
+        "                pass\n"
+        "    return engine == 'optimum'\n"  # another kind of engine (a name, not an index's .engine): allowed
+    )
+    assert engine_namings(module) == [
+        "2: imports index.milvus_live", "3: compares .engine", "3: compares .engine", "4: matches .engine"
+    ]  # fmt: skip
+
+
+def test_the_engine_is_named_only_in_the_store_registry_the_locator_and_its_own_modules():
+    """A third engine is its store, its backend and a registration: no caller branches on the engine or reaches
+    into Milvus modules (the gap this closes: build, index info, compact and the writable server did)."""
+    wrong = []
+    for name, path in sorted(project_modules().items()):
+        if name in ENGINE_MODULES or name.startswith(ENGINE_PREFIXES) or name in ENGINE_EXCEPTIONS:
+            continue
+        wrong += [f"{name}:{where}" for where in engine_namings(path)]
+    assert wrong == []
+
+
+def test_every_exception_still_names_an_engine():
+    """An exception that no longer needs to be one is removed from the list."""
+    modules = project_modules()
+    assert [name for name in ENGINE_EXCEPTIONS if not engine_namings(modules[name])] == []
