@@ -37,7 +37,7 @@ from core.metrics import score_rankings
 from index.loaded import LoadedIndex
 from index.locator import LOCATOR_FORMS
 from index.search import staged_search
-from index.stores import open_store
+from index.stores import IndexStore, open_store
 from service.encoders import LoadedEncoder, load_encoder
 from service.settings import load_settings
 from training.evaluate import TOP_K
@@ -82,8 +82,9 @@ def check_config(config: QualityConfig) -> None:
         raise ConfigError(f"unknown encoder {config.encoder!r} (choose from {', '.join(ENCODERS)})")
 
 
-def open_engine(config: QualityConfig) -> tuple[LoadedEncoder, LoadedIndex]:
-    """The service's query encoder and the index, checked to belong together (as ``Searcher.open`` does).
+def open_engine(config: QualityConfig) -> tuple[LoadedEncoder, LoadedIndex, IndexStore]:
+    """The service's query encoder and the index, checked to belong together (as ``Searcher.open`` does), and
+    the store it was opened from: close it after the index (a Milvus index searches through the store's client).
 
     Raises:
         IndexFolderError: Missing or corrupt index, or one built with another model. ModelError: No model.
@@ -100,9 +101,10 @@ def open_engine(config: QualityConfig) -> tuple[LoadedEncoder, LoadedIndex]:
         version = store.current()
         loaded_encoder = load_encoder(settings, store.manifest(version))
         index = store.open(version, device=config.device, expected_fingerprint=loaded_encoder.fingerprint)
-    finally:
+    except BaseException:
         store.close()
-    return loaded_encoder, index
+        raise
+    return loaded_encoder, index, store
 
 
 def single_stage(index: LoadedIndex, queries: np.ndarray, dim: int, depth: int) -> RankedRun:
@@ -198,7 +200,7 @@ def run_two_stage(config: QualityConfig) -> dict[str, Any]:
     check_config(config)
     started_at, started = utc_now(), time.perf_counter()
     dataset, query_ids, qrels = _judged_queries(config)
-    loaded_encoder, index = open_engine(config)
+    loaded_encoder, index, store = open_engine(config)
     try:
         missing = _check_coverage(index, qrels, config)
         encode_started = time.perf_counter()
@@ -208,6 +210,7 @@ def run_two_stage(config: QualityConfig) -> dict[str, Any]:
         index_info = _index_dict(index, loaded_encoder.backend)
     finally:
         index.close()
+        store.close()
     report = {
         "benchmark": "two-stage",
         "started_at": started_at,

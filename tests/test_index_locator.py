@@ -260,13 +260,6 @@ def test_the_old_milvus_flags_keep_the_uri_credentials_and_path_and_the_notice_s
     assert "no --index locator can name this URI yet" in capsys.readouterr().err.splitlines()[0]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="benchmarks/search_quality.py::open_engine closes the store before searching the index it opened: on "
-    "Milvus that closes the client the index searches through (exit 2, 'should create connection first'); "
-    "close the store after the index instead",
-)
 def test_bench_two_stage_takes_a_milvus_lite_locator(tmp_path: Path, milvus_lite_uri, monkeypatch):
     """``mrl bench`` reads an index in Milvus Lite through the same ``--index`` (two-stage: the cheapest bench that
     searches it)."""
