@@ -471,7 +471,7 @@ def open_live(
             wal.trim(applied)  # a compaction was killed after publishing, before trimming: finish it
         if store.current() != base.location:  # a version went live while this one was opened
             raise VersionBeingWritten(
-                f"{root}: a new version went live while the writable server opened {base.location}; start it again"
+                f"{root}: a new version went live while {base.location} was opened for writes; try again"
             )
     except BaseException:
         base.close()
@@ -503,8 +503,8 @@ def check_no_version_writer(root: Path) -> None:
     except BlockingIOError:
         holder = _lock_holder(os.fstat(fd))
         raise VersionBeingWritten(
-            f"{root}: {holder} is writing a new version of this index (it holds {WRITER_LOCK}): start the writable "
-            "server once it has finished"
+            f"{root}: {holder} is writing a new version of this index (it holds {WRITER_LOCK}): try again once it "
+            "has finished"
         ) from None
     finally:
         os.close(fd)  # a probe: released at once (closing the only descriptor drops the lock)
