@@ -472,6 +472,43 @@ def test_a_writable_server_is_refused_while_a_version_is_being_written(root: Pat
         live.close()
 
 
+def test_a_build_that_finishes_under_a_writable_server_does_not_publish(root: Path, tmp_path: Path):
+    """A full build takes the writer lock only to publish. A writable server started while it encoded has
+    taken writes over the current version; publishing would lose them at its next restart, so the build
+    refuses then, and the server's writes stay."""
+    data = tmp_path / "rebuilt"
+    documents, queries = [{"_id": "r1", "text": "fever rebuilt"}], [{"_id": "q", "text": "fever"}]
+    write_beir(data, documents, queries, {"test": [("q", "r1", 1)]})
+    before = resolve_version(root)
+    encoder = ServiceKeywordEncoder()
+    encoder.hold_next_call()  # the build waits inside its encoding, no lock held
+    errors: list[BaseException] = []
+
+    def build() -> None:
+        config = BuildConfig(data=data, output=root, model=MODEL_NAME, dims=DIMS, device="cpu", progress=False)
+        try:
+            build_index(config)
+        except BaseException as exc:  # reported to the test thread below
+            errors.append(exc)
+
+    with keyword_model(encoder):
+        building = threading.Thread(target=build)
+        building.start()
+        try:
+            assert encoder.entered.wait(30), "the build never started encoding"
+            live = open_live(root)  # the build holds no lock yet: the server starts
+        finally:
+            encoder.release.set()
+            building.join(timeout=60)
+    try:
+        assert len(errors) == 1 and isinstance(errors[0], LiveLockHeld), errors
+        assert "a writable server (pid" in str(errors[0])
+        assert resolve_version(root) == before  # nothing was published
+        assert not list((root / "versions").glob(".building-*"))  # and nothing left half-written
+    finally:
+        live.close()
+
+
 def test_a_version_published_while_the_server_opens_is_refused(root: Path, monkeypatch):
     """A version that goes live between the server reading ``current`` and serving it would replace the one it
     serves behind its back (every compaction would then fail). The server refuses to start instead."""
