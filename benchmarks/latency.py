@@ -34,7 +34,7 @@ from core.cli_args import add_output_argument, config_fields, dims_argument
 from core.errors import ConfigError
 from core.files import json_fields
 from core.matryoshka import DimensionError
-from core.servers import LOOPBACK, free_port, running_process
+from core.servers import LOOPBACK, ServerError, free_port, running_process
 from index.locator import LOCATOR_FORMS
 from index.manifest import IndexManifest
 from index.stores import current_manifest
@@ -64,6 +64,8 @@ class LatencyConfig:
     onnx_cache: Path | None = None
     batch_max_wait_ms: float | None = None  # the server's micro-batch wait (default: the server's)
     shadow_fractions: list[float] | None = None  # a server per fraction (MRL_SHADOW_FRACTION); None: its default
+    workers: list[int] | None = None  # a server per worker count (mrl serve --workers); None: one process
+    http: list[str] | None = None  # a server per HTTP parser (mrl serve --http); None: the server's default
     in_process: bool = True  # also time the same encoder in this process, one query per call (the overhead goal)
     time_limit_s: float = 900.0  # no request is sent after this; later cells are recorded as cut short
     ready_timeout_s: float = 300.0  # per server start (an ONNX export happens on first use)
@@ -152,6 +154,11 @@ def check_config(config: LatencyConfig, manifest: IndexManifest) -> list[int]:
         raise DimensionError(f"dims {missing} are not in the index (it has {manifest.dims})")
     for target in config.targets:
         target_params(target)  # raises ConfigError for a malformed one
+    if config.workers is not None and (not config.workers or not all(1 <= count <= 64 for count in config.workers)):
+        raise ConfigError(f"--workers must list counts from 1 to 64, got {config.workers}")
+    parsers = ("auto", "httptools", "h11")
+    if config.http is not None and (not config.http or any(name not in parsers for name in config.http)):
+        raise ConfigError(f"--http must list parsers from {', '.join(parsers)}, got {config.http}")
     if config.rerank and min(dims) >= manifest.model.full_dim:
         raise ConfigError(f"--rerank needs a dim below the full dimension {manifest.model.full_dim} in --dims")
     return dims
@@ -195,11 +202,45 @@ def target_params(target: str) -> dict[str, float]:
 # --- the server process -------------------------------------------------------------------
 
 
-def server_command(config: LatencyConfig, encoder: str, port: int, shadow_fraction: float | None = None) -> list[str]:
+@dataclass(frozen=True)
+class ServerVariant:
+    """Server settings measured side by side (each in its own server): ``None`` leaves the server's default."""
+
+    shadow_fraction: float | None = None
+    workers: int | None = None
+    http: str | None = None
+
+    def label(self, encoder: str) -> str:
+        parts = [encoder]
+        if self.shadow_fraction is not None:
+            parts.append(f"shadow={self.shadow_fraction:g}")
+        if self.workers is not None:
+            parts.append(f"workers={self.workers}")
+        if self.http is not None:
+            parts.append(f"http={self.http}")
+        return " ".join(parts)
+
+
+def server_variants(config: LatencyConfig) -> list[ServerVariant]:
+    """Every combination of the asked-for shadow fractions, worker counts and HTTP parsers."""
+    return [
+        ServerVariant(fraction, workers, http)
+        for fraction in config.shadow_fractions or [None]
+        for workers in config.workers or [None]
+        for http in config.http or [None]
+    ]
+
+
+def server_command(config: LatencyConfig, encoder: str, port: int, variant: ServerVariant | None = None) -> list[str]:
     """``python -m mrl serve`` for ``encoder``, bound to the loopback interface only."""
+    variant = variant or ServerVariant()
     command = [sys.executable, "-m", "mrl", "serve", "--index", str(config.index), "--host", LOOPBACK]
-    if shadow_fraction is not None:
-        command += ["--shadow-fraction", f"{shadow_fraction:g}"]
+    if variant.shadow_fraction is not None:
+        command += ["--shadow-fraction", f"{variant.shadow_fraction:g}"]
+    if variant.workers is not None:
+        command += ["--workers", str(variant.workers)]
+    if variant.http is not None:
+        command += ["--http", variant.http]
     command += ["--port", str(port), "--encoder", "torch" if encoder == "torch" else "onnx"]
     command += ["--device", config.device, "--log-level", "warning"]  # no access log: it would cost CPU
     if encoder == "onnx-int8":
@@ -222,7 +263,7 @@ def server_environment() -> dict[str, str]:
 
 @contextmanager
 def running_server(
-    config: LatencyConfig, encoder: str, log_path: Path, shadow_fraction: float | None = None
+    config: LatencyConfig, encoder: str, log_path: Path, variant: ServerVariant | None = None
 ) -> Iterator[str]:
     """Start ``mrl serve`` for ``encoder``, wait until it is ready, yield its base URL; always stop it.
 
@@ -230,7 +271,7 @@ def running_server(
         ServerError: The server exited or was not ready within ``config.ready_timeout_s``.
     """
     port = free_port()
-    command = server_command(config, encoder, port, shadow_fraction)
+    command = server_command(config, encoder, port, variant)
     with running_process(command, port, log_path, config.ready_timeout_s, server_environment()) as base:
         yield base
 
@@ -465,10 +506,12 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
             continue
         if config.in_process:  # before its server starts: nothing else runs meanwhile
             in_process[encoder] = in_process_timing(config, encoder, manifest, queries)
-        for fraction in config.shadow_fractions or [None]:  # live-quality sampling on and off, side by side
-            label = encoder if fraction is None else f"{encoder} shadow={fraction:g}"
+        for variant in server_variants(config):  # e.g. sampling on and off, 1 and 2 workers: side by side
+            label = variant.label(encoder)
             log = logs / f"latency-server-{label.replace(' ', '-')}.log"
-            with running_server(config, encoder, log, fraction) as base:
+            with running_server(config, encoder, log, variant) as base:
+                if variant.workers is not None and variant.workers > 1:
+                    wait_for_workers(base, variant.workers, config.ready_timeout_s)
                 servers[label] = {"url": base, **server_info(base, config.request_timeout_s)}
                 servers[label]["healthz_p50_ms"] = asyncio.run(http_floor(base, config))
                 results += asyncio.run(measure_cells(base, label, cells, queries, config, deadline))
@@ -488,6 +531,7 @@ def run_latency(config: LatencyConfig) -> dict[str, Any]:
 
 
 IN_PROCESS_TEXTS = 300  # query texts encoded one per call in this process (at most)
+CEILING_BATCH = 16  # the in-process ceiling a server at 16 in flight is held against: batches of 16 queries
 FLOOR_REQUESTS = 200  # GET /healthz requests that time the HTTP round trip with no work behind it
 
 
@@ -500,8 +544,34 @@ def in_process_timing(config: LatencyConfig, encoder: str, manifest: IndexManife
     loaded = open_encoder(settings, manifest)
     texts = queries[: min(IN_PROCESS_TEXTS, config.requests)]
     result, _ = measure_cell(loaded.encoder, encoder, texts, batch_size=1, warmup=min(20, len(texts)))
-    logger.info("%s in this process: p50 %s ms per query", encoder, format_ms(result.p50_ms))
-    return {"texts": len(texts), "p50_ms": result.p50_ms, "p95_ms": result.p95_ms}
+    batched, _ = measure_cell(loaded.encoder, encoder, texts, batch_size=CEILING_BATCH, warmup=2)
+    logger.info(
+        "%s in this process: p50 %s ms per query, %.1f queries/s one at a time, %.1f in batches of %d",
+        encoder, format_ms(result.p50_ms), result.queries_per_s, batched.queries_per_s, CEILING_BATCH,
+    )  # fmt: skip
+    return {
+        "texts": len(texts),
+        "p50_ms": result.p50_ms,
+        "p95_ms": result.p95_ms,
+        "queries_per_s": result.queries_per_s,
+        f"batch_{CEILING_BATCH}_queries_per_s": batched.queries_per_s,
+    }
+
+
+def wait_for_workers(base: str, workers: int, timeout_s: float) -> None:
+    """Wait until every worker of a ``--workers`` server serves (its ``mrl_serving_info`` series, one per pid).
+
+    Raises:
+        ServerError: Not all of them within ``timeout_s``.
+    """
+    deadline = time.monotonic() + timeout_s
+    with httpx.Client(base_url=base, timeout=10, trust_env=False) as client:
+        while time.monotonic() < deadline:
+            lines = client.get("/metrics").text.splitlines()
+            if sum(line.startswith("mrl_serving_info{") and line.endswith(" 1.0") for line in lines) >= workers:
+                return
+            time.sleep(0.25)
+    raise ServerError(f"{base}: not all {workers} workers were serving within {timeout_s:g}s")
 
 
 async def http_floor(base: str, config: LatencyConfig) -> float | None:
@@ -541,12 +611,16 @@ def latency_markdown(report: dict[str, Any]) -> str:
     settings, machine = report["settings"], report["machine"]
     header = ["encoder", "dim", "rerank", "conc.", "requests", "errors", "p50 ms", "p95 ms", "p99 ms", "req/s"]
     header += ["server encode ms", "server search ms", "server rerank ms", "server total ms", "p50 ÷ in-process"]
+    header += ["req/s ÷ ceiling"]
     lines = [markdown_row(header), markdown_row(["---", *["---:"] * (len(header) - 1)])]
     in_process = report.get("in_process") or {}
     for row in report["results"]:
-        reference = (in_process.get(row["encoder"].split(" ")[0]) or {}).get("p50_ms")
+        timing = in_process.get(row["encoder"].split(" ")[0]) or {}
+        reference = timing.get("p50_ms")
         single = reference and row["p50_ms"] and row["concurrency"] == 1
         overhead = f"{row['p50_ms'] / reference:.2f}×" if single else "–"
+        ceiling = timing.get(f"batch_{CEILING_BATCH}_queries_per_s")
+        of_ceiling = f"{row['throughput_rps'] / ceiling:.0%}" if ceiling else "–"
         requests = f"{row['sent']} of {row['requested']}" if row["cut_short"] else str(row["sent"])
         server = row["server_ms"]
         lines.append(
@@ -565,6 +639,7 @@ def latency_markdown(report: dict[str, Any]) -> str:
                     format_ms(server["rerank_ms"]) if row["rerank_dim"] else "–",
                     format_ms(server["total_ms"]),
                     overhead,
+                    of_ceiling,
                 ]
             )
         )
@@ -573,9 +648,12 @@ def latency_markdown(report: dict[str, Any]) -> str:
                   if name.split(" ")[0] == encoder]  # fmt: skip
         floor = floors[0] if floors else None
         lines.append("")
+        ceiling = timing.get(f"batch_{CEILING_BATCH}_queries_per_s")
+        batched = f", {ceiling:.1f} queries/s in batches of {CEILING_BATCH} (the ceiling)" if ceiling else ""
         lines.append(
             f"- {encoder}: in this process, one query per call, p50 {format_ms(timing['p50_ms'])} ms "
-            f"({timing['texts']} texts); the server's `GET /healthz` p50 {format_ms(floor)} ms (HTTP round trip)."
+            f"({timing['texts']} texts){batched}; the server's `GET /healthz` p50 {format_ms(floor)} ms (HTTP "
+            "round trip)."
         )
     context = (
         f"Index `{settings['index']}`, {settings['num_query_texts']} query texts from `{settings['queries']}`, "
@@ -625,6 +703,18 @@ def add_latency_parser(actions: argparse._SubParsersAction) -> None:
         type=lambda text: [float(part) for part in text.split(",") if part],
         default=None,
         help="a server per live-quality sampling fraction, side by side, e.g. 0,0.02 (default: the server's)",
+    )
+    p.add_argument(
+        "--workers",
+        type=lambda text: [int(part) for part in text.split(",") if part],
+        default=None,
+        help="a server per worker count (mrl serve --workers), side by side, e.g. 1,2 (default: one process)",
+    )
+    p.add_argument(
+        "--http",
+        type=name_list_argument,
+        default=None,
+        help="a server per HTTP parser (mrl serve --http), side by side: httptools,h11 (default: the server's)",
     )
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="server device (default: auto)")
     p.add_argument("--encoder-threads", type=int, default=None, help="server's encoder CPU threads")

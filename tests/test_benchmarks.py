@@ -115,6 +115,7 @@ def test_latency_against_a_real_server(bench_index: Path, tmp_path: Path):
     assert server["url"].startswith("http://127.0.0.1:") and 0 < server["healthz_p50_ms"] < row["p50_ms"]
     in_process = report["in_process"]["torch"]
     assert in_process["texts"] == 4 and 0 < in_process["p50_ms"] <= in_process["p95_ms"]
+    assert in_process["queries_per_s"] > 0 and in_process["batch_16_queries_per_s"] > 0
     assert report["settings"]["dims"] == [64] and report["machine"]["libraries"]["httpx"]
     with pytest.raises(httpx.TransportError):  # the server process is gone
         httpx.get(f"{server['url']}/healthz", timeout=2)
@@ -124,6 +125,21 @@ def test_latency_against_a_real_server(bench_index: Path, tmp_path: Path):
     assert "| torch | latency_budget_ms=10000 → 384 (4) | – | 2 | 4 | 0 |" in table
     ratio = report["results"][0]["p50_ms"] / in_process["p50_ms"]
     assert f"| {ratio:.2f}× |" in table and "- torch: in this process, one query per call, p50" in table
+
+
+def test_server_variants_are_every_combination_each_with_its_flags(bench_index: Path, tmp_path: Path):
+    from benchmarks.latency import server_command, server_variants
+
+    config = smoke_config(bench_index, tmp_path, workers=[1, 2], http=["httptools", "h11"])
+    variants = server_variants(config)
+    assert [variant.label("onnx") for variant in variants] == [
+        "onnx workers=1 http=httptools", "onnx workers=1 http=h11",
+        "onnx workers=2 http=httptools", "onnx workers=2 http=h11",
+    ]  # fmt: skip
+    command = server_command(config, "onnx", 8000, variants[-1])
+    assert command[command.index("--workers") + 1] == "2" and command[command.index("--http") + 1] == "h11"
+    assert [variant.label("torch") for variant in server_variants(smoke_config(bench_index, tmp_path))] == ["torch"]
+    assert "--workers" not in server_command(smoke_config(bench_index, tmp_path), "torch", 8000)
 
 
 @pytest.mark.parametrize(
@@ -136,6 +152,8 @@ def test_latency_against_a_real_server(bench_index: Path, tmp_path: Path):
         ({"dims": [384]}, ValueError, "--rerank needs a dim below the full dimension 384"),
         ({"targets": ["min_quality=high"]}, ValueError, "--targets takes min_quality=NUMBER or latency_budget_ms"),
         ({"targets": ["dim=64"]}, ValueError, "got 'dim=64'"),
+        ({"workers": [0]}, ValueError, "--workers must list counts from 1 to 64"),
+        ({"http": ["curl"]}, ValueError, "--http must list parsers from auto, httptools, h11"),
     ],
 )
 def test_latency_refuses_bad_settings_before_starting_a_server(
