@@ -20,6 +20,13 @@ is dropped too). Old versions are pruned like folders (:mod:`index.layout`): all
 ``keep`` live versions, never the current one, never one that a live server holds a lease on
 (a ``lease/<V>/<host>~<pid>~<tag>`` record, refreshed while it serves).
 
+Writers. Milvus has no lock and no compare-and-set. Writers take turns to mark a version live, rewrite
+``current`` and prune (:meth:`MilvusIndexStore.publishing`, one ``publishing/<holder>`` record each), so
+a prune never drops a version another writer is making current. An add (:meth:`MilvusIndexStore.writing`)
+also checks in its turn that ``current`` is still the version it read; if another writer published
+meanwhile, it is refused (:class:`CurrentMoved`) and nothing of it goes live. A build replaces the whole
+corpus, so it publishes whatever is current.
+
 Documents: :mod:`index.milvus_docs`. Live writes into the current version: :mod:`index.milvus_live`
 (one writer per index, a ``writer`` record; see :class:`WriterRecord`).
 
@@ -34,13 +41,14 @@ import contextlib
 import json
 import logging
 import os
+import random
 import re
 import secrets
 import socket
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -90,6 +98,8 @@ BUILDING, LIVE, PRUNING = "building", "live", "pruning"
 CURRENT_KEY = "current"
 WRITER_KEY = "writer"  # the one process writing into the current version (index.milvus_live)
 WRITER_TTL_S = 60.0  # a writer on another host counts as gone this long after its last heartbeat
+PUBLISHING = "publishing/"  # publishing/<holder>: a writer whose turn it is to publish or prune, or who asks
+PUBLISH_WAIT_S = 300.0  # a writer gives up waiting for its turn after this long
 RECORD_TTL_S = 2.0  # a served version re-reads its record (fields, next row) at most this often
 SEALING_THREADS = 8
 PING_TIMEOUT_S = 2.0  # readiness probes of load balancers give up after a few seconds
@@ -110,6 +120,10 @@ def _holder() -> str:
 
 class MilvusWriterHeld(MrlError):
     """Another process writes into this index in Milvus (a writable server); the message names it."""
+
+
+class CurrentMoved(MrlError):
+    """Another writer made a new version current while an add wrote its own; nothing of the add went live."""
 
 
 @dataclass(frozen=True)
@@ -185,6 +199,9 @@ class MilvusIndexStore:
         self.meta = check_collection_name(f"{name}_meta")
         self._meta_loaded = False
         self.locator = IndexLocator("milvus", uri=backend.uri, name=self.name)  # the URI without its password
+        self._writing = False
+        self._started_from: str | None = None  # in writing(): the version current() first read
+        self._turn: WriterRecord | None = None  # in publishing(): this writer's record
 
     @classmethod
     def at(
@@ -199,15 +216,24 @@ class MilvusIndexStore:
     def where(self, version: str) -> str:
         return f"{self.locator} (version {version})"
 
-    def writing(self) -> contextlib.AbstractContextManager[None]:
-        """Builds of an index in Milvus do not exclude each other (each publishes its own complete version), but a
-        live writer (:mod:`index.milvus_live`) excludes them all.
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """A read of ``current`` and a version built on it (``mrl index add``): the version :meth:`current` first
+        returns in the block is checked again when the new one is published, in the publisher's turn.
+
+        Writers do not wait for each other here (Milvus has no lock to hold while an add encodes); an add
+        whose starting version is no longer current when it publishes is refused instead, so it never
+        reports documents that are not live. A live writer (:mod:`index.milvus_live`) excludes them all.
 
         Raises:
             MilvusWriterHeld: A live writer writes into the current version.
         """
         self._check_no_writer()
-        return contextlib.nullcontext()
+        self._writing, self._started_from = True, None
+        try:
+            yield
+        finally:
+            self._writing, self._started_from = False, None
 
     def _check_no_writer(self) -> None:
         writer = self.writer()
@@ -342,10 +368,16 @@ class MilvusIndexStore:
         """
         if not self.exists():
             raise IndexFolderError(f"{self.label}: index not found (no collection {self.meta!r}); build it first")
-        raw = self._get(CURRENT_KEY)
-        if raw is None:
+        version = self._current_version()
+        if version is None:
             raise IndexFolderError(f"{self.label}: no version is live yet (a build is running or was killed)")
-        return json.loads(raw)["version"]
+        if self._writing and self._started_from is None:
+            self._started_from = version  # what the add in writing() builds on
+        return version
+
+    def _current_version(self) -> str | None:
+        raw = self._get(CURRENT_KEY)
+        return None if raw is None else json.loads(raw)["version"]
 
     def manifest(self, version: str) -> IndexManifest:
         """Version ``version``'s manifest, if that version is complete.
@@ -475,7 +507,10 @@ class MilvusIndexStore:
         now = time.time()
         record = {"state": BUILDING, "holder": _holder(), "started": now, "heartbeat": now, "collections": []}
         self._put({f"version/{version}": json.dumps(record)})
-        return MilvusVersionWriter(self, version, record, keep_versions)
+        if self._writing and self._started_from is None:
+            self._started_from = self._current_version()
+        started_from = self._started_from if self._writing else None  # a build replaces whatever is current
+        return MilvusVersionWriter(self, version, record, keep_versions, started_from)
 
     def remove_abandoned(self) -> list[str]:
         """Drop what killed builds left: their versions, and collections of this index that no record names.
@@ -513,22 +548,120 @@ class MilvusIndexStore:
         keys = [*self._scan(f"manifest/{version}/"), *self._scan(f"lease/{version}/"), f"version/{version}"]
         self._delete(keys)
 
-    def publish(self, version: str, record: dict[str, Any], manifest: IndexManifest, keep: int) -> None:
-        """Write the manifest, mark ``version`` live, make it ``current``, then prune old versions."""
+    def publish(
+        self,
+        version: str,
+        record: dict[str, Any],
+        manifest: IndexManifest,
+        keep: int,
+        started_from: str | None = None,
+    ) -> None:
+        """Write the manifest; then, in this writer's turn, mark ``version`` live, make it ``current`` and prune.
+
+        Args:
+            started_from: The version an add built on; if another one is current now, nothing goes live.
+
+        Raises:
+            CurrentMoved: ``current`` is no longer ``started_from`` (another writer published meanwhile).
+            MilvusWriterHeld: A live writer took the index since :meth:`begin`.
+        """
         parts = text_parts(json.dumps(manifest.to_dict()))
         self._put({f"manifest/{version}/{number:05d}": part for number, part in enumerate(parts)})
-        record.update(state=LIVE, manifest_parts=len(parts), heartbeat=time.time())
-        self._put({f"version/{version}": json.dumps(record)})
-        self._put({CURRENT_KEY: json.dumps({"version": version, "at": time.time()})})  # the atomic step
-        self.prune(keep)
+        with self.publishing():
+            self._check_no_writer()  # a writable server that started meanwhile: its writes would be left behind
+            now = self._current_version()
+            if started_from is not None and now != started_from:
+                raise CurrentMoved(
+                    f"{self.label}: another writer made version {now} current while this add built on version "
+                    f"{started_from}; nothing of version {version} went live: run the add again"
+                )
+            record.update(state=LIVE, manifest_parts=len(parts), heartbeat=time.time())
+            self._put({f"version/{version}": json.dumps(record)})
+            self._put({CURRENT_KEY: json.dumps({"version": version, "at": time.time()})})  # the atomic step
+            self._prune(keep, current=version)
 
     def prune(self, keep: int) -> list[str]:
-        """Drop all but the newest ``keep`` live versions, never the current or a leased one; returns those dropped."""
-        current = json.loads(self._get(CURRENT_KEY) or "{}").get("version")
+        """Drop all but the newest ``keep`` live versions, never the current or a leased one; returns those dropped.
+
+        Raises:
+            MilvusWriterHeld: Another writer kept its turn to publish for ``PUBLISH_WAIT_S`` seconds.
+        """
+        with self.publishing():
+            return self._prune(keep, self._current_version())
+
+    def _prune(self, keep: int, current: str | None) -> list[str]:
+        """:meth:`prune` in this writer's turn (so ``current`` cannot change meanwhile)."""
         records = self._records()
         live = [v for v, r in records.items() if r["state"] == LIVE]
-        drop = lambda version: self._drop_version(version, records[version])  # noqa: E731
+
+        def drop(version: str) -> None:
+            self._keep_turn()
+            self._drop_version(version, records[version])
+
         return prune_old_versions(live, keep, current, self.held_versions, drop, self.label)
+
+    @contextlib.contextmanager
+    def publishing(self) -> Iterator[None]:
+        """This writer's turn to mark a version live, change ``current`` and prune: one writer at a time.
+
+        Each writer puts its own ``publishing/<holder>`` record (a :class:`WriterRecord`), then reads them
+        all at ``Strong``; it goes on only if no other live writer's record is there, else it removes its own
+        and tries again a moment later. Of two writers, the one that reads last sees the other's record, so
+        at most one goes on. A record whose process is gone is ignored and removed.
+
+        Raises:
+            MilvusWriterHeld: Another writer kept its turn for ``PUBLISH_WAIT_S`` seconds.
+            IndexFolderError: No such index.
+        """
+        if not self.exists():
+            raise IndexFolderError(f"{self.label}: index not found (no collection {self.meta!r})")
+        mine = WriterRecord.mine("-", "publisher")
+        key, deadline, said = PUBLISHING + mine.holder, time.monotonic() + PUBLISH_WAIT_S, False
+        while True:
+            self._put({key: mine.to_json()})
+            others = self._other_turns(key)
+            if not others:
+                break
+            self._delete([key])
+            if not said:
+                logger.info("waiting for another writer of %s to publish (%s)", self.label, others[0].holder)
+                said = True
+            if time.monotonic() > deadline:
+                raise MilvusWriterHeld(
+                    f"{self.label}: another writer ({others[0].holder}) has been publishing for over "
+                    f"{PUBLISH_WAIT_S:.0f} s; try again once it is done"
+                )
+            time.sleep(random.uniform(0.05, 0.5))  # at random: two that saw each other do not meet again
+            mine = replace(mine, at=time.time())
+        self._turn = mine
+        try:
+            yield
+        finally:
+            self._turn = None
+            try:
+                self._delete([key])
+            except EngineUnavailable as exc:  # other hosts ignore it WRITER_TTL_S after its last beat
+                logger.warning("cannot end this writer's turn to publish %s: %s", self.label, exc)
+
+    def _other_turns(self, key: str) -> list[WriterRecord]:
+        """The live writers other than ``key`` that have a ``publishing/`` record; the stale ones are deleted."""
+        live, stale = [], []
+        for other, raw in self._scan(PUBLISHING).items():
+            record = WriterRecord.parse(raw)
+            if other != key and record is not None:
+                if record.is_live():
+                    live.append(record)
+                else:
+                    stale.append(other)
+        if stale:
+            self._delete(stale)
+        return live
+
+    def _keep_turn(self) -> None:
+        """A new heartbeat on this writer's turn (a long prune; other hosts go by it)."""
+        if self._turn is not None:
+            self._turn = replace(self._turn, at=time.time())
+            self._put({PUBLISHING + self._turn.holder: self._turn.to_json()})
 
     def held_versions(self) -> set[str]:
         """Versions a live server holds a lease on; stale lease records are deleted."""
@@ -588,11 +721,19 @@ class MilvusVersionWriter:
     The :class:`~index.build.VersionWriter` of an index kept in Milvus.
     """
 
-    def __init__(self, store: MilvusIndexStore, version: str, record: dict[str, Any], keep_versions: int) -> None:
+    def __init__(
+        self,
+        store: MilvusIndexStore,
+        version: str,
+        record: dict[str, Any],
+        keep_versions: int,
+        started_from: str | None = None,
+    ) -> None:
         self.store = store
         self.version = version
         self.record = record
         self.keep_versions = keep_versions
+        self.started_from = started_from  # an add's starting version: publish refuses if it is no longer current
         # A server seals (flushes, indexes, loads) each collection in seconds whatever its size: side by side.
         self._sealer = ThreadPoolExecutor(SEALING_THREADS, thread_name_prefix="mrl-milvus-seal")
         self._sealing: dict[str, Future] = {}
@@ -669,7 +810,7 @@ class MilvusVersionWriter:
         for collection in list(self._sealing):
             self._sealed(collection)
         self._sealer.shutdown()
-        self.store.publish(self.version, self.record, manifest, self.keep_versions)
+        self.store.publish(self.version, self.record, manifest, self.keep_versions, self.started_from)
         return self.store.where(self.version)
 
     def abort(self) -> None:
