@@ -5,7 +5,8 @@
     milvus-lite://PATH/TO/FILE.db/NAME      the index NAME in a Milvus Lite file (the last path segment is the name)
 
 :func:`index.stores.open_store` chooses the engine from a parsed locator; credentials never come from a
-locator (``MRL_MILVUS_TOKEN``, or ``MRL_MILVUS_USER`` and ``MRL_MILVUS_PASSWORD``).
+locator (``MRL_MILVUS_TOKEN``, or ``MRL_MILVUS_USER`` and ``MRL_MILVUS_PASSWORD``). A message that repeats
+a locator or URI shows a password in it as ``***`` (:func:`shown`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from core.errors import ConfigError
 Engine = Literal["faiss", "milvus"]
 SCHEMES = {"milvus://": "http://", "milvus+https://": "https://", "milvus-lite://": ""}
 INDEX_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+LITE_FILE = re.compile(r"\.db(/|$)")
 LOCATOR_FORMS = (
     "a folder (FAISS), milvus://HOST:PORT/NAME (a Milvus server or cluster) or milvus-lite://PATH/FILE.db/NAME"
 )
@@ -74,15 +76,17 @@ def parse_locator(text: str | Path) -> IndexLocator:
     scheme = next((s for s in sorted(SCHEMES, key=len, reverse=True) if text.startswith(s)), None)
     if scheme is None:
         if text.split("://", 1)[0].startswith("milvus") and "://" in text:
-            raise ConfigError(f"unknown index locator scheme in {text!r}; give {LOCATOR_FORMS}")
+            raise ConfigError(f"unknown index locator scheme in {shown(text)!r}; give {LOCATOR_FORMS}")
         return IndexLocator.folder(text)
     rest = text[len(scheme) :]
     where, _, name = rest.rstrip("/").rpartition("/")
     if not where or not name:
-        raise ConfigError(f"index locator {text!r} names no index; give {LOCATOR_FORMS}")
+        raise ConfigError(f"index locator {shown(text)!r} names no index; give {LOCATOR_FORMS}")
     if scheme == "milvus-lite://":
         if not where.endswith(".db"):
-            raise ConfigError(f"index locator {text!r}: Milvus Lite keeps an index in a .db file (PATH/FILE.db/NAME)")
+            raise ConfigError(
+                f"index locator {shown(text)!r}: Milvus Lite keeps an index in a .db file (PATH/FILE.db/NAME)"
+            )
         return IndexLocator("milvus", uri=where, name=_index_name(name, text))
     if "@" in where:
         raise ConfigError(
@@ -90,13 +94,25 @@ def parse_locator(text: str | Path) -> IndexLocator:
             "MRL_MILVUS_PASSWORD, never in the locator"
         )
     if "/" in where or not where:
-        raise ConfigError(f"index locator {text!r}: expected {scheme}HOST:PORT/NAME")
+        raise ConfigError(f"index locator {shown(text)!r}: expected {scheme}HOST:PORT/NAME")
     return IndexLocator("milvus", uri=SCHEMES[scheme] + where, name=_index_name(name, text))
+
+
+def shown(text: str) -> str:
+    """A locator or URI as a message may repeat it: a password before an ``@`` shows as ``***``
+    (:func:`index.milvus.redact_uri`). A Milvus Lite locator that names a ``.db`` file is a path, where an
+    ``@`` is part of a folder's name: it shows as given."""
+    if text.startswith("milvus-lite://") and LITE_FILE.search(text):
+        return text
+    from index.milvus import redact_uri  # not at import: a folder index never loads the Milvus module
+
+    return redact_uri(text)
 
 
 def _index_name(name: str, text: str) -> str:
     if not INDEX_NAME.fullmatch(name):
         raise ConfigError(
-            f"index locator {text!r}: the index name {name!r} must be letters, digits and _, not starting with a digit"
+            f"index locator {shown(text)!r}: the index name {name!r} must be letters, digits and _, "
+            "not starting with a digit"
         )
     return name

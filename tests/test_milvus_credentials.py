@@ -15,7 +15,9 @@ import time
 import pytest
 from fastapi.testclient import TestClient
 
+from core.errors import ConfigError
 from index.backends import EngineUnavailable
+from index.locator import IndexLocator, parse_locator
 from index.milvus import MilvusBackend, credentials_from_env, redact_uri
 from index.milvus_store import MilvusIndexStore
 from index.params import IndexPlan
@@ -184,4 +186,49 @@ def test_invalid_settings_do_not_repeat_the_uri():
     with pytest.raises(ValueError) as failure:  # pydantic's ValidationError
         ServiceSettings(index="x", backend="faiss", milvus_uri=f"http://root:{SECRET}@127.0.0.1:19530")
     assert "backend is faiss" in str(failure.value)
+    assert SECRET not in str(failure.value)
+
+
+REFUSED = {
+    "no index name": ["--index", f"milvus://root:{SECRET}@127.0.0.1:19530"],
+    "unknown scheme": ["--index", f"milvus2://root:{SECRET}@127.0.0.1/x"],
+    "old flags, bad name": ["--backend", "milvus", "--milvus-uri", f"http://root:{SECRET}@127.0.0.1", "--index", "x-"],
+}
+
+
+@pytest.mark.parametrize("given", REFUSED.values(), ids=REFUSED.keys())
+def test_a_refused_locator_is_one_line_without_the_password(given: list[str], capsys):
+    assert main(["index", "info", *given]) == 2
+    out, err = capsys.readouterr()
+    errors = [line for line in err.splitlines() if line.startswith("mrl: error: ")]
+    assert len(errors) == 1 and "root:***@127.0.0.1" in errors[0], err
+    assert SECRET not in err and SECRET not in out
+
+
+@pytest.mark.parametrize(
+    "refused",
+    [
+        lambda: parse_locator(f"milvus://root:{SECRET}@127.0.0.1:19530"),
+        lambda: parse_locator(f"milvus2://root:{SECRET}@127.0.0.1/x"),
+        lambda: parse_locator(f"milvus-lite://root:{SECRET}@127.0.0.1:19530/x"),
+        lambda: IndexLocator.milvus(f"http://root:{SECRET}@127.0.0.1:19530", "bad-name"),
+    ],
+    ids=["no index name", "unknown scheme", "a server written as Lite", "old URI, bad name"],
+)
+def test_locator_errors_show_the_password_as_stars(refused):
+    with pytest.raises(ConfigError) as failure:
+        refused()
+    assert SECRET not in str(failure.value) and "root:***@127.0.0.1" in str(failure.value)
+
+
+def test_a_lite_path_with_an_at_sign_is_shown_as_given():
+    with pytest.raises(ConfigError, match=r"'milvus-lite://runs/me@host/milvus.db/bad-name'"):
+        parse_locator("milvus-lite://runs/me@host/milvus.db/bad-name")
+
+
+def test_mrl_index_naming_no_index_does_not_repeat_the_password():
+    """``MRL_INDEX`` (what ``mrl serve`` reads) is parsed by the same locator."""
+    with pytest.raises(ValueError) as failure:  # pydantic's ValidationError
+        ServiceSettings(index=f"milvus://root:{SECRET}@127.0.0.1:19530")
+    assert "names no index" in str(failure.value)
     assert SECRET not in str(failure.value)
