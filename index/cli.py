@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from pathlib import Path
 
 from core.cli_args import check_positive, config_fields, dims_argument
 from core.errors import ConfigError
 from core.readers import FieldMap
-from index.locator import LOCATOR_FORMS, IndexLocator, parse_locator
+from index.locator import LOCATOR_FORMS, IndexLocator, deprecation_notice, parse_locator
 
 
 def add_index_parser(commands: argparse._SubParsersAction) -> None:
@@ -196,19 +195,8 @@ def locator_from_args(args: argparse.Namespace) -> IndexLocator:
 
 
 def _deprecated(spelling: str, locator: IndexLocator) -> None:
-    """One line on stderr saying what to write instead, as it works when copied: credentials never go in a
-    locator, so those of an old-style URI move to the environment."""
-    shown = str(locator)  # a password in an old-style URI shows as ***
-    without = re.sub(r"^([a-z+-]+://)[^/@]*@", r"\1", shown)
-    try:
-        parse_locator(without)
-    except ConfigError:  # e.g. https://host:443/db1: a locator has no place for the URI's path
-        notice = f"{spelling} is deprecated, but no --index locator can name this URI yet ({LOCATOR_FORMS}): keep it"
-    else:
-        notice = f"{spelling} is deprecated and goes in the next release; use --index {without}"
-        if without != shown:
-            notice += " with the credentials in MRL_MILVUS_USER and MRL_MILVUS_PASSWORD (or MRL_MILVUS_TOKEN)"
-    print(f"mrl: warning: {notice}", file=sys.stderr)
+    """One line on stderr saying what to write instead (:func:`index.locator.deprecation_notice`)."""
+    print(f"mrl: warning: {deprecation_notice(spelling, locator)}", file=sys.stderr)
 
 
 def run_build(args: argparse.Namespace) -> int:

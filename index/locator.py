@@ -116,3 +116,18 @@ def _index_name(name: str, text: str) -> str:
             "not starting with a digit"
         )
     return name
+
+
+def deprecation_notice(spelling: str, locator: IndexLocator) -> str:
+    """What to write instead of a deprecated ``spelling``, as it works when copied: credentials never go in a
+    locator, so those of an old-style URI move to the environment; a URI with a path has no locator yet."""
+    shown = str(locator)  # a password in an old-style URI shows as ***
+    without = re.sub(r"^([a-z+-]+://)[^/@]*@", r"\1", shown)
+    try:
+        parse_locator(without)
+    except ConfigError:  # e.g. https://host:443/db1: a locator has no place for the URI's path
+        return f"{spelling} is deprecated, but no --index locator can name this URI yet ({LOCATOR_FORMS}): keep it"
+    notice = f"{spelling} is deprecated and goes in the next release; use --index {without}"
+    if without != shown:
+        notice += " with the credentials in MRL_MILVUS_USER and MRL_MILVUS_PASSWORD (or MRL_MILVUS_TOKEN)"
+    return notice

@@ -14,7 +14,7 @@ from pydantic import Field, SecretStr, ValidationError, field_validator, model_v
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
-from index.locator import IndexLocator, parse_locator
+from index.locator import IndexLocator, deprecation_notice, parse_locator
 
 EncoderBackend = Literal["torch", "onnx"]
 DeviceSetting = Literal["auto", "cpu", "gpu"]
@@ -242,10 +242,7 @@ class ServiceSettings(BaseSettings):
         """A one-line notice when the index is named the old way (``backend``/``milvus_uri``), else None."""
         if self.backend is None and self.milvus_uri is None:
             return None
-        return (
-            "--backend/MRL_BACKEND and --milvus-uri/MRL_MILVUS_URI are deprecated and go in the next release; "
-            f"name the index as one locator: --index {self.locator()}"
-        )
+        return deprecation_notice("--backend/MRL_BACKEND and --milvus-uri/MRL_MILVUS_URI", self.locator())
 
     def milvus_credentials(self) -> dict[str, str]:
         """``token``, ``user``, ``password`` for a Milvus index, from ``MRL_MILVUS_*``."""

@@ -81,7 +81,12 @@ def test_the_service_takes_a_locator_and_the_old_spelling_with_a_notice(tmp_path
     assert isinstance(store, MilvusIndexStore) and store.name == "medical" and store.backend.timeout == 1.0
     old = ServiceSettings(index="medical", backend="milvus", milvus_uri="http://db:19530")
     assert old.locator() == parse_locator("milvus://db:19530/medical")
-    assert "name the index as one locator: --index milvus://db:19530/medical" in old.deprecated_spelling
+    assert "use --index milvus://db:19530/medical" in old.deprecated_spelling
+    with_password = ServiceSettings(index="medical", backend="milvus", milvus_uri="http://root:pw@db:19530")
+    notice = with_password.deprecated_spelling  # what it suggests works when copied: no ***, no password
+    assert "use --index milvus://db:19530/medical with the credentials in MRL_MILVUS_USER" in notice
+    assert "***" not in notice and "pw" not in notice
+    parse_locator("milvus://db:19530/medical")
 
 
 def test_a_bad_locator_in_the_settings_is_one_line():
@@ -102,8 +107,8 @@ def test_serve_with_the_old_spelling_says_so_in_one_line(capsys, monkeypatch):
     assert main(argv) == 2
     err = capsys.readouterr().err.splitlines()
     assert [line for line in err if line.startswith("mrl: warning:")] == [
-        "mrl: warning: --backend/MRL_BACKEND and --milvus-uri/MRL_MILVUS_URI are deprecated and go in the next "
-        f"release; name the index as one locator: --index milvus://{down.removeprefix('http://')}/x"
+        "mrl: warning: --backend/MRL_BACKEND and --milvus-uri/MRL_MILVUS_URI is deprecated and goes in the next "
+        f"release; use --index milvus://{down.removeprefix('http://')}/x"
     ]
     assert [line for line in err if line.startswith("mrl: error:")][0].startswith("mrl: error: cannot serve: Milvus at")
 
