@@ -20,7 +20,7 @@ from index.layout import DOCS_FILE, PROBE_FILE, VECTORS_FILE, VersionLease, reso
 from index.manifest import IndexFolderError, IndexManifest, file_checksum
 from index.params import IndexPlan
 from index.store import DocumentStore
-from index.versions import check_openable
+from index.versions import DocumentCount, check_counts, check_openable
 
 
 class Lease(Protocol):
@@ -191,11 +191,7 @@ def _open_dim(folder: Path, manifest: IndexManifest, dim: int, device: Device) -
         index = backend.open(folder / entry.file, IndexPlan(entry.factory, entry.search_params))
     except RuntimeError as exc:
         raise IndexFolderError(f"{folder / entry.file}: unreadable FAISS index ({str(exc).splitlines()[0]})") from None
-    if (index.ntotal, index.dim) != (manifest.num_vectors, dim):
-        raise IndexFolderError(
-            f"{folder / entry.file}: {index.ntotal} vectors of dim {index.dim}, "
-            f"expected {manifest.num_vectors} of dim {dim}"
-        )
+    check_counts(manifest, {dim: (f"{folder / entry.file}:", index.ntotal, index.dim)})
     return index
 
 
@@ -218,9 +214,7 @@ def _open_store(folder: Path, manifest: IndexManifest) -> DocumentStore:
         raise IndexFolderError(f"{folder}/{exc}") from None
     try:
         store.check_integrity()
-        count = len(store)
-        if count != manifest.num_vectors:
-            raise IndexFolderError(f"{DOCS_FILE}: {count} documents, expected {manifest.num_vectors}")
+        check_counts(manifest, documents=DocumentCount(f"{DOCS_FILE}:", len(store), manifest.num_vectors))
     except IndexFolderError as exc:
         store.close()
         raise IndexFolderError(f"{folder}/{exc}") from None

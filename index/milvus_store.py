@@ -87,7 +87,7 @@ from index.milvus_docs import (
     text_parts,
 )
 from index.params import IndexPlan
-from index.versions import check_openable, prune_old_versions
+from index.versions import DocumentCount, check_counts, check_openable, prune_old_versions
 
 logger = logging.getLogger(__name__)
 
@@ -435,21 +435,19 @@ class MilvusIndexStore:
             if not written and documents.parts != record.get("doc_rows"):
                 record = self._record(version) or {}  # unless the first live write began since it was read
                 written = _written(record)
-                if not written:
-                    raise IndexFolderError(
-                        f"{self.label}: collection {documents.collection!r} holds {documents.parts} document "
-                        f"parts, version {version!r} wrote {record.get('doc_rows')}"
-                    )
+            wrote = record.get("doc_rows")
+            subject = f"{self.label}: collection {documents.collection!r} holds"
+            count = DocumentCount(
+                subject, documents.parts, wrote, "document parts", f"version {version!r} wrote {wrote}"
+            )
+            check_counts(manifest, documents=count, grown=written)
             watch = VersionWatch(self, version, record) if documents.writable else None
             indexes: dict[int, VectorIndex] = {}
             for dim in wanted:
                 entry = manifest.indexes[dim]
                 index = self.backend.open_collection(entry.file, IndexPlan(entry.factory, entry.search_params))
-                if index.dim != dim or (not written and index.ntotal != manifest.num_vectors):
-                    raise IndexFolderError(
-                        f"{self.label}: collection {entry.file!r} holds {index.ntotal} vectors of dim {index.dim}, "
-                        f"expected {manifest.num_vectors} of dim {dim}"
-                    )
+                subject = f"{self.label}: collection {entry.file!r} holds"
+                check_counts(manifest, {dim: (subject, index.ntotal, index.dim)}, grown=written)
                 if watch is not None:
                     index.grows_with(watch.next_row)
                 indexes[dim] = index

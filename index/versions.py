@@ -1,13 +1,15 @@
 """The rules of an index's versions, written once for every store (a folder of versions, an index in Milvus).
 
-A store keeps versions its own way; which of them to prune, and whether a version may be opened
-for a model and a set of dims, are decided here, so both stores decide alike.
+A store keeps versions its own way; which of them to prune, whether a version may be opened
+for a model and a set of dims, and whether what it opened holds what the manifest says, are
+decided here, so both stores decide alike.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
+from typing import NamedTuple
 
 from index.manifest import IndexFolderError, IndexManifest
 
@@ -66,3 +68,48 @@ def check_openable(
     if unknown:
         raise IndexFolderError(f"{where}: no index for dims {unknown} (this index has {manifest.dims})")
     return list(wanted)
+
+
+class DocumentCount(NamedTuple):
+    """A version's document store as opened, for :func:`check_counts`: the message says
+    ``{subject} {found} {unit}, {expected_as}``."""
+
+    subject: str  # how the message begins: "docs.sqlite:", "index 'x' at URI: collection 'c' holds"
+    found: int
+    expected: int | None  # what was written: the manifest's vector count, or the rows an engine recorded
+    unit: str = "documents"
+    expected_as: str = ""  # the expectation in words; default "expected {expected}"
+
+
+def check_counts(
+    manifest: IndexManifest,
+    dim_counts: Mapping[int, tuple[str, int, int]] | None = None,
+    documents: DocumentCount | None = None,
+    *,
+    grown: bool = False,
+) -> None:
+    """Raise unless the parts of a version that a store opened hold what its manifest says.
+
+    Each dim's index holds ``manifest.num_vectors`` vectors of that dim, and the documents what was
+    written. A version that live writes change in place (``grown``) is checked for its dims only:
+    its counts have moved on from the manifest's. A store may check its parts one call at a time,
+    as it opens them.
+
+    Args:
+        manifest: The version's manifest.
+        dim_counts: For each dim opened: ``(subject, ntotal, dim)``, what its index holds; the message
+            says ``{subject} {ntotal} vectors of dim {dim}, expected …``.
+        documents: What the document store holds.
+        grown: Live writes have changed the version's counts.
+
+    Raises:
+        IndexFolderError: The first part that disagrees, named by its subject.
+    """
+    for dim, (subject, ntotal, found_dim) in (dim_counts or {}).items():
+        if found_dim != dim or (not grown and ntotal != manifest.num_vectors):
+            raise IndexFolderError(
+                f"{subject} {ntotal} vectors of dim {found_dim}, expected {manifest.num_vectors} of dim {dim}"
+            )
+    if documents is not None and not grown and documents.found != documents.expected:
+        expected = documents.expected_as or f"expected {documents.expected}"
+        raise IndexFolderError(f"{documents.subject} {documents.found} {documents.unit}, {expected}")

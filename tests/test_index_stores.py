@@ -11,7 +11,9 @@ of a damaged one, each in one clear error.
 from __future__ import annotations
 
 import json
+import re
 import secrets
+import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,10 +22,12 @@ import pytest
 
 from core.matryoshka import truncate_normalize
 from index.build import BuildConfig, add_documents, build_index
+from index.layout import resolve_version
 from index.locator import IndexLocator, parse_locator
-from index.manifest import IndexFolderError
+from index.manifest import IndexFolderError, IndexManifest
 from index.stores import STORES, IndexStore, open_store
-from tests.conftest import scramble
+from index.versions import DocumentCount, check_counts
+from tests.conftest import scramble, without_checksums
 from tests.helpers.service import DIMS, MODEL_NAME, VOCABULARY, keyword_model, write_data
 from tests.helpers.vectors import brute_force
 
@@ -119,3 +123,45 @@ def test_the_store_contract(locator: IndexLocator, tmp_path: Path):
         assert len(str(refused.value).splitlines()) == 1
     finally:
         store.close()
+
+
+# --- the rules every store applies, written once (index.versions) ----------------------------------
+
+
+@pytest.fixture
+def folder_index(tmp_path: Path) -> Path:
+    """A folder index of the keyword corpus: one version, with no checksums (so a change of its documents is found
+    by their count, not by the file's bytes)."""
+    build(IndexLocator.folder(tmp_path / "index"), write_data(tmp_path / "data"), tmp_path / "cache")
+    without_checksums(resolve_version(tmp_path / "index"))
+    return tmp_path / "index"
+
+
+def test_count_checks_name_the_part_that_disagrees_in_each_stores_words(folder_index: Path):
+    """One check of counts against the manifest for every store; each names its part its own way (the folder's
+    file, Milvus's collection), in the words each used before the check was shared."""
+    manifest = IndexManifest.read(resolve_version(folder_index))
+    n, dim = manifest.num_vectors, manifest.dims[0]
+    check_counts(manifest, {dim: ("f:", n, dim)}, DocumentCount("docs.sqlite:", n, n))  # all agree: no error
+    with pytest.raises(IndexFolderError, match=rf"^v/index_{dim}.faiss: 3 vectors of dim {dim}, expected {n} of dim"):
+        check_counts(manifest, {dim: (f"v/index_{dim}.faiss:", 3, dim)})
+    with pytest.raises(IndexFolderError, match=rf"^ix: collection 'c' holds {n} vectors of dim 7, expected {n} of "):
+        check_counts(manifest, {dim: ("ix: collection 'c' holds", n, 7)}, grown=True)  # a dim is checked even so
+    with pytest.raises(IndexFolderError, match=rf"^docs.sqlite: 2 documents, expected {n}$"):
+        check_counts(manifest, documents=DocumentCount("docs.sqlite:", 2, n))
+    wrote = DocumentCount("ix: collection 'c' holds", 5, 6, "document parts", "version 'v' wrote 6")
+    with pytest.raises(IndexFolderError, match=r"^ix: collection 'c' holds 5 document parts, version 'v' wrote 6$"):
+        check_counts(manifest, documents=wrote)
+    check_counts(manifest, {dim: ("f:", n + 4, dim)}, wrote, grown=True)  # live writes moved the counts on
+
+
+def test_a_folder_version_missing_a_document_is_refused_by_the_shared_count_check(folder_index: Path):
+    folder = resolve_version(folder_index)
+    n = IndexManifest.read(folder).num_vectors
+    with sqlite3.connect(folder / "docs.sqlite") as db:  # a row fewer, the file the same size
+        db.execute("DELETE FROM documents WHERE rowid = (SELECT MAX(rowid) FROM documents)")
+    db.close()
+    with pytest.raises(
+        IndexFolderError, match=rf"^{re.escape(str(folder))}/docs.sqlite: {n - 1} documents, expected {n}$"
+    ):
+        open_store(IndexLocator.folder(folder_index)).open(folder.name, device="cpu")
