@@ -1,10 +1,15 @@
 """``mrl bench writes``: how fast a writable server ingests documents, and what writes cost searches.
 
-A copy of the index is served writable by a real ``mrl serve --writable``. Measured in one run:
+A scratch copy of the index is served writable by a real ``mrl serve --writable``; the index named by
+``--index`` is only read. A folder is copied file by file. An index in Milvus is copied into a fresh index
+of its own (its current version's passages, full vectors and index plans: nothing encoded again), in the
+same Milvus server, or for Milvus Lite in a new ``.db`` file beside the run (the served process must open
+the file alone), and dropped at the end, whatever happens. Measured in one run:
 
 - **ingestion**: documents (and passages) per second through ``POST /documents``, batches of
   ``--batch`` documents sent one after another: read, chunked, encoded by the build's document encoder,
-  logged (fsync) and made searchable, end to end as a client sees it;
+  logged (fsync on FAISS; upserted into the version's collections on Milvus) and made searchable, end to
+  end as a client sees it;
 - **searches idle against searches under writes**: ``GET /search`` p50/p99 at one request in flight,
   first with nothing else running, then while a writer streams upserts, the ratio of the two side by side.
 
@@ -15,11 +20,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import secrets
 import shutil
 import sys
 import tempfile
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,13 +40,18 @@ from benchmarks.latency import server_environment
 from core.errors import ConfigError
 from core.files import json_fields
 from core.servers import LOOPBACK, free_port, running_process
+from index.locator import IndexLocator, parse_locator
+from index.stores import IndexStore, open_store
 
 logger = logging.getLogger(__name__)
+
+PROBES = 1000  # rows of the copy that measure each dim's recall, as a build draws them
+LITE_SCRATCH = "bench_writes"  # the scratch index's name in its own Milvus Lite file
 
 
 @dataclass
 class WritesConfig:
-    index: Path
+    index: Path | str  # a locator: a folder, milvus://HOST:PORT/NAME or milvus-lite://FILE.db/NAME
     data: Path
     documents: int = 256
     batch: int = 16
@@ -46,6 +59,15 @@ class WritesConfig:
     dim: int | None = None
     out: Path | None = None
     ready_timeout_s: float = 300.0
+
+
+@dataclass
+class Scratch:
+    """The copy the benchmark writes: its locator, what the report calls its engine, the server's extra env."""
+
+    locator: IndexLocator
+    engine: str
+    env: dict[str, str]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -67,6 +89,12 @@ def time_searches(client: httpx.Client, queries: list[str], dim: int | None) -> 
 
 
 def run_writes(config: WritesConfig) -> dict[str, Any]:
+    """One run: ingestion, then searches idle and under a stream of writes, on a scratch copy of the index.
+
+    Raises:
+        ConfigError: Too few documents in ``--data``, or a write or search that failed.
+        ServerError: The server exited or was not ready in time. EngineUnavailable: Milvus does not answer.
+    """
     from core.readers import read_corpus
 
     documents = read_corpus(config.data)
@@ -74,14 +102,12 @@ def run_writes(config: WritesConfig) -> dict[str, Any]:
         raise ConfigError(f"{config.data}: {len(documents)} documents; the run needs {config.documents * 2}")
     ingest, stream = documents[: config.documents], documents[config.documents : 2 * config.documents]
     queries = [document.title or document.text[:80] for document in documents[: config.searches]]
-    with tempfile.TemporaryDirectory(prefix="mrl-bench-writes-") as scratch:
-        root = Path(scratch) / "index"
-        shutil.copytree(config.index, root, symlinks=True)
+    with tempfile.TemporaryDirectory(prefix="mrl-bench-writes-") as work, scratch_copy(config.index, Path(work)) as at:
         port = free_port()
-        command = [sys.executable, "-m", "mrl", "serve", "--index", str(root), "--host", LOOPBACK, "--port",
+        command = [sys.executable, "-m", "mrl", "serve", "--index", str(at.locator), "--host", LOOPBACK, "--port",
                    str(port), "--writable", "--log-level", "warning", "--compact-max-unmerged", "1000000"]  # fmt: skip
-        log = (config.out or Path(scratch)) / "writes-server.log"
-        with running_process(command, port, log, config.ready_timeout_s, server_environment()) as base:
+        log = (config.out or Path(work)) / "writes-server.log"
+        with running_process(command, port, log, config.ready_timeout_s, server_environment() | at.env) as base:
             with httpx.Client(base_url=base, timeout=120, trust_env=False) as client:
                 time_searches(client, queries[:20], config.dim)  # warm-up
                 ingestion = ingest_documents(client, ingest, config.batch, "a")
@@ -98,6 +124,8 @@ def run_writes(config: WritesConfig) -> dict[str, Any]:
         "benchmark": "writes",
         "created": utc_now(),
         "settings": json_fields(config),
+        "engine": at.engine,
+        "scratch_index": str(at.locator),
         "machine": machine_info(),
         "ingestion": ingestion,
         "searches": {
@@ -107,6 +135,112 @@ def run_writes(config: WritesConfig) -> dict[str, Any]:
         },
         "live_counts": counts,
     }
+
+
+# --- the scratch copy -----------------------------------------------------------------------------
+
+
+@contextmanager
+def scratch_copy(index: Path | str, work: Path) -> Iterator[Scratch]:
+    """A copy of the index ``index`` (a locator) that the benchmark may write, removed afterwards.
+
+    Raises:
+        IndexFolderError: No index there. EngineUnavailable: Milvus does not answer.
+    """
+    locator = parse_locator(str(index))
+    if locator.engine == "faiss":
+        root = work / "index"
+        shutil.copytree(locator.path, root, symlinks=True, ignore=shutil.ignore_patterns("leases", ".writer.lock"))
+        yield Scratch(IndexLocator.folder(root), "FAISS", {})
+        return
+    with milvus_copy(locator, work) as scratch:
+        yield scratch
+
+
+@contextmanager
+def milvus_copy(locator: IndexLocator, work: Path) -> Iterator[Scratch]:
+    """A fresh index beside ``locator``'s with a copy of its current version; dropped at the end, even on failure.
+
+    On a Milvus server the copy is a new index ``mrl_bench_writes_<random>`` at the same URI, dropped afterwards
+    (all its collections). Milvus Lite lets one process open a ``.db`` file, so the copy goes to a new file in
+    ``work``, released by this process before the server opens it, and removed with ``work``.
+    """
+    from benchmarks.backends import drop_index, milvus_server_version
+    from index.milvus import CREDENTIAL_VARIABLES, credentials_from_env
+
+    lite = str(locator.uri).endswith(".db")
+    if lite:
+        target = IndexLocator.milvus(str((work / "scratch.db").resolve()), LITE_SCRATCH)
+        engine, env = "Milvus Lite", {}
+    else:
+        target = IndexLocator.milvus(str(locator.uri), f"mrl_bench_writes_{secrets.token_hex(4)}")
+        engine = f"Milvus server {milvus_server_version(str(locator.uri)) or ''}".strip()
+        env = {CREDENTIAL_VARIABLES[key]: value for key, value in credentials_from_env().items() if value}
+    scratch = open_store(target)
+    try:
+        source = open_store(locator)
+        try:
+            logger.info("copying %s into %s", locator, target)
+            copy_current_version(source, scratch)
+        finally:
+            source.close()
+        if lite:
+            release_lite_file(scratch)
+        yield Scratch(target, engine, env)
+    finally:
+        if lite:
+            release_lite_file(scratch)
+        else:
+            drop_index(scratch)
+
+
+def release_lite_file(store: Any) -> None:
+    """Close ``store``'s Milvus Lite file in this process, so that another process can open it."""
+    from milvus_lite.server_manager import server_manager_instance
+
+    store.close()
+    server_manager_instance.release_server(store.backend.uri)
+
+
+def copy_current_version(source: IndexStore, target: IndexStore) -> str:
+    """The current version of ``source`` published as a version of ``target``: its passages (as live writes left
+    them), their full vectors and each dim's index plan; nothing is encoded again. ``source`` is only read (no
+    lease either: a version pruned while it is copied fails the copy). Returns the new version's name."""
+    from index.build import build_dim_indexes
+    from index.filters import metadata_fields
+    from index.layout import new_version_name
+    from index.manifest import IndexManifest
+    from index.params import IndexPlan
+
+    loaded = source.open(source.current(), device="cpu", lease=False)
+    try:
+        old, rows = loaded.manifest, loaded.rows()
+        passages = loaded.store.get(rows)
+        vectors = np.asarray(loaded.vectors[rows], dtype=np.float32)
+        probes = loaded.probe_queries
+    finally:
+        loaded.close()
+    if probes is None:  # an engine keeps none: rows of the corpus, as a build without queries draws them
+        drawn = np.random.default_rng(0).choice(len(vectors), size=min(PROBES, len(vectors)), replace=False)
+        probes = vectors[np.sort(drawn)]
+    plans = {dim: IndexPlan(old.indexes[dim].factory, old.indexes[dim].search_params) for dim in old.dims}
+    target.prepare()
+    writer = target.begin(new_version_name(), keep_versions=1, device="cpu")
+    try:
+        writer.write_corpus(passages, vectors, probes)
+        indexes = build_dim_indexes(vectors, probes, old.dims, plans.__getitem__, writer)
+        manifest = IndexManifest.from_dict(old.to_dict())
+        manifest.version, manifest.num_vectors, manifest.indexes = writer.version, len(vectors), indexes
+        manifest.metadata_fields = metadata_fields(passage.metadata for passage in passages)
+        manifest.files, manifest.checksums = writer.files()
+        writer.publish(manifest)
+    except BaseException:
+        writer.abort()
+        raise
+    return writer.version
+
+
+# --- the writes -----------------------------------------------------------------------------------
 
 
 def ingest_documents(client: httpx.Client, documents: list, batch: int, prefix: str) -> dict[str, Any]:
@@ -148,15 +282,18 @@ def writes_markdown(report: dict[str, Any]) -> str:
     idle, busy = searches["idle"], searches["under_writes"]
     ratio = busy["p50_ms"] / idle["p50_ms"] if idle["p50_ms"] else float("nan")
     ratio99 = busy["p99_ms"] / idle["p99_ms"] if idle["p99_ms"] else float("nan")
+    engine = report.get("engine", "FAISS")  # reports from before Milvus: folders only
+    logged = "logged with fsync" if engine == "FAISS" else "upserted into the version's collections"
     lines = [
-        "# Writes: ingestion and searches under writes",
+        f"# Writes on {engine}: ingestion and searches under writes",
         "",
-        f"Index `{report['settings']['index']}`, documents from `{report['settings']['data']}`, batches of "
-        f"{report['settings']['batch']}; load average {report['machine']['load_average_1m']} at the start.",
+        f"Index `{report['settings']['index']}` ({engine}; a scratch copy served writable), documents from "
+        f"`{report['settings']['data']}`, batches of {report['settings']['batch']}; load average "
+        f"{report['machine']['load_average_1m']} at the start.",
         "",
         f"Ingestion: {ingestion['documents']} documents ({ingestion['passages']} passages) in "
         f"{ingestion['seconds']} s: **{ingestion['documents_per_s']} documents/s**, {ingestion['passages_per_s']} "
-        "passages/s (chunked, encoded, logged with fsync, searchable).",
+        f"passages/s (chunked, encoded, {logged}, searchable).",
         "",
         markdown_row(["searches (1 in flight)", "p50 ms", "p99 ms"]),
         markdown_row(["---", "---:", "---:"]),
@@ -176,11 +313,15 @@ def add_writes_parser(actions: argparse._SubParsersAction) -> None:
     p = actions.add_parser(
         "writes",
         help="a writable server: ingestion rate, and search latency under writes against idle",
-        description="Serve a copy of a folder index writable, ingest documents through POST /documents, then time "
-        "searches idle and while a writer streams upserts (one run, side by side).",
+        description="Serve a scratch copy of an index writable (a folder, or an index in Milvus copied into a "
+        "fresh index dropped afterwards), ingest documents through POST /documents, then time searches idle and "
+        "while a writer streams upserts (one run, side by side).",
     )
     p.add_argument(
-        "--index", required=True, metavar="LOCATOR", help="a folder index (copied: the original is never written)"
+        "--index",
+        required=True,
+        metavar="LOCATOR",
+        help="a folder, milvus://HOST:PORT/NAME or milvus-lite://FILE.db/NAME (copied: never written)",
     )
     p.add_argument("--data", type=Path, required=True, help="documents to write (any format mrl index build reads)")
     p.add_argument("--documents", type=int, default=256, help="documents ingested, and streamed (default: 256)")
@@ -193,12 +334,9 @@ def add_writes_parser(actions: argparse._SubParsersAction) -> None:
 
 def run_writes_command(args: argparse.Namespace) -> int:
     from core.cli_args import config_fields
-    from index.locator import parse_locator
 
-    locator = parse_locator(args.index)
-    if locator.engine != "faiss":
-        raise ConfigError(f"--index: writes are benchmarked on a folder index; {locator} is in {locator.engine}")
-    config = WritesConfig(**{**config_fields(args), "index": locator.path})
+    parse_locator(args.index)  # a malformed locator fails here, in one line, before any documents are read
+    config = WritesConfig(**config_fields(args))
     report = run_writes(config)
     write_report(report, config.out, "writes", writes_markdown)
     print(writes_markdown(report), end="")

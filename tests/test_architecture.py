@@ -169,7 +169,7 @@ ENGINE_PREFIXES = ("index.milvus",)  # index/milvus*.py: Milvus
 ENGINE_EXCEPTIONS = {
     "benchmarks.backends": "measures FAISS against Milvus: it builds both and starts a Milvus server",
     "benchmarks.peers": "reads the corpus files of a folder index, and says so for another engine",
-    "benchmarks.writes": "measures the write path of a folder index, and says so for another engine",
+    "benchmarks.writes": "writes a scratch copy of an index: a folder's files, or a new index in Milvus, dropped after",
 }
 
 
