@@ -329,7 +329,7 @@ class LocalMilvusServer:
     """
 
     def __init__(self, base: Path) -> None:
-        self.base = base
+        self.base = Path(base).resolve()  # the binary is started by its path with cwd=base: a relative one breaks
         self.ports: dict[str, int] | None = None
         self.process: subprocess.Popen | None = None
         self._reservation: PortReservation | None = None
