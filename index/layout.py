@@ -23,7 +23,6 @@ import logging
 import os
 import secrets
 import shutil
-import socket
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -33,7 +32,8 @@ from pathlib import Path
 
 from core.files import fresh_dir
 from index.manifest import MANIFEST_FILE, IndexFolderError, IndexWriteError
-from index.versions import prune_old_versions
+from index.versions import LEASE_TTL_SECONDS as LEASE_TTL_SECONDS  # where the service reads it
+from index.versions import LeaseRecord, held_by_live_processes, lease_holder, prune_old_versions
 
 logger = logging.getLogger(__name__)
 
@@ -41,9 +41,6 @@ CURRENT = "current"
 VERSIONS = "versions"
 LEASES = "leases"
 WRITER_LOCK = ".writer.lock"
-# A lease whose file has not been touched for this long is stale unless its process is alive on this
-# host (holders on other hosts, e.g. replicas over a shared volume, refresh theirs far more often).
-LEASE_TTL_SECONDS = 15 * 60
 VECTORS_FILE = "vectors.npy"
 DOCS_FILE = "docs.sqlite"
 PROBE_FILE = "probe_queries.npy"
@@ -202,7 +199,7 @@ class VersionLease:
         root = version.parent.parent if version.parent.name == VERSIONS else None
         if root is None:
             return  # a loose version folder, not inside an index root: nothing prunes it
-        name = f"{version.name}~{socket.gethostname()}~{os.getpid()}~{secrets.token_hex(4)}"
+        name = f"{version.name}~{lease_holder()}"
         try:
             (root / LEASES).mkdir(exist_ok=True)
             (root / LEASES / name).touch()
@@ -224,37 +221,15 @@ class VersionLease:
 
 
 def held_versions(root: Path) -> set[str]:
-    """Names of the versions under ``root`` that a live process holds a lease on; stale leases are removed."""
-    held = set()
-    for lease in (root / LEASES).glob("*~*~*~*") if (root / LEASES).is_dir() else []:
-        version, host, pid, _ = lease.name.split("~", 3)
-        if _lease_is_live(lease, host, pid):
-            held.add(version)
-        else:
-            lease.unlink(missing_ok=True)
-    return held
+    """Names of the versions under ``root`` that a live process holds a lease on; stale leases are removed
+    (:func:`index.versions.held_by_live_processes`)."""
+    leases = (root / LEASES).glob("*~*~*~*") if (root / LEASES).is_dir() else []
+    records = (LeaseRecord(lease, *lease.name.split("~", 1), _touched_at(lease)) for lease in leases)
+    return held_by_live_processes(records, lambda stale: [lease.unlink(missing_ok=True) for lease in stale])
 
 
-def _lease_is_live(lease: Path, host: str, pid: str) -> bool:
+def _touched_at(lease: Path) -> float | None:
     try:
-        touched = lease.stat().st_mtime
+        return lease.stat().st_mtime
     except FileNotFoundError:
-        return False
-    return lease_holder_is_live(host, pid, touched)
-
-
-def lease_holder_is_live(host: str, pid: str, touched_at: float) -> bool:
-    """Whether a lease holder still runs: by pid on this host, else by a refresh within ``LEASE_TTL_SECONDS``."""
-    if host == socket.gethostname() and pid.isdigit():
-        return _process_alive(int(pid))
-    return time.time() - touched_at < LEASE_TTL_SECONDS
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, owned by another user
-        return True
-    return True
+        return None

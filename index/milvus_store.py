@@ -43,7 +43,6 @@ import logging
 import os
 import random
 import re
-import secrets
 import socket
 import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -58,7 +57,7 @@ import numpy as np
 from core.data import Document
 from core.errors import MrlError
 from index.backends import Device, EngineUnavailable, VectorIndex
-from index.layout import STALE_STAGING_SECONDS, lease_holder_is_live
+from index.layout import STALE_STAGING_SECONDS
 from index.loaded import LoadedIndex
 from index.locator import IndexLocator
 from index.manifest import IndexFolderError, IndexManifest
@@ -87,7 +86,16 @@ from index.milvus_docs import (
     text_parts,
 )
 from index.params import IndexPlan
-from index.versions import DocumentCount, check_counts, check_openable, prune_old_versions
+from index.versions import (
+    DocumentCount,
+    LeaseRecord,
+    check_counts,
+    check_openable,
+    held_by_live_processes,
+    lease_holder,
+    lease_holder_is_live,
+    prune_old_versions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,10 +120,6 @@ def version_tag(version: str) -> str:
 
 def _quoted(values: Iterable[str]) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
-
-
-def _holder() -> str:
-    return f"{socket.gethostname()}~{os.getpid()}~{secrets.token_hex(4)}"
 
 
 class MilvusWriterHeld(MrlError):
@@ -144,7 +148,7 @@ class WriterRecord:
     @classmethod
     def mine(cls, version: str, role: str) -> WriterRecord:
         """This process's record (a new tag each time)."""
-        return cls(_holder(), version, role, time.time(), process_started(os.getpid()))
+        return cls(lease_holder(), version, role, time.time(), process_started(os.getpid()))
 
     @classmethod
     def parse(cls, raw: str | None) -> WriterRecord | None:
@@ -503,7 +507,7 @@ class MilvusIndexStore:
         self._check_no_writer()
         self.remove_abandoned()
         now = time.time()
-        record = {"state": BUILDING, "holder": _holder(), "started": now, "heartbeat": now, "collections": []}
+        record = {"state": BUILDING, "holder": lease_holder(), "started": now, "heartbeat": now, "collections": []}
         self._put({f"version/{version}": json.dumps(record)})
         if self._writing and self._started_from is None:
             self._started_from = self._current_version()
@@ -662,18 +666,11 @@ class MilvusIndexStore:
             self._put({PUBLISHING + self._turn.holder: self._turn.to_json()})
 
     def held_versions(self) -> set[str]:
-        """Versions a live server holds a lease on; stale lease records are deleted."""
-        held, stale = set(), []
-        for key, value in self._scan("lease/").items():
-            _, version, holder = key.split("/", 2)
-            host, pid, _ = holder.split("~", 2)
-            if lease_holder_is_live(host, pid, json.loads(value)["at"]):
-                held.add(version)
-            else:
-                stale.append(key)
-        if stale:
-            self._delete(stale)
-        return held
+        """Versions a live server holds a lease on; stale lease records are deleted
+        (:func:`index.versions.held_by_live_processes`)."""
+        leases = self._scan("lease/").items()
+        records = (LeaseRecord(key, *key.split("/", 2)[1:], json.loads(value)["at"]) for key, value in leases)
+        return held_by_live_processes(records, self._delete)
 
     def versions(self) -> dict[str, str]:
         """Every version's state, by name."""
@@ -871,7 +868,7 @@ class MilvusLease:
     def __init__(self, store: MilvusIndexStore, version: str) -> None:
         self.store = store
         self.version = version
-        self.key: str | None = f"lease/{version}/{_holder()}"
+        self.key: str | None = f"lease/{version}/{lease_holder()}"
         self.refresh()
 
     def refresh(self) -> None:

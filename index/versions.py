@@ -8,12 +8,20 @@ decided here, so both stores decide alike.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Mapping
+import os
+import secrets
+import socket
+import time
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import NamedTuple
 
 from index.manifest import IndexFolderError, IndexManifest
 
 logger = logging.getLogger(__name__)
+
+# A lease not refreshed for this long is stale unless its process is alive on this host (holders on
+# other hosts, e.g. replicas over a shared volume or of one Milvus, refresh theirs far more often).
+LEASE_TTL_SECONDS = 15 * 60
 
 
 def prune_old_versions(
@@ -113,3 +121,55 @@ def check_counts(
     if documents is not None and not grown and documents.found != documents.expected:
         expected = documents.expected_as or f"expected {documents.expected}"
         raise IndexFolderError(f"{documents.subject} {documents.found} {documents.unit}, {expected}")
+
+
+# --- leases: which versions live processes have open ---------------------------------------------
+
+
+class LeaseRecord(NamedTuple):
+    """One lease as a store lists it: its key in the store, the version, the holder (``host~pid~tag``,
+    :func:`lease_holder`) and when it was last refreshed (None: it went while being listed)."""
+
+    key: Hashable  # what the store deletes it by: a file, a record's key
+    version: str
+    holder: str
+    touched_at: float | None
+
+
+def lease_holder() -> str:
+    """This process as a lease or record names it: ``host~pid~tag``, a new random tag each time."""
+    return f"{socket.gethostname()}~{os.getpid()}~{secrets.token_hex(4)}"
+
+
+def held_by_live_processes(leases: Iterable[LeaseRecord], delete: Callable[[list], None]) -> set[str]:
+    """The versions that a live process holds a lease on; the stale leases are deleted, in one call of ``delete``.
+
+    Every store's ``held_versions`` (what :func:`prune_old_versions` keeps) is this over its own leases.
+    """
+    held, stale = set(), []
+    for lease in leases:
+        host, pid, _ = lease.holder.split("~", 2)
+        if lease.touched_at is not None and lease_holder_is_live(host, pid, lease.touched_at):
+            held.add(lease.version)
+        else:
+            stale.append(lease.key)
+    if stale:
+        delete(stale)
+    return held
+
+
+def lease_holder_is_live(host: str, pid: str, touched_at: float) -> bool:
+    """Whether a lease holder still runs: by pid on this host, else by a refresh within ``LEASE_TTL_SECONDS``."""
+    if host == socket.gethostname() and pid.isdigit():
+        return _process_alive(int(pid))
+    return time.time() - touched_at < LEASE_TTL_SECONDS
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, owned by another user
+        return True
+    return True

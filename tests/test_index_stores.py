@@ -11,9 +11,12 @@ of a damaged one, each in one clear error.
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
+import socket
 import sqlite3
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,11 +25,18 @@ import pytest
 
 from core.matryoshka import truncate_normalize
 from index.build import BuildConfig, add_documents, build_index
-from index.layout import resolve_version
+from index.layout import LEASES, held_versions, resolve_version
 from index.locator import IndexLocator, parse_locator
 from index.manifest import IndexFolderError, IndexManifest
 from index.stores import STORES, IndexStore, open_store
-from index.versions import DocumentCount, check_counts
+from index.versions import (
+    LEASE_TTL_SECONDS,
+    DocumentCount,
+    LeaseRecord,
+    check_counts,
+    held_by_live_processes,
+    lease_holder,
+)
 from tests.conftest import scramble, without_checksums
 from tests.helpers.service import DIMS, MODEL_NAME, VOCABULARY, keyword_model, write_data
 from tests.helpers.vectors import brute_force
@@ -165,3 +175,29 @@ def test_a_folder_version_missing_a_document_is_refused_by_the_shared_count_chec
         IndexFolderError, match=rf"^{re.escape(str(folder))}/docs.sqlite: {n - 1} documents, expected {n}$"
     ):
         open_store(IndexLocator.folder(folder_index)).open(folder.name, device="cpu")
+
+
+def test_one_sweep_keeps_the_versions_live_processes_lease_and_deletes_the_rest_at_once():
+    """Every store's held_versions is this sweep over its own lease records (files, Milvus records)."""
+    here, gone_pid, old = socket.gethostname(), 2**22 + 1, time.time() - LEASE_TTL_SECONDS - 1
+    leases = [
+        LeaseRecord("mine", "v1", lease_holder(), old),  # this process, however old its last refresh
+        LeaseRecord("dead", "v2", f"{here}~{gone_pid}~ab", time.time()),  # a process that is gone
+        LeaseRecord("far", "v3", "elsewhere~12~ab", time.time()),  # another host, refreshed lately
+        LeaseRecord("far-old", "v4", "elsewhere~12~cd", old),  # another host, not refreshed for the TTL
+        LeaseRecord("went", "v5", lease_holder(), None),  # deleted while being listed
+    ]
+    deleted: list[list] = []
+    assert held_by_live_processes(leases, deleted.append) == {"v1", "v3"}
+    assert deleted == [["dead", "far-old", "went"]]
+    assert held_by_live_processes(leases[:1], deleted.append) == {"v1"} and len(deleted) == 1  # nothing stale
+
+
+def test_a_folder_stores_stale_lease_files_go_in_the_sweep(folder_index: Path):
+    version = resolve_version(folder_index).name
+    leases = folder_index / LEASES
+    leases.mkdir(exist_ok=True)
+    (leases / f"{version}~{socket.gethostname()}~{2**22 + 1}~ab").touch()  # its process is gone
+    (leases / f"{version}~{lease_holder()}").touch()
+    assert held_versions(folder_index) == {version}
+    assert [p.name.split("~")[2] for p in leases.iterdir()] == [str(os.getpid())]
