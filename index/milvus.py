@@ -46,6 +46,7 @@ import numpy as np
 from core.errors import ConfigError
 from index.backends import EngineUnavailable, describe_plan
 from index.filters import Filter, FilterError, SearchFilter, filterable_metadata
+from index.locator import URI_USERINFO, redact_uri  # a URI's password, as every engine shows it
 from index.manifest import IndexFolderError
 from index.params import HNSW_EF_CONSTRUCTION, HNSW_EF_SEARCH, IVF_NPROBE, IndexPlan
 
@@ -81,23 +82,6 @@ RECONNECT_OPTIONS = {
 T = TypeVar("T")
 # Where credentials come from (never from the command line alone: flags show in `ps`).
 CREDENTIAL_VARIABLES = {"token": "MRL_MILVUS_TOKEN", "user": "MRL_MILVUS_USER", "password": "MRL_MILVUS_PASSWORD"}
-# A URI's userinfo: everything between `scheme://` and the last `@` (a password may hold an unescaped `/` or `#`).
-URI_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.\-]*://)(?P<userinfo>.*)@(?P<rest>[^@]*)", re.DOTALL)
-REDACTED = "***"
-
-
-def redact_uri(uri: str) -> str:
-    """``uri`` as messages may show it: ``http://root:***@host:19530`` for ``http://root:pw@host:19530``.
-
-    A lone name before the ``@`` is redacted whole: pymilvus reads it as an API token. Other URIs
-    and Milvus Lite ``.db`` paths come back unchanged.
-    """
-    match = URI_USERINFO.fullmatch(uri)
-    if match is None:
-        return uri
-    user, colon, _ = match["userinfo"].partition(":")
-    shown = f"{user}:{REDACTED}" if colon else REDACTED
-    return f"{match['scheme']}{shown}@{match['rest']}"
 
 
 def split_credentials(uri: str, token: str = "", user: str = "", password: str = "") -> tuple[str, dict[str, str]]:

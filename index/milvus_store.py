@@ -55,11 +55,11 @@ from typing import Any
 import numpy as np
 
 from core.data import Document
-from core.errors import MrlError
+from core.errors import ConfigError, MrlError
 from index.backends import Device, EngineUnavailable, VectorIndex
 from index.layout import STALE_STAGING_SECONDS
 from index.loaded import LoadedIndex
-from index.locator import IndexLocator
+from index.locator import LOCATOR_FORMS, IndexLocator, index_name, redact_uri, shown
 from index.manifest import IndexFolderError, IndexManifest
 from index.milvus import (
     CONSISTENCY,
@@ -120,6 +120,61 @@ def version_tag(version: str) -> str:
 
 def _quoted(values: Iterable[str]) -> str:
     return "[" + ", ".join(json.dumps(v) for v in values) + "]"
+
+
+# --- locators: milvus://HOST:PORT/NAME, milvus+https://HOST:PORT/NAME, milvus-lite://PATH/FILE.db/NAME -------
+
+URI_PREFIXES = {"milvus://": "http://", "milvus+https://": "https://", "milvus-lite://": ""}
+LITE_FILE = re.compile(r"\.db(/|$)")
+
+
+class MilvusLocators:
+    """The Milvus locator forms (:class:`index.locator.LocatorForms`), registered in :data:`index.locator.LOCATORS`."""
+
+    @staticmethod
+    def parse(scheme: str, text: str) -> IndexLocator:
+        """The index a ``milvus://``, ``milvus+https://`` or ``milvus-lite://`` locator names.
+
+        Raises:
+            ConfigError: A locator without a host, a file or an index name, or with credentials in it.
+        """
+        where, _, name = text[len(scheme) :].rstrip("/").rpartition("/")
+        if not where or not name:
+            raise ConfigError(f"index locator {shown(text)!r} names no index; give {LOCATOR_FORMS}")
+        if scheme == "milvus-lite://":
+            if not where.endswith(".db"):
+                raise ConfigError(
+                    f"index locator {shown(text)!r}: Milvus Lite keeps an index in a .db file (PATH/FILE.db/NAME)"
+                )
+            return IndexLocator("milvus", uri=where, name=index_name(name, text))
+        if "@" in where:
+            raise ConfigError(
+                f"index locator {scheme}…@…: credentials go in MRL_MILVUS_TOKEN, or MRL_MILVUS_USER and "
+                "MRL_MILVUS_PASSWORD, never in the locator"
+            )
+        if "/" in where or not where:
+            raise ConfigError(f"index locator {shown(text)!r}: expected {scheme}HOST:PORT/NAME")
+        return IndexLocator("milvus", uri=URI_PREFIXES[scheme] + where, name=index_name(name, text))
+
+    @staticmethod
+    def format(locator: IndexLocator) -> str:
+        """``milvus-lite://FILE.db/NAME`` for a file, else ``milvus(+https)://HOST:PORT/NAME``."""
+        if locator.uri is not None and locator.uri.endswith(".db"):
+            return f"milvus-lite://{locator.uri}/{locator.name}"
+        uri = redact_uri(locator.uri or "")
+        scheme = "milvus+https://" if uri.startswith("https://") else "milvus://"
+        return f"{scheme}{uri.split('://', 1)[-1]}/{locator.name}"
+
+    @staticmethod
+    def shown(text: str) -> str:
+        """A Milvus Lite locator that names a ``.db`` file is a path, where an ``@`` is part of a folder's name: as
+        given; any other with its password as ``***``."""
+        if text.startswith("milvus-lite://") and LITE_FILE.search(text):
+            return text
+        return redact_uri(text)
+
+
+MILVUS_LOCATORS = MilvusLocators()
 
 
 class MilvusWriterHeld(MrlError):

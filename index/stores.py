@@ -7,8 +7,9 @@ An index is a sequence of versions, one of them current. Every engine keeps them
 publish (through the writer), prune (:func:`index.versions.prune_old_versions`), and leases
 (taken by ``open``). Engines are registered by name in :data:`STORES`; :func:`open_store` picks
 one from an :class:`~index.locator.IndexLocator`. A third engine is its store module, its
-per-dimension backend (:mod:`index.backends`) and one line in :data:`STORES` (one more in
-:data:`LIVE_WRITERS` if it takes writes while it serves). Nothing outside these modules and the
+per-dimension backend (:mod:`index.backends`) and one line in :data:`STORES`, one in :data:`index.locator.LOCATORS`
+(its locator schemes; the code that reads them lives in its store module), and one in
+:data:`LIVE_WRITERS` if it takes writes while it serves. Nothing outside these modules and the
 engine's own asks which engine an index is in: what differs is a method of its store.
 """
 

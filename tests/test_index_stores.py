@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from core.errors import ConfigError
 from core.matryoshka import truncate_normalize
 from index.build import BuildConfig, add_documents, build_index
 from index.layout import LEASES, held_versions, resolve_version
@@ -201,3 +202,37 @@ def test_a_folder_stores_stale_lease_files_go_in_the_sweep(folder_index: Path):
     (leases / f"{version}~{lease_holder()}").touch()
     assert held_versions(folder_index) == {version}
     assert [p.name.split("~")[2] for p in leases.iterdir()] == [str(os.getpid())]
+
+
+class _QueueLocators:
+    """A third engine's locator forms, for the test below: ``queue://HOST/NAME``."""
+
+    @staticmethod
+    def parse(scheme: str, text: str) -> IndexLocator:
+        host, _, name = text.removeprefix(scheme).partition("/")
+        return IndexLocator("queue", uri=f"tcp://{host}", name=name)
+
+    @staticmethod
+    def format(locator: IndexLocator) -> str:
+        return f"queue://{locator.uri.removeprefix('tcp://')}/{locator.name}"
+
+    @staticmethod
+    def shown(text: str) -> str:
+        return text
+
+
+QUEUE_LOCATORS = _QueueLocators()
+
+
+def test_a_third_engines_locators_are_one_registration(monkeypatch: pytest.MonkeyPatch):
+    """The locator is table-driven: an engine's schemes and its parse/format hooks are one entry of
+    index.locator.LOCATORS, and a locator's text comes from its engine (Milvus's too, through its own hooks)."""
+    import index.locator as locator_module
+
+    monkeypatch.setitem(locator_module.LOCATORS, "queue", (("queue://",), f"{__name__}:QUEUE_LOCATORS"))
+    parsed = parse_locator("queue://h:1/idx")
+    assert parsed == IndexLocator("queue", uri="tcp://h:1", name="idx") and str(parsed) == "queue://h:1/idx"
+    assert parse_locator("runs/queue-idx") == IndexLocator.folder("runs/queue-idx")  # still a folder
+    with pytest.raises(ConfigError, match="unknown index locator scheme in 'queue2://h/idx'"):
+        parse_locator("queue2://h/idx")
+    assert str(parse_locator("milvus+https://db:443/m")) == "milvus+https://db:443/m"
