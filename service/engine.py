@@ -28,6 +28,7 @@ from index.calibration import K, PseudoQueries
 from index.filters import FilterError, SearchFilter, parse_filter
 from index.layout import LEASE_TTL_SECONDS
 from index.loaded import LoadedIndex
+from index.locator import IndexLocator
 from index.manifest import IndexFolderError, IndexManifest
 from index.plans import (
     JUDGED,
@@ -258,7 +259,7 @@ class Searcher:
             default_dim=self._default_dim,
             num_vectors=manifest.num_vectors,
             built_at=manifest.built_at,
-            index=str(self.settings.locator()),
+            index=public_locator(self.settings.locator()),
             dims=dims,
             encoder_quality_loss=loss,
             encoder_warning=warning,
@@ -792,3 +793,9 @@ def _documents_of(index: LoadedIndex) -> Callable[[list[int]], list[str]]:
 
 def _ms(seconds: float) -> float:
     return round(1000 * seconds, 3)
+
+
+def public_locator(locator: IndexLocator) -> str:
+    """The served index as clients may see it: a folder by its name (the server's paths stay private, as in
+    error bodies), an engine's index by its locator with any password as ``***``."""
+    return locator.path.name if locator.path is not None else str(locator)
