@@ -14,6 +14,9 @@ whichever worker accepts it first. The parent only supervises:
   samples to files in ``PROMETHEUS_MULTIPROC_DIR`` (a fresh temporary folder unless it is set), and
   ``/metrics`` on any worker reports the sum.
 
+Threads: unless ``encoder_threads`` is set, each worker's encoder gets its share of the usable CPUs
+(:func:`share_cores`), so N workers do not run N times as many threads as there are cores.
+
 Memory: FAISS indexes on the CPU are memory-mapped read-only (:meth:`index.backends.FaissIndex.load`)
 and the re-scoring vectors are ``.npy`` files mapped the same way, so the workers share one copy of the
 index in the page cache. Each worker holds its own model (about 90 MB for MiniLM).
@@ -89,6 +92,7 @@ def serve_workers(settings: Any, listen: Listen, serve: Serve) -> int:
         WorkersError: Settings several workers cannot share.
     """
     check_workers(settings)
+    settings = share_cores(settings)
     sockets = listen(settings.host, settings.port)
     metrics_dir, made = multiprocess_dir()
     try:
@@ -98,6 +102,20 @@ def serve_workers(settings: Any, listen: Listen, serve: Serve) -> int:
             sock.close()
         if made:
             shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+def share_cores(settings: Any) -> Any:
+    """Each worker's encoder threads, unless set: the usable CPUs shared out, at least one each.
+
+    N workers that each took every core would run N times as many encoder threads as cores. Measured on 2
+    cores (docs/results.md, `mrl bench latency --workers 1,2`): 2 workers of 1 thread answered 187 req/s
+    at 16 in flight against 173 for one process of 2 threads, while 2 workers of 2 threads fell to 145.
+    """
+    from core.machine import usable_cpus
+
+    if settings.encoder_threads is not None:
+        return settings
+    return settings.model_copy(update={"encoder_threads": max(1, usable_cpus() // settings.workers)})
 
 
 def multiprocess_dir() -> tuple[str, bool]:

@@ -146,3 +146,14 @@ def test_a_taken_port_is_one_line_before_any_worker_starts(sample_index: Path):
         done = subprocess.run(MRL_SERVE, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr
     assert done.stderr.count("mrl: error:") == 1 and f"port {port} on 127.0.0.1 is taken" in done.stderr, done.stderr
+
+
+def test_workers_share_the_cores_unless_encoder_threads_is_set():
+    from core.machine import usable_cpus
+    from service.settings import ServiceSettings
+    from service.workers import share_cores
+
+    shared = share_cores(ServiceSettings(index="x", workers=2))
+    assert shared.encoder_threads == max(1, usable_cpus() // 2)
+    assert share_cores(ServiceSettings(index="x", workers=64)).encoder_threads == 1
+    assert share_cores(ServiceSettings(index="x", workers=2, encoder_threads=3)).encoder_threads == 3
