@@ -45,7 +45,8 @@ def local_settings(root: Path, **overrides: object) -> ServiceSettings:
 @pytest.fixture(scope="module", params=["httptools", "h11"])
 def server(keyword_index: Path, request: pytest.FixtureRequest):
     """A server with each HTTP protocol: every socket-level test below runs on both parsers."""
-    settings = local_settings(keyword_index, keep_alive_s=1, header_timeout_s=1, max_header_bytes=8192, http=request.param)
+    limits = {"keep_alive_s": 1, "header_timeout_s": 1, "max_header_bytes": 8192}
+    settings = local_settings(keyword_index, http=request.param, **limits)
     with live_server(settings) as running:
         yield running
 
