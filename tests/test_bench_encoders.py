@@ -66,7 +66,7 @@ def test_speedups_are_relative_to_torch_at_batch_size_1():
     [
         (
             {"encoders": ["torch", "tensorrt"]},
-            r"unknown encoders \['tensorrt'\] \(choose from torch, onnx, onnx-int8\)",
+            r"unknown encoders \['tensorrt'\] \(choose from torch, onnx, onnx-int8, torch-bf16\)",
         ),
         ({"encoders": []}, "unknown encoders"),
         ({"batch_sizes": [1, 0]}, "--batch-sizes must list positive numbers"),

@@ -209,9 +209,9 @@ def test_fairness_texts_are_distinct_and_exactly_as_long_as_asked():
 
 
 def test_each_shadow_fraction_gets_its_own_server_flag(tmp_path: Path):
-    from benchmarks.latency import server_command
+    from benchmarks.latency import ServerVariant, server_command
 
     config = LatencyConfig(index=tmp_path, queries=tmp_path, shadow_fractions=[0, 0.02])
-    command = server_command(config, "onnx", 8000, 0.02)
+    command = server_command(config, "onnx", 8000, ServerVariant(shadow_fraction=0.02))
     assert command[command.index("--shadow-fraction") + 1] == "0.02"
     assert "--shadow-fraction" not in server_command(config, "onnx", 8000)  # None: the server's default

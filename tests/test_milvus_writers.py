@@ -10,6 +10,7 @@ paused between marking its version live and making it current.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import socket
@@ -48,14 +49,21 @@ def locator_of(uri: str, name: str):
     return parse_locator(f"milvus-lite://{uri}/{name}")
 
 
-def keyword_build(data: Path, uri: str, name: str, tmp: Path, keep: int = 3):
-    """The real ``build_index`` into Milvus Lite, with the keyword encoder standing in for the model."""
-    config = BuildConfig(
+def keyword_config(data: Path, uri: str, name: str, tmp: Path, keep: int = 3) -> BuildConfig:
+    return BuildConfig(
         data=data, index=f"milvus-lite://{uri}/{name}", model=MODEL_NAME, dims=DIMS, device="cpu", progress=False,
         cache_dir=tmp / "cache", keep_versions=keep, calibration="none",
     )  # fmt: skip
+
+
+def keyword_build(data: Path, uri: str, name: str, tmp: Path, keep: int = 3):
+    """The real ``build_index`` into Milvus Lite, with the keyword encoder standing in for the model.
+
+    Not from two threads at once: each would patch the builder and restore it out of order, leaving the
+    stand-in model in place for every later test of the worker. Threads share one ``keyword_model()``.
+    """
     with keyword_model():
-        return build_index(config)
+        return build_index(keyword_config(data, uri, name, tmp, keep))
 
 
 def keyword_add(uri: str, name: str, ids: list[str], tmp: Path):
@@ -183,16 +191,18 @@ def test_a_prune_never_drops_the_version_another_writer_is_making_current(
     waiting = Waiting()
     logging.getLogger("index.milvus_store").addHandler(waiting)
     errors: list[BaseException] = []
+    stack = contextlib.ExitStack()
 
     def build(folder: str) -> None:
         try:
-            keyword_build(write_data(tmp_path / folder, extra=1), milvus_lite_uri, name, tmp_path, keep=1)
+            build_index(keyword_config(write_data(tmp_path / folder, extra=1), milvus_lite_uri, name, tmp_path, 1))
         except BaseException as exc:  # reported below
             errors.append(exc)
 
     a = threading.Thread(target=build, args=("data_a",), name="build-a")
     b = threading.Thread(target=build, args=("data_b",), name="build-b")
     try:
+        stack.enter_context(keyword_model())  # one patch for both threads, undone after both have ended
         a.start()
         assert a_marked.wait(120), "build A never reached its publish"
         b.start()
@@ -205,6 +215,9 @@ def test_a_prune_never_drops_the_version_another_writer_is_making_current(
         b.join(120)
     finally:
         a_may_go_on.set()
+        a.join(120)
+        b.join(120)
+        stack.close()
         logging.getLogger("index.milvus_store").removeHandler(waiting)
     assert not errors
     store = MilvusIndexStore(backend, name)
