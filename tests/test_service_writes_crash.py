@@ -7,8 +7,8 @@ its exact text as the top hit at every dim, every acknowledged delete is gone, a
 the acknowledged one. A write whose answer the kill cut off may or may not have happened: both outcomes
 are accepted for that document, nothing else.
 
-It kills ``MRL_CRASH_KILLS`` times (6 by default, to keep the suite in its budget; 10 for the recorded run); its one-line figures are printed and, with ``MRL_CRASH_REPORT=FILE``,
-appended to that file.
+It kills ``MRL_CRASH_KILLS`` times (6 by default, to keep the suite in its budget; 10 for the recorded
+run); its one-line figures are printed and, with ``MRL_CRASH_REPORT=FILE``, appended to that file.
 """
 
 from __future__ import annotations
