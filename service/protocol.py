@@ -73,8 +73,12 @@ def protocol_class(name: HttpProtocol, header_timeout_s: float, max_header_bytes
 LINGER_S = 2.0  # after an error answer, how long the rest of a refused request is read and dropped
 
 
-class LingeringClose:
-    """Answer an error, then close the way nginx does ("lingering close").
+class HeadGuard:
+    """What both protocols add to uvicorn's: a deadline for each request head, and error answers sent the way
+    nginx closes ("lingering close").
+
+    The deadline runs from the connection, or from the previous response plus the keep-alive time, until
+    the head is complete; a protocol says when a request is under way (:meth:`_request_under_way`).
 
     Closing a socket whose client is still sending makes the kernel answer with a reset, and a reset can
     discard the error answer before the client reads it. So the answer is sent with a FIN after it
@@ -82,7 +86,17 @@ class LingeringClose:
     client closes its side or after ``LINGER_S`` seconds.
     """
 
+    header_timeout_s = 10.0
     lingering = False
+    _head_deadline: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.Transport) -> None:
+        super().connection_made(transport)  # type: ignore[misc]
+        self._await_head(self.header_timeout_s)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._cancel_deadline()
+        super().connection_lost(exc)  # type: ignore[misc]
 
     def answer_and_close(self, response: bytes) -> None:
         transport = self.transport  # type: ignore[attr-defined]
@@ -95,6 +109,31 @@ class LingeringClose:
             self.loop.call_later(LINGER_S, transport.close)  # type: ignore[attr-defined]
         else:  # pragma: no cover - TLS transports cannot half-close
             transport.close()
+
+    def _request_under_way(self) -> bool:
+        """A head has arrived and its request is not answered yet: no deadline applies."""
+        raise NotImplementedError
+
+    def _await_head(self, seconds: float) -> None:
+        self._cancel_deadline()
+        self._head_deadline = self.loop.call_later(seconds, self._head_timed_out)  # type: ignore[attr-defined]
+
+    def _await_next_head(self) -> None:
+        """After a response: the keep-alive time, then the head deadline, for the next request's head."""
+        if not self.transport.is_closing() and not self._request_under_way():  # type: ignore[attr-defined]
+            self._await_head(self.timeout_keep_alive + self.header_timeout_s)  # type: ignore[attr-defined]
+
+    def _cancel_deadline(self) -> None:
+        if self._head_deadline is not None:
+            self._head_deadline.cancel()
+            self._head_deadline = None
+
+    def _head_timed_out(self) -> None:
+        self._head_deadline = None
+        if self.transport.is_closing() or self._request_under_way():  # type: ignore[attr-defined]
+            return
+        logger.info("closing a connection whose request head did not arrive within %gs", self.header_timeout_s)
+        self.answer_and_close(head_timeout_response(self.header_timeout_s))
 
 
 def malformed_message(limit: int) -> str:
@@ -133,7 +172,7 @@ def raw_error_response(status: int, reason: str, error_type: str, message: str) 
     return head.encode("ascii") + body
 
 
-class GuardedH11Protocol(LingeringClose, H11Protocol):
+class GuardedH11Protocol(HeadGuard, H11Protocol):
     """``H11Protocol`` with JSON 400s, one body framing per request, and a deadline for each request head."""
 
     def __init__(self, *args: Any, header_timeout_s: float = 10.0, **kwargs: Any) -> None:
@@ -141,27 +180,17 @@ class GuardedH11Protocol(LingeringClose, H11Protocol):
         # uvicorn's own connection, but refusing double framing; the head size limit it was given is kept.
         self.conn = SingleFramingConnection(h11.SERVER, self.conn._max_incomplete_event_size)
         self.header_timeout_s = header_timeout_s
-        self._head_deadline: asyncio.TimerHandle | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._await_head(self.header_timeout_s)
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:  # the rest of a refused request
             return
         super().data_received(data)
-        if self.conn.their_state is not h11.IDLE:  # the head is complete: the app has the request now
+        if self._request_under_way():  # the head is complete: the app has the request now
             self._cancel_deadline()
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
-            self._await_head(self.timeout_keep_alive + self.header_timeout_s)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_deadline()
-        super().connection_lost(exc)
+        self._await_next_head()
 
     def send_400_response(self, msg: str) -> None:
         if self.conn.framing_refused:
@@ -170,24 +199,11 @@ class GuardedH11Protocol(LingeringClose, H11Protocol):
             message = malformed_message(self.conn._max_incomplete_event_size)  # h11's private copy of the limit
         self.answer_and_close(raw_error_response(400, "Bad Request", "bad_request", message))
 
-    def _await_head(self, seconds: float) -> None:
-        self._cancel_deadline()
-        self._head_deadline = self.loop.call_later(seconds, self._head_timed_out)
-
-    def _cancel_deadline(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-
-    def _head_timed_out(self) -> None:
-        self._head_deadline = None
-        if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
-            return
-        logger.info("closing a connection whose request head did not arrive within %gs", self.header_timeout_s)
-        self.answer_and_close(head_timeout_response(self.header_timeout_s))
+    def _request_under_way(self) -> bool:
+        return self.conn.their_state is not h11.IDLE
 
 
-class GuardedHttpToolsProtocol(LingeringClose, HttpToolsProtocol):
+class GuardedHttpToolsProtocol(HeadGuard, HttpToolsProtocol):
     """``HttpToolsProtocol`` with JSON 400s, a limit on the size of a request head, and a deadline for each head.
 
     A head is pending from the connection (or the end of the previous request's body) until llhttp has
@@ -200,15 +216,10 @@ class GuardedHttpToolsProtocol(LingeringClose, HttpToolsProtocol):
         super().__init__(*args, **kwargs)
         self.header_timeout_s = header_timeout_s
         self.max_header_bytes = max_header_bytes
-        self._head_deadline: asyncio.TimerHandle | None = None
         self._head_pending = True  # no head has been parsed on this connection since the last request
         self._head_bytes = 0  # bytes received while a head was pending
         self._head_size = 0  # the pending head's request line and headers, as parsed
-        self._refused: str | None = None
-
-    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-        super().connection_made(transport)
-        self._await_head(self.header_timeout_s)
+        self._refused: str | None = None  # why this protocol refused the request, for send_400_response
 
     def data_received(self, data: bytes) -> None:
         if self.lingering:  # the rest of a refused request
@@ -228,7 +239,8 @@ class GuardedHttpToolsProtocol(LingeringClose, HttpToolsProtocol):
             self.send_400_response(str(exc))
             return
         if self._head_pending and self._head_bytes > self.max_header_bytes and not self.lingering:
-            self._refuse(malformed_message(self.max_header_bytes))
+            self._refused = malformed_message(self.max_header_bytes)
+            self.send_400_response(self._refused)
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
@@ -249,12 +261,8 @@ class GuardedHttpToolsProtocol(LingeringClose, HttpToolsProtocol):
 
     def on_response_complete(self) -> None:
         super().on_response_complete()
-        if not self.transport.is_closing() and self._head_pending and not self.pipeline:
-            self._await_head(self.timeout_keep_alive + self.header_timeout_s)
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self._cancel_deadline()
-        super().connection_lost(exc)
+        if not self.pipeline:  # a pipelined request has its head already
+            self._await_next_head()
 
     def send_400_response(self, msg: str) -> None:
         if self._refused is not None:
@@ -268,28 +276,10 @@ class GuardedHttpToolsProtocol(LingeringClose, HttpToolsProtocol):
     def _count_head(self, size: int) -> None:
         self._head_size += size
         if self._head_size > self.max_header_bytes:
-            # Raised inside llhttp's callback: the parser stops, and uvicorn answers with send_400_response.
+            # Raised inside llhttp's callback: the parser stops, and data_received answers the 400.
             self._refused = malformed_message(self.max_header_bytes)
             raise ValueError(self._refused)
 
-    def _refuse(self, message: str) -> None:
-        self._refused = message
-        self.send_400_response(message)
-
-    def _await_head(self, seconds: float) -> None:
-        self._cancel_deadline()
-        self._head_deadline = self.loop.call_later(seconds, self._head_timed_out)
-
-    def _cancel_deadline(self) -> None:
-        if self._head_deadline is not None:
-            self._head_deadline.cancel()
-            self._head_deadline = None
-
-    def _head_timed_out(self) -> None:
-        self._head_deadline = None
-        if self.transport.is_closing() or not self._head_pending:
-            return
-        if self.cycle is not None and not self.cycle.response_complete:
-            return  # a request is still being answered; its end arms the deadline again
-        logger.info("closing a connection whose request head did not arrive within %gs", self.header_timeout_s)
-        self.answer_and_close(head_timeout_response(self.header_timeout_s))
+    def _request_under_way(self) -> bool:
+        # a head has arrived and its body is still to come, or a request (pipelined too) is being answered
+        return not self._head_pending or (self.cycle is not None and not self.cycle.response_complete)
