@@ -7,6 +7,7 @@ the live passages, which the tests keep themselves (:class:`Corpus`).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -15,7 +16,8 @@ import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -431,6 +433,31 @@ def test_one_writer_per_root(root: Path, live: LiveIndex, capsys):
             assert "a writable server (pid" in capsys.readouterr().err.splitlines()[-1]
 
 
+@contextmanager
+def paused_in_encoding(action: Callable[[], object], what: str) -> Iterator[list[BaseException]]:
+    """Run ``action`` (a build or an add) in a thread with the keyword encoder, and hold it inside its
+    encoding while the block runs; then let it finish. Yields the list its exception, if any, lands in."""
+    encoder = ServiceKeywordEncoder()
+    encoder.hold_next_call()
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            action()
+        except BaseException as exc:  # reported to the test thread
+            errors.append(exc)
+
+    with keyword_model(encoder):
+        thread = threading.Thread(target=run)
+        thread.start()
+        try:
+            assert encoder.entered.wait(30), f"the {what} never started encoding"
+            yield errors
+        finally:
+            encoder.release.set()
+            thread.join(timeout=60)
+
+
 def test_a_writable_server_is_refused_while_a_version_is_being_written(root: Path, tmp_path: Path):
     """``mrl index add`` holds the writer lock from reading ``current`` to publishing. A writable server opened
     meanwhile would take writes over the version the add replaces: they would be lost once it publishes."""
@@ -438,26 +465,10 @@ def test_a_writable_server_is_refused_while_a_version_is_being_written(root: Pat
     write_beir(
         data, [{"_id": "x1", "text": "fever again"}], [{"_id": "q", "text": "fever"}], {"test": [("q", "x1", 1)]}
     )
-    encoder = ServiceKeywordEncoder()
-    encoder.hold_next_call()  # the add waits inside its encoding, the writer lock held
-    errors: list[BaseException] = []
-
-    def add() -> None:
-        try:
-            add_documents(root, data, MODEL_NAME, device="cpu", progress=False)
-        except BaseException as exc:  # reported to the test thread below
-            errors.append(exc)
-
-    with keyword_model(encoder):
-        adding = threading.Thread(target=add)
-        adding.start()
-        try:
-            assert encoder.entered.wait(30), "the add never started encoding"
-            with pytest.raises(VersionBeingWritten) as refused:
-                open_live(root)
-        finally:
-            encoder.release.set()
-            adding.join(timeout=60)
+    adding = functools.partial(add_documents, root, data, MODEL_NAME, device="cpu", progress=False)
+    with paused_in_encoding(adding, "add") as errors:  # the writer lock held
+        with pytest.raises(VersionBeingWritten) as refused:
+            open_live(root)
     assert not errors
     message = str(refused.value)
     assert message.startswith(f"{root}: ") and "\n" not in message
@@ -480,26 +491,9 @@ def test_a_build_that_finishes_under_a_writable_server_does_not_publish(root: Pa
     documents, queries = [{"_id": "r1", "text": "fever rebuilt"}], [{"_id": "q", "text": "fever"}]
     write_beir(data, documents, queries, {"test": [("q", "r1", 1)]})
     before = resolve_version(root)
-    encoder = ServiceKeywordEncoder()
-    encoder.hold_next_call()  # the build waits inside its encoding, no lock held
-    errors: list[BaseException] = []
-
-    def build() -> None:
-        config = BuildConfig(data=data, output=root, model=MODEL_NAME, dims=DIMS, device="cpu", progress=False)
-        try:
-            build_index(config)
-        except BaseException as exc:  # reported to the test thread below
-            errors.append(exc)
-
-    with keyword_model(encoder):
-        building = threading.Thread(target=build)
-        building.start()
-        try:
-            assert encoder.entered.wait(30), "the build never started encoding"
-            live = open_live(root)  # the build holds no lock yet: the server starts
-        finally:
-            encoder.release.set()
-            building.join(timeout=60)
+    config = BuildConfig(data=data, output=root, model=MODEL_NAME, dims=DIMS, device="cpu", progress=False)
+    with paused_in_encoding(lambda: build_index(config), "build") as errors:
+        live = open_live(root)  # the build holds no lock yet: the server starts
     try:
         assert len(errors) == 1 and isinstance(errors[0], LiveLockHeld), errors
         assert "a writable server (pid" in str(errors[0])
