@@ -114,6 +114,11 @@ class FolderStore:
             finally:
                 self._held = None
 
+    @property
+    def writing_now(self) -> bool:
+        """Whether :meth:`writing` holds the root's lock (in this process) now."""
+        return self._held is not None
+
     @contextmanager
     def locked(self) -> Iterator[WriterLock]:
         """The lock held by :meth:`writing`, or the root's lock for just this block."""
@@ -182,12 +187,12 @@ class FolderWriter:
         """Write the manifest, then rename the version into place and point ``current`` at it; returns its folder."""
         with writing(self.staging):
             write_json_atomic(self.staging / MANIFEST_FILE, manifest.to_dict())
-        if self.store._held is not None:  # add and compaction: checked when they took the lock
-            return publish_version(self.store._held, self.staging, manifest.version, self.keep_versions)
+        taken_already = self.store.writing_now  # add and compaction: checked when they took the lock
         with self.store.locked() as lock:
-            # A full build takes the lock only now: a writable server may have started while it encoded, and
-            # would lose its acknowledged writes to this version at its next restart. One of the two refuses.
-            self.store.check_no_live_writer()
+            if not taken_already:
+                # A full build takes the lock only now: a writable server may have started while it encoded,
+                # and would lose its acknowledged writes to this version at its next restart. One refuses.
+                self.store.check_no_live_writer()
             return publish_version(lock, self.staging, manifest.version, self.keep_versions)
 
     def abort(self) -> None:
