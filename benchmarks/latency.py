@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
 import httpx
 import numpy as np
@@ -38,6 +38,7 @@ from core.servers import LOOPBACK, ServerError, free_port, running_process
 from index.locator import LOCATOR_FORMS
 from index.manifest import IndexManifest
 from index.stores import current_manifest
+from service.protocol import HttpProtocol
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +157,7 @@ def check_config(config: LatencyConfig, manifest: IndexManifest) -> list[int]:
         target_params(target)  # raises ConfigError for a malformed one
     if config.workers is not None and (not config.workers or not all(1 <= count <= 64 for count in config.workers)):
         raise ConfigError(f"--workers must list counts from 1 to 64, got {config.workers}")
-    parsers = ("auto", "httptools", "h11")
+    parsers = get_args(HttpProtocol)
     if config.http is not None and (not config.http or any(name not in parsers for name in config.http)):
         raise ConfigError(f"--http must list parsers from {', '.join(parsers)}, got {config.http}")
     if config.rerank and min(dims) >= manifest.model.full_dim:

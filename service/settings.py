@@ -15,6 +15,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from core.errors import ConfigError
 from index.locator import IndexLocator, deprecation_notice, parse_locator
+from service.protocol import HttpProtocol
 
 EncoderBackend = Literal["torch", "onnx"]
 DeviceSetting = Literal["auto", "cpu", "gpu"]
@@ -161,7 +162,7 @@ class ServiceSettings(BaseSettings):
     header_timeout_s: float = Field(
         10.0, gt=0, description="a connection that has not sent a whole request head within this many seconds is closed"
     )
-    http: Literal["auto", "httptools", "h11"] = Field(
+    http: HttpProtocol = Field(
         "auto",
         description="HTTP parser: httptools (in C; auto picks it where it is installed) or h11 (pure Python); "
         "both keep the JSON errors, head deadline and limits",
