@@ -21,7 +21,7 @@ from core.machine import usable_cpus
 ENCODERS = ("torch", "onnx", "onnx-int8")
 
 # Versions recorded on top of index.build.library_versions() (read from package metadata, not imported).
-SERVING_PACKAGES = ("transformers", "fastapi", "uvicorn", "httpx", "onnxruntime", "onnxruntime-gpu", "onnx")
+SERVING_PACKAGES = ("transformers", "fastapi", "uvicorn", "aiohttp", "onnxruntime", "onnxruntime-gpu", "onnx")
 
 
 def read_query_texts(path: Path) -> list[str]:

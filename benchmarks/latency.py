@@ -30,6 +30,7 @@ import numpy as np
 
 from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, read_query_texts, utc_now, write_report
 from benchmarks.args import DEFAULT_OUT, add_server_limits, int_list_argument, name_list_argument
+from benchmarks.loadgen import TRANSPORT_ERRORS, Answer, LoadClient
 from core.cli_args import add_output_argument, config_fields, dims_argument
 from core.errors import ConfigError
 from core.files import json_fields
@@ -305,10 +306,10 @@ def search_params(cell: Cell, queries: list[str], k: int, offset: int) -> Callab
 
 
 async def timed_get(
-    client: httpx.AsyncClient,
+    client: LoadClient,
     path: str,
     params: dict[str, Any],
-    read: Callable[[httpx.Response], dict | None],
+    read: Callable[[Answer], dict | None],
     expected: str,
 ) -> Outcome:
     """One timed ``GET``: a transport error, a non-200 answer or one without ``expected`` fails.
@@ -321,10 +322,10 @@ async def timed_get(
 
 
 async def timed_post(
-    client: httpx.AsyncClient,
+    client: LoadClient,
     path: str,
     body: dict[str, Any],
-    read: Callable[[httpx.Response], dict | None],
+    read: Callable[[Answer], dict | None],
     expected: str,
 ) -> Outcome:
     """One timed ``POST`` of the JSON ``body``, judged and read exactly as :func:`timed_get` judges a ``GET``."""
@@ -332,12 +333,12 @@ async def timed_post(
 
 
 async def _timed(
-    request: Callable[[], Awaitable[httpx.Response]], read: Callable[[httpx.Response], dict | None], expected: str
+    request: Callable[[], Awaitable[Answer]], read: Callable[[Answer], dict | None], expected: str
 ) -> Outcome:
     started = time.perf_counter()
     try:
         response = await request()
-    except httpx.HTTPError as exc:
+    except TRANSPORT_ERRORS as exc:
         return Outcome(time.perf_counter() - started, None, f"{type(exc).__name__}: {exc}"[:ERROR_TEXT_CHARS])
     seconds = time.perf_counter() - started
     if response.status_code != 200:
@@ -348,24 +349,24 @@ async def _timed(
         return Outcome(seconds, None, f"HTTP 200 without {expected}: {response.text[:ERROR_TEXT_CHARS]}")
 
 
-def _our_timings(response: httpx.Response) -> dict:
+def _our_timings(response: Answer) -> dict:
     body = response.json()
     plan = (body.get("plan") or {}).get("key")
     return dict(body["timings_ms"]) | ({"plan": plan} if plan else {})
 
 
-async def send_one(client: httpx.AsyncClient, params: dict[str, Any]) -> Outcome:
+async def send_one(client: LoadClient, params: dict[str, Any]) -> Outcome:
     """One ``GET /search`` of ``mrl serve``; an answer without ``timings_ms`` is a failure."""
     return await timed_get(client, "/search", params, _our_timings, "timings_ms")
 
 
 async def drive(
-    client: httpx.AsyncClient,
+    client: LoadClient,
     params: Callable[[int], dict[str, Any]],
     count: int,
     concurrency: int,
     deadline: float,
-    send: Callable[[httpx.AsyncClient, dict[str, Any]], Awaitable[Outcome]] = send_one,
+    send: Callable[[LoadClient, dict[str, Any]], Awaitable[Outcome]] = send_one,
 ) -> list[Outcome]:
     """Send ``count`` requests with ``concurrency`` in flight; none is started after ``deadline`` (monotonic).
 
@@ -398,11 +399,8 @@ async def time_cell(
     ``params_from(offset)`` gives the query parameters of request ``number``; ``config`` needs
     ``requests``, ``warmup`` and ``request_timeout_s`` (the latency and the peers benchmark share this).
     """
-    limits = httpx.Limits(max_connections=cell.concurrency, max_keepalive_connections=cell.concurrency)
     warmup = max(config.warmup, cell.concurrency) if config.warmup else 0
-    async with httpx.AsyncClient(
-        base_url=base, timeout=config.request_timeout_s, limits=limits, trust_env=False
-    ) as client:
+    async with LoadClient(base, connections=cell.concurrency, timeout_s=config.request_timeout_s) as client:
         await drive(client, params_from(0), warmup, cell.concurrency, deadline, send)
         started = time.perf_counter()
         outcomes = await drive(client, params_from(warmup), config.requests, cell.concurrency, deadline, send)
@@ -578,10 +576,10 @@ def wait_for_workers(base: str, workers: int, timeout_s: float) -> None:
 async def http_floor(base: str, config: LatencyConfig) -> float | None:
     """p50 of ``GET /healthz`` at one in flight: the client, HTTP and framework share of every request."""
 
-    async def send(client: httpx.AsyncClient, params: dict[str, Any]) -> Outcome:
+    async def send(client: LoadClient, params: dict[str, Any]) -> Outcome:
         return await timed_get(client, "/healthz", params, lambda response: None, "")
 
-    async with httpx.AsyncClient(base_url=base, timeout=config.request_timeout_s, trust_env=False) as client:
+    async with LoadClient(base, timeout_s=config.request_timeout_s) as client:
         await drive(client, lambda number: {}, 20, 1, float("inf"), send)
         outcomes = await drive(client, lambda number: {}, FLOOR_REQUESTS, 1, float("inf"), send)
     ok = [outcome.seconds * 1000 for outcome in outcomes if outcome.error is None]

@@ -60,6 +60,7 @@ from benchmarks.latency import (
     timed_get,
     timed_post,
 )
+from benchmarks.loadgen import Answer, LoadClient
 from benchmarks.peer_servers import infinity
 from core.cli_args import add_output_argument
 from core.data import DataError, Document, Qrels, load_beir
@@ -561,20 +562,20 @@ def serve_infinity(
 # --- measuring ----------------------------------------------------------------------------
 
 
-def request_sender(api: SearchApi) -> Callable[[httpx.AsyncClient, dict[str, Any]], Awaitable[Outcome]]:
+def request_sender(api: SearchApi) -> Callable[[LoadClient, dict[str, Any]], Awaitable[Outcome]]:
     """One search request for ``benchmarks.latency.drive``, the same for every system.
 
     The latency is the time to the whole answer; the JSON is then parsed and its hits found (not timed),
     so an answer without hits is an error. ``timings_ms`` are kept where a server reports them (ours).
     """
 
-    def read(response: httpx.Response) -> dict | None:
+    def read(response: Answer) -> dict | None:
         body = response.json()
         api.hit_ids(body)
         timings = body.get("timings_ms") if isinstance(body, dict) else None
         return dict(timings) if isinstance(timings, dict) else None
 
-    async def send(client: httpx.AsyncClient, params: dict[str, Any]) -> Outcome:
+    async def send(client: LoadClient, params: dict[str, Any]) -> Outcome:
         return await timed_get(client, api.path, params, read, "hits")
 
     return send
@@ -788,11 +789,11 @@ async def measure_embedding_cells(
     """
     path = EMBEDDINGS_PATHS[system]
 
-    def read(response: httpx.Response) -> None:
+    def read(response: Answer) -> None:
         if embedding_matrix(response.json(), 1).shape[1] != full_dim:
             raise ValueError(f"not a {full_dim}-dim vector")
 
-    async def send(client: httpx.AsyncClient, body: dict[str, Any]) -> Outcome:
+    async def send(client: LoadClient, body: dict[str, Any]) -> Outcome:
         return await timed_post(client, path, body, read, f"one {full_dim}-dim embedding")
 
     def measure(cell: Cell) -> Awaitable[CellResult]:

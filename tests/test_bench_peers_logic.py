@@ -9,12 +9,14 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import httpx
 import numpy as np
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
 from benchmarks import peers
 from benchmarks.latency import CellResult, Outcome
+from benchmarks.loadgen import LoadClient
 from benchmarks.peer_servers import infinity
 from benchmarks.peers import (
     APIS,
@@ -93,15 +95,17 @@ def test_each_server_answer_shape_gives_ids_best_first():
 
 
 def test_one_request_function_for_all_servers():
-    def answer(request: httpx.Request) -> httpx.Response:
-        q = request.url.params["q"]
+    async def answer(request: web.Request) -> web.Response:
+        q = request.query["q"]
         if q == "fails":
-            return httpx.Response(503, json={"error": "overloaded"})
+            return web.json_response({"error": "overloaded"}, status=503)
         body = {"hits": [{"id": "d1"}]} if q == "plain" else {"results": [{"hits": []}], "timings_ms": {"encode_ms": 2}}
-        return httpx.Response(200, json=body if q != "empty" else {"detail": "nothing"})
+        return web.json_response(body if q != "empty" else {"detail": "nothing"})
 
     async def outcomes(api, queries: list[str]) -> list[Outcome]:
-        async with httpx.AsyncClient(transport=httpx.MockTransport(answer), base_url="http://test") as client:
+        app = web.Application()
+        app.router.add_get(api.path, answer)
+        async with TestServer(app, host="127.0.0.1") as server, LoadClient(str(server.make_url(""))) as client:
             return [await peers.request_sender(api)(client, api.params(q, 10)) for q in queries]
 
     plain, fails, empty = asyncio.run(outcomes(APIS[SENTENCE_TRANSFORMERS], ["plain", "fails", "empty"]))

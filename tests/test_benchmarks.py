@@ -116,7 +116,7 @@ def test_latency_against_a_real_server(bench_index: Path, tmp_path: Path):
     in_process = report["in_process"]["torch"]
     assert in_process["texts"] == 4 and 0 < in_process["p50_ms"] <= in_process["p95_ms"]
     assert in_process["queries_per_s"] > 0 and in_process["batch_16_queries_per_s"] > 0
-    assert report["settings"]["dims"] == [64] and report["machine"]["libraries"]["httpx"]
+    assert report["settings"]["dims"] == [64] and report["machine"]["libraries"]["aiohttp"]
     with pytest.raises(httpx.TransportError):  # the server process is gone
         httpx.get(f"{server['url']}/healthz", timeout=2)
     assert json.loads((tmp_path / "latency.json").read_text())["results"] == report["results"]
