@@ -24,10 +24,20 @@ def test_the_dry_run_checks_every_step_and_runs_the_cheap_ones(tmp_path: Path):
     )
     assert done.returncode == 0, done.stdout + done.stderr
     assert "gpu-check: done" in done.stdout
-    for step in ("latency", "embeddings"):  # server steps: checked, not run
+    for step in ("latency", "embeddings", "workers"):  # server steps: checked, not run
         assert f"== {step}\n   (dry run: command checked, not run)" in done.stdout
     assert (tmp_path / "scaling" / "scaling.md").is_file()
     assert "torch-bf16" in (tmp_path / "encoders" / "encoders.md").read_text()
+
+
+def test_steps_says_which_steps_run(tmp_path: Path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "STEPS": "latency,workers"}
+    done = subprocess.run(
+        ["bash", "scripts/gpu-check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    ran = [line[3:] for line in done.stdout.splitlines() if line.startswith("== ") and "machine" not in line]
+    assert ran == ["latency", "workers"]
 
 
 def test_anything_but_dry_run_is_refused():
