@@ -1,11 +1,12 @@
 """The crash test of the write path on a real Milvus 2.3.5 server, with a writable replica and two readers.
 
-The sample, indexed with the tiny random model into the session's Milvus server, is served by three
-replicas: one writable, two read-only. The writable one takes random upserts, replacements and deletes and
-is killed with SIGKILL at random moments, ``MRL_CRASH_KILLS`` times (6: each restart is about 15 s of the
-suite; the recorded run has 10), restarted each time, while a thread per reader searches it and every search
-must answer 200. At the end every acknowledged write is found (or gone) by its exact text at every dim on
-all three replicas, and the writer counts the acknowledged documents. The one-line figures are printed and,
+The sample, indexed with the tiny random model into the session's Milvus server, is served by a writable
+replica and ``MRL_CRASH_READERS`` read-only ones (1 by default; the recorded run has 2). The writable one takes
+random upserts, replacements and deletes and is killed with SIGKILL at random moments, ``MRL_CRASH_KILLS``
+times (4 by default: each restart is about 15 s of the suite; the recorded run has 10), restarted each time,
+while a thread per reader searches it and every search must answer 200. At the end every acknowledged write
+is found (or gone) by its exact text at every dim on every replica, and the writer counts the acknowledged
+documents. The one-line figures are printed and,
 with ``MRL_CRASH_REPORT=FILE``, appended to that file.
 """
 
@@ -27,8 +28,8 @@ from tests.helpers.servers import ServeProcess
 
 pytestmark = pytest.mark.slow
 
-KILLS = int(os.environ.get("MRL_CRASH_KILLS", "6"))  # each restart loads the writer anew (about 15 s on 2 cores)
-READERS = 2
+KILLS = int(os.environ.get("MRL_CRASH_KILLS", "4"))  # each restart loads the writer anew (about 15 s on 2 cores)
+READERS = int(os.environ.get("MRL_CRASH_READERS", "1"))  # each is a server process started and checked
 SAMPLE_DOCUMENTS = 120
 WRITING_S = (1.5, 4.0)  # a write into Milvus takes about a second: each round lets a few through before the kill
 STALENESS_S = 5.0  # how long the reader may lag the writer (Session consistency across processes)
@@ -95,5 +96,5 @@ def test_kills_of_the_writer_lose_no_acknowledged_write_and_the_readers_never_fa
     searches = ", ".join(f"{len(statuses)} {sorted(set(statuses))}" for statuses in answers)
     report(f"Milvus crash test: {KILLS} kills, {state.sent} writes sent, {state.acknowledged} acknowledged, "
            f"{state.cut} cut off; {where}; reader searches {searches}")  # fmt: skip
-    assert state.acknowledged > 15
+    assert state.acknowledged > 3 * KILLS
     assert all(statuses and set(statuses) == {200} for statuses in answers)

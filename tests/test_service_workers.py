@@ -115,12 +115,12 @@ def test_a_killed_worker_is_replaced_and_the_others_keep_answering(workers: Serv
     assert search(workers).status_code == 200
 
 
-def test_sigterm_stops_every_worker(sample_index: Path, tmp_path: Path):
-    server = ServeProcess(tmp_path / "log", index=sample_index, device="cpu", workers=2).wait_ready()
-    wait_for(lambda: len(worker_pids(server)) == 2)
-    pids = worker_pids(server)
-    assert server.stop() == 0
-    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], server.output()
+def test_sigterm_stops_every_worker(workers: ServeProcess):
+    # The last test of the module's server: it stops it (the fixture's own stop then finds it stopped).
+    wait_for(lambda: len(worker_pids(workers)) == 2)
+    pids = worker_pids(workers)
+    assert workers.stop() == 0
+    assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], workers.output()
 
 
 @pytest.mark.parametrize(
