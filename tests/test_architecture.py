@@ -139,8 +139,20 @@ def test_no_test_module_imports_another():
             names = [alias.name for alias in node.names] if isinstance(node, ast.Import) else []
             if isinstance(node, ast.ImportFrom) and node.module:
                 names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-            wrong += [f"{path.name} imports {name}" for name in names if name.split(".")[:2][-1].startswith("test_")]
+            wrong += [f"{path.name} imports {name}" for name in names if is_test_module(name)]
     assert wrong == []
+
+
+def is_test_module(name: str) -> bool:
+    """``tests.test_x`` (or a sibling's ``test_x``), not a library's own module that happens to be called test_*."""
+    parts = name.split(".")
+    return parts[0].startswith("test_") or (parts[0] == "tests" and len(parts) > 1 and parts[1].startswith("test_"))
+
+
+def test_the_test_module_rule_tells_test_modules_from_libraries_test_utilities():
+    assert is_test_module("tests.test_service") and is_test_module("tests.test_service.helper")
+    assert is_test_module("test_service")
+    assert not is_test_module("aiohttp.test_utils") and not is_test_module("tests.helpers.servers")
 
 
 def test_the_client_package_stands_alone():
