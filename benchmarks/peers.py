@@ -52,6 +52,7 @@ from benchmarks.latency import (
     CellResult,
     LatencyConfig,
     Outcome,
+    ServerVariant,
     read_query_texts,
     server_command,
     server_environment,
@@ -59,6 +60,7 @@ from benchmarks.latency import (
     time_cells,
     timed_get,
     timed_post,
+    wait_for_workers,
 )
 from benchmarks.loadgen import Answer, LoadClient
 from benchmarks.peer_servers import infinity
@@ -120,6 +122,7 @@ class PeersConfig:
     k: int = 10  # hits per latency request
     device: str = "auto"
     encoder_threads: int | None = None  # every server's torch/OpenMP threads (default: the libraries')
+    workers: int | None = None  # ours: `mrl serve --workers N` (default: one process)
     onnx: bool = True  # also measure our server with its ONNX encoder (system "ours-onnx")
     peer_venvs: Path = DEFAULT_PEER_VENVS  # the peers' own virtual environments (infinity's), created on first use
     time_limit_s: float = 1800.0  # no search request after it; later cells are recorded as cut short
@@ -204,6 +207,8 @@ def check_config(config: PeersConfig, manifest: IndexManifest) -> Plan:
         raise ConfigError(f"--max-queries must be positive, got {config.max_queries}")
     if config.encoder_threads is not None and config.encoder_threads <= 0:
         raise ConfigError(f"--encoder-threads must be positive, got {config.encoder_threads}")
+    if config.workers is not None and config.workers <= 0:
+        raise ConfigError(f"--workers must be positive, got {config.workers}")
     if not config.concurrency or min(config.concurrency) < 1:
         raise ConfigError(f"--concurrency must list positive numbers, got {config.concurrency}")
     if config.device not in ("auto", "cpu", "gpu"):
@@ -327,10 +332,11 @@ def serve_ours(config: PeersConfig, manifest: IndexManifest, logs: Path, encoder
         encoder_threads=config.encoder_threads,
     )
     port = free_port()
-    command = server_command(settings, encoder, port)
+    command = server_command(settings, encoder, port, ServerVariant(workers=config.workers))
     build_s = manifest.encode_seconds + sum(entry.build_seconds for entry in manifest.indexes.values())
     details = {
-        "served_by": f"`mrl serve` ({encoder} encoder) over the index",
+        "served_by": f"`mrl serve` ({encoder} encoder) over the index"
+        + (f", {config.workers} worker processes" if config.workers else ""),
         "build_s": round(build_s, 2),
         "build_note": f"from the manifest: corpus encoding, with up to 1000 probe queries, + FAISS builds of all "
         f"{len(manifest.dims)} dims",
@@ -338,6 +344,8 @@ def serve_ours(config: PeersConfig, manifest: IndexManifest, logs: Path, encoder
     }
     log = logs / f"peers-server-ours-{encoder}.log"
     with running_process(command, port, log, config.ready_timeout_s, server_env(config)) as base:
+        if config.workers:
+            wait_for_workers(base, config.workers, config.ready_timeout_s)
         yield Served(base, details)
 
 
@@ -1233,6 +1241,7 @@ def add_peers_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--k", type=int, default=10, help="hits per latency request (default: %(default)s)")
     p.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto", help="every server's device (auto)")
     p.add_argument("--encoder-threads", type=int, default=None, help="every server's torch/OpenMP threads")
+    p.add_argument("--workers", type=int, default=None, help="our servers' processes (mrl serve --workers; default 1)")
     p.add_argument(
         "--no-onnx", dest="onnx", action="store_false", help="skip our server with its ONNX encoder (ours-onnx)"
     )

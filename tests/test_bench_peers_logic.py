@@ -76,6 +76,7 @@ def test_txtai_is_skipped_by_default_but_required_when_named(monkeypatch):
         ({"max_queries": 0}, ValueError, "--max-queries must be positive"),
         ({"build_timeout_s": 0}, ValueError, "--build-timeout must be positive"),
         ({"device": "tpu"}, ValueError, "--device must be auto, cpu or gpu"),
+        ({"workers": 0}, ValueError, "--workers must be positive"),
     ],
 )
 def test_bad_settings_are_one_line_errors(txtai_installed, overrides, error, message):
