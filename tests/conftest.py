@@ -5,9 +5,9 @@ import os
 import re
 from pathlib import Path
 
-# Under pytest-xdist (`make test` runs `-n 2`) each worker gets its share of the cores as BLAS and torch
-# threads, before numpy or torch is imported here or in a subprocess it starts: two workers with two
-# spinning threads each on two cores run slower than one worker alone.
+# Under pytest-xdist (`make test` runs `-n 3`) each worker gets its share of the cores as BLAS and torch
+# threads (at least one), before numpy or torch is imported here or in a subprocess it starts: two workers
+# with two spinning threads each on two cores run slower than one worker alone.
 if "PYTEST_XDIST_WORKER_COUNT" in os.environ:
     from core.machine import usable_cpus
 
@@ -25,7 +25,7 @@ pytest_plugins = ["tests.helpers.milvus"]
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     """Modules with ``slow`` tests first, the rest after, each group in file order.
 
-    ``make test`` hands whole modules to its two workers in collection order
+    ``make test`` hands whole modules to its workers in collection order
     (``--dist loadfile --no-loadscope-reorder``): the long modules start at once and the many
     short ones fill the gaps, instead of a long module starting last and running alone.
     """
