@@ -3,7 +3,7 @@
 The sample, indexed with the tiny random model into the session's Milvus server, is served by a writable
 replica and ``MRL_CRASH_READERS`` read-only ones (1 by default; the recorded run has 2). The writable one takes
 random upserts, replacements and deletes and is killed with SIGKILL at random moments, ``MRL_CRASH_KILLS``
-times (4 by default: each restart is about 15 s of the suite; the recorded run has 10), restarted each time,
+times (2 by default: each restart is about 15 s of the suite; the recorded run has 10), restarted each time,
 while a thread per reader searches it and every search must answer 200. At the end every acknowledged write
 is found (or gone) by its exact text at every dim on every replica, and the writer counts the acknowledged
 documents. The one-line figures are printed and,
@@ -28,7 +28,7 @@ from tests.helpers.servers import ServeProcess
 
 pytestmark = pytest.mark.slow
 
-KILLS = int(os.environ.get("MRL_CRASH_KILLS", "4"))  # each restart loads the writer anew (about 15 s on 2 cores)
+KILLS = int(os.environ.get("MRL_CRASH_KILLS", "2"))  # each restart loads the writer anew (about 15 s on 2 cores)
 READERS = int(os.environ.get("MRL_CRASH_READERS", "1"))  # each is a server process started and checked
 SAMPLE_DOCUMENTS = 120
 WRITING_S = (1.5, 4.0)  # a write into Milvus takes about a second: each round lets a few through before the kill
