@@ -40,6 +40,15 @@ def test_steps_says_which_steps_run(tmp_path: Path):
     assert ran == ["latency", "workers"]
 
 
+def test_a_command_mrl_would_refuse_fails_the_dry_run(tmp_path: Path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "STEPS": "latency", "DIMS": "sixty-four"}
+    done = subprocess.run(
+        ["bash", "scripts/gpu-check.sh", "--dry-run"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 2 and "--dims" in done.stderr, done.stdout + done.stderr
+    assert "gpu-check: done" not in done.stdout
+
+
 def test_anything_but_dry_run_is_refused():
     done = subprocess.run(["bash", "scripts/gpu-check.sh", "--cpu"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 2 and "usage" in done.stderr
