@@ -321,6 +321,11 @@ def server_env(config: PeersConfig) -> dict[str, str]:
     return env
 
 
+def our_command(config: PeersConfig, settings: LatencyConfig, encoder: str, port: int) -> list[str]:
+    """``mrl serve`` as ``mrl bench latency`` starts it, with ``config.workers`` worker processes if set."""
+    return server_command(settings, encoder, port, ServerVariant(workers=config.workers))
+
+
 @contextmanager
 def serve_ours(config: PeersConfig, manifest: IndexManifest, logs: Path, encoder: str = "torch") -> Iterator[Served]:
     """``mrl serve`` over the index (``encoder``: torch or onnx); its build time comes from the manifest."""
@@ -332,7 +337,7 @@ def serve_ours(config: PeersConfig, manifest: IndexManifest, logs: Path, encoder
         encoder_threads=config.encoder_threads,
     )
     port = free_port()
-    command = server_command(settings, encoder, port, ServerVariant(workers=config.workers))
+    command = our_command(config, settings, encoder, port)
     build_s = manifest.encode_seconds + sum(entry.build_seconds for entry in manifest.indexes.values())
     details = {
         "served_by": f"`mrl serve` ({encoder} encoder) over the index"

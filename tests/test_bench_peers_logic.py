@@ -15,7 +15,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from benchmarks import peers
-from benchmarks.latency import CellResult, Outcome
+from benchmarks.latency import CellResult, LatencyConfig, Outcome
 from benchmarks.loadgen import LoadClient
 from benchmarks.peer_servers import infinity
 from benchmarks.peers import (
@@ -82,6 +82,13 @@ def test_txtai_is_skipped_by_default_but_required_when_named(monkeypatch):
 def test_bad_settings_are_one_line_errors(txtai_installed, overrides, error, message):
     with pytest.raises(error, match=message):
         check_config(config(**overrides), MANIFEST)
+
+
+def test_workers_start_ours_as_that_many_processes():
+    settings = LatencyConfig(index=Path("idx"), queries=Path("q"), device="cpu")
+    command = peers.our_command(config(workers=2), settings, "onnx", 8000)
+    assert command[command.index("--workers") + 1] == "2" and command[command.index("--encoder") + 1] == "onnx"
+    assert "--workers" not in peers.our_command(config(), settings, "torch", 8000)
 
 
 def test_each_server_answer_shape_gives_ids_best_first():
