@@ -41,7 +41,7 @@ from index.milvus_store import (
 )
 from index.search import staged_search
 from tests.conftest import REPO, KeywordEncoder
-from tests.helpers.service import DIMS, FINGERPRINT, MODEL_NAME, VOCABULARY, keyword_model, write_data
+from tests.helpers.service import DIMS, FINGERPRINT, MODEL_NAME, VOCABULARY, keyword_model
 
 pytestmark = pytest.mark.slow  # a build into Milvus per test
 
@@ -105,11 +105,6 @@ def uri(request) -> str:
     return request.getfixturevalue("milvus_lite_uri" if request.param == "lite" else "milvus_server_uri")
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_data(tmp_path_factory.mktemp("data"))
-
-
 @contextmanager
 def keyword_index(uri: str, data: Path, tmp: Path) -> Iterator[tuple[MilvusIndexStore, str]]:
     """A fresh index of the nine keyword documents: ``(its store, its version)``; dropped afterwards."""
@@ -131,15 +126,15 @@ def keyword_index(uri: str, data: Path, tmp: Path) -> Iterator[tuple[MilvusIndex
 
 
 @pytest.fixture
-def built(uri, data, tmp_path) -> Iterator[tuple[MilvusIndexStore, str]]:
-    with keyword_index(uri, data, tmp_path) as index:
+def built(uri, keyword_data, tmp_path) -> Iterator[tuple[MilvusIndexStore, str]]:
+    with keyword_index(uri, keyword_data, tmp_path) as index:
         yield index
 
 
 @pytest.fixture
-def on_server(milvus_server_uri, data, tmp_path) -> Iterator[tuple[MilvusIndexStore, str]]:
+def on_server(milvus_server_uri, keyword_data, tmp_path) -> Iterator[tuple[MilvusIndexStore, str]]:
     """The same on the real server: a second process cannot open a Milvus Lite file the first one serves."""
-    with keyword_index(milvus_server_uri, data, tmp_path) as index:
+    with keyword_index(milvus_server_uri, keyword_data, tmp_path) as index:
         yield index
 
 

@@ -24,23 +24,9 @@ from index.milvus_store import BUILDING, LIVE, MilvusIndexStore, version_tag
 from index.search import staged_search
 from tests.conftest import SAMPLE, KeywordEncoder
 from tests.helpers.milvus import assert_same_hits_as_faiss
-from tests.helpers.service import DIMS, FINGERPRINT, MODEL_NAME, VOCABULARY, keyword_model, write_data
+from tests.helpers.service import DIMS, FINGERPRINT, MODEL_NAME, VOCABULARY, keyword_model
 
 pytestmark = pytest.mark.slow  # Milvus Lite: an engine per module, builds of several collections
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_data(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def backend(milvus_lite_uri):
-    from index.milvus import MilvusBackend
-
-    backend = MilvusBackend(milvus_lite_uri)
-    yield backend
-    backend.close()
 
 
 def keyword_build(data: Path, uri: str, name: str, tmp: Path, **overrides):
@@ -59,13 +45,13 @@ def collections_of(backend, name: str) -> set[str]:
     return {c for c in backend.all_collections() if c.startswith(f"{name}_v")}
 
 
-def test_a_build_goes_live_with_every_dim_and_its_documents(data, milvus_lite_uri, backend, tmp_path):
-    location, manifest = keyword_build(data, milvus_lite_uri, "live", tmp_path)
-    store = store_for(backend, "live")
+def test_a_build_goes_live_with_every_dim_and_its_documents(keyword_data, milvus_lite_uri, lite_backend, tmp_path):
+    location, manifest = keyword_build(keyword_data, milvus_lite_uri, "live", tmp_path)
+    store = store_for(lite_backend, "live")
     assert location == f"milvus-lite://{milvus_lite_uri}/live (version {manifest.version})"  # no made-up path
     assert store.current() == manifest.version
     assert store.versions() == {manifest.version: LIVE}
-    assert collections_of(backend, "live") == {
+    assert collections_of(lite_backend, "live") == {
         store.docs_collection(manifest.version),
         *(store.dim_collection(manifest.version, dim) for dim in DIMS),
     }
@@ -89,12 +75,12 @@ def test_a_build_goes_live_with_every_dim_and_its_documents(data, milvus_lite_ur
     assert not store._scan("lease/")  # closed: its lease is gone
 
 
-def test_a_version_in_milvus_is_searched_through_its_filter(data, milvus_lite_uri, backend, tmp_path):
+def test_a_version_in_milvus_is_searched_through_its_filter(keyword_data, milvus_lite_uri, lite_backend, tmp_path):
     """The manifest records the metadata's fields; every dim's collection carries each row's metadata, and Milvus
     searches only the rows a filter allows (a row without the field matches $nin)."""
-    _, manifest = keyword_build(data, milvus_lite_uri, "filtered", tmp_path)
+    _, manifest = keyword_build(keyword_data, milvus_lite_uri, "filtered", tmp_path)
     assert manifest.metadata_fields == {"topic": "string"}
-    loaded = store_for(backend, "filtered").open(manifest.version)
+    loaded = store_for(lite_backend, "filtered").open(manifest.version)
     try:
         assert loaded.metadata is None and loaded.metadata_fields == {"topic": "string"}
         where = loaded.search_filter({"topic": {"$nin": ["fever", "rash"]}})
@@ -111,14 +97,14 @@ def test_a_version_in_milvus_is_searched_through_its_filter(data, milvus_lite_ur
         loaded.close()
 
 
-def test_long_documents_are_stored_in_parts_and_read_back_whole(data, milvus_lite_uri, backend, tmp_path):
+def test_long_documents_are_stored_in_parts_and_read_back_whole(keyword_data, milvus_lite_uri, lite_backend, tmp_path):
     from tests.conftest import write_beir
 
     text = "é" * 40_000 + " the end"  # over 65,535 bytes: more than one VARCHAR
     corpus = [{"_id": "long", "title": "t", "text": text, "metadata": {"kind": "x"}}]
     long = write_beir(tmp_path / "long", corpus, [{"_id": "q", "text": "fever"}], {})
     _, manifest = keyword_build(long, milvus_lite_uri, "long", tmp_path, dims=[4, 2])
-    loaded = store_for(backend, "long").open(manifest.version)
+    loaded = store_for(lite_backend, "long").open(manifest.version)
     try:
         [document] = loaded.store.get([0])
         assert (document.id, document.text, document.metadata) == ("long", text, {"kind": "x"})
@@ -127,7 +113,7 @@ def test_long_documents_are_stored_in_parts_and_read_back_whole(data, milvus_lit
         loaded.close()
 
 
-def test_passages_come_back_from_milvus_with_their_document_and_span(milvus_lite_uri, backend, tmp_path):
+def test_passages_come_back_from_milvus_with_their_document_and_span(milvus_lite_uri, lite_backend, tmp_path):
     """A long document is split into passages at build time; every hit read back from Milvus names its
     document and its character span, and the span cut from the document is the passage's text."""
     from tests.conftest import write_beir
@@ -142,7 +128,7 @@ def test_passages_come_back_from_milvus_with_their_document_and_span(milvus_lite
     documents = [*corpus(), {"_id": "long", "title": "The long leaflet", "text": text, "metadata": {"topic": "x"}}]
     data = write_beir(tmp_path / "data", documents, [{"_id": "q", "text": "fever"}], {})
     _, manifest = keyword_build(data, milvus_lite_uri, "passages", tmp_path)
-    loaded = store_for(backend, "passages").open(manifest.version)
+    loaded = store_for(lite_backend, "passages").open(manifest.version)
     try:
         query = KeywordEncoder(VOCABULARY).encode_queries(["fever"])
         low, high = min(DIMS), max(DIMS)
@@ -164,27 +150,27 @@ def test_passages_come_back_from_milvus_with_their_document_and_span(milvus_lite
         loaded.close()
 
 
-def test_old_versions_are_pruned_but_never_a_leased_one(data, milvus_lite_uri, backend, tmp_path):
-    _, first = keyword_build(data, milvus_lite_uri, "pruned", tmp_path, keep_versions=1)
-    store = store_for(backend, "pruned")
+def test_old_versions_are_pruned_but_never_a_leased_one(keyword_data, milvus_lite_uri, lite_backend, tmp_path):
+    _, first = keyword_build(keyword_data, milvus_lite_uri, "pruned", tmp_path, keep_versions=1)
+    store = store_for(lite_backend, "pruned")
     held = store.open(first.version)  # a server that has not reloaded yet
-    _, second = keyword_build(data, milvus_lite_uri, "pruned", tmp_path, keep_versions=1)
+    _, second = keyword_build(keyword_data, milvus_lite_uri, "pruned", tmp_path, keep_versions=1)
     assert store.current() == second.version
     assert set(store.versions()) == {first.version, second.version}  # kept: leased
     assert store.held_versions() == {first.version}
     query = KeywordEncoder(VOCABULARY).encode_queries(["what helps with fever"])
     assert held.indexes[4].search(query[:, :4], 1)[1].shape == (1, 1)  # still searchable
     held.close()
-    _, third = keyword_build(data, milvus_lite_uri, "pruned", tmp_path, keep_versions=1)
+    _, third = keyword_build(keyword_data, milvus_lite_uri, "pruned", tmp_path, keep_versions=1)
     assert store.versions() == {third.version: LIVE}
     gone = (version_tag(first.version), version_tag(second.version))
-    assert not any(tag in c for tag in gone for c in backend.all_collections())
+    assert not any(tag in c for tag in gone for c in lite_backend.all_collections())
     assert not store._scan(f"manifest/{first.version}/")
 
 
-def test_a_half_built_version_is_refused_and_never_goes_live(data, milvus_lite_uri, backend, tmp_path):
-    _, live = keyword_build(data, milvus_lite_uri, "half", tmp_path)
-    store = store_for(backend, "half")
+def test_a_half_built_version_is_refused_and_never_goes_live(keyword_data, milvus_lite_uri, lite_backend, tmp_path):
+    _, live = keyword_build(keyword_data, milvus_lite_uri, "half", tmp_path)
+    store = store_for(lite_backend, "half")
     writer = store.begin("20991231T000000000000Z-beef")
     writer.write_corpus([], np.zeros((0, 8), np.float32), np.zeros((0, 8), np.float32))
     assert store.versions()[writer.version] == BUILDING
@@ -193,7 +179,7 @@ def test_a_half_built_version_is_refused_and_never_goes_live(data, milvus_lite_u
         store.manifest(writer.version)
     writer.abort()
     assert writer.version not in store.versions()
-    assert not any(version_tag(writer.version) in c for c in backend.all_collections())
+    assert not any(version_tag(writer.version) in c for c in lite_backend.all_collections())
 
 
 def dead_pid() -> int:
@@ -202,12 +188,12 @@ def dead_pid() -> int:
     return process.pid
 
 
-def test_a_later_build_removes_what_a_killed_build_left(data, milvus_lite_uri, backend, tmp_path):
+def test_a_later_build_removes_what_a_killed_build_left(keyword_data, milvus_lite_uri, lite_backend, tmp_path):
     import json
     import socket
 
-    _, live = keyword_build(data, milvus_lite_uri, "killed", tmp_path)
-    store = store_for(backend, "killed")
+    _, live = keyword_build(keyword_data, milvus_lite_uri, "killed", tmp_path)
+    store = store_for(lite_backend, "killed")
     writer = store.begin("20991231T000000000000Z-dead")
     writer.write_corpus([], np.zeros((0, 8), np.float32), np.zeros((0, 8), np.float32))
     writer._sealer.shutdown(wait=True)
@@ -216,26 +202,26 @@ def test_a_later_build_removes_what_a_killed_build_left(data, milvus_lite_uri, b
         {f"version/{writer.version}": json.dumps({**writer.record, "holder": f"{socket.gethostname()}~{dead_pid()}~x"})}
     )
     orphan = f"killed_{version_tag('20991231T000000000001Z-dead')}_d4"  # created, then killed before its record
-    backend.build(np.eye(4, dtype=np.float32), build_module.IndexPlan("Flat"), collection=orphan)
-    assert writer.version in store.versions() and orphan in backend.all_collections()
-    _, after = keyword_build(data, milvus_lite_uri, "killed", tmp_path)
+    lite_backend.build(np.eye(4, dtype=np.float32), build_module.IndexPlan("Flat"), collection=orphan)
+    assert writer.version in store.versions() and orphan in lite_backend.all_collections()
+    _, after = keyword_build(keyword_data, milvus_lite_uri, "killed", tmp_path)
     assert set(store.versions()) == {live.version, after.version}
-    assert orphan not in backend.all_collections()
-    assert not any(version_tag(writer.version) in c for c in backend.all_collections())
+    assert orphan not in lite_backend.all_collections()
+    assert not any(version_tag(writer.version) in c for c in lite_backend.all_collections())
 
 
-def test_another_index_whose_name_starts_the_same_is_left_alone(data, milvus_lite_uri, backend, tmp_path):
-    _, other = keyword_build(data, milvus_lite_uri, "same_v2", tmp_path)
-    keyword_build(data, milvus_lite_uri, "same", tmp_path)
-    assert store_for(backend, "same_v2").current() == other.version
-    store_for(backend, "same_v2").open(other.version).close()
+def test_another_index_whose_name_starts_the_same_is_left_alone(keyword_data, milvus_lite_uri, lite_backend, tmp_path):
+    _, other = keyword_build(keyword_data, milvus_lite_uri, "same_v2", tmp_path)
+    keyword_build(keyword_data, milvus_lite_uri, "same", tmp_path)
+    assert store_for(lite_backend, "same_v2").current() == other.version
+    store_for(lite_backend, "same_v2").open(other.version).close()
 
 
-def test_refusals_name_what_is_wrong(data, milvus_lite_uri, backend, tmp_path):
-    _, manifest = keyword_build(data, milvus_lite_uri, "refused", tmp_path)
-    store = store_for(backend, "refused")
+def test_refusals_name_what_is_wrong(keyword_data, milvus_lite_uri, lite_backend, tmp_path):
+    _, manifest = keyword_build(keyword_data, milvus_lite_uri, "refused", tmp_path)
+    store = store_for(lite_backend, "refused")
     with pytest.raises(IndexFolderError, match=r"index 'nothing' at .*: index not found"):
-        store_for(backend, "nothing").current()
+        store_for(lite_backend, "nothing").current()
     with pytest.raises(IndexFolderError, match=r"built with model .*not the model being served"):
         store.open(manifest.version, expected_fingerprint="sha256:" + "0" * 64)
     with pytest.raises(IndexFolderError, match=r"no index for dims \[3\]"):
@@ -243,30 +229,34 @@ def test_refusals_name_what_is_wrong(data, milvus_lite_uri, backend, tmp_path):
     with pytest.raises(IndexFolderError, match=r"version '2000' not found"):
         store.manifest("2000")
     missing = store.dim_collection(manifest.version, 4)
-    backend.drop(missing)
+    lite_backend.drop(missing)
     with pytest.raises(IndexFolderError, match=rf"incomplete: collections \['{missing}'\] missing"):
         store.open(manifest.version)
     assert not store._scan("lease/")  # a refused open leaves no lease behind
     with pytest.raises(ConfigError, match="collection name"):
-        store_for(backend, "no-dashes")
+        store_for(lite_backend, "no-dashes")
 
 
-def test_build_options_that_name_no_place_are_refused(data):
+def test_build_options_that_name_no_place_are_refused(keyword_data):
     with pytest.raises(ConfigError, match="--backend milvus needs --milvus-uri"):
-        build_index(BuildConfig(data=data, backend="milvus", index_name="x"))
+        build_index(BuildConfig(data=keyword_data, backend="milvus", index_name="x"))
     with pytest.raises(ConfigError, match="--index is required: a folder"):
-        build_index(BuildConfig(data=data))
+        build_index(BuildConfig(data=keyword_data))
     with pytest.raises(ConfigError, match="name the index once"):
-        build_index(BuildConfig(data=data, output=Path("x"), backend="milvus", milvus_uri="a.db", index_name="x"))
+        build_index(
+            BuildConfig(data=keyword_data, output=Path("x"), backend="milvus", milvus_uri="a.db", index_name="x")
+        )
     with pytest.raises(ConfigError, match="name the index once"):
-        build_index(BuildConfig(data=data, index="x", output=Path("x")))
+        build_index(BuildConfig(data=keyword_data, index="x", output=Path("x")))
 
 
 # --- the real model: the same hits as FAISS ----------------------------------------------------
 
 
-def test_the_sample_gives_the_same_top_10_as_faiss_at_every_dim(milvus_lite_uri, backend, encode_cache, sample_index):
+def test_the_sample_gives_the_same_top_10_as_faiss_at_every_dim(
+    milvus_lite_uri, lite_backend, encode_cache, sample_index
+):
     milvus = {"backend": "milvus", "milvus_uri": milvus_lite_uri, "index_name": "sample", "cache_dir": encode_cache}
     config = BuildConfig(data=SAMPLE, progress=False, **milvus)
     _, manifest = build_index(config)
-    assert_same_hits_as_faiss(store_for(backend, "sample"), manifest.version, sample_index)
+    assert_same_hits_as_faiss(store_for(lite_backend, "sample"), manifest.version, sample_index)

@@ -31,20 +31,6 @@ from tests.helpers.service import DIMS, MODEL_NAME, keyword_model, write_data
 pytestmark = pytest.mark.slow  # Milvus Lite: an engine per module, builds of several collections
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    return write_data(tmp_path_factory.mktemp("data"))
-
-
-@pytest.fixture(scope="module")
-def backend(milvus_lite_uri):
-    from index.milvus import MilvusBackend
-
-    backend = MilvusBackend(milvus_lite_uri)
-    yield backend
-    backend.close()
-
-
 def locator_of(uri: str, name: str):
     return parse_locator(f"milvus-lite://{uri}/{name}")
 
@@ -109,13 +95,13 @@ def during_the_first_encoding(monkeypatch: pytest.MonkeyPatch):
 
 @pytest.mark.parametrize("other", ["add", "build"])
 def test_an_add_is_refused_when_another_writer_published_meanwhile(
-    data, milvus_lite_uri, backend, tmp_path, capsys, during_the_first_encoding, other
+    keyword_data, milvus_lite_uri, lite_backend, tmp_path, capsys, during_the_first_encoding, other
 ):
     """Add A reads ``current``; while it encodes, another add (or a build) publishes. A must not publish its
     version (it would hide the other's documents) nor say it added anything: one line, exit code 2."""
     name = f"cas_{other}"
-    _, first = keyword_build(data, milvus_lite_uri, name, tmp_path)
-    store = MilvusIndexStore(backend, name)
+    _, first = keyword_build(keyword_data, milvus_lite_uri, name, tmp_path)
+    store = MilvusIndexStore(lite_backend, name)
     before = live_ids(store)
     published: list[str] = []
 
@@ -145,10 +131,10 @@ def test_an_add_is_refused_when_another_writer_published_meanwhile(
     assert set(store.versions()) == {first.version, published[0]}
 
 
-def test_two_adds_one_after_the_other_both_land(data, milvus_lite_uri, backend, tmp_path):
+def test_two_adds_one_after_the_other_both_land(keyword_data, milvus_lite_uri, lite_backend, tmp_path):
     """The check is on the version an add started from: adds in turn each append to the one before."""
-    _, first = keyword_build(data, milvus_lite_uri, "in_turn", tmp_path)
-    store = MilvusIndexStore(backend, "in_turn")
+    _, first = keyword_build(keyword_data, milvus_lite_uri, "in_turn", tmp_path)
+    store = MilvusIndexStore(lite_backend, "in_turn")
     before = live_ids(store)
     keyword_add(milvus_lite_uri, "in_turn", ["a1"], tmp_path)
     keyword_add(milvus_lite_uri, "in_turn", ["b1"], tmp_path)
@@ -171,12 +157,12 @@ class Waiting(logging.Handler):
 
 
 def test_a_prune_never_drops_the_version_another_writer_is_making_current(
-    data, milvus_lite_uri, backend, tmp_path, monkeypatch, caplog
+    keyword_data, milvus_lite_uri, lite_backend, tmp_path, monkeypatch, caplog
 ):
     """Build A marks its version live and pauses before it writes ``current``; build B publishes with keep=1
     meanwhile. Without turns B's prune drops A's version and A then points ``current`` at nothing."""
     name = "interleaved"
-    keyword_build(data, milvus_lite_uri, name, tmp_path, keep=1)
+    keyword_build(keyword_data, milvus_lite_uri, name, tmp_path, keep=1)
     a_marked, a_may_go_on = threading.Event(), threading.Event()
     real_put = MilvusIndexStore._put
 
@@ -220,18 +206,20 @@ def test_a_prune_never_drops_the_version_another_writer_is_making_current(
         stack.close()
         logging.getLogger("index.milvus_store").removeHandler(waiting)
     assert not errors
-    store = MilvusIndexStore(backend, name)
+    store = MilvusIndexStore(lite_backend, name)
     current = store.current()
     assert store.versions().get(current) == LIVE, f"current names {current}, which is gone: {store.versions()}"
     assert live_ids(store) >= {"n0"}
-    assert collections_of(backend, name, current)
+    assert collections_of(lite_backend, name, current)
 
 
-def test_a_prune_on_its_own_waits_for_a_publisher_and_keeps_current(data, milvus_lite_uri, backend, tmp_path):
+def test_a_prune_on_its_own_waits_for_a_publisher_and_keeps_current(
+    keyword_data, milvus_lite_uri, lite_backend, tmp_path
+):
     name = "pruned_alone"
-    _, first = keyword_build(data, milvus_lite_uri, name, tmp_path)
-    _, second = keyword_build(data, milvus_lite_uri, name, tmp_path)
-    publisher, pruner = MilvusIndexStore(backend, name), MilvusIndexStore(backend, name)
+    _, first = keyword_build(keyword_data, milvus_lite_uri, name, tmp_path)
+    _, second = keyword_build(keyword_data, milvus_lite_uri, name, tmp_path)
+    publisher, pruner = MilvusIndexStore(lite_backend, name), MilvusIndexStore(lite_backend, name)
     dropped: list[list[str]] = []
     with publisher.publishing():
         thread = threading.Thread(target=lambda: dropped.append(pruner.prune(1)))
@@ -249,11 +237,11 @@ def dead_pid() -> int:
     return process.pid
 
 
-def test_a_killed_publishers_turn_is_taken_over(data, milvus_lite_uri, backend, tmp_path):
+def test_a_killed_publishers_turn_is_taken_over(keyword_data, milvus_lite_uri, lite_backend, tmp_path):
     """A ``publishing/`` record whose process is gone does not hold anyone up, and is removed."""
     name = "killed_turn"
-    keyword_build(data, milvus_lite_uri, name, tmp_path)
-    store = MilvusIndexStore(backend, name)
+    keyword_build(keyword_data, milvus_lite_uri, name, tmp_path)
+    store = MilvusIndexStore(lite_backend, name)
     dead = WriterRecord(f"{socket.gethostname()}~{dead_pid()}~dead", "-", "publisher", 0.0)
     store._put({f"publishing/{dead.holder}": dead.to_json()})
     keyword_add(milvus_lite_uri, name, ["a1"], tmp_path)

@@ -79,6 +79,24 @@ def milvus_lite_uri(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     server_manager_instance.release_server(uri)
 
 
+@pytest.fixture(scope="module")
+def lite_backend(milvus_lite_uri: str):
+    """A :class:`~index.milvus.MilvusBackend` on the module's Milvus Lite database; closed afterwards."""
+    from index.milvus import MilvusBackend
+
+    backend = MilvusBackend(milvus_lite_uri)
+    yield backend
+    backend.close()
+
+
+@pytest.fixture(scope="module")
+def keyword_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The nine keyword documents (``tests.helpers.service.write_data``) in a BEIR folder, once per module."""
+    from tests.helpers.service import write_data
+
+    return write_data(tmp_path_factory.mktemp("data"))
+
+
 def assert_same_hits_as_faiss(
     store: MilvusIndexStore, version: str, faiss_index: Path, filters: list[dict] | None = None
 ) -> None:
