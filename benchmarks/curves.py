@@ -23,6 +23,7 @@ import json
 import logging
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -49,6 +50,9 @@ class CurvesConfig:
     max_docs: int = 4000
     seed: int = 0
     adaptor_steps: int = 600
+    # extra adaptor rows on the base model's vectors, one per (similarity, reconstruction) weight pair: the
+    # regularisation study (mrl adapt's default is 1:1, the plain "adaptor" row)
+    regularisation: list[tuple[float, float]] = field(default_factory=list)
     cache: Path | None = None
     out: Path = Path("runs/bench/curves")
     progress: bool = True
@@ -141,14 +145,17 @@ def score_views(weight: np.ndarray | None, encoded: Encoded, sample: dict[str, A
     return views
 
 
-def fit_adaptor_row(encoded: Encoded, sample: dict[str, Any], size: int, config: CurvesConfig) -> dict[str, Any]:
-    """``mrl adapt``'s default fit on the first ``size`` questions; its choice and its test scores."""
+def fit_adaptor_row(encoded: Encoded, sample: dict[str, Any], size: int, config: CurvesConfig,
+                    weights: tuple[float, float] = (1.0, 1.0)) -> dict[str, Any]:  # fmt: skip
+    """``mrl adapt``'s default fit on the first ``size`` questions (``weights``: its similarity and reconstruction
+    terms' weights); its choice and its test scores."""
     from training.adapt import AUTO_FOLDS, CROSS_VALIDATE_BELOW
     from training.adaptor import AdaptorConfig, fit_adaptor
     from training.validation import VALIDATION_SPLIT, split_validation
 
     questions = sample["order"][:size]
-    fit_config = AdaptorConfig(dims=encoded.dims, steps=config.adaptor_steps)
+    fit_config = AdaptorConfig(dims=encoded.dims, steps=config.adaptor_steps, similarity_weight=weights[0],
+                               reconstruction_weight=weights[1])  # fmt: skip
     started = time.perf_counter()
     if size < CROSS_VALIDATE_BELOW:
         fit = fit_adaptor(encoded.docs, encoded.judged(sample["train"], questions), None,
@@ -190,6 +197,10 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
         fitted = fit_adaptor_row(base, sample, size, config)
         rows.append({"recipe": "adaptor", "questions": size, **_public(fitted),
                      "scores": score_views(fitted["weight"], base, sample)})  # fmt: skip
+        for weights in config.regularisation:
+            fitted = fit_adaptor_row(base, sample, size, config, weights)
+            rows.append({"recipe": regularised_recipe(weights), "questions": size, **_public(fitted),
+                         "scores": score_views(fitted["weight"], base, sample)})  # fmt: skip
         if size > config.max_finetune:
             continue
         tuned_path = finetune(write_training_folder(dataset, sample, size, work / f"train-{size}"),
@@ -211,18 +222,49 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
     }
 
 
+def regularised_recipe(weights: tuple[float, float]) -> str:
+    return f"adaptor, similarity {weights[0]:g}, reconstruction {weights[1]:g}"
+
+
+def regularisation_argument(text: str) -> list[tuple[float, float]]:
+    """argparse type for ``--regularisation 0:0,4:4``: comma-separated similarity:reconstruction weight pairs."""
+    pairs = []
+    for part in (p.strip() for p in text.split(",") if p.strip()):
+        try:
+            similarity, reconstruction = (float(v) for v in part.split(":"))
+        except ValueError:
+            message = f"expected SIMILARITY:RECONSTRUCTION weight pairs such as 0:0,4:4, got {part!r}"
+            raise argparse.ArgumentTypeError(message) from None
+        if similarity < 0 or reconstruction < 0:
+            raise argparse.ArgumentTypeError(f"weights must be zero or more, got {part!r}")
+        pairs.append((similarity, reconstruction))
+    return pairs
+
+
 def _public(fitted: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in fitted.items() if key != "weight"}
 
 
-def run_curves(config: CurvesConfig) -> dict[str, Any]:
+def run_curves(config: CurvesConfig, after_each: Callable[[dict[str, Any]], object] | None = None) -> dict[str, Any]:
+    """The report over every dataset; ``after_each`` gets the report so far after each dataset (hours of CPU work
+    are not lost to a late failure)."""
     started = time.perf_counter()
-    datasets = [measure_dataset(folder, config) for folder in config.data]
+    datasets: list[dict[str, Any]] = []
+    report: dict[str, Any] = {}
+    for folder in config.data:
+        datasets.append(measure_dataset(folder, config))
+        report = _report(config, datasets, time.perf_counter() - started)
+        if after_each is not None:
+            after_each(report)
+    return report
+
+
+def _report(config: CurvesConfig, datasets: list[dict[str, Any]], seconds: float) -> dict[str, Any]:
     return {
         "benchmark": "curves",
         "at": utc_now(),
         "machine": machine_info(),
-        "seconds": round(time.perf_counter() - started, 1),
+        "seconds": round(seconds, 1),
         "config": {
             "sizes": config.sizes,
             "max_finetune": config.max_finetune,
@@ -231,6 +273,7 @@ def run_curves(config: CurvesConfig) -> dict[str, Any]:
             "max_docs": config.max_docs,
             "seed": config.seed,
             "adaptor_steps": config.adaptor_steps,
+            "regularisation": [list(w) for w in config.regularisation],
         },  # fmt: skip
         "datasets": datasets,
     }
@@ -341,6 +384,9 @@ def add_curves_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--max-test-queries", type=int, default=300, help="test questions per view (default: 300)")
     p.add_argument("--max-docs", type=int, default=4000, help="corpus sample size (default: 4000)")
     p.add_argument("--adaptor-steps", type=int, default=600, help="most adaptor steps (default: 600)")
+    p.add_argument("--regularisation", type=regularisation_argument, default=[], metavar="S:R,...",
+                   help="also fit the adaptor with these similarity:reconstruction term weights at each size, on the "
+                   "base model's vectors (the regularisation study; mrl adapt's default is 1:1)")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=None, help="encoding cache (default: OUT/cache)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
@@ -353,9 +399,13 @@ def run_curves_command(args: argparse.Namespace) -> int:
 
     check_positive(args, ("max_test_queries", "max_docs", "adaptor_steps", "epochs"))
     config = CurvesConfig(**config_fields(args))
-    report = run_curves(config)
-    paths = write_report(report, config.out, "curves", curves_markdown)
-    paths.append(plot_curves(report, config.out / "curves.png"))
+    paths: list[Path] = []
+
+    def write(report: dict[str, Any]) -> None:  # after each dataset
+        paths[:] = [*write_report(report, config.out, "curves", curves_markdown),
+                    plot_curves(report, config.out / "curves.png")]  # fmt: skip
+
+    report = run_curves(config, after_each=write)
     print(curves_markdown(report), end="")
     print("wrote " + ", ".join(str(path) for path in paths))
     return 0

@@ -2,14 +2,26 @@
 
 Checked: one sample for every row (the clean and shared test views split by training positives), the
 adaptor, fine-tuning and both at each size, each row's scores at every dim, the never-worse mark, the
-report and the plot.
+report and the plot; the regularisation study's extra adaptor rows; the report written after each dataset.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
-from benchmarks.curves import CurvesConfig, curves_markdown, draw_sample, never_worse, plot_curves, run_curves
+import pytest
+
+from benchmarks.curves import (
+    CurvesConfig,
+    curves_markdown,
+    draw_sample,
+    never_worse,
+    plot_curves,
+    regularised_recipe,
+    run_curves,
+)
+from mrl.cli import main
 from core.data import load_beir, shared_positives
 from tests.conftest import SAMPLE
 from tests.helpers.models import TINY_DIMS
@@ -28,12 +40,19 @@ def test_the_sample_splits_test_questions_by_shared_training_positives():
 
 def test_curves_on_the_sample_with_the_tiny_model(tmp_path: Path, tiny_model: Path):
     config = CurvesConfig([SAMPLE], model=str(tiny_model), sizes=[12, 24], max_finetune=12, epochs=1,
-                          max_test_queries=40, max_docs=80, adaptor_steps=20, out=tmp_path, progress=False)  # fmt: skip
-    report = run_curves(config)
+                          max_test_queries=40, max_docs=80, adaptor_steps=20, out=tmp_path, progress=False,
+                          regularisation=[(0.0, 0.0)])  # fmt: skip
+    written = []
+    report = run_curves(config, after_each=written.append)
+    assert written == [report]  # after each dataset (here one)
     [data] = report["datasets"]
     assert data["dims"] == TINY_DIMS and data["documents"] == 80
     recipes = [(row["recipe"], row["questions"]) for row in data["rows"]]
-    assert recipes == [("base", 0), ("adaptor", 12), ("fine-tune", 12), ("fine-tune + adaptor", 12), ("adaptor", 24)]
+    unregularised = regularised_recipe((0.0, 0.0))
+    assert unregularised == "adaptor, similarity 0, reconstruction 0"
+    assert recipes == [("base", 0), ("adaptor", 12), (unregularised, 12), ("fine-tune", 12),
+                       ("fine-tune + adaptor", 12), ("adaptor", 24), (unregularised, 24)]  # fmt: skip
+    assert report["config"]["regularisation"] == [[0.0, 0.0]]
     base = data["rows"][0]
     for row in data["rows"]:
         for view, scores in row["scores"].items():
@@ -44,3 +63,28 @@ def test_curves_on_the_sample_with_the_tiny_model(tmp_path: Path, tiny_model: Pa
     table = curves_markdown(report)
     assert table.startswith("# Learning curves") and "| adaptor" in table and "| fine-tune | 12 |" in table
     assert plot_curves(report, tmp_path / "curves.png").stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [("4", "expected SIMILARITY:RECONSTRUCTION weight pairs such as 0:0,4:4, got '4'"),
+     ("1:-1", "weights must be zero or more, got '1:-1'")],
+)  # fmt: skip
+def test_a_bad_regularisation_is_one_line_and_exit_code_2(value: str, message: str, tmp_path: Path, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "curves", "--data", str(SAMPLE), "--regularisation", value, "--out", str(tmp_path / "out")])
+    assert exited.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert message in error
+    assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_writes_the_report_with_the_regularisation_rows(tmp_path: Path, tiny_model: Path, capsys):
+    argv = ["bench", "curves", "--data", str(SAMPLE), "--model", str(tiny_model), "--sizes", "12",
+            "--max-finetune", "0", "--max-test-queries", "20", "--max-docs", "60", "--adaptor-steps", "10",
+            "--regularisation", "0:1,2:0", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((tmp_path / "curves.json").read_text())
+    recipes = [row["recipe"] for row in report["datasets"][0]["rows"]]
+    assert recipes == ["base", "adaptor", regularised_recipe((0, 1)), regularised_recipe((2, 0))]
+    assert (tmp_path / "curves.png").stat().st_size > 0 and "similarity 2, reconstruction 0" in capsys.readouterr().out
