@@ -236,6 +236,34 @@ def test_mrl_adapt_cross_validates_a_small_training_split_and_says_what_it_kept(
     assert "--folds must be 0 (never) or at least 2, got -1" in capsys.readouterr().err
 
 
+def test_mrl_adapt_scores_the_clean_view_apart(tmp_path: Path, tiny_model: Path):
+    """Half the sample's training questions: the test questions whose passages they judge are the shared view."""
+    import shutil
+
+    from core.data import shared_positives
+
+    data = tmp_path / "half"
+    shutil.copytree(SAMPLE, data)
+    train = (data / "qrels" / "train.tsv").read_text().splitlines()
+    (data / "qrels" / "train.tsv").write_text("\n".join(train[:61]) + "\n")  # the header and 60 questions
+    dataset = load_beir(data)
+    shared = shared_positives(dataset.split("train"), dataset.split("test"))
+    assert 0 < len(shared) < len(dataset.split("test"))
+    out = tmp_path / "adapted"
+    argv = ["adapt", "--data", str(data), "--model", str(tiny_model), "--output", str(out), "--steps", "10"]
+    assert main([*argv, "--folds", "0", "--no-progress"]) == 0
+    report = json.loads((out / "adaptor_report.json").read_text())
+    for side in ("before", "after"):
+        views = report[side]["views"]
+        assert views["shared"]["num_queries"] == len(shared)
+        assert views["clean"]["num_queries"] == len(dataset.split("test")) - len(shared)
+        assert set(views["clean"]["by_dim"]) == {str(d) for d in TINY_DIMS}
+    assert (
+        "## Clean view: questions whose answers were never training positives"
+        in (out / "adaptor_report.md").read_text()
+    )
+
+
 def test_adapt_refuses_an_unknown_method_in_one_line(tmp_path: Path, capsys):
     with pytest.raises(SystemExit) as stopped:
         main(["adapt", "--data", str(SAMPLE), "--output", str(tmp_path / "o"), "--method", "svd"])

@@ -96,3 +96,54 @@ def test_qrels_scores_of_zero_and_below_are_not_relevant(tmp_path: Path, keyword
             "recall@100": 1.0,
         }
     )
+
+
+def write_half_shared_beir(root: Path) -> Path:
+    """The tiny corpus; training positives d0 and d1 only, so test questions q0 and q1 share, q2 and q3 are clean."""
+    from tests.conftest import KEYWORDS, write_beir
+
+    corpus = [{"_id": f"d{i}", "title": "", "text": f"advice about {word} at home"} for i, word in enumerate(KEYWORDS)]
+    queries = [{"_id": f"q{i}", "text": f"what helps with {word}"} for i, word in enumerate(KEYWORDS)]
+    queries += [{"_id": f"t{i}", "text": f"{word} remedies"} for i, word in enumerate(KEYWORDS)]
+    qrels = {"test": [(f"q{i}", f"d{i}", 1) for i in range(4)], "train": [("t0", "d0", 1), ("t1", "d1", 1)]}
+    return write_beir(root, corpus, queries, qrels)
+
+
+def test_the_clean_and_shared_views_are_scored_from_the_same_rankings(tmp_path: Path, keyword_encoder):
+    dataset = load_beir(write_half_shared_beir(tmp_path / "half"))
+    result = evaluate(keyword_encoder, dataset, "test", [4, 2], dataset.split("train"))
+    assert {view: v["num_queries"] for view, v in result.views.items()} == {"clean": 2, "shared": 2}
+    # At 2 dims only fever and cough (q0, q1: shared) keep their coordinates; rash and pain rank 3rd and 4th.
+    assert result.views["shared"]["by_dim"][2]["ndcg@10"] == 1.0
+    assert result.views["clean"]["by_dim"][2]["ndcg@10"] == pytest.approx((1 / math.log2(4) + 1 / math.log2(5)) / 2)
+    assert result.metric(2) == pytest.approx(NDCG_AT_2)  # the whole split is unchanged
+    assert result.view("clean").metric(4) == 1.0 and result.view("clean").num_queries == 2
+    assert EvalResult.from_dict(json.loads(json.dumps(result.to_dict()))).views == result.views
+    assert not evaluate(keyword_encoder, dataset, "test", [4]).views  # no training split given: no views
+    everything_shared = load_beir(write_half_shared_beir(tmp_path / "half"))
+    assert not evaluate(keyword_encoder, everything_shared, "test", [4], dataset.split("test")).views
+
+
+def test_the_report_leads_the_views_with_the_clean_one(tmp_path: Path, keyword_encoder):
+    dataset = load_beir(write_half_shared_beir(tmp_path / "half"))
+    result = evaluate(keyword_encoder, dataset, "test", [4, 2], dataset.split("train"))
+    report = markdown_report([result])
+    clean = report.index("## Clean view")
+    assert clean < report.index("Shared view (2 questions)") and "2 of the 4 questions" in report
+    assert f"| 2 | {(1 / math.log2(4) + 1 / math.log2(5)) / 2:.3f} |" in report[clean:]
+    assert "## Clean view" not in markdown_report([evaluate(keyword_encoder, dataset, "test", [4, 2])])
+
+
+@pytest.mark.slow
+def test_mrl_eval_scores_the_views_when_the_folder_has_a_training_split(tmp_path: Path, capsys):
+    from mrl.cli import main
+
+    folder = write_half_shared_beir(tmp_path / "half")
+    argv = ["eval", "--data", str(folder), "--dims", "384,64", "--no-progress", "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "clean view (2 questions whose relevant documents are no train positive):" in printed
+    [saved] = json.loads((tmp_path / "out" / "eval.json").read_text())["results"]
+    assert saved["views"]["clean"]["num_queries"] == 2 and set(saved["views"]["clean"]["by_dim"]) == {"384", "64"}
+    assert main([*argv[:-1], str(tmp_path / "none"), "--training-split", "none"]) == 0
+    assert "clean view" not in capsys.readouterr().out

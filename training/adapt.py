@@ -36,8 +36,8 @@ from core.models import (
     resolve_model,
 )
 from training.adaptor import AdaptorConfig, AdaptorFit, Judged, append_adaptor, fit_adaptor, pca_rotation, score_mapped
-from training.evaluate import EvalResult
-from training.report import comparison_table, plot_ndcg
+from training.evaluate import EvalResult, split_views
+from training.report import comparison_table, plot_ndcg, views_section
 from training.validation import VALIDATION_SPLIT, split_validation
 
 logger = logging.getLogger(__name__)
@@ -201,13 +201,16 @@ def adapt(config: AdaptConfig, cross_validate: bool = True) -> dict[str, Any]:
     compared = []
     if eval_qrels:
         judged = vectors.judged(eval_qrels)
+        views = split_views(dataset.split(config.train_split), eval_qrels)  # the adaptor is fitted on train
         for label, weight in (("input", None), (config.method, fit.weight)):
             by_dim = score_mapped(weight, vectors.docs, judged, dims)
-            compared.append(
-                EvalResult(
-                    label, dataset.name, str(config.eval_split), len(judged.relevant), len(vectors.doc_row), 0.0, by_dim
-                )
+            result = EvalResult(
+                label, dataset.name, str(config.eval_split), len(judged.relevant), len(vectors.doc_row), 0.0, by_dim
             )
+            for view, qrels in views.items():
+                scores = score_mapped(weight, vectors.docs, vectors.judged(qrels), dims)
+                result.views[view] = {"num_queries": len(qrels), "by_dim": scores}
+            compared.append(result)
         report["before"], report["after"] = compared[0].to_dict(), compared[1].to_dict()
     _publish(append_adaptor(model, fit.weight), config, dims, report, compared)
     return report
@@ -307,5 +310,6 @@ def adaptor_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str:
                 f"dim: {', '.join(f'{d}d {v:+.4f}' for d, v in cross['worst_fold_change_by_dim'].items())}.",
             ]
     if compared:
-        lines += ["", f"## NDCG@10 on split `{compared[0].split}`", "", comparison_table(compared)]
+        lines += ["", f"## NDCG@10 on split `{compared[0].split}`", "", comparison_table(compared),
+                  *views_section(compared)]  # fmt: skip
     return "\n".join(lines) + "\n"

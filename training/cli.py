@@ -253,6 +253,13 @@ def add_eval_parser(commands: argparse._SubParsersAction) -> None:
     p.add_argument("--data", type=Path, required=True, help="BEIR folder")
     p.add_argument("--split", default="test", help="qrels split (default: %(default)s)")
     p.add_argument(
+        "--training-split",
+        default="train",
+        help="the split models were tuned on: questions whose relevant documents are among its positives are also "
+        "scored apart (the shared view) from the rest (the clean view); skipped when the folder has no such split; "
+        "'none' to skip (default: %(default)s)",
+    )
+    p.add_argument(
         "--dims", type=dims_argument, default=None, help="comma-separated dims (default: the model's Matryoshka dims)"
     )
     add_output_argument(p, "report folder", default=Path("runs/eval"))
@@ -275,7 +282,11 @@ def run_eval(args: argparse.Namespace) -> int:
     from training.report import comparison_table, write_eval_report
 
     check_positive(args, ("batch_size", "workers"), ("max_seq_length",))
-    dataset = load_beir(args.data, [args.split])
+    training_split = args.training_split
+    if training_split in ("none", args.split) or not (args.data / "qrels" / f"{training_split}.tsv").is_file():
+        training_split = None
+    dataset = load_beir(args.data, [args.split, *([training_split] if training_split else [])])
+    training = dataset.split(training_split) if training_split else None
     names = args.models or [None]
     labels = _labels(names)
     results = []
@@ -289,9 +300,13 @@ def run_eval(args: argparse.Namespace) -> int:
         dims = validate_dims(args.dims, embedding_dimension(model)) if args.dims else model_dims(model, name)
         encoder = SentenceTransformerEncoder(model, label, args.batch_size, args.progress)
         with encoder_pool(encoder, args.workers) as pooled:
-            results.append(evaluate(pooled, dataset, args.split, dims))
+            results.append(evaluate(pooled, dataset, args.split, dims, training))
     paths = write_eval_report(results, args.out)
     print(comparison_table(results))
+    if results[0].views:
+        print(f"clean view ({results[0].views['clean']['num_queries']} questions whose relevant documents are no "
+              f"{training_split} positive):")  # fmt: skip
+        print(comparison_table([result.view("clean") for result in results]))
     print("wrote " + ", ".join(str(p) for p in paths))
     return 0
 

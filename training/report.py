@@ -61,9 +61,31 @@ def markdown_report(results: list[EvalResult], title: str = "Retrieval quality p
         "",
         comparison_table(results),
     ]
+    parts += views_section(results)
     for result in results:
         parts += ["", f"## {result.model}", "", detail_table(result)]
     return "\n".join(parts) + "\n"
+
+
+def views_section(results: list[EvalResult]) -> list[str]:
+    """The clean and shared views' tables, when every result has them (a training split was given)."""
+    if not results or not all(result.views for result in results):
+        return []
+    clean, shared = results[0].views["clean"]["num_queries"], results[0].views["shared"]["num_queries"]
+    return [
+        "",
+        "## Clean view: questions whose answers were never training positives",
+        "",
+        f"{shared} of the {results[0].num_queries} questions have a relevant document that is also a positive of "
+        "the training split: a model tuned on it has seen those documents as answers, so its gain there is partly "
+        f"memorised. The {clean} others are the clean view; judge a tuned model by it.",
+        "",
+        comparison_table([result.view("clean") for result in results]),
+        "",
+        f"Shared view ({shared} questions):",
+        "",
+        comparison_table([result.view("shared") for result in results]),
+    ]
 
 
 def plot_ndcg(results: list[EvalResult], path: Path, metric: str = "ndcg@10") -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from core.adapters import LoraAdapter, merge_lora
-from core.data import DataError, Pair, RetrievalDataset, load_beir, load_pairs
+from core.data import DataError, Pair, Qrels, RetrievalDataset, load_beir, load_pairs
 from core.errors import ConfigError, OutputExistsError
 from core.files import publish_dir, staging_dir, write_json_atomic, write_text_atomic
 from core.matryoshka import DimensionError, default_dims, validate_dims
@@ -48,7 +48,7 @@ from training.distributed import (
 )
 from training.evaluate import EvalResult, evaluate
 from training.memory import PeakMemory
-from training.report import comparison_table, detail_table, plot_ndcg
+from training.report import comparison_table, detail_table, plot_ndcg, views_section
 from training.strategies import (
     ADAPTER_FOLDER,
     apply_strategy,
@@ -86,6 +86,7 @@ class TrainingData:
     corpus_passages: list[str] = field(default_factory=list)
     validation: ValidationSet | None = None
     forgetting: RetrievalDataset | None = None
+    training_qrels: Qrels | None = None  # when evaluated on the same folder: splits the clean and shared views
 
 
 @dataclass
@@ -119,12 +120,14 @@ def load_training_data(config: TrainConfig) -> TrainingData:
             kept = RetrievalDataset(dataset.root, dataset.corpus, dataset.queries, {"kept": validation.training_qrels})
             pairs = kept.pairs("kept")
         eval_dataset = dataset if config.eval_split and not config.eval_data else None
+        training_qrels = dataset.split(config.train_split) if eval_dataset is not None else None
         passages = [doc.passage for doc in dataset.corpus.values()]
         source = f"{config.data} (split {config.train_split})"
     else:
         if config.validation_fraction is not None:
             raise DataError(config.data, "--validation-fraction needs a BEIR folder (a pairs file has no corpus)")
         pairs, eval_dataset, passages, source = load_pairs(config.data), None, [], str(config.data)
+        training_qrels = None
     if config.eval_data and config.eval_split:
         eval_dataset = load_beir(config.eval_data, [config.eval_split])
     if not pairs:
@@ -135,7 +138,7 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     if config.hard_negatives and not passages:
         passages = sorted({p.positive for p in pairs} | {p.negative for p in pairs if p.negative})
     forgetting = load_beir(config.forgetting_data, [config.forgetting_split]) if config.forgetting_data else None
-    return TrainingData(pairs, source, eval_dataset, passages, validation, forgetting)
+    return TrainingData(pairs, source, eval_dataset, passages, validation, forgetting, training_qrels)
 
 
 def sample_pairs(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
@@ -397,7 +400,7 @@ def _evaluate(
     if data.eval_dataset is None or not config.eval_split:
         return None
     encoder = SentenceTransformerEncoder(model, label, config.eval_batch_size, config.progress)
-    return evaluate(encoder, data.eval_dataset, config.eval_split, dims)
+    return evaluate(encoder, data.eval_dataset, config.eval_split, dims, data.training_qrels)
 
 
 def check_tracking(report_to: str) -> None:
@@ -775,6 +778,7 @@ def training_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str
             f"({evaluation['queries']} queries, {evaluation['documents']} documents)",
             "",
             comparison_table(compared),
+            *views_section(compared),
             "",
             f"## {compared[-1].model} model, all metrics",
             "",
