@@ -21,8 +21,8 @@ from benchmarks.curves import (
     regularised_recipe,
     run_curves,
 )
-from mrl.cli import main
 from core.data import load_beir, shared_positives
+from mrl.cli import main
 from tests.conftest import SAMPLE
 from tests.helpers.models import TINY_DIMS
 
