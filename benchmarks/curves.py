@@ -191,7 +191,7 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
     work = config.out / "work" / folder.name
     base = Encoded(config.model, dataset, sample, cache, config.progress)
     rows = [{"recipe": "base", "questions": 0, "scores": score_views(None, base, sample)}]
-    sizes = [size for size in config.sizes if size <= len(sample["order"])]
+    sizes = sorted({min(size, len(sample["order"])) for size in config.sizes})  # a size beyond them: all of them
     for size in sizes:
         logger.info("%s: %d training questions", folder.name, size)
         fitted = fit_adaptor_row(base, sample, size, config)

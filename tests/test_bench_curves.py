@@ -79,12 +79,15 @@ def test_a_bad_regularisation_is_one_line_and_exit_code_2(value: str, message: s
     assert not (tmp_path / "out").exists()
 
 
-def test_the_cli_writes_the_report_with_the_regularisation_rows(tmp_path: Path, tiny_model: Path, capsys):
-    argv = ["bench", "curves", "--data", str(SAMPLE), "--model", str(tiny_model), "--sizes", "12",
+def test_the_cli_writes_the_regularisation_rows_and_a_size_beyond_the_questions_means_all(
+    tmp_path: Path, tiny_model: Path, capsys
+):
+    argv = ["bench", "curves", "--data", str(SAMPLE), "--model", str(tiny_model), "--sizes", "12,500",
             "--max-finetune", "0", "--max-test-queries", "20", "--max-docs", "60", "--adaptor-steps", "10",
             "--regularisation", "0:1,2:0", "--no-progress", "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     report = json.loads((tmp_path / "curves.json").read_text())
-    recipes = [row["recipe"] for row in report["datasets"][0]["rows"]]
-    assert recipes == ["base", "adaptor", regularised_recipe((0, 1)), regularised_recipe((2, 0))]
+    rows = [(row["recipe"], row["questions"]) for row in report["datasets"][0]["rows"]]
+    fits = ["adaptor", regularised_recipe((0, 1)), regularised_recipe((2, 0))]
+    assert rows == [("base", 0), *((f, 12) for f in fits), *((f, 120) for f in fits)]  # 500 > 120: all of them
     assert (tmp_path / "curves.png").stat().st_size > 0 and "similarity 2, reconstruction 0" in capsys.readouterr().out
