@@ -78,6 +78,29 @@ def test_sample_run_tables_and_plots_every_recipe(tmp_path: Path, tiny_model: Pa
     assert json.loads((tmp_path / "recipes.json").read_text())["datasets"][0]["chosen"] == dataset["chosen"]
 
 
+def test_every_recipe_is_also_scored_on_the_clean_test_view(tmp_path: Path, tiny_model: Path):
+    """Half the sample's training questions: test questions whose passages they judge are the shared view."""
+    import shutil
+
+    from core.data import shared_positives
+
+    data = tmp_path / "sample_medical"
+    shutil.copytree(SAMPLE, data)
+    train = (data / "qrels" / "train.tsv").read_text().splitlines()
+    (data / "qrels" / "train.tsv").write_text("\n".join(train[:61]) + "\n")  # the header and 60 questions
+    dataset = load_beir(data)
+    shared = shared_positives(dataset.split("train"), dataset.split("test"))
+    config = RecipesConfig(data=[data], recipes=[f"base={tiny_model}"], out=tmp_path / "out", progress=False)
+    (measured,) = run_recipes(config)["datasets"]
+    assert measured["views"] == {"clean": 120 - len(shared), "shared": len(shared)} and 0 < len(shared) < 120
+    [base] = measured["rows"]
+    assert set(base["test_views"]["clean"]) == set(base["test"])
+    clean, shared_n = measured["views"]["clean"], measured["views"]["shared"]
+    whole = (clean * base["test_views"]["clean"]["64"] + shared_n * base["test_views"]["shared"]["64"]) / 120
+    assert whole == pytest.approx(base["test"]["64"], abs=1e-3)  # the two views partition the split
+    assert f"Clean test view ({clean} questions" in (tmp_path / "out" / "recipes.md").read_text()
+
+
 def test_benchmark_corpora_are_encoded_by_the_workers_asked_for(monkeypatch):
     # The pool itself runs the real model in tests/test_index_build.py; here only that benchmarks go through it.
     import contextlib
