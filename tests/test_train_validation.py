@@ -36,8 +36,12 @@ def small_config(output: Path, **overrides) -> TrainConfig:
     return TrainConfig(data=SAMPLE, output=output, **(settings | overrides))
 
 
-def test_validation_queries_come_from_training_and_leave_it(tmp_path: Path):
-    data = load_training_data(small_config(tmp_path / "out", validation_fraction=0.1, eval_split="test"))
+def test_validation_queries_come_from_training_and_leave_it(tmp_path: Path, caplog):
+    with caplog.at_level("WARNING", logger="training.train"):
+        data = load_training_data(small_config(tmp_path / "out", validation_fraction=0.1, eval_split="test"))
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "training.train"]
+    assert warning.startswith("only 12 validation questions: the checkpoint chosen on them follows their noise")
+    assert "up to 0.08" in warning and "without --validation-fraction" in warning
     dataset = load_beir(SAMPLE)
     validation = data.validation.queries
     assert len(validation) == 12 and len(set(validation)) == 12
@@ -51,6 +55,10 @@ def test_validation_queries_come_from_training_and_leave_it(tmp_path: Path):
     again = split_validation(dataset, "train", 0.1, 42).dataset.split(VALIDATION_SPLIT)
     assert list(again) == list(data.validation.dataset.split(VALIDATION_SPLIT))
     assert list(split_validation(dataset, "train", 0.1, 7).dataset.split(VALIDATION_SPLIT)) != list(again)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="training.train"):
+        load_training_data(small_config(tmp_path / "out", validation_fraction=0.5, eval_split="test"))
+    assert not [r for r in caplog.records if r.name == "training.train"]  # 60 held out: enough to choose
 
 
 @pytest.mark.parametrize(
