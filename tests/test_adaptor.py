@@ -22,7 +22,9 @@ from training.adaptor import (
     Judged,
     append_adaptor,
     fit_adaptor,
+    grouped_folds,
     pca_rotation,
+    positive_groups,
     score_mapped,
 )
 from training.evaluate import SplitEmbeddings, score_dims
@@ -129,6 +131,7 @@ def test_cross_validation_chooses_on_every_training_query_and_states_the_spread(
     fit = fit_adaptor(corpus, train, None, config)  # no held-out split: the folds are the validation
     cross = fit.folds
     assert cross["folds"] == 4 and cross["queries"] == len(train.relevant)
+    assert cross["groups"] == len(positive_groups(train.relevant))
     assert set(fit.starts) == {"pca", "identity"}
     if not fit.kept_input:
         assert cross["start"] == fit.init and cross["step"] == fit.best_step
@@ -138,6 +141,23 @@ def test_cross_validation_chooses_on_every_training_query_and_states_the_spread(
     assert fit_adaptor(corpus, train, None, config).weight.tobytes() == fit.weight.tobytes()  # reproducible
     with pytest.raises(ConfigError, match="--folds must be at least 2"):
         fit_adaptor(corpus, train, None, AdaptorConfig(dims=[64, 8], folds=1))
+
+
+def test_folds_keep_questions_that_share_a_relevant_document_together():
+    """Random folds let a fold be scored on documents the others trained on as positives: memorising them
+    then looks like a gain (on SciFact's clean view the step so chosen cost 0.018 at 384 dims)."""
+    relevant = [{0: 1}, {0: 2, 1: 1}, {1: 1}, {2: 1}, {3: 0, 5: 1}, {4: 1}, {3: 1}, {6: 1, 7: 0}, {7: 1}]
+    groups = positive_groups(relevant)
+    assert sorted(sorted(g) for g in groups) == [[0, 1, 2], [3], [4], [5], [6], [7], [8]]  # grade 0 joins none
+    folds = grouped_folds(groups, 3, seed=42)
+    assert sorted(int(r) for fold in folds for r in fold) == list(range(9))
+    assert any({0, 1, 2} <= set(fold.tolist()) for fold in folds)
+    assert sorted(len(fold) for fold in folds) == [3, 3, 3]
+    for fold in folds:  # no relevant document is a positive on both sides of a fold
+        inside = {d for r in fold for d, g in relevant[r].items() if g > 0}
+        outside = {d for r in set(range(9)) - set(fold.tolist()) for d, g in relevant[r].items() if g > 0}
+        assert not inside & outside
+    assert [f.tolist() for f in grouped_folds(groups, 3, seed=42)] == [f.tolist() for f in folds]  # seeded
 
 
 def test_adaptor_fit_is_reproducible_and_checks_its_options():

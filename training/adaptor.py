@@ -268,6 +268,39 @@ def _subset(judged: Judged, rows: np.ndarray) -> Judged:
     return Judged(judged.vectors[rows], [judged.relevant[row] for row in rows])
 
 
+def positive_groups(relevant: list[dict[int, int]]) -> list[list[int]]:
+    """The questions (row numbers) joined by a shared relevant document, each group in row order."""
+    parent = list(range(len(relevant)))
+
+    def root(row: int) -> int:
+        while parent[row] != row:
+            parent[row] = parent[parent[row]]
+            row = parent[row]
+        return row
+
+    first_with: dict[int, int] = {}
+    for row, docs in enumerate(relevant):
+        for doc, grade in docs.items():
+            if grade > 0:
+                other = first_with.setdefault(doc, row)
+                parent[root(row)] = root(other)
+    groups: dict[int, list[int]] = {}
+    for row in range(len(relevant)):
+        groups.setdefault(root(row), []).append(row)
+    return list(groups.values())
+
+
+def grouped_folds(groups: list[list[int]], k: int, seed: int) -> list[np.ndarray]:
+    """``k`` folds of whole groups, of near-equal sizes: the groups in a seeded order, largest first, each
+    to the fold with the fewest questions so far."""
+    order = np.random.default_rng(seed).permutation(len(groups))
+    shuffled = sorted((groups[i] for i in order), key=len, reverse=True)  # stable: the seeded order within a size
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for group in shuffled:
+        min(folds, key=len).extend(group)
+    return [np.array(sorted(fold), dtype=np.int64) for fold in folds]
+
+
 def fit_cross_validated(
     corpus: np.ndarray,
     training: Judged,
@@ -277,7 +310,11 @@ def fit_cross_validated(
     """Choose the start and the number of steps by k-fold cross-validation over the training queries, then
     fit on all of them.
 
-    Every fold fits each start on the other folds and scores its own queries every ``eval_every`` steps,
+    The folds are grouped (:func:`grouped_folds`): questions that share a relevant document are in one
+    fold, so each fold is scored on documents the others never had as positives, as a clean test view is.
+    Random folds would reward memorising the training positives (on SciFact, a step chosen that way cost
+    0.018 at 384 dims on the clean test view). Every fold fits each start on the other folds and scores
+    its own queries every ``eval_every`` steps,
     stopping early as a single fit does; the steps every fold of a start reached are compared. The fold
     means, per start, step and dim, are judged by the never-worse rule against the input model's fold
     means; the best (start, step) is then fitted on every training query. The spread of the chosen gain
@@ -285,9 +322,13 @@ def fit_cross_validated(
     """
     started = time.perf_counter()
     count = len(training.relevant)
-    k = min(config.folds or 5, count)
-    order = np.random.default_rng(config.seed).permutation(count)
-    parts = [order[i::k] for i in range(k)]
+    groups = positive_groups(training.relevant)
+    if len(groups) < 2:  # one web of shared positives: nothing to hold apart
+        logger.warning("every training question shares a relevant document with another: the folds are random, so "
+                       "gains from memorising the training positives count in the choice")  # fmt: skip
+        groups = [[row] for row in range(count)]
+    k = min(config.folds or 5, len(groups))
+    parts = grouped_folds(groups, k, config.seed)
     dims = sorted(config.dims, reverse=True)
     starts = [config.init] if config.init in STARTS else list(STARTS)
     per_start: dict[str, list[dict[int, dict[int, float]]]] = {start: [] for start in starts}  # fold -> step -> dim
@@ -320,6 +361,7 @@ def fit_cross_validated(
     summary: dict[str, Any] = {
         "folds": k,
         "queries": count,
+        "groups": len(groups),
         "input": {str(d): round(v, 4) for d, v in mean_input.items()},
     }
     if best is None:
