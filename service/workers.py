@@ -66,13 +66,24 @@ def check_workers(settings: Any) -> None:
     """Refuse what several processes cannot share.
 
     Raises:
-        WorkersError: A writable server (its write-ahead log and writer lock belong to one process).
+        WorkersError: A writable server (its write-ahead log and writer lock belong to one process), or a
+            folder index that is not there (each worker would say so: the supervisor says it once).
     """
     if settings.workers > 1 and settings.writable:
         raise WorkersError(
             "cannot serve: --writable takes one process (the write log belongs to one writer); run the writable "
             "server with --workers 1 and read-only replicas with --workers N"
         )
+    if settings.workers > 1 and settings.index is not None:
+        from core.errors import MrlError
+        from service.sources import index_source
+
+        try:
+            if settings.locator().path is not None:  # a folder; an engine's client is not opened before the fork
+                source = index_source(settings)
+                source.manifest(source.current())  # a wrong path fails here once, not once per worker
+        except MrlError as exc:
+            raise WorkersError(f"cannot serve: {exc}") from None
 
 
 Listen = Callable[[str, int], list[socket.socket]]

@@ -123,6 +123,17 @@ def test_sigterm_stops_every_worker(workers: ServeProcess):
     assert not [pid for pid in pids if Path(f"/proc/{pid}").exists()], workers.output()
 
 
+def test_a_missing_index_is_refused_by_the_supervisor_before_any_worker_starts(tmp_path: Path, sample_index: Path):
+    """Each worker found it missing and said so, one line each: two lines for one error, some of the time."""
+    from service.settings import ServiceSettings
+    from service.workers import WorkersError, check_workers
+
+    with pytest.raises(WorkersError, match=r"^cannot serve: .*none: index not found"):
+        check_workers(ServiceSettings(index=str(tmp_path / "none"), workers=2))
+    check_workers(ServiceSettings(index=str(sample_index), workers=2))  # a real one passes
+    check_workers(ServiceSettings(index=str(tmp_path / "none"), workers=1))  # one process says it itself
+
+
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
