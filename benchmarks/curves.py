@@ -37,6 +37,7 @@ logger = logging.getLogger(__name__)
 
 SIZES = [50, 100, 200, 500, 1000]
 VIEWS = ("clean", "shared")
+DEFAULT_WEIGHTS = (1.0, 1.0)  # the adaptor's similarity and reconstruction weights, as mrl adapt fits it
 
 
 @dataclass
@@ -146,7 +147,7 @@ def score_views(weight: np.ndarray | None, encoded: Encoded, sample: dict[str, A
 
 
 def fit_adaptor_row(encoded: Encoded, sample: dict[str, Any], size: int, config: CurvesConfig,
-                    weights: tuple[float, float] = (1.0, 1.0)) -> dict[str, Any]:  # fmt: skip
+                    weights: tuple[float, float] = DEFAULT_WEIGHTS) -> dict[str, Any]:  # fmt: skip
     """``mrl adapt``'s default fit on the first ``size`` questions (``weights``: its similarity and reconstruction
     terms' weights); its choice and its test scores."""
     from training.adapt import AUTO_FOLDS, CROSS_VALIDATE_BELOW
@@ -194,13 +195,10 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
     sizes = sorted({min(size, len(sample["order"])) for size in config.sizes})  # a size beyond them: all of them
     for size in sizes:
         logger.info("%s: %d training questions", folder.name, size)
-        fitted = fit_adaptor_row(base, sample, size, config)
-        rows.append({"recipe": "adaptor", "questions": size, **_public(fitted),
-                     "scores": score_views(fitted["weight"], base, sample)})  # fmt: skip
-        for weights in config.regularisation:
-            fitted = fit_adaptor_row(base, sample, size, config, weights)
-            rows.append({"recipe": regularised_recipe(weights), "questions": size, **_public(fitted),
-                         "scores": score_views(fitted["weight"], base, sample)})  # fmt: skip
+        for weights in [None, *config.regularisation]:  # None: mrl adapt's default weights, the "adaptor" row
+            fitted = fit_adaptor_row(base, sample, size, config, weights or DEFAULT_WEIGHTS)
+            rows.append({"recipe": regularised_recipe(weights) if weights else "adaptor", "questions": size,
+                         **_public(fitted), "scores": score_views(fitted["weight"], base, sample)})  # fmt: skip
         if size > config.max_finetune:
             continue
         tuned_path = finetune(write_training_folder(dataset, sample, size, work / f"train-{size}"),

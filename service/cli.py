@@ -135,13 +135,12 @@ async def serve(
 
     from core.errors import MrlError
     from service.app import create_app, open_searcher
-    from service.sources import index_source
+    from service.sources import check_index
 
     app = create_app(settings)
     if settings.load_in_background and settings.serves_search:
         try:
-            source = index_source(settings)
-            source.manifest(source.current())  # a wrong path still fails here, in one line
+            check_index(settings)  # a wrong path still fails here, in one line
         except MrlError as exc:  # a missing index, or its engine does not answer
             raise ServeError(f"cannot serve: {exc}") from None
     else:

@@ -76,12 +76,11 @@ def check_workers(settings: Any) -> None:
         )
     if settings.workers > 1 and settings.index is not None:
         from core.errors import MrlError
-        from service.sources import index_source
+        from service.sources import check_index
 
         try:
             if settings.locator().path is not None:  # a folder; an engine's client is not opened before the fork
-                source = index_source(settings)
-                source.manifest(source.current())  # a wrong path fails here once, not once per worker
+                check_index(settings)  # a wrong path fails here once, not once per worker
         except MrlError as exc:
             raise WorkersError(f"cannot serve: {exc}") from None
 

@@ -258,17 +258,10 @@ def test_mrl_adapt_cross_validates_a_small_training_split_and_says_what_it_kept(
 
 def test_mrl_adapt_scores_the_clean_view_apart(tmp_path: Path, tiny_model: Path):
     """Half the sample's training questions: the test questions whose passages they judge are the shared view."""
-    import shutil
+    from tests.helpers.sample import half_shared_sample
 
-    from core.data import shared_positives
-
-    data = tmp_path / "half"
-    shutil.copytree(SAMPLE, data)
-    train = (data / "qrels" / "train.tsv").read_text().splitlines()
-    (data / "qrels" / "train.tsv").write_text("\n".join(train[:61]) + "\n")  # the header and 60 questions
+    data, shared = half_shared_sample(tmp_path / "half")
     dataset = load_beir(data)
-    shared = shared_positives(dataset.split("train"), dataset.split("test"))
-    assert 0 < len(shared) < len(dataset.split("test"))
     out = tmp_path / "adapted"
     argv = ["adapt", "--data", str(data), "--model", str(tiny_model), "--output", str(out), "--steps", "10"]
     assert main([*argv, "--folds", "0", "--no-progress"]) == 0

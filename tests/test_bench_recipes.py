@@ -80,16 +80,9 @@ def test_sample_run_tables_and_plots_every_recipe(tmp_path: Path, tiny_model: Pa
 
 def test_every_recipe_is_also_scored_on_the_clean_test_view(tmp_path: Path, tiny_model: Path):
     """Half the sample's training questions: test questions whose passages they judge are the shared view."""
-    import shutil
+    from tests.helpers.sample import half_shared_sample
 
-    from core.data import shared_positives
-
-    data = tmp_path / "sample_medical"
-    shutil.copytree(SAMPLE, data)
-    train = (data / "qrels" / "train.tsv").read_text().splitlines()
-    (data / "qrels" / "train.tsv").write_text("\n".join(train[:61]) + "\n")  # the header and 60 questions
-    dataset = load_beir(data)
-    shared = shared_positives(dataset.split("train"), dataset.split("test"))
+    data, shared = half_shared_sample(tmp_path / "sample_medical")
     config = RecipesConfig(data=[data], recipes=[f"base={tiny_model}"], out=tmp_path / "out", progress=False)
     (measured,) = run_recipes(config)["datasets"]
     assert measured["views"] == {"clean": 120 - len(shared), "shared": len(shared)} and 0 < len(shared) < 120

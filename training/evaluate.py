@@ -72,7 +72,7 @@ class EvalResult:
                     "by_dim": {str(d): m for d, m in sorted(v["by_dim"].items(), reverse=True)},
                 }
                 for view, v in self.views.items()
-            },  # fmt: skip
+            },
         }
 
     @classmethod

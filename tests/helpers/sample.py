@@ -27,6 +27,20 @@ def build_sample(root: Path, encode_cache: Path, data: Path = SAMPLE, **override
     return build_index(config)
 
 
+def half_shared_sample(folder: Path) -> tuple[Path, set[str]]:
+    """A copy of the sample at ``folder`` whose train split keeps its first 60 questions, and the test questions
+    that then share a relevant passage with training (the shared view; the other test questions are clean)."""
+    from core.data import load_beir, shared_positives
+
+    shutil.copytree(SAMPLE, folder)
+    train = folder / "qrels" / "train.tsv"
+    train.write_text("\n".join(train.read_text().splitlines()[:61]) + "\n")  # the header and 60 questions
+    dataset = load_beir(folder)
+    shared = shared_positives(dataset.split("train"), dataset.split("test"))
+    assert 0 < len(shared) < len(dataset.split("test"))  # both views have questions
+    return folder, shared
+
+
 def copy_index(source: Path, target: Path) -> Path:
     """A copy of the index root ``source`` at ``target`` (its ``current`` link is relative: it follows)."""
     shutil.copytree(source, target, symlinks=True, ignore=shutil.ignore_patterns("leases", ".writer.lock"))
