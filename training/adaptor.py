@@ -31,6 +31,7 @@ import numpy as np
 from core.errors import ConfigError
 from core.matryoshka import truncate_normalize
 from core.metrics import exact_top_k, score_rankings
+from training.validation import positive_groups
 
 logger = logging.getLogger(__name__)
 
@@ -266,28 +267,6 @@ def _holds_across_folds(
 
 def _subset(judged: Judged, rows: np.ndarray) -> Judged:
     return Judged(judged.vectors[rows], [judged.relevant[row] for row in rows])
-
-
-def positive_groups(relevant: list[dict[int, int]]) -> list[list[int]]:
-    """The questions (row numbers) joined by a shared relevant document, each group in row order."""
-    parent = list(range(len(relevant)))
-
-    def root(row: int) -> int:
-        while parent[row] != row:
-            parent[row] = parent[parent[row]]
-            row = parent[row]
-        return row
-
-    first_with: dict[int, int] = {}
-    for row, docs in enumerate(relevant):
-        for doc, grade in docs.items():
-            if grade > 0:
-                other = first_with.setdefault(doc, row)
-                parent[root(row)] = root(other)
-    groups: dict[int, list[int]] = {}
-    for row in range(len(relevant)):
-        groups.setdefault(root(row), []).append(row)
-    return list(groups.values())
 
 
 def grouped_folds(groups: list[list[int]], k: int, seed: int) -> list[np.ndarray]:

@@ -442,7 +442,7 @@ def _validation_evaluator(
     if dim is not None and dim not in dims:
         raise DimensionError(f"--early-stopping-dim {dim} is not one of the training dims {dims}")
     metric, batch = config.early_stopping_metric, config.eval_batch_size
-    return MatryoshkaValidationEvaluator(data.validation, dims, metric, dim, batch)
+    return MatryoshkaValidationEvaluator(data.validation, dims, metric, dim, batch, TOLERANCE)
 
 
 def _validation_report(

@@ -9,7 +9,9 @@ like the published before/after figures.
 
 from __future__ import annotations
 
+import logging
 import random
+from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -19,6 +21,8 @@ from core.metrics import metric_names
 
 if TYPE_CHECKING:
     from training.config import TrainConfig
+
+logger = logging.getLogger(__name__)
 
 VALIDATION_SPLIT = "validation"
 METRIC_PREFIX = "eval_"
@@ -78,23 +82,71 @@ def check_validation_options(config: TrainConfig) -> None:
         )
 
 
-def split_validation(dataset: RetrievalDataset, split: str, fraction: float, seed: int) -> ValidationSet:
-    """Hold out ``fraction`` of the distinct query texts of ``split``, drawn by ``seed``.
+def positive_groups(relevant: list[dict[Hashable, int]]) -> list[list[int]]:
+    """The questions (row numbers) joined by a shared relevant document (grade above 0), each group in row
+    order, the groups in the order of their first row."""
+    parent = list(range(len(relevant)))
 
-    Splitting by text (not id) keeps a query asked twice under two ids on one side only.
+    def root(row: int) -> int:
+        while parent[row] != row:
+            parent[row] = parent[parent[row]]
+            row = parent[row]
+        return row
+
+    first_with: dict[Hashable, int] = {}
+    for row, docs in enumerate(relevant):
+        for doc, grade in docs.items():
+            if grade > 0:
+                other = first_with.setdefault(doc, row)
+                parent[root(row)] = root(other)
+    groups: dict[int, list[int]] = {}
+    for row in range(len(relevant)):
+        groups.setdefault(root(row), []).append(row)
+    return list(groups.values())
+
+
+def split_validation(dataset: RetrievalDataset, split: str, fraction: float, seed: int) -> ValidationSet:
+    """Hold out ``fraction`` of the distinct query texts of ``split``, whole groups at a time, drawn by ``seed``.
+
+    A group is the questions joined by a shared relevant document (:func:`positive_groups`): the
+    validation questions' positives are then never training positives, as on a clean test view, so a
+    checkpoint is not chosen for memorising them. Groups are taken in a seeded order, skipping any that
+    would overshoot, until the share is reached. When one group holds every question, the split falls
+    back to random questions and says so. Splitting by text (not id) keeps a query asked twice under two
+    ids on one side only.
 
     Raises:
         ConfigError: If the split has too few queries to leave at least one on each side.
     """
     qrels = {qid: docs for qid, docs in dataset.split(split).items() if any(s > 0 for s in docs.values())}
-    texts = sorted({dataset.queries[qid] for qid in qrels})
+    positives: dict[str, dict[Hashable, int]] = {}
+    for qid, docs in qrels.items():
+        for doc, grade in docs.items():
+            text = positives.setdefault(dataset.queries[qid], {})
+            text[doc] = max(grade, text.get(doc, 0))
+    texts = sorted(positives)
     held_out = round(fraction * len(texts))
     if not 0 < held_out < len(texts):
         raise ConfigError(
             f"--validation-fraction {fraction} of {len(texts)} training queries leaves an empty side; "
             "choose a fraction that holds out at least one query and keeps one"
         )
-    validation_texts = set(random.Random(seed).sample(texts, held_out))
+    groups = positive_groups([positives[text] for text in texts])
+    rng = random.Random(seed)
+    if len(groups) < 2:
+        logger.warning("every training question shares a relevant document with another: the validation questions "
+                       "are drawn at random, so they may share positives with training")  # fmt: skip
+        validation_texts = set(rng.sample(texts, held_out))
+    else:
+        chosen: list[int] = []
+        for group in rng.sample(groups, len(groups)):
+            if len(chosen) + len(group) <= held_out:
+                chosen.extend(group)
+            if len(chosen) == held_out:
+                break
+        if not chosen:  # every group is larger than the share: the smallest one
+            chosen = min(groups, key=len)
+        validation_texts = {texts[row] for row in chosen}
     validation = {qid: docs for qid, docs in qrels.items() if dataset.queries[qid] in validation_texts}
     training = {qid: docs for qid, docs in dataset.split(split).items() if qid not in validation}
     held = RetrievalDataset(dataset.root, dataset.corpus, dataset.queries, {VALIDATION_SPLIT: validation})
