@@ -365,31 +365,48 @@ def single_threaded_search() -> Iterator[None]:
 
 
 def measure(
-    search: Callable[[np.ndarray], np.ndarray], encoded: EncodedSplit, qrels: dict, timing_queries: int
-) -> dict[str, float]:
-    """Metrics over every judged query, and the per-query search time over the first ``timing_queries``."""
+    search: Callable[[np.ndarray], np.ndarray],
+    encoded: EncodedSplit,
+    qrels: dict,
+    timing_queries: int,
+    views: dict[str, dict] | None = None,
+) -> dict[str, Any]:
+    """Metrics over every judged query (and over each view's subset, from the same rankings), and the
+    per-query search time over the first ``timing_queries``."""
     rows = batched_rankings(search, encoded.queries)
     rankings = {
         qid: [encoded.doc_ids[r] for r in row if r >= 0] for qid, row in zip(encoded.query_ids, rows, strict=True)
     }
     metrics = score_rankings(rankings, qrels)
     timed: RankedRun = timed_per_query(search, encoded.queries[:timing_queries], DEPTH)
-    result = {name: round(metrics[name], 4) for name in METRICS}
+    result: dict[str, Any] = {name: round(metrics[name], 4) for name in METRICS}
+    if views:
+        result["views"] = {
+            view: {name: round(value, 4) for name, value in score_rankings(rankings, subset).items() if name in METRICS}
+            for view, subset in views.items()
+        }
     result["search_ms_p50"] = round(1000 * float(np.median(timed.seconds)), 4)
     return result
 
 
 def measure_model(
-    label: str, encoded: EncodedSplit, qrels: dict, dims: list[int], config: QualityBenchConfig, variants: bool
+    label: str,
+    encoded: EncodedSplit,
+    qrels: dict,
+    dims: list[int],
+    config: QualityBenchConfig,
+    variants: bool,
+    views: dict[str, dict] | None = None,
 ) -> list[dict[str, Any]]:
-    """``float32`` at every dim for one model's vectors; with ``variants``, two-stage and quantised too."""
+    """``float32`` at every dim for one model's vectors (also scored on each view); with ``variants``,
+    two-stage and quantised too."""
     full = max(dims)
     rows = []
 
     def add(method: str, dim: int, search: Callable[[np.ndarray], np.ndarray], **extra: Any) -> None:
         started = time.perf_counter()
         row = {"model": label, "method": method, "dim": dim, **extra}
-        row.update(measure(search, encoded, qrels, config.timing_queries))
+        row.update(measure(search, encoded, qrels, config.timing_queries, views if method == "float32" else None))
         logger.info("%s %s dim %d%s: NDCG@10 %.4f (%.1f s)", label, method, dim,
                     f" shortlist {extra['shortlist']}" if "shortlist" in extra else "", row["ndcg@10"],
                     time.perf_counter() - started)  # fmt: skip
@@ -519,11 +536,16 @@ def tuned_model_for(folder: Path, config: QualityBenchConfig) -> tuple[Path | No
 def measure_dataset(folder: Path, config: QualityBenchConfig) -> dict[str, Any]:
     """Base and tuned model on one BEIR folder: every option at every dim."""
     from core.models import DEFAULT_MODEL, default_dims, read_model_card, resolve_model
+    from training.evaluate import split_views
 
-    dataset = load_beir(folder, [config.split])
+    has_training = config.train_split != config.split and (folder / "qrels" / f"{config.train_split}.tsv").is_file()
+    dataset = load_beir(folder, [config.split, *([config.train_split] if has_training else [])])
     qrels = dataset.split(config.split)
     query_ids = list(qrels)[: config.max_queries]
     qrels = {qid: qrels[qid] for qid in query_ids}
+    # The clean view: test questions none of whose relevant documents is a training positive (what a model
+    # tuned on the training split cannot have memorised); the shared view: the rest.
+    views = split_views(dataset.split(config.train_split), qrels) if has_training else {}
     tuned_path, training = tuned_model_for(folder, config)
     models: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
@@ -545,7 +567,7 @@ def measure_dataset(folder: Path, config: QualityBenchConfig) -> dict[str, Any]:
             "from_cache": encoded.cached,
         }
         variants = label == "tuned" or tuned_path is None
-        rows += measure_model(label, encoded, qrels, dims, config, variants)
+        rows += measure_model(label, encoded, qrels, dims, config, variants, views)
         if variants:
             texts = [dataset.queries[q] for q in query_ids]
             rows += measure_query_encoders(label, str(name), fingerprint, texts, encoded, qrels, dims, config, cache)
@@ -555,6 +577,7 @@ def measure_dataset(folder: Path, config: QualityBenchConfig) -> dict[str, Any]:
         "split": config.split,
         "num_documents": len(dataset.corpus),
         "num_queries": len(query_ids),
+        "views": {view: len(subset) for view, subset in views.items()},
         "dims": dims,
         "models": models,
         "training": training,
@@ -617,6 +640,9 @@ def _pct(value: float, full: float) -> str:
 def quality_markdown(report: dict[str, Any]) -> str:
     lines = ["# Search quality per dimension", ""]
     lines += summary_table(report) + [""]
+    clean = summary_table(report, "clean")
+    if clean:
+        lines += clean + ["", "The shared view (the other test questions) is in `quality.json`, in rows' `views`.", ""]
     for dataset in report["datasets"]:
         lines += dataset_section(dataset)
     for name, latency in report.get("latency", {}).items():
@@ -632,11 +658,19 @@ def quality_markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def summary_table(report: dict[str, Any]) -> list[str]:
-    """NDCG@10 base → tuned per dim, one column pair per dataset."""
-    datasets = report["datasets"]
+def _ndcg(row: dict[str, Any], view: str | None) -> float:
+    return row["ndcg@10"] if view is None else row["views"][view]["ndcg@10"]
+
+
+def summary_table(report: dict[str, Any], view: str | None = None) -> list[str]:
+    """NDCG@10 base → tuned per dim, one column per dataset: over the whole test split, or over one view
+    (only the datasets that have it)."""
+    datasets = [d for d in report["datasets"] if view is None or view in d.get("views", {})]
+    if not datasets:
+        return []
     dims = sorted({dim for d in datasets for dim in d["dims"]}, reverse=True)
-    header = ["dim"] + [f"{d['name']} base → tuned (% of full)" for d in datasets]
+    names = [f"{d['name']} ({view}, {d['views'][view]} q)" if view else d["name"] for d in datasets]
+    header = ["dim"] + [f"{name} base → tuned (% of full)" for name in names]
     lines = [markdown_row(header), markdown_row(["---:"] * len(header))]
     for dim in dims:
         cells = [str(dim)]
@@ -645,13 +679,22 @@ def summary_table(report: dict[str, Any]) -> list[str]:
             if dim not in base:
                 cells.append("–")
                 continue
-            cell = f"{base[dim]['ndcg@10']:.3f}"
+            cell = f"{_ndcg(base[dim], view):.3f}"
             if dim in tuned:
-                full = tuned[max(tuned)]["ndcg@10"]
-                cell += f" → **{tuned[dim]['ndcg@10']:.3f}** ({_pct(tuned[dim]['ndcg@10'], full)})"
+                full = _ndcg(tuned[max(tuned)], view)
+                cell += f" → **{_ndcg(tuned[dim], view):.3f}** ({_pct(_ndcg(tuned[dim], view), full)})"
             cells.append(cell)
         lines.append(markdown_row(cells))
-    return ["NDCG@10 on each test split, exact float32 search:", ""] + lines
+    if view == "clean":
+        title = (
+            "NDCG@10 on the clean view of each test split (questions none of whose relevant documents is a "
+            "positive of the training split, which a tuned model cannot have memorised), exact float32 search:"
+        )
+    elif view:
+        title = f"NDCG@10 on the {view} view of each test split, exact float32 search:"
+    else:
+        title = "NDCG@10 on each test split, exact float32 search:"
+    return [title, ""] + lines
 
 
 def dataset_section(dataset: dict[str, Any]) -> list[str]:
