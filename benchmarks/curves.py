@@ -38,6 +38,7 @@ logger = logging.getLogger(__name__)
 SIZES = [50, 100, 200, 500, 1000]
 VIEWS = ("clean", "shared")
 DEFAULT_WEIGHTS = (1.0, 1.0)  # the adaptor's similarity and reconstruction weights, as mrl adapt fits it
+RECIPES = ("adaptor", "fine-tune", "both")  # --recipes names; both: the adaptor fitted on the fine-tuned model
 
 
 @dataclass
@@ -54,6 +55,7 @@ class CurvesConfig:
     # extra adaptor rows on the base model's vectors, one per (similarity, reconstruction) weight pair: the
     # regularisation study (mrl adapt's default is 1:1, the plain "adaptor" row)
     regularisation: list[tuple[float, float]] = field(default_factory=list)
+    recipes: list[str] = field(default_factory=lambda: list(RECIPES))  # which rows to fit (a rerun's share)
     cache: Path | None = None
     out: Path = Path("runs/bench/curves")
     progress: bool = True
@@ -195,16 +197,20 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
     sizes = sorted({min(size, len(sample["order"])) for size in config.sizes})  # a size beyond them: all of them
     for size in sizes:
         logger.info("%s: %d training questions", folder.name, size)
-        for weights in [None, *config.regularisation]:  # None: mrl adapt's default weights, the "adaptor" row
+        for weights in [None, *config.regularisation] if "adaptor" in config.recipes else []:
+            # None: mrl adapt's default weights, the "adaptor" row
             fitted = fit_adaptor_row(base, sample, size, config, weights or DEFAULT_WEIGHTS)
             rows.append({"recipe": regularised_recipe(weights) if weights else "adaptor", "questions": size,
                          **_public(fitted), "scores": score_views(fitted["weight"], base, sample)})  # fmt: skip
-        if size > config.max_finetune:
+        if size > config.max_finetune or not {"fine-tune", "both"} & set(config.recipes):
             continue
         tuned_path = finetune(write_training_folder(dataset, sample, size, work / f"train-{size}"),
                               work / f"model-{size}", config)  # fmt: skip
         tuned = Encoded(str(tuned_path), dataset, sample, cache, config.progress)
-        rows.append({"recipe": "fine-tune", "questions": size, "scores": score_views(None, tuned, sample)})
+        if "fine-tune" in config.recipes:
+            rows.append({"recipe": "fine-tune", "questions": size, "scores": score_views(None, tuned, sample)})
+        if "both" not in config.recipes:
+            continue
         both = fit_adaptor_row(tuned, sample, size, config)
         rows.append({"recipe": "fine-tune + adaptor", "questions": size, **_public(both),
                      "scores": score_views(both["weight"], tuned, sample)})  # fmt: skip
@@ -237,6 +243,15 @@ def regularisation_argument(text: str) -> list[tuple[float, float]]:
             raise argparse.ArgumentTypeError(f"weights must be zero or more, got {part!r}")
         pairs.append((similarity, reconstruction))
     return pairs
+
+
+def recipes_argument(text: str) -> list[str]:
+    """argparse type for ``--recipes fine-tune,both``."""
+    names = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [name for name in names if name not in RECIPES]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(RECIPES)}, got {text!r}")
+    return names
 
 
 def _public(fitted: dict[str, Any]) -> dict[str, Any]:
@@ -385,6 +400,10 @@ def add_curves_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--regularisation", type=regularisation_argument, default=[], metavar="S:R,...",
                    help="also fit the adaptor with these similarity:reconstruction term weights at each size, on the "
                    "base model's vectors (the regularisation study; mrl adapt's default is 1:1)")  # fmt: skip
+    p.add_argument("--recipes", type=recipes_argument, default=list(RECIPES), metavar="NAME,...",
+                   help="the rows to fit at each size: adaptor (on the base model), fine-tune, both (the adaptor on "
+                   "the fine-tuned model); default all three. The sample depends only on the largest size and the "
+                   "seed, so rows of separate runs compare")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=None, help="encoding cache (default: OUT/cache)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")

@@ -91,3 +91,16 @@ def test_the_cli_writes_the_regularisation_rows_and_a_size_beyond_the_questions_
     fits = ["adaptor", regularised_recipe((0, 1)), regularised_recipe((2, 0))]
     assert rows == [("base", 0), *((f, 12) for f in fits), *((f, 120) for f in fits)]  # 500 > 120: all of them
     assert (tmp_path / "curves.png").stat().st_size > 0 and "similarity 2, reconstruction 0" in capsys.readouterr().out
+
+
+def test_recipes_choose_the_rows_and_a_bad_name_is_one_line(tmp_path: Path, tiny_model: Path, capsys):
+    config = CurvesConfig([SAMPLE], model=str(tiny_model), sizes=[12], max_finetune=12, epochs=1,
+                          max_test_queries=20, max_docs=60, adaptor_steps=10, out=tmp_path, progress=False,
+                          recipes=["fine-tune"])  # fmt: skip
+    [data] = run_curves(config)["datasets"]
+    assert [(row["recipe"], row["questions"]) for row in data["rows"]] == [("base", 0), ("fine-tune", 12)]
+    with pytest.raises(SystemExit) as exited:
+        main(["bench", "curves", "--data", str(SAMPLE), "--recipes", "adaptor,lora", "--out", str(tmp_path / "o")])
+    assert exited.value.code == 2
+    assert "expected some of adaptor, fine-tune, both, got 'adaptor,lora'" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
