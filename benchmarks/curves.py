@@ -136,6 +136,39 @@ def _dims(model: Any, path: str | None) -> list[int]:
     return model_dims(model, path)
 
 
+def question_scores(weight: np.ndarray | None, encoded: Encoded, sample: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Each test question's NDCG@10 at every dim on each view, after ``weight`` (for paired standard errors)."""
+    from core.matryoshka import truncate_normalize
+    from core.metrics import exact_top_k, ndcg_at_k
+    from training.adaptor import apply_map
+
+    docs = encoded.docs if weight is None else apply_map(encoded.docs, weight)
+    scores: dict[str, dict[str, Any]] = {}
+    for view, ids in sample["views"].items():
+        if not ids:
+            continue
+        judged = encoded.judged(sample["test"], ids)
+        queries = judged.vectors if weight is None else apply_map(judged.vectors, weight)
+        scores[view] = {}
+        for dim in encoded.dims:
+            top = exact_top_k(truncate_normalize(queries, dim), truncate_normalize(docs, dim), 10)
+            scores[view][str(dim)] = np.array([ndcg_at_k([str(d) for d in row], {str(d): g for d, g in rel.items()}, 10)
+                                              for row, rel in zip(top, judged.relevant, strict=True)])  # fmt: skip
+    return scores
+
+
+def change_errors(row: dict[str, Any], base: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """The standard error of each view's and dim's NDCG@10 change against the base model, paired over the
+    test questions: a change within about two of them is the test questions' noise, not the recipe's."""
+    errors: dict[str, dict[str, float]] = {}
+    for view, by_dim in row.items():
+        errors[view] = {}
+        for dim, scores in by_dim.items():
+            change = scores - base[view][dim]
+            errors[view][dim] = round(float(change.std(ddof=1) / np.sqrt(len(change))) if len(change) > 1 else 0.0, 4)
+    return errors
+
+
 def score_views(weight: np.ndarray | None, encoded: Encoded, sample: dict[str, Any]) -> dict[str, dict[str, float]]:
     """NDCG@10 at every dim on each test view, after ``weight`` (None: the vectors as they are)."""
     from training.adaptor import score_mapped
@@ -194,6 +227,11 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
     work = config.out / "work" / folder.name
     base = Encoded(config.model, dataset, sample, cache, config.progress)
     rows = [{"recipe": "base", "questions": 0, "scores": score_views(None, base, sample)}]
+    base_questions = question_scores(None, base, sample)
+
+    def errors(weight: np.ndarray | None, encoded: Encoded) -> dict[str, Any]:
+        return {"change_se": change_errors(question_scores(weight, encoded, sample), base_questions)}
+
     sizes = sorted({min(size, len(sample["order"])) for size in config.sizes})  # a size beyond them: all of them
     for size in sizes:
         logger.info("%s: %d training questions", folder.name, size)
@@ -201,19 +239,22 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
             # None: mrl adapt's default weights, the "adaptor" row
             fitted = fit_adaptor_row(base, sample, size, config, weights or DEFAULT_WEIGHTS)
             rows.append({"recipe": regularised_recipe(weights) if weights else "adaptor", "questions": size,
-                         **_public(fitted), "scores": score_views(fitted["weight"], base, sample)})  # fmt: skip
+                         **_public(fitted), "scores": score_views(fitted["weight"], base, sample),
+                         **errors(fitted["weight"], base)})  # fmt: skip
         if size > config.max_finetune or not {"fine-tune", "both"} & set(config.recipes):
             continue
         tuned_path = finetune(write_training_folder(dataset, sample, size, work / f"train-{size}"),
                               work / f"model-{size}", config)  # fmt: skip
         tuned = Encoded(str(tuned_path), dataset, sample, cache, config.progress)
         if "fine-tune" in config.recipes:
-            rows.append({"recipe": "fine-tune", "questions": size, "scores": score_views(None, tuned, sample)})
+            rows.append({"recipe": "fine-tune", "questions": size, "scores": score_views(None, tuned, sample),
+                         **errors(None, tuned)})  # fmt: skip
         if "both" not in config.recipes:
             continue
         both = fit_adaptor_row(tuned, sample, size, config)
         rows.append({"recipe": "fine-tune + adaptor", "questions": size, **_public(both),
-                     "scores": score_views(both["weight"], tuned, sample)})  # fmt: skip
+                     "scores": score_views(both["weight"], tuned, sample),
+                     **errors(both["weight"], tuned)})  # fmt: skip
     return {
         "dataset": folder.name,
         "dims": base.dims,
@@ -297,6 +338,23 @@ def never_worse(row: dict[str, Any], base: dict[str, Any], view: str, tolerance:
     return all(row["scores"][view][dim] >= base["scores"][view][dim] - tolerance for dim in base["scores"][view])
 
 
+def within_noise(row: dict[str, Any], base: dict[str, Any], view: str, tolerance: float = 0.005) -> bool:
+    """Whether every dim's change is above ``-tolerance`` less two paired standard errors (False without them)."""
+    errors = row.get("change_se", {}).get(view)
+    if not errors:
+        return False
+    return all(
+        row["scores"][view][dim] - base["scores"][view][dim] >= -tolerance - 2 * errors[dim]
+        for dim in base["scores"][view]
+    )
+
+
+def verdict(row: dict[str, Any], base: dict[str, Any], view: str) -> str:
+    if never_worse(row, base, view):
+        return "✓"
+    return "✗ (within 2 SE)" if within_noise(row, base, view) else "✗"
+
+
 def curves_markdown(report: dict[str, Any]) -> str:
     config = report["config"]
     lines = [
@@ -305,8 +363,9 @@ def curves_markdown(report: dict[str, Any]) -> str:
         f"Test questions per view: up to {config['max_test_queries']}; corpus: their judged documents, the training "
         f"questions' and others up to {config['max_docs']}; fine-tuning {config['epochs']:g} epochs, up to "
         f"{config['max_finetune']} questions. *clean*: test questions whose relevant documents are no training "
-        "positive; change against the base model at each dim; ✓: within 0.005 of the base model or better at every "
-        "dim.",
+        "positive; change against the base model at each dim (± its standard error, paired over the test questions, "
+        "when measured); ✓: within 0.005 of the base model or better at every dim; ✗ (within 2 SE): some dim below "
+        "that, but by less than two standard errors, which the test questions' noise explains.",
     ]
     for data in report["datasets"]:
         dims = [str(d) for d in data["dims"]]
@@ -334,15 +393,17 @@ def curves_markdown(report: dict[str, Any]) -> str:
             for row in data["rows"]:
                 scores = row["scores"][view]
                 cells = []
+                errors = row.get("change_se", {}).get(view, {})
                 for dim in dims:
                     change = scores[dim] - base["scores"][view][dim]
-                    cells.append(f"{scores[dim]:.3f}" if row is base else f"{scores[dim]:.3f} ({change:+.3f})")
+                    spread = f" ±{errors[dim]:.3f}" if dim in errors else ""
+                    cells.append(f"{scores[dim]:.3f}" if row is base else f"{scores[dim]:.3f} ({change:+.3f}{spread})")
                 small = dims[-2] if len(dims) > 1 else dims[0]
                 unchanged = row.get("kept_input") or (row.get("init") == "identity" and row.get("step") == 0)
                 kept = " (input kept)" if unchanged else ""
                 lines.append(markdown_row([
                     row["recipe"] + kept, str(row["questions"]), *cells,
-                    "–" if row is base else ("✓" if never_worse(row, base, view) else "✗"),
+                    "–" if row is base else verdict(row, base, view),
                     f"{100 * scores[small] / scores[dims[0]]:.1f}%" if scores[dims[0]] else "–",
                 ]))  # fmt: skip
     return "\n".join(lines) + "\n"

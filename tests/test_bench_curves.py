@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from benchmarks.curves import (
@@ -18,8 +19,11 @@ from benchmarks.curves import (
     draw_sample,
     never_worse,
     plot_curves,
+    question_scores,
     regularised_recipe,
     run_curves,
+    score_views,
+    verdict,
 )
 from core.data import load_beir, shared_positives
 from mrl.cli import main
@@ -60,6 +64,9 @@ def test_curves_on_the_sample_with_the_tiny_model(tmp_path: Path, tiny_model: Pa
             assert never_worse(row, base, view) == all(scores[d] >= base["scores"][view][d] - 0.005 for d in scores)
         if row["recipe"] != "base" and "adaptor" in row["recipe"]:
             assert row["cross_validation"]["folds"] == 5  # under 1,000 questions: mrl adapt's default
+    for row in data["rows"][1:]:  # paired standard errors of every change
+        assert row["change_se"].keys() == row["scores"].keys()
+        assert all(e.keys() == row["scores"][v].keys() and min(e.values()) >= 0 for v, e in row["change_se"].items())
     table = curves_markdown(report)
     assert table.startswith("# Learning curves") and "| adaptor" in table and "| fine-tune | 12 |" in table
     assert plot_curves(report, tmp_path / "curves.png").stat().st_size > 0
@@ -104,3 +111,33 @@ def test_recipes_choose_the_rows_and_a_bad_name_is_one_line(tmp_path: Path, tiny
     assert exited.value.code == 2
     assert "expected some of adaptor, fine-tune, both, got 'adaptor,lora'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_a_loss_within_two_standard_errors_is_told_apart_from_a_real_one():
+    base = {"scores": {"clean": {"64": 0.500, "32": 0.400}}}
+
+    def row(score: float, error: float | None) -> dict:
+        errors = {} if error is None else {"change_se": {"clean": {"64": error, "32": 0.0}}}
+        return {"scores": {"clean": {"64": score, "32": 0.400}}, **errors}
+
+    assert verdict(row(0.496, 0.001), base, "clean") == "✓"  # within the 0.005 tolerance
+    assert verdict(row(0.490, 0.010), base, "clean") == "✗ (within 2 SE)"  # -0.010 >= -0.005 - 0.020
+    assert verdict(row(0.490, 0.002), base, "clean") == "✗"  # -0.010 < -0.005 - 0.004
+    assert verdict(row(0.490, None), base, "clean") == "✗"  # an old report without errors
+
+
+def test_question_scores_average_to_the_view_scores(tmp_path: Path, tiny_model: Path):
+    from benchmarks.curves import Encoded
+
+    config = CurvesConfig([SAMPLE], model=str(tiny_model), sizes=[12], max_test_queries=20, max_docs=60,
+                          out=tmp_path, progress=False)  # fmt: skip
+    dataset = load_beir(SAMPLE, ["train", "test"])
+    sample = draw_sample(dataset, config)
+    encoded = Encoded(str(tiny_model), dataset, sample, tmp_path / "cache", False)
+    weight = np.linalg.qr(np.random.default_rng(0).normal(size=(TINY_DIMS[0],) * 2))[0].astype(np.float32)
+    for mapped in (None, weight):
+        views, questions = score_views(mapped, encoded, sample), question_scores(mapped, encoded, sample)
+        for view, by_dim in views.items():
+            for dim, value in by_dim.items():
+                assert len(questions[view][dim]) == len(sample["views"][view])
+                assert float(questions[view][dim].mean()) == pytest.approx(value, abs=1e-4)
