@@ -66,8 +66,9 @@ def check_workers(settings: Any) -> None:
     """Refuse what several processes cannot share.
 
     Raises:
-        WorkersError: A writable server (its write-ahead log and writer lock belong to one process), or a
-            folder index that is not there (each worker would say so: the supervisor says it once).
+        WorkersError: A writable server (its write-ahead log and writer lock belong to one process), a
+            folder index or a model folder that is not there (each worker would say so: the supervisor says
+            it once).
     """
     if settings.workers > 1 and settings.writable:
         raise WorkersError(
@@ -83,6 +84,17 @@ def check_workers(settings: Any) -> None:
                 check_index(settings)  # a wrong path fails here once, not once per worker
         except MrlError as exc:
             raise WorkersError(f"cannot serve: {exc}") from None
+    if settings.workers > 1 and settings.model and _missing_folder(settings.model):
+        raise WorkersError(f"cannot serve: cannot load model {settings.model!r}: no such folder")
+
+
+def _missing_folder(model: str) -> bool:
+    """A model written as a path (absolute, ``./``, ``../``, ``~``) that is not there; ``org/name`` may be a hub
+    name, which only loading can tell."""
+    from pathlib import Path
+
+    path = Path(model).expanduser()
+    return model.startswith((".", "~", "/")) and not path.exists()
 
 
 Listen = Callable[[str, int], list[socket.socket]]

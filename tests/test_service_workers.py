@@ -134,10 +134,24 @@ def test_a_missing_index_is_refused_by_the_supervisor_before_any_worker_starts(t
     check_workers(ServiceSettings(index=str(tmp_path / "none"), workers=1))  # one process says it itself
 
 
+def test_a_missing_model_folder_is_refused_by_the_supervisor_before_any_worker_starts(tmp_path: Path,
+                                                                                      sample_index: Path):  # fmt: skip
+    """Each worker failed to load it and said so: two errors, each logged and printed, for one mistake."""
+    from service.settings import ServiceSettings
+    from service.workers import WorkersError, check_workers
+
+    for model in (str(tmp_path / "none"), "./none", "~/none-model-folder"):
+        with pytest.raises(WorkersError, match=r"^cannot serve: cannot load model .*none.*: no such folder$"):
+            check_workers(ServiceSettings(index=str(sample_index), model=model, workers=2))
+    check_workers(ServiceSettings(index=str(sample_index), model="org/hub-name", workers=2))  # only loading tells
+    check_workers(ServiceSettings(index=str(sample_index), model=str(tmp_path / "none"), workers=1))
+
+
 @pytest.mark.parametrize(
     ("settings", "expected"),
     [
         ({"index": "/nonexistent/index"}, "cannot serve"),
+        ({"model": "/nonexistent/model"}, "cannot load model '/nonexistent/model': no such folder"),
         ({"writable": "true"}, "--writable takes one process"),
     ],
 )
