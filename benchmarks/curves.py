@@ -39,6 +39,9 @@ SIZES = [50, 100, 200, 500, 1000]
 VIEWS = ("clean", "shared")
 DEFAULT_WEIGHTS = (1.0, 1.0)  # the adaptor's similarity and reconstruction weights, as mrl adapt fits it
 RECIPES = ("adaptor", "fine-tune", "both")  # --recipes names; both: the adaptor fitted on the fine-tuned model
+# also accepted, not run by default: the adaptor kept a rotation (mrl adapt --orthogonal), on the base model
+EXTRA_RECIPES = ("orthogonal",)
+ORTHOGONAL_ROW = "adaptor, orthogonal"
 
 
 @dataclass
@@ -181,17 +184,23 @@ def score_views(weight: np.ndarray | None, encoded: Encoded, sample: dict[str, A
     return views
 
 
-def fit_adaptor_row(encoded: Encoded, sample: dict[str, Any], size: int, config: CurvesConfig,
-                    weights: tuple[float, float] = DEFAULT_WEIGHTS) -> dict[str, Any]:  # fmt: skip
+def fit_adaptor_row(
+    encoded: Encoded,
+    sample: dict[str, Any],
+    size: int,
+    config: CurvesConfig,
+    weights: tuple[float, float] = DEFAULT_WEIGHTS,
+    orthogonal: bool = False,
+) -> dict[str, Any]:
     """``mrl adapt``'s default fit on the first ``size`` questions (``weights``: its similarity and reconstruction
-    terms' weights); its choice and its test scores."""
+    terms' weights; ``orthogonal``: ``--orthogonal``); its choice and its test scores."""
     from training.adapt import AUTO_FOLDS, CROSS_VALIDATE_BELOW
     from training.adaptor import AdaptorConfig, fit_adaptor
     from training.validation import VALIDATION_SPLIT, split_validation
 
     questions = sample["order"][:size]
     fit_config = AdaptorConfig(dims=encoded.dims, steps=config.adaptor_steps, similarity_weight=weights[0],
-                               reconstruction_weight=weights[1])  # fmt: skip
+                               reconstruction_weight=weights[1], orthogonal=orthogonal)  # fmt: skip
     started = time.perf_counter()
     if size < CROSS_VALIDATE_BELOW:
         fit = fit_adaptor(encoded.docs, encoded.judged(sample["train"], questions), None,
@@ -235,10 +244,15 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
     sizes = sorted({min(size, len(sample["order"])) for size in config.sizes})  # a size beyond them: all of them
     for size in sizes:
         logger.info("%s: %d training questions", folder.name, size)
-        for weights in [None, *config.regularisation] if "adaptor" in config.recipes else []:
+        variants: list[Any] = [None, *config.regularisation] if "adaptor" in config.recipes else []
+        for weights in variants + (["orthogonal"] if "orthogonal" in config.recipes else []):
             # None: mrl adapt's default weights, the "adaptor" row
-            fitted = fit_adaptor_row(base, sample, size, config, weights or DEFAULT_WEIGHTS)
-            rows.append({"recipe": regularised_recipe(weights) if weights else "adaptor", "questions": size,
+            if weights == "orthogonal":
+                fitted, recipe = fit_adaptor_row(base, sample, size, config, orthogonal=True), ORTHOGONAL_ROW
+            else:
+                fitted = fit_adaptor_row(base, sample, size, config, weights or DEFAULT_WEIGHTS)
+                recipe = regularised_recipe(weights) if weights else "adaptor"
+            rows.append({"recipe": recipe, "questions": size,
                          **_public(fitted), "scores": score_views(fitted["weight"], base, sample),
                          **errors(fitted["weight"], base)})  # fmt: skip
         if size > config.max_finetune or not {"fine-tune", "both"} & set(config.recipes):
@@ -289,9 +303,9 @@ def regularisation_argument(text: str) -> list[tuple[float, float]]:
 def recipes_argument(text: str) -> list[str]:
     """argparse type for ``--recipes fine-tune,both``."""
     names = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [name for name in names if name not in RECIPES]
+    unknown = [name for name in names if name not in RECIPES + EXTRA_RECIPES]
     if unknown or not names:
-        raise argparse.ArgumentTypeError(f"expected some of {', '.join(RECIPES)}, got {text!r}")
+        raise argparse.ArgumentTypeError(f"expected some of {', '.join(RECIPES + EXTRA_RECIPES)}, got {text!r}")
     return names
 
 
@@ -463,7 +477,8 @@ def add_curves_parser(actions: argparse._SubParsersAction) -> None:
                    "base model's vectors (the regularisation study; mrl adapt's default is 1:1)")  # fmt: skip
     p.add_argument("--recipes", type=recipes_argument, default=list(RECIPES), metavar="NAME,...",
                    help="the rows to fit at each size: adaptor (on the base model), fine-tune, both (the adaptor on "
-                   "the fine-tuned model); default all three. The sample depends only on the largest size and the "
+                   "the fine-tuned model), orthogonal (the adaptor kept a rotation, on the base model); default the "
+                   "first three. The sample depends only on the largest size and the "
                    "seed, so rows of separate runs compare")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", type=Path, default=None, help="encoding cache (default: OUT/cache)")

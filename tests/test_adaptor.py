@@ -105,6 +105,25 @@ def test_adaptor_moves_the_signal_into_the_leading_dims():
     assert fit.history[0]["step"] == 0 and fit.best_step > 0
 
 
+def test_an_orthogonal_adaptor_is_a_rotation_that_keeps_the_full_dim_and_still_moves_the_signal():
+    """A full-dim cosine cannot change under a rotation: the full dim is the input model's at every step,
+    whatever the labels; only which directions the leading dims keep is learned."""
+    corpus, train, valid = hidden_signal(docs=200, queries=160)
+    config = AdaptorConfig(dims=[64, 32, 16, 8], init="identity", steps=60, learning_rate=2e-2, eval_every=10,
+                           similarity_weight=0, reconstruction_weight=0, tolerance=1.0, select_dim=8,
+                           orthogonal=True)  # fmt: skip
+    fit = fit_adaptor(corpus, train, valid, config)
+    np.testing.assert_allclose(fit.weight @ fit.weight.T, np.eye(64), atol=1e-4)
+    before = score_mapped(None, corpus, valid, config.dims, "ndcg@10")
+    after = score_mapped(fit.weight, corpus, valid, config.dims, "ndcg@10")
+    assert after[64] == pytest.approx(before[64], abs=1e-6)  # the same rankings at the full dim
+    assert fit.best_step > 0 and after[8]["ndcg@10"] > before[8]["ndcg@10"] + 0.2
+    for entry in fit.history:  # every validated step, not only the kept one
+        assert entry["ndcg@10"]["64"] == pytest.approx(round(before[64]["ndcg@10"], 4), abs=2e-4)
+    free = fit_adaptor(corpus, train, valid, replace(config, orthogonal=False))
+    assert not np.allclose(free.weight @ free.weight.T, np.eye(64), atol=1e-2)  # unconstrained, it is no rotation
+
+
 def test_the_never_worse_rule_refuses_to_trade_a_dim_for_another():
     corpus, train, valid = hidden_signal(docs=200, queries=160)
     config = AdaptorConfig(dims=[64, 32, 16, 8], init="identity", steps=60, learning_rate=1e-2, eval_every=10,
@@ -210,6 +229,7 @@ def test_mrl_adapt_publishes_a_model_the_index_builder_and_eval_load(tmp_path: P
     report = json.loads((out / "adaptor_report.json").read_text())
     assert report["validation_queries"] == 12 and report["training_queries"] == 108
     assert report["settings"]["init"] == "auto" and set(report["fit"]["starts"]) == {"pca", "identity"}
+    assert report["settings"]["orthogonal"] is False
     assert report["fit"]["init"] == max(report["fit"]["starts"], key=report["fit"]["starts"].get)
     assert "chosen by --init auto" in (out / "adaptor_report.md").read_text()
     assert report["before"]["by_dim"].keys() == report["after"]["by_dim"].keys() == {str(d) for d in TINY_DIMS}
@@ -282,3 +302,15 @@ def test_adapt_refuses_an_unknown_method_in_one_line(tmp_path: Path, capsys):
         main(["adapt", "--data", str(SAMPLE), "--output", str(tmp_path / "o"), "--method", "svd"])
     assert stopped.value.code == 2
     assert "invalid choice: 'svd'" in capsys.readouterr().err
+
+
+def test_mrl_adapt_orthogonal_keeps_the_full_dim_of_its_input(tmp_path: Path, tiny_model: Path):
+    out = tmp_path / "adapted"
+    argv = ["adapt", "--data", str(SAMPLE), "--model", str(tiny_model), "--output", str(out), "--steps", "25",
+            "--folds", "0", "--orthogonal", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "adaptor_report.json").read_text())
+    assert report["settings"]["orthogonal"] is True
+    full = str(max(TINY_DIMS))
+    assert report["after"]["by_dim"][full]["ndcg@10"] == pytest.approx(report["before"]["by_dim"][full]["ndcg@10"],
+                                                                       abs=1e-3)  # fmt: skip

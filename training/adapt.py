@@ -59,6 +59,7 @@ FIT_OPTIONS = (
     "patience",
     "tolerance",
     "folds",
+    "orthogonal",
     "seed",
 )
 CROSS_VALIDATE_BELOW = 1000  # training queries: fewer, and the start and step are chosen by k-fold cross-validation

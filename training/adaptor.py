@@ -64,6 +64,9 @@ class AdaptorConfig:
     select_dim: int | None = None  # maximise the gain at this dim alone (default: the mean gain over the dims)
     tolerance: float = TOLERANCE  # no dim's validation metric may fall more than this below the input model's
     folds: int | None = None  # choose the start and step by k-fold cross-validation over the training queries
+    # The map kept a rotation of its start (which is one): cosines at the full dim are the input's, exactly, so
+    # the full dim cannot be traded; only which directions the leading dims keep is learned.
+    orthogonal: bool = False
     seed: int = 42
 
     def check(self) -> None:
@@ -391,9 +394,20 @@ def _fit_from(
     weights = config.weights or [1.0] * len(dims)
     d = corpus.shape[1]
     start = pca_rotation(corpus) if config.init == "pca" else np.eye(d, dtype=np.float32)
-    weight = torch.nn.Parameter(torch.from_numpy(start.copy()))
     initial = torch.from_numpy(start.copy())
-    optimizer = torch.optim.Adam([weight], lr=config.learning_rate)
+    if config.orthogonal:  # the start times the exponential of a skew-symmetric matrix: a rotation at every step
+        skew = torch.nn.Parameter(torch.zeros(d, d))
+        parameter = skew
+
+        def mapping() -> torch.Tensor:
+            return initial @ torch.linalg.matrix_exp(skew - skew.T)
+    else:
+        parameter = torch.nn.Parameter(torch.from_numpy(start.copy()))
+
+        def mapping() -> torch.Tensor:
+            return parameter
+
+    optimizer = torch.optim.Adam([parameter], lr=config.learning_rate)
     docs = torch.from_numpy(np.ascontiguousarray(corpus, dtype=np.float32))
     queries = torch.from_numpy(np.ascontiguousarray(training.vectors, dtype=np.float32))
     pairs = [(q, doc) for q, rel in enumerate(training.relevant) for doc, grade in rel.items() if grade > 0]
@@ -430,6 +444,7 @@ def _fit_from(
             for other in relevant[q] - {p}:
                 if other in column:
                     mask[i, column[other]] = True
+        weight = mapping()
         q_full = queries[torch.tensor(batch_queries)] @ weight.T
         d_full = docs[torch.from_numpy(candidates)] @ weight.T
         sample = torch.randperm(docs.shape[0], generator=generator)[: min(512, docs.shape[0])]
@@ -455,7 +470,7 @@ def _fit_from(
         fit.steps_run = step
         if validation is None or step % config.eval_every:
             continue
-        current = weight.detach().numpy().copy()
+        current = mapping().detach().numpy().copy()
         scores = evaluate(current)
         entry = {
             "step": step,
@@ -472,7 +487,7 @@ def _fit_from(
             if stale >= config.patience:
                 break
     if validation is None:
-        fit.weight, fit.best_step = weight.detach().numpy().copy(), fit.steps_run
+        fit.weight, fit.best_step = mapping().detach().numpy().copy(), fit.steps_run
     fit.seconds = time.perf_counter() - started
     return fit
 

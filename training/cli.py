@@ -394,6 +394,12 @@ def add_adapt_parser(commands: argparse._SubParsersAction) -> None:
         help="choose the start and step by k-fold cross-validation over the training queries, then fit on all "
         "of them (default: 5 folds below 1,000 training queries, else --validation-fraction; 0: never)",
     )
+    p.add_argument(
+        "--orthogonal",
+        action="store_true",
+        help="keep the map a rotation: the full dim's cosines stay the input model's exactly, and only which "
+        "directions the leading dims keep is learned",
+    )
     p.add_argument("--seed", type=int, default=fit.seed, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="encoding batch (default: %(default)s)")
     p.add_argument("--workers", type=int, default=defaults.workers, help="processes that encode the corpus")
