@@ -172,16 +172,10 @@ def change_errors(row: dict[str, Any], base: dict[str, Any]) -> dict[str, dict[s
     return errors
 
 
-def score_views(weight: np.ndarray | None, encoded: Encoded, sample: dict[str, Any]) -> dict[str, dict[str, float]]:
-    """NDCG@10 at every dim on each test view, after ``weight`` (None: the vectors as they are)."""
-    from training.adaptor import score_mapped
-
-    views = {}
-    for view, ids in sample["views"].items():
-        if ids:
-            scores = score_mapped(weight, encoded.docs, encoded.judged(sample["test"], ids), encoded.dims, "ndcg@10")
-            views[view] = {str(dim): round(v["ndcg@10"], 4) for dim, v in scores.items()}
-    return views
+def view_means(questions: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """Each view's NDCG@10 per dim: the mean of its questions' (trec_eval's mean, as ``score_rankings``)."""
+    return {view: {dim: round(float(scores.mean()), 4) for dim, scores in by_dim.items()}
+            for view, by_dim in questions.items()}  # fmt: skip
 
 
 def fit_adaptor_row(
@@ -235,40 +229,37 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
     cache = config.cache or config.out / "cache"
     work = config.out / "work" / folder.name
     base = Encoded(config.model, dataset, sample, cache, config.progress)
-    rows = [{"recipe": "base", "questions": 0, "scores": score_views(None, base, sample)}]
     base_questions = question_scores(None, base, sample)
+    rows = [{"recipe": "base", "questions": 0, "scores": view_means(base_questions)}]
 
-    def errors(weight: np.ndarray | None, encoded: Encoded) -> dict[str, Any]:
-        return {"change_se": change_errors(question_scores(weight, encoded, sample), base_questions)}
+    def scored(weight: np.ndarray | None, encoded: Encoded) -> dict[str, Any]:
+        """The row's view scores and their changes' standard errors, from one search per view and dim."""
+        questions = question_scores(weight, encoded, sample)
+        return {"scores": view_means(questions), "change_se": change_errors(questions, base_questions)}
 
     sizes = sorted({min(size, len(sample["order"])) for size in config.sizes})  # a size beyond them: all of them
     for size in sizes:
         logger.info("%s: %d training questions", folder.name, size)
-        variants: list[Any] = [None, *config.regularisation] if "adaptor" in config.recipes else []
-        for weights in variants + (["orthogonal"] if "orthogonal" in config.recipes else []):
-            # None: mrl adapt's default weights, the "adaptor" row
-            if weights == "orthogonal":
-                fitted, recipe = fit_adaptor_row(base, sample, size, config, orthogonal=True), ORTHOGONAL_ROW
-            else:
-                fitted = fit_adaptor_row(base, sample, size, config, weights or DEFAULT_WEIGHTS)
-                recipe = regularised_recipe(weights) if weights else "adaptor"
-            rows.append({"recipe": recipe, "questions": size,
-                         **_public(fitted), "scores": score_views(fitted["weight"], base, sample),
-                         **errors(fitted["weight"], base)})  # fmt: skip
+        fits: list[tuple[str, dict[str, Any]]] = []  # (row name, fit_adaptor_row's options), on the base vectors
+        if "adaptor" in config.recipes:
+            fits += [("adaptor", {})] + [(regularised_recipe(w), {"weights": w}) for w in config.regularisation]
+        if "orthogonal" in config.recipes:
+            fits.append((ORTHOGONAL_ROW, {"orthogonal": True}))
+        for recipe, options in fits:
+            fitted = fit_adaptor_row(base, sample, size, config, **options)
+            rows.append({"recipe": recipe, "questions": size, **_public(fitted), **scored(fitted["weight"], base)})
         if size > config.max_finetune or not {"fine-tune", "both"} & set(config.recipes):
             continue
         tuned_path = finetune(write_training_folder(dataset, sample, size, work / f"train-{size}"),
                               work / f"model-{size}", config)  # fmt: skip
         tuned = Encoded(str(tuned_path), dataset, sample, cache, config.progress)
         if "fine-tune" in config.recipes:
-            rows.append({"recipe": "fine-tune", "questions": size, "scores": score_views(None, tuned, sample),
-                         **errors(None, tuned)})  # fmt: skip
+            rows.append({"recipe": "fine-tune", "questions": size, **scored(None, tuned)})
         if "both" not in config.recipes:
             continue
         both = fit_adaptor_row(tuned, sample, size, config)
         rows.append({"recipe": "fine-tune + adaptor", "questions": size, **_public(both),
-                     "scores": score_views(both["weight"], tuned, sample),
-                     **errors(both["weight"], tuned)})  # fmt: skip
+                     **scored(both["weight"], tuned)})  # fmt: skip
     return {
         "dataset": folder.name,
         "dims": base.dims,

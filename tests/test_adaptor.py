@@ -24,10 +24,10 @@ from training.adaptor import (
     fit_adaptor,
     grouped_folds,
     pca_rotation,
-    positive_groups,
     score_mapped,
 )
 from training.evaluate import SplitEmbeddings, score_dims
+from training.validation import positive_groups
 
 
 def hidden_signal(seed: int = 0, docs: int = 400, queries: int = 240, d: int = 64, signal: int = 8):

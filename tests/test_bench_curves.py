@@ -22,8 +22,8 @@ from benchmarks.curves import (
     question_scores,
     regularised_recipe,
     run_curves,
-    score_views,
     verdict,
+    view_means,
 )
 from core.data import load_beir, shared_positives
 from mrl.cli import main
@@ -128,6 +128,7 @@ def test_a_loss_within_two_standard_errors_is_told_apart_from_a_real_one():
 
 def test_question_scores_average_to_the_view_scores(tmp_path: Path, tiny_model: Path):
     from benchmarks.curves import Encoded
+    from training.adaptor import score_mapped
 
     config = CurvesConfig([SAMPLE], model=str(tiny_model), sizes=[12], max_test_queries=20, max_docs=60,
                           out=tmp_path, progress=False)  # fmt: skip
@@ -136,8 +137,12 @@ def test_question_scores_average_to_the_view_scores(tmp_path: Path, tiny_model: 
     encoded = Encoded(str(tiny_model), dataset, sample, tmp_path / "cache", False)
     weight = np.linalg.qr(np.random.default_rng(0).normal(size=(TINY_DIMS[0],) * 2))[0].astype(np.float32)
     for mapped in (None, weight):
-        views, questions = score_views(mapped, encoded, sample), question_scores(mapped, encoded, sample)
-        for view, by_dim in views.items():
-            for dim, value in by_dim.items():
-                assert len(questions[view][dim]) == len(sample["views"][view])
-                assert float(questions[view][dim].mean()) == pytest.approx(value, abs=1e-4)
+        questions = question_scores(mapped, encoded, sample)
+        means = view_means(questions)
+        for view in questions:  # against the trec_eval path (score_rankings)
+            ids = sample["views"][view]
+            judged = encoded.judged(sample["test"], ids)
+            for dim, value in score_mapped(mapped, encoded.docs, judged, encoded.dims, "ndcg@10").items():
+                assert len(questions[view][str(dim)]) == len(ids)
+                assert float(questions[view][str(dim)].mean()) == pytest.approx(value["ndcg@10"], abs=1e-4)
+                assert means[view][str(dim)] == pytest.approx(value["ndcg@10"], abs=1e-4)

@@ -31,7 +31,7 @@ import numpy as np
 from core.errors import ConfigError
 from core.matryoshka import truncate_normalize
 from core.metrics import exact_top_k, score_rankings
-from training.validation import positive_groups
+from training.validation import separable_groups
 
 logger = logging.getLogger(__name__)
 
@@ -304,11 +304,7 @@ def fit_cross_validated(
     """
     started = time.perf_counter()
     count = len(training.relevant)
-    groups = positive_groups(training.relevant)
-    if len(groups) < 2:  # one web of shared positives: nothing to hold apart
-        logger.warning("every training question shares a relevant document with another: the folds are random, so "
-                       "gains from memorising the training positives count in the choice")  # fmt: skip
-        groups = [[row] for row in range(count)]
+    groups = separable_groups(training.relevant, "the folds")
     k = min(config.folds or 5, len(groups))
     parts = grouped_folds(groups, k, config.seed)
     dims = sorted(config.dims, reverse=True)

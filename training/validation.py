@@ -105,6 +105,17 @@ def positive_groups(relevant: list[dict[Hashable, int]]) -> list[list[int]]:
     return list(groups.values())
 
 
+def separable_groups(relevant: list[dict[Hashable, int]], held: str) -> list[list[int]]:
+    """:func:`positive_groups`, or one group per question (with a warning naming what is ``held`` out) when a
+    single web of shared positives joins them all and there is nothing to hold apart."""
+    groups = positive_groups(relevant)
+    if len(groups) > 1:
+        return groups
+    logger.warning("every training question shares a relevant document with another: %s are drawn at random, so "
+                   "gains from memorising the training positives count in the choice", held)  # fmt: skip
+    return [[row] for row in range(len(relevant))]
+
+
 def split_validation(dataset: RetrievalDataset, split: str, fraction: float, seed: int) -> ValidationSet:
     """Hold out ``fraction`` of the distinct query texts of ``split``, whole groups at a time, drawn by ``seed``.
 
@@ -112,8 +123,8 @@ def split_validation(dataset: RetrievalDataset, split: str, fraction: float, see
     validation questions' positives are then never training positives, as on a clean test view, so a
     checkpoint is not chosen for memorising them. Groups are taken in a seeded order, skipping any that
     would overshoot, until the share is reached. When one group holds every question, the split falls
-    back to random questions and says so. Splitting by text (not id) keeps a query asked twice under two
-    ids on one side only.
+    back to random questions and says so (:func:`separable_groups`). Splitting by text (not id) keeps a
+    query asked twice under two ids on one side only.
 
     Raises:
         ConfigError: If the split has too few queries to leave at least one on each side.
@@ -131,22 +142,16 @@ def split_validation(dataset: RetrievalDataset, split: str, fraction: float, see
             f"--validation-fraction {fraction} of {len(texts)} training queries leaves an empty side; "
             "choose a fraction that holds out at least one query and keeps one"
         )
-    groups = positive_groups([positives[text] for text in texts])
-    rng = random.Random(seed)
-    if len(groups) < 2:
-        logger.warning("every training question shares a relevant document with another: the validation questions "
-                       "are drawn at random, so they may share positives with training")  # fmt: skip
-        validation_texts = set(rng.sample(texts, held_out))
-    else:
-        chosen: list[int] = []
-        for group in rng.sample(groups, len(groups)):
-            if len(chosen) + len(group) <= held_out:
-                chosen.extend(group)
-            if len(chosen) == held_out:
-                break
-        if not chosen:  # every group is larger than the share: the smallest one
-            chosen = min(groups, key=len)
-        validation_texts = {texts[row] for row in chosen}
+    groups = separable_groups([positives[text] for text in texts], "the validation questions")
+    chosen: list[int] = []
+    for group in random.Random(seed).sample(groups, len(groups)):
+        if len(chosen) + len(group) <= held_out:
+            chosen.extend(group)
+        if len(chosen) == held_out:
+            break
+    if not chosen:  # every group is larger than the share: the smallest one
+        chosen = min(groups, key=len)
+    validation_texts = {texts[row] for row in chosen}
     validation = {qid: docs for qid, docs in qrels.items() if dataset.queries[qid] in validation_texts}
     training = {qid: docs for qid, docs in dataset.split(split).items() if qid not in validation}
     held = RetrievalDataset(dataset.root, dataset.corpus, dataset.queries, {VALIDATION_SPLIT: validation})
