@@ -40,7 +40,8 @@ VIEWS = ("clean", "shared")
 DEFAULT_WEIGHTS = (1.0, 1.0)  # the adaptor's similarity and reconstruction weights, as mrl adapt fits it
 RECIPES = ("adaptor", "fine-tune", "both")  # --recipes names; both: the adaptor fitted on the fine-tuned model
 # also accepted, not run by default: the adaptor kept a rotation (mrl adapt --orthogonal), on the base model
-EXTRA_RECIPES = ("orthogonal",)
+# (orthogonal) and on the fine-tuned one (both-orthogonal)
+EXTRA_RECIPES = ("orthogonal", "both-orthogonal")
 ORTHOGONAL_ROW = "adaptor, orthogonal"
 
 
@@ -248,18 +249,19 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
         for recipe, options in fits:
             fitted = fit_adaptor_row(base, sample, size, config, **options)
             rows.append({"recipe": recipe, "questions": size, **_public(fitted), **scored(fitted["weight"], base)})
-        if size > config.max_finetune or not {"fine-tune", "both"} & set(config.recipes):
+        if size > config.max_finetune or not {"fine-tune", "both", "both-orthogonal"} & set(config.recipes):
             continue
         tuned_path = finetune(write_training_folder(dataset, sample, size, work / f"train-{size}"),
                               work / f"model-{size}", config)  # fmt: skip
         tuned = Encoded(str(tuned_path), dataset, sample, cache, config.progress)
         if "fine-tune" in config.recipes:
             rows.append({"recipe": "fine-tune", "questions": size, **scored(None, tuned)})
-        if "both" not in config.recipes:
-            continue
-        both = fit_adaptor_row(tuned, sample, size, config)
-        rows.append({"recipe": "fine-tune + adaptor", "questions": size, **_public(both),
-                     **scored(both["weight"], tuned)})  # fmt: skip
+        for recipe, orthogonal in (("both", False), ("both-orthogonal", True)):
+            if recipe not in config.recipes:
+                continue
+            both = fit_adaptor_row(tuned, sample, size, config, orthogonal=orthogonal)
+            rows.append({"recipe": "fine-tune + " + (ORTHOGONAL_ROW if orthogonal else "adaptor"), "questions": size,
+                         **_public(both), **scored(both["weight"], tuned)})  # fmt: skip
     return {
         "dataset": folder.name,
         "dims": base.dims,
@@ -454,7 +456,8 @@ def add_curves_parser(actions: argparse._SubParsersAction) -> None:
         description="For each dataset, draw one sample (clean and shared test views, a training order, a corpus) "
         "and score the adaptor, fine-tuning and both at each number of training questions.",
     )
-    p.add_argument("--data", type=Path, nargs="+", required=True, help="BEIR folders with train and test splits")
+    p.add_argument("--data", type=Path, nargs="+", action="extend", required=True,
+                   help="BEIR folders with train and test splits (--data A B, or --data A --data B)")
     p.add_argument("--model", default=None, help="the base model (default: all-MiniLM-L6-v2)")
     p.add_argument("--sizes", type=int_list_argument, default=list(SIZES), help="training questions (default: "
                    f"{','.join(map(str, SIZES))})")  # fmt: skip
@@ -468,7 +471,8 @@ def add_curves_parser(actions: argparse._SubParsersAction) -> None:
                    "base model's vectors (the regularisation study; mrl adapt's default is 1:1)")  # fmt: skip
     p.add_argument("--recipes", type=recipes_argument, default=list(RECIPES), metavar="NAME,...",
                    help="the rows to fit at each size: adaptor (on the base model), fine-tune, both (the adaptor on "
-                   "the fine-tuned model), orthogonal (the adaptor kept a rotation, on the base model); default the "
+                   "the fine-tuned model), orthogonal (the adaptor kept a rotation, on the base model), both-orthogonal "
+                   "(the rotation on the fine-tuned model); default the "
                    "first three. The sample depends only on the largest size and the "
                    "seed, so rows of separate runs compare")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)

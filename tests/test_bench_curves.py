@@ -103,13 +103,17 @@ def test_the_cli_writes_the_regularisation_rows_and_a_size_beyond_the_questions_
 def test_recipes_choose_the_rows_and_a_bad_name_is_one_line(tmp_path: Path, tiny_model: Path, capsys):
     config = CurvesConfig([SAMPLE], model=str(tiny_model), sizes=[12], max_finetune=12, epochs=1,
                           max_test_queries=20, max_docs=60, adaptor_steps=10, out=tmp_path, progress=False,
-                          recipes=["fine-tune"])  # fmt: skip
+                          recipes=["fine-tune", "both-orthogonal"])  # fmt: skip
     [data] = run_curves(config)["datasets"]
-    assert [(row["recipe"], row["questions"]) for row in data["rows"]] == [("base", 0), ("fine-tune", 12)]
+    assert [(row["recipe"], row["questions"]) for row in data["rows"]] == [
+        ("base", 0), ("fine-tune", 12), ("fine-tune + adaptor, orthogonal", 12)]  # fmt: skip
+    tuned, rotated = data["rows"][1:]
+    for view in rotated["scores"]:  # a rotation of the tuned model: its full dim is the tuned model's
+        assert rotated["scores"][view]["64"] == pytest.approx(tuned["scores"][view]["64"], abs=1e-6)
     with pytest.raises(SystemExit) as exited:
         main(["bench", "curves", "--data", str(SAMPLE), "--recipes", "adaptor,lora", "--out", str(tmp_path / "o")])
     assert exited.value.code == 2
-    assert "expected some of adaptor, fine-tune, both, orthogonal, got 'adaptor,lora'" in capsys.readouterr().err
+    assert "expected some of adaptor, fine-tune, both, orthogonal, both-orthogonal, got 'adaptor,lora'" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 
@@ -146,3 +150,12 @@ def test_question_scores_average_to_the_view_scores(tmp_path: Path, tiny_model: 
                 assert len(questions[view][str(dim)]) == len(ids)
                 assert float(questions[view][str(dim)].mean()) == pytest.approx(value["ndcg@10"], abs=1e-4)
                 assert means[view][str(dim)] == pytest.approx(value["ndcg@10"], abs=1e-4)
+
+
+def test_every_data_folder_is_measured_whether_listed_once_or_repeated():
+    """``--data a --data b`` measured only b (argparse's default action replaces a repeated option)."""
+    from mrl.cli import build_parser
+
+    for argv in (["--data", "a", "b"], ["--data", "a", "--data", "b"]):
+        args = build_parser().parse_args(["bench", "curves", *argv])
+        assert args.data == [Path("a"), Path("b")]

@@ -391,12 +391,16 @@ def _fit_from(
     d = corpus.shape[1]
     start = pca_rotation(corpus) if config.init == "pca" else np.eye(d, dtype=np.float32)
     initial = torch.from_numpy(start.copy())
-    if config.orthogonal:  # the start times the exponential of a skew-symmetric matrix: a rotation at every step
+    if config.orthogonal:  # the start times the Cayley transform of a skew-symmetric matrix: a rotation at every step
         skew = torch.nn.Parameter(torch.zeros(d, d))
         parameter = skew
+        identity = torch.eye(d)
 
         def mapping() -> torch.Tensor:
-            return initial @ torch.linalg.matrix_exp(skew - skew.T)
+            # (I - A)^-1 (I + A) is orthogonal for every skew A; with A = (S - S^T) / 2 it is I + (S - S^T) to first
+            # order, as the exponential of S - S^T is, at a fifth of its cost (a solve for matrix_exp's Pade terms)
+            half = (skew - skew.T) / 2
+            return initial @ torch.linalg.solve(identity - half, identity + half)
     else:
         parameter = torch.nn.Parameter(torch.from_numpy(start.copy()))
 
