@@ -471,8 +471,8 @@ def add_curves_parser(actions: argparse._SubParsersAction) -> None:
                    "base model's vectors (the regularisation study; mrl adapt's default is 1:1)")  # fmt: skip
     p.add_argument("--recipes", type=recipes_argument, default=list(RECIPES), metavar="NAME,...",
                    help="the rows to fit at each size: adaptor (on the base model), fine-tune, both (the adaptor on "
-                   "the fine-tuned model), orthogonal (the adaptor kept a rotation, on the base model), both-orthogonal "
-                   "(the rotation on the fine-tuned model); default the "
+                   "the fine-tuned model), orthogonal (the adaptor kept a rotation, on the base model), "
+                   "both-orthogonal (the rotation on the fine-tuned model); default the "
                    "first three. The sample depends only on the largest size and the "
                    "seed, so rows of separate runs compare")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
