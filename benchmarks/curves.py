@@ -6,8 +6,8 @@ split into the **clean** view, whose relevant documents are not training positiv
 questions of a seeded order, and a corpus of their judged documents plus random others up to
 ``--max-docs``. Then, for each number of training questions N (the first N of that order):
 
-- **adaptor**: ``mrl adapt``'s fit on the base model's vectors (its defaults: both starts, the
-  never-worse rule, 5-fold cross-validation below 1,000 questions);
+- **adaptor**: ``mrl adapt --no-orthogonal``'s fit on the base model's vectors (both starts, the
+  never-worse rule, 5-fold cross-validation below 1,000 questions); ``orthogonal``: the rotation;
 - **fine-tune** (N up to ``--max-finetune``): ``mrl train`` on the N questions (``--epochs``), then the
   tuned model as it is;
 - **both**: the adaptor fitted on the fine-tuned model's vectors.

@@ -150,7 +150,7 @@ def measure_dataset(folder: Path, recipes: dict[str, str], config: RecipesConfig
         variants: list[tuple[str, np.ndarray | None, float]] = [(name, None, 0.0)]
         if name in config.adaptor_on:
             variants.append((f"{name} + PCA", pca_rotation(docs), 0.0))
-            adaptor = AdaptorConfig(dims=dims, steps=config.adaptor_steps, seed=config.seed)
+            adaptor = AdaptorConfig(dims=dims, steps=config.adaptor_steps, seed=config.seed, orthogonal=False)
             fits = fit_each_start(docs, train_set, valid_set, adaptor)
             for fit in fits:
                 variants.append((f"{name} + {START_LABELS[fit.init]}", fit.weight, fit.seconds))

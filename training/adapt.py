@@ -278,6 +278,9 @@ def adaptor_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str:
         f"{settings['learning_rate']}, similarity weight {settings['similarity_weight']}, reconstruction weight "
         f"{settings['reconstruction_weight']}",
     ]
+    if fit.get("orthogonal"):
+        lines.append("- The map is a rotation of its start (`--orthogonal`, the default below 1,000 labelled "
+                     "questions): every full-dim cosine, so the full dim's NDCG@10, is the input model's")  # fmt: skip
     rule = report.get("rule") or {}
     if rule.get("kept_input"):
         lines += ["", f"**The input model was kept:** {KEPT_INPUT.format(tolerance=rule['tolerance'])}"]

@@ -39,6 +39,7 @@ STARTS = ("pca", "identity")  # in this order, so that a tie on validation keeps
 INITS = (*STARTS, "auto")  # auto: fit from each start, keep the better on validation
 NEIGHBOURS = 10
 TOLERANCE = 0.005  # the never-worse rule: a step qualifies only if no dim loses more than this on validation
+ROTATE_BELOW = 1000  # labelled questions: fewer, and the map is a rotation unless told (AdaptorConfig.orthogonal)
 MIN_GAIN = 0.001  # a mean gain smaller than this is no gain (validation figures are rounded to 4 places)
 
 
@@ -65,8 +66,9 @@ class AdaptorConfig:
     tolerance: float = TOLERANCE  # no dim's validation metric may fall more than this below the input model's
     folds: int | None = None  # choose the start and step by k-fold cross-validation over the training queries
     # The map kept a rotation of its start (which is one): cosines at the full dim are the input's, exactly, so
-    # the full dim cannot be traded; only which directions the leading dims keep is learned.
-    orthogonal: bool = False
+    # the full dim cannot be traded; only which directions the leading dims keep is learned. None: a rotation
+    # below ROTATE_BELOW labelled questions, the free map from there (the learning curves' evidence)
+    orthogonal: bool | None = None
     seed: int = 42
 
     def check(self) -> None:
@@ -118,6 +120,7 @@ class AdaptorFit:
     input_scores: dict[int, float] = field(default_factory=dict)  # the input model's validation metric per dim
     chosen_scores: dict[int, float] = field(default_factory=dict)  # the kept map's, per dim
     kept_input: bool = False  # no step kept every dim within the tolerance: the map is the identity
+    orthogonal: bool = False  # the map was kept a rotation of its start
     folds: dict[str, Any] | None = None  # with cross-validation: folds, queries, the spread of the chosen gain
 
     @property
@@ -132,6 +135,7 @@ class AdaptorFit:
             "best_step": self.best_step,
             "best_metric": None if self.best_metric is None else round(self.best_metric, 4),
             "kept_input": self.kept_input,
+            "orthogonal": self.orthogonal,
             "validation_by_dim": {
                 str(dim): {"input": round(self.input_scores[dim], 4), "chosen": round(self.chosen_scores[dim], 4)}
                 for dim in self.input_scores
@@ -205,11 +209,21 @@ def fit_adaptor(
     """
     config.check()
     config.check_validation(validation is not None)
+    if config.orthogonal is None:
+        questions = len(training.relevant) + (len(validation.relevant) if validation else 0)
+        config = replace(config, orthogonal=questions < ROTATE_BELOW)
+        if config.orthogonal:
+            logger.info("adaptor: %d labelled questions (fewer than %d): the map is kept a rotation, so the "
+                        "full dim is the input model's exactly (--no-orthogonal: a free map)", questions,
+                        ROTATE_BELOW)  # fmt: skip
     if config.folds:
-        return fit_cross_validated(corpus, training, config, progress)
-    if config.init == "auto":
-        return better_start(fit_each_start(corpus, training, validation, config, progress))
-    return _fit_from(corpus, training, validation, config, progress)
+        fit = fit_cross_validated(corpus, training, config, progress)
+    elif config.init == "auto":
+        fit = better_start(fit_each_start(corpus, training, validation, config, progress))
+    else:
+        fit = _fit_from(corpus, training, validation, config, progress)
+    fit.orthogonal = bool(config.orthogonal)
+    return fit
 
 
 def fit_each_start(

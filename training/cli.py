@@ -396,9 +396,11 @@ def add_adapt_parser(commands: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--orthogonal",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=None,
         help="keep the map a rotation: the full dim's cosines stay the input model's exactly, and only which "
-        "directions the leading dims keep is learned",
+        "directions the leading dims keep is learned; --no-orthogonal: a free map, which can also gain at the full "
+        "dim (default: a rotation below 1,000 labelled questions, where a free map can cost the full dim)",
     )
     p.add_argument("--seed", type=int, default=fit.seed, help="default: %(default)s")
     p.add_argument("--batch-size", type=int, default=defaults.batch_size, help="encoding batch (default: %(default)s)")
