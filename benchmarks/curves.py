@@ -32,6 +32,7 @@ import numpy as np
 
 from benchmarks import machine_info, markdown_row, save_figure, utc_now, write_report
 from core.data import RetrievalDataset, load_beir, shared_positives
+from core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +53,9 @@ class CurvesConfig:
     sizes: list[int] = field(default_factory=lambda: list(SIZES))
     max_finetune: int = 200  # fine-tune (and both) only up to this many questions: CPU hours beyond
     epochs: float = 5
+    # fine-tune with mrl train --validation-fraction: that share of the N questions held out (in groups) to
+    # choose the epoch under the never-worse rule (default: none held out, every question trains)
+    validation_fraction: float | None = None
     max_test_queries: int = 300
     max_docs: int = 4000
     seed: int = 0
@@ -220,7 +224,8 @@ def finetune(folder: Path, output: Path, config: CurvesConfig) -> Path:
     if (output / "mrl.json").is_file():
         return output
     train(TrainConfig(data=folder, output=output, model=config.model, eval_split=None, epochs=config.epochs,
-                      progress=config.progress, overwrite=True))  # fmt: skip
+                      validation_fraction=config.validation_fraction, progress=config.progress,
+                      overwrite=True))  # fmt: skip
     return output
 
 
@@ -251,8 +256,9 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
             rows.append({"recipe": recipe, "questions": size, **_public(fitted), **scored(fitted["weight"], base)})
         if size > config.max_finetune or not {"fine-tune", "both", "both-orthogonal"} & set(config.recipes):
             continue
+        held = f"-validation-{config.validation_fraction:g}" if config.validation_fraction else ""
         tuned_path = finetune(write_training_folder(dataset, sample, size, work / f"train-{size}"),
-                              work / f"model-{size}", config)  # fmt: skip
+                              work / f"model-{size}{held}", config)  # fmt: skip
         tuned = Encoded(str(tuned_path), dataset, sample, cache, config.progress)
         if "fine-tune" in config.recipes:
             rows.append({"recipe": "fine-tune", "questions": size, **scored(None, tuned)})
@@ -463,6 +469,9 @@ def add_curves_parser(actions: argparse._SubParsersAction) -> None:
                    f"{','.join(map(str, SIZES))})")  # fmt: skip
     p.add_argument("--max-finetune", type=int, default=200, help="fine-tune up to this many questions (default: 200)")
     p.add_argument("--epochs", type=float, default=5, help="fine-tuning epochs (default: 5, mrl train's)")
+    p.add_argument("--validation-fraction", type=float, default=None, help="fine-tune as mrl train "
+                   "--validation-fraction does: hold out this share of the questions (in groups sharing an answer) "
+                   "to choose the epoch (default: none; every question trains)")  # fmt: skip
     p.add_argument("--max-test-queries", type=int, default=300, help="test questions per view (default: 300)")
     p.add_argument("--max-docs", type=int, default=4000, help="corpus sample size (default: 4000)")
     p.add_argument("--adaptor-steps", type=int, default=600, help="most adaptor steps (default: 600)")
@@ -486,6 +495,8 @@ def run_curves_command(args: argparse.Namespace) -> int:
     from core.cli_args import check_positive, config_fields
 
     check_positive(args, ("max_test_queries", "max_docs", "adaptor_steps", "epochs"))
+    if args.validation_fraction is not None and not 0 < args.validation_fraction < 1:
+        raise ConfigError(f"--validation-fraction must be in (0, 1), got {args.validation_fraction}")
     config = CurvesConfig(**config_fields(args))
     paths: list[Path] = []
 

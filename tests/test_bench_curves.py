@@ -160,3 +160,19 @@ def test_every_data_folder_is_measured_whether_listed_once_or_repeated():
     for argv in (["--data", "a", "b"], ["--data", "a", "--data", "b"]):
         args = build_parser().parse_args(["bench", "curves", *argv])
         assert args.data == [Path("a"), Path("b")]
+
+
+def test_fine_tuning_with_a_validation_fraction_holds_questions_out_in_its_own_model(tmp_path: Path,
+                                                                                     tiny_model: Path, capsys):
+    """The fine-tuned rows of ``--validation-fraction`` are mrl train's with that hold-out, never a model tuned
+    without it that an earlier run left in OUT/work."""
+    config = CurvesConfig([SAMPLE], model=str(tiny_model), sizes=[40], max_finetune=40, epochs=1,
+                          max_test_queries=20, max_docs=60, adaptor_steps=10, out=tmp_path, progress=False,
+                          recipes=["fine-tune"], validation_fraction=0.25)  # fmt: skip
+    run_curves(config)
+    tuned = tmp_path / "work" / SAMPLE.name / "model-40-validation-0.25"
+    report = json.loads((tuned / "training_report.json").read_text())
+    assert report["validation"]["fraction"] == 0.25 and report["validation"]["queries"] == 10
+    assert main(["bench", "curves", "--data", str(SAMPLE), "--validation-fraction", "1.5", "--out",
+                 str(tmp_path / "o")]) == 2  # fmt: skip
+    assert "--validation-fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
