@@ -177,6 +177,12 @@ def change_errors(row: dict[str, Any], base: dict[str, Any]) -> dict[str, dict[s
     return errors
 
 
+def rounded(questions: dict[str, dict[str, Any]]) -> dict[str, dict[str, list[float]]]:
+    """Per-question scores for the report (so its standard errors can be recomputed, or paired otherwise)."""
+    return {view: {dim: [round(float(x), 4) for x in scores] for dim, scores in by_dim.items()}
+            for view, by_dim in questions.items()}  # fmt: skip
+
+
 def view_means(questions: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
     """Each view's NDCG@10 per dim: the mean of its questions' (trec_eval's mean, as ``score_rankings``)."""
     return {view: {dim: round(float(scores.mean()), 4) for dim, scores in by_dim.items()}
@@ -236,12 +242,14 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
     work = config.out / "work" / folder.name
     base = Encoded(config.model, dataset, sample, cache, config.progress)
     base_questions = question_scores(None, base, sample)
-    rows = [{"recipe": "base", "questions": 0, "scores": view_means(base_questions)}]
+    rows = [{"recipe": "base", "questions": 0, "scores": view_means(base_questions),
+             "question_scores": rounded(base_questions)}]  # fmt: skip
 
     def scored(weight: np.ndarray | None, encoded: Encoded) -> dict[str, Any]:
         """The row's view scores and their changes' standard errors, from one search per view and dim."""
         questions = question_scores(weight, encoded, sample)
-        return {"scores": view_means(questions), "change_se": change_errors(questions, base_questions)}
+        return {"scores": view_means(questions), "change_se": change_errors(questions, base_questions),
+                "question_scores": rounded(questions)}  # fmt: skip
 
     sizes = sorted({min(size, len(sample["order"])) for size in config.sizes})  # a size beyond them: all of them
     for size in sizes:
@@ -274,6 +282,7 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
         "test_questions": sample["test_questions"],
         "shared_in_test": sample["shared_in_test"],
         "views": {view: len(ids) for view, ids in sample["views"].items()},
+        "view_questions": sample["views"],  # the test question ids in the order of every row's question_scores
         "documents": len(sample["docs"]),
         "training_questions": len(sample["order"]),
         "rows": rows,

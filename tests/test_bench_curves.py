@@ -97,6 +97,16 @@ def test_the_cli_writes_the_regularisation_rows_and_a_size_beyond_the_questions_
     rows = [(row["recipe"], row["questions"]) for row in report["datasets"][0]["rows"]]
     fits = ["adaptor", regularised_recipe((0, 1)), regularised_recipe((2, 0))]
     assert rows == [("base", 0), *((f, 12) for f in fits), *((f, 120) for f in fits)]  # 500 > 120: all of them
+    data = report["datasets"][0]
+    base, *fitted = data["rows"]
+    for row in fitted:  # the report's per-question scores give back its means and standard errors
+        for view, by_dim in row["question_scores"].items():
+            assert all(len(scores) == len(data["view_questions"][view]) for scores in by_dim.values())
+            for dim, scores in by_dim.items():
+                change = np.array(scores) - np.array(base["question_scores"][view][dim])
+                assert np.mean(scores) == pytest.approx(row["scores"][view][dim], abs=1e-4)
+                se = change.std(ddof=1) / np.sqrt(len(change))
+                assert se == pytest.approx(row["change_se"][view][dim], abs=2e-4)
     assert (tmp_path / "curves.png").stat().st_size > 0 and "similarity 2, reconstruction 0" in capsys.readouterr().out
 
 
