@@ -41,9 +41,11 @@ VIEWS = ("clean", "shared")
 DEFAULT_WEIGHTS = (1.0, 1.0)  # the adaptor's similarity and reconstruction weights, as mrl adapt fits it
 RECIPES = ("adaptor", "fine-tune", "both")  # --recipes names; both: the adaptor fitted on the fine-tuned model
 # also accepted, not run by default: the adaptor kept a rotation (mrl adapt --orthogonal), on the base model
-# (orthogonal) and on the fine-tuned one (both-orthogonal)
-EXTRA_RECIPES = ("orthogonal", "both-orthogonal")
+# (orthogonal) and on the fine-tuned one (both-orthogonal); the rotation first, then fine-tuning from the rotated
+# model (orthogonal-fine-tune: the small dims start where the rotation put them)
+EXTRA_RECIPES = ("orthogonal", "both-orthogonal", "orthogonal-fine-tune")
 ORTHOGONAL_ROW = "adaptor, orthogonal"
+ROTATED_FINETUNE_ROW = "adaptor, orthogonal, then fine-tune"
 
 
 @dataclass
@@ -223,6 +225,19 @@ def fit_adaptor_row(
             "cross_validation": fit.folds}  # fmt: skip
 
 
+def save_rotated(model_name: str | None, weight: np.ndarray, output: Path) -> Path:
+    """The base model with the rotation appended (as ``mrl adapt`` publishes it), for fine-tuning from there."""
+    from core.files import publish_dir, staging_dir
+    from core.models import load_model
+    from training.adaptor import append_adaptor
+
+    if not (output / "modules.json").is_file():
+        staging = staging_dir(output)
+        append_adaptor(load_model(model_name), weight).save(str(staging))
+        publish_dir(staging, output, True)
+    return output
+
+
 def finetune(folder: Path, output: Path, config: CurvesConfig) -> Path:
     from training.config import TrainConfig
     from training.train import train
@@ -259,12 +274,21 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
             fits += [("adaptor", {})] + [(regularised_recipe(w), {"weights": w}) for w in config.regularisation]
         if "orthogonal" in config.recipes:
             fits.append((ORTHOGONAL_ROW, {"orthogonal": True}))
+        rotation: dict[str, Any] | None = None
         for recipe, options in fits:
             fitted = fit_adaptor_row(base, sample, size, config, **options)
             rows.append({"recipe": recipe, "questions": size, **_public(fitted), **scored(fitted["weight"], base)})
+            rotation = fitted if recipe == ORTHOGONAL_ROW else rotation
+        held = f"-validation-{config.validation_fraction:g}" if config.validation_fraction else ""
+        if "orthogonal-fine-tune" in config.recipes and size <= config.max_finetune:
+            rotation = rotation or fit_adaptor_row(base, sample, size, config, orthogonal=True)
+            rotated = save_rotated(config.model, rotation["weight"], work / f"rotated-{size}")
+            path = finetune(write_training_folder(dataset, sample, size, work / f"train-{size}"),
+                            work / f"model-{size}-rotated{held}", replace(config, model=str(rotated)))  # fmt: skip
+            rows.append({"recipe": ROTATED_FINETUNE_ROW, "questions": size, "rotation": _public(rotation),
+                         **scored(None, Encoded(str(path), dataset, sample, cache, config.progress))})  # fmt: skip
         if size > config.max_finetune or not {"fine-tune", "both", "both-orthogonal"} & set(config.recipes):
             continue
-        held = f"-validation-{config.validation_fraction:g}" if config.validation_fraction else ""
         tuned_path = finetune(write_training_folder(dataset, sample, size, work / f"train-{size}"),
                               work / f"model-{size}{held}", config)  # fmt: skip
         tuned = Encoded(str(tuned_path), dataset, sample, cache, config.progress)
@@ -490,7 +514,8 @@ def add_curves_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--recipes", type=recipes_argument, default=list(RECIPES), metavar="NAME,...",
                    help="the rows to fit at each size: adaptor (on the base model), fine-tune, both (the adaptor on "
                    "the fine-tuned model), orthogonal (the adaptor kept a rotation, on the base model), "
-                   "both-orthogonal (the rotation on the fine-tuned model); default the "
+                   "both-orthogonal (the rotation on the fine-tuned model), orthogonal-fine-tune (fine-tuning from "
+                   "the base model with the rotation appended); default the "
                    "first three. The sample depends only on the largest size and the "
                    "seed, so rows of separate runs compare")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from benchmarks.curves import (
+    ROTATED_FINETUNE_ROW,
     CurvesConfig,
     curves_markdown,
     draw_sample,
@@ -123,7 +124,7 @@ def test_recipes_choose_the_rows_and_a_bad_name_is_one_line(tmp_path: Path, tiny
     with pytest.raises(SystemExit) as exited:
         main(["bench", "curves", "--data", str(SAMPLE), "--recipes", "adaptor,lora", "--out", str(tmp_path / "o")])
     assert exited.value.code == 2
-    expected = "expected some of adaptor, fine-tune, both, orthogonal, both-orthogonal, got 'adaptor,lora'"
+    expected = "both-orthogonal, orthogonal-fine-tune, got 'adaptor,lora'"
     assert expected in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -186,3 +187,19 @@ def test_fine_tuning_with_a_validation_fraction_holds_questions_out_in_its_own_m
     assert main(["bench", "curves", "--data", str(SAMPLE), "--validation-fraction", "1.5", "--out",
                  str(tmp_path / "o")]) == 2  # fmt: skip
     assert "--validation-fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
+
+
+def test_fine_tuning_from_the_rotated_model(tmp_path: Path, tiny_model: Path):
+    """orthogonal-fine-tune: the rotation fitted on the base model, appended, then fine-tuned from there."""
+    from core.models import load_model
+
+    config = CurvesConfig([SAMPLE], model=str(tiny_model), sizes=[12], max_finetune=12, epochs=1,
+                          max_test_queries=20, max_docs=60, adaptor_steps=10, out=tmp_path, progress=False,
+                          recipes=["orthogonal-fine-tune"])  # fmt: skip
+    [data] = run_curves(config)["datasets"]
+    assert [(row["recipe"], row["questions"]) for row in data["rows"]] == [("base", 0), (ROTATED_FINETUNE_ROW, 12)]
+    assert data["rows"][1]["rotation"]["init"] in ("pca", "identity")
+    work = tmp_path / "work" / SAMPLE.name
+    rotated, tuned = load_model(str(work / "rotated-12")), load_model(str(work / "model-12-rotated"))
+    modules = [type(m).__name__ for m in tuned]
+    assert modules == [type(m).__name__ for m in rotated] and "Dense" in modules  # tuned from the rotated model
