@@ -46,6 +46,7 @@ RECIPES = ("adaptor", "fine-tune", "both")  # --recipes names; both: the adaptor
 EXTRA_RECIPES = ("orthogonal", "both-orthogonal", "orthogonal-fine-tune")
 ORTHOGONAL_ROW = "adaptor, orthogonal"
 ROTATED_FINETUNE_ROW = "adaptor, orthogonal, then fine-tune"
+SANDWICH_ROW = ROTATED_FINETUNE_ROW + ", then the rotation again"  # make demo's pipeline: adapt, train, adapt
 
 
 @dataclass
@@ -285,8 +286,12 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
             rotated = save_rotated(config.model, rotation["weight"], work / f"rotated-{size}")
             path = finetune(write_training_folder(dataset, sample, size, work / f"train-{size}"),
                             work / f"model-{size}-rotated{held}", replace(config, model=str(rotated)))  # fmt: skip
+            tuned_rotated = Encoded(str(path), dataset, sample, cache, config.progress)
             rows.append({"recipe": ROTATED_FINETUNE_ROW, "questions": size, "rotation": _public(rotation),
-                         **scored(None, Encoded(str(path), dataset, sample, cache, config.progress))})  # fmt: skip
+                         **scored(None, tuned_rotated)})  # fmt: skip
+            again = fit_adaptor_row(tuned_rotated, sample, size, config, orthogonal=True)
+            rows.append({"recipe": SANDWICH_ROW, "questions": size, **_public(again),
+                         **scored(again["weight"], tuned_rotated)})  # fmt: skip
         if size > config.max_finetune or not {"fine-tune", "both", "both-orthogonal"} & set(config.recipes):
             continue
         tuned_path = finetune(write_training_folder(dataset, sample, size, work / f"train-{size}"),

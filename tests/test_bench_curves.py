@@ -15,6 +15,7 @@ import pytest
 
 from benchmarks.curves import (
     ROTATED_FINETUNE_ROW,
+    SANDWICH_ROW,
     CurvesConfig,
     curves_markdown,
     draw_sample,
@@ -197,7 +198,8 @@ def test_fine_tuning_from_the_rotated_model(tmp_path: Path, tiny_model: Path):
                           max_test_queries=20, max_docs=60, adaptor_steps=10, out=tmp_path, progress=False,
                           recipes=["orthogonal-fine-tune"])  # fmt: skip
     [data] = run_curves(config)["datasets"]
-    assert [(row["recipe"], row["questions"]) for row in data["rows"]] == [("base", 0), (ROTATED_FINETUNE_ROW, 12)]
+    assert [(row["recipe"], row["questions"]) for row in data["rows"]] == [
+        ("base", 0), (ROTATED_FINETUNE_ROW, 12), (SANDWICH_ROW, 12)]  # fmt: skip
     assert data["rows"][1]["rotation"]["init"] in ("pca", "identity")
     work = tmp_path / "work" / SAMPLE.name
     rotated, tuned = load_model(str(work / "rotated-12")), load_model(str(work / "model-12-rotated"))
