@@ -32,7 +32,6 @@ import numpy as np
 
 from benchmarks import machine_info, markdown_row, save_figure, utc_now, write_report
 from core.data import RetrievalDataset, load_beir, shared_positives
-from core.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -280,22 +279,24 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
             fitted = fit_adaptor_row(base, sample, size, config, **options)
             rows.append({"recipe": recipe, "questions": size, **_public(fitted), **scored(fitted["weight"], base)})
             rotation = fitted if recipe == ORTHOGONAL_ROW else rotation
+        finetuned = {"fine-tune", "both", "both-orthogonal", "orthogonal-fine-tune"} & set(config.recipes)
+        if size > config.max_finetune or not finetuned:
+            continue
+        train_folder = write_training_folder(dataset, sample, size, work / f"train-{size}")  # once for every fine-tune
         held = f"-validation-{config.validation_fraction:g}" if config.validation_fraction else ""
-        if "orthogonal-fine-tune" in config.recipes and size <= config.max_finetune:
+        if "orthogonal-fine-tune" in config.recipes:
             rotation = rotation or fit_adaptor_row(base, sample, size, config, orthogonal=True)
             rotated = save_rotated(config.model, rotation["weight"], work / f"rotated-{size}")
-            path = finetune(write_training_folder(dataset, sample, size, work / f"train-{size}"),
-                            work / f"model-{size}-rotated{held}", replace(config, model=str(rotated)))  # fmt: skip
+            path = finetune(train_folder, work / f"model-{size}-rotated{held}", replace(config, model=str(rotated)))
             tuned_rotated = Encoded(str(path), dataset, sample, cache, config.progress)
             rows.append({"recipe": ROTATED_FINETUNE_ROW, "questions": size, "rotation": _public(rotation),
                          **scored(None, tuned_rotated)})  # fmt: skip
             again = fit_adaptor_row(tuned_rotated, sample, size, config, orthogonal=True)
             rows.append({"recipe": SANDWICH_ROW, "questions": size, **_public(again),
                          **scored(again["weight"], tuned_rotated)})  # fmt: skip
-        if size > config.max_finetune or not {"fine-tune", "both", "both-orthogonal"} & set(config.recipes):
+        if not finetuned - {"orthogonal-fine-tune"}:
             continue
-        tuned_path = finetune(write_training_folder(dataset, sample, size, work / f"train-{size}"),
-                              work / f"model-{size}{held}", config)  # fmt: skip
+        tuned_path = finetune(train_folder, work / f"model-{size}{held}", config)
         tuned = Encoded(str(tuned_path), dataset, sample, cache, config.progress)
         if "fine-tune" in config.recipes:
             rows.append({"recipe": "fine-tune", "questions": size, **scored(None, tuned)})
@@ -532,10 +533,10 @@ def add_curves_parser(actions: argparse._SubParsersAction) -> None:
 
 def run_curves_command(args: argparse.Namespace) -> int:
     from core.cli_args import check_positive, config_fields
+    from training.validation import check_validation_fraction
 
     check_positive(args, ("max_test_queries", "max_docs", "adaptor_steps", "epochs"))
-    if args.validation_fraction is not None and not 0 < args.validation_fraction < 1:
-        raise ConfigError(f"--validation-fraction must be in (0, 1), got {args.validation_fraction}")
+    check_validation_fraction(args.validation_fraction)
     config = CurvesConfig(**config_fields(args))
     paths: list[Path] = []
 

@@ -33,7 +33,7 @@ from core.models import embedding_dimension, model_dims
 from training.adapt import Vectors
 from training.adaptor import AdaptorConfig, better_start, fit_each_start, pca_rotation, score_mapped
 from training.evaluate import split_views
-from training.validation import VALIDATION_SPLIT, split_validation
+from training.validation import VALIDATION_SPLIT, check_validation_fraction, split_validation
 
 logger = logging.getLogger(__name__)
 
@@ -80,8 +80,7 @@ def check_config(config: RecipesConfig) -> dict[str, str]:
     unknown = [name for name in config.adaptor_on if name not in recipes]
     if unknown:
         raise ConfigError(f"--adaptor-on {unknown} names no --recipe (recipes: {', '.join(recipes)})")
-    if not 0 < config.validation_fraction < 1:
-        raise ConfigError(f"--validation-fraction must be in (0, 1), got {config.validation_fraction}")
+    check_validation_fraction(config.validation_fraction)
     for folder in config.data:
         for name, path in recipes.items():
             resolved = recipe_path(path, folder)

@@ -38,7 +38,7 @@ from core.models import (
 from training.adaptor import AdaptorConfig, AdaptorFit, Judged, append_adaptor, fit_adaptor, pca_rotation, score_mapped
 from training.evaluate import EvalResult, split_views
 from training.report import comparison_table, plot_ndcg, views_section
-from training.validation import VALIDATION_SPLIT, split_validation
+from training.validation import VALIDATION_SPLIT, check_validation_fraction, split_validation
 
 logger = logging.getLogger(__name__)
 
@@ -119,8 +119,7 @@ def check_adapt_config(config: AdaptConfig) -> None:
     """Raises: ConfigError or FileExistsError, before any data or model is read."""
     if config.method not in METHODS:
         raise ConfigError(f"--method {config.method!r} is not one of {', '.join(METHODS)}")
-    if config.validation_fraction is not None and not 0 < config.validation_fraction < 1:
-        raise ConfigError(f"--validation-fraction must be in (0, 1), got {config.validation_fraction}")
+    check_validation_fraction(config.validation_fraction)
     if config.method == "adaptor":
         config.fit.check_validation(config.validation_fraction is not None)
     if config.eval_split and config.eval_split == config.train_split:

@@ -60,6 +60,12 @@ class ValidationSet:
         return [self.dataset.queries[qid] for qid in self.dataset.split(VALIDATION_SPLIT)]
 
 
+def check_validation_fraction(fraction: float | None) -> None:
+    """Raises: ConfigError unless ``fraction`` is None or in (0, 1) (``--validation-fraction``)."""
+    if fraction is not None and not 0 < fraction < 1:
+        raise ConfigError(f"--validation-fraction must be in (0, 1), got {fraction}")
+
+
 def check_validation_options(config: TrainConfig) -> None:
     """Reject impossible validation and tracking settings before any data or model is loaded.
 
@@ -67,8 +73,7 @@ def check_validation_options(config: TrainConfig) -> None:
         ConfigError: With the offending option named, in one line.
     """
     fraction = config.validation_fraction
-    if fraction is not None and not 0 < fraction < 1:
-        raise ConfigError(f"--validation-fraction must be in (0, 1), got {fraction}")
+    check_validation_fraction(fraction)
     for name in ("early_stopping_patience", "eval_steps", "early_stopping_dim"):
         if getattr(config, name) is not None and fraction is None:
             raise ConfigError(f"--{name.replace('_', '-')} needs --validation-fraction")
