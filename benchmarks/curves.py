@@ -58,6 +58,8 @@ class CurvesConfig:
     # fine-tune with mrl train --validation-fraction: that share of the N questions held out (in groups) to
     # choose the epoch under the never-worse rule (default: none held out, every question trains)
     validation_fraction: float | None = None
+    # fine-tune with mrl train --folds: the number of epochs chosen by K-fold cross-validation over the N questions
+    train_folds: int | None = None
     max_test_queries: int = 300
     max_docs: int = 4000
     seed: int = 0
@@ -245,8 +247,8 @@ def finetune(folder: Path, output: Path, config: CurvesConfig) -> Path:
     if (output / "mrl.json").is_file():
         return output
     train(TrainConfig(data=folder, output=output, model=config.model, eval_split=None, epochs=config.epochs,
-                      validation_fraction=config.validation_fraction, progress=config.progress,
-                      overwrite=True))  # fmt: skip
+                      validation_fraction=config.validation_fraction, folds=config.train_folds,
+                      progress=config.progress, overwrite=True))  # fmt: skip
     return output
 
 
@@ -284,6 +286,7 @@ def measure_dataset(folder: Path, config: CurvesConfig) -> dict[str, Any]:
             continue
         train_folder = write_training_folder(dataset, sample, size, work / f"train-{size}")  # once for every fine-tune
         held = f"-validation-{config.validation_fraction:g}" if config.validation_fraction else ""
+        held += f"-folds-{config.train_folds}" if config.train_folds else ""
         if "orthogonal-fine-tune" in config.recipes:
             rotation = rotation or fit_adaptor_row(base, sample, size, config, orthogonal=True)
             rotated = save_rotated(config.model, rotation["weight"], work / f"rotated-{size}")
@@ -511,6 +514,9 @@ def add_curves_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--validation-fraction", type=float, default=None, help="fine-tune as mrl train "
                    "--validation-fraction does: hold out this share of the questions (in groups sharing an answer) "
                    "to choose the epoch (default: none; every question trains)")  # fmt: skip
+    p.add_argument("--train-folds", type=int, default=None, metavar="K", help="fine-tune as mrl train --folds K "
+                   "does: the number of epochs chosen by K-fold cross-validation over the questions, then every "
+                   "question trains (default: off)")  # fmt: skip
     p.add_argument("--max-test-queries", type=int, default=300, help="test questions per view (default: 300)")
     p.add_argument("--max-docs", type=int, default=4000, help="corpus sample size (default: 4000)")
     p.add_argument("--adaptor-steps", type=int, default=600, help="most adaptor steps (default: 600)")
@@ -533,11 +539,18 @@ def add_curves_parser(actions: argparse._SubParsersAction) -> None:
 
 def run_curves_command(args: argparse.Namespace) -> int:
     from core.cli_args import check_positive, config_fields
-    from training.validation import check_validation_fraction
+    from core.errors import ConfigError
+    from training.config import TrainConfig
+    from training.validation import check_folds, check_validation_fraction
 
     check_positive(args, ("max_test_queries", "max_docs", "adaptor_steps", "epochs"))
     check_validation_fraction(args.validation_fraction)
     config = CurvesConfig(**config_fields(args))
+    try:
+        check_folds(TrainConfig(data=Path("."), output=Path("."), epochs=config.epochs, folds=config.train_folds,
+                                validation_fraction=config.validation_fraction))  # fmt: skip
+    except ConfigError as error:  # named as this command names the option
+        raise ConfigError(str(error).replace("--folds", "--train-folds")) from None
     paths: list[Path] = []
 
     def write(report: dict[str, Any]) -> None:  # after each dataset

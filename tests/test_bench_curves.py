@@ -190,6 +190,20 @@ def test_fine_tuning_with_a_validation_fraction_holds_questions_out_in_its_own_m
     assert "--validation-fraction must be in (0, 1), got 1.5" in capsys.readouterr().err
 
 
+def test_fine_tuning_with_train_folds_chooses_its_epochs_by_cross_validation_in_its_own_model(
+    tmp_path: Path, tiny_model: Path, capsys
+):
+    config = CurvesConfig([SAMPLE], model=str(tiny_model), sizes=[40], max_finetune=40, epochs=1,
+                          max_test_queries=20, max_docs=60, adaptor_steps=10, out=tmp_path, progress=False,
+                          recipes=["fine-tune"], train_folds=2)  # fmt: skip
+    run_curves(config)
+    report = json.loads((tmp_path / "work" / SAMPLE.name / "model-40-folds-2" / "training_report.json").read_text())
+    assert report["cross_validation"]["folds"] == 2 and report["cross_validation"]["queries"] == 40
+    assert report["validation"] is None  # nothing held out of the published run
+    assert main(["bench", "curves", "--data", str(SAMPLE), "--train-folds", "1", "--out", str(tmp_path / "o")]) == 2
+    assert "mrl: error: --train-folds must be at least 2, got 1" in capsys.readouterr().err
+
+
 def test_fine_tuning_from_the_rotated_model(tmp_path: Path, tiny_model: Path):
     """orthogonal-fine-tune: the rotation fitted on the base model, appended, then fine-tuned from there."""
     from core.models import load_model

@@ -19,6 +19,7 @@ from core.data import RetrievalDataset, load_beir
 from mrl.cli import main
 from tests.conftest import SAMPLE
 from tests.helpers.models import TINY_DIMS
+from training.adaptor import MIN_GAIN
 from training.evaluate import EvalResult
 from training.train import (
     TrainConfig,
@@ -28,7 +29,7 @@ from training.train import (
     load_training_data,
     train,
 )
-from training.validation import VALIDATION_SPLIT, rule_objective, split_validation
+from training.validation import VALIDATION_SPLIT, rule_objective, split_folds, split_validation
 
 
 def small_config(output: Path, **overrides) -> TrainConfig:
@@ -73,6 +74,14 @@ def test_validation_queries_come_from_training_and_leave_it(tmp_path: Path, capl
             "mrl: error: --early-stopping-metric 'f1' is not one of ndcg@10",
         ),
         (["--report-to", "mlflow"], "mrl: error: --report-to 'mlflow' is not one of none, tensorboard, wandb"),
+        (["--folds", "1"], "mrl: error: --folds must be at least 2, got 1"),
+        (
+            ["--folds", "3", "--validation-fraction", "0.1"],
+            "mrl: error: --folds and --validation-fraction are two ways to choose the checkpoint: pass one",
+        ),
+        (["--folds", "3", "--hard-negatives"], "mrl: error: --folds chooses the epochs of one training stage"),
+        (["--folds", "3", "--epochs", "2.5"], "mrl: error: --folds chooses among whole epochs: --epochs must be"),
+        (["--folds", "3", "--eval-steps", "5"], "mrl: error: --eval-steps needs --validation-fraction"),
     ],
 )
 def test_cli_rejects_bad_validation_options_in_one_line(tiny_beir: Path, tmp_path: Path, capsys, args, message):
@@ -262,3 +271,63 @@ def test_validation_falls_back_to_random_questions_when_all_share_positives(capl
         held = split_validation(dataset, "train", 0.1, 42)
     assert len(held.dataset.split(VALIDATION_SPLIT)) == 2 and len(held.training_qrels) == 18
     assert "every training question shares a relevant document" in caplog.text
+
+
+def test_folds_partition_the_training_questions_and_share_no_positive():
+    qrels = {f"q{i}": {f"web{i // 4}": 1, f"own{i}": 1} for i in range(40)}  # 10 webs of 4 questions
+    qrels |= {f"q{i}": {f"own{i}": 2} for i in range(40, 60)}
+    dataset = RetrievalDataset(Path("."), {}, {qid: f"question {qid}" for qid in qrels}, {"train": qrels})
+    folds = split_folds(dataset, "train", 5, seed=42)
+    held = [set(fold.dataset.split(VALIDATION_SPLIT)) for fold in folds]
+    assert len(folds) == 5 and sorted(map(len, held)) == [12] * 5
+    assert set.union(*held) == set(qrels) and sum(map(len, held)) == 60  # every question validates once
+    for fold, questions in zip(folds, held, strict=True):
+        assert set(fold.training_qrels) == set(qrels) - questions
+        inside = {doc for qid in questions for doc in qrels[qid]}
+        assert not inside & {doc for docs in fold.training_qrels.values() for doc in docs}
+    again = split_folds(dataset, "train", 5, seed=42)
+    assert [set(f.dataset.split(VALIDATION_SPLIT)) for f in again] == held  # seeded
+    assert [set(f.dataset.split(VALIDATION_SPLIT)) for f in split_folds(dataset, "train", 5, seed=7)] != held
+
+
+def test_folds_choose_the_epochs_by_the_never_worse_rule_then_train_on_every_question(tmp_path: Path, tiny_model: Path):
+    output = tmp_path / "model"
+    config = small_config(output, model=str(tiny_model), max_steps=-1, epochs=2, learning_rate=2e-4,
+                          warmup_ratio=0.0, folds=2)  # fmt: skip
+    result = train(config)
+    folds = result.report["cross_validation"]
+    assert folds["folds"] == 2 and folds["queries"] == 120 and folds["epochs_tried"] == 2
+    assert [row["epoch"] for row in folds["by_epoch"]] == [1, 2]
+    assert folds["input"].keys() == {str(dim) for dim in TINY_DIMS}
+    # The choice, recomputed from the fold means: the best mean gain among the epochs that hold every dim.
+    holding = [row for row in folds["by_epoch"] if row["holds"]]
+    assert all(row["gain"] is not None and row["gain"] >= MIN_GAIN for row in holding)
+    for row in folds["by_epoch"]:
+        dropped = any(row["ndcg@10"][d] < folds["input"][d] - 0.005 for d in folds["input"])
+        assert not (dropped and row["holds"])
+    expected = max(holding, key=lambda row: row["gain"])["epoch"] if holding else 0
+    assert folds["epochs"] == expected and folds["kept_input"] == (expected == 0)
+    assert result.report["data"]["training_queries"] == 120  # the published run trains on every question
+    markdown = (output / "training_report.md").read_text()
+    assert "## Cross-validation (2 grouped folds of 120 training questions)" in markdown
+    if expected:
+        assert result.report["settings"]["epochs"] == expected and result.report["training_loss"]["stage1"]
+        assert f"**Chosen: {expected} of 2 epochs**" in markdown
+    assert not (tmp_path / ".model.folds").exists()  # the fold runs leave nothing behind
+
+
+def test_folds_that_lose_a_dim_publish_the_input_without_training_it(tmp_path: Path, tiny_model: Path, capsys):
+    output = tmp_path / "model"
+    # A learning rate that wrecks the tiny model in every fold: no number of epochs keeps every dim.
+    args = ["train", "--data", str(SAMPLE), "--model", str(tiny_model), "--output", str(output), "--folds", "2",
+            "--epochs", "1", "--lr", "5", "--warmup-ratio", "0", "--batch-size", "8", "--mini-batch-size", "8",
+            "--eval-split", "none", "--no-progress"]  # fmt: skip
+    assert main(args) == 0
+    assert "mrl train: published the input model: no number of epochs kept every dim" in capsys.readouterr().out
+    report = json.loads((output / "training_report.json").read_text())
+    folds = report["cross_validation"]
+    assert folds["kept_input"] and folds["epochs"] == 0 and not folds["by_epoch"][0]["holds"]
+    assert report["training_loss"]["stage1"] == []  # nothing trained on every question
+    published, original = load_file(output / "model.safetensors"), load_file(tiny_model / "model.safetensors")
+    assert published.keys() == original.keys() and all(torch.equal(published[k], original[k]) for k in published)
+    assert "**The input model was published:** no number of epochs" in (output / "training_report.md").read_text()

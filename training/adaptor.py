@@ -31,7 +31,7 @@ import numpy as np
 from core.errors import ConfigError
 from core.matryoshka import truncate_normalize
 from core.metrics import exact_top_k, score_rankings
-from training.validation import separable_groups
+from training.validation import grouped_folds, separable_groups
 
 logger = logging.getLogger(__name__)
 
@@ -258,7 +258,7 @@ def _kept(fit: AdaptorFit) -> str:
     )
 
 
-def _holds_across_folds(
+def holds_across_folds(
     folds: list[dict[int, dict[int, float]]],
     inputs: list[dict[int, float]],
     step: int,
@@ -284,17 +284,6 @@ def _holds_across_folds(
 
 def _subset(judged: Judged, rows: np.ndarray) -> Judged:
     return Judged(judged.vectors[rows], [judged.relevant[row] for row in rows])
-
-
-def grouped_folds(groups: list[list[int]], k: int, seed: int) -> list[np.ndarray]:
-    """``k`` folds of whole groups, of near-equal sizes: the groups in a seeded order, largest first, each
-    to the fold with the fewest questions so far."""
-    order = np.random.default_rng(seed).permutation(len(groups))
-    shuffled = sorted((groups[i] for i in order), key=len, reverse=True)  # stable: the seeded order within a size
-    folds: list[list[int]] = [[] for _ in range(k)]
-    for group in shuffled:
-        min(folds, key=len).extend(group)
-    return [np.array(sorted(fold), dtype=np.int64) for fold in folds]
 
 
 def fit_cross_validated(
@@ -342,7 +331,7 @@ def fit_cross_validated(
         for step in sorted(set.intersection(*(set(fold) for fold in folds))):  # the steps every fold reached
             mean = {dim: float(np.mean([fold[step][dim] for fold in folds])) for dim in dims}
             gain = rule_gain(mean, mean_input, config.tolerance, config.select_dim)
-            if gain is not None and not _holds_across_folds(folds, inputs, step, dims, config.tolerance):
+            if gain is not None and not holds_across_folds(folds, inputs, step, dims, config.tolerance):
                 gain = None
             if gain is not None and gain >= MIN_GAIN and gain > gains.get(start, 0.0):
                 gains[start] = gain

@@ -147,6 +147,16 @@ def add_train_parser(commands: argparse._SubParsersAction) -> None:
         "training; the best checkpoint, not the last, is published (the evaluation split is never used)",
     )
     validation.add_argument(
+        "--folds",
+        type=int,
+        default=None,
+        metavar="K",
+        help="choose the number of epochs (0 to --epochs; 0 publishes the input model) by K-fold "
+        "cross-validation over the training questions, grouped by shared positives, under the never-worse rule, "
+        "then train on all of them: K+1 runs, for a few hundred questions or fewer (instead of "
+        "--validation-fraction)",
+    )
+    validation.add_argument(
         "--eval-steps",
         type=int,
         default=None,
@@ -223,6 +233,13 @@ def run_train(args: argparse.Namespace) -> int:
     if not result.published:
         return 0  # another rank of a distributed launch: rank 0 prints and publishes
     minutes = (time.perf_counter() - started) / 60
+    folds = result.report.get("cross_validation")
+    if folds and folds["kept_input"]:
+        print(f"mrl train: published the input model: no number of epochs kept every dim's validation NDCG@10 "
+              f"within 0.005 of it across {folds['folds']} folds and gained")  # fmt: skip
+    elif folds:
+        print(f"mrl train: {folds['folds']}-fold cross-validation chose {folds['epochs']} of {folds['epochs_tried']} "
+              f"epochs (mean gain {folds['gain_mean']:+.4f} ± {folds['gain_std']:.4f} over the folds)")  # fmt: skip
     if (result.report.get("validation") or {}).get("kept_input"):
         print("mrl train: published the input model: no checkpoint kept every dim's validation NDCG@10 within "
               "0.005 of it and gained")  # fmt: skip

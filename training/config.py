@@ -53,6 +53,7 @@ class TrainConfig:
     lora_alpha: float = 32
     lora_dropout: float = 0.1
     validation_fraction: float | None = None
+    folds: int | None = None  # choose the number of epochs by k-fold cross-validation over the training questions
     eval_steps: int | None = None
     early_stopping_patience: int | None = None
     early_stopping_metric: str = "ndcg@10"

@@ -17,9 +17,11 @@ import re
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from core.adapters import LoraAdapter, merge_lora
 from core.data import DataError, Pair, Qrels, RetrievalDataset, load_beir, load_pairs
@@ -35,7 +37,7 @@ from core.models import (
     embedding_dimension,
     load_model,
 )
-from training.adaptor import TOLERANCE
+from training.adaptor import MIN_GAIN, TOLERANCE, holds_across_folds, rule_gain
 from training.config import TrainConfig
 from training.distributed import (
     GROUP_TIMEOUT,
@@ -61,6 +63,7 @@ from training.validation import (
     VALIDATION_SPLIT,
     ValidationSet,
     check_validation_options,
+    split_folds,
     split_validation,
     validation_history,
 )
@@ -90,6 +93,7 @@ class TrainingData:
     eval_dataset: RetrievalDataset | None
     corpus_passages: list[str] = field(default_factory=list)
     validation: ValidationSet | None = None
+    folds: list[ValidationSet] | None = None  # --folds: each fold's questions, validated by a run on the others
     forgetting: RetrievalDataset | None = None
     training_qrels: Qrels | None = None  # when evaluated on the same folder: splits the clean and shared views
 
@@ -133,6 +137,7 @@ def load_training_data(config: TrainConfig) -> TrainingData:
                 )
             kept = RetrievalDataset(dataset.root, dataset.corpus, dataset.queries, {"kept": validation.training_qrels})
             pairs = kept.pairs("kept")
+        folds = split_folds(dataset, config.train_split, config.folds, config.seed) if config.folds else None
         eval_dataset = dataset if config.eval_split and not config.eval_data else None
         training_qrels = dataset.split(config.train_split) if eval_dataset is not None else None
         passages = [doc.passage for doc in dataset.corpus.values()]
@@ -140,6 +145,9 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     else:
         if config.validation_fraction is not None:
             raise DataError(config.data, "--validation-fraction needs a BEIR folder (a pairs file has no corpus)")
+        if config.folds is not None:
+            raise DataError(config.data, "--folds needs a BEIR folder (a pairs file has no corpus)")
+        folds = None
         pairs, eval_dataset, passages, source = load_pairs(config.data), None, [], str(config.data)
         training_qrels = None
     if config.eval_data and config.eval_split:
@@ -152,7 +160,7 @@ def load_training_data(config: TrainConfig) -> TrainingData:
     if config.hard_negatives and not passages:
         passages = sorted({p.positive for p in pairs} | {p.negative for p in pairs if p.negative})
     forgetting = load_beir(config.forgetting_data, [config.forgetting_split]) if config.forgetting_data else None
-    return TrainingData(pairs, source, eval_dataset, passages, validation, forgetting, training_qrels)
+    return TrainingData(pairs, source, eval_dataset, passages, validation, folds, forgetting, training_qrels)
 
 
 def sample_pairs(pairs: list[Pair], n: int, seed: int) -> list[Pair]:
@@ -551,6 +559,78 @@ def _environment() -> dict[str, str]:
     }
 
 
+def cross_validate_epochs(data: TrainingData, config: TrainConfig, dims: list[int], launch: Launch) -> dict[str, Any]:
+    """Choose the number of epochs by k-fold cross-validation over the training questions (``--folds``).
+
+    Each fold's questions (grouped: no other fold has their positives as training positives,
+    :func:`training.validation.split_folds`) validate a run trained from the input model on the other folds,
+    once per epoch. The fold means per epoch and dim are judged by the never-worse rule against the input
+    model's fold means, with the folds' spread counted (:func:`training.adaptor.holds_across_folds`); the
+    epoch with the best mean gain wins, and 0 (publish the input model) when none qualifies. Every question
+    validates once, so with 120 questions the choice rests on 120, where a 10% hold-out would rest on 12.
+    """
+    from training.validation_evaluator import MatryoshkaValidationEvaluator
+
+    assert data.folds is not None
+    started = time.perf_counter()
+    metric, select_dim = config.early_stopping_metric, config.early_stopping_dim
+    if select_dim is not None and select_dim not in dims:
+        raise DimensionError(f"--early-stopping-dim {select_dim} is not one of the training dims {dims}")
+    root = config.output.parent / f".{config.output.name}.folds"
+    shutil.rmtree(root, ignore_errors=True)
+    per_fold: list[dict[int, dict[int, float]]] = []  # fold -> epoch -> dim -> score
+    inputs: list[dict[int, float]] = []
+    try:
+        for number, fold in enumerate(data.folds):
+            held = set(fold.queries)
+            pairs = [pair for pair in data.pairs if pair.query not in held]
+            logger.info("fold %d of %d: training on %d pairs, validating on %d questions", number + 1,
+                        len(data.folds), len(pairs), len(held))  # fmt: skip
+            model = load_model(config.model, max_seq_length=config.max_seq_length, query_prompt=config.query_prompt,
+                               document_prompt=config.passage_prompt)  # fmt: skip
+            apply_strategy(model, config, config.model or DEFAULT_MODEL)
+            evaluator = MatryoshkaValidationEvaluator(fold, dims, metric, select_dim, config.eval_batch_size, TOLERANCE)
+            inputs.append(evaluator.set_baseline(model))
+            fold_config = replace(config, resume=False, report_to="none", progress=False)
+            record, _ = _fit(model, pairs, dims, fold_config, root / f"fold-{number + 1}", config.epochs,
+                             config.learning_rate, evaluator, launch)  # fmt: skip
+            assert record is not None
+            per_fold.append({round(e["epoch"]): {int(d): v for d, v in e[metric].items()} for e in record["history"]})
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    mean_input = {dim: float(np.mean([scores[dim] for scores in inputs])) for dim in dims}
+    rows, best = [], None
+    for epoch in sorted(set.intersection(*(set(fold) for fold in per_fold))):  # epochs every fold reached
+        mean = {dim: float(np.mean([fold[epoch][dim] for fold in per_fold])) for dim in dims}
+        gain = rule_gain(mean, mean_input, TOLERANCE, select_dim)
+        holds = gain is not None and gain >= MIN_GAIN and holds_across_folds(per_fold, inputs, epoch, dims, TOLERANCE)
+        rows.append({"epoch": epoch, metric: {str(d): round(v, 4) for d, v in mean.items()},
+                     "gain": None if gain is None else round(gain, 4), "holds": holds})  # fmt: skip
+        if holds and (best is None or gain > best[0]):
+            best = (gain, epoch)
+    report: dict[str, Any] = {
+        "folds": len(data.folds),
+        "queries": sum(len(fold.queries) for fold in data.folds),
+        "metric": metric,
+        "dim": select_dim,
+        "tolerance": TOLERANCE,
+        "epochs_tried": int(config.epochs),
+        "input": {str(d): round(v, 4) for d, v in mean_input.items()},
+        "by_epoch": rows,
+        "epochs": 0 if best is None else best[1],
+        "kept_input": best is None,
+    }
+    if best is not None:
+        epoch = best[1]
+        gains = [float(np.mean([fold[epoch][d] - inputs[i][d] for d in dims])) for i, fold in enumerate(per_fold)]
+        report |= {"gain_mean": round(best[0], 4), "gain_std": round(float(np.std(gains)), 4),
+                   "gain_by_fold": [round(g, 4) for g in gains],
+                   "worst_fold_change_by_dim": {str(d): round(min(fold[epoch][d] - inputs[i][d]
+                                                for i, fold in enumerate(per_fold)), 4) for d in dims}}  # fmt: skip
+    report["seconds"] = round(time.perf_counter() - started, 1)
+    return report
+
+
 def train(config: TrainConfig) -> TrainResult:
     """Fine-tune, evaluate before and after, and publish the model folder atomically.
 
@@ -569,6 +649,8 @@ def train(config: TrainConfig) -> TrainResult:
     launch = launch_from_env()
     per_device_batch(config.batch_size, launch)
     check_launch_options(launch, config.gradual_unfreeze)
+    if config.folds is not None and launch.distributed:
+        raise ConfigError("--folds runs in one process: launch mrl train without torchrun or accelerate")
     if config.output.exists() and not config.overwrite:
         raise OutputExistsError(f"{config.output} already exists (pass --overwrite to replace it)")
     check_strategy_options(config)
@@ -586,6 +668,9 @@ def train(config: TrainConfig) -> TrainResult:
     full_dim = embedding_dimension(model)
     dims = validate_dims(config.dims, full_dim) if config.dims else default_dims(full_dim)
     loss_schedule(dims, config)  # refuse bad weights or train-only dims before any evaluation
+    cross_validation = cross_validate_epochs(data, config, dims, launch) if data.folds else None
+    if cross_validation and cross_validation["epochs"]:
+        config = replace(config, epochs=cross_validation["epochs"])  # then trained on every question
     evaluator = _validation_evaluator(data, config, dims)
     # Fresh LoRA layers add exactly zero, so the "before" scores are still the base model's.
     strategy, lora = apply_strategy(model, config, config.model or DEFAULT_MODEL)
@@ -608,9 +693,12 @@ def train(config: TrainConfig) -> TrainResult:
     with PeakMemory() as memory:  # what the training stages cost in memory, for strategy comparisons
         started = time.perf_counter()
         stage1_rates = (config.epochs, config.learning_rate)
-        stage1_fit, stage1_losses = _fit(
-            model, data.pairs, dims, config, checkpoints / "stage1", *stage1_rates, evaluator, launch
-        )
+        if cross_validation and cross_validation["kept_input"]:  # no epoch count held every dim: nothing to train
+            stage1_fit, stage1_losses = None, []
+        else:
+            stage1_fit, stage1_losses = _fit(
+                model, data.pairs, dims, config, checkpoints / "stage1", *stage1_rates, evaluator, launch
+            )
         validation = {"stage1": stage1_fit}
         losses = {"stage1": stage1_losses}
         seconds["train_stage1"] = time.perf_counter() - started
@@ -646,6 +734,7 @@ def train(config: TrainConfig) -> TrainResult:
         return TrainResult(config.output, dims, None, None, seconds, {}, published=False)
     last = [record for record in validation.values() if record]
     kept_input = bool(last) and (last[-1]["best_metric"] or 0.0) <= 0.0  # no checkpoint kept every dim and gained
+    kept_input = kept_input or bool(cross_validation and cross_validation["kept_input"])
     if kept_input:  # the never-worse rule: publish the input model, unchanged
         logger.warning("no checkpoint kept every dim within %s of the input model and gained: publishing the input",
                        TOLERANCE)  # fmt: skip
@@ -698,6 +787,7 @@ def train(config: TrainConfig) -> TrainResult:
         "stage1": stage1.to_dict() if stage1 else None,
         "after": after.to_dict() if after else None,
         "validation": _validation_report(data, config, dims, validation, baseline, kept_input) if evaluator else None,
+        "cross_validation": cross_validation,
         "forgetting": forgetting_report(forgetting_before, forgetting_after, before, after)
         if forgetting_before and forgetting_after
         else None,
@@ -782,6 +872,8 @@ def training_markdown(report: dict[str, Any], compared: list[EvalResult]) -> str
         lines.append(line + (f"; run: {tracking['run_url']}" if tracking.get("run_url") else ""))
     if report["validation"]:
         lines += validation_markdown(report["validation"])
+    if report.get("cross_validation"):
+        lines += cross_validation_markdown(report["cross_validation"])
     if report["forgetting"]:
         lines += forgetting_markdown(report["forgetting"])
     if compared:
@@ -836,6 +928,40 @@ def validation_markdown(validation: dict[str, Any]) -> list[str]:
         lines += [
             f"| {entry['step']} | {entry['epoch']} | " + " | ".join(f"{entry[metric][d]:.4f}" for d in dims) + " |"
             for entry in record["history"]
+        ]
+    return lines
+
+
+def cross_validation_markdown(folds: dict[str, Any]) -> list[str]:
+    """The ``--folds`` section: every epoch's fold means next to the input model's, and what was chosen."""
+    metric, dims = folds["metric"], list(folds["input"])
+    objective = f"the gain in {metric} at {folds['dim']} dims" if folds["dim"] else f"the mean gain in {metric}"
+    lines = [
+        "",
+        f"## Cross-validation ({folds['folds']} grouped folds of {folds['queries']} training questions)",
+        "",
+        f"Each fold validated a run trained on the other folds, once per epoch. The number of epochs is chosen by "
+        f"the never-worse rule on the fold means: {objective}, among the epochs where no dim's mean falls more "
+        f"than {folds['tolerance']} below the input model's (less its standard error over the folds), then "
+        "trained on every question.",
+        "",
+        "| epochs | " + " | ".join(f"{d}d {metric}" for d in dims) + " | mean gain | never worse |",
+        "|---|" + "---:|" * len(dims) + "---:|---|",
+        "| 0 (input model) | " + " | ".join(f"{folds['input'][d]:.4f}" for d in dims) + " | – | – |",
+    ]
+    for row in folds["by_epoch"]:
+        gain = "–" if row["gain"] is None else f"{row['gain']:+.4f}"
+        lines.append(f"| {row['epoch']} | " + " | ".join(f"{row[metric][d]:.4f}" for d in dims)
+                     + f" | {gain} | {'yes' if row['holds'] else 'no'} |")  # fmt: skip
+    if folds["kept_input"]:
+        lines += ["", f"**The input model was published:** no number of epochs kept every dim within "
+                  f"{folds['tolerance']} of it across the folds and gained."]  # fmt: skip
+    else:
+        worst = ", ".join(f"{d}d {v:+.4f}" for d, v in folds["worst_fold_change_by_dim"].items())
+        lines += [
+            "",
+            f"**Chosen: {folds['epochs']} of {folds['epochs_tried']} epochs**, mean gain "
+            f"{folds['gain_mean']:+.4f} ± {folds['gain_std']:.4f} over the folds (worst fold per dim: {worst}).",
         ]
     return lines
 

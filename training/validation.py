@@ -15,6 +15,8 @@ from collections.abc import Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from core.data import Qrels, RetrievalDataset
 from core.errors import ConfigError
 from core.metrics import metric_names
@@ -74,8 +76,10 @@ def check_validation_options(config: TrainConfig) -> None:
     """
     fraction = config.validation_fraction
     check_validation_fraction(fraction)
+    check_folds(config)
     for name in ("early_stopping_patience", "eval_steps", "early_stopping_dim"):
-        if getattr(config, name) is not None and fraction is None:
+        allowed_with_folds = config.folds is not None and name != "eval_steps"  # folds validate once per epoch
+        if getattr(config, name) is not None and fraction is None and not allowed_with_folds:
             raise ConfigError(f"--{name.replace('_', '-')} needs --validation-fraction")
     if config.early_stopping_patience is not None and config.early_stopping_patience < 1:
         raise ConfigError(f"--early-stopping-patience must be at least 1, got {config.early_stopping_patience}")
@@ -85,6 +89,26 @@ def check_validation_options(config: TrainConfig) -> None:
         raise ConfigError(
             f"--early-stopping-metric {config.early_stopping_metric!r} is not one of {', '.join(metric_names())}"
         )
+
+
+def check_folds(config: TrainConfig) -> None:
+    """Refuse ``--folds`` settings that cannot work, in one line (``mrl train``'s cross-validated epochs).
+
+    Raises:
+        ConfigError: Naming the option that conflicts.
+    """
+    if config.folds is None:
+        return
+    if config.folds < 2:
+        raise ConfigError(f"--folds must be at least 2, got {config.folds}")
+    if config.validation_fraction is not None:
+        raise ConfigError("--folds and --validation-fraction are two ways to choose the checkpoint: pass one")
+    if config.hard_negatives:
+        raise ConfigError("--folds chooses the epochs of one training stage: it does not run with --hard-negatives")
+    if config.max_steps > 0:
+        raise ConfigError("--folds chooses the number of epochs: it does not run with --max-steps")
+    if config.epochs != int(config.epochs):
+        raise ConfigError(f"--folds chooses among whole epochs: --epochs must be a whole number, got {config.epochs}")
 
 
 def positive_groups(relevant: list[dict[Hashable, int]]) -> list[list[int]]:
@@ -121,6 +145,17 @@ def separable_groups(relevant: list[dict[Hashable, int]], held: str) -> list[lis
     return [[row] for row in range(len(relevant))]
 
 
+def grouped_folds(groups: list[list[int]], k: int, seed: int) -> list[np.ndarray]:
+    """``k`` folds of whole groups, of near-equal sizes: the groups in a seeded order, largest first, each
+    to the fold with the fewest questions so far."""
+    order = np.random.default_rng(seed).permutation(len(groups))
+    shuffled = sorted((groups[i] for i in order), key=len, reverse=True)  # stable: the seeded order within a size
+    folds: list[list[int]] = [[] for _ in range(k)]
+    for group in shuffled:
+        min(folds, key=len).extend(group)
+    return [np.array(sorted(fold), dtype=np.int64) for fold in folds]
+
+
 def split_validation(dataset: RetrievalDataset, split: str, fraction: float, seed: int) -> ValidationSet:
     """Hold out ``fraction`` of the distinct query texts of ``split``, whole groups at a time, drawn by ``seed``.
 
@@ -134,12 +169,7 @@ def split_validation(dataset: RetrievalDataset, split: str, fraction: float, see
     Raises:
         ConfigError: If the split has too few queries to leave at least one on each side.
     """
-    qrels = {qid: docs for qid, docs in dataset.split(split).items() if any(s > 0 for s in docs.values())}
-    positives: dict[str, dict[Hashable, int]] = {}
-    for qid, docs in qrels.items():
-        for doc, grade in docs.items():
-            text = positives.setdefault(dataset.queries[qid], {})
-            text[doc] = max(grade, text.get(doc, 0))
+    qrels, positives = _positives_by_text(dataset, split)
     texts = sorted(positives)
     held_out = round(fraction * len(texts))
     if not 0 < held_out < len(texts):
@@ -156,8 +186,38 @@ def split_validation(dataset: RetrievalDataset, split: str, fraction: float, see
             break
     if not chosen:  # every group is larger than the share: the smallest one
         chosen = min(groups, key=len)
-    validation_texts = {texts[row] for row in chosen}
-    validation = {qid: docs for qid, docs in qrels.items() if dataset.queries[qid] in validation_texts}
+    return _hold_out(dataset, split, qrels, {texts[row] for row in chosen})
+
+
+def split_folds(dataset: RetrievalDataset, split: str, folds: int, seed: int) -> list[ValidationSet]:
+    """``folds`` grouped folds of the distinct query texts of ``split`` (:func:`grouped_folds`), each as the
+    validation set of a run trained on the others: no fold's positives are another fold's training positives.
+
+    Raises:
+        ConfigError: If the split has fewer than two questions with a relevant document.
+    """
+    qrels, positives = _positives_by_text(dataset, split)
+    texts = sorted(positives)
+    if len(texts) < 2:
+        raise ConfigError(f"--folds needs at least two training questions, split {split!r} has {len(texts)}")
+    groups = separable_groups([positives[text] for text in texts], "the folds")
+    parts = grouped_folds(groups, min(folds, len(groups)), seed)
+    return [_hold_out(dataset, split, qrels, {texts[row] for row in part}) for part in parts]
+
+
+def _positives_by_text(dataset: RetrievalDataset, split: str) -> tuple[Qrels, dict[str, dict[Hashable, int]]]:
+    """The split's judged questions (with a relevant document), and each distinct text's best grade per doc."""
+    qrels = {qid: docs for qid, docs in dataset.split(split).items() if any(s > 0 for s in docs.values())}
+    positives: dict[str, dict[Hashable, int]] = {}
+    for qid, docs in qrels.items():
+        for doc, grade in docs.items():
+            text = positives.setdefault(dataset.queries[qid], {})
+            text[doc] = max(grade, text.get(doc, 0))
+    return qrels, positives
+
+
+def _hold_out(dataset: RetrievalDataset, split: str, qrels: Qrels, texts: set[str]) -> ValidationSet:
+    validation = {qid: docs for qid, docs in qrels.items() if dataset.queries[qid] in texts}
     training = {qid: docs for qid, docs in dataset.split(split).items() if qid not in validation}
     held = RetrievalDataset(dataset.root, dataset.corpus, dataset.queries, {VALIDATION_SPLIT: validation})
     return ValidationSet(held, training)
