@@ -30,13 +30,13 @@ demo: train eval index serve
 
 # The recipe the learning curves support (docs/results.md): a Matryoshka adaptor on the base model first (a
 # rotation below 1,000 questions, so the full dim is the base model's exactly), fine-tuning from the rotated model
-# on every training question (no hold-out: 12 held out cannot choose), then the rotation again on the tuned model.
-# Each adaptor step is chosen by 5-fold cross-validation under the never-worse rule and keeps its input when no
-# step holds every dim. runs/demo-model is the result.
+# on every training question (the number of epochs chosen by 5-fold cross-validation: 12 held out cannot choose),
+# then the rotation again on the tuned model. Every step chooses by 5-fold cross-validation under the never-worse
+# rule and keeps its input when nothing holds every dim. runs/demo-model is the result.
 train: $(STAMP)
 	$(BIN)/mrl adapt --data $(DATA) --output $(RUNS)/demo-rotated --overwrite
 	$(BIN)/mrl train --data $(DATA) --model $(RUNS)/demo-rotated --output $(RUNS)/demo-tuned --epochs 4 \
-		--batch-size 32 --overwrite
+		--batch-size 32 --folds 5 --overwrite
 	$(BIN)/mrl adapt --data $(DATA) --model $(RUNS)/demo-tuned --output $(RUNS)/demo-model --overwrite
 
 eval: $(STAMP)
