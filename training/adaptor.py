@@ -282,6 +282,36 @@ def holds_across_folds(
     return bool(gains.mean() - gains.std(ddof=1) / np.sqrt(k) > 0)
 
 
+def judge_folds(
+    folds: list[dict[int, dict[int, float]]],
+    inputs: list[dict[int, float]],
+    mean_input: dict[int, float],
+    dims: list[int],
+    tolerance: float,
+    select_dim: int | None = None,
+) -> list[dict[str, Any]]:
+    """Every step all the folds reached, in order: the fold means per dim (``mean``), the never-worse rule's
+    gain on them against ``mean_input`` (``gain``: None when a dim falls beyond ``tolerance``), and whether
+    the step qualifies (``holds``: a gain of at least ``MIN_GAIN`` that also holds across the folds)."""
+    judged = []
+    for step in sorted(set.intersection(*(set(fold) for fold in folds))):
+        mean = {dim: float(np.mean([fold[step][dim] for fold in folds])) for dim in dims}
+        gain = rule_gain(mean, mean_input, tolerance, select_dim)
+        holds = gain is not None and gain >= MIN_GAIN and holds_across_folds(folds, inputs, step, dims, tolerance)
+        judged.append({"step": step, "mean": mean, "gain": gain, "holds": holds})
+    return judged
+
+
+def fold_spread(
+    folds: list[dict[int, dict[int, float]]], inputs: list[dict[int, float]], step: int, dims: list[int]
+) -> dict[str, Any]:
+    """The chosen step's gain over the folds: its spread, each fold's, and the worst fold's change per dim."""
+    gains = [float(np.mean([fold[step][d] - inputs[i][d] for d in dims])) for i, fold in enumerate(folds)]
+    worst = {str(d): round(min(fold[step][d] - inputs[i][d] for i, fold in enumerate(folds)), 4) for d in dims}
+    return {"gain_std": round(float(np.std(gains)), 4), "gain_by_fold": [round(g, 4) for g in gains],
+            "worst_fold_change_by_dim": worst}  # fmt: skip
+
+
 def _subset(judged: Judged, rows: np.ndarray) -> Judged:
     return Judged(judged.vectors[rows], [judged.relevant[row] for row in rows])
 
@@ -328,17 +358,14 @@ def fit_cross_validated(
     best: tuple[float, str, int] | None = None
     gains: dict[str, float] = {}
     for start, folds in per_start.items():
-        for step in sorted(set.intersection(*(set(fold) for fold in folds))):  # the steps every fold reached
-            mean = {dim: float(np.mean([fold[step][dim] for fold in folds])) for dim in dims}
-            gain = rule_gain(mean, mean_input, config.tolerance, config.select_dim)
-            if gain is not None and not holds_across_folds(folds, inputs, step, dims, config.tolerance):
-                gain = None
-            if gain is not None and gain >= MIN_GAIN and gain > gains.get(start, 0.0):
+        for entry in judge_folds(folds, inputs, mean_input, dims, config.tolerance, config.select_dim):
+            step, gain = entry["step"], entry["gain"]
+            if entry["holds"] and gain > gains.get(start, 0.0):
                 gains[start] = gain
-            if gain is not None and gain >= MIN_GAIN and (best is None or gain > best[0]):
+            if entry["holds"] and (best is None or gain > best[0]):
                 best = (gain, start, step)
             if progress:
-                progress(step, {"step": step, "loss": 0.0, f"{start} mean {config.metric}": mean})
+                progress(step, {"step": step, "loss": 0.0, f"{start} mean {config.metric}": entry["mean"]})
     summary: dict[str, Any] = {
         "folds": k,
         "queries": count,
@@ -352,11 +379,7 @@ def fit_cross_validated(
     else:
         gain, start, step = best
         folds = per_start[start]
-        fold_gains = [float(np.mean([fold[step][d] - inputs[i][d] for d in dims])) for i, fold in enumerate(folds)]
-        worst = {str(d): round(min(fold[step][d] - inputs[i][d] for i, fold in enumerate(folds)), 4) for d in dims}
-        summary |= {"start": start, "step": step, "gain_mean": round(gain, 4),
-                    "gain_std": round(float(np.std(fold_gains)), 4), "gain_by_fold": [round(g, 4) for g in fold_gains],
-                    "worst_fold_change_by_dim": worst}  # fmt: skip
+        summary |= {"start": start, "step": step, "gain_mean": round(gain, 4), **fold_spread(folds, inputs, step, dims)}
         logger.info("adaptor: cross-validation chose the %s start at step %d (mean gain %.4f ± %.4f over %d folds)",
                     start, step, gain, summary["gain_std"], k)  # fmt: skip
         kept = (

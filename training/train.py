@@ -37,7 +37,7 @@ from core.models import (
     embedding_dimension,
     load_model,
 )
-from training.adaptor import MIN_GAIN, TOLERANCE, holds_across_folds, rule_gain
+from training.adaptor import TOLERANCE, fold_spread, judge_folds
 from training.config import TrainConfig
 from training.distributed import (
     GROUP_TIMEOUT,
@@ -440,17 +440,18 @@ def check_tracking(report_to: str) -> None:
 
 
 def _validation_evaluator(
-    data: TrainingData, config: TrainConfig, dims: list[int]
+    validation: ValidationSet | None, config: TrainConfig, dims: list[int]
 ) -> MatryoshkaValidationEvaluator | None:
+    """The evaluator that scores ``validation`` (the hold-out, or one fold) at every dim, or None without one."""
     from training.validation_evaluator import MatryoshkaValidationEvaluator
 
-    if data.validation is None:
+    if validation is None:
         return None
     dim = config.early_stopping_dim
     if dim is not None and dim not in dims:
         raise DimensionError(f"--early-stopping-dim {dim} is not one of the training dims {dims}")
     metric, batch = config.early_stopping_metric, config.eval_batch_size
-    return MatryoshkaValidationEvaluator(data.validation, dims, metric, dim, batch, TOLERANCE)
+    return MatryoshkaValidationEvaluator(validation, dims, metric, dim, batch, TOLERANCE)
 
 
 def _validation_report(
@@ -559,6 +560,12 @@ def _environment() -> dict[str, str]:
     }
 
 
+def _load_input(config: TrainConfig) -> SentenceTransformer:
+    """The input model (``--model``), with the run's sequence length and prompts."""
+    return load_model(config.model, max_seq_length=config.max_seq_length, query_prompt=config.query_prompt,
+                      document_prompt=config.passage_prompt)  # fmt: skip
+
+
 def cross_validate_epochs(data: TrainingData, config: TrainConfig, dims: list[int], launch: Launch) -> dict[str, Any]:
     """Choose the number of epochs by k-fold cross-validation over the training questions (``--folds``).
 
@@ -569,13 +576,9 @@ def cross_validate_epochs(data: TrainingData, config: TrainConfig, dims: list[in
     epoch with the best mean gain wins, and 0 (publish the input model) when none qualifies. Every question
     validates once, so with 120 questions the choice rests on 120, where a 10% hold-out would rest on 12.
     """
-    from training.validation_evaluator import MatryoshkaValidationEvaluator
-
     assert data.folds is not None
     started = time.perf_counter()
     metric, select_dim = config.early_stopping_metric, config.early_stopping_dim
-    if select_dim is not None and select_dim not in dims:
-        raise DimensionError(f"--early-stopping-dim {select_dim} is not one of the training dims {dims}")
     root = config.output.parent / f".{config.output.name}.folds"
     shutil.rmtree(root, ignore_errors=True)
     per_fold: list[dict[int, dict[int, float]]] = []  # fold -> epoch -> dim -> score
@@ -586,10 +589,10 @@ def cross_validate_epochs(data: TrainingData, config: TrainConfig, dims: list[in
             pairs = [pair for pair in data.pairs if pair.query not in held]
             logger.info("fold %d of %d: training on %d pairs, validating on %d questions", number + 1,
                         len(data.folds), len(pairs), len(held))  # fmt: skip
-            model = load_model(config.model, max_seq_length=config.max_seq_length, query_prompt=config.query_prompt,
-                               document_prompt=config.passage_prompt)  # fmt: skip
+            model = _load_input(config)
             apply_strategy(model, config, config.model or DEFAULT_MODEL)
-            evaluator = MatryoshkaValidationEvaluator(fold, dims, metric, select_dim, config.eval_batch_size, TOLERANCE)
+            evaluator = _validation_evaluator(fold, config, dims)
+            assert evaluator is not None
             inputs.append(evaluator.set_baseline(model))
             fold_config = replace(config, resume=False, report_to="none", progress=False)
             record, _ = _fit(model, pairs, dims, fold_config, root / f"fold-{number + 1}", config.epochs,
@@ -599,15 +602,12 @@ def cross_validate_epochs(data: TrainingData, config: TrainConfig, dims: list[in
     finally:
         shutil.rmtree(root, ignore_errors=True)
     mean_input = {dim: float(np.mean([scores[dim] for scores in inputs])) for dim in dims}
-    rows, best = [], None
-    for epoch in sorted(set.intersection(*(set(fold) for fold in per_fold))):  # epochs every fold reached
-        mean = {dim: float(np.mean([fold[epoch][dim] for fold in per_fold])) for dim in dims}
-        gain = rule_gain(mean, mean_input, TOLERANCE, select_dim)
-        holds = gain is not None and gain >= MIN_GAIN and holds_across_folds(per_fold, inputs, epoch, dims, TOLERANCE)
-        rows.append({"epoch": epoch, metric: {str(d): round(v, 4) for d, v in mean.items()},
-                     "gain": None if gain is None else round(gain, 4), "holds": holds})  # fmt: skip
-        if holds and (best is None or gain > best[0]):
-            best = (gain, epoch)
+    judged = judge_folds(per_fold, inputs, mean_input, dims, TOLERANCE, select_dim)  # the epochs every fold reached
+    rows = [{"epoch": e["step"], metric: {str(d): round(v, 4) for d, v in e["mean"].items()},
+             "gain": None if e["gain"] is None else round(e["gain"], 4), "holds": e["holds"]}
+            for e in judged]  # fmt: skip
+    # the largest gain among the epochs that hold, the fewest epochs on a tie
+    best = max(((e["gain"], e["step"]) for e in judged if e["holds"]), key=lambda pair: pair[0], default=None)
     report: dict[str, Any] = {
         "folds": len(data.folds),
         "queries": sum(len(fold.queries) for fold in data.folds),
@@ -621,12 +621,7 @@ def cross_validate_epochs(data: TrainingData, config: TrainConfig, dims: list[in
         "kept_input": best is None,
     }
     if best is not None:
-        epoch = best[1]
-        gains = [float(np.mean([fold[epoch][d] - inputs[i][d] for d in dims])) for i, fold in enumerate(per_fold)]
-        report |= {"gain_mean": round(best[0], 4), "gain_std": round(float(np.std(gains)), 4),
-                   "gain_by_fold": [round(g, 4) for g in gains],
-                   "worst_fold_change_by_dim": {str(d): round(min(fold[epoch][d] - inputs[i][d]
-                                                for i, fold in enumerate(per_fold)), 4) for d in dims}}  # fmt: skip
+        report |= {"gain_mean": round(best[0], 4), **fold_spread(per_fold, inputs, best[1], dims)}
     report["seconds"] = round(time.perf_counter() - started, 1)
     return report
 
@@ -659,19 +654,14 @@ def train(config: TrainConfig) -> TrainResult:
     data = load_training_data(config)
     seconds: dict[str, float] = {}
     backend = start(launch)
-    model = load_model(
-        config.model,
-        max_seq_length=config.max_seq_length,
-        query_prompt=config.query_prompt,
-        document_prompt=config.passage_prompt,
-    )
+    model = _load_input(config)
     full_dim = embedding_dimension(model)
     dims = validate_dims(config.dims, full_dim) if config.dims else default_dims(full_dim)
     loss_schedule(dims, config)  # refuse bad weights or train-only dims before any evaluation
     cross_validation = cross_validate_epochs(data, config, dims, launch) if data.folds else None
     if cross_validation and cross_validation["epochs"]:
         config = replace(config, epochs=cross_validation["epochs"])  # then trained on every question
-    evaluator = _validation_evaluator(data, config, dims)
+    evaluator = _validation_evaluator(data.validation, config, dims)
     # Fresh LoRA layers add exactly zero, so the "before" scores are still the base model's.
     strategy, lora = apply_strategy(model, config, config.model or DEFAULT_MODEL)
     main = launch.is_main
@@ -738,8 +728,7 @@ def train(config: TrainConfig) -> TrainResult:
     if kept_input:  # the never-worse rule: publish the input model, unchanged
         logger.warning("no checkpoint kept every dim within %s of the input model and gained: publishing the input",
                        TOLERANCE)  # fmt: skip
-        model = load_model(config.model, max_seq_length=config.max_seq_length, query_prompt=config.query_prompt,
-                           document_prompt=config.passage_prompt)  # fmt: skip
+        model = _load_input(config)
         lora = None
     adapter = merge_lora(model, lora) if lora is not None else None  # score and publish the merged model
     started = time.perf_counter()
