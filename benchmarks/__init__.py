@@ -17,8 +17,20 @@ from typing import Any
 
 from core.machine import usable_cpus
 
-# Query encoder backends a benchmark can run: the service's two, and ONNX with int8 quantisation.
-ENCODERS = ("torch", "onnx", "onnx-int8")
+# Query encoder backends a benchmark can run: the service's two, ONNX with int8 quantisation, and ONNX
+# with padded batches instead of packed rows (the service's float32 ONNX on CPU packs by default).
+ENCODERS = ("torch", "onnx", "onnx-int8", "onnx-padded")
+
+
+def encoder_settings(encoder: str) -> dict[str, Any]:
+    """The service settings that select the benchmark's ``encoder`` (one of :data:`ENCODERS`)."""
+    settings: dict[str, Any] = {"encoder": "onnx" if encoder.startswith("onnx") else "torch"}
+    if encoder == "onnx-int8":
+        settings["onnx_quantize"] = True
+    if encoder == "onnx-padded":
+        settings["onnx_pack_tokens"] = 0
+    return settings
+
 
 # Versions recorded on top of index.build.library_versions() (read from package metadata, not imported).
 SERVING_PACKAGES = ("transformers", "fastapi", "uvicorn", "aiohttp", "onnxruntime", "onnxruntime-gpu", "onnx")

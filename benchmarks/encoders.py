@@ -24,7 +24,16 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, read_query_texts, utc_now, write_report
+from benchmarks import (
+    ENCODERS,
+    encoder_settings,
+    format_ms,
+    machine_info,
+    markdown_row,
+    read_query_texts,
+    utc_now,
+    write_report,
+)
 from core.cli_args import add_output_argument
 from core.errors import ConfigError
 from core.files import json_fields
@@ -110,8 +119,7 @@ def service_settings(config: EncodersConfig, encoder: str, threads: int) -> Serv
         index=config.index or Path("."),  # read only by the service; the manifest is passed in here
         model=config.model,
         device=config.device,
-        encoder="onnx" if encoder.startswith("onnx") else "torch",
-        onnx_quantize=encoder == "onnx-int8",
+        **encoder_settings(encoder),
         onnx_cache=config.onnx_cache,
         encoder_threads=threads,
         batch_max_size=max(config.batch_sizes),  # one call of any measured batch size is one forward pass
@@ -126,7 +134,7 @@ def open_encoder(settings: ServiceSettings, manifest: IndexManifest | None) -> L
     Raises:
         ModelError: The model cannot be loaded. EncoderError: ONNX Runtime cannot run it.
     """
-    from core.models import DEFAULT_MODEL, load_model, model_fingerprint
+    from core.models import DEFAULT_MODEL, load_model, model_dims, model_fingerprint
     from service.encoders import LoadedEncoder, load_encoder, serving_encoder
 
     if manifest is not None:
@@ -137,8 +145,9 @@ def open_encoder(settings: ServiceSettings, manifest: IndexManifest | None) -> L
 
         torch.set_num_threads(settings.encoder_threads)
     fingerprint = model_fingerprint(model)
-    encoder = serving_encoder(model, settings.model or DEFAULT_MODEL, fingerprint, settings)
-    return LoadedEncoder(encoder, fingerprint, settings.encoder)
+    name = settings.model or DEFAULT_MODEL
+    encoder = serving_encoder(model, name, fingerprint, settings)
+    return LoadedEncoder(encoder, fingerprint, settings.encoder, dims=model_dims(model, name))
 
 
 def to_bfloat16(loaded: LoadedEncoder) -> None:
@@ -296,17 +305,19 @@ def _runtime(loaded: LoadedEncoder) -> dict[str, Any]:
 
 
 def _model_dict(loaded: LoadedEncoder, manifest: IndexManifest | None) -> dict[str, Any]:
-    from core.models import model_dims
-
+    """The measured model, read from whichever backend was loaded first (ONNX runs without the torch model)."""
     encoder = loaded.encoder
-    dims = list(manifest.dims) if manifest is not None else model_dims(encoder.model, encoder.name)
+    dims = list(manifest.dims) if manifest is not None else list(loaded.dims or [])
+    prompts = getattr(encoder, "prompts", None)
+    if prompts is None:
+        prompts = encoder.model.prompts
     return {
         "name": encoder.name,
         "fingerprint": loaded.fingerprint,
         "full_dim": encoder.dimension,
         "dims": sorted(dims, reverse=True),
-        "query_prompt": encoder.model.prompts.get("query", ""),
-        "max_seq_length": encoder.model.max_seq_length,
+        "query_prompt": prompts.get("query", ""),
+        "max_seq_length": encoder.max_seq_length,
     }
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, read_query_texts, utc_now, write_report
 from benchmarks.args import DEFAULT_OUT, add_server_limits, int_list_argument, name_list_argument
-from benchmarks.loadgen import TRANSPORT_ERRORS, Answer, LoadClient
+from benchmarks.loadgen import TRANSPORT_ERRORS, Answer, LoadClient, collector_paused
 from core.cli_args import add_output_argument, config_fields, dims_argument
 from core.errors import ConfigError
 from core.files import json_fields
@@ -247,6 +247,8 @@ def server_command(config: LatencyConfig, encoder: str, port: int, variant: Serv
     command += ["--device", config.device, "--log-level", "warning"]  # no access log: it would cost CPU
     if encoder == "onnx-int8":
         command.append("--onnx-quantize")
+    if encoder == "onnx-padded":
+        command += ["--onnx-pack-tokens", "0"]
     if config.onnx_cache is not None:
         command += ["--onnx-cache", str(config.onnx_cache)]
     if config.encoder_threads is not None:
@@ -402,9 +404,10 @@ async def time_cell(
     warmup = max(config.warmup, cell.concurrency) if config.warmup else 0
     async with LoadClient(base, connections=cell.concurrency, timeout_s=config.request_timeout_s) as client:
         await drive(client, params_from(0), warmup, cell.concurrency, deadline, send)
-        started = time.perf_counter()
-        outcomes = await drive(client, params_from(warmup), config.requests, cell.concurrency, deadline, send)
-        wall = time.perf_counter() - started
+        with collector_paused():  # a collection of the client's heap would stall the requests in flight
+            started = time.perf_counter()
+            outcomes = await drive(client, params_from(warmup), config.requests, cell.concurrency, deadline, send)
+            wall = time.perf_counter() - started
     return summarize(label, cell, config.requests, outcomes, wall)
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, utc_now, write_report
+from benchmarks import ENCODERS, encoder_settings, format_ms, machine_info, markdown_row, utc_now, write_report
 from benchmarks.args import DEFAULT_OUT
 from core.cli_args import add_output_argument, config_fields
 from core.data import DataError, Qrels, RetrievalDataset, load_beir
@@ -93,8 +93,7 @@ def open_engine(config: QualityConfig) -> tuple[LoadedEncoder, LoadedIndex, Inde
         index=config.index,
         model=config.model,
         device=config.device,
-        encoder="torch" if config.encoder == "torch" else "onnx",
-        onnx_quantize=config.encoder == "onnx-int8",
+        **encoder_settings(config.encoder),
     )
     store = open_store(settings.locator())
     try:

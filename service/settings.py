@@ -84,6 +84,13 @@ class ServiceSettings(BaseSettings):
     onnx_quantize: bool = Field(
         False, description="ONNX backend: int8 dynamic quantisation (faster on CPU, ~0.97 cosine)"
     )
+    onnx_pack_tokens: int = Field(
+        256,
+        ge=0,
+        description="ONNX backend on CPU, float32: the texts of an encoder call are packed into rows of up to this "
+        "many tokens, each attending only to itself, instead of padded to the longest (checked against padding "
+        "when loaded); 0: padded batches",
+    )
     onnx_cache: Path | None = Field(
         None, description="where exported ONNX models are kept (default: ~/.cache/mrl/onnx)"
     )

@@ -66,7 +66,7 @@ def test_speedups_are_relative_to_torch_at_batch_size_1():
     [
         (
             {"encoders": ["torch", "tensorrt"]},
-            r"unknown encoders \['tensorrt'\] \(choose from torch, onnx, onnx-int8, torch-bf16\)",
+            r"unknown encoders \['tensorrt'\] \(choose from torch, onnx, onnx-int8, onnx-padded, torch-bf16\)",
         ),
         ({"encoders": []}, "unknown encoders"),
         ({"batch_sizes": [1, 0]}, "--batch-sizes must list positive numbers"),
@@ -131,6 +131,20 @@ def test_encoders_smoke_run(onnx_cache: Path, tmp_path: Path, capsys):
     assert printed.splitlines()[0] == "# Query encoder speed"
     assert (tmp_path / "encoders.md").read_text() in printed and "| torch | 1 | 8 |" in printed
     assert "## Embedding drift vs torch" in printed and "| onnx |" in printed
+
+
+@pytest.mark.benchmark
+@pytest.mark.slow
+def test_onnx_alone_packed_and_padded(onnx_cache: Path, tmp_path: Path):
+    """Without torch the model's facts come from the ONNX encoder (it has no torch model to read them from)."""
+    argv = ["--queries", str(SAMPLE), "--texts", "8", "--batch-sizes", "4", "--encoders", "onnx,onnx-padded"]
+    argv += ["--warmup", "1", "--threads", "1", "--device", "cpu", "--onnx-cache", str(onnx_cache)]
+    assert bench("encoders", *argv, "--out", str(tmp_path)) == 0
+    report = json.loads((tmp_path / "encoders.json").read_text())
+    assert [(row["encoder"], row["batch_size"]) for row in report["results"]] == [("onnx", 4), ("onnx-padded", 4)]
+    model = report["model"]
+    assert model["full_dim"] == 384 and model["dims"] == [384, 256, 128, 64, 32] and model["max_seq_length"] == 256
+    assert list(onnx_cache.glob("*/model_packed.onnx"))
 
 
 @pytest.mark.benchmark

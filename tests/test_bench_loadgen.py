@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -12,7 +13,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from benchmarks.latency import drive, timed_get, timed_post
-from benchmarks.loadgen import TRANSPORT_ERRORS, Answer, LoadClient, query_pairs
+from benchmarks.loadgen import TRANSPORT_ERRORS, Answer, LoadClient, collector_paused, query_pairs
 
 
 def serve(app: web.Application, body: Callable[[LoadClient], Awaitable[Any]], **client: Any) -> Any:
@@ -110,6 +111,52 @@ def test_drive_keeps_at_most_its_concurrency_in_flight_over_that_many_connection
     outcomes = serve(app, body, connections=4)
     assert len(outcomes) == 40 and all(outcome.error is None for outcome in outcomes)
     assert peak == 4 and len(peers) == 4  # kept alive: four connections for forty requests
+
+
+def test_the_timed_requests_run_with_the_clients_collector_off_and_it_is_on_again_after():
+    """A full collection of the benchmark's heap stalls every request in flight: not while they are timed."""
+    from types import SimpleNamespace
+
+    from benchmarks.latency import Cell, time_cell
+
+    collecting: list[bool] = []
+
+    async def slow(request: web.Request) -> web.Response:
+        return web.json_response({"timings_ms": {"total_ms": 1}})
+
+    app = web.Application()
+    app.router.add_get("/search", slow)
+
+    async def send(client: LoadClient, params: dict[str, Any]):
+        collecting.append(gc.isenabled())
+        return await timed_get(client, "/search", params, lambda answer: answer.json()["timings_ms"], "timings_ms")
+
+    async def main():
+        async with TestServer(app, host="127.0.0.1") as server:
+            config = SimpleNamespace(requests=12, warmup=3, request_timeout_s=5)
+            cell = Cell(64, 2)
+            return await time_cell(
+                str(server.make_url("")),
+                "echo",
+                cell,
+                lambda offset: lambda number: {"q": str(number)},
+                config,
+                float("inf"),
+                send,
+            )
+
+    assert gc.isenabled()
+    result = asyncio.run(main())
+    assert result.errors == 0 and len(collecting) == 15
+    assert collecting[:3] == [True] * 3 and collecting[3:] == [False] * 12  # warm-up collected as usual
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with collector_paused():
+            assert not gc.isenabled()
+        assert not gc.isenabled()  # left as it was found
+    finally:
+        gc.enable()
 
 
 def test_a_client_outside_its_block_is_refused():

@@ -107,7 +107,9 @@ def test_onnx_encoder_agrees_with_torch(client, sample_index: Path, tmp_path_fac
         assert (dims["encoder_warning"] is not None) == (loss > 0.005)
         source = onnx.get("/plans").json()["plans"][0]["quality_source"]
         assert source.startswith("NDCG@10 on 120 judged queries") and source.endswith("by the served onnx encoder")
-        assert type(onnx.app.state.service.searcher.encoder.encoder).__name__ == "OnnxEncoder"  # no torch per query
+        served = onnx.app.state.service.searcher.encoder.encoder
+        assert type(served).__name__ == "OnnxEncoder"  # no torch per query
+        assert served.packing == (not quantize)  # float32 on CPU packs its texts into rows; int8 pads
         onnx_vectors = embed(onnx, texts, input_type="query")
         onnx_usage = onnx.post("/v1/embeddings", json={"input": texts}).json()["usage"]
         onnx_top = hit_ids(onnx.get("/search", params={"q": QUERIES[0], "k": 1}))
