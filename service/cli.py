@@ -102,6 +102,10 @@ def run_serve(args: argparse.Namespace) -> int:
     import asyncio
 
     settings = settings_from_args(args)
+    # `mrl` set the root logger to INFO (DEBUG with -v): the service's own loggers (its access log
+    # included) follow --log-level too, not only uvicorn's; forked workers inherit the level.
+    if not getattr(args, "verbose", False):
+        logging.getLogger().setLevel(settings.log_level.upper())
     if settings.log_format == "json":
         from service.logs import use_json_logs
 

@@ -91,7 +91,7 @@ def test_mrl_serve_with_a_model_and_no_index_serves_embeddings(tiny_model: Path,
 
     text = "Sudden, painful swelling of the big toe at night?"
     ids = AutoTokenizer.from_pretrained(str(tiny_model))(text, add_special_tokens=False)["input_ids"]
-    command = (*MRL_SERVE, "--model", str(tiny_model), "--device", "cpu")
+    command = (*MRL_SERVE, "--model", str(tiny_model), "--device", "cpu", "--log-level", "warning")
     with serve_process(tmp_path / "serve.log", command) as server:
         assert server.get("/readyz").json() == {"status": "ready", "index_version": None}
         (card,) = server.get("/v1/models").json()["data"]
@@ -107,6 +107,8 @@ def test_mrl_serve_with_a_model_and_no_index_serves_embeddings(tiny_model: Path,
         message = f"input[0][{len(ids)}]: token id 30522 is outside the model's vocabulary (0..30521)"
         assert_error(embed([[*ids, 30522]]), 422, "invalid_request", message)
         assert_error(server.get("/search", q="gout"), 404, "no_index", *NO_INDEX)
+        assert "mrl.access" not in server.output()  # --log-level warning: no line per request, and none at INFO
+        assert " INFO " not in server.output()
 
 
 def test_mrl_serve_with_neither_an_index_nor_a_model_is_one_line(capsys, caplog, monkeypatch):
