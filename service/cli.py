@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import errno
+import gc
 import logging
 import signal
 import socket
@@ -161,7 +162,7 @@ async def serve(
         for sock in sockets:
             logger.info("listening on %s", _url(sock.getsockname()))
     server = uvicorn.Server(uvicorn_config(app, settings))
-    watchers = [asyncio.create_task(_reload_on_sighup(app))]
+    watchers = [asyncio.create_task(_reload_on_sighup(app)), asyncio.create_task(freeze_when_loaded(app.state.service))]
     if on_ready is not None:
         watchers.append(asyncio.create_task(_when_started(server, on_ready)))
     try:
@@ -169,6 +170,24 @@ async def serve(
     finally:
         for task in watchers:
             task.cancel()
+
+
+async def freeze_when_loaded(state: Any, poll_s: float = 0.05) -> None:
+    """Once the model and index are loaded, move every object the process holds out of the garbage collector's reach.
+
+    A full collection visits every object it tracks, and with torch, the model and the index loaded that is
+    hundreds of thousands of objects. On 2 cores one took 301 ms in the middle of a run at 16 requests in
+    flight, and every request in flight waited for it: p99 333 ms against a p50 of 46 ms. Frozen objects
+    (``gc.freeze``) are skipped by every later collection, which then visits only what serving made since.
+    What is frozen is still freed by reference counting; only cycles among it stay, as the loaded model
+    does anyway. An index version loaded later by a reload is not frozen.
+    """
+    while state.embedder is None and state.load_error is None:
+        await asyncio.sleep(poll_s)
+    if state.load_error is None:
+        gc.collect()
+        gc.freeze()
+        logger.info("froze %d objects loaded at start-up: the garbage collector skips them", gc.get_freeze_count())
 
 
 async def _when_started(server: Any, on_ready: Callable[[], None]) -> None:

@@ -162,3 +162,29 @@ def test_an_embeddings_default_the_index_does_not_serve_is_refused_at_start(keyw
     with pytest.raises(ConfigurationError, match=r"embeddings default dim 3 is not served by this index"):
         with serve(keyword_index, embeddings_default_dim=3):
             pass
+
+
+def test_what_the_server_loaded_is_frozen_once_loading_is_done_and_not_after_a_failed_load():
+    """``mrl serve`` freezes the loaded objects: a full collection of them stalled every request in flight."""
+    import asyncio
+    import gc
+    from types import SimpleNamespace
+
+    from service.cli import freeze_when_loaded
+
+    state = SimpleNamespace(embedder=None, load_error=None)
+
+    async def load_then_freeze() -> None:
+        watcher = asyncio.create_task(freeze_when_loaded(state, poll_s=0.001))
+        await asyncio.sleep(0.02)
+        assert not watcher.done() and gc.get_freeze_count() == 0  # still loading: nothing frozen yet
+        state.embedder = object()
+        await asyncio.wait_for(watcher, 5)
+
+    try:
+        asyncio.run(load_then_freeze())
+        assert gc.get_freeze_count() > 0
+    finally:
+        gc.unfreeze()  # the test process keeps collecting as before
+    asyncio.run(freeze_when_loaded(SimpleNamespace(embedder=None, load_error="loading failed: no index")))
+    assert gc.get_freeze_count() == 0

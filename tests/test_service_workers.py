@@ -81,6 +81,8 @@ def test_two_workers_serve_and_each_loaded_the_index(workers: ServeProcess):
     with ThreadPoolExecutor(8) as pool:
         statuses = list(pool.map(lambda _: search(workers).status_code, range(40)))
     assert statuses == [200] * 40
+    # each worker froze what it loaded (a full collection of it stalled every request in flight)
+    assert workers.output().count("objects loaded at start-up: the garbage collector skips them") >= 2
 
 
 def test_metrics_add_up_across_the_workers(workers: ServeProcess):
