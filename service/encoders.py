@@ -376,6 +376,7 @@ def _pack(
         )
         gap = float(1 - cosine.min())
         if gap <= PACKING_TOLERANCE:
+            encoder.drop_padded()  # its own copy of the weights, no longer used
             logger.info("ONNX Runtime encoder packs texts into rows of up to %d tokens", tokens)
             return
         reason = f"its vectors differ from the padded graph's (1 - cosine {gap:.1e})"
@@ -446,6 +447,11 @@ class OnnxEncoder:
     @property
     def packing(self) -> bool:
         return self._packed is not None
+
+    def drop_padded(self) -> None:
+        """Release the padded graph's session (and its copy of the weights) once the packed graph serves."""
+        if self._packed is not None:
+            self._session = None
 
     def encode_queries(self, texts: list[str]) -> np.ndarray:
         return self._encode(texts, self.prompts.get("query", ""))
