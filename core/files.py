@@ -26,6 +26,25 @@ def write_text_atomic(path: Path, text: str) -> None:
         raise
 
 
+# CPython 3.11 before 3.11.8 (and 3.12 before 3.12.2) counts the depth of every parse tree being turned into
+# Python objects in one counter shared by all threads (CPython gh-106905). np.load reads a .npy header with
+# ast.literal_eval, so a load that runs while another thread parses fails now and then with this error, and
+# a reload in the service's thread pool was refused for it once in a test run. Loading again succeeds.
+AST_DEPTH_RACE = "AST constructor recursion depth mismatch"
+
+
+def load_npy(path: Path, **options: Any) -> Any:
+    """``numpy.load(path, **options)``, tried once more after the interpreter's spurious AST depth error."""
+    import numpy as np
+
+    try:
+        return np.load(path, **options)
+    except SystemError as exc:
+        if AST_DEPTH_RACE not in str(exc):
+            raise
+        return np.load(path, **options)
+
+
 def json_fields(config: Any) -> dict[str, Any]:
     """A dataclass's fields for a JSON report: paths (also inside lists) as strings."""
     from dataclasses import asdict

@@ -27,6 +27,7 @@ import numpy as np
 
 from core.data import DataError, Document, load_beir, load_queries
 from core.errors import ConfigError
+from core.files import load_npy
 from core.matryoshka import truncate_normalize, validate_dims
 from core.metrics import exact_top_k, neighbour_recall
 from core.models import (
@@ -186,7 +187,7 @@ def encode_documents(encoder: Encoder, documents: list[Document], cache: Path | 
         chunk = documents[start : start + ENCODE_CHUNK]
         cached = cache / f"chunk_{number:05d}_{len(chunk)}.npy" if cache else None
         if cached and cached.is_file():
-            parts.append(np.load(cached))
+            parts.append(load_npy(cached))
             continue
         logger.info("encoding documents %d-%d of %d", start + 1, start + len(chunk), len(documents))
         vectors = encoder.encode_documents([d.passage for d in chunk])
@@ -205,7 +206,7 @@ def encode_probes(encoder: Encoder, texts: list[str], cache: Path) -> np.ndarray
     digest = hashlib.sha256(json.dumps(texts).encode()).hexdigest()[:16]
     cached = cache / f"probes_{digest}.npy"
     if cached.is_file():
-        return np.load(cached)
+        return load_npy(cached)
     probes = encoder.encode_queries(texts)
     partial = cached.with_name(f".{cached.stem}.{os.getpid()}.{secrets.token_hex(4)}.npy")
     with writing(cached):

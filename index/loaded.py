@@ -14,6 +14,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from core.files import load_npy
 from index.backends import Device, VectorIndex, backend_for, get_backend
 from index.filters import MetadataTable, SearchFilter, parse_filter
 from index.layout import DOCS_FILE, PROBE_FILE, VECTORS_FILE, VersionLease, resolve_version
@@ -160,7 +161,7 @@ def open_index(
         _check_files(folder, manifest)
         vectors = _open_vectors(folder, manifest)
         indexes = {dim: _open_dim(folder, manifest, dim, device) for dim in wanted}
-        probes = np.load(folder / PROBE_FILE) if (folder / PROBE_FILE).is_file() else None
+        probes = load_npy(folder / PROBE_FILE) if (folder / PROBE_FILE).is_file() else None
         store = _open_store(folder, manifest)
         metadata = _read_metadata(folder, store, manifest)
     except BaseException:
@@ -172,7 +173,7 @@ def open_index(
 
 def _open_vectors(folder: Path, manifest: IndexManifest) -> np.ndarray:
     try:
-        vectors = np.load(folder / VECTORS_FILE, mmap_mode="r")
+        vectors = load_npy(folder / VECTORS_FILE, mmap_mode="r")
     except ValueError as exc:
         raise IndexFolderError(f"{folder / VECTORS_FILE}: unreadable ({exc})") from None
     if vectors.shape != (manifest.num_vectors, manifest.model.full_dim):

@@ -291,3 +291,33 @@ def test_two_encoding_workers_give_the_vectors_and_the_index_of_one(tiny_model: 
 def test_workers_must_be_positive(tmp_path: Path, capsys):
     assert main(["index", "build", "--data", str(SAMPLE), "--index", str(tmp_path / "x"), "--workers", "0"]) == 2
     assert "--workers must be positive, got 0" in capsys.readouterr().err
+
+
+def test_an_index_opens_through_the_interpreters_spurious_ast_depth_error(tiny_index: Path, monkeypatch):
+    """CPython 3.11.7 (gh-106905): ``np.load`` parses a .npy header with ``ast.literal_eval``, which can fail while
+    another thread parses; a reload was refused for it once. The load is tried once more."""
+    import numpy
+
+    from index.loaded import open_index
+
+    real, calls = numpy.load, []
+
+    def racing(path, **options):
+        calls.append(path)
+        if len(calls) == 1:
+            raise SystemError("AST constructor recursion depth mismatch (before=45, after=41)")
+        return real(path, **options)
+
+    monkeypatch.setattr(numpy, "load", racing)
+    loaded = open_index(tiny_index, device="cpu")
+    try:
+        assert loaded.manifest.num_vectors > 0 and len(calls) >= 2
+    finally:
+        loaded.close()
+
+    def broken(path, **options):
+        raise SystemError("another interpreter error")
+
+    monkeypatch.setattr(numpy, "load", broken)
+    with pytest.raises(SystemError, match="another interpreter error"):  # only the race is tried again
+        open_index(tiny_index, device="cpu")
