@@ -308,15 +308,12 @@ def _model_dict(loaded: LoadedEncoder, manifest: IndexManifest | None) -> dict[s
     """The measured model, read from whichever backend was loaded first (ONNX runs without the torch model)."""
     encoder = loaded.encoder
     dims = list(manifest.dims) if manifest is not None else list(loaded.dims or [])
-    prompts = getattr(encoder, "prompts", None)
-    if prompts is None:
-        prompts = encoder.model.prompts
     return {
         "name": encoder.name,
         "fingerprint": loaded.fingerprint,
         "full_dim": encoder.dimension,
         "dims": sorted(dims, reverse=True),
-        "query_prompt": prompts.get("query", ""),
+        "query_prompt": encoder.prompts.get("query", ""),
         "max_seq_length": encoder.max_seq_length,
     }
 

@@ -28,7 +28,16 @@ from typing import Any, get_args
 import httpx
 import numpy as np
 
-from benchmarks import ENCODERS, format_ms, machine_info, markdown_row, read_query_texts, utc_now, write_report
+from benchmarks import (
+    ENCODERS,
+    encoder_settings,
+    format_ms,
+    machine_info,
+    markdown_row,
+    read_query_texts,
+    utc_now,
+    write_report,
+)
 from benchmarks.args import DEFAULT_OUT, add_server_limits, int_list_argument, name_list_argument
 from benchmarks.loadgen import TRANSPORT_ERRORS, Answer, LoadClient, collector_paused
 from core.cli_args import add_output_argument, config_fields, dims_argument
@@ -243,12 +252,11 @@ def server_command(config: LatencyConfig, encoder: str, port: int, variant: Serv
         command += ["--workers", str(variant.workers)]
     if variant.http is not None:
         command += ["--http", variant.http]
-    command += ["--port", str(port), "--encoder", "torch" if encoder == "torch" else "onnx"]
+    command += ["--port", str(port)]
+    for name, value in encoder_settings(encoder).items():  # --encoder onnx, --onnx-quantize, ...
+        flag = "--" + name.replace("_", "-")
+        command += [flag] if value is True else [flag, str(value)]
     command += ["--device", config.device, "--log-level", "warning"]  # no access log: it would cost CPU
-    if encoder == "onnx-int8":
-        command.append("--onnx-quantize")
-    if encoder == "onnx-padded":
-        command += ["--onnx-pack-tokens", "0"]
     if config.onnx_cache is not None:
         command += ["--onnx-cache", str(config.onnx_cache)]
     if config.encoder_threads is not None:

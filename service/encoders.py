@@ -155,6 +155,11 @@ class ServingEncoder(SentenceTransformerEncoder):
         return self.model.max_seq_length
 
     @property
+    def prompts(self) -> dict[str, str]:
+        """The model's prompts by name, as :class:`OnnxEncoder` has them."""
+        return self.model.prompts
+
+    @property
     def vocab_size(self) -> int:
         return len(self.model.tokenizer)
 

@@ -142,6 +142,19 @@ def test_server_variants_are_every_combination_each_with_its_flags(bench_index: 
     assert "--workers" not in server_command(smoke_config(bench_index, tmp_path), "torch", 8000)
 
 
+def test_each_benchmark_encoder_starts_its_server_with_the_settings_that_select_it(bench_index: Path, tmp_path: Path):
+    from benchmarks import ENCODERS, encoder_settings
+    from benchmarks.latency import server_command
+    from mrl.cli import build_parser
+
+    for encoder in ENCODERS:
+        command = server_command(smoke_config(bench_index, tmp_path), encoder, 8000)
+        args = build_parser().parse_args(command[command.index("serve") :])  # the flags `mrl serve` has
+        assert {name: getattr(args, name) for name in encoder_settings(encoder)} == encoder_settings(encoder)
+    padded = server_command(smoke_config(bench_index, tmp_path), "onnx-padded", 8000)
+    assert padded[padded.index("--onnx-pack-tokens") + 1] == "0" and "--onnx-quantize" not in padded
+
+
 @pytest.mark.parametrize(
     ("overrides", "error", "message"),
     [

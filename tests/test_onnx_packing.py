@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -28,14 +29,28 @@ TEXTS = [
 ]
 
 
-def tiny_encoder(folder: Path, pack_tokens: int, **model_options) -> OnnxEncoder:
+KINDS = [("bert", "mean"), ("bert", "cls"), ("roberta", "mean"), ("distilbert", "mean")]
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Path]:
+    """The session's tiny BERT (mean pooling), and the other kinds built once for this module."""
+    folder = tmp_path_factory.mktemp("packing-models")
+    others = {
+        kind: save_tiny_model(folder / "-".join(kind), architecture=kind[0], pooling=kind[1]) for kind in KINDS[1:]
+    }
+    return {KINDS[0]: tiny_model} | others
+
+
+def load(folder: Path) -> Any:
     from sentence_transformers import SentenceTransformer
 
-    if not (folder / "model").is_dir():
-        save_tiny_model(folder / "model", **model_options)
-    model = SentenceTransformer(str(folder / "model"), device="cpu")
+    return SentenceTransformer(str(folder), device="cpu")
+
+
+def tiny_encoder(model: Path, onnx: Path, pack_tokens: int, quantize: bool = False) -> OnnxEncoder:
     encoder = onnx_encoder(
-        model, "tiny", folder / "onnx", quantize=False, device="cpu", threads=1, batch_size=4, pack_tokens=pack_tokens
+        load(model), "tiny", onnx, quantize=quantize, device="cpu", threads=1, batch_size=4, pack_tokens=pack_tokens
     )
     assert isinstance(encoder, OnnxEncoder)
     return encoder
@@ -48,15 +63,14 @@ def test_packs_are_cut_at_the_token_budget_and_a_longer_text_has_its_own():
     assert _packs([1, 2], lengths, 1) == [[1], [2]]
 
 
-@pytest.mark.parametrize(("architecture", "pooling"), [("bert", "mean"), ("bert", "cls"), ("roberta", "mean")], ids=str)
-def test_packed_rows_give_the_padded_vectors_and_token_counts(tmp_path: Path, architecture: str, pooling: str):
-    options = {"architecture": architecture, "pooling": pooling}
-    padded = tiny_encoder(tmp_path, 0, **options)
+@pytest.mark.parametrize("kind", KINDS, ids="-".join)
+def test_packed_rows_give_the_padded_vectors_and_token_counts(tiny_models, tmp_path: Path, kind: tuple[str, str]):
+    padded = tiny_encoder(tiny_models[kind], tmp_path / "onnx", 0)
     assert not padded.packing
     expected = padded.encode_queries(TEXTS)
     expected_counts = padded.last_token_counts
     for budget in (16, 64, 4096):  # many rows, some, one
-        packed = tiny_encoder(tmp_path, budget, **options)
+        packed = tiny_encoder(tiny_models[kind], tmp_path / "onnx", budget)
         assert packed.packing and packed.pack_tokens == budget
         vectors = packed.encode_queries(TEXTS)
         np.testing.assert_allclose(vectors, expected, atol=2e-5)
@@ -65,22 +79,21 @@ def test_packed_rows_give_the_padded_vectors_and_token_counts(tmp_path: Path, ar
     assert (tmp_path / "onnx" / encoders.ONNX_PACKED_FILE).is_file()
 
 
-def test_a_packed_graph_that_disagrees_with_the_padded_one_is_not_used(tmp_path: Path, monkeypatch, caplog):
+def test_a_packed_graph_that_disagrees_with_the_padded_one_is_not_used(
+    tiny_model: Path, tmp_path: Path, monkeypatch, caplog
+):
     # positions counted as RoBERTa counts them are wrong for BERT: the load-time check must catch it
     monkeypatch.setattr(encoders, "PADDING_OFFSET_POSITIONS", frozenset({"bert"}))
-    expected = tiny_encoder(tmp_path, 0).encode_queries(TEXTS)
+    expected = tiny_encoder(tiny_model, tmp_path / "onnx", 0).encode_queries(TEXTS)
     with caplog.at_level(logging.WARNING, logger="service.encoders"):
-        encoder = tiny_encoder(tmp_path, 256)
+        encoder = tiny_encoder(tiny_model, tmp_path / "onnx", 256)
     assert not encoder.packing and encoder.pack_tokens == 0
     assert "without packing: its vectors differ from the padded graph's" in caplog.text
     np.testing.assert_allclose(encoder.encode_queries(TEXTS), expected, atol=1e-6)
 
 
-def test_a_network_without_position_ids_keeps_padded_batches(tmp_path: Path, caplog):
-    from sentence_transformers import SentenceTransformer
-
-    save_tiny_model(tmp_path / "model")
-    model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
+def test_a_network_without_position_ids_keeps_padded_batches(tiny_model: Path, tmp_path: Path, caplog):
+    model = load(tiny_model)
     network = model[0].model
     original = network.forward
 
@@ -101,12 +114,5 @@ def test_a_network_without_position_ids_keeps_padded_batches(tmp_path: Path, cap
     np.testing.assert_allclose(vectors, expected, atol=1e-5)
 
 
-def test_int8_keeps_padded_batches(tmp_path: Path):
-    from sentence_transformers import SentenceTransformer
-
-    save_tiny_model(tmp_path / "model")
-    model = SentenceTransformer(str(tmp_path / "model"), device="cpu")
-    encoder = onnx_encoder(
-        model, "tiny", tmp_path / "onnx", quantize=True, device="cpu", threads=1, batch_size=4, pack_tokens=256
-    )
-    assert isinstance(encoder, OnnxEncoder) and not encoder.packing
+def test_int8_keeps_padded_batches(tiny_model: Path, tmp_path: Path):
+    assert not tiny_encoder(tiny_model, tmp_path / "onnx", 256, quantize=True).packing
