@@ -124,6 +124,7 @@ class PeersConfig:
     encoder_threads: int | None = None  # every server's torch/OpenMP threads (default: the libraries')
     workers: int | None = None  # ours: `mrl serve --workers N` (default: one process)
     onnx: bool = True  # also measure our server with its ONNX encoder (system "ours-onnx")
+    rounds: int = 1  # every server started and timed this many times, in turn; each cell reports its median round
     peer_venvs: Path = DEFAULT_PEER_VENVS  # the peers' own virtual environments (infinity's), created on first use
     time_limit_s: float = 1800.0  # no search request after it; later cells are recorded as cut short
     ready_timeout_s: float = 300.0  # per server start (model loading)
@@ -194,6 +195,7 @@ def check_config(config: PeersConfig, manifest: IndexManifest) -> Plan:
             or txtai asked for by name while it is not installed. DimensionError: A dim the index lacks.
     """
     positive = {"--requests": config.requests, "--k": config.k, "--time-limit": config.time_limit_s}
+    positive["--rounds"] = config.rounds
     positive |= {"--ready-timeout": config.ready_timeout_s, "--build-timeout": config.build_timeout_s}
     positive |= {"--request-timeout": config.request_timeout_s}
     for name, value in positive.items():
@@ -652,13 +654,16 @@ def measure_system(
     query_texts: list[str],
     config: PeersConfig,
     deadline: float,
+    quality: bool = True,
 ) -> tuple[dict[str, Any], list[CellResult]]:
-    """Quality at every dim, then every latency cell, against one running server."""
+    """Quality at every dim (unless ``quality`` is false: a later round), then every latency cell, against one
+    running server."""
     queries, qrels = judged
-    quality = {str(dim): search_quality(served.base, system, dim, queries, qrels, config, deadline) for dim in dims}
+    dims_scored = dims if quality else []
+    scores = {str(d): search_quality(served.base, system, d, queries, qrels, config, deadline) for d in dims_scored}
     cells = [Cell(dim, level) for dim in dims for level in config.concurrency]
     results = asyncio.run(measure_cells(served.base, system, cells, query_texts, config, deadline))
-    return {"status": "measured", "url": served.base, **served.details, "quality": quality}, results
+    return {"status": "measured", "url": served.base, **served.details, "quality": scores}, results
 
 
 # --- embeddings ---------------------------------------------------------------------------
@@ -871,7 +876,11 @@ def embedding_rows(results: list[CellResult]) -> list[dict[str, Any]]:
 
 
 def run_peers(config: PeersConfig) -> dict[str, Any]:
-    """Measure ours, then each peer, each against its own fresh server process.
+    """Measure ours, then each peer, each against its own fresh server process; all of it ``config.rounds`` times.
+
+    Later rounds time the same cells again (quality and each system's facts come from the first), so that
+    a machine's drift during the run falls on every system: each cell reports its median round, and the
+    report's ``rounds`` keeps every round's rows.
 
     A peer that fails (its server does not start, answers errors while indexing, or its vectors disagree
     with ours) is recorded as failed with the reason, and the others are still measured; ours failing ends
@@ -904,8 +913,6 @@ def run_peers(config: PeersConfig) -> dict[str, Any]:
     deadline = started + config.time_limit_s
     full = manifest.model.full_dim
     systems: dict[str, dict[str, Any]] = {}
-    results: list[CellResult] = []
-    embedding_results: list[CellResult] = []
     with tempfile.TemporaryDirectory(prefix="mrl-bench-peers-") as scratch:
         work = Path(scratch)
         prepared: list[infinity.PreparedFolder] = []  # one model copy for both engines, made on first use
@@ -925,36 +932,53 @@ def run_peers(config: PeersConfig) -> dict[str, Any]:
             INFINITY_TORCH: lambda: serve_infinity_engine(INFINITY_TORCH),
             INFINITY_ONNX: lambda: serve_infinity_engine(INFINITY_ONNX),
         }
-        reference: dict[str, np.ndarray] | None = None  # ours' probe vectors
-        for system in [OURS, *([OURS_ONNX] if config.onnx else []), *plan.peers]:
-            dims = plan.dims if system in (OURS, OURS_ONNX) else [full]
-            search: list[CellResult] = []
-            embeddings: list[CellResult] = []
-            try:
-                with servers[system]() as served:
-                    if system in INFINITY:
-                        systems[system] = {"status": "measured", "url": served.base, **served.details}
-                    else:
-                        judged = (queries, qrels)
-                        systems[system], search = measure_system(
-                            system, served, dims, judged, query_texts, config, deadline
-                        )
-                    if system in EMBEDDINGS_PATHS:
-                        facts, vectors, embeddings = measure_embeddings(
-                            system, served.base, probe, reference, query_texts, config, full, deadline
-                        )
-                        systems[system] |= facts
-                        reference = vectors if system == OURS else reference
-            except (httpx.HTTPError, ValueError) as exc:  # ServerError, DataError and ConfigError are ValueErrors
-                if system == OURS:
-                    raise
-                logger.warning("%s failed: %s", system, exc)
-                systems[system] = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500]}
-                continue
-            if system in INFINITY and not systems[system]["check"]["passed"]:
-                systems[system] |= {"status": "failed", "reason": check_failure(systems[system]["check"])}
-            results += search
-            embedding_results += embeddings
+        order = [OURS, *([OURS_ONNX] if config.onnx else []), *plan.peers]
+        rounds: list[tuple[list[CellResult], list[CellResult]]] = []
+        for number in range(1, config.rounds + 1):
+            first = number == 1
+            round_search: list[CellResult] = []
+            round_embeddings: list[CellResult] = []
+            reference: dict[str, np.ndarray] | None = None  # ours' probe vectors
+            for system in order:
+                if not first and systems[system]["status"] != "measured":
+                    continue  # it failed in the first round, which says why
+                if config.rounds > 1:
+                    logger.info("round %d of %d: %s", number, config.rounds, system)
+                dims = plan.dims if system in (OURS, OURS_ONNX) else [full]
+                search: list[CellResult] = []
+                embeddings: list[CellResult] = []
+                try:
+                    with servers[system]() as served:
+                        if system in INFINITY:
+                            details = {"status": "measured", "url": served.base, **served.details}
+                        else:
+                            judged = (queries, qrels)
+                            details, search = measure_system(
+                                system, served, dims, judged, query_texts, config, deadline, quality=first
+                            )
+                        if system in EMBEDDINGS_PATHS:
+                            facts, vectors, embeddings = measure_embeddings(
+                                system, served.base, probe, reference, query_texts, config, full, deadline
+                            )
+                            details |= facts
+                            reference = vectors if system == OURS else reference
+                except (httpx.HTTPError, ValueError) as exc:  # ServerError, DataError and ConfigError are ValueErrors
+                    if system == OURS:
+                        raise
+                    logger.warning("%s failed: %s", system, exc)
+                    details = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500]}
+                    search, embeddings = [], []  # a system that failed is not timed in this round
+                if system in INFINITY and details["status"] == "measured" and not details["check"]["passed"]:
+                    details |= {"status": "failed", "reason": check_failure(details["check"])}
+                if first:
+                    systems[system] = details
+                elif details["status"] != "measured":  # the first round's facts stay; this round's failure is noted
+                    systems[system].setdefault("failed_rounds", []).append(
+                        {"round": number, "reason": details["reason"]}
+                    )
+                round_search += search
+                round_embeddings += embeddings
+            rounds.append((round_search, round_embeddings))
     systems |= {name: {"status": "skipped", "reason": reason} for name, reason in plan.skipped.items()}
     report = {
         "benchmark": "peers",
@@ -970,12 +994,30 @@ def run_peers(config: PeersConfig) -> dict[str, Any]:
             "judged_documents_missing_from_index": missing,
         },
         "systems": systems,
-        "results": result_rows(results, systems, full),
-        "embeddings": embedding_rows(embedding_results),
+        "results": result_rows(median_round([search for search, _ in rounds]), systems, full),
+        "embeddings": embedding_rows(median_round([embeddings for _, embeddings in rounds])),
     }
+    if config.rounds > 1:
+        report["rounds"] = [
+            {"round": number, "results": result_rows(search, systems, full), "embeddings": embedding_rows(embeddings)}
+            for number, (search, embeddings) in enumerate(rounds, start=1)
+        ]
     if config.out is not None:
         write_peers_report(report, config.out)
     return report
+
+
+def median_round(rounds: list[list[CellResult]]) -> list[CellResult]:
+    """Per cell (system, dims, in flight), the round with the median req/s (the lower one of an even count).
+
+    Each row stays one real measurement, its percentiles and throughput from the same requests.
+    """
+    cells: dict[tuple[Any, ...], list[CellResult]] = {}
+    for results in rounds:
+        for result in results:
+            key = (result.encoder, result.dim, result.rerank_dim, result.concurrency, result.target)
+            cells.setdefault(key, []).append(result)
+    return [sorted(runs, key=lambda r: r.throughput_rps)[(len(runs) - 1) // 2] for runs in cells.values()]
 
 
 def write_peers_report(report: dict[str, Any], folder: Path) -> list[Path]:
@@ -1100,6 +1142,8 @@ def systems_section(report: dict[str, Any]) -> list[str]:
         text += _vector_text(system)
         if system.get("caveat"):
             text += f"; caveat: {system['caveat']}"
+        for failed in system.get("failed_rounds", []):
+            text += f"; not timed in round {failed['round']}: {failed['reason']}"
         lines.append(text + ".")
     return lines
 
@@ -1145,9 +1189,44 @@ def peers_markdown(report: dict[str, Any]) -> str:
         f"req/s at the same concurrency. Before it is timed, infinity's vectors of {CHECK_QUERIES} queries must have "
         f"a cosine of at least {MIN_COSINE} with ours."
     )
+    rounds = report.get("rounds")
+    if rounds:
+        context += (
+            f" Every server was started and timed {len(rounds)} times, in turn (rounds); each row is the round "
+            "with the median req/s of its cell, and the last section has every round."
+        )
     parts = ["# Peers: the same model and corpus, served side by side", "", context, "", peers_table(report), ""]
     parts += ["## Embeddings endpoints", "", embeddings, "", embeddings_table(report), ""]
+    if rounds:
+        parts += ["## Rounds", "", ROUNDS_TEXT, "", rounds_table(rounds), ""]
     return "\n".join([*parts, "## Systems", "", *systems_section(report)]) + "\n"
+
+
+ROUNDS_TEXT = (
+    "req/s of each cell in every round, and its ratio in that round: for embeddings, to the faster infinity "
+    "engine's; for searches, to ours at the full dim. The lowest ratio is the lead that held in every round."
+)
+
+
+def rounds_table(rounds: list[dict[str, Any]]) -> str:
+    """One row per cell: its req/s and its ratio in each round, and the lowest ratio."""
+    header = ["endpoint", "system", "dim", "in flight", "req/s per round", "ratio per round", "lowest ratio"]
+    lines = [markdown_row(header), markdown_row(["---", "---", "---:", "---:", "---", "---", "---:"])]
+    for endpoint, rows_key, ratio_key in (("embeddings", "embeddings", "rps_vs_best_infinity"),
+                                          ("search", "results", "rps_ratio")):  # fmt: skip
+        cells: dict[tuple[Any, ...], list[dict[str, Any]]] = {}
+        for number, measured in enumerate(rounds):
+            for row in measured[rows_key]:
+                key = (row["system"], row.get("dim"), row["concurrency"])
+                cells.setdefault(key, [None] * len(rounds))[number] = row
+        for (system, dim, concurrency), runs in cells.items():
+            rates = [f"{row['throughput_rps']:.1f}" if row else "–" for row in runs]
+            ratios = [row[ratio_key] if row else None for row in runs]
+            known = [ratio for ratio in ratios if ratio is not None]
+            cells_text = [endpoint, system, str(dim) if dim is not None else "–", str(concurrency)]
+            cells_text += [" / ".join(rates), " / ".join(_times(ratio) for ratio in ratios)]
+            lines.append(markdown_row([*cells_text, _times(min(known)) if known else "–"]))
+    return "\n".join(lines)
 
 
 # --- the plot -----------------------------------------------------------------------------
@@ -1249,6 +1328,13 @@ def add_peers_parser(actions: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=None, help="our servers' processes (mrl serve --workers; default 1)")
     p.add_argument(
         "--no-onnx", dest="onnx", action="store_false", help="skip our server with its ONNX encoder (ours-onnx)"
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=1,
+        help="start and time every server this many times, in turn; each cell reports its median round "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--peer-venvs",

@@ -195,3 +195,26 @@ def test_bad_input_is_refused_before_any_server_starts(sample_index: Path, tmp_p
 def test_an_index_without_the_judged_documents_is_refused(sample_index: Path, tiny_beir: Path, tmp_path: Path):
     with pytest.raises(ValueError, match="none of the judged documents"):
         run_peers(PeersConfig(index=sample_index, data=tiny_beir, peers=[SENTENCE_TRANSFORMERS], out=tmp_path))
+
+
+MEASURED = ("throughput_rps", "p50_ms", "p95_ms", "p99_ms", "wall_s", "sent")  # the ratios are recomputed
+
+
+def test_rounds_start_every_server_again_and_each_cell_reports_its_median_round(sample_index: Path, tmp_path: Path):
+    report = run_peers(
+        PeersConfig(
+            index=sample_index, data=SAMPLE, peers=[], onnx=False, rounds=2, concurrency=[1], requests=3, warmup=1,
+            max_queries=5, device="cpu", encoder_threads=1, ready_timeout_s=180, out=tmp_path,
+        )
+    )  # fmt: skip
+    assert [measured["round"] for measured in report["rounds"]] == [1, 2]
+    for measured in report["rounds"]:
+        assert [(row["system"], row["dim"]) for row in measured["results"]] == [(OURS, 384), (OURS, 64)]
+        assert [(row["system"], row["sent"]) for row in measured["embeddings"]] == [(OURS, 3)]
+    for key in ("results", "embeddings"):  # of two rounds, the slower one: a real measurement, whole
+        for position, row in enumerate(report[key]):
+            runs = [measured[key][position] for measured in report["rounds"]]
+            slower = min(runs, key=lambda run: run["throughput_rps"])
+            assert [row[name] for name in MEASURED] == [slower[name] for name in MEASURED]
+    assert set(report["systems"][OURS]["quality"]) == {"384", "64"}  # scored in the first round only
+    assert "## Rounds" in (tmp_path / "peers.md").read_text()

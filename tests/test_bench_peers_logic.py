@@ -77,6 +77,7 @@ def test_txtai_is_skipped_by_default_but_required_when_named(monkeypatch):
         ({"build_timeout_s": 0}, ValueError, "--build-timeout must be positive"),
         ({"device": "tpu"}, ValueError, "--device must be auto, cpu or gpu"),
         ({"workers": 0}, ValueError, "--workers must be positive"),
+        ({"rounds": 0}, ValueError, "--rounds must be positive"),
     ],
 )
 def test_bad_settings_are_one_line_errors(txtai_installed, overrides, error, message):
@@ -507,6 +508,40 @@ def test_markdown_has_an_embeddings_table_and_the_measured_vector_facts():
     assert onnx_line.startswith("- **infinity-onnx**: failed: its vectors differ from ours: min cosine 0.6100")
     ours_line = next(line for line in text.splitlines() if line.startswith("- **ours**"))
     assert "index build 3.00 s" in ours_line and "norm at `dimensions=64`: 1.0000–1.0000" in ours_line
+
+
+def test_each_cell_reports_its_median_round_whole():
+    rounds = [
+        [cell(OURS, 384, 1, 5.0, 200.0), cell(INFINITY_ONNX, 384, 1, 9.0, 100.0)],
+        [cell(OURS, 384, 1, 7.0, 150.0), cell(INFINITY_ONNX, 384, 1, 8.0, 130.0)],
+        [cell(OURS, 384, 1, 4.0, 250.0)],  # infinity failed in this round: its median is over two
+    ]
+    chosen = peers.median_round(rounds)
+    assert [(c.encoder, c.throughput_rps, c.p50_ms) for c in chosen] == [
+        (OURS, 200.0, 5.0),
+        (INFINITY_ONNX, 100.0, 9.0),
+    ]
+    assert peers.median_round([rounds[0]]) == rounds[0]
+
+
+def test_the_rounds_section_has_every_rounds_rate_and_ratio_and_the_lowest_lead():
+    report = embeddings_report()
+    first = [cell(OURS, 384, 1, 6.0, 160.0), cell(INFINITY_TORCH, 384, 1, 12.0, 80.0)]
+    second = [cell(OURS, 384, 1, 6.0, 150.0), cell(INFINITY_TORCH, 384, 1, 12.0, 100.0)]
+    search = [cell(OURS, 384, 1, 20.0, 50.0), cell(OURS, 64, 1, 19.0, 55.0)]
+    report["rounds"] = [
+        {"round": number, "results": peers.result_rows(search, report["systems"], 384), "embeddings": rows}
+        for number, rows in enumerate([peers.embedding_rows(first), peers.embedding_rows(second)], start=1)
+    ]
+    text = peers.peers_markdown(report)
+    assert "Every server was started and timed 2 times, in turn (rounds)" in text and "## Rounds" in text
+    assert "| embeddings | ours | 384 | 1 | 160.0 / 150.0 | 2.00× / 1.50× | 1.50× |" in text
+    assert "| embeddings | infinity-torch | 384 | 1 | 80.0 / 100.0 | 1.00× / 1.00× | 1.00× |" in text
+    assert "| search | ours | 64 | 1 | 55.0 / 55.0 | 1.10× / 1.10× | 1.10× |" in text
+    assert "## Rounds" not in peers.peers_markdown(embeddings_report())  # one round: no such section
+    report["systems"][INFINITY_TORCH]["failed_rounds"] = [{"round": 2, "reason": "ServerError: did not start"}]
+    torch_line = next(line for line in peers.peers_markdown(report).splitlines() if "**infinity-torch**" in line)
+    assert torch_line.endswith("; not timed in round 2: ServerError: did not start.")
 
 
 def test_the_plot_has_one_line_per_system_embeddings_and_search(tmp_path):
