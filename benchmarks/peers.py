@@ -932,45 +932,49 @@ def run_peers(config: PeersConfig) -> dict[str, Any]:
             INFINITY_TORCH: lambda: serve_infinity_engine(INFINITY_TORCH),
             INFINITY_ONNX: lambda: serve_infinity_engine(INFINITY_ONNX),
         }
-        order = [OURS, *([OURS_ONNX] if config.onnx else []), *plan.peers]
+        reference: dict[str, np.ndarray] | None = None  # ours' probe vectors, of the round being measured
+
+        def measure(system: str, first: bool) -> tuple[dict[str, Any], list[CellResult], list[CellResult]]:
+            """One fresh server of ``system``: its facts (or why it failed), search cells and embeddings cells."""
+            nonlocal reference
+            dims = plan.dims if system in (OURS, OURS_ONNX) else [full]
+            search: list[CellResult] = []
+            embeddings: list[CellResult] = []
+            try:
+                with servers[system]() as served:
+                    if system in INFINITY:
+                        details = {"status": "measured", "url": served.base, **served.details}
+                    else:
+                        judged = (queries, qrels)
+                        details, search = measure_system(
+                            system, served, dims, judged, query_texts, config, deadline, quality=first
+                        )
+                    if system in EMBEDDINGS_PATHS:
+                        facts, vectors, embeddings = measure_embeddings(
+                            system, served.base, probe, reference, query_texts, config, full, deadline
+                        )
+                        details |= facts
+                        reference = vectors if system == OURS else reference
+            except (httpx.HTTPError, ValueError) as exc:  # ServerError, DataError and ConfigError are ValueErrors
+                if system == OURS:
+                    raise
+                logger.warning("%s failed: %s", system, exc)
+                return {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500]}, [], []
+            if system in INFINITY and not details["check"]["passed"]:
+                details |= {"status": "failed", "reason": check_failure(details["check"])}
+            return details, search, embeddings
+
         rounds: list[tuple[list[CellResult], list[CellResult]]] = []
         for number in range(1, config.rounds + 1):
-            first = number == 1
             round_search: list[CellResult] = []
             round_embeddings: list[CellResult] = []
-            reference: dict[str, np.ndarray] | None = None  # ours' probe vectors
-            for system in order:
-                if not first and systems[system]["status"] != "measured":
+            for system in [OURS, *([OURS_ONNX] if config.onnx else []), *plan.peers]:
+                if number > 1 and systems[system]["status"] != "measured":
                     continue  # it failed in the first round, which says why
                 if config.rounds > 1:
                     logger.info("round %d of %d: %s", number, config.rounds, system)
-                dims = plan.dims if system in (OURS, OURS_ONNX) else [full]
-                search: list[CellResult] = []
-                embeddings: list[CellResult] = []
-                try:
-                    with servers[system]() as served:
-                        if system in INFINITY:
-                            details = {"status": "measured", "url": served.base, **served.details}
-                        else:
-                            judged = (queries, qrels)
-                            details, search = measure_system(
-                                system, served, dims, judged, query_texts, config, deadline, quality=first
-                            )
-                        if system in EMBEDDINGS_PATHS:
-                            facts, vectors, embeddings = measure_embeddings(
-                                system, served.base, probe, reference, query_texts, config, full, deadline
-                            )
-                            details |= facts
-                            reference = vectors if system == OURS else reference
-                except (httpx.HTTPError, ValueError) as exc:  # ServerError, DataError and ConfigError are ValueErrors
-                    if system == OURS:
-                        raise
-                    logger.warning("%s failed: %s", system, exc)
-                    details = {"status": "failed", "reason": f"{type(exc).__name__}: {exc}"[:500]}
-                    search, embeddings = [], []  # a system that failed is not timed in this round
-                if system in INFINITY and details["status"] == "measured" and not details["check"]["passed"]:
-                    details |= {"status": "failed", "reason": check_failure(details["check"])}
-                if first:
+                details, search, embeddings = measure(system, first=number == 1)
+                if number == 1:
                     systems[system] = details
                 elif details["status"] != "measured":  # the first round's facts stay; this round's failure is noted
                     systems[system].setdefault("failed_rounds", []).append(
