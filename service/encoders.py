@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
+from core.matryoshka import truncate_normalize
 from core.models import (
     ModelError,
     SentenceTransformerEncoder,
@@ -376,9 +377,8 @@ def _pack(
     except Exception as exc:  # an exported graph ONNX Runtime cannot run: padded batches still work
         packed, reason = None, str(exc).strip().splitlines()[0]
     if packed is not None:
-        cosine = (padded * packed).sum(axis=1) / np.maximum(
-            np.linalg.norm(padded, axis=1) * np.linalg.norm(packed, axis=1), 1e-12
-        )
+        full = padded.shape[1]
+        cosine = (truncate_normalize(padded, full) * truncate_normalize(packed, full)).sum(axis=1)
         gap = float(1 - cosine.min())
         if gap <= PACKING_TOLERANCE:
             encoder.drop_padded()  # its own copy of the weights, no longer used
